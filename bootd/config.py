@@ -1,0 +1,397 @@
+"""TOML configuration into frozen dataclasses, validated eagerly.
+
+Why eager: an administrator restarting bootd at 3 a.m. must learn about a
+typo from ``bootd check-config`` or the first log line, not from the first
+node that happens to take the broken code path.  Every error names the file,
+the key, the bad value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bootd.errors import ConfigError
+
+DEFAULT_PATH = "/etc/bootd/bootd.toml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    state_dir: Path = Path("/var/lib/bootd")
+    address: str = "127.0.0.1"
+    interface: str | None = None
+    log_level: str = "info"
+    graceful_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    auto_register: bool = True
+    approve_first: bool = False
+    name_pattern: str = "n{index:04d}"
+    first_index: int = 0
+    default_group: str = "default"
+    stale_after: float = 90.0
+    dead_after: float = 300.0
+
+
+@dataclass(frozen=True)
+class DhcpConfig:
+    enabled: bool = False
+    mode: str = "full"
+    listen: str = "0.0.0.0"
+    interface: str | None = None
+    port: int = 67
+    client_port: int = 68
+    proxy_port: int = 4011
+    pool_start: str | None = None
+    pool_end: str | None = None
+    netmask: str = "255.255.255.0"
+    router: str | None = None
+    dns: tuple[str, ...] = ()
+    domain: str | None = None
+    lease_time: int = 3600
+    queue_size: int = 1024
+
+
+@dataclass(frozen=True)
+class TftpConfig:
+    enabled: bool = False
+    listen: str = "0.0.0.0"
+    port: int = 69
+    root: Path = Path("/var/lib/bootd/tftp")
+    nbp_dir: Path = Path("/usr/lib/ipxe")
+    max_sessions: int = 1000
+    timeout: float = 1.0
+    retries: int = 5
+    max_blksize: int = 65464
+    max_windowsize: int = 64
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = True
+    listen: str = "0.0.0.0"
+    port: int = 8080
+    public_url: str = ""
+    max_bulk_streams: int = 64
+    bulk_queue: int = 256
+    retry_after: float = 2.0
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    bios_nbp: str = "undionly.kpxe"
+    uefi_nbp: str = "snponly.efi"
+    uefi_arm64_nbp: str = "snponly-arm64.efi"
+    kernel_args: str = "console=ttyS0"
+    stage1_dir: Path = Path("/var/lib/bootd/stage1")
+
+
+@dataclass(frozen=True)
+class CapsuleConfig:
+    dir: Path = Path("/var/lib/bootd/capsules")
+    zstd_level: int = 3
+    chunk_min: int = 256 * 1024
+    chunk_avg: int = 1024 * 1024
+    chunk_max: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str = "<defaults>"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    dhcp: DhcpConfig = field(default_factory=DhcpConfig)
+    tftp: TftpConfig = field(default_factory=TftpConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    boot: BootConfig = field(default_factory=BootConfig)
+    capsule: CapsuleConfig = field(default_factory=CapsuleConfig)
+
+    @property
+    def db_path(self) -> Path:
+        return self.server.state_dir / "bootd.sqlite"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The effective configuration, for ``check-config`` and logs."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                out[f.name] = {
+                    k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                    for k, v in dataclasses.asdict(value).items()  # type: ignore[arg-type]
+                }
+            else:
+                out[f.name] = value
+        return out
+
+
+class _Section:
+    """Reads one TOML table, remembering which keys were consumed.
+
+    Unknown keys are an error: a misspelt ``pool_strat`` silently ignored
+    would leave a cluster without addresses.
+    """
+
+    def __init__(self, path: str, name: str, data: Any) -> None:
+        self.file = path
+        self.name = name
+        if not isinstance(data, Mapping):
+            raise ConfigError(path, name, f"must be a table, got {type(data).__name__}")
+        self.data: Mapping[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.file, self.key(key), message)
+
+    def get(self, key: str, kind: type[T] | tuple[type, ...], default: T, what: str) -> T:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # TOML integers are acceptable where a float is expected; bools are not ints here.
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(key, f"{value!r} is not valid; expected {what}")
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds):
+            raise self.error(key, f"{value!r} is not valid; expected {what}")
+        return value  # type: ignore[return-value]
+
+    def flag(self, key: str, default: bool) -> bool:
+        return self.get(key, bool, default, "true or false")
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        value = self.get(key, int, default, f"an integer from {lo} to {hi}")
+        if not lo <= value <= hi:
+            raise self.error(key, f"{value!r} is out of range; expected an integer from {lo} to {hi}")
+        return value
+
+    def port(self, key: str, default: int) -> int:
+        return self.integer(key, default, 0, 65535)
+
+    def number(self, key: str, default: float, lo: float, hi: float) -> float:
+        value = self.get(key, float, default, f"a number from {lo:g} to {hi:g}")
+        if not lo <= value <= hi:
+            raise self.error(key, f"{value!r} is out of range; expected a number from {lo:g} to {hi:g}")
+        return value
+
+    def text(self, key: str, default: str, check: Callable[[str], None] | None = None) -> str:
+        value = self.get(key, str, default, "a string")
+        if check is not None and key in self.data:
+            try:
+                check(value)
+            except ValueError as exc:
+                raise self.error(key, f"{value!r} is not valid; {exc}") from None
+        return value
+
+    def opt_text(self, key: str, check: Callable[[str], None] | None = None) -> str | None:
+        if key not in self.data:
+            self.used.add(key)
+            return None
+        return self.text(key, "", check)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.get(key, str, default, "one of " + ", ".join(choices))
+        if value not in choices:
+            raise self.error(key, f"{value!r} is not valid; expected one of: {', '.join(choices)}")
+        return value
+
+    def path(self, key: str, default: Path) -> Path:
+        value = self.get(key, str, str(default), "a path")
+        if not value:
+            raise self.error(key, "must not be empty; expected a path")
+        return Path(value)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            valid = ", ".join(sorted(self.used))
+            raise self.error(unknown[0], f"unknown key; valid keys in [{self.name}] are: {valid}")
+
+
+def _ipv4(value: str) -> None:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError("expected an IPv4 address such as 10.0.0.1") from None
+
+
+def _netmask(value: str) -> None:
+    try:
+        ipaddress.IPv4Network(f"0.0.0.0/{value}")
+    except ValueError:
+        raise ValueError("expected a netmask such as 255.255.255.0") from None
+
+
+def _name_pattern(value: str) -> None:
+    try:
+        a, b = value.format(index=0), value.format(index=1)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"expected a Python format string using {{index}}, e.g. n{{index:04d}} ({exc})") from None
+    if a == b:
+        raise ValueError("must use {index}, e.g. n{index:04d}, or every node gets the same name")
+
+
+def _url(value: str) -> None:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate the configuration file.
+
+    ``path`` defaults to ``$BOOTD_CONFIG``, then ``/etc/bootd/bootd.toml``.
+    """
+    if path is None:
+        path = os.environ.get("BOOTD_CONFIG", DEFAULT_PATH)
+    spath = str(path)
+    try:
+        with open(spath, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(spath, "-", "file not found (set -c PATH or $BOOTD_CONFIG)") from None
+    except PermissionError:
+        raise ConfigError(spath, "-", "permission denied reading the file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(spath, "-", f"not valid TOML: {exc}") from None
+    return from_dict(data, spath)
+
+
+def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
+    sections = ("server", "registry", "dhcp", "tftp", "http", "boot", "capsule")
+    for name in data:
+        if name not in sections:
+            raise ConfigError(path, name, f"unknown section; valid sections are: {', '.join(sections)}")
+
+    def section(name: str) -> _Section:
+        return _Section(path, name, data.get(name, {}))
+
+    s = section("server")
+    state_dir = s.path("state_dir", ServerConfig.state_dir)
+    server = ServerConfig(
+        state_dir=state_dir,
+        address=s.text("address", ServerConfig.address, _ipv4),
+        interface=s.opt_text("interface"),
+        log_level=s.choice("log_level", "info", LOG_LEVELS),
+        graceful_timeout=s.number("graceful_timeout", 10.0, 0.1, 600.0),
+    )
+    s.finish()
+
+    r = section("registry")
+    registry = RegistryConfig(
+        auto_register=r.flag("auto_register", True),
+        approve_first=r.flag("approve_first", False),
+        name_pattern=r.text("name_pattern", RegistryConfig.name_pattern, _name_pattern),
+        first_index=r.integer("first_index", 0, 0, 10**9),
+        default_group=r.text("default_group", "default"),
+        stale_after=r.number("stale_after", 90.0, 1.0, 86400.0 * 30),
+        dead_after=r.number("dead_after", 300.0, 1.0, 86400.0 * 30),
+    )
+    if registry.dead_after <= registry.stale_after:
+        raise r.error("dead_after", f"{registry.dead_after:g} must be greater than stale_after "
+                      f"({registry.stale_after:g})")
+    r.finish()
+
+    d = section("dhcp")
+    dns = d.get("dns", list, [], "a list of IPv4 addresses")
+    for item in dns:
+        if not isinstance(item, str):
+            raise d.error("dns", f"{item!r} is not valid; expected a list of IPv4 addresses")
+        try:
+            _ipv4(item)
+        except ValueError as exc:
+            raise d.error("dns", f"{item!r} is not valid; {exc}") from None
+    dhcp = DhcpConfig(
+        enabled=d.flag("enabled", False),
+        mode=d.choice("mode", "full", ("full", "proxy")),
+        listen=d.text("listen", "0.0.0.0", _ipv4),
+        interface=d.opt_text("interface") or server.interface,
+        port=d.port("port", 67),
+        client_port=d.port("client_port", 68),
+        proxy_port=d.port("proxy_port", 4011),
+        pool_start=d.opt_text("pool_start", _ipv4),
+        pool_end=d.opt_text("pool_end", _ipv4),
+        netmask=d.text("netmask", "255.255.255.0", _netmask),
+        router=d.opt_text("router", _ipv4),
+        dns=tuple(dns),
+        domain=d.opt_text("domain"),
+        lease_time=d.integer("lease_time", 3600, 60, 86400 * 365),
+        queue_size=d.integer("queue_size", 1024, 1, 1_000_000),
+    )
+    if dhcp.enabled and dhcp.mode == "full":
+        if dhcp.pool_start is None or dhcp.pool_end is None:
+            raise d.error("pool_start", "full mode needs pool_start and pool_end (or set mode = \"proxy\")")
+        if ipaddress.IPv4Address(dhcp.pool_start) > ipaddress.IPv4Address(dhcp.pool_end):
+            raise d.error("pool_end", f"{dhcp.pool_end!r} is below pool_start {dhcp.pool_start!r}")
+    d.finish()
+
+    t = section("tftp")
+    tftp = TftpConfig(
+        enabled=t.flag("enabled", False),
+        listen=t.text("listen", "0.0.0.0", _ipv4),
+        port=t.port("port", 69),
+        root=t.path("root", state_dir / "tftp"),
+        nbp_dir=t.path("nbp_dir", TftpConfig.nbp_dir),
+        max_sessions=t.integer("max_sessions", 1000, 1, 100_000),
+        timeout=t.number("timeout", 1.0, 0.05, 255.0),
+        retries=t.integer("retries", 5, 1, 100),
+        max_blksize=t.integer("max_blksize", 65464, 512, 65464),
+        max_windowsize=t.integer("max_windowsize", 64, 1, 65535),
+    )
+    t.finish()
+
+    h = section("http")
+    port = h.port("port", 8080)
+    public_url = h.text("public_url", "", _url).rstrip("/")
+    http = HttpConfig(
+        enabled=h.flag("enabled", True),
+        listen=h.text("listen", "0.0.0.0", _ipv4),
+        port=port,
+        public_url=public_url or f"http://{server.address}:{port}",
+        max_bulk_streams=h.integer("max_bulk_streams", 64, 1, 100_000),
+        bulk_queue=h.integer("bulk_queue", 256, 0, 1_000_000),
+        retry_after=h.number("retry_after", 2.0, 0.1, 3600.0),
+    )
+    h.finish()
+
+    b = section("boot")
+    boot = BootConfig(
+        bios_nbp=b.text("bios_nbp", BootConfig.bios_nbp),
+        uefi_nbp=b.text("uefi_nbp", BootConfig.uefi_nbp),
+        uefi_arm64_nbp=b.text("uefi_arm64_nbp", BootConfig.uefi_arm64_nbp),
+        kernel_args=b.text("kernel_args", BootConfig.kernel_args),
+        stage1_dir=b.path("stage1_dir", state_dir / "stage1"),
+    )
+    b.finish()
+
+    c = section("capsule")
+    capsule = CapsuleConfig(
+        dir=c.path("dir", state_dir / "capsules"),
+        zstd_level=c.integer("zstd_level", 3, 1, 19),
+        chunk_min=c.integer("chunk_min", 256 * 1024, 64, 64 * 1024 * 1024),
+        chunk_avg=c.integer("chunk_avg", 1024 * 1024, 256, 64 * 1024 * 1024),
+        chunk_max=c.integer("chunk_max", 4 * 1024 * 1024, 1024, 256 * 1024 * 1024),
+    )
+    if not capsule.chunk_min < capsule.chunk_avg < capsule.chunk_max:
+        raise c.error("chunk_avg", f"need chunk_min < chunk_avg < chunk_max, got {capsule.chunk_min} < "
+                      f"{capsule.chunk_avg} < {capsule.chunk_max}")
+    c.finish()
+
+    return Config(path=path, server=server, registry=registry, dhcp=dhcp, tftp=tftp, http=http,
+                  boot=boot, capsule=capsule)

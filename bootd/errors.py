@@ -1,0 +1,59 @@
+"""Error types shared by every layer.
+
+Protocol errors follow h11's split between *local* and *remote* faults: a
+``RemoteProtocolError`` means a peer sent something we cannot accept (log it,
+count it, drop it, keep serving); a ``LocalProtocolError`` means our own code
+asked for something the protocol forbids (a bug, so it should surface loudly).
+"""
+
+from __future__ import annotations
+
+
+class BootdError(Exception):
+    """Base of every error bootd raises on purpose; anything else is a bug."""
+
+
+class ConfigError(BootdError):
+    """A configuration value is missing or invalid.
+
+    The message always names the file, the key, the bad value and what would
+    be valid, because the administrator reading it has only the log line.
+    """
+
+    def __init__(self, path: str, key: str, message: str) -> None:
+        self.path = path
+        self.key = key
+        self.detail = message
+        super().__init__(f"{path}: {key}: {message}")
+
+
+class ProtocolError(BootdError):
+    """Base for protocol violations; ``reason`` is a short stable slug for counters."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something invalid: drop it, count it by ``reason``, keep serving."""
+
+
+class LocalProtocolError(ProtocolError):
+    """Our side tried to do something the protocol does not allow."""
+
+
+class StoreError(BootdError):
+    """The node registry could not do what was asked (and changed nothing)."""
+
+
+class NotFound(StoreError):
+    """The named node, group or lease does not exist."""
+
+
+class Conflict(StoreError):
+    """The change would break a uniqueness rule (name or MAC already taken)."""
+
+
+class CapsuleError(BootdError):
+    """A capsule operation failed; the store is left as it was."""

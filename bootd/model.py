@@ -1,0 +1,111 @@
+"""Plain values that cross layer boundaries.
+
+They are frozen dataclasses with no behaviour beyond validation, so a
+protocol core, a service and a store can all speak about the same node
+without importing each other.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+_MAC_HEX = re.compile(r"^[0-9a-f]{12}$")
+
+
+def normalize_mac(value: str | bytes) -> str:
+    """Return a MAC as ``aa:bb:cc:dd:ee:ff``.
+
+    Accepts raw 6 bytes (from a DHCP chaddr) or the text forms administrators
+    paste: colons, dashes, dots (Cisco) or none, in any case.
+    """
+    if isinstance(value, bytes | bytearray):
+        if len(value) != 6:
+            raise ValueError(f"a MAC address is 6 bytes, got {len(value)}")
+        return ":".join(f"{b:02x}" for b in value)
+    hexdigits = re.sub(r"[:\-.]", "", value.strip().lower())
+    if not _MAC_HEX.match(hexdigits):
+        raise ValueError(f"not a MAC address: {value!r} (expected e.g. 52:54:00:12:34:56)")
+    return ":".join(hexdigits[i : i + 2] for i in range(0, 12, 2))
+
+
+class Firmware(enum.StrEnum):
+    """What kind of boot ROM is talking, which decides the network boot program."""
+
+    BIOS = "bios"
+    UEFI_X64 = "uefi-x64"
+    UEFI_IA32 = "uefi-ia32"
+    UEFI_ARM64 = "uefi-arm64"
+    UEFI_HTTP = "uefi-http"
+    UNKNOWN = "unknown"
+
+
+class State(enum.StrEnum):
+    """Node lifecycle (a contract: operators' scripts match on these names)."""
+
+    DISCOVERED = "discovered"
+    PXE = "pxe"
+    STAGE1 = "stage1"
+    FETCHING = "fetching"
+    VERIFIED = "verified"
+    BOOTED = "booted"
+    READY = "ready"
+    STALE = "stale"
+    DEAD = "dead"
+    FAILED = "failed"
+    DISABLED = "disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """What a boot request tells us about the hardware asking."""
+
+    mac: str
+    arch: int | None = None
+    firmware: Firmware = Firmware.UNKNOWN
+    ipxe: bool = False
+    guid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    name: str
+    capsule: str | None = None
+    kernel_args: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    mac: str
+    name: str
+    group: str
+    capsule: str | None = None
+    enabled: bool = True
+    approved: bool = True
+    state: State = State.DISCOVERED
+    reason: str = ""
+    state_since: float = 0.0
+    ip: str | None = None
+    first_contact: float = 0.0
+    last_contact: float = 0.0
+    kernel_args: str = ""
+    vars: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    ip: str
+    mac: str
+    expires: float
+    hostname: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BootPlan:
+    """The answer to "what should this machine load next", decided by the boot service."""
+
+    filename: str
+    next_server: str | None = None
+    ipxe_no_proxydhcp: bool = False

@@ -1,0 +1,1 @@
+"""Thin transports: move bytes between sockets and the services, decide nothing."""

@@ -1,0 +1,1 @@
+"""Services decide: registration, leases, boot-file choice, capsule selection."""

@@ -1,0 +1,91 @@
+"""Who is this machine, and may it boot?
+
+Every transport (DHCP, TFTP, HTTP) asks the same question on first contact,
+so the policy lives here once: register unknown MACs (or refuse them, with a
+logged reason), refuse disabled or unapproved nodes, and record lifecycle
+reports.  Registration itself is made race-free by the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from bootd.config import RegistryConfig
+from bootd.errors import NotFound
+from bootd.model import Machine, Node, State
+from bootd.store.base import NodeStore
+
+log = logging.getLogger("bootd.registry")
+
+# States a node may report about itself over the node API; the rest are bootd's to set.
+NODE_REPORTABLE = frozenset({State.STAGE1, State.FETCHING, State.VERIFIED, State.BOOTED, State.READY, State.FAILED})
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    node: Node | None
+    reason: str = ""
+    created: bool = False
+
+
+class RegistryService:
+    def __init__(self, store: NodeStore, config: RegistryConfig) -> None:
+        self.store = store
+        self.config = config
+
+    async def decide(self, machine: Machine, now: float) -> Resolution:
+        """Resolve a machine to a node, registering it on first contact when allowed."""
+        node = await self.store.get_node_by_mac(machine.mac)
+        created = False
+        if node is None:
+            if not self.config.auto_register:
+                return Resolution(None, f"unknown MAC {machine.mac} and registry.auto_register is off")
+            node, created = await self.store.register(
+                machine.mac,
+                name_pattern=self.config.name_pattern,
+                first_index=self.config.first_index,
+                group=self.config.default_group,
+                approved=not self.config.approve_first,
+                now=now,
+            )
+            if created:
+                log.info("event=registered node=%s mac=%s firmware=%s approved=%s", node.name, node.mac,
+                         machine.firmware.value, node.approved)
+        else:
+            await self.store.touch(node.name, now)
+        if not node.enabled:
+            return Resolution(None, f"node {node.name} is disabled", created)
+        if not node.approved:
+            return Resolution(None, f"node {node.name} waits for approval (bootd node approve {node.name})",
+                              created)
+        return Resolution(node, "", created)
+
+    async def resolve(self, machine: Machine, now: float) -> Node | None:
+        result = await self.decide(machine, now)
+        if result.node is None:
+            log.info("event=refused mac=%s reason=%r", machine.mac, result.reason)
+        return result.node
+
+    async def report(self, name: str, state: State, reason: str = "", *, now: float,
+                     detail: str = "") -> Node:
+        node = await self.store.set_state(name, state, reason, now=now, detail=detail)
+        log.info("event=state node=%s state=%s%s", name, state.value, f" reason={reason!r}" if reason else "")
+        return node
+
+    async def heartbeat(self, name: str, now: float) -> Node:
+        node = await self.store.get_node(name)
+        if node is None:
+            raise NotFound(f"no node named {name!r}")
+        if node.state in (State.STALE, State.DEAD, State.BOOTED):
+            # A node that comes back (or first beats after boot) is ready again.
+            return await self.report(name, State.READY, "heartbeat", now=now)
+        await self.store.touch(name, now)
+        return node
+
+    async def boot_target(self, node: Node) -> tuple[str | None, str]:
+        """The capsule and extra kernel arguments for a node: its own values, else its group's."""
+        group = await self.store.get_group(node.group)
+        capsule = node.capsule or (group.capsule if group else None)
+        args = " ".join(a for a in ((group.kernel_args if group else ""), node.kernel_args) if a)
+        return capsule, args

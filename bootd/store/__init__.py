@@ -1,0 +1,1 @@
+"""The node registry behind a small repository interface (SQLite now, PostgreSQL later)."""

@@ -1,0 +1,32 @@
+"""A NodeStore that fails on demand, to prove services turn store faults into clear refusals.
+
+Modelled on matchbox's testfakes/broken_store.go: wrap a working store and
+make the named methods raise, so a test can break exactly one step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bootd.errors import StoreError
+
+
+class BrokenStore:
+    def __init__(self, inner: Any, fail: set[str], message: str = "disk I/O error (injected)") -> None:
+        self._inner = inner
+        self.fail = set(fail)
+        self.message = message
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            if name in self.fail:
+                raise StoreError(f"{name}: {self.message}")
+            return await attr(*args, **kwargs)
+
+        return call

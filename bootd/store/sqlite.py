@@ -1,0 +1,468 @@
+"""SQLite node registry: the embedded default.
+
+Why it looks like this:
+- WAL, so the CLI can read while the daemon writes.
+- Every write runs in ``BEGIN IMMEDIATE``: the write lock is taken before the
+  first read of the transaction, so two writers never both read "n0041 is
+  free" and race (Warewulf wrote its node DB under a read lock; we do not).
+- The async wrapper sends every call to one dedicated thread: one writer, no
+  blocking of the event loop, and registration is serialised for free.
+- Schema changes are numbered migrations keyed on ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from bootd.errors import Conflict, NotFound, StoreError
+from bootd.model import Group, Lease, Node, State, normalize_mac
+from bootd.store.base import NODE_FIELDS, Event
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: nodes, groups, per-node key/values, leases
+    """
+    CREATE TABLE groups (
+        name TEXT PRIMARY KEY,
+        capsule TEXT,
+        kernel_args TEXT NOT NULL DEFAULT '',
+        description TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE nodes (
+        id INTEGER PRIMARY KEY,
+        mac TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL UNIQUE,
+        idx INTEGER UNIQUE,
+        grp TEXT NOT NULL REFERENCES groups(name),
+        capsule TEXT,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        approved INTEGER NOT NULL DEFAULT 1,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        state_since REAL NOT NULL,
+        ip TEXT,
+        first_contact REAL NOT NULL,
+        last_contact REAL NOT NULL,
+        kernel_args TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE node_vars (
+        node_id INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (node_id, key)
+    );
+    CREATE TABLE leases (
+        ip TEXT PRIMARY KEY,
+        mac TEXT NOT NULL UNIQUE,
+        expires REAL NOT NULL,
+        hostname TEXT
+    );
+    """,
+    # 2: the lifecycle event log behind `bootd node show` timelines
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        node_id INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+        ts REAL NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX events_node_ts ON events(node_id, ts);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+EVENTS_KEPT_PER_NODE = 200
+
+
+def _node(row: sqlite3.Row, vars_: dict[str, str]) -> Node:
+    return Node(
+        mac=row["mac"], name=row["name"], group=row["grp"], capsule=row["capsule"],
+        enabled=bool(row["enabled"]), approved=bool(row["approved"]), state=State(row["state"]),
+        reason=row["reason"], state_since=row["state_since"], ip=row["ip"],
+        first_contact=row["first_contact"], last_contact=row["last_contact"],
+        kernel_args=row["kernel_args"], vars=vars_,
+    )
+
+
+class SqliteRepo:
+    """Synchronous repository; used directly by the CLI, through SqliteNodeStore by the daemon."""
+
+    def __init__(self, path: str | Path, *, default_group: str = "default") -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            parent = Path(self.path).parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create state directory {parent}: {exc.strerror}") from None
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("PRAGMA busy_timeout = 10000")
+            if self.path != ":memory:":
+                self.db.execute("PRAGMA journal_mode = WAL")
+                self.db.execute("PRAGMA synchronous = NORMAL")
+            self.migrate()
+            with self.write():
+                self.db.execute("INSERT OR IGNORE INTO groups(name) VALUES (?)", (default_group,))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open node registry {self.path}: {exc}") from None
+        self.default_group = default_group
+
+    # -- plumbing -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, lock taken up front (BEGIN IMMEDIATE)."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"node registry {self.path} is locked or read-only: {exc}") from None
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self.db.execute("ROLLBACK")
+                raise StoreError(f"cannot write node registry {self.path}: {exc}") from None
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self, target: int = SCHEMA_VERSION) -> None:
+        current = self.schema_version()
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"node registry {self.path} has schema version {current}, newer than this bootd "
+                f"understands ({SCHEMA_VERSION}); upgrade bootd"
+            )
+        for version in range(current + 1, target + 1):
+            with self.write() as db:
+                for statement in MIGRATIONS[version - 1].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version}")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _vars(self, node_id: int) -> dict[str, str]:
+        rows = self.db.execute("SELECT key, value FROM node_vars WHERE node_id = ? ORDER BY key", (node_id,))
+        return {r["key"]: r["value"] for r in rows}
+
+    def _row(self, where: str, arg: object) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.db.execute(f"SELECT * FROM nodes WHERE {where} = ?", (arg,)).fetchone()
+        return row
+
+    def _require(self, name: str) -> sqlite3.Row:
+        row = self._row("name", name)
+        if row is None:
+            raise NotFound(f"no node named {name!r}")
+        return row
+
+    def _load(self, row: sqlite3.Row) -> Node:
+        return _node(row, self._vars(row["id"]))
+
+    # -- nodes --------------------------------------------------------------------
+    def get_node(self, name: str) -> Node | None:
+        row = self._row("name", name)
+        return None if row is None else self._load(row)
+
+    def get_node_by_mac(self, mac: str) -> Node | None:
+        row = self._row("mac", normalize_mac(mac))
+        return None if row is None else self._load(row)
+
+    def list_nodes(self) -> list[Node]:
+        rows = self.db.execute("SELECT * FROM nodes ORDER BY name").fetchall()
+        allvars: dict[int, dict[str, str]] = {}
+        for r in self.db.execute("SELECT node_id, key, value FROM node_vars ORDER BY key"):
+            allvars.setdefault(r["node_id"], {})[r["key"]] = r["value"]
+        return [_node(r, allvars.get(r["id"], {})) for r in rows]
+
+    def register(self, mac: str, *, name_pattern: str, first_index: int, group: str, approved: bool,
+                 now: float) -> tuple[Node, bool]:
+        mac = normalize_mac(mac)
+        with self.write() as db:
+            row = self._row("mac", mac)
+            if row is not None:
+                return self._load(row), False
+            self._ensure_group(group)
+            top = db.execute("SELECT MAX(idx) FROM nodes").fetchone()[0]
+            index = first_index if top is None else max(first_index, top + 1)
+            # A manually added node may already carry a name from the pattern: skip over it.
+            while db.execute("SELECT 1 FROM nodes WHERE name = ?", (name_pattern.format(index=index),)).fetchone():
+                index += 1
+            name = name_pattern.format(index=index)
+            db.execute(
+                "INSERT INTO nodes(mac, name, idx, grp, approved, state, state_since, first_contact, last_contact)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mac, name, index, group, int(approved), State.DISCOVERED.value, now, now, now),
+            )
+            node_id = db.execute("SELECT id FROM nodes WHERE mac = ?", (mac,)).fetchone()[0]
+            db.execute("INSERT INTO events(node_id, ts, state, reason) VALUES (?, ?, ?, ?)",
+                       (node_id, now, State.DISCOVERED.value, "first contact"))
+            created = self._row("mac", mac)
+            assert created is not None
+            return self._load(created), True
+
+    def _ensure_group(self, group: str) -> None:
+        if self.db.execute("SELECT 1 FROM groups WHERE name = ?", (group,)).fetchone() is None:
+            raise NotFound(f"no group named {group!r} (create it with `bootd group add {group}`)")
+
+    def add_node(self, mac: str, name: str, *, group: str, now: float, **fields: Any) -> Node:
+        mac = normalize_mac(mac)
+        with self.write() as db:
+            self._ensure_group(group)
+            if self._row("mac", mac) is not None:
+                raise Conflict(f"MAC {mac} is already registered as {self._row('mac', mac)['name']}")  # type: ignore[index]
+            if self._row("name", name) is not None:
+                raise Conflict(f"a node named {name!r} already exists")
+            db.execute(
+                "INSERT INTO nodes(mac, name, grp, state, state_since, first_contact, last_contact)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (mac, name, group, State.DISCOVERED.value, now, 0.0, 0.0),
+            )
+        return self.update_node(name, **fields) if fields else self._load(self._require(name))
+
+    def update_node(self, name: str, **fields: Any) -> Node:
+        for key in fields:
+            if key not in NODE_FIELDS:
+                raise StoreError(f"cannot set {key!r}; settable fields: {', '.join(NODE_FIELDS)}")
+        with self.write() as db:
+            row = self._require(name)
+            values = dict(fields)
+            if "group" in values:
+                self._ensure_group(values["group"])
+                values["grp"] = values.pop("group")
+            if "mac" in values:
+                values["mac"] = normalize_mac(values["mac"])
+                other = self._row("mac", values["mac"])
+                if other is not None and other["id"] != row["id"]:
+                    raise Conflict(f"MAC {values['mac']} is already registered as {other['name']}")
+            if "name" in values:
+                other = self._row("name", values["name"])
+                if other is not None and other["id"] != row["id"]:
+                    raise Conflict(f"a node named {values['name']!r} already exists")
+            for key in ("enabled", "approved"):
+                if key in values:
+                    values[key] = int(bool(values[key]))
+            if values:
+                assignments = ", ".join(f"{k} = ?" for k in values)
+                db.execute(f"UPDATE nodes SET {assignments} WHERE id = ?", (*values.values(), row["id"]))
+            new = db.execute("SELECT * FROM nodes WHERE id = ?", (row["id"],)).fetchone()
+            return self._load(new)
+
+    def set_vars(self, name: str, values: dict[str, str], unset: tuple[str, ...] = ()) -> Node:
+        with self.write() as db:
+            row = self._require(name)
+            for key, value in values.items():
+                db.execute("INSERT OR REPLACE INTO node_vars(node_id, key, value) VALUES (?, ?, ?)",
+                           (row["id"], key, value))
+            for key in unset:
+                db.execute("DELETE FROM node_vars WHERE node_id = ? AND key = ?", (row["id"], key))
+            return self._load(row)
+
+    def delete_node(self, name: str) -> None:
+        with self.write() as db:
+            row = self._require(name)
+            db.execute("DELETE FROM leases WHERE mac = ?", (row["mac"],))
+            db.execute("DELETE FROM nodes WHERE id = ?", (row["id"],))
+
+    def set_state(self, name: str, state: State, reason: str = "", *, now: float, detail: str = "") -> Node:
+        with self.write() as db:
+            row = self._require(name)
+            if row["state"] != state.value or row["reason"] != reason:
+                db.execute("UPDATE nodes SET state = ?, reason = ?, state_since = ? WHERE id = ?",
+                           (state.value, reason, now, row["id"]))
+            db.execute("UPDATE nodes SET last_contact = ? WHERE id = ?", (now, row["id"]))
+            db.execute("INSERT INTO events(node_id, ts, state, reason, detail) VALUES (?, ?, ?, ?, ?)",
+                       (row["id"], now, state.value, reason, detail))
+            db.execute(
+                "DELETE FROM events WHERE node_id = ? AND id NOT IN "
+                "(SELECT id FROM events WHERE node_id = ? ORDER BY id DESC LIMIT ?)",
+                (row["id"], row["id"], EVENTS_KEPT_PER_NODE),
+            )
+            return self._load(db.execute("SELECT * FROM nodes WHERE id = ?", (row["id"],)).fetchone())
+
+    def touch(self, name: str, now: float) -> None:
+        with self.write() as db:
+            db.execute("UPDATE nodes SET last_contact = ? WHERE name = ?", (now, name))
+
+    def events(self, name: str, limit: int = 100) -> list[Event]:
+        row = self._require(name)
+        rows = self.db.execute(
+            "SELECT * FROM (SELECT * FROM events WHERE node_id = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (row["id"], limit),
+        )
+        return [Event(name, r["ts"], r["state"], r["reason"], r["detail"]) for r in rows]
+
+    # -- groups -------------------------------------------------------------------
+    def list_groups(self) -> list[Group]:
+        rows = self.db.execute("SELECT * FROM groups ORDER BY name")
+        return [Group(r["name"], r["capsule"], r["kernel_args"], r["description"]) for r in rows]
+
+    def get_group(self, name: str) -> Group | None:
+        r = self.db.execute("SELECT * FROM groups WHERE name = ?", (name,)).fetchone()
+        return None if r is None else Group(r["name"], r["capsule"], r["kernel_args"], r["description"])
+
+    def put_group(self, group: Group) -> Group:
+        with self.write() as db:
+            db.execute(
+                "INSERT INTO groups(name, capsule, kernel_args, description) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET capsule = excluded.capsule, "
+                "kernel_args = excluded.kernel_args, description = excluded.description",
+                (group.name, group.capsule, group.kernel_args, group.description),
+            )
+        return group
+
+    def delete_group(self, name: str) -> None:
+        with self.write() as db:
+            if db.execute("SELECT 1 FROM groups WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"no group named {name!r}")
+            count = db.execute("SELECT COUNT(*) FROM nodes WHERE grp = ?", (name,)).fetchone()[0]
+            if count:
+                raise Conflict(f"group {name!r} still has {count} node(s); move them first")
+            if name == self.default_group:
+                raise Conflict(f"group {name!r} is the default group for new nodes (registry.default_group)")
+            db.execute("DELETE FROM groups WHERE name = ?", (name,))
+
+    # -- leases -------------------------------------------------------------------
+    @staticmethod
+    def _lease(r: sqlite3.Row | None) -> Lease | None:
+        return None if r is None else Lease(r["ip"], r["mac"], r["expires"], r["hostname"])
+
+    def get_lease_by_mac(self, mac: str) -> Lease | None:
+        return self._lease(self.db.execute("SELECT * FROM leases WHERE mac = ?", (normalize_mac(mac),)).fetchone())
+
+    def get_lease_by_ip(self, ip: str) -> Lease | None:
+        return self._lease(self.db.execute("SELECT * FROM leases WHERE ip = ?", (ip,)).fetchone())
+
+    def list_leases(self) -> list[Lease]:
+        rows = self.db.execute("SELECT * FROM leases ORDER BY ip").fetchall()
+        return [Lease(r["ip"], r["mac"], r["expires"], r["hostname"]) for r in rows]
+
+    def put_lease(self, lease: Lease) -> None:
+        mac = normalize_mac(lease.mac)
+        with self.write() as db:
+            # One lease per MAC and one MAC per address: replace whatever either held before.
+            db.execute("DELETE FROM leases WHERE mac = ? OR ip = ?", (mac, lease.ip))
+            db.execute("INSERT INTO leases(ip, mac, expires, hostname) VALUES (?, ?, ?, ?)",
+                       (lease.ip, mac, lease.expires, lease.hostname))
+            db.execute("UPDATE nodes SET ip = ? WHERE mac = ?", (lease.ip, mac))
+
+    def release_lease(self, ip: str) -> None:
+        with self.write() as db:
+            db.execute("DELETE FROM leases WHERE ip = ?", (ip,))
+
+    def dump(self) -> str:
+        """A JSON snapshot of nodes and leases, for tests comparing before/after a crash."""
+        return json.dumps({
+            "nodes": [[n.mac, n.name, n.group, n.capsule, n.ip] for n in self.list_nodes()],
+            "leases": [[x.ip, x.mac] for x in self.list_leases()],
+        }, sort_keys=True)
+
+
+class SqliteNodeStore:
+    """The async NodeStore: every call runs on one dedicated thread (the single writer)."""
+
+    def __init__(self, path: str | Path, *, default_group: str = "default") -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bootd-db")
+        self._closed = False
+        self.repo: SqliteRepo = self._pool.submit(SqliteRepo, path, default_group=default_group).result()
+
+    async def _run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    async def get_node(self, name: str) -> Node | None:
+        return await self._run(self.repo.get_node, name)
+
+    async def get_node_by_mac(self, mac: str) -> Node | None:
+        return await self._run(self.repo.get_node_by_mac, mac)
+
+    async def list_nodes(self) -> list[Node]:
+        return await self._run(self.repo.list_nodes)
+
+    async def register(self, mac: str, *, name_pattern: str, first_index: int, group: str, approved: bool,
+                       now: float) -> tuple[Node, bool]:
+        return await self._run(self.repo.register, mac, name_pattern=name_pattern, first_index=first_index,
+                               group=group, approved=approved, now=now)
+
+    async def add_node(self, mac: str, name: str, *, group: str, now: float, **fields: Any) -> Node:
+        return await self._run(self.repo.add_node, mac, name, group=group, now=now, **fields)
+
+    async def update_node(self, name: str, **fields: Any) -> Node:
+        return await self._run(self.repo.update_node, name, **fields)
+
+    async def set_vars(self, name: str, values: dict[str, str], unset: tuple[str, ...] = ()) -> Node:
+        return await self._run(self.repo.set_vars, name, values, unset)
+
+    async def delete_node(self, name: str) -> None:
+        await self._run(self.repo.delete_node, name)
+
+    async def set_state(self, name: str, state: State, reason: str = "", *, now: float, detail: str = "") -> Node:
+        return await self._run(self.repo.set_state, name, state, reason, now=now, detail=detail)
+
+    async def touch(self, name: str, now: float) -> None:
+        await self._run(self.repo.touch, name, now)
+
+    async def events(self, name: str, limit: int = 100) -> list[Event]:
+        return await self._run(self.repo.events, name, limit)
+
+    async def list_groups(self) -> list[Group]:
+        return await self._run(self.repo.list_groups)
+
+    async def get_group(self, name: str) -> Group | None:
+        return await self._run(self.repo.get_group, name)
+
+    async def put_group(self, group: Group) -> Group:
+        return await self._run(self.repo.put_group, group)
+
+    async def delete_group(self, name: str) -> None:
+        await self._run(self.repo.delete_group, name)
+
+    async def get_lease_by_mac(self, mac: str) -> Lease | None:
+        return await self._run(self.repo.get_lease_by_mac, mac)
+
+    async def get_lease_by_ip(self, ip: str) -> Lease | None:
+        return await self._run(self.repo.get_lease_by_ip, ip)
+
+    async def list_leases(self) -> list[Lease]:
+        return await self._run(self.repo.list_leases)
+
+    async def put_lease(self, lease: Lease) -> None:
+        await self._run(self.repo.put_lease, lease)
+
+    async def release_lease(self, ip: str) -> None:
+        await self._run(self.repo.release_lease, ip)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._run(self.repo.close)
+            self._pool.shutdown(wait=True)
+
+
+def state_dir_writable(path: Path) -> None:
+    """Fail early, with the path in the message, when the state directory cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create state directory {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise StoreError(f"state directory {path} is not writable (read-only filesystem or permissions?)")
