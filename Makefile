@@ -1,0 +1,28 @@
+# bootd: `make demo` boots a QEMU node from bootd; `make test` runs the whole suite.
+# Both install what is missing first (tools/setup.sh).
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint typecheck unit demo bench clean
+
+setup:
+	@tools/setup.sh
+
+lint: setup
+	$(VENV)/bin/ruff check bootd tests bench tools
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+test: setup lint typecheck
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+unit: setup
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+demo: setup
+	@if [ -x tools/demo.sh ]; then tools/demo.sh $(DEMO_ARGS); else echo "bootd demo: not built yet"; fi
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

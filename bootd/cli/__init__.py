@@ -1,0 +1,100 @@
+"""The ``bootd`` command.
+
+Exit codes are a contract for operators' scripts: 0 ok, 1 the operation
+failed (the message says why), 2 the command line was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bootd import __version__
+from bootd import config as config_mod
+from bootd.cli import node as node_cmd
+from bootd.errors import BootdError, ConfigError
+
+Handler = Callable[[argparse.Namespace, config_mod.Config], int]
+
+# Command groups that live in their own modules; each has add_parser(subparsers).
+_PLUGINS = ("bootd.cli.capsule", "bootd.cli.stage1")
+
+
+def _serve(args: argparse.Namespace, config: config_mod.Config) -> int:
+    from bootd import daemon
+
+    return daemon.run(config)
+
+
+def _check_config(args: argparse.Namespace, config: config_mod.Config) -> int:
+    data = config.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    print(f"# effective configuration from {config.path}: OK")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            continue
+        print(f"[{section}]")
+        for key, value in values.items():
+            print(f"{key} = {json.dumps(value)}")
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bootd",
+        description="Network boot service for stateless clusters (DHCP/PXE, TFTP, HTTP, VNFS capsules).",
+    )
+    parser.add_argument("-c", "--config", metavar="CONFIG",
+                        help=f"configuration file (default: $BOOTD_CONFIG, then {config_mod.DEFAULT_PATH})")
+    parser.add_argument("--version", action="version", version=f"bootd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground (systemd Type=notify)")
+    p.set_defaults(handler=_serve)
+    p = sub.add_parser("check-config", help="validate the configuration and print the effective values")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_check_config)
+
+    node_cmd.add_parser(sub)
+    for module_name in _PLUGINS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="bootd: %(message)s")
+    handler: Handler = args.handler
+    try:
+        config = _load_config(args)
+        return handler(args, config)
+    except ConfigError as exc:
+        print(f"bootd: configuration error: {exc}", file=sys.stderr)
+        return 1
+    except BootdError as exc:
+        print(f"bootd: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bootd: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _load_config(args: Any) -> config_mod.Config:
+    return config_mod.load(args.config)

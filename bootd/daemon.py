@@ -1,0 +1,200 @@
+"""The composition root: config -> store -> services -> transports.
+
+Only this module knows every concrete class.  Everything it starts runs in
+one asyncio loop; SIGTERM/SIGINT set an Event (as hypercorn's run.py does)
+and shutdown gets ``server.graceful_timeout`` seconds before the rest is
+cancelled; SIGHUP re-reads the configuration and applies what can change
+live.  systemd hears READY=1, STATUS= and STOPPING=1 through sd_notify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bootd import __version__
+from bootd import config as config_mod
+from bootd.errors import BootdError, ConfigError
+from bootd.service.registry import RegistryService
+from bootd.store.sqlite import SqliteNodeStore, state_dir_writable
+
+log = logging.getLogger("bootd")
+
+
+class Component(Protocol):
+    """A transport or background service the daemon starts and stops."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+def notify(message: str) -> bool:
+    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET, silently skipped outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("event=sd_notify_failed error=%r", exc.strerror)
+        return False
+    return True
+
+
+class _Formatter(logging.Formatter):
+    """One line per event: ``LEVEL logger: key=value ...``.
+
+    Under systemd (JOURNAL_STREAM set) the timestamp is left to journald and a
+    ``<N>`` syslog priority prefix is added so ``journalctl -p`` works; on a
+    terminal the line starts with an ISO timestamp.  Either way it greps well.
+    """
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{record.levelname.lower()} {record.name}: {record.getMessage()}"
+        if record.exc_info:
+            line += " " + self.formatException(record.exc_info).replace("\n", " | ")
+        if self.journal:
+            return f"<{self.PRIORITY.get(record.levelno, 6)}>{line}"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d} {line}"
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(journal="JOURNAL_STREAM" in os.environ))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+@dataclass
+class Daemon:
+    config: config_mod.Config
+    components: list[tuple[str, Component]] = field(default_factory=list)
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    store: SqliteNodeStore | None = None
+    registry: RegistryService | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    async def build(self) -> None:
+        """Construct the store, services and transports; nothing listens yet."""
+        cfg = self.config
+        state_dir_writable(cfg.server.state_dir)
+        self.store = SqliteNodeStore(cfg.db_path, default_group=cfg.registry.default_group)
+        self.registry = RegistryService(self.store, cfg.registry)
+        from bootd import wiring
+
+        await wiring.build(self)
+
+    async def start(self) -> None:
+        started: list[tuple[str, Component]] = []
+        try:
+            for name, component in self.components:
+                await component.start()
+                started.append((name, component))
+                log.info("event=started component=%s", name)
+        except BaseException:
+            for _name, component in reversed(started):
+                with contextlib.suppress(Exception):
+                    await component.close()
+            raise
+
+    async def close(self) -> None:
+        for name, component in reversed(self.components):
+            try:
+                await component.close()
+                log.info("event=stopped component=%s", name)
+            except Exception as exc:  # keep closing the others; the error is logged
+                log.error("event=stop_failed component=%s error=%r", name, exc)
+        if self.store is not None:
+            await self.store.close()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the file; apply live what can change live, say what needs a restart."""
+        try:
+            new = config_mod.load(self.config.path)
+        except ConfigError as exc:
+            log.error("event=reload_failed error=%r (keeping the running configuration)", str(exc))
+            return
+        old = self.config
+        restart = [s for s in ("dhcp", "tftp", "http", "capsule") if getattr(new, s) != getattr(old, s)]
+        live_server = ("log_level", "graceful_timeout")
+        if any(getattr(new.server, k) != getattr(old.server, k)
+               for k in ("state_dir", "address", "interface") if k not in live_server):
+            restart.append("server")
+        setup_logging(new.server.log_level)
+        if self.registry is not None:
+            self.registry.config = new.registry
+        self.config = new
+        for hook in self.extras.get("reload_hooks", []):
+            hook(new)
+        if restart:
+            log.warning("event=reloaded applied=registry,boot,log_level restart_needed_for=%s", ",".join(restart))
+        else:
+            log.info("event=reloaded applied=registry,boot,log_level")
+        notify("STATUS=configuration reloaded")
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self.build()
+            await self.start()
+        except BootdError as exc:
+            log.error("event=start_failed error=%r", str(exc))
+            await self.close()
+            return 1
+        names = ",".join(n for n, _ in self.components) or "none"
+        log.info("event=ready version=%s components=%s config=%s", __version__, names, self.config.path)
+        notify(f"READY=1\nSTATUS=serving ({names})\nMAINPID={os.getpid()}")
+        failed = False
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks: list[asyncio.Task[None]] = [tg.create_task(job()) for job in self.background]
+                await self.stop.wait()
+                for task in tasks:
+                    task.cancel()
+        except* Exception as group:
+            for error in group.exceptions:
+                log.error("event=background_failed error=%r", error)
+            failed = True
+        log.info("event=stopping graceful_timeout=%s", self.config.server.graceful_timeout)
+        notify("STOPPING=1\nSTATUS=stopping")
+        try:
+            await asyncio.wait_for(self.close(), timeout=self.config.server.graceful_timeout)
+        except TimeoutError:
+            log.warning("event=stop_timeout after=%ss (remaining work cancelled)",
+                        self.config.server.graceful_timeout)
+            return 1
+        log.info("event=stopped")
+        return 1 if failed else 0
+
+
+def run(config: config_mod.Config) -> int:
+    setup_logging(config.server.log_level)
+    return asyncio.run(Daemon(config).run())

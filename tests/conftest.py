@@ -1,0 +1,89 @@
+"""Fixtures shared by every test layer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    """A port the kernel just gave out: good enough for a test server started right after."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines: list[str] = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "state"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def loopback_config(tmp_path: Path, state_dir: Path) -> Path:
+    """A config that runs every enabled service unprivileged on loopback ports."""
+    return write_config(tmp_path / "bootd.toml", {
+        "server": {"state_dir": str(state_dir), "address": "127.0.0.1", "graceful_timeout": 5},
+        "http": {"enabled": True, "listen": "127.0.0.1", "port": free_port()},
+    })
+
+
+def run_cli(*args: str, config: Path | None = None, check: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [PYTHON, "-m", "bootd"]
+    if config is not None:
+        cmd += ["-c", str(config)]
+    cmd += list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+
+
+def need_tool(*names: str) -> None:
+    for name in names:
+        if shutil.which(name) is None:
+            pytest.fail(f"{name} is not installed; run tools/setup.sh (make test does)")
+
+
+@pytest.fixture
+def cli_config(loopback_config: Path) -> Iterator[Path]:
+    yield loopback_config

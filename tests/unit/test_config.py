@@ -1,0 +1,83 @@
+"""Every configuration error names the file, the key, the bad value and what is valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bootd import config
+from bootd.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_text(tmp_path: Path, text: str) -> config.Config:
+    path = tmp_path / "bootd.toml"
+    path.write_text(text)
+    return config.load(path)
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    cfg = config.load(ROOT / "conf" / "bootd.toml")
+    assert cfg.server.address == "10.77.0.1"
+    assert cfg.http.public_url == "http://10.77.0.1:8080"
+    text = (ROOT / "conf" / "bootd.toml").read_text()
+    for section, values in cfg.as_dict().items():
+        if not isinstance(values, dict):
+            continue
+        for key in values:
+            assert key in text, f"conf/bootd.toml does not mention {section}.{key}"
+
+
+def test_defaults_derive_paths_from_state_dir(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, '[server]\nstate_dir = "/srv/boot"\n')
+    assert cfg.tftp.root == Path("/srv/boot/tftp")
+    assert cfg.capsule.dir == Path("/srv/boot/capsules")
+    assert cfg.boot.stage1_dir == Path("/srv/boot/stage1")
+    assert cfg.db_path == Path("/srv/boot/bootd.sqlite")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ("[dhcp]\nport = 70000\n", "dhcp.port", "integer from 0 to 65535"),
+        ('[dhcp]\nport = "67"\n', "dhcp.port", "expected an integer"),
+        ('[dhcp]\nmode = "relay"\n', "dhcp.mode", "full, proxy"),
+        ('[server]\naddress = "10.0.0.300"\n', "server.address", "IPv4 address"),
+        ('[dhcp]\npool_strat = "10.0.0.1"\n', "dhcp.pool_strat", "unknown key"),
+        ('[dhcp]\nenabled = true\nmode = "full"\n', "dhcp.pool_start", "needs pool_start"),
+        ('[dhcp]\nenabled = true\npool_start = "10.0.0.9"\npool_end = "10.0.0.1"\n', "dhcp.pool_end", "below"),
+        ('[registry]\nname_pattern = "node"\n', "registry.name_pattern", "{index}"),
+        ('[registry]\nname_pattern = "n{idx}"\n', "registry.name_pattern", "format string"),
+        ("[registry]\nstale_after = 100\ndead_after = 50\n", "registry.dead_after", "greater than"),
+        ('[server]\nlog_level = "loud"\n', "server.log_level", "debug, info"),
+        ("[tftp]\nmax_blksize = 70000\n", "tftp.max_blksize", "512 to 65464"),
+        ('[http]\npublic_url = "ftp://x"\n', "http.public_url", "http://"),
+        ("[capsule]\nchunk_min = 4096\nchunk_avg = 1024\n", "capsule.chunk_avg", "chunk_min < chunk_avg"),
+        ('[dhcp]\ndns = ["1.1.1.1", 5]\n', "dhcp.dns", "IPv4"),
+        ("[dhcpd]\n", "dhcpd", "unknown section"),
+        ("[server]\ngraceful_timeout = true\n", "server.graceful_timeout", "expected a number"),
+    ],
+)
+def test_errors_name_file_key_and_valid_values(tmp_path: Path, text: str, key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text)
+    message = str(info.value)
+    assert message.startswith(str(tmp_path / "bootd.toml") + ": " + key + ": "), message
+    assert fragment in message
+    assert info.value.key == key
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        config.load(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_text(tmp_path, "[server\n")
+
+
+def test_env_var_names_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text('[server]\naddress = "10.1.2.3"\n')
+    monkeypatch.setenv("BOOTD_CONFIG", str(path))
+    assert config.load().server.address == "10.1.2.3"

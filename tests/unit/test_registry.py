@@ -1,0 +1,172 @@
+"""The node registry: migrations, race-free registration, restarts, groups, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bootd.config import RegistryConfig
+from bootd.errors import Conflict, NotFound, StoreError
+from bootd.model import Firmware, Group, Lease, Machine, State
+from bootd.service.registry import RegistryService
+from bootd.store import sqlite as sqlite_store
+from bootd.store.broken import BrokenStore
+from bootd.store.memory import memory_store
+from bootd.store.sqlite import SqliteNodeStore, SqliteRepo
+
+
+def mac(i: int) -> str:
+    return f"52:54:00:{(i >> 16) & 0xff:02x}:{(i >> 8) & 0xff:02x}:{i & 0xff:02x}"
+
+
+def test_migrations_upgrade_an_old_database_and_keep_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(sqlite_store.MIGRATIONS[0])
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO groups(name) VALUES ('default')")
+    db.execute("INSERT INTO nodes(mac, name, idx, grp, state, state_since, first_contact, last_contact)"
+               " VALUES ('52:54:00:00:00:01', 'n0000', 0, 'default', 'ready', 1, 1, 1)")
+    db.commit()
+    db.close()
+    repo = SqliteRepo(path)
+    assert repo.schema_version() == sqlite_store.SCHEMA_VERSION == 2
+    node = repo.get_node("n0000")
+    assert node is not None and node.state == State.READY
+    repo.set_state("n0000", State.STALE, "no heartbeat", now=5.0)
+    assert [e.state for e in repo.events("n0000")] == ["stale"]
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="newer than this bootd"):
+        SqliteRepo(path)
+
+
+async def test_500_concurrent_first_contacts_get_500_distinct_names(tmp_path: Path) -> None:
+    store = SqliteNodeStore(tmp_path / "r.sqlite")
+    service = RegistryService(store, RegistryConfig())
+    machines = [Machine(mac(i), firmware=Firmware.BIOS) for i in range(500)]
+    nodes = await asyncio.gather(*(service.resolve(m, now=1.0) for m in machines))
+    names = [n.name for n in nodes if n is not None]
+    assert len(names) == 500 and len(set(names)) == 500
+    assert sorted(names) == [f"n{i:04d}" for i in range(500)]
+    # A repeated contact, again all at once, never makes a second node.
+    again = await asyncio.gather(*(service.resolve(m, now=2.0) for m in reversed(machines)))
+    assert {n.name for n in again if n} == set(names)
+    assert len(await store.list_nodes()) == 500
+    await store.close()
+
+
+async def test_restart_keeps_every_node_and_lease(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite"
+    store = SqliteNodeStore(path)
+    service = RegistryService(store, RegistryConfig(name_pattern="c{index:03d}", first_index=7))
+    for i in range(20):
+        await service.resolve(Machine(mac(i)), now=float(i))
+    await store.put_lease(Lease("10.0.0.5", mac(3), expires=100.0))
+    await store.set_vars("c010", {"role": "gpu"})
+    before = store.repo.dump()
+    await store.close()
+
+    store = SqliteNodeStore(path)
+    assert store.repo.dump() == before
+    node = await store.get_node_by_mac(mac(3))
+    assert node is not None and node.name == "c010" and node.ip == "10.0.0.5" and node.vars == {"role": "gpu"}
+    # Numbering continues after the highest index, never reusing a name.
+    new, created = await store.register(mac(99), name_pattern="c{index:03d}", first_index=7, group="default",
+                                        approved=True, now=50.0)
+    assert created and new.name == "c027"
+    await store.close()
+
+
+async def test_pattern_skips_names_taken_by_hand() -> None:
+    store = memory_store()
+    await store.add_node(mac(1), "n0000", group="default", now=0.0)
+    node, created = await store.register(mac(2), name_pattern="n{index:04d}", first_index=0, group="default",
+                                         approved=True, now=1.0)
+    assert created and node.name == "n0001"
+    with pytest.raises(Conflict, match="already registered as n0000"):
+        await store.add_node(mac(1), "other", group="default", now=2.0)
+    with pytest.raises(Conflict, match="already exists"):
+        await store.add_node(mac(3), "n0001", group="default", now=2.0)
+    await store.close()
+
+
+async def test_groups_give_defaults_that_nodes_override() -> None:
+    store = memory_store()
+    service = RegistryService(store, RegistryConfig())
+    await store.put_group(Group("gpu", capsule="rocky9-gpu", kernel_args="nvidia.modeset=0"))
+    await store.add_node(mac(1), "g001", group="gpu", now=0.0)
+    await store.add_node(mac(2), "g002", group="gpu", now=0.0, capsule="rocky9-test", kernel_args="debug")
+    n1, n2 = await store.get_node("g001"), await store.get_node("g002")
+    assert n1 is not None and n2 is not None
+    assert await service.boot_target(n1) == ("rocky9-gpu", "nvidia.modeset=0")
+    assert await service.boot_target(n2) == ("rocky9-test", "nvidia.modeset=0 debug")
+    with pytest.raises(Conflict, match="still has 2 node"):
+        await store.delete_group("gpu")
+    with pytest.raises(NotFound, match="bootd group add"):
+        await store.add_node(mac(3), "x", group="nope", now=0.0)
+    await store.close()
+
+
+async def test_refusals_say_why() -> None:
+    store = memory_store()
+    off = RegistryService(store, RegistryConfig(auto_register=False))
+    result = await off.decide(Machine(mac(1)), now=0.0)
+    assert result.node is None and "auto_register is off" in result.reason
+    assert await store.list_nodes() == []
+
+    approve = RegistryService(store, RegistryConfig(approve_first=True))
+    result = await approve.decide(Machine(mac(2)), now=0.0)
+    assert result.node is None and result.created and "waits for approval" in result.reason
+    await store.update_node("n0000", approved=True)
+    assert (await approve.decide(Machine(mac(2)), now=1.0)).node is not None
+
+    await store.update_node("n0000", enabled=False)
+    result = await approve.decide(Machine(mac(2)), now=2.0)
+    assert result.node is None and "disabled" in result.reason
+    await store.close()
+
+
+async def test_lifecycle_reports_and_heartbeats() -> None:
+    store = memory_store()
+    service = RegistryService(store, RegistryConfig())
+    node = await service.resolve(Machine(mac(1)), now=0.0)
+    assert node is not None and node.state == State.DISCOVERED
+    for i, state in enumerate([State.PXE, State.STAGE1, State.FETCHING, State.VERIFIED, State.BOOTED]):
+        await service.report(node.name, state, now=float(i + 1))
+    node = await service.heartbeat(node.name, now=10.0)
+    assert node.state == State.READY
+    events = [e.state for e in await store.events(node.name)]
+    assert events == ["discovered", "pxe", "stage1", "fetching", "verified", "booted", "ready"]
+    with pytest.raises(NotFound):
+        await service.heartbeat("nobody", now=11.0)
+    await store.close()
+
+
+async def test_store_faults_surface_as_store_errors() -> None:
+    inner = memory_store()
+    store = BrokenStore(inner, fail={"register"})
+    service = RegistryService(store, RegistryConfig())
+    with pytest.raises(StoreError, match="injected"):
+        await service.resolve(Machine(mac(1)), now=0.0)
+    assert await inner.list_nodes() == []
+    await inner.close()
+
+
+def test_leases_one_per_mac_and_per_address(tmp_path: Path) -> None:
+    repo = SqliteRepo(tmp_path / "l.sqlite")
+    repo.put_lease(Lease("10.0.0.10", mac(1), 10.0))
+    repo.put_lease(Lease("10.0.0.11", mac(1), 20.0))
+    repo.put_lease(Lease("10.0.0.11", mac(2), 30.0))
+    assert [(x.ip, x.mac) for x in repo.list_leases()] == [("10.0.0.11", mac(2))]
+    repo.release_lease("10.0.0.11")
+    assert repo.list_leases() == []
