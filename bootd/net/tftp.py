@@ -1,0 +1,627 @@
+"""TFTP transport: one listener, one connected UDP socket per transfer (the TID).
+
+All protocol decisions live in :class:`bootd.proto.tftp.ReadSession`; this
+module only moves datagrams, drives timers from ``session.get_timer()`` and
+decides which file a name means.
+
+Choices, and why:
+
+* Sockets are driven with ``loop.add_reader`` and plain ``send``/``recv``
+  rather than asyncio transports: a lock-step transfer is one tiny ACK per
+  block, and the protocol/transport layers cost more than the work itself.
+* Each transfer socket is ``connect()``-ed to the client: the kernel drops
+  datagrams from other TIDs for us, and an ICMP port-unreachable (client gave
+  up) surfaces as ConnectionRefusedError so the transfer ends at once instead
+  of retrying into the void.
+* Over ``max_sessions`` a request is refused at once with an ERROR from the
+  listener socket (no new socket, no file opened): a client told "busy" retries,
+  a client left waiting stalls the whole boot wave (dnsmasq's cliff).
+* Open files are shared by all transfers of the same file (keyed by device,
+  inode, size and mtime, so a replaced file gets a fresh descriptor) because a
+  boot wave means hundreds of transfers of the same NBP, and each fd counts
+  against RLIMIT_NOFILE next to the transfer sockets.
+* Timers: one ``call_at`` handle per transfer, re-armed only when the deadline
+  moves earlier; a timer that fires before the (later) deadline just re-arms.
+  Deadlines move later on every ACK, so this avoids a heap push per block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Sequence
+from typing import Any
+
+from bootd.errors import BootdError, RemoteProtocolError
+from bootd.proto.tftp.packet import (
+    ErrorCode,
+    ErrorPacket,
+    Opcode,
+    Request,
+    encode_error,
+    parse_packet,
+)
+from bootd.proto.tftp.session import ReadSession, SessionLimits, State
+
+__all__ = ["TftpServer"]
+
+log = logging.getLogger("bootd.tftp")
+
+_RECV_BATCH = 64  # datagrams read per wakeup, so one busy socket cannot starve the others
+_RECV_SIZE = 65536
+_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+
+
+class _Refusal(Exception):
+    """A request we answer with an ERROR packet instead of a transfer."""
+
+    def __init__(self, code: int, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+
+
+class _SharedFile:
+    """One open descriptor shared by every transfer of the same file (a FileSource)."""
+
+    __slots__ = ("_size", "fd", "key", "path", "refs")
+
+    def __init__(self, fd: int, size: int, key: tuple[int, int, int, int], path: str) -> None:
+        self.fd = fd
+        self._size = size
+        self.key = key
+        self.path = path
+        self.refs = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, n: int) -> bytes:
+        return os.pread(self.fd, n, offset)
+
+
+class _Metrics:
+    """prometheus_client counters, created only when a registry is given (no global state)."""
+
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.started = Counter("bootd_tftp_transfers_started", "TFTP read transfers started", registry=registry)
+        self.completed = Counter(
+            "bootd_tftp_transfers_completed",
+            "TFTP read transfers that ended normally (complete or size probe)",
+            ["kind"],
+            registry=registry,
+        )
+        self.failed = Counter(
+            "bootd_tftp_transfers_failed", "TFTP read transfers that failed", ["reason"], registry=registry
+        )
+        self.bytes = Counter("bootd_tftp_sent_bytes", "File bytes sent over TFTP (no retransmits)", registry=registry)
+        self.retransmits = Counter(
+            "bootd_tftp_retransmits", "TFTP datagrams sent again after a timeout or gap", registry=registry
+        )
+        self.errors = Counter(
+            "bootd_tftp_errors", "TFTP requests or packets refused, by reason", ["reason"], registry=registry
+        )
+        self.refused = Counter(
+            "bootd_tftp_sessions_refused",
+            "TFTP requests refused because of the session limit or resources",
+            ["reason"],
+            registry=registry,
+        )
+        self.active = Gauge("bootd_tftp_active_transfers", "TFTP transfers in progress", registry=registry)
+
+
+class _Transfer:
+    """The I/O half of one transfer: a connected socket, a timer, a send backlog."""
+
+    __slots__ = (
+        "_backlog",
+        "_closed",
+        "_fd",
+        "_loop",
+        "_server",
+        "_sock",
+        "_timer",
+        "_timer_at",
+        "file",
+        "key",
+        "peer",
+        "session",
+    )
+
+    def __init__(
+        self,
+        server: TftpServer,
+        session: ReadSession,
+        sock: socket.socket,
+        file: _SharedFile,
+        peer: tuple[Any, ...],
+        key: tuple[Any, ...],
+    ) -> None:
+        self._server = server
+        self._loop = server._loop_or_raise()
+        self.session = session
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.file = file
+        self.peer = peer
+        self.key = key
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._backlog: collections.deque[bytes] = collections.deque()
+        self._closed = False
+
+    def start(self) -> None:
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._flush(self._loop.time())
+
+    def _on_readable(self) -> None:
+        session = self.session
+        sock = self._sock
+        now = self._loop.time()
+        for _ in range(_RECV_BATCH):
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                break
+            except ConnectionRefusedError:
+                self.end("client_gone", "client port unreachable (client gave up)")
+                return
+            except OSError as exc:
+                self.end("socket_error", f"receive failed: {exc.strerror or exc}")
+                return
+            session.receive_datagram(data, now)
+        self._flush(now)
+
+    def _flush(self, now: float) -> None:
+        out = self.session.datagrams_to_send(now)
+        if out:
+            self._send(out)
+        if self.session.finished:
+            if not self._closed:
+                self.end()
+            return
+        if self._closed:
+            return
+        deadline = self.session.get_timer()
+        if deadline is not None and (self._timer is None or deadline < self._timer_at):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        now = self._loop.time()
+        deadline = self.session.get_timer()
+        if deadline is None:
+            return
+        if deadline - now > 0.001:
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
+        self.session.handle_timer(max(now, deadline))
+        self._flush(now)
+
+    def _send(self, datagrams: list[bytes]) -> None:
+        if self._backlog:
+            self._backlog.extend(datagrams)
+            return
+        send = self._sock.send
+        for i, d in enumerate(datagrams):
+            try:
+                send(d)
+            except BlockingIOError:
+                # Socket buffer full (large windows): keep the rest and wait for room.
+                self._backlog.extend(datagrams[i:])
+                self._loop.add_writer(self._fd, self._on_writable)
+                return
+            except ConnectionRefusedError:
+                self.end("client_gone", "client port unreachable (client gave up)")
+                return
+            except OSError as exc:
+                self.end("socket_error", f"send failed: {exc.strerror or exc}")
+                return
+
+    def _on_writable(self) -> None:
+        backlog = self._backlog
+        send = self._sock.send
+        while backlog:
+            try:
+                send(backlog[0])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                backlog.clear()
+                self._loop.remove_writer(self._fd)
+                self.end("socket_error", f"send failed: {exc.strerror or exc}")
+                return
+            backlog.popleft()
+        self._loop.remove_writer(self._fd)
+
+    def end(self, reason: str = "", message: str = "") -> None:
+        """Close the endpoint; ``reason`` set means the transport (not the protocol) ended it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._loop.remove_reader(self._fd)
+        if self._backlog:
+            self._loop.remove_writer(self._fd)
+            self._backlog.clear()
+        self._sock.close()
+        self._server._transfer_done(self, reason, message)
+
+
+class TftpServer:
+    """Read-only TFTP server over a list of root directories searched in order.
+
+    ``roots`` is typically ``[config.tftp.root, config.tftp.nbp_dir]``: the first
+    root that contains the name serves it. Pass ``port=0`` in tests and read
+    :attr:`port` after :meth:`start`.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        roots: Sequence[str | os.PathLike[str]],
+        *,
+        max_sessions: int = 1000,
+        timeout: float = 1.0,
+        retries: int = 5,
+        max_blksize: int = 65464,
+        max_windowsize: int = 64,
+        listen_interface: str | None = None,
+        registry: Any = None,
+    ) -> None:
+        if not roots:
+            raise BootdError("TFTP: at least one root directory is needed")
+        self._host = host
+        self._port = port
+        self._roots = [os.path.realpath(os.fspath(r)) for r in roots]
+        self._root_names = [os.fspath(r) for r in roots]
+        self.max_sessions = max_sessions
+        self._limits = SessionLimits(
+            timeout=timeout, retries=retries, max_blksize=max_blksize, max_windowsize=max_windowsize
+        )
+        self._interface = listen_interface
+        self._metrics = _Metrics(registry) if registry is not None else None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None
+        self._family = socket.AF_INET
+        self._bind_host = host
+        self._transfers: dict[tuple[Any, ...], _Transfer] = {}
+        self._files: dict[tuple[int, int, int, int], _SharedFile] = {}
+        #: Plain counters (also exported to prometheus when a registry is given); tests read these.
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def port(self) -> int:
+        if self._sock is None:
+            raise BootdError("TFTP server is not started")
+        return int(self._sock.getsockname()[1])
+
+    @property
+    def active_transfers(self) -> int:
+        return len(self._transfers)
+
+    @property
+    def open_files(self) -> int:
+        return len(self._files)
+
+    def _loop_or_raise(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise BootdError("TFTP server is not started")
+        return self._loop
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        where = f"{self._host}:{self._port}"
+        try:
+            infos = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_DGRAM)
+        except socket.gaierror as exc:
+            raise BootdError(f"TFTP: cannot resolve listen address {self._host!r}: {exc.strerror}") from exc
+        family, _, _, _, sockaddr = infos[0]
+        self._family = socket.AddressFamily(family)
+        self._bind_host = str(sockaddr[0])
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if self._interface:
+                self._bind_device(sock)
+            try:
+                # Absorb a boot wave of RRQs; the kernel caps this at rmem_max silently.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            except OSError:
+                pass
+            sock.bind(sockaddr)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            hint = ""
+            if exc.errno == errno.EACCES:
+                hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            elif exc.errno == errno.EADDRINUSE:
+                hint = " (another TFTP server, e.g. tftpd-hpa or dnsmasq, is probably running)"
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                hint = " (no local interface has that address)"
+            raise BootdError(f"TFTP: cannot listen on {where}: {exc.strerror}{hint}") from exc
+        self._sock = sock
+        for name, real in zip(self._root_names, self._roots, strict=True):
+            if not os.path.isdir(real):
+                log.warning("TFTP root %s does not exist or is not a directory; nothing is served from it", name)
+        self._loop.add_reader(sock.fileno(), self._on_request_readable)
+        log.info("TFTP listening on %s:%d (roots: %s)", self._host, self.port, ", ".join(self._root_names))
+
+    def _bind_device(self, sock: socket.socket) -> None:
+        assert self._interface is not None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, self._interface.encode())
+        except OSError as exc:
+            hint = " (needs CAP_NET_RAW)" if exc.errno == errno.EPERM else ""
+            raise BootdError(f"TFTP: cannot bind to interface {self._interface!r}: {exc.strerror}{hint}") from exc
+
+    async def close(self) -> None:
+        """Stop listening and end every transfer, telling each client why."""
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+        for t in list(self._transfers.values()):
+            try:
+                t._sock.send(encode_error(ErrorCode.NOT_DEFINED, "server shutting down"))
+            except OSError:
+                pass
+            t.end("shutdown", "server shutting down")
+        for f in self._files.values():
+            os.close(f.fd)
+        self._files.clear()
+
+    # ------------------------------------------------------------------ requests
+    def _on_request_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(256):
+            try:
+                data, addr = sock.recvfrom(_RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # ICMP errors from refusals we sent land here; they concern nobody.
+                log.debug("TFTP listener: %s", exc)
+                continue
+            try:
+                self._on_request(data, addr)
+            except Exception:  # a bug for one request must not take the listener down
+                log.exception("TFTP: unexpected error handling a request from %s", addr[0])
+
+    def _reply(self, addr: tuple[Any, ...], code: int, message: str, reason: str) -> None:
+        assert self._sock is not None
+        self._count_error(reason)
+        try:
+            self._sock.sendto(encode_error(code, message), addr)
+        except OSError as exc:
+            log.debug("TFTP: could not send ERROR to %s: %s", addr[0], exc)
+
+    def _on_request(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        try:
+            pkt = parse_packet(data)
+        except RemoteProtocolError as exc:
+            log.info("TFTP: malformed request from %s:%d: %s", addr[0], addr[1], exc)
+            self._reply(addr, ErrorCode.ILLEGAL_OPERATION, f"malformed request: {exc}", exc.reason)
+            return
+        if not isinstance(pkt, Request):
+            if isinstance(pkt, ErrorPacket):
+                return  # never answer an ERROR (no loops between two servers)
+            self._reply(
+                addr,
+                ErrorCode.UNKNOWN_TID,
+                "unknown transfer ID: this port only accepts read requests",
+                "unknown_tid",
+            )
+            return
+        if pkt.opcode == Opcode.WRQ:
+            log.info("TFTP: refused write request for %r from %s", pkt.filename, addr[0])
+            self._reply(addr, ErrorCode.ACCESS_VIOLATION, "write requests are not accepted", "write_request")
+            return
+        key = (addr, data)
+        existing = self._transfers.get(key)
+        if existing is not None and existing.session.acks_received == 0:
+            # The client repeated its request before our first answer reached it; the
+            # running transfer's timer retransmits, a second transfer would only compete.
+            self.stats["duplicate_requests"] += 1
+            return
+        if len(self._transfers) >= self.max_sessions:
+            self._refuse_busy(addr, f"server busy: {len(self._transfers)} transfers in progress, try again", "busy")
+            return
+        try:
+            real, st = self._resolve(pkt.filename)
+            shared = self._open(real, st)
+        except _Refusal as r:
+            log.info("TFTP: refused %r to %s: %s", pkt.filename, addr[0], r.message)
+            self._reply(addr, r.code, r.message, r.reason)
+            return
+        loop = self._loop_or_raise()
+        try:
+            session = ReadSession(pkt, shared, now=loop.time(), limits=self._limits)
+        except RemoteProtocolError as exc:
+            self._release(shared)
+            self._reply(addr, ErrorCode.ILLEGAL_OPERATION, str(exc), exc.reason)
+            return
+        try:
+            sock = self._transfer_socket(addr, session)
+        except OSError as exc:
+            self._release(shared)
+            self._refuse_busy(
+                addr, f"server busy: cannot open a transfer socket ({exc.strerror}), try again", "no_socket"
+            )
+            return
+        shared.refs += 1
+        transfer = _Transfer(self, session, sock, shared, addr, key)
+        self._transfers[key] = transfer
+        self.stats["started"] += 1
+        if self._metrics:
+            self._metrics.started.inc()
+            self._metrics.active.inc()
+        log.debug(
+            "TFTP: %s:%d reads %r (%s, blksize %d, windowsize %d, options %s)",
+            addr[0],
+            addr[1],
+            pkt.filename,
+            pkt.mode,
+            session.blksize,
+            session.windowsize,
+            pkt.options,
+        )
+        transfer.start()
+
+    def _refuse_busy(self, addr: tuple[Any, ...], message: str, reason: str) -> None:
+        self.stats[f"refused:{reason}"] += 1
+        if self._metrics:
+            self._metrics.refused.labels(reason).inc()
+        log.warning("TFTP: refused request from %s: %s", addr[0], message)
+        self._reply(addr, ErrorCode.NOT_DEFINED, message, reason)
+
+    def _transfer_socket(self, addr: tuple[Any, ...], session: ReadSession) -> socket.socket:
+        sock = socket.socket(self._family, socket.SOCK_DGRAM)
+        try:
+            if self._interface:
+                sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, self._interface.encode())
+            burst = session.windowsize * (session.blksize + 4)
+            if burst > 128 * 1024:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(2 * burst, 8 << 20))
+                except OSError:
+                    pass
+            sock.bind((self._bind_host, 0))
+            sock.connect(addr)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    # ------------------------------------------------------------------ files
+    def _resolve(self, name: str) -> tuple[str, os.stat_result]:
+        """Map a requested name to a regular file inside one of the roots, or refuse why not."""
+        rel = name.lstrip("/")  # PXE ROMs and pxelinux send absolute-looking names
+        if not rel:
+            raise _Refusal(ErrorCode.FILE_NOT_FOUND, f"file not found: {name!r} names no file", "not_found")
+        if ".." in rel.split("/"):
+            raise _Refusal(ErrorCode.ACCESS_VIOLATION, f"access violation: '..' is not allowed in {name!r}", "dotdot")
+        for root in self._roots:
+            candidate = os.path.join(root, rel)
+            if not os.path.lexists(candidate):
+                continue
+            real = os.path.realpath(candidate)
+            if real != root and not real.startswith(root.rstrip("/") + "/"):
+                raise _Refusal(
+                    ErrorCode.ACCESS_VIOLATION,
+                    f"access violation: {name!r} is a symlink that leads outside the TFTP root",
+                    "outside_root",
+                )
+            try:
+                st = os.stat(real)
+            except FileNotFoundError:
+                raise _Refusal(
+                    ErrorCode.FILE_NOT_FOUND, f"file not found: {name!r} is a dangling symlink", "not_found"
+                ) from None
+            except OSError as exc:
+                raise _Refusal(
+                    ErrorCode.ACCESS_VIOLATION, f"access violation: {name!r}: {exc.strerror}", "stat_failed"
+                ) from None
+            if not stat.S_ISREG(st.st_mode):
+                what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                raise _Refusal(ErrorCode.ACCESS_VIOLATION, f"access violation: {name!r} is {what}", "not_regular")
+            return real, st
+        raise _Refusal(ErrorCode.FILE_NOT_FOUND, f"file not found: {name!r}", "not_found")
+
+    def _open(self, real: str, st: os.stat_result) -> _SharedFile:
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        shared = self._files.get(key)
+        if shared is not None:
+            return shared
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except PermissionError:
+            raise _Refusal(ErrorCode.ACCESS_VIOLATION, "access violation: permission denied", "permission") from None
+        except OSError as exc:
+            reason = "no_fd" if exc.errno in (errno.EMFILE, errno.ENFILE) else "open_failed"
+            raise _Refusal(ErrorCode.NOT_DEFINED, f"cannot open file: {exc.strerror}", reason) from None
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+            os.close(fd)
+            raise _Refusal(ErrorCode.NOT_DEFINED, "file was replaced while opening it, try again", "raced")
+        key = (fst.st_dev, fst.st_ino, fst.st_size, fst.st_mtime_ns)
+        shared = _SharedFile(fd, fst.st_size, key, real)
+        self._files[key] = shared
+        return shared
+
+    def _release(self, shared: _SharedFile) -> None:
+        if shared.refs <= 0 and self._files.get(shared.key) is shared:
+            del self._files[shared.key]
+            os.close(shared.fd)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _count_error(self, reason: str) -> None:
+        self.stats[f"error:{reason}"] += 1
+        if self._metrics:
+            self._metrics.errors.labels(reason).inc()
+
+    def _transfer_done(self, t: _Transfer, reason: str, message: str) -> None:
+        if self._transfers.get(t.key) is t:
+            del self._transfers[t.key]
+        t.file.refs -= 1
+        self._release(t.file)
+        s = t.session
+        now = self._loop_or_raise().time()
+        elapsed = max((s.finished_at or now) - s.started_at, 1e-9)
+        self.stats["bytes"] += s.bytes_sent
+        self.stats["retransmits"] += s.retransmits
+        m = self._metrics
+        if m:
+            m.active.dec()
+            m.bytes.inc(s.bytes_sent)
+            m.retransmits.inc(s.retransmits)
+        who = f"{t.peer[0]}:{t.peer[1]}"
+        if not reason and s.state is State.COMPLETE:
+            self.stats["completed"] += 1
+            if m:
+                m.completed.labels("complete").inc()
+            log.info(
+                "TFTP: sent %r to %s: %d bytes in %.3fs (%.1f MB/s, blksize %d, windowsize %d, %d retransmits)",
+                s.filename,
+                who,
+                s.bytes_sent,
+                elapsed,
+                s.bytes_sent / elapsed / 1e6,
+                s.blksize,
+                s.windowsize,
+                s.retransmits,
+            )
+        elif not reason and s.state is State.SIZE_PROBE:
+            self.stats["size_probes"] += 1
+            if m:
+                m.completed.labels("size_probe").inc()
+            log.info("TFTP: %s probed the size of %r: %s", who, s.filename, s.message)
+        else:
+            reason = reason or s.reason or "unknown"
+            message = message or s.message
+            self.stats["failed"] += 1
+            self.stats[f"failed:{reason}"] += 1
+            if m:
+                m.failed.labels(reason).inc()
+            log.warning("TFTP: transfer of %r to %s failed after %d bytes: %s", s.filename, who, s.bytes_sent, message)
