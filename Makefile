@@ -10,7 +10,7 @@ setup:
 	@tools/setup.sh
 
 lint: setup
-	$(VENV)/bin/ruff check bootd tests bench tools
+	$(VENV)/bin/ruff check $(wildcard bootd tests bench tools capsules)
 
 typecheck: setup
 	$(VENV)/bin/mypy
