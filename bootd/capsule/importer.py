@@ -1,0 +1,263 @@
+"""Import a root tree (directory or tarball) as a new capsule version.
+
+The pipeline is: deterministic archive stream -> FastCDC cuts (main thread) ->
+zstd + sha256 + write (thread pool). zstandard and hashlib release the GIL, so
+on N cores N chunks compress at once while the main thread reads the tree; the
+number of chunks in flight is bounded, so memory stays at a few chunk sizes no
+matter how big the capsule is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import zstandard
+
+from bootd.capsule.archive import (
+    LNK,
+    REG,
+    ArchiveStream,
+    Entry,
+    TarSource,
+    compression_of,
+    decompress_to,
+    walk_directory,
+)
+from bootd.capsule.chunker import ChunkParams, iter_chunks
+from bootd.capsule.manifest import (
+    ChunkRef,
+    KernelRef,
+    build_meta,
+    decode_manifest,
+    encode_manifest,
+    version_id,
+)
+from bootd.capsule.store import CapsuleStore, Staging, _describe_oserror, check_name
+from bootd.errors import CapsuleError
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    chunk: ChunkParams = field(default_factory=ChunkParams)
+    zstd_level: int = 3
+    workers: int = 0  # 0: one per CPU
+    durable: bool = True  # fsync every staged file before publishing
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    name: str
+    version: str
+    previous: str | None
+    raw_size: int
+    stored_size: int
+    chunks: int
+    new_chunks: int
+    new_bytes: int  # stored bytes that were not in the store before
+    kernel: KernelRef | None
+    entries: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "version": self.version, "previous": self.previous,
+            "raw_size": self.raw_size, "stored_size": self.stored_size, "chunks": self.chunks,
+            "new_chunks": self.new_chunks, "new_bytes": self.new_bytes, "entries": self.entries,
+            "kernel": None if self.kernel is None else
+            {"sha256": self.kernel.sha256, "size": self.kernel.size, "path": self.kernel.path},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _version_key(name: bytes) -> list[tuple[int, int | bytes]]:
+    """Natural sort key: vmlinuz-6.1.0-10 sorts after vmlinuz-6.1.0-9."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(rb"(\d+)", name) if p]
+
+
+def find_kernel(entries: list[Entry]) -> Entry | None:
+    """The newest /boot/vmlinuz* regular file (hardlinks resolved), by version in its name."""
+    by_path = {e.path: e for e in entries}
+    candidates: list[Entry] = []
+    for e in entries:
+        if not (e.path.startswith(b"boot/vmlinuz") and b"/" not in e.path[5:]):
+            continue
+        target = e
+        if e.kind == LNK:
+            target = by_path.get(e.linkname, e)
+        if target.kind == REG and target.size > 0:
+            candidates.append(Entry(e.path, REG, target.mode, target.uid, target.gid, target.mtime,
+                                    size=target.size, opener=target.opener))
+    if not candidates:
+        return None
+    return max(candidates, key=lambda e: _version_key(e.path))
+
+
+class _Workers:
+    """Per-thread zstd compressors (a ZstdCompressor must not be shared between threads)."""
+
+    def __init__(self, staging: Staging, level: int, durable: bool) -> None:
+        self.staging = staging
+        self.level = level
+        self.durable = durable
+        self.local = threading.local()
+
+    def compressor(self) -> Any:
+        c = getattr(self.local, "c", None)
+        if c is None:
+            c = zstandard.ZstdCompressor(level=self.level, write_content_size=True, write_checksum=False)
+            self.local.c = c
+        return c
+
+    def process(self, raw: bytes) -> tuple[ChunkRef, bool]:
+        stored = self.compressor().compress(raw)
+        h = hashlib.sha256(stored).hexdigest()
+        ref = ChunkRef(h, len(stored), len(raw))
+        staged = self.staging.staged_chunk(h)
+        if staged.exists() or self.staging.adopt_existing(h):
+            return ref, False
+        tmp = staged.with_name(f"{h}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(stored)
+            if self.durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, staged)
+        return ref, True
+
+
+def _copy_hashing(src: BinaryIO, dest: Path, durable: bool) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(dest, "wb") as out:
+        while block := src.read(1 << 20):
+            h.update(block)
+            out.write(block)
+            n += len(block)
+        if durable:
+            os.fsync(out.fileno())
+    return h.hexdigest(), n
+
+
+def import_capsule(
+    store: CapsuleStore,
+    name: str,
+    source: Path,
+    *,
+    kernel: Path | None = None,
+    options: ImportOptions | None = None,
+    progress: Progress | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """Import ``source`` as capsule ``name``; the old version stays visible until this one is complete."""
+    check_name(name)
+    opts = options or ImportOptions()
+    opts.chunk.validate()
+    if not 1 <= opts.zstd_level <= 22:
+        raise CapsuleError(f"zstd level {opts.zstd_level} out of range 1..22")
+    source = Path(source)
+    if not source.exists():
+        raise CapsuleError(f"source {source} does not exist")
+    if kernel is not None and not Path(kernel).is_file():
+        raise CapsuleError(f"kernel {kernel} is not a file")
+    started = time.monotonic()
+    previous = store.resolve(name)
+    staging = store.begin_import()
+    tar: TarSource | None = None
+    try:
+        try:
+            if source.is_dir():
+                entries = walk_directory(source)
+            else:
+                kind = compression_of(source)
+                plain = source
+                if kind is not None:
+                    plain = staging.dir / "source.tar"
+                    decompress_to(source, plain, kind)
+                tar = TarSource(plain)
+                entries = tar.entries()
+            if on_total is not None:
+                on_total(sum(512 + e.size for e in entries if e.kind == REG))
+            kref = _stage_kernel(staging, entries, kernel, opts.durable)
+            refs, new = _stage_chunks(staging, entries, opts, progress)
+            extra = {"chunker": opts.chunk.as_meta(), "zstd_level": opts.zstd_level, "entries": len(entries)}
+            meta = build_meta(refs, kref, extra)
+            data = encode_manifest(meta, refs)
+            vid = version_id(data)
+            manifest_file = staging.dir / "manifest"
+            with open(manifest_file, "wb") as f:
+                f.write(data)
+                if opts.durable:
+                    os.fsync(f.fileno())
+            store.publish(staging, name, vid, decode_manifest(data), manifest_file,
+                          staging.dir / "kernel" if kref else None)
+        except OSError as exc:
+            raise _describe_oserror(exc, f"importing {source} as {name}") from exc
+    finally:
+        if tar is not None:
+            tar.close()
+        staging.close()
+    new_bytes = sum(r.stored_size for r in {r.sha256: r for r in refs if r.sha256 in new}.values())
+    return ImportResult(
+        name=name, version=vid, previous=previous, raw_size=sum(r.raw_size for r in refs),
+        stored_size=sum(r.stored_size for r in refs), chunks=len(refs), new_chunks=len(new),
+        new_bytes=new_bytes, kernel=kref, entries=len(entries), seconds=time.monotonic() - started,
+    )
+
+
+def _stage_kernel(staging: Staging, entries: list[Entry], kernel: Path | None, durable: bool) -> KernelRef | None:
+    dest = staging.dir / "kernel"
+    if kernel is not None:
+        with open(kernel, "rb") as f:
+            digest, size = _copy_hashing(f, dest, durable)
+        return KernelRef(digest, size, "/boot/" + Path(kernel).name)
+    found = find_kernel(entries)
+    if found is None or found.opener is None:
+        return None
+    with contextlib.closing(found.opener()) as f:
+        digest, size = _copy_hashing(f, dest, durable)
+    return KernelRef(digest, size, "/" + found.path.decode("utf-8", "surrogateescape"))
+
+
+def _stage_chunks(
+    staging: Staging, entries: list[Entry], opts: ImportOptions, progress: Progress | None,
+) -> tuple[list[ChunkRef], set[str]]:
+    workers = opts.workers or os.cpu_count() or 2
+    w = _Workers(staging, opts.zstd_level, opts.durable)
+    refs: list[ChunkRef] = []
+    new: set[str] = set()
+    stream = ArchiveStream(iter(entries))
+    inflight: deque[Future[tuple[ChunkRef, bool]]] = deque()
+    limit = 2 * workers + 2
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capsule-zstd")
+    try:
+        for view in iter_chunks(stream, opts.chunk):
+            raw = bytes(view)
+            inflight.append(pool.submit(w.process, raw))
+            if progress is not None:
+                progress(len(raw))
+            while len(inflight) > limit:
+                ref, is_new = inflight.popleft().result()
+                refs.append(ref)
+                if is_new:
+                    new.add(ref.sha256)
+        while inflight:
+            ref, is_new = inflight.popleft().result()
+            refs.append(ref)
+            if is_new:
+                new.add(ref.sha256)
+    finally:
+        stream.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+    return refs, new

@@ -1,0 +1,383 @@
+"""The content-addressed capsule store on disk.
+
+Layout (contract; the HTTP server and the stage one read it)::
+
+    <root>/chunks/<hh>/<sha256>   one zstd frame, named by the sha256 of its stored bytes
+    <root>/kernels/<sha256>       raw kernel image
+    <root>/manifests/<vid>        manifest bytes, vid = sha256(manifest)
+    <root>/refs/<name>            "<vid>\\n", replaced by rename
+    <root>/tmp/<import>/          staging of one import, flocked (``lock``) while it lives
+    <root>/.lock                  flock: publish, delete and gc exclude each other
+
+Why it is crash safe: an import writes only into its own staging directory.
+Publishing hard-links the staged files into place (a name appears complete or
+not at all), fsyncs the directories, and only then renames the ref; a ref is
+the only thing that makes a version visible. Whatever a crash leaves behind is
+unreferenced and ``gc`` removes it. Chunks an import reuses are hard-linked into
+its staging directory when found, so a concurrent ``gc`` cannot pull them away
+from under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bootd.capsule.manifest import Manifest, decode_manifest, is_hex_digest
+from bootd.errors import CapsuleError
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise CapsuleError(
+            f"invalid capsule name {name!r}: use 1-128 of A-Z a-z 0-9 . _ + -, starting with a letter or digit"
+        )
+    return name
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _describe_oserror(exc: OSError, action: str) -> CapsuleError:
+    if exc.errno == errno.ENOSPC:
+        return CapsuleError(f"no space left on device while {action}; nothing was published")
+    if exc.errno == errno.EDQUOT:
+        return CapsuleError(f"disk quota exceeded while {action}; nothing was published")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return CapsuleError(f"{action} failed: {exc.strerror or exc}{where}")
+
+
+@dataclass
+class GcReport:
+    removed_chunks: int = 0
+    removed_kernels: int = 0
+    removed_manifests: int = 0
+    removed_staging: int = 0
+    freed_bytes: int = 0
+    kept_versions: list[str] = field(default_factory=list)
+    live_imports: int = 0
+
+
+class Staging:
+    """One import's private directory under tmp/, flocked for as long as the import lives."""
+
+    def __init__(self, store: CapsuleStore) -> None:
+        self.store = store
+        name = f"import-{os.getpid()}-{time.time_ns():x}"
+        self.dir = store.tmp_dir / name
+        self.chunks_dir = self.dir / "chunks"
+        # Created under the store lock and flocked before the lock is released, so gc
+        # never sees a staging directory whose owner has not locked it yet.
+        with store.locked():
+            try:
+                self.chunks_dir.mkdir(parents=True)
+                self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise _describe_oserror(exc, f"creating staging directory {self.dir}") from exc
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+
+    def staged_chunk(self, hexhash: str) -> Path:
+        return self.chunks_dir / hexhash
+
+    def adopt_existing(self, hexhash: str) -> bool:
+        """Hard-link an existing store chunk into staging; False if the store lacks it."""
+        dest = self.staged_chunk(hexhash)
+        try:
+            os.link(self.store.chunk_path(hexhash), dest)
+        except FileNotFoundError:
+            return False
+        except FileExistsError:
+            return True
+        return True
+
+    def close(self) -> None:
+        """Drop the staging directory (after publish, or to abandon the import)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CapsuleStore:
+    """Read API used by the HTTP server, plus the writer side used by import/delete/gc."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.chunks_dir = self.root / "chunks"
+        self.kernels_dir = self.root / "kernels"
+        self.manifests_dir = self.root / "manifests"
+        self.refs_dir = self.root / "refs"
+        self.tmp_dir = self.root / "tmp"
+
+    # ------------------------------------------------------------ read API (contract)
+
+    def resolve(self, name: str) -> str | None:
+        """Version id a name points to now, or None."""
+        if not NAME_RE.fullmatch(name):
+            return None
+        try:
+            text = (self.refs_dir / name).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise CapsuleError(f"cannot read ref {name}: {exc.strerror}") from exc
+        if not is_hex_digest(text):
+            raise CapsuleError(f"ref {self.refs_dir / name} is corrupt: {text[:80]!r}")
+        return text
+
+    def manifest_path(self, vid: str) -> Path:
+        if not is_hex_digest(vid):
+            raise CapsuleError(f"invalid capsule version id {vid!r}: expected 64 lowercase hex digits")
+        return self.manifests_dir / vid
+
+    def chunk_path(self, hexhash: str) -> Path:
+        if not is_hex_digest(hexhash):
+            raise CapsuleError(f"invalid chunk id {hexhash!r}: expected 64 lowercase hex digits")
+        return self.chunks_dir / hexhash[:2] / hexhash
+
+    def kernel_path(self, hexhash: str) -> Path:
+        if not is_hex_digest(hexhash):
+            raise CapsuleError(f"invalid kernel id {hexhash!r}: expected 64 lowercase hex digits")
+        return self.kernels_dir / hexhash
+
+    def load_manifest(self, vid: str) -> Manifest:
+        """Parse a manifest after checking its bytes hash to ``vid`` (so it is trusted)."""
+        return decode_manifest(self.read_manifest_bytes(vid))
+
+    def read_manifest_bytes(self, vid: str) -> bytes:
+        path = self.manifest_path(vid)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CapsuleError(f"capsule version {vid} not found in {self.manifests_dir}") from None
+        except OSError as exc:
+            raise CapsuleError(f"cannot read manifest {path}: {exc.strerror}") from exc
+        if hashlib.sha256(data).hexdigest() != vid:
+            raise CapsuleError(f"manifest {path} is corrupt: its sha256 does not match its name")
+        return data
+
+    def names(self) -> dict[str, str]:
+        """All refs, name -> version id."""
+        out: dict[str, str] = {}
+        try:
+            entries = sorted(os.listdir(self.refs_dir))
+        except FileNotFoundError:
+            return out
+        for name in entries:
+            if not NAME_RE.fullmatch(name):
+                continue  # temp files of an in-flight ref update
+            vid = self.resolve(name)
+            if vid is not None:
+                out[name] = vid
+        return out
+
+    # ------------------------------------------------------------ helpers
+
+    def find_version(self, name_or_vid: str) -> tuple[str | None, str]:
+        """Accept a name, a full version id or a unique prefix (>= 6 hex digits) of a stored one."""
+        vid = self.resolve(name_or_vid)
+        if vid is not None:
+            return name_or_vid, vid
+        if is_hex_digest(name_or_vid) and self.manifest_path(name_or_vid).exists():
+            return None, name_or_vid
+        if re.fullmatch(r"[0-9a-f]{6,63}", name_or_vid):
+            matches = [v for v in self.versions() if v.startswith(name_or_vid)]
+            if len(matches) == 1:
+                return None, matches[0]
+            if len(matches) > 1:
+                raise CapsuleError(f"version prefix {name_or_vid} is ambiguous ({len(matches)} versions)")
+        raise CapsuleError(f"no capsule named {name_or_vid!r} (and no version with that id)")
+
+    def versions(self) -> list[str]:
+        try:
+            return sorted(v for v in os.listdir(self.manifests_dir) if is_hex_digest(v))
+        except FileNotFoundError:
+            return []
+
+    def ensure_layout(self) -> None:
+        """Create the directories (and all 256 chunk fan-out dirs, so publish never mkdirs)."""
+        try:
+            for d in (self.chunks_dir, self.kernels_dir, self.manifests_dir, self.refs_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            for i in range(256):
+                (self.chunks_dir / f"{i:02x}").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise _describe_oserror(exc, f"creating capsule store in {self.root}") from exc
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive store lock for the short critical sections (publish, delete, gc)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def begin_import(self) -> Staging:
+        self.ensure_layout()
+        return Staging(self)
+
+    # ------------------------------------------------------------ writers
+
+    def publish(
+        self,
+        staging: Staging,
+        name: str,
+        vid: str,
+        manifest: Manifest,
+        manifest_file: Path,
+        kernel_file: Path | None,
+    ) -> None:
+        """Make a staged version visible as ``name``; on failure undo what was linked."""
+        check_name(name)
+        created: list[Path] = []
+        dirs: set[Path] = set()
+
+        def place(src: Path, dest: Path) -> None:
+            try:
+                os.link(src, dest)
+            except FileExistsError:
+                return
+            created.append(dest)
+            dirs.add(dest.parent)
+
+        with self.locked():
+            try:
+                for c in manifest.chunks:
+                    place(staging.staged_chunk(c.sha256), self.chunk_path(c.sha256))
+                kernel = manifest.kernel
+                if kernel is not None:
+                    if kernel_file is None:
+                        raise CapsuleError("manifest names a kernel but none was staged")
+                    place(kernel_file, self.kernel_path(kernel.sha256))
+                place(manifest_file, self.manifest_path(vid))
+                for d in sorted(dirs):
+                    fsync_dir(d)
+                tmp_ref = self.refs_dir / f".{name}.{os.getpid()}.tmp"
+                with open(tmp_ref, "w") as f:
+                    f.write(vid + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(tmp_ref, self.refs_dir / name)
+                fsync_dir(self.refs_dir)
+            except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.refs_dir / f".{name}.{os.getpid()}.tmp")
+                for p in created:
+                    with contextlib.suppress(OSError):
+                        os.unlink(p)
+                if isinstance(exc, OSError):
+                    raise _describe_oserror(exc, f"publishing capsule {name}") from exc
+                raise
+
+    def delete(self, name: str) -> str:
+        """Remove a ref; its chunks stay until ``gc`` (a booting node may still need them)."""
+        check_name(name)
+        with self.locked():
+            vid = self.resolve(name)
+            if vid is None:
+                raise CapsuleError(f"no capsule named {name!r}")
+            try:
+                os.unlink(self.refs_dir / name)
+                fsync_dir(self.refs_dir)
+            except OSError as exc:
+                raise _describe_oserror(exc, f"deleting capsule {name}") from exc
+        return vid
+
+    def gc(self, in_use: Iterable[str] = ()) -> GcReport:
+        """Remove what no ref and no ``in_use`` version needs, and dead imports' staging.
+
+        ``in_use`` lets the daemon protect versions that nodes are booting right
+        now even if their ref has since moved on.
+        """
+        report = GcReport()
+        self.ensure_layout()
+        with self.locked():
+            # Dead imports: their flock died with them.
+            for entry in sorted(os.listdir(self.tmp_dir)):
+                path = self.tmp_dir / entry
+                if _is_live(path):
+                    report.live_imports += 1
+                    continue
+                shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                report.removed_staging += 1
+            keep_versions = set(self.names().values())
+            for v in in_use:
+                if is_hex_digest(v) and self.manifest_path(v).exists():
+                    keep_versions.add(v)
+            keep_chunks: set[str] = set()
+            keep_kernels: set[str] = set()
+            for vid in sorted(keep_versions):
+                m = self.load_manifest(vid)  # raises on a corrupt manifest: better stop than guess
+                keep_chunks.update(c.sha256 for c in m.chunks)
+                if m.kernel is not None:
+                    keep_kernels.add(m.kernel.sha256)
+            report.kept_versions = sorted(keep_versions)
+            for vid in self.versions():
+                if vid not in keep_versions:
+                    report.freed_bytes += _unlink(self.manifest_path(vid))
+                    report.removed_manifests += 1
+            for k in sorted(os.listdir(self.kernels_dir)):
+                if k not in keep_kernels:
+                    report.freed_bytes += _unlink(self.kernels_dir / k)
+                    report.removed_kernels += 1
+            for sub in sorted(os.listdir(self.chunks_dir)):
+                subdir = self.chunks_dir / sub
+                if not subdir.is_dir():
+                    continue
+                for h in os.listdir(subdir):
+                    if h not in keep_chunks:
+                        report.freed_bytes += _unlink(subdir / h)
+                        report.removed_chunks += 1
+        return report
+
+
+def _unlink(path: Path) -> int:
+    try:
+        size = path.lstat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
+
+
+def _is_live(staging_dir: Path) -> bool:
+    """An import is live while some process holds the flock on its lock file."""
+    lock = staging_dir / "lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return False  # a stray file or a half-created directory of a dead import
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -1,0 +1,225 @@
+"""``bootd capsule``: import, inspect, check, export and clean capsules from the shell.
+
+The CLI works on the store directly (``Config.capsule.dir``). That is safe next
+to a running daemon: publishing is a rename, and gc/delete/publish take the
+store's lock file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bootd.capsule.chunker import ChunkParams
+from bootd.capsule.export import export_version
+from bootd.capsule.importer import ImportOptions, import_capsule
+from bootd.capsule.store import CapsuleStore
+from bootd.capsule.verify import verify_version
+from bootd.config import Config
+from bootd.errors import CapsuleError
+
+
+def _store(config: Config) -> CapsuleStore:
+    return CapsuleStore(Path(config.capsule.dir))
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+@contextmanager
+def _bar(desc: str, total: int | None) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """A byte progress bar on stderr (silent when stderr is not a terminal)."""
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+              disable=None, leave=False, dynamic_ncols=True) as bar:
+        def update(n: int) -> None:
+            bar.update(n)
+
+        def set_total(n: int) -> None:
+            bar.total = n
+            bar.refresh()
+        yield update, set_total
+
+
+def capsule_import(args: argparse.Namespace, config: Config) -> int:
+    c = config.capsule
+    opts = ImportOptions(chunk=ChunkParams(c.chunk_min, c.chunk_avg, c.chunk_max), zstd_level=c.zstd_level)
+    with _bar(f"import {args.name}", None) as (update, set_total):
+        result = import_capsule(_store(config), args.name, Path(args.source),
+                                kernel=Path(args.kernel) if args.kernel else None, options=opts,
+                                progress=update, on_total=set_total)
+    if args.json:
+        _print_json(result.to_json())
+        return 0
+    share = 100.0 * result.new_bytes / result.stored_size if result.stored_size else 0.0
+    rate = result.raw_size / result.seconds / 1e6 if result.seconds > 0 else 0.0
+    print(f"imported {result.name}: version {result.version}")
+    print(f"  {result.entries} entries, archive {_size(result.raw_size)}, stored {_size(result.stored_size)} "
+          f"in {result.chunks} chunks; new {_size(result.new_bytes)} ({share:.1f}%) in {result.new_chunks} chunks")
+    print(f"  kernel: {result.kernel.path + ' ' + result.kernel.sha256[:12] if result.kernel else 'none'}")
+    if result.previous and result.previous != result.version:
+        print(f"  replaced version {result.previous}")
+    elif result.previous == result.version:
+        print("  unchanged (same tree as the current version)")
+    print(f"  {result.seconds:.1f} s, {rate:.0f} MB/s")
+    return 0
+
+
+def capsule_list(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    rows: list[dict[str, Any]] = []
+    for name, vid in store.names().items():
+        try:
+            m = store.load_manifest(vid)
+        except CapsuleError as exc:
+            rows.append({"name": name, "version": vid, "error": str(exc)})
+            continue
+        k = m.kernel
+        rows.append({"name": name, "version": vid, "raw_size": m.raw_size, "stored_size": m.stored_size,
+                     "chunks": len(m.chunks), "kernel": k.path if k else None})
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no capsules")
+        return 0
+    print(_table([(r["name"], r["version"][:12], _size(r["raw_size"]) if "raw_size" in r else "?",
+                   _size(r["stored_size"]) if "stored_size" in r else "?", r.get("chunks", "?"),
+                   r.get("kernel") or r.get("error")) for r in rows],
+                 ("NAME", "VERSION", "SIZE", "STORED", "CHUNKS", "KERNEL")))
+    return 0
+
+
+def capsule_show(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    name, vid = store.find_version(args.capsule)
+    m = store.load_manifest(vid)
+    if args.json:
+        data = m.to_json(vid, with_chunks=True)
+        data["name"] = name
+        _print_json(data)
+        return 0
+    k = m.kernel
+    ratio = m.raw_size / m.stored_size if m.stored_size else 0.0
+    print(f"name:        {name or '-'}")
+    print(f"version:     {vid}")
+    print(f"archive:     {m.meta.get('archive')} ({m.meta.get('entries', '?')} entries)")
+    print(f"size:        {_size(m.raw_size)} ({m.raw_size} bytes)")
+    print(f"stored:      {_size(m.stored_size)} zstd, ratio {ratio:.2f}")
+    print(f"chunks:      {len(m.chunks)} (unique {len({c.sha256 for c in m.chunks})})")
+    print(f"kernel:      {k.path + '  ' + k.sha256 + '  ' + _size(k.size) if k else 'none (stage-one kernel)'}")
+    return 0
+
+
+def capsule_verify(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    name, vid = store.find_version(args.capsule)
+    m = store.load_manifest(vid)
+    with _bar(f"verify {name or vid[:12]}", m.raw_size) as (update, _):
+        report = verify_version(store, vid, progress=update)
+    if args.json:
+        data = report.to_json()
+        data["name"] = name
+        _print_json(data)
+    elif report.ok:
+        print(f"{name or vid}: OK, version {vid}, {report.chunks} chunks, {_size(report.checked_bytes)}")
+    else:
+        for bad in report.bad:
+            print(f"BAD {bad['kind']} {bad['sha256']}: {bad['problem']}")
+    if not report.ok:
+        print(f"bootd: error: capsule {name or vid}: {len(report.bad)} bad object(s) in version {vid}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def capsule_delete(args: argparse.Namespace, config: Config) -> int:
+    vid = _store(config).delete(args.name)
+    print(f"deleted {args.name} (was {vid}); run 'bootd capsule gc' to free its chunks")
+    return 0
+
+
+def capsule_export(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    name, vid = store.find_version(args.capsule)
+    m = store.load_manifest(vid)
+    with _bar(f"export {name or vid[:12]}", m.raw_size) as (update, _):
+        n = export_version(store, vid, args.dest, progress=update)
+    if args.dest != "-":
+        print(f"exported {name or vid} ({vid[:12]}) to {args.dest}: {_size(n)}")
+    return 0
+
+
+def capsule_gc(args: argparse.Namespace, config: Config) -> int:
+    report = _store(config).gc(in_use=args.keep or ())
+    if args.json:
+        _print_json(vars(report))
+        return 0
+    print(f"removed {report.removed_chunks} chunks, {report.removed_kernels} kernels, "
+          f"{report.removed_manifests} manifests, {report.removed_staging} dead imports; "
+          f"freed {_size(report.freed_bytes)}; kept {len(report.kept_versions)} versions"
+          + (f"; {report.live_imports} import(s) in progress left alone" if report.live_imports else ""))
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    cap = sub.add_parser("capsule", help="manage VNFS capsules (root filesystems nodes boot)")
+    csub = cap.add_subparsers(dest="capsule_command", metavar="SUBCOMMAND", required=True)
+
+    p = csub.add_parser("import", help="import a directory or tar archive (plain/gz/xz/bz2/zst) as NAME")
+    p.add_argument("name")
+    p.add_argument("source", help="root tree directory or tar archive")
+    p.add_argument("--kernel", help="kernel image to boot (default: newest /boot/vmlinuz* in the tree)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=capsule_import)
+
+    p = csub.add_parser("list", help="list capsules")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=capsule_list)
+
+    p = csub.add_parser("show", help="show one capsule (by name, version id or unique id prefix)")
+    p.add_argument("capsule", metavar="NAME|VERSION")
+    p.add_argument("--json", action="store_true", help="JSON with every chunk")
+    p.set_defaults(handler=capsule_show)
+
+    p = csub.add_parser("verify", help="re-hash every chunk; exit 1 and name the bad ones")
+    p.add_argument("capsule", metavar="NAME|VERSION")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=capsule_verify)
+
+    p = csub.add_parser("delete", help="remove a capsule name (chunks go with the next gc)")
+    p.add_argument("name")
+    p.set_defaults(handler=capsule_delete)
+
+    p = csub.add_parser("export", help="write the capsule's tar archive to DEST ('-' for stdout)")
+    p.add_argument("capsule", metavar="NAME|VERSION")
+    p.add_argument("dest", metavar="DEST.tar")
+    p.set_defaults(handler=capsule_export)
+
+    p = csub.add_parser("gc", help="remove chunks, kernels and manifests no capsule needs")
+    p.add_argument("--keep", action="append", metavar="VERSION", help="also keep this version id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=capsule_gc)
