@@ -1,0 +1,81 @@
+"""Prometheus metrics shared by all transports.
+
+One ``CollectorRegistry`` per daemon (not prometheus_client's global one) so
+tests can run several bootd instances in one process and each ``/metrics``
+shows only its own numbers.  The DHCP and TFTP servers register their own
+counters on the same registry; ``/metrics`` serves all of them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as _Tally
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from bootd.model import Node, State
+
+
+def make_registry() -> CollectorRegistry:
+    return CollectorRegistry(auto_describe=True)
+
+
+class NodeStateGauge:
+    """Nodes per lifecycle state, refreshed from the registry when scraped.
+
+    Every state is always exported (0 when empty) so a dashboard's "dead"
+    panel shows 0 rather than "no data" on a healthy cluster.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.gauge = Gauge("bootd_nodes", "Registered nodes by lifecycle state", ["state"], registry=registry)
+        for state in State:
+            self.gauge.labels(state=state.value).set(0)
+
+    def update(self, nodes: Iterable[Node]) -> None:
+        tally = _Tally(n.state.value for n in nodes)
+        for state in State:
+            self.gauge.labels(state=state.value).set(tally.get(state.value, 0))
+
+
+class HttpMetrics:
+    """Counters the HTTP transport moves; labelled by route template, never by raw path (cardinality)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "bootd_http_requests", "HTTP requests by route and status", ["route", "method", "status"],
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "bootd_http_sent_bytes", "Response body bytes sent, by route", ["route"], registry=registry
+        )
+        self.open_file_cache = Counter(
+            "bootd_http_open_file_cache", "Open-file cache lookups for served files", ["result"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "bootd_http_bulk_rejected", "Bulk requests refused with 503 by admission control", registry=registry
+        )
+        self.aborted = Counter(
+            "bootd_http_aborted", "Responses cut short because the client went away", registry=registry
+        )
+        self.queue_wait = Histogram(
+            "bootd_http_bulk_queue_wait_seconds", "Time bulk requests waited for a stream slot",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30), registry=registry,
+        )
+        self.registrations = Counter(
+            "bootd_http_registrations", "Unknown MACs registered through the iPXE script route", registry=registry
+        )
+        self.node_events = Counter(
+            "bootd_node_events", "Lifecycle events reported by nodes", ["event"], registry=registry
+        )
+        self.cache_hit = self.open_file_cache.labels(result="hit")
+        self.cache_miss = self.open_file_cache.labels(result="miss")
+
+    def bulk_gauges(self, registry: CollectorRegistry, active: Callable[[], int], queued: Callable[[], int]) -> None:
+        Gauge("bootd_http_bulk_active", "Bulk streams in progress", registry=registry).set_function(
+            lambda: float(active())
+        )
+        Gauge("bootd_http_bulk_queued", "Bulk requests waiting for a slot", registry=registry).set_function(
+            lambda: float(queued())
+        )

@@ -1,0 +1,679 @@
+"""HTTP transport (aiohttp): iPXE scripts, stage-one files, capsule objects, node API, metrics.
+
+It moves bytes and calls services; the decisions (who may boot, which state,
+what the script says, when bulk traffic must wait) live in ``bootd.service``.
+
+Chunk streaming is the hot path of a boot storm.  aiohttp's FileResponse
+stats, opens and closes every file in the default thread pool (three
+executor round trips per request).  Content-addressed objects never change,
+so this module keeps their open file objects and sizes in an LRU cache (as
+nginx's ``open_file_cache`` does) and writes the headers itself, then hands
+the body to the kernel with ``loop.sendfile``: a cache hit costs no system
+call besides sendfile.  Mutable files (stage one, NBPs) go through the same
+cache but are re-validated with one ``stat`` per request.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from bootd.capsule.manifest import KernelRef
+from bootd.config import Config
+from bootd.errors import BootdError, CapsuleError, Conflict, NotFound, StoreError
+from bootd.metrics import HttpMetrics, NodeStateGauge
+from bootd.model import Machine, Node, State, normalize_mac
+from bootd.service.admission import AdmissionControl, Overloaded
+from bootd.service.registry import NODE_REPORTABLE, RegistryService
+from bootd.service.scripts import (
+    BootScript,
+    check_node_token,
+    load_or_create_secret,
+    node_token,
+    render_boot_script,
+    render_wait_script,
+)
+
+log = logging.getLogger("bootd.http")
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+OCTET = "application/octet-stream"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# One path segment of ordinary characters: no slashes (encoded or not), no leading dot, no "..".
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._+-]{0,254}")
+ADMIN_FIELDS = ("capsule", "enabled", "approved", "kernel_args", "group")
+ROUTE_CHUNK = "/chunks/{hash}"
+
+
+class CapsuleReader(Protocol):
+    """The part of bootd.capsule.store.CapsuleStore this transport reads."""
+
+    def resolve(self, name: str) -> str | None: ...
+    def manifest_path(self, vid: str) -> Path: ...
+    def chunk_path(self, hexhash: str) -> Path: ...
+    def kernel_path(self, hexhash: str) -> Path: ...
+    def load_manifest(self, vid: str) -> Any: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# open file cache
+
+
+class OpenFile:
+    """A cached open file; ``refs`` counts responses using it so eviction never closes it mid-send."""
+
+    __slots__ = ("checked", "evicted", "file", "ident", "key", "path", "refs", "size")
+
+    def __init__(self, key: str, path: str, file: IO[bytes], st: os.stat_result, now: float) -> None:
+        self.key = key
+        self.path = path
+        self.file = file
+        self.size = st.st_size
+        self.ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.refs = 0
+        self.evicted = False
+        self.checked = now
+
+    @property
+    def etag(self) -> str:
+        _, ino, size, mtime = self.ident
+        return f'"{ino:x}-{size:x}-{mtime:x}"'
+
+
+class OpenFileCache:
+    """LRU of open files keyed by object name.
+
+    ``valid`` is how long an entry of an immutable object is trusted before one
+    ``stat`` checks the path still names the same file (garbage collection may
+    delete a chunk; a re-import may recreate it).  ``revalidate=True`` lookups
+    (mutable files) stat on every request and reopen when the file changed.
+    All calls are synchronous: open/fstat of a local file take microseconds,
+    far less than a thread-pool hop.
+    """
+
+    def __init__(self, max_entries: int = 2048, valid: float = 60.0) -> None:
+        self.max_entries = max_entries
+        self.valid = valid
+        self._entries: OrderedDict[str, OpenFile] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def acquire(self, key: str, path: Callable[[], Path | str], *, revalidate: bool = False) -> OpenFile:
+        """Return an open file for ``key`` (refcount taken); raises OSError like open() would."""
+        entry = self._entries.get(key)
+        now = time.monotonic()
+        if entry is not None and (revalidate or now - entry.checked > self.valid):
+            if not self._still_valid(entry):
+                self._drop(entry)
+                entry = None
+            else:
+                entry.checked = now
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        else:
+            self.misses += 1
+            entry = self._open(key, str(path()), now)
+        entry.refs += 1
+        return entry
+
+    def release(self, entry: OpenFile) -> None:
+        entry.refs -= 1
+        if entry.evicted and entry.refs <= 0:
+            entry.file.close()
+
+    def close(self) -> None:
+        for entry in list(self._entries.values()):
+            self._drop(entry)
+
+    def _still_valid(self, entry: OpenFile) -> bool:
+        try:
+            st = os.stat(entry.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == entry.ident
+
+    def _open(self, key: str, path: str, now: float) -> OpenFile:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(f"{path} is not a regular file")
+            file = open(fd, "rb", buffering=0, closefd=True)  # noqa: SIM115 - lives in the cache
+        except BaseException:
+            os.close(fd)
+            raise
+        entry = OpenFile(key, path, file, st, now)
+        old = self._entries.get(key)
+        if old is not None:
+            self._drop(old)
+        self._entries[key] = entry
+        while len(self._entries) > self.max_entries:
+            _, oldest = self._entries.popitem(last=False)
+            self._retire(oldest)
+        return entry
+
+    def _drop(self, entry: OpenFile) -> None:
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        self._retire(entry)
+
+    def _retire(self, entry: OpenFile) -> None:
+        entry.evicted = True
+        if entry.refs <= 0:
+            entry.file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """One byte range as (start, count); None means "ignore Range, send it all".
+
+    Multiple ranges and malformed headers are ignored (RFC 9110 allows it; a
+    chunk is small, and nobody needs multipart/byteranges).  An unsatisfiable
+    range raises ValueError so the caller can answer 416.
+    """
+    if not header.startswith("bytes=") or "," in header:
+        return None
+    first, sep, last = header[6:].strip().partition("-")
+    if not sep:
+        return None
+    first, last = first.strip(), last.strip()
+    if (first and not first.isdigit()) or (last and not last.isdigit()):
+        return None
+    if not first:
+        if not last:
+            return None
+        n = int(last)
+        if n == 0 or size == 0:
+            raise ValueError("empty suffix range")
+        n = min(n, size)
+        return size - n, n
+    start = int(first)
+    end = int(last) if last else max(start, size - 1)
+    if end < start:
+        return None
+    if start >= size:
+        raise ValueError("range starts past the end")
+    end = min(end, size - 1)
+    return start, end - start + 1
+
+
+def etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match uses weak comparison: W/"x" matches "x"."""
+    if header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
+
+
+def refuse(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """Every refusal says why: the body is one line of plain text."""
+    return web.Response(status=status, text=message + "\n", headers=headers)
+
+
+def node_json(node: Node) -> dict[str, Any]:
+    out = asdict(node)
+    out["state"] = node.state.value
+    return out
+
+
+def effective_base(public_url: str, port: int) -> str:
+    """The URL nodes use; a configured port 0 (tests) is replaced by the port actually bound."""
+    parts = urlsplit(public_url)
+    if parts.port == 0:
+        host = parts.hostname or "127.0.0.1"
+        parts = parts._replace(netloc=f"{host}:{port}")
+    return urlunsplit(parts).rstrip("/")
+
+
+# ---------------------------------------------------------------------------------------------
+# server
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class HttpServer:
+    def __init__(
+        self,
+        config: Config,
+        registry_service: RegistryService,
+        capsule_store: CapsuleReader,
+        metrics_registry: CollectorRegistry,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.registry = registry_service
+        self.capsules = capsule_store
+        self.metrics_registry = metrics_registry
+        self.clock = clock
+        self.metrics = HttpMetrics(metrics_registry)
+        self.node_gauge = NodeStateGauge(metrics_registry)
+        h = config.http
+        self.admission = AdmissionControl(h.max_bulk_streams, h.bulk_queue, h.retry_after)
+        self.metrics.bulk_gauges(metrics_registry, lambda: self.admission.active, lambda: self.admission.queued)
+        self.files = OpenFileCache()
+        self._kernels: OrderedDict[str, KernelRef | None] = OrderedDict()
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._bytes_children: dict[str, Any] = {}
+        self._runner: web.AppRunner | None = None
+        self._port = 0
+        self.base_url = ""
+        self.secret = b""
+        self.admin_token = ""
+        self.app = self._make_app()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self._port
+
+    async def start(self) -> None:
+        state_dir = self.config.server.state_dir
+        self.secret = load_or_create_secret(state_dir / "secret")
+        self.admin_token = load_or_create_secret(state_dir / "admin-token").decode("ascii", "replace")
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False,
+            shutdown_timeout=self.config.server.graceful_timeout,
+        )
+        await runner.setup()
+        h = self.config.http
+        site = web.TCPSite(runner, h.listen, h.port, backlog=1024, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        self.base_url = effective_base(h.public_url, self._port)
+        log.info("event=listening proto=http address=%s port=%d base=%s", h.listen, self._port, self.base_url)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self.files.close()
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._count_middleware], client_max_size=256 * 1024)
+        r = app.router
+        r.add_get("/boot/{mac}.ipxe", self._script)
+        r.add_get("/stage1/{file}", self._stage1)
+        r.add_get("/nbp/{file}", self._nbp)
+        r.add_get("/capsules/{vid}/manifest", self._manifest)
+        r.add_get("/capsules/{vid}/kernel", self._kernel)
+        r.add_get(ROUTE_CHUNK, self._chunk)
+        r.add_post("/api/v1/nodes/{name}/events", self._event)
+        r.add_post("/api/v1/nodes/{name}/heartbeat", self._heartbeat)
+        r.add_get("/api/v1/nodes", self._list_nodes)
+        r.add_get("/api/v1/nodes/{name}", self._get_node)
+        r.add_post("/api/v1/nodes/{name}", self._set_node)
+        r.add_get("/metrics", self._metrics)
+        r.add_get("/healthz", self._healthz)
+        return app
+
+    # -- metrics middleware -----------------------------------------------------------------
+    @web.middleware
+    async def _count_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            key = (route, request.method, status)
+            child = self._request_children.get(key)
+            if child is None:
+                child = self._request_children[key] = self.metrics.requests.labels(
+                    route=route, method=request.method, status=str(status)
+                )
+            child.inc()
+
+    def _sent(self, route: str, n: int) -> None:
+        child = self._bytes_children.get(route)
+        if child is None:
+            child = self._bytes_children[route] = self.metrics.bytes.labels(route=route)
+        child.inc(n)
+
+    # -- file serving -----------------------------------------------------------------------
+    async def _serve(
+        self,
+        request: web.Request,
+        route: str,
+        key: str,
+        path: Callable[[], Path | str],
+        *,
+        etag: str | None,
+        immutable: bool,
+        bulk: bool = False,
+    ) -> web.StreamResponse:
+        """Answer GET/HEAD for one file with ETag, conditional GET, single Range, and sendfile."""
+        try:
+            entry = self.files.acquire(key, path, revalidate=not immutable)
+        except FileNotFoundError:
+            return refuse(404, f"no such object: {key}")
+        except (IsADirectoryError, NotADirectoryError):
+            return refuse(404, f"not a file: {key}")
+        except PermissionError:
+            return refuse(403, f"bootd may not read {key}")
+        try:
+            tag = f'"{etag}"' if etag else entry.etag
+            headers = {
+                "ETag": tag,
+                "Cache-Control": IMMUTABLE if immutable else "no-cache",
+                "Accept-Ranges": "bytes",
+            }
+            inm = request.headers.get("If-None-Match")
+            if inm is not None and etag_matches(inm, tag):
+                return web.Response(status=304, headers=headers)
+            size = entry.size
+            offset, count, status = 0, size, 200
+            rng = request.headers.get("Range")
+            if rng is not None:
+                if_range = request.headers.get("If-Range")
+                if if_range is None or if_range.strip() == tag:
+                    try:
+                        part = parse_range(rng, size)
+                    except ValueError:
+                        headers["Content-Range"] = f"bytes */{size}"
+                        return refuse(416, f"range {rng!r} is outside the {size} bytes of {key}", headers)
+                    if part is not None:
+                        offset, count = part
+                        status = 206
+                        headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
+            if not bulk or request.method == "HEAD" or count == 0:
+                return await self._sendfile(request, route, entry, offset, count, status, headers)
+            if not self.admission.try_acquire():
+                started = time.monotonic()
+                try:
+                    await self.admission.acquire()
+                except Overloaded as exc:
+                    self.metrics.rejected.inc()
+                    return refuse(
+                        503, str(exc), {"Retry-After": str(exc.retry_after), "Cache-Control": "no-store"}
+                    )
+                self.metrics.queue_wait.observe(time.monotonic() - started)
+            try:
+                return await self._sendfile(request, route, entry, offset, count, status, headers)
+            finally:
+                self.admission.release()
+        finally:
+            self.files.release(entry)
+
+    async def _sendfile(
+        self,
+        request: web.Request,
+        route: str,
+        entry: OpenFile,
+        offset: int,
+        count: int,
+        status: int,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_type = OCTET
+        resp.content_length = count
+        await resp.prepare(request)
+        if count and request.method != "HEAD":
+            transport = request.transport
+            try:
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("client went away before the body was sent")
+                await request._loop.sendfile(transport, entry.file, offset, count)
+            except (OSError, RuntimeError) as exc:
+                # Headers promised `count` bytes: a short body must end the connection.  A client
+                # that hangs up mid-transfer is routine (a node rebooted), not a server error.
+                log.debug("event=send-aborted object=%s reason=%r", entry.key, str(exc))
+                self.metrics.aborted.inc()
+                resp.force_close()
+                if transport is not None:
+                    transport.close()
+                return resp
+            self._sent(route, count)
+        await resp.write_eof()
+        return resp
+
+    def _count_cache(self, before_hits: int) -> None:
+        if self.files.hits != before_hits:
+            self.metrics.cache_hit.inc()
+        else:
+            self.metrics.cache_miss.inc()
+
+    async def _chunk(self, request: web.Request) -> web.StreamResponse:
+        h = request.match_info["hash"].lower()
+        if _HEX64.fullmatch(h) is None:
+            return refuse(400, "a chunk is named by its sha256: 64 hex digits")
+        hits = self.files.hits
+        try:
+            return await self._serve(
+                request, ROUTE_CHUNK, h, lambda: self.capsules.chunk_path(h), etag=h, immutable=True, bulk=True
+            )
+        finally:
+            self._count_cache(hits)
+
+    async def _manifest(self, request: web.Request) -> web.StreamResponse:
+        vid = request.match_info["vid"].lower()
+        if _HEX64.fullmatch(vid) is None:
+            return refuse(400, "a capsule version id is a sha256: 64 hex digits")
+        hits = self.files.hits
+        try:
+            return await self._serve(
+                request, "/capsules/{vid}/manifest", "m:" + vid, lambda: self.capsules.manifest_path(vid),
+                etag=vid, immutable=True,
+            )
+        finally:
+            self._count_cache(hits)
+
+    async def _kernel(self, request: web.Request) -> web.StreamResponse:
+        vid = request.match_info["vid"].lower()
+        if _HEX64.fullmatch(vid) is None:
+            return refuse(400, "a capsule version id is a sha256: 64 hex digits")
+        if vid not in self._kernels and not os.path.exists(self.capsules.manifest_path(vid)):
+            return refuse(404, f"no capsule version {vid}")
+        try:
+            kernel = self._kernel_of(vid)
+        except (CapsuleError, OSError) as exc:
+            return refuse(500, f"cannot read the manifest of {vid}: {exc}")
+        if kernel is None:
+            return refuse(404, f"capsule version {vid} has no kernel; iPXE loads /stage1/vmlinuz instead")
+        k = kernel.sha256
+        return await self._serve(
+            request, "/capsules/{vid}/kernel", "k:" + k, lambda: self.capsules.kernel_path(k),
+            etag=k, immutable=True,
+        )
+
+    def _kernel_of(self, vid: str) -> KernelRef | None:
+        """Version ids are content hashes, so what a manifest says about its kernel is cached forever."""
+        if vid in self._kernels:
+            self._kernels.move_to_end(vid)
+            return self._kernels[vid]
+        kernel: KernelRef | None = self.capsules.load_manifest(vid).kernel
+        self._kernels[vid] = kernel
+        while len(self._kernels) > 256:
+            self._kernels.popitem(last=False)
+        return kernel
+
+    async def _plain_file(self, request: web.Request, route: str, root: Path) -> web.StreamResponse:
+        name = request.match_info["file"]
+        if _SAFE_NAME.fullmatch(name) is None or ".." in name:
+            return refuse(400, f"refused file name {name!r}: one path component of letters, digits, . _ + -")
+        return await self._serve(request, route, f"{route}:{name}", lambda: root / name, etag=None,
+                                 immutable=False)
+
+    async def _stage1(self, request: web.Request) -> web.StreamResponse:
+        return await self._plain_file(request, "/stage1/{file}", self.config.boot.stage1_dir)
+
+    async def _nbp(self, request: web.Request) -> web.StreamResponse:
+        return await self._plain_file(request, "/nbp/{file}", self.config.tftp.nbp_dir)
+
+    # -- iPXE script ------------------------------------------------------------------------
+    async def _script(self, request: web.Request) -> web.StreamResponse:
+        try:
+            mac = normalize_mac(request.match_info["mac"])
+        except ValueError as exc:
+            return refuse(400, str(exc))
+        now = self.clock()
+        result = await self.registry.decide(Machine(mac=mac, ipxe=True), now)
+        if result.created:
+            self.metrics.registrations.inc()
+        node = result.node
+        if node is None:
+            log.info("event=refused proto=http mac=%s reason=%r", mac, result.reason)
+            return self._ipxe(render_wait_script(mac, self.base_url, result.reason))
+        capsule, node_args = await self.registry.boot_target(node)
+        vid: str | None = None
+        has_kernel = False
+        if capsule is not None:
+            try:
+                vid = self.capsules.resolve(capsule)
+                if vid is not None:
+                    has_kernel = self._kernel_of(vid) is not None
+            except (BootdError, OSError) as exc:
+                reason = f"capsule {capsule!r} of node {node.name} cannot be read: {exc}"
+                log.error("event=script-failed node=%s reason=%r", node.name, reason)
+                return self._ipxe(render_wait_script(mac, self.base_url, reason))
+            if vid is None:
+                reason = f"capsule {capsule!r} of node {node.name} does not exist (bootd capsule list)"
+                log.warning("event=script-refused node=%s reason=%r", node.name, reason)
+                return self._ipxe(render_wait_script(mac, self.base_url, reason))
+        if vid is not None and node.state is not State.PXE:
+            # iPXE is running and about to load the stage one; the stage one itself reports `stage1`.
+            await self.registry.report(node.name, State.PXE, "iPXE fetched its boot script", now=now)
+        script = render_boot_script(BootScript(
+            node=node, base_url=self.base_url, version_id=vid, has_kernel=has_kernel,
+            boot_args=self.config.boot.kernel_args, node_args=node_args,
+            token=node_token(self.secret, node.name),
+        ))
+        return self._ipxe(script)
+
+    @staticmethod
+    def _ipxe(text: str) -> web.Response:
+        return web.Response(text=text, content_type="text/plain", headers={"Cache-Control": "no-store"})
+
+    # -- node API ---------------------------------------------------------------------------
+    def _node_auth(self, request: web.Request, name: str) -> web.Response | None:
+        if not check_node_token(self.secret, name, request.headers.get("X-Bootd-Token")):
+            return refuse(403, f"missing or wrong X-Bootd-Token for node {name!r}")
+        return None
+
+    async def _event(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        denied = self._node_auth(request, name)
+        if denied is not None:
+            return denied
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return refuse(400, "the body must be JSON: {\"event\": \"<state>\", \"reason\": \"...\"}")
+        if not isinstance(body, dict):
+            return refuse(400, "the body must be a JSON object")
+        try:
+            state = State(str(body.get("event", "")))
+        except ValueError:
+            state = None
+        if state not in NODE_REPORTABLE:
+            allowed = ", ".join(sorted(s.value for s in NODE_REPORTABLE))
+            return refuse(400, f"event {body.get('event')!r} is not one a node may report; use one of {allowed}")
+        assert state is not None
+        reason = str(body.get("reason", ""))[:500]
+        detail = {k: body[k] for k in ("done", "total") if isinstance(body.get(k), int)}
+        try:
+            node = await self.registry.report(
+                name, state, reason, now=self.clock(), detail=json.dumps(detail) if detail else ""
+            )
+        except NotFound as exc:
+            return refuse(404, str(exc))
+        self.metrics.node_events.labels(event=state.value).inc()
+        return web.json_response({"node": node.name, "state": node.state.value})
+
+    async def _heartbeat(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        denied = self._node_auth(request, name)
+        if denied is not None:
+            return denied
+        try:
+            node = await self.registry.heartbeat(name, self.clock())
+        except NotFound as exc:
+            return refuse(404, str(exc))
+        self.metrics.node_events.labels(event="heartbeat").inc()
+        return web.json_response({"node": node.name, "state": node.state.value})
+
+    async def _list_nodes(self, request: web.Request) -> web.StreamResponse:
+        nodes = await self.registry.store.list_nodes()
+        return web.json_response({"nodes": [node_json(n) for n in nodes]})
+
+    async def _get_node(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        node = await self.registry.store.get_node(name)
+        if node is None:
+            return refuse(404, f"no node named {name!r}")
+        events = await self.registry.store.events(name, 50)
+        out = node_json(node)
+        out["events"] = [asdict(e) for e in events]
+        return web.json_response(out)
+
+    async def _set_node(self, request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        presented = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+        if not presented or not hmac.compare_digest(presented.encode(), self.admin_token.encode()):
+            return refuse(401, "admin writes need 'Authorization: Bearer <contents of state_dir/admin-token>'",
+                          {"WWW-Authenticate": "Bearer"})
+        name = request.match_info["name"]
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return refuse(400, "the body must be a JSON object")
+        if not isinstance(body, dict):
+            return refuse(400, "the body must be a JSON object")
+        if body.pop("approve", False) is True:
+            body["approved"] = True
+        unknown = sorted(set(body) - set(ADMIN_FIELDS))
+        if unknown:
+            return refuse(400, f"cannot set {', '.join(unknown)}; settable: approve, {', '.join(ADMIN_FIELDS)}")
+        try:
+            node = await self.registry.store.update_node(name, **body)
+            if body.get("enabled") is False and node.state is not State.DISABLED:
+                node = await self.registry.report(name, State.DISABLED, "disabled by admin", now=self.clock())
+        except NotFound as exc:
+            return refuse(404, str(exc))
+        except Conflict as exc:
+            return refuse(409, str(exc))
+        except StoreError as exc:
+            return refuse(400, str(exc))
+        return web.json_response(node_json(node))
+
+    # -- ops --------------------------------------------------------------------------------
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        self.node_gauge.update(await self.registry.store.list_nodes())
+        body = generate_latest(self.metrics_registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="ok\n")
+
