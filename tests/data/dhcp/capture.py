@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent
@@ -141,7 +142,8 @@ def scenario(name: str) -> list[tuple[str, bytes]]:
         else:
             srv_if = "vsrv"
             sh("ip", "-n", NS, "link", "add", "vsrv", "type", "veth", "peer", "name", "vcli")
-            sh("ip", "-n", NS, "link", "set", "vcli", "address", "52:54:00:99:00:%02x" % (hash(name) % 200))
+            mac = "52:54:00:99:00:%02x" % (zlib.crc32(name.encode()) % 200)
+            sh("ip", "-n", NS, "link", "set", "vcli", "address", mac)
             sh("ip", "-n", NS, "link", "set", "vcli", "up")
         sh("ip", "-n", NS, "addr", "add", f"{SERVER_IP}/24", "dev", srv_if)
         sh("ip", "-n", NS, "link", "set", srv_if, "up")
@@ -167,7 +169,7 @@ def scenario(name: str) -> list[tuple[str, bytes]]:
                 "-boot", "order=n,reboot-timeout=0", "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]
         if name == "ipxe-bios":
             client = [*base, "-device",
-                      "virtio-net-pci,netdev=n0,mac=52:54:00:99:01:01,romfile=/usr/lib/ipxe/qemu/pxe-virtio.rom"]
+                      "virtio-net-pci,netdev=n0,mac=52:54:00:99:01:01"]  # QEMU's default ROM: iPXE
             return capture(srv_if, client, 60, want_ipxe)
         if name == "ipxe-uefi":
             client = [*base, "-bios", "/usr/share/ovmf/OVMF.fd", "-device",

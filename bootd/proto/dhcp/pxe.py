@@ -1,0 +1,93 @@
+"""Who is asking: firmware kind, iPXE or not, PXE or plain DHCP.
+
+Decided from the packet alone (no configuration), so every real client's
+golden capture pins the answer down in a unit test.
+
+Firmware quirks this has to live with (all seen on real hardware or in
+iPXE/EDK2/dnsmasq sources):
+
+- Option 93 is the authority for the architecture (RFC 4578, IANA "Processor
+  Architecture Types"). x64 UEFI is 7 ("EFI BC") on EDK2 and iPXE, but some
+  vendors send 9 ("EFI x86-64" in RFC 4578's original table): both mean x64.
+- Some ROMs omit option 93 and only put the arch into the vendor class
+  ``PXEClient:Arch:00007:UNDI:003016``; that is the fallback.
+- iPXE sends user class "iPXE" *without* RFC 3004 length framing, and also
+  option 175; either one marks iPXE (a chainloaded iPXE built without
+  the user class still sends 175).
+- UEFI HTTP boot announces itself with vendor class ``HTTPClient:...`` and
+  expects an http:// URL and option 60 "HTTPClient" echoed in the offer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bootd.model import Firmware, Machine, normalize_mac
+from bootd.proto.dhcp import options as o
+from bootd.proto.dhcp.packet import BOOTREQUEST, DhcpPacket
+
+ARCH_FIRMWARE: dict[int, Firmware] = {
+    0: Firmware.BIOS,
+    6: Firmware.UEFI_IA32,
+    7: Firmware.UEFI_X64,
+    9: Firmware.UEFI_X64,
+    11: Firmware.UEFI_ARM64,
+    15: Firmware.UEFI_HTTP,  # x86 UEFI HTTP
+    16: Firmware.UEFI_HTTP,  # x64 UEFI HTTP
+    19: Firmware.UEFI_HTTP,  # arm64 UEFI HTTP
+}
+ARM64_ARCHES = frozenset({11, 19})
+
+
+@dataclass(frozen=True, slots=True)
+class Ignore:
+    """The packet is not one we answer; ``reason`` is the counter label, ``detail`` goes to the log."""
+
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """A classified request: the ``Machine`` for the registry plus what the reply must mirror."""
+
+    machine: Machine
+    msg_type: o.MessageType
+    vendor_class: str | None
+    pxe: bool  # a network-boot firmware (PXEClient / HTTPClient / option 93) or iPXE
+    http: bool  # UEFI HTTP boot
+
+
+def _arch_from_vendor_class(vc: str) -> int | None:
+    # "PXEClient:Arch:00007:UNDI:003016" / "HTTPClient:Arch:00016:UNDI:003001"
+    parts = vc.split(":")
+    if len(parts) >= 3 and parts[1] == "Arch" and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+def classify(packet: DhcpPacket) -> Client | Ignore:
+    """Classify a client request. Malformed options raise RemoteProtocolError (counted by the caller)."""
+    if packet.op != BOOTREQUEST:
+        return Ignore("not-request", f"op {packet.op} is a reply")
+    if packet.htype != 1 or packet.hlen != 6:
+        return Ignore("not-ethernet", f"htype {packet.htype} hlen {packet.hlen}")
+    msg_type = o.message_type(packet)
+    if msg_type is None:
+        return Ignore("bootp", "plain BOOTP (no option 53) is not served")
+    mac = normalize_mac(packet.chaddr[:6])
+    vc = o.vendor_class(packet)
+    arches = o.client_arches(packet)
+    arch = arches[0] if arches else (_arch_from_vendor_class(vc) if vc else None)
+    ipxe = b"iPXE" in o.user_classes(packet) or o.IPXE_ENCAP in packet.options
+    http = bool(vc and vc.startswith("HTTPClient"))
+    pxe_vc = bool(vc and vc.startswith("PXEClient"))
+    if http:
+        firmware = Firmware.UEFI_HTTP
+    elif arch is not None:
+        firmware = ARCH_FIRMWARE.get(arch, Firmware.UNKNOWN)
+    else:
+        firmware = Firmware.UNKNOWN
+    machine = Machine(mac=mac, arch=arch, firmware=firmware, ipxe=ipxe, guid=o.client_guid(packet))
+    pxe = http or pxe_vc or ipxe or bool(arches)
+    return Client(machine, msg_type, vc, pxe, http)
