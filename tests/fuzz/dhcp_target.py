@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from bootd.errors import RemoteProtocolError
 from bootd.proto.dhcp.packet import DhcpPacket
-from bootd.proto.dhcp.pxe import Client, Ignore, classify as classify_packet
+from bootd.proto.dhcp.pxe import Client, Ignore
+from bootd.proto.dhcp.pxe import classify as classify_packet
 
 
 def _parse(data: bytes) -> DhcpPacket | None:

@@ -7,8 +7,18 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bootd.proto.tftp.packet import Ack, Data, ErrorPacket, OAck, Request, encode_ack, encode_data, encode_error
-from bootd.proto.tftp.packet import encode_oack, parse_packet
+from bootd.proto.tftp.packet import (
+    Ack,
+    Data,
+    ErrorPacket,
+    OAck,
+    Request,
+    encode_ack,
+    encode_data,
+    encode_error,
+    encode_oack,
+    parse_packet,
+)
 from tests.fuzz import tftp_target
 
 FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
