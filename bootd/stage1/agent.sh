@@ -1,0 +1,390 @@
+#!/bin/sh
+# bootd stage-one agent (busybox sh, run as PID 1 by /init via exec).
+#
+# Why a shell script: it runs in a 3 MB initramfs under whatever kernel the capsule brings, so it must
+# need nothing but busybox, GNU tar and zstd. The rules it keeps:
+#   * the manifest must hash to the version id on the kernel command line before any of it is believed;
+#   * every chunk is hashed (sha256 of the stored bytes) before a single byte reaches zstd/tar;
+#   * any failure is reported as `failed` with its reason, nothing unverified is ever switched into,
+#     and the machine reboots after a delay so the whole boot is retried from the firmware on.
+# Console lines start with "BOOTD-STAGE1 " so tests and operators can follow along on the serial port.
+#
+# Host mode (BOOTD_HOST_MODE=1, used by tests and bench/boot on the build host): no mounts, no modules,
+# no DHCP, no switch_root; the command line is read from BOOTD_CMDLINE_FILE, the tree is unpacked into
+# BOOTD_TARGET, and failure exits 1 instead of rebooting.
+
+PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+export PATH
+
+HOST_MODE=${BOOTD_HOST_MODE:-0}
+CMDLINE_FILE=${BOOTD_CMDLINE_FILE:-/proc/cmdline}
+WORK=${BOOTD_WORK:-/run/bootd}
+TARGET=${BOOTD_TARGET:-/newroot}
+# Full paths: busybox sh prefers its own applets, and busybox tar would silently drop xattrs.
+TAR=${BOOTD_TAR:-/usr/bin/tar}
+ZSTD=${BOOTD_ZSTD:-/usr/bin/zstd}
+
+say() { echo "BOOTD-STAGE1 $*" >&2; }
+
+now_ms() {
+    # /proc/uptime has centiseconds; `date +%s` alone is too coarse for per-step timings.
+    read -r up _ < /proc/uptime
+    echo $(( ${up%.*} * 1000 + 10#${up#*.} * 10 ))
+}
+
+arg() {
+    for w in $(cat "$CMDLINE_FILE"); do
+        case "$w" in "$1="*) echo "${w#*=}"; return 0 ;; esac
+    done
+    return 1
+}
+
+json_esc() { printf '%s' "$1" | tr -d '\000-\037' | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g'; }
+
+URL=$(arg bootd.url)
+NODE=$(arg bootd.node)
+VID=$(arg bootd.capsule)
+TOKEN=$(arg bootd.token)
+MAC=$(arg bootd.mac)
+WORKERS=$(arg bootd.workers || echo 4)
+RETRIES=$(arg bootd.retries || echo 10)
+FAIL_DELAY=$(arg bootd.retry_delay || echo 15)
+WINDOW=$(arg bootd.window || echo 16)
+TIMEOUT=$(arg bootd.timeout || echo 60)
+
+post_event() { # event reason done total tries
+    body="{\"event\":\"$1\",\"reason\":\"$(json_esc "$2")\",\"done\":${3:-0},\"total\":${4:-0}}"
+    tries=${5:-3}
+    n=0
+    while [ "$n" -lt "$tries" ]; do
+        if timeout 10 wget -q -O /dev/null --header "X-Bootd-Token: $TOKEN" \
+            --header "Content-Type: application/json" --post-data "$body" \
+            "$URL/api/v1/nodes/$NODE/events" 2>/dev/null; then
+            return 0
+        fi
+        n=$((n + 1))
+        [ "$n" -lt "$tries" ] && sleep 1
+    done
+    say "note: could not report '$1' to $URL (continuing)"
+    return 1
+}
+
+fail() {
+    say "FAILED $1"
+    touch "$WORK/abort" 2>/dev/null
+    [ -n "$WORKER_PIDS" ] && kill $WORKER_PIDS 2>/dev/null
+    [ -n "$URL" ] && [ -n "$NODE" ] && post_event failed "$1" 0 0 3
+    if [ "$HOST_MODE" = 1 ]; then
+        exit 1
+    fi
+    say "rebooting in ${FAIL_DELAY}s to retry the boot"
+    sleep "$FAIL_DELAY"
+    sync
+    reboot -f
+    sleep 5
+    echo b > /proc/sysrq-trigger
+    exit 1
+}
+
+# Backoff with jitter: delay = base * 2^attempt capped at 8 s, times a random factor in [0.5, 1.5).
+backoff_sleep() { # attempt [retry_after_seconds]
+    if [ -n "$2" ]; then
+        ms=$(( $2 * 1000 ))
+        [ "$ms" -gt 30000 ] && ms=30000
+    else
+        ms=500
+        a=$1
+        while [ "$a" -gt 0 ] && [ "$ms" -lt 8000 ]; do ms=$((ms * 2)); a=$((a - 1)); done
+        [ "$ms" -gt 8000 ] && ms=8000
+    fi
+    ms=$(( ms / 2 + (RANDOM % (ms + 1)) ))
+    sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
+}
+
+# A 503 should carry Retry-After, but busybox wget hides the headers of an error reply; ask again with a
+# HEAD over nc just to read it. No answer simply means "use the backoff".
+retry_after() { # url
+    hp=${1#http://}; path=/${hp#*/}; hp=${hp%%/*}
+    host=${hp%:*}; port=${hp##*:}
+    [ "$port" = "$hp" ] && port=80
+    printf 'HEAD %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$hp" | timeout 5 nc "$host" "$port" 2>/dev/null \
+        | tr -d '\r' | sed -n 's/^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]: *\([0-9][0-9]*\).*/\1/p' | head -n 1
+}
+
+# fetch URL DEST [expected_size]: retries on refused/dropped connections and 503s, resuming a partial
+# download with a Range request when the size is known (chunks), so a restart of bootd costs only the
+# unfetched bytes.
+fetch() {
+    url=$1; dest=$2; size=$3; attempt=0
+    while :; do
+        cont=""
+        if [ -n "$size" ] && [ -s "$dest" ]; then
+            have=$(stat -c %s "$dest")
+            if [ "$have" -eq "$size" ]; then return 0; fi
+            if [ "$have" -lt "$size" ]; then cont="-c"; else rm -f "$dest"; fi
+        else
+            rm -f "$dest"
+        fi
+        if timeout "$TIMEOUT" wget -q $cont -O "$dest" "$url" 2>"$dest.err"; then
+            rm -f "$dest.err"
+            return 0
+        fi
+        err=$(tr '\n' ' ' < "$dest.err" 2>/dev/null)
+        attempt=$((attempt + 1))
+        if [ "$attempt" -ge "$RETRIES" ]; then
+            FETCH_ERR="$url: ${err:-timed out} (after $attempt attempts)"
+            return 1
+        fi
+        case "$err" in
+            *" 404 "*|*" 403 "*|*" 410 "*) FETCH_ERR="$url: $err"; return 1 ;;
+            *" 503 "*) ra=$(retry_after "$url"); say "retry $url in ${ra:-backoff}s (server busy, 503)"
+                       backoff_sleep "$attempt" "$ra" ;;
+            *) say "retry $url (attempt $attempt: ${err:-timeout})"; backoff_sleep "$attempt" ;;
+        esac
+    done
+}
+
+u32() { # file offset -> big-endian unsigned 32-bit integer
+    h=$(od -An -v -tx1 -j "$2" -N 4 "$1" | tr -d ' \n')
+    [ ${#h} -eq 8 ] || return 1
+    echo $((0x$h))
+}
+
+setup_system() {
+    mkdir -p /run /tmp
+    mount -t tmpfs -o mode=0755 tmpfs /run 2>/dev/null
+    echo 1 > /proc/sys/kernel/printk 2>/dev/null
+}
+
+load_modules() {
+    kver=$(uname -r)
+    dir=/lib/modules/$kver
+    if [ ! -f "$dir/load-order" ]; then
+        say "no NIC modules for kernel $kver in this stage one (built for: $(ls /lib/modules 2>/dev/null))"
+        return 0
+    fi
+    for m in $(cat "$dir/load-order"); do
+        insmod "$dir/$m.ko" 2>/dev/null
+    done
+}
+
+find_iface() {
+    want=$(echo "$MAC" | tr 'A-F-' 'a-f:')
+    n=0
+    while [ "$n" -lt 50 ]; do
+        first=""
+        for d in /sys/class/net/*; do
+            i=${d##*/}
+            [ "$i" = lo ] && continue
+            [ -z "$first" ] && first=$i
+            if [ -n "$want" ] && [ "$(cat "$d/address" 2>/dev/null)" = "$want" ]; then echo "$i"; return 0; fi
+        done
+        if [ -n "$first" ] && [ -z "$want" ]; then echo "$first"; return 0; fi
+        n=$((n + 1))
+        sleep 0.1
+    done
+    [ -n "$first" ] && { echo "$first"; return 0; }
+    return 1
+}
+
+bring_up_network() {
+    load_modules
+    IFACE=$(find_iface) || fail "no network interface appeared (NIC driver missing for kernel $(uname -r)?)"
+    ip link set lo up
+    ip link set "$IFACE" up
+    n=0
+    while [ "$n" -lt 5 ]; do
+        if udhcpc -i "$IFACE" -s /bootd/udhcpc.script -n -q -t 6 -T 2 -A 1 >/dev/null 2>&1; then
+            IP=$(ip -4 -o addr show dev "$IFACE" | sed -n 's/.* inet \([0-9.]*\).*/\1/p' | head -n 1)
+            say "net $IFACE ip=$IP"
+            return 0
+        fi
+        n=$((n + 1))
+    done
+    fail "no DHCP lease on $IFACE"
+}
+
+# One worker fetches chunks w, w+N, w+2N, ... and never runs more than WINDOW chunks ahead of the
+# unpacker, so RAM holds a bounded number of stored chunks however large the capsule is.
+worker() { # worker_index
+    i=$1
+    while [ "$i" -lt "$COUNT" ]; do
+        while :; do
+            [ -e "$WORK/abort" ] && exit 1
+            read -r c < "$WORK/consumed"
+            [ $((i - c)) -lt "$WINDOW" ] && break
+            sleep 0.05
+        done
+        line=$(sed -n "$((i + 1))p" "$WORK/table")
+        set -- $line
+        hash=$1; size=$((0x$2))
+        part=$WORK/chunks/$i.part
+        tries=0
+        while :; do
+            if ! fetch "$URL/chunks/$hash" "$part" "$size"; then
+                echo "chunk $hash could not be fetched: $FETCH_ERR" > "$WORK/fail.$i"
+                touch "$WORK/abort"
+                exit 1
+            fi
+            got=$(sha256sum "$part" | cut -d ' ' -f 1)
+            [ "$got" = "$hash" ] && break
+            tries=$((tries + 1))
+            rm -f "$part"
+            if [ "$tries" -ge 2 ]; then
+                echo "chunk $hash failed verification (got sha256 $got)" > "$WORK/fail.$i"
+                touch "$WORK/abort"
+                exit 1
+            fi
+            say "chunk $hash failed verification, fetching it again"
+        done
+        mv "$part" "$WORK/chunks/$i.ok"
+        i=$((i + WORKERS))
+    done
+    exit 0
+}
+
+# Streams verified chunks, in order, to stdout (zstd | tar read it). Only files a worker renamed to
+# .ok after checking their hash are ever read.
+consume() {
+    i=0
+    last_post=0
+    while [ "$i" -lt "$COUNT" ]; do
+        f=$WORK/chunks/$i.ok
+        while [ ! -e "$f" ]; do
+            [ -e "$WORK/abort" ] && return 1
+            sleep 0.03
+        done
+        cat "$f" || return 1
+        rm -f "$f"
+        i=$((i + 1))
+        echo "$i" > "$WORK/consumed.tmp" && mv "$WORK/consumed.tmp" "$WORK/consumed"
+        say "fetching $i/$COUNT"
+        t=$(now_ms)
+        if [ "$i" -lt "$COUNT" ] && [ $((t - last_post)) -ge 1000 ]; then
+            post_event fetching "" "$i" "$COUNT" 1 >/dev/null 2>&1
+            last_post=$t
+        fi
+    done
+    return 0
+}
+
+first_failure() {
+    for f in "$WORK"/fail.*; do
+        [ -e "$f" ] && { cat "$f"; return 0; }
+    done
+    echo "$1"
+}
+
+write_node_config() {
+    mkdir -p "$TARGET/etc/bootd"
+    echo "$NODE" > "$TARGET/etc/hostname"
+    env_file=$TARGET/etc/bootd/node.env
+    {
+        echo "BOOTD_URL=$URL"
+        echo "BOOTD_NODE=$NODE"
+        echo "BOOTD_TOKEN=$TOKEN"
+        echo "BOOTD_MAC=$MAC"
+        echo "BOOTD_CAPSULE=$VID"
+        [ -n "$IP" ] && echo "BOOTD_IP=$IP"
+    } > "$env_file"
+    # The node's key/values: one KEY=VALUE per line from bootd; lines that are not shell-safe are dropped.
+    if timeout 10 wget -q -O "$WORK/node.vars" --header "X-Bootd-Token: $TOKEN" \
+        "$URL/api/v1/nodes/$NODE/env" 2>/dev/null; then
+        grep -E '^[A-Za-z_][A-Za-z0-9_]*=[^`$\\]*$' "$WORK/node.vars" >> "$env_file"
+    else
+        say "note: no node key/values from $URL/api/v1/nodes/$NODE/env (skipped)"
+    fi
+    chmod 0600 "$env_file"
+}
+
+main() {
+    T0=$(now_ms)
+    if [ "$HOST_MODE" != 1 ]; then
+        setup_system
+    fi
+    mkdir -p "$WORK/chunks" || fail "cannot create $WORK"
+    rm -f "$WORK"/abort "$WORK"/fail.* "$WORK"/chunks/*
+    say "start kernel=$(uname -r) node=$NODE capsule=$VID"
+    [ -n "$URL" ] && [ -n "$NODE" ] && [ -n "$VID" ] || \
+        fail "kernel command line lacks bootd.url, bootd.node or bootd.capsule"
+    case "$VID" in *[!0-9a-f]*|"") fail "bootd.capsule is not a sha256 version id: $VID" ;; esac
+    [ ${#VID} -eq 64 ] || fail "bootd.capsule is not a sha256 version id: $VID"
+
+    if [ "$HOST_MODE" != 1 ]; then
+        bring_up_network
+    fi
+    post_event stage1 "" 0 0 3
+
+    M=$WORK/manifest
+    fetch "$URL/capsules/$VID/manifest" "$M" || fail "manifest could not be fetched: $FETCH_ERR"
+    got=$(sha256sum "$M" | cut -d ' ' -f 1)
+    [ "$got" = "$VID" ] || fail "manifest failed verification: sha256 $got is not the version id $VID"
+    [ "$(head -c 8 "$M")" = "BDCAPS01" ] || fail "manifest has no BDCAPS01 magic"
+    meta_len=$(u32 "$M" 8) || fail "manifest truncated (meta length)"
+    count_off=$((12 + meta_len))
+    COUNT=$(u32 "$M" "$count_off") || fail "manifest truncated (chunk count)"
+    rec_off=$((count_off + 4))
+    msize=$(stat -c %s "$M")
+    [ "$msize" -eq $((rec_off + 40 * COUNT)) ] || \
+        fail "manifest size $msize does not match $COUNT chunk records"
+    # One line per chunk: "<sha256 hex> <stored size hex> <raw size hex>".
+    od -An -v -tx1 -w40 -j "$rec_off" "$M" | tr -d ' ' | \
+        sed -n 's/^\([0-9a-f]\{64\}\)\([0-9a-f]\{8\}\)\([0-9a-f]\{8\}\)$/\1 \2 \3/p' > "$WORK/table"
+    [ "$(wc -l < "$WORK/table")" -eq "$COUNT" ] || fail "manifest chunk table is malformed"
+    stored=0
+    while read -r h s r; do stored=$((stored + 0x$s)); done < "$WORK/table"
+    say "manifest ok chunks=$COUNT stored=$stored"
+    post_event fetching "" 0 "$COUNT" 1
+
+    if [ "$HOST_MODE" != 1 ]; then
+        mkdir -p "$TARGET"
+        mount -t tmpfs -o mode=0755 tmpfs "$TARGET" || fail "cannot mount a tmpfs on $TARGET"
+    else
+        mkdir -p "$TARGET"
+    fi
+
+    echo 0 > "$WORK/consumed"
+    WORKER_PIDS=""
+    w=0
+    while [ "$w" -lt "$WORKERS" ]; do
+        worker "$w" &
+        WORKER_PIDS="$WORKER_PIDS $!"
+        w=$((w + 1))
+    done
+    T1=$(now_ms)
+    set -o pipefail
+    { consume; echo $? > "$WORK/consume.rc"; } | "$ZSTD" -dcq | \
+        "$TAR" -C "$TARGET" --xattrs --xattrs-include='*' --numeric-owner -xpf - 2> "$WORK/tar.err"
+    rc=$?
+    set +o pipefail
+    crc=$(cat "$WORK/consume.rc" 2>/dev/null)
+    tar_err=$(tr '\n' ' ' < "$WORK/tar.err" | cut -c 1-300)
+    if [ "$crc" != 0 ] || [ -e "$WORK/abort" ] || [ "$rc" != 0 ]; then
+        touch "$WORK/abort"
+        fail "$(first_failure "unpacking failed: ${tar_err:-zstd or tar stopped (exit $rc)}")"
+    fi
+    for p in $WORKER_PIDS; do wait "$p" || fail "$(first_failure "a fetch worker failed")"; done
+    WORKER_PIDS=""
+    T2=$(now_ms)
+    say "verified $COUNT/$COUNT chunks stored=$stored seconds=$(( (T2 - T1) / 1000 )).$(printf '%03d' $(( (T2 - T1) % 1000 )))"
+    post_event verified "" "$COUNT" "$COUNT" 3
+
+    write_node_config
+    if [ "$HOST_MODE" = 1 ]; then
+        say "booted (host mode: no switch_root) total_ms=$(( $(now_ms) - T0 ))"
+        post_event booted "" "$COUNT" "$COUNT" 3
+        exit 0
+    fi
+    [ -x "$TARGET/sbin/init" ] || [ -L "$TARGET/sbin/init" ] || fail "capsule has no /sbin/init"
+    post_event booted "" "$COUNT" "$COUNT" 3
+    say "booted switch_root /sbin/init after $(( ($(now_ms) - T0) / 1000 ))s"
+    for d in dev proc sys run; do
+        if [ -d "$TARGET/$d" ]; then mount --move "/$d" "$TARGET/$d" 2>/dev/null; else umount -l "/$d" 2>/dev/null; fi
+    done
+    rm -rf "$WORK"
+    exec switch_root "$TARGET" /sbin/init
+    fail "switch_root failed"
+}
+
+main "$@"
+fail "the agent ended without switching root"

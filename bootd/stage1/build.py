@@ -1,0 +1,376 @@
+"""Build the stage-one kernel + initramfs that bootd serves under /stage1/.
+
+Reproducible on purpose: the cpio archive is written here (sorted paths, uid/gid 0, fixed mtime, fixed
+inode numbers) and gzip gets mtime=0 and no file name, so the same Debian packages always give the same
+bytes and the same sha256 - an operator can check that two servers serve the identical stage one.
+
+Inputs are Debian packages only: ``busybox-static``, GNU ``tar`` and ``zstd`` (with the shared libraries
+``ldd`` reports, because busybox tar drops xattrs such as security.capability and busybox has no zstd),
+and a ``linux-image-*`` package fetched with ``apt-get download`` and unpacked with ``dpkg-deb`` - never
+installed. The NIC modules come from that package. It ships no modules.dep (depmod writes it at
+install time), so the load order is computed here from each module's ``depends=`` field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
+# NIC drivers for the machines bootd boots in QEMU and on common hardware, then storage (not loaded by
+# the agent, shipped so that a capsule's init can use local scratch disks).
+NIC_MODULES = ("virtio_net", "e1000", "e1000e", "igb", "ixgbe", "vmxnet3")
+STORAGE_MODULES = ("virtio_blk", "virtio_scsi")
+LOAD_FIRST = ("virtio_pci",)  # virtio_net binds only once the PCI transport is there
+FIXED_MTIME = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
+
+Log = Callable[[str], None]
+
+
+class Stage1Error(RuntimeError):
+    """The stage one cannot be built; the message names the missing package, file or tool."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    package: str
+    version: str
+    kver: str
+    vmlinuz: Path
+    modules: dict[str, Path]  # module name -> .ko in the cache
+    depends: dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out_dir: Path
+    initramfs: Path
+    vmlinuz: Path
+    initramfs_sha256: str
+    vmlinuz_sha256: str
+    kernel: Kernel
+    load_order: tuple[str, ...]
+    info: dict[str, object] = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("BOOTD_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bootd"
+
+
+def _run(cmd: list[str], *, cwd: Path | None = None) -> str:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False, timeout=600)
+    except FileNotFoundError as exc:
+        raise Stage1Error(f"{cmd[0]} not found: {exc}") from exc
+    if proc.returncode != 0:
+        raise Stage1Error(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return proc.stdout
+
+
+def _mod_name(filename: str) -> str:
+    name = filename
+    for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name.replace("-", "_")
+
+
+def _modinfo_depends(data: bytes) -> tuple[str, ...]:
+    match = re.search(rb"(?:^|\x00)depends=([^\x00]*)", data)
+    if not match or not match.group(1):
+        return ()
+    return tuple(d.decode().replace("-", "_") for d in match.group(1).split(b",") if d)
+
+
+def resolve_kernel_package(package: str) -> str:
+    """The concrete linux-image-<abi>-<flavour> behind a metapackage (itself when already concrete)."""
+    if re.search(r"\d+\.\d+", package):
+        return package
+    out = _run(["apt-cache", "depends", package])
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Depends:") and "linux-image-" in line:
+            return line.split(":", 1)[1].strip().strip("<>")
+    raise Stage1Error(f"apt-cache depends {package} names no linux-image package (run apt-get update?)")
+
+
+def download_deb(package: str, cache_dir: Path, log: Log) -> Path:
+    """``apt-get download`` into the cache, once per package version."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    existing = sorted(cache_dir.glob(f"{package}_*.deb"))
+    if existing:
+        return existing[-1]
+    log(f"downloading {package} (apt-get download, not installed)")
+    _run(["apt-get", "download", "-o", "Debug::NoDropPrivs=1", package], cwd=cache_dir)
+    found = sorted(cache_dir.glob(f"{package}_*.deb"))
+    if not found:
+        raise Stage1Error(f"apt-get download {package} produced no .deb in {cache_dir}")
+    return found[-1]
+
+
+def unpack_kernel(deb: Path, cache_dir: Path, wanted: Iterable[str], log: Log) -> Kernel:
+    """Extract vmlinuz and the dependency closure of ``wanted`` modules from a linux-image .deb."""
+    wanted = tuple(wanted)
+    package, version = deb.name.split("_")[:2]
+    dest = cache_dir / f"{package}_{version}"
+    stamp = dest / "kernel.json"
+    if stamp.exists():
+        meta = json.loads(stamp.read_text())
+        if tuple(meta.get("wanted", ())) == wanted:
+            return Kernel(
+                package=package, version=version, kver=meta["kver"], vmlinuz=dest / "vmlinuz",
+                modules={m: dest / "modules" / f"{m}.ko" for m in meta["modules"]},
+                depends={k: tuple(v) for k, v in meta["depends"].items()},
+            )
+    log(f"unpacking {deb.name} (vmlinuz and modules: {', '.join(wanted)})")
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "modules").mkdir(parents=True)
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    blobs: dict[str, bytes] = {}
+    depends: dict[str, tuple[str, ...]] = {}
+    kver = ""
+    vmlinuz_found = False
+    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+        for member in tar:
+            name = member.name
+            if not member.isfile():
+                continue
+            if re.match(r"^\./boot/vmlinuz-", name):
+                fh = tar.extractfile(member)
+                assert fh is not None
+                (dest / "vmlinuz").write_bytes(fh.read())
+                kver = name.split("vmlinuz-", 1)[1]
+                vmlinuz_found = True
+            elif "/lib/modules/" in name and name.endswith(".ko"):
+                fh = tar.extractfile(member)
+                assert fh is not None
+                data = fh.read()
+                mod = _mod_name(name.rsplit("/", 1)[1])
+                blobs[mod] = data
+                depends[mod] = _modinfo_depends(data)
+    if proc.wait() != 0:
+        raise Stage1Error(f"dpkg-deb --fsys-tarfile {deb} failed")
+    if not vmlinuz_found:
+        raise Stage1Error(f"{deb.name} contains no /boot/vmlinuz-*")
+    closure: set[str] = set()
+    stack = [m for m in wanted if m in blobs]
+    while stack:
+        mod = stack.pop()
+        if mod in closure:
+            continue
+        closure.add(mod)
+        for dep in depends.get(mod, ()):
+            if dep not in blobs:
+                raise Stage1Error(f"module {mod} depends on {dep}, which {deb.name} does not contain")
+            stack.append(dep)
+    for mod in sorted(closure):
+        (dest / "modules" / f"{mod}.ko").write_bytes(blobs[mod])
+    kept_depends = {m: depends[m] for m in sorted(closure)}
+    stamp.write_text(json.dumps({"kver": kver, "wanted": list(wanted), "modules": sorted(closure),
+                                 "depends": kept_depends}, indent=1, sort_keys=True))
+    return Kernel(package=package, version=version, kver=kver, vmlinuz=dest / "vmlinuz",
+                  modules={m: dest / "modules" / f"{m}.ko" for m in sorted(closure)}, depends=kept_depends)
+
+
+def fetch_kernel(cache_dir: Path, package: str = DEFAULT_KERNEL_PACKAGE, deb: Path | None = None,
+                 log: Log = print) -> Kernel:
+    if deb is None:
+        deb = download_deb(resolve_kernel_package(package), cache_dir, log)
+    return unpack_kernel(deb, cache_dir, (*LOAD_FIRST, *NIC_MODULES, *STORAGE_MODULES), log)
+
+
+def load_order(kernel: Kernel, roots: Iterable[str]) -> tuple[str, ...]:
+    """Dependencies before dependants (the order insmod needs without modules.dep)."""
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(mod: str) -> None:
+        if mod in seen or mod not in kernel.modules:
+            return
+        seen.add(mod)
+        for dep in kernel.depends.get(mod, ()):
+            visit(dep)
+        order.append(mod)
+
+    for mod in (*LOAD_FIRST, *roots):
+        visit(mod)
+    return tuple(order)
+
+
+# cpio (newc) -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    mode: int
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR = 0o040000, 0o100000, 0o120000, 0o020000
+
+
+def write_cpio(entries: dict[str, Entry]) -> bytes:
+    """A newc archive with deterministic metadata, parents before children."""
+    out = io.BytesIO()
+
+    def header(ino: int, name: str, entry: Entry) -> None:
+        name_b = name.encode() + b"\x00"
+        fields = (ino, entry.mode, 0, 0, 2 if entry.mode & S_IFDIR == S_IFDIR else 1, FIXED_MTIME,
+                  len(entry.data), 0, 0, entry.rdev[0], entry.rdev[1], len(name_b), 0)
+        out.write(b"070701" + b"".join(f"{v:08x}".encode() for v in fields))
+        out.write(name_b)
+        out.write(b"\x00" * (-(110 + len(name_b)) % 4))
+        out.write(entry.data)
+        out.write(b"\x00" * (-len(entry.data) % 4))
+
+    for ino, name in enumerate(sorted(entries), start=1):
+        header(ino, name, entries[name])
+    header(0, "TRAILER!!!", Entry(mode=0))
+    out.write(b"\x00" * (-out.tell() % 512))
+    return out.getvalue()
+
+
+def _ldd(binary: str) -> list[str]:
+    out = _run(["ldd", binary])
+    libs: list[str] = []
+    for line in out.splitlines():
+        line = line.strip()
+        if "=>" in line:
+            target = line.split("=>", 1)[1].strip().split(" (", 1)[0]
+            if target.startswith("/"):
+                libs.append(target)
+        elif line.startswith("/"):
+            libs.append(line.split(" (", 1)[0])
+    return libs
+
+
+def _is_static(path: Path) -> bool:
+    # busybox-static contains the *string* ld-linux-x86-64.so.2 (notes pitfall 15): ask ldd instead.
+    proc = subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=False)
+    return "not a dynamic executable" in (proc.stdout + proc.stderr) or "statically linked" in proc.stdout
+
+
+def _dpkg_version(package: str) -> str:
+    proc = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package],
+                          capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
+def _which(tool: str, package: str) -> str:
+    path = shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if path is None:
+        raise Stage1Error(f"{tool} not found: apt-get install {package}")
+    return path
+
+
+def initramfs_entries(kernel: Kernel, order: tuple[str, ...], info: dict[str, object]) -> dict[str, Entry]:
+    entries: dict[str, Entry] = {}
+
+    def add_dir(path: str) -> None:
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            entries.setdefault("/".join(parts[:i]), Entry(S_IFDIR | 0o755))
+
+    def add_file(path: str, data: bytes, mode: int = 0o755) -> None:
+        path = path.strip("/")
+        if "/" in path:
+            add_dir(path.rsplit("/", 1)[0])
+        entries[path] = Entry(S_IFREG | mode, data)
+
+    def add_link(path: str, target: str) -> None:
+        path = path.strip("/")
+        if "/" in path:
+            add_dir(path.rsplit("/", 1)[0])
+        entries[path] = Entry(S_IFLNK | 0o777, target.encode())
+
+    for d in ("dev", "proc", "sys", "run", "tmp", "newroot", "etc", "root", "usr/sbin", "sbin", "lib64"):
+        add_dir(d)
+    entries["dev/console"] = Entry(S_IFCHR | 0o600, rdev=(5, 1))  # the kernel opens it before /init
+    entries["dev/null"] = Entry(S_IFCHR | 0o666, rdev=(1, 3))
+
+    busybox = Path(_which("busybox", "busybox-static"))
+    if not _is_static(busybox):
+        raise Stage1Error(f"{busybox} is not static: apt-get install busybox-static")
+    add_file("bin/busybox", busybox.read_bytes())
+    applets = _run([str(busybox), "--list-full"]).split()
+    for applet in sorted(applets):
+        if applet.rsplit("/", 1)[-1] in ("tar", "busybox", "linuxrc") or applet.startswith("usr/bin/zstd"):
+            continue  # GNU tar (xattrs) is installed as /usr/bin/tar instead
+        add_link(applet, "/bin/busybox")
+
+    for tool, package in (("tar", "tar"), ("zstd", "zstd")):
+        binary = _which(tool, package)
+        add_file(f"usr/bin/{tool}", Path(binary).read_bytes())
+        for lib in _ldd(binary):
+            add_file(lib, Path(lib).resolve().read_bytes())
+
+    add_file("init", (HERE / "init.sh").read_bytes())
+    add_file("bootd/agent.sh", (HERE / "agent.sh").read_bytes())
+    add_file("bootd/udhcpc.script", (HERE / "udhcpc.sh").read_bytes())
+    add_file("etc/bootd-stage1.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode(), 0o644)
+    moddir = f"lib/modules/{kernel.kver}"
+    add_dir(moddir)
+    for mod, ko in sorted(kernel.modules.items()):
+        add_file(f"{moddir}/{mod}.ko", ko.read_bytes(), 0o644)
+    add_file(f"{moddir}/load-order", ("\n".join(order) + "\n").encode(), 0o644)
+    return entries
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def build(out_dir: Path, *, cache_dir: Path | None = None, kernel_package: str = DEFAULT_KERNEL_PACKAGE,
+          kernel_deb: Path | None = None, log: Log = print) -> BuildResult:
+    """Build ``initramfs.img`` + ``vmlinuz`` (the fallback kernel) + ``stage1.json`` into ``out_dir``."""
+    cache = cache_dir or default_cache_dir()
+    kernel = fetch_kernel(cache / "kernels", kernel_package, kernel_deb, log)
+    order = load_order(kernel, NIC_MODULES)
+    if not any(m in order for m in NIC_MODULES):
+        raise Stage1Error(f"{kernel.package} has none of the NIC modules {', '.join(NIC_MODULES)}")
+    agent_sha = hashlib.sha256((HERE / "agent.sh").read_bytes()).hexdigest()
+    info: dict[str, object] = {
+        "kernel": {"package": kernel.package, "version": kernel.version, "release": kernel.kver},
+        "load_order": list(order),
+        "packages": {p: _dpkg_version(p) for p in ("busybox-static", "tar", "zstd", "libc6")},
+        "agent_sha256": agent_sha,
+    }
+    cpio = write_cpio(initramfs_entries(kernel, order, info))
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
+        gz.write(cpio)
+    image = buf.getvalue()
+    vmlinuz = kernel.vmlinuz.read_bytes()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "initramfs.img", image)
+    _atomic_write(out_dir / "vmlinuz", vmlinuz)
+    init_sha = hashlib.sha256(image).hexdigest()
+    kern_sha = hashlib.sha256(vmlinuz).hexdigest()
+    info |= {"initramfs": {"sha256": init_sha, "size": len(image), "cpio_size": len(cpio)},
+             "vmlinuz": {"sha256": kern_sha, "size": len(vmlinuz)}}
+    _atomic_write(out_dir / "stage1.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+    log(f"stage one: {out_dir / 'initramfs.img'} {len(image)} bytes sha256={init_sha[:16]}…; "
+        f"kernel {kernel.kver} -> {out_dir / 'vmlinuz'}; modules: {' '.join(order)}")
+    return BuildResult(out_dir=out_dir, initramfs=out_dir / "initramfs.img", vmlinuz=out_dir / "vmlinuz",
+                       initramfs_sha256=init_sha, vmlinuz_sha256=kern_sha, kernel=kernel, load_order=order,
+                       info=info)

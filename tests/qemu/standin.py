@@ -1,0 +1,263 @@
+"""Stand-ins for the parts of bootd the stage one talks to, so the agent can be proved on its own.
+
+* ``make_busybox_root`` builds a tiny root tree whose /sbin/init reports ``ready`` and heartbeats.
+* ``make_capsule`` writes a capsule store following the contract (pax tar, zstd frames, BDCAPS01
+  manifest) without bootd.capsule, so this proof does not depend on the capsule helper's code.
+* ``python standin.py serve ...`` is a threaded HTTP server with the contract routes the stage one uses,
+  recording every node event as a JSON line; ``--corrupt HASH`` flips a byte of one chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import zstandard
+
+CAPSULE_INIT = r"""#!/bin/sh
+# Sample capsule init: report ready, then heartbeat, using what the stage one wrote.
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sysfs /sys 2>/dev/null
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+. /etc/bootd/node.env
+hostname "$(cat /etc/hostname)"
+echo "BOOTD-CAPSULE up hostname=$(hostname) node=$BOOTD_NODE ip=$BOOTD_IP"
+post() {
+    wget -q -O /dev/null --header "X-Bootd-Token: $BOOTD_TOKEN" --header "Content-Type: application/json" \
+        --post-data "$2" "$BOOTD_URL/api/v1/nodes/$BOOTD_NODE/$1"
+}
+n=0
+until post events '{"event":"ready","reason":"","done":0,"total":0}'; do
+    n=$((n + 1)); [ "$n" -ge 20 ] && break; sleep 1
+done
+echo "BOOTD-CAPSULE ready node=$BOOTD_NODE"
+while :; do
+    sleep "${BOOTD_HEARTBEAT:-5}"
+    post heartbeat '{}' || echo "BOOTD-CAPSULE heartbeat failed"
+done
+"""
+
+
+def make_busybox_root(root: Path, *, filler_bytes: int = 0) -> Path:
+    """A minimal root: static busybox, its applet links, /sbin/init; ``filler_bytes`` of random data
+    make the capsule span more chunks (for the restart-while-fetching test)."""
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "run", "tmp", "root"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    busybox = Path("/bin/busybox")
+    (root / "bin/busybox").write_bytes(busybox.read_bytes())
+    os.chmod(root / "bin/busybox", 0o755)
+    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout
+    for applet in applets.split():
+        if applet in ("bin/busybox", "linuxrc", "sbin/init"):
+            continue
+        link = root / applet
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to("/bin/busybox")
+    (root / "sbin/init").write_text(CAPSULE_INIT)
+    os.chmod(root / "sbin/init", 0o755)
+    if filler_bytes:
+        data = hashlib.shake_256(b"bootd-filler").digest(filler_bytes)
+        (root / "root/filler.bin").write_bytes(data)
+    return root
+
+
+def _pax_tar(root: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        paths = sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix())
+        for path in paths:
+            info = tar.gettarinfo(str(path), arcname=path.relative_to(root).as_posix())
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.mtime = 0
+            if info.isfile():
+                with path.open("rb") as fh:
+                    tar.addfile(info, fh)
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def make_capsule(root: Path, store: Path, name: str, *, chunk_size: int = 256 * 1024) -> str:
+    """Import ``root`` into a contract-format capsule store; returns the version id."""
+    stream = _pax_tar(root)
+    cctx = zstandard.ZstdCompressor(level=3)
+    records = []
+    stored_total = 0
+    for off in range(0, len(stream), chunk_size):
+        raw = stream[off : off + chunk_size]
+        frame = cctx.compress(raw)
+        digest = hashlib.sha256(frame).hexdigest()
+        path = store / "chunks" / digest[:2] / digest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(frame)
+        records.append(bytes.fromhex(digest) + struct.pack(">II", len(frame), len(raw)))
+        stored_total += len(frame)
+    meta = {"format": 1, "compression": "zstd", "archive": "pax", "kernel": None, "raw_size": len(stream),
+            "stored_size": stored_total, "chunks": len(records)}
+    meta_b = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    manifest = b"BDCAPS01" + struct.pack(">I", len(meta_b)) + meta_b + struct.pack(">I", len(records))
+    manifest += b"".join(records)
+    vid = hashlib.sha256(manifest).hexdigest()
+    (store / "manifests").mkdir(parents=True, exist_ok=True)
+    (store / "manifests" / vid).write_bytes(manifest)
+    (store / "refs").mkdir(parents=True, exist_ok=True)
+    (store / "refs" / name).write_text(vid + "\n")
+    return vid
+
+
+def chunk_hashes(store: Path, vid: str) -> list[str]:
+    data = (store / "manifests" / vid).read_bytes()
+    (meta_len,) = struct.unpack(">I", data[8:12])
+    off = 12 + meta_len
+    (count,) = struct.unpack(">I", data[off : off + 4])
+    off += 4
+    return [data[off + 40 * i : off + 40 * i + 32].hex() for i in range(count)]
+
+
+def node_token(secret: bytes, name: str) -> str:
+    return hmac.new(secret, name.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+class Standin:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.store = Path(args.store)
+        self.stage1 = Path(args.stage1)
+        self.base = ""
+        self.capsule = args.capsule
+        self.kernel_args = args.kernel_args
+        self.events = Path(args.events)
+        self.corrupt = set(args.corrupt or [])
+        self.secret = b"standin-secret"
+        self.lock = threading.Lock()
+
+    def record(self, node: str, path: str, body: bytes, token: str | None) -> None:
+        try:
+            payload = json.loads(body or b"{}")
+        except ValueError:
+            payload = {"invalid": body.decode(errors="replace")}
+        ok = token == node_token(self.secret, node)
+        line = json.dumps({"node": node, "route": path.rsplit("/", 1)[-1], "token_ok": ok, **payload})
+        with self.lock, self.events.open("a") as fh:
+            fh.write(line + "\n")
+
+    def script(self, mac: str) -> str:
+        mac = mac.replace("-", ":").lower()
+        name = "n" + mac.replace(":", "")[-4:]
+        vid = (self.store / "refs" / self.capsule).read_text().strip()
+        tok = node_token(self.secret, name)
+        return (
+            "#!ipxe\n"
+            f"echo BOOTD-IPXE node={name} platform=${{platform}}\n"
+            f"kernel {self.base}/stage1/vmlinuz initrd=initramfs.img {self.kernel_args} bootd.url={self.base} "
+            f"bootd.node={name} bootd.capsule={vid} bootd.token={tok} bootd.mac={mac}\n"
+            f"initrd {self.base}/stage1/initramfs.img\n"
+            "boot\n"
+        )
+
+
+def make_handler(st: Standin) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt: str, *args: object) -> None:
+            sys.stderr.write("standin: " + (fmt % args) + "\n")
+
+        def _send(self, code: int, body: bytes, ctype: str = "application/octet-stream",
+                  extra: dict[str, str] | None = None) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _file(self, path: Path, mutate: bool = False) -> None:
+            if not path.is_file():
+                self._send(404, b"not found\n", "text/plain")
+                return
+            data = path.read_bytes()
+            if mutate:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+            rng = self.headers.get("Range")
+            if rng and rng.startswith("bytes="):
+                start_s, _, end_s = rng[6:].partition("-")
+                start = int(start_s or 0)
+                end = int(end_s) if end_s else len(data) - 1
+                if start >= len(data):
+                    self._send(416, b"", extra={"Content-Range": f"bytes */{len(data)}"})
+                    return
+                self._send(206, data[start : end + 1],
+                           extra={"Content-Range": f"bytes {start}-{min(end, len(data) - 1)}/{len(data)}"})
+                return
+            self._send(200, data)
+
+        def do_HEAD(self) -> None:
+            self.do_GET()
+
+        def do_GET(self) -> None:
+            parts = self.path.split("?")[0].strip("/").split("/")
+            if parts == ["boot.ipxe"]:
+                self._send(200, b"#!ipxe\nchain /boot/${mac:hexhyp}.ipxe\n", "text/plain")
+            elif len(parts) == 2 and parts[0] == "boot" and parts[1].endswith(".ipxe"):
+                self._send(200, st.script(parts[1][:-5]).encode(), "text/plain")
+            elif len(parts) == 2 and parts[0] == "stage1" and "/" not in parts[1]:
+                self._file(st.stage1 / parts[1])
+            elif len(parts) == 3 and parts[0] == "capsules" and parts[2] == "manifest":
+                self._file(st.store / "manifests" / parts[1])
+            elif len(parts) == 2 and parts[0] == "chunks" and len(parts[1]) == 64:
+                self._file(st.store / "chunks" / parts[1][:2] / parts[1], mutate=parts[1] in st.corrupt)
+            else:
+                self._send(404, b"no such route\n", "text/plain")
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+            parts = self.path.strip("/").split("/")
+            if len(parts) == 5 and parts[:3] == ["api", "v1", "nodes"] and parts[4] in ("events", "heartbeat"):
+                st.record(parts[3], self.path, body, self.headers.get("X-Bootd-Token"))
+                self._send(200, b"{}", "application/json")
+            else:
+                self._send(404, b"no such route\n", "text/plain")
+
+    return Handler
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sv = sub.add_parser("serve")
+    sv.add_argument("--bind", required=True)
+    sv.add_argument("--port", type=int, required=True)
+    sv.add_argument("--store", required=True)
+    sv.add_argument("--stage1", required=True)
+    sv.add_argument("--capsule", default="busybox")
+    sv.add_argument("--kernel-args", default="console=ttyS0 quiet panic=-1")
+    sv.add_argument("--events", required=True)
+    sv.add_argument("--corrupt", action="append")
+    args = ap.parse_args()
+    st = Standin(args)
+    st.base = f"http://{args.bind}:{args.port}"
+    server = ThreadingHTTPServer((args.bind, args.port), make_handler(st))
+    server.daemon_threads = True
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
