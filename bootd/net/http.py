@@ -439,7 +439,12 @@ class HttpServer:
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_type = OCTET
         resp.content_length = count
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except ConnectionError:
+            # Gone while queued or before the headers: aiohttp's finish_response sees it again, quietly.
+            self.metrics.aborted.inc()
+            return resp
         if count and request.method != "HEAD":
             transport = request.transport
             try:

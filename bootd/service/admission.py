@@ -17,7 +17,6 @@ at all, which is how they never wait behind bulk traffic.
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -59,7 +58,7 @@ class AdmissionControl:
         queue: int,
         retry_after: float,
         *,
-        jitter: float = 0.5,
+        jitter: float = 1.0,
         rng: Callable[[], float] = random.random,
     ) -> None:
         if limit < 1:
@@ -89,8 +88,12 @@ class AdmissionControl:
         return AdmissionStats(self._active, self.queued, self._admitted, self._rejected, self._waited)
 
     def retry_delay(self) -> int:
-        """Base delay stretched by up to ``jitter`` of itself, rounded up to whole seconds."""
-        return max(1, math.ceil(self.retry_after * (1.0 + self.jitter * self._rng())))
+        """Base delay stretched by up to ``jitter`` of itself, rounded to whole seconds.
+
+        With the default (2 s, jitter 1.0) clients are told 2, 3 or 4 s, spreading a refused wave
+        over two seconds; the stage one adds sub-second jitter of its own.
+        """
+        return max(1, round(self.retry_after * (1.0 + self.jitter * self._rng())))
 
     def try_acquire(self) -> bool:
         """Take a slot without waiting if one is free and nobody is queued (the common, fast case)."""

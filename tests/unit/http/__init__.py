@@ -1,0 +1,1 @@
+"""Unit tests of the HTTP delivery services (admission, scripts, health) and helpers."""

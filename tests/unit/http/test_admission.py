@@ -1,0 +1,98 @@
+"""AdmissionControl: FIFO hand-over, bounded queue, cancellation, jittered Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bootd.service.admission import AdmissionControl, Overloaded
+
+
+async def test_fifo_order_and_no_barging() -> None:
+    adm = AdmissionControl(limit=1, queue=10, retry_after=2.0)
+    await adm.acquire()
+    order: list[int] = []
+
+    async def worker(i: int) -> None:
+        await adm.acquire()
+        order.append(i)
+        await asyncio.sleep(0)
+        adm.release()
+
+    tasks = [asyncio.create_task(worker(i)) for i in range(5)]
+    await asyncio.sleep(0.01)
+    assert adm.queued == 5
+    adm.release()
+    # A newcomer arriving while the line drains must not jump it.
+    assert not adm.try_acquire()
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3, 4]
+    assert adm.active == 0 and adm.try_acquire()
+
+
+async def test_queue_full_raises_overloaded_with_reason() -> None:
+    adm = AdmissionControl(limit=2, queue=1, retry_after=2.0, rng=lambda: 0.5)
+    await adm.acquire()
+    await adm.acquire()
+    waiter = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as info:
+        await adm.acquire()
+    assert info.value.retry_after == 3
+    assert "2 streaming, 1 queued" in str(info.value)
+    assert adm.stats().rejected == 1
+    adm.release()
+    await waiter
+    assert adm.active == 2
+
+
+async def test_cancelled_waiter_gives_up_its_place() -> None:
+    adm = AdmissionControl(limit=1, queue=5, retry_after=1.0)
+    await adm.acquire()
+    a = asyncio.create_task(adm.acquire())
+    b = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    a.cancel()
+    await asyncio.sleep(0)
+    assert adm.queued == 1
+    adm.release()
+    await b
+    assert adm.active == 1
+    adm.release()
+    assert adm.active == 0
+
+
+async def test_slot_handed_to_a_task_cancelled_at_that_moment_is_passed_on() -> None:
+    adm = AdmissionControl(limit=1, queue=5, retry_after=1.0)
+    await adm.acquire()
+    a = asyncio.create_task(adm.acquire())
+    b = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    adm.release()  # a's future now has its result...
+    a.cancel()  # ...but a is cancelled before it runs
+    await asyncio.sleep(0)
+    await b
+    assert adm.active == 1
+
+
+def test_retry_delay_jitter_range() -> None:
+    seen = {AdmissionControl(1, 0, 2.0, rng=lambda r=r: r).retry_delay() for r in (0.0, 0.3, 0.6, 0.99)}
+    assert seen == {2, 3, 4}
+    assert AdmissionControl(1, 0, 0.1).retry_delay() == 1
+
+
+def test_bad_limits_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        AdmissionControl(0, 1, 1.0)
+    with pytest.raises(ValueError, match="negative"):
+        AdmissionControl(1, -1, 1.0)
+
+
+async def test_release_without_acquire_is_a_bug() -> None:
+    adm = AdmissionControl(1, 1, 1.0)
+    with pytest.raises(RuntimeError):
+        adm.release()
+    async with adm.slot():
+        assert adm.active == 1
+    assert adm.active == 0

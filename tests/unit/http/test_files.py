@@ -1,0 +1,79 @@
+"""Range parsing, ETag matching and the open-file cache used for sendfile."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bootd.net.http import OpenFileCache, effective_base, etag_matches, parse_range
+
+
+def test_parse_range() -> None:
+    assert parse_range("bytes=0-9", 100) == (0, 10)
+    assert parse_range("bytes=90-", 100) == (90, 10)
+    assert parse_range("bytes=90-1000", 100) == (90, 10)
+    assert parse_range("bytes=-10", 100) == (90, 10)
+    assert parse_range("bytes=-1000", 100) == (0, 100)
+    for ignored in ("bytes=5-1", "bytes=0-1,4-5", "items=0-1", "bytes=a-b", "bytes=-", "bytes=5"):
+        assert parse_range(ignored, 100) is None, ignored
+    for bad in ("bytes=100-", "bytes=100-200", "bytes=-0"):
+        with pytest.raises(ValueError):
+            parse_range(bad, 100)
+
+
+def test_etag_matches() -> None:
+    assert etag_matches('"a"', '"a"')
+    assert etag_matches('W/"a"', '"a"')
+    assert etag_matches('"x", "a"', '"a"')
+    assert etag_matches("*", '"a"')
+    assert not etag_matches('"b"', '"a"')
+
+
+def test_effective_base() -> None:
+    assert effective_base("http://127.0.0.1:0", 4321) == "http://127.0.0.1:4321"
+    assert effective_base("http://boot.example:8080/", 4321) == "http://boot.example:8080"
+
+
+def test_cache_hits_evicts_lru_and_never_closes_a_file_in_use(tmp_path: Path) -> None:
+    cache = OpenFileCache(max_entries=2)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(b"x" * (i + 1))
+        paths.append(p)
+    a = cache.acquire("a", lambda: paths[0])
+    assert a.size == 1 and cache.misses == 1
+    again = cache.acquire("a", lambda: paths[0])
+    assert again is a and cache.hits == 1
+    cache.release(again)
+    cache.acquire("b", lambda: paths[1])
+    c = cache.acquire("c", lambda: paths[2])  # evicts "a", which is still in use
+    assert len(cache) == 2 and a.evicted and not a.file.closed
+    assert os.pread(a.file.fileno(), 1, 0) == b"x"
+    cache.release(a)
+    assert a.file.closed
+    cache.release(c)
+    cache.close()
+    assert c.file.closed
+
+
+def test_cache_revalidates_mutable_and_expired_entries(tmp_path: Path) -> None:
+    cache = OpenFileCache(valid=0.0)
+    p = tmp_path / "f"
+    p.write_bytes(b"one")
+    e1 = cache.acquire("f", lambda: p, revalidate=True)
+    cache.release(e1)
+    tmp = tmp_path / "f.new"
+    tmp.write_bytes(b"second")
+    tmp.rename(p)
+    e2 = cache.acquire("f", lambda: p, revalidate=True)
+    assert e2 is not e1 and e2.size == 6 and e1.file.closed
+    cache.release(e2)
+    p.unlink()
+    with pytest.raises(FileNotFoundError):
+        cache.acquire("f", lambda: p)  # expired (valid=0) and gone
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError):
+        cache.acquire("d", lambda: tmp_path / "d")

@@ -1,0 +1,80 @@
+"""iPXE script rendering, node tokens and the secret file."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import multiprocessing
+from pathlib import Path
+
+from bootd.model import Node
+from bootd.service.scripts import (
+    BootScript,
+    check_node_token,
+    load_or_create_secret,
+    node_token,
+    render_boot_script,
+    render_wait_script,
+)
+
+NODE = Node(mac="52:54:00:12:34:56", name="n0007", group="default")
+VID = "ab" * 32
+
+
+def test_token_is_truncated_hmac_of_the_name() -> None:
+    secret = b"s3cret"
+    want = hmac.new(secret, b"n0007", hashlib.sha256).hexdigest()[:32]
+    assert node_token(secret, "n0007") == want
+    assert check_node_token(secret, "n0007", want)
+    assert not check_node_token(secret, "n0008", want)
+    assert not check_node_token(secret, "n0007", None)
+    assert not check_node_token(secret, "n0007", "é" * 32)
+
+
+def test_boot_script_contract() -> None:
+    text = render_boot_script(BootScript(NODE, "http://10.0.0.1:8080/", VID, True, "console=ttyS0",
+                                         "quiet\nshell", "tok"))
+    lines = text.splitlines()
+    assert lines[0] == "#!ipxe"
+    kernel = next(line for line in lines if line.startswith("kernel "))
+    assert kernel.startswith(f"kernel http://10.0.0.1:8080/capsules/{VID}/kernel initrd=initramfs.img console=ttyS0 "
+                             "quiet shell bootd.url=http://10.0.0.1:8080 bootd.node=n0007 ")
+    assert f"bootd.capsule={VID} bootd.token=tok bootd.mac=52:54:00:12:34:56 || goto failed" in kernel
+    assert "initrd http://10.0.0.1:8080/stage1/initramfs.img || goto failed" in lines
+    assert "chain --replace http://10.0.0.1:8080/boot/52-54-00-12-34-56.ipxe" in lines
+    assert "shell" not in [line.strip() for line in lines]  # the newline did not become a command
+
+
+def test_boot_script_without_kernel_or_capsule() -> None:
+    text = render_boot_script(BootScript(NODE, "http://h", VID, False, "", "", "tok"))
+    assert "kernel http://h/stage1/vmlinuz initrd=initramfs.img bootd.url=http://h" in text
+    text = render_boot_script(BootScript(NODE, "http://h", None, False, "", "", "tok"))
+    assert "kernel " not in text and "no capsule assigned" in text
+
+
+def test_wait_script_loops_back() -> None:
+    text = render_wait_script("52:54:00:12:34:56", "http://h", "waits for approval\n#evil", delay=5)
+    assert "sleep 5 || prompt --timeout 5000 || echo" in text
+    assert text.rstrip().endswith("chain --replace http://h/boot/52-54-00-12-34-56.ipxe")
+    assert "\n#evil" not in text
+
+
+def _create(path: str, q: multiprocessing.Queue[bytes]) -> None:
+    q.put(load_or_create_secret(Path(path)))
+
+
+def test_secret_created_once_0600_even_by_racing_processes(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "secret"
+    ctx = multiprocessing.get_context("fork")
+    q: multiprocessing.Queue[bytes] = ctx.Queue()
+    procs = [ctx.Process(target=_create, args=(str(path), q)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    got = {q.get(timeout=30) for _ in procs}
+    for p in procs:
+        p.join(30)
+    assert len(got) == 1
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert got == {path.read_bytes()} and len(path.read_bytes()) == 64
+    assert [p.name for p in path.parent.iterdir()] == ["secret"]
+    assert load_or_create_secret(path) == got.pop()
