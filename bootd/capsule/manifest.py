@@ -159,9 +159,20 @@ def decode_manifest(data: bytes) -> Manifest:
     """Parse manifest bytes; raises CapsuleError naming what is wrong."""
     if data[:8] != MAGIC:
         raise CapsuleError(f"not a bootd capsule manifest (magic {data[:8]!r}, expected {MAGIC!r})")
+    if len(data) < 16:
+        raise CapsuleError(f"corrupt manifest: {len(data)} bytes is too short")
+    meta_len = int.from_bytes(data[8:12], "big")
+    end = 12 + meta_len
+    if end + 4 > len(data):
+        raise CapsuleError("corrupt manifest: metadata length runs past the end")
+    count = int.from_bytes(data[end:end + 4], "big")
+    if len(data) != end + 4 + count * RECORD_SIZE:
+        raise CapsuleError(
+            f"corrupt manifest: {len(data)} bytes, but {count} chunk records need {end + 4 + count * RECORD_SIZE}"
+        )
     try:
         parsed = _FAST_FORMAT.parse(data)
-    except cs.ConstructError as exc:
+    except Exception as exc:  # the compiled parser raises struct.error etc., not only ConstructError
         raise CapsuleError(f"corrupt manifest: {exc}") from exc
     try:
         meta = json.loads(bytes(parsed.meta).decode())
