@@ -48,7 +48,7 @@ def test_stream_is_valid_pax_with_long_and_unicode_names(tmp_path: Path) -> None
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:", encoding="utf-8",
                       errors="surrogateescape") as tf:
         members = {m.name: m for m in tf.getmembers()}
-        assert list(members)[0] == "."
+        assert next(iter(members)) == "."
         long_name = "./" + "d" * 90 + "/" + "e" * 40 + "/f.txt"
         assert long_name in members
         f = tf.extractfile(members[long_name])
@@ -113,7 +113,7 @@ def test_tar_member_escaping_root_is_refused() -> None:
 def test_file_that_shrinks_while_read_keeps_the_stream_aligned(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(b"abc")
-    e = Entry(b"f", REG, 0o644, 0, 0, 0, size=1000, opener=lambda: open(p, "rb", buffering=0))
+    e = Entry(b"f", REG, 0o644, 0, 0, 0, size=1000, opener=lambda: open(p, "rb", buffering=0))  # noqa: SIM115
     data = archive_bytes([Entry(b"", DIR, 0o755, 0, 0, 0), e])
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         f = tf.extractfile("./f")

@@ -143,7 +143,7 @@ def test_verify_names_corrupt_and_missing_chunks(store: CapsuleStore, tree: Path
     assert not report.ok
     problems = {b["sha256"]: b["problem"] for b in report.bad}
     assert problems == {bad: "sha256 mismatch", gone: "missing"}
-    with pytest.raises(CapsuleError, match="corrupt|missing"):
+    with pytest.raises(CapsuleError, match=r"corrupt|missing"):
         write_archive(store, r.version, io.BytesIO())
 
 
