@@ -19,6 +19,17 @@ async def build(daemon: Daemon) -> None:
     cfg = daemon.config
     metrics = CollectorRegistry()
     daemon.extras["metrics"] = metrics
+    registry = daemon.registry
+    assert registry is not None, "the daemon builds the registry before the components"
+
+    from bootd.capsule.store import CapsuleStore
+    from bootd.service.health import HealthMonitor
+
+    capsules = CapsuleStore(cfg.capsule.dir)
+    daemon.extras["capsules"] = capsules
+    health = HealthMonitor(registry, cfg.registry)
+    daemon.background.append(health.run)
+    daemon.extras.setdefault("reload_hooks", []).append(lambda new: setattr(health, "config", new.registry))
 
     if cfg.tftp.enabled:
         from bootd.net.tftp import TftpServer
@@ -30,3 +41,11 @@ async def build(daemon: Daemon) -> None:
             max_blksize=cfg.tftp.max_blksize, max_windowsize=cfg.tftp.max_windowsize,
             listen_interface=cfg.server.interface, registry=metrics,
         )))
+
+    if cfg.http.enabled:
+        from bootd.net.http import HttpServer
+
+        http = HttpServer(cfg, registry, capsules, metrics)
+        daemon.components.append(("http", http))
+        # Boot settings (kernel arguments, file locations) apply to the next script served.
+        daemon.extras["reload_hooks"].append(lambda new: setattr(http, "config", new))

@@ -1,0 +1,275 @@
+"""Boot storm against one `bootd serve` in a private network namespace.
+
+    .venv/bin/python bench/storm/run.py [--nodes 500] [--kill-at SECONDS] [--json OUT]
+
+Two namespaces joined by a veth pair: bootd (DHCP full mode on a /22, TFTP, HTTP) in one, the
+simulated nodes (storm.py) in the other.  With --kill-at, bootd is killed with SIGKILL that many
+seconds into the storm and started again; the storm must still complete and nothing registered
+before the kill may be lost.  Prints names, addresses, failures, duration, the p99 of script
+requests, and the bytes the master sent.  Everything is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench.storm.storm import StormConfig, percentile, storm  # noqa: E402
+
+SERVER_IP = "10.78.0.1"
+CLIENT_IP = "10.78.0.2"
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+    return proc
+
+
+@dataclass
+class Net:
+    server_ns: str
+    client_ns: str
+    server_if: str = "bds0"
+    client_if: str = "bdc0"
+
+
+@contextlib.contextmanager
+def network(prefix: str = "bd-storm") -> Iterator[Net]:
+    tag = f"{os.getpid()}-{random.randrange(1000)}"
+    net = Net(f"{prefix}-{tag}-srv", f"{prefix}-{tag}-cli")
+    try:
+        sh("ip", "netns", "add", net.server_ns)
+        sh("ip", "netns", "add", net.client_ns)
+        for ns in (net.server_ns, net.client_ns):
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", net.server_ns, "link", "add", net.server_if, "type", "veth", "peer", "name", net.client_if,
+           "netns", net.client_ns)
+        sh("ip", "-n", net.server_ns, "addr", "add", f"{SERVER_IP}/22", "dev", net.server_if)
+        sh("ip", "-n", net.client_ns, "addr", "add", f"{CLIENT_IP}/22", "dev", net.client_if)
+        sh("ip", "-n", net.server_ns, "link", "set", net.server_if, "up")
+        sh("ip", "-n", net.client_ns, "link", "set", net.client_if, "up")
+        # Simulated nodes broadcast DHCP from 0.0.0.0 and all share one address afterwards.
+        sh("ip", "-n", net.client_ns, "route", "add", "255.255.255.255/32", "dev", net.client_if, check=False)
+        yield net
+    finally:
+        for ns in (net.client_ns, net.server_ns):
+            pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def write_config(workdir: Path, net: Net, http_port: int = 8080) -> Path:
+    state = workdir / "state"
+    text = f"""
+[server]
+state_dir = "{state}"
+address = "{SERVER_IP}"
+interface = "{net.server_if}"
+graceful_timeout = 5
+log_level = "info"
+
+[dhcp]
+enabled = true
+mode = "full"
+pool_start = "10.78.1.0"
+pool_end = "10.78.3.250"
+netmask = "255.255.252.0"
+lease_time = 3600
+queue_size = 4096
+
+[tftp]
+enabled = true
+listen = "{SERVER_IP}"
+
+[http]
+listen = "{SERVER_IP}"
+port = {http_port}
+max_bulk_streams = 64
+bulk_queue = 4096
+
+[capsule]
+chunk_min = 16384
+chunk_avg = 65536
+chunk_max = 262144
+"""
+    path = workdir / "bootd.toml"
+    path.write_text(text)
+    return path
+
+
+def make_capsule(workdir: Path, config: Path, size_mib: int = 2) -> None:
+    tree = workdir / "tree"
+    rng = random.Random(7)
+    for d in ("bin", "etc", "usr/lib", "boot"):
+        (tree / d).mkdir(parents=True, exist_ok=True)
+    (tree / "etc" / "hostname").write_text("storm\n")
+    (tree / "boot" / "vmlinuz-storm").write_bytes(rng.randbytes(64 * 1024))
+    for i in range(size_mib * 4):
+        half = rng.randbytes(128 * 1024)
+        (tree / "usr/lib" / f"lib{i}.so").write_bytes(half + bytes(128 * 1024))
+    cli(config, "capsule", "import", "storm", str(tree))
+    cli(config, "group", "set", "default", "--capsule", "storm")
+
+
+def cli(config: Path, *args: str, ns: str | None = None) -> str:
+    cmd = [sys.executable, "-m", "bootd", "-c", str(config), *args]
+    if ns:
+        cmd = ["ip", "netns", "exec", ns, *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bootd {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def start_bootd(config: Path, net: Net, log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["ip", "netns", "exec", net.server_ns, sys.executable, "-m", "bootd", "-c", str(config),
+                             "serve"], cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bootd exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        probe = subprocess.run(["ip", "netns", "exec", net.server_ns, "curl", "-sf", "-o", "/dev/null",
+                                f"http://{SERVER_IP}:8080/healthz"], timeout=10)
+        if probe.returncode == 0:
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("bootd did not answer /healthz within 30 s:\n" + log.read_text()[-3000:])
+
+
+def metrics_bytes(net: Net) -> dict[str, float]:
+    out = subprocess.run(["ip", "netns", "exec", net.server_ns, "curl", "-sf", f"http://{SERVER_IP}:8080/metrics"],
+                         capture_output=True, text=True, timeout=30).stdout
+    values: dict[str, float] = {}
+    for line in out.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            values[name] = float(value)
+    return values
+
+
+@dataclass
+class Report:
+    nodes: int
+    ok: int
+    failed: int
+    distinct_names: int
+    distinct_ips: int
+    duration: float
+    script_p50_ms: float
+    script_p99_ms: float
+    client_bytes: int
+    registry_ready: int
+    registry_nodes: int
+    leases: int
+    errors: list[str] = field(default_factory=list)
+    killed_at: float | None = None
+    lost_after_kill: list[str] = field(default_factory=list)
+
+
+def client_main(args: argparse.Namespace) -> None:
+    """Runs inside the client namespace: the storm itself, results as JSON on stdout."""
+    cfg = StormConfig(nodes=args.nodes, server=SERVER_IP, deadline=args.deadline,
+                      http_base=f"http://{SERVER_IP}:8080")
+    results, duration = asyncio.run(storm(cfg, cfg.http_base, interface=args.interface))
+    print(json.dumps({"duration": duration, "results": [asdict(r) for r in results]}))
+
+
+def run(nodes: int, workdir: Path, kill_at: float | None = None, deadline: float = 240.0) -> Report:
+    workdir.mkdir(parents=True, exist_ok=True)
+    with network() as net:
+        config = write_config(workdir, net)
+        make_capsule(workdir, config)
+        log = workdir / "bootd.log"
+        bootd = start_bootd(config, net, log)
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", net.client_ns, sys.executable, __file__, "--client", "--nodes", str(nodes),
+             "--interface", net.client_if, "--deadline", str(deadline)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        lost: list[str] = []
+        try:
+            if kill_at is not None:
+                time.sleep(kill_at)
+                before = json.loads(cli(config, "node", "list", "--json"))
+                bootd.send_signal(signal.SIGKILL)
+                bootd.wait(timeout=10)
+                # Our pid is `ip netns exec`, which exec()s python: the same process, so this killed bootd.
+                bootd = start_bootd(config, net, log)
+                after = {n["mac"]: n["name"] for n in json.loads(cli(config, "node", "list", "--json"))}
+                lost = [n["name"] for n in before if after.get(n["mac"]) != n["name"]]
+            out, err = client.communicate(timeout=deadline + 60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+            bootd.send_signal(signal.SIGTERM)
+            try:
+                bootd.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                bootd.kill()
+                bootd.wait()
+        if client.returncode != 0:
+            raise RuntimeError(f"storm client failed ({client.returncode}):\n{err.decode()[-3000:]}")
+        data = json.loads(out)
+        results: list[dict[str, Any]] = data["results"]
+        registry = json.loads(cli(config, "node", "list", "--json"))
+        leases = json.loads(cli(config, "lease", "list", "--json"))
+    ok = [r for r in results if r["ok"]]
+    latencies = [r["script_latency"] for r in ok]
+    errors = sorted({r["error"] for r in results if not r["ok"]})
+    return Report(
+        nodes=nodes, ok=len(ok), failed=nodes - len(ok),
+        distinct_names=len({r["name"] for r in ok}), distinct_ips=len({r["ip"] for r in ok if r["ip"]}),
+        duration=data["duration"], script_p50_ms=percentile(latencies, 50) * 1000,
+        script_p99_ms=percentile(latencies, 99) * 1000, client_bytes=sum(r["bytes"] for r in results),
+        registry_ready=sum(1 for n in registry if n["state"] == "ready"), registry_nodes=len(registry),
+        leases=len(leases), errors=errors[:20], killed_at=kill_at, lost_after_kill=lost,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=500)
+    parser.add_argument("--deadline", type=float, default=240.0, help="seconds the storm may take (bounded)")
+    parser.add_argument("--kill-at", type=float, help="SIGKILL bootd this many seconds in, then restart it")
+    parser.add_argument("--workdir", type=Path, help="keep state and logs here (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="write the report as JSON")
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--interface", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        client_main(args)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bootd-storm-") as tmp:
+        report = run(args.nodes, args.workdir or Path(tmp), args.kill_at, args.deadline)
+    for key, value in asdict(report).items():
+        print(f"{key:18} {value}")
+    if args.json:
+        args.json.write_text(json.dumps(asdict(report), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""Boot-storm simulator: N nodes power on at once and do everything a real node does.
+
+Each simulated node runs, concurrently with all the others:
+  1. DHCP DORA (broadcast flag set, one shared socket on port 68, demultiplexed by xid),
+  2. TFTP of the network boot program from next-server (RFC 2348 blksize),
+  3. HTTP: its iPXE script, the capsule manifest (checked against the version id on the kernel
+     command line), every chunk (each verified against the manifest), lifecycle events and a
+     heartbeat, so bootd's registry must end with every node `ready`.
+
+The code deliberately shares nothing with bootd (its own DHCP, TFTP and manifest parsing): a
+client that reused the server's codecs would share its bugs.  Every loop is bounded in count
+and time.  Run it only inside a network namespace you created (see run.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+MAGIC_COOKIE = b"\x63\x82\x53\x63"
+
+
+def mac_of(index: int, prefix: int = 0x5E) -> bytes:
+    return bytes((0x52, 0x54, prefix, (index >> 16) & 0xFF, (index >> 8) & 0xFF, index & 0xFF))
+
+
+def mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def dhcp_request(kind: int, mac: bytes, xid: int, extra: dict[int, bytes]) -> bytes:
+    header = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", 1, 1, 6, 0, xid, 0, 0x8000, bytes(4), bytes(4), bytes(4),
+                         bytes(4), mac.ljust(16, b"\0"), b"", b"")
+    opts = bytes((53, 1, kind))
+    opts += bytes((60, 32)) + b"PXEClient:Arch:00000:UNDI:002001"
+    opts += bytes((93, 2, 0, 0, 94, 3, 1, 2, 1))
+    opts += bytes((55, 6, 1, 3, 6, 43, 66, 67))
+    for code, value in extra.items():
+        opts += bytes((code, len(value))) + value
+    return header + MAGIC_COOKIE + opts + b"\xff"
+
+
+def dhcp_parse(data: bytes) -> tuple[int, str, str, bytes, dict[int, bytes]] | None:
+    if len(data) < 240 or data[236:240] != MAGIC_COOKIE:
+        return None
+    xid = struct.unpack_from("!I", data, 4)[0]
+    yiaddr = socket.inet_ntoa(data[16:20])
+    siaddr = socket.inet_ntoa(data[20:24])
+    bootfile = data[108:236].rstrip(b"\0")
+    opts: dict[int, bytes] = {}
+    i = 240
+    while i < len(data):
+        code = data[i]
+        if code == 255:
+            break
+        if code == 0:
+            i += 1
+            continue
+        if i + 1 >= len(data):
+            break
+        length = data[i + 1]
+        opts[code] = opts.get(code, b"") + data[i + 2 : i + 2 + length]
+        i += 2 + length
+    return xid, yiaddr, siaddr, bootfile, opts
+
+
+class DhcpClients(asyncio.DatagramProtocol):
+    """One socket on port 68 for every simulated node; replies are routed by xid."""
+
+    def __init__(self) -> None:
+        self.waiters: dict[int, asyncio.Queue[tuple[str, str, bytes, dict[int, bytes]]]] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        parsed = dhcp_parse(data)
+        if parsed is None:
+            return
+        xid, yiaddr, siaddr, bootfile, opts = parsed
+        queue = self.waiters.get(xid)
+        if queue is not None:
+            queue.put_nowait((yiaddr, siaddr, bootfile, opts))
+
+    async def exchange(self, packet: bytes, xid: int, want: int, timeout: float,
+                       retries: int) -> tuple[str, str, bytes, dict[int, bytes]]:
+        queue: asyncio.Queue[tuple[str, str, bytes, dict[int, bytes]]] = asyncio.Queue()
+        self.waiters[xid] = queue
+        try:
+            for attempt in range(retries):
+                assert self.transport is not None
+                self.transport.sendto(packet, ("255.255.255.255", 67))
+                deadline = time.monotonic() + timeout * (attempt + 1)
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        reply = await asyncio.wait_for(queue.get(), left)
+                    except TimeoutError:
+                        break
+                    kind = reply[3].get(53, b"\0")[0]
+                    if kind == want:
+                        return reply
+                    if kind == 6:
+                        raise StormError(f"DHCPNAK for xid {xid:#x}")
+            raise StormError(f"no DHCP {'OFFER' if want == 2 else 'ACK'} after {retries} tries")
+        finally:
+            self.waiters.pop(xid, None)
+
+
+class StormError(Exception):
+    pass
+
+
+async def tftp_get(server: str, port: int, filename: str, blksize: int = 1468, timeout: float = 2.0,
+                   retries: int = 6) -> bytes:
+    """A small, independent RFC 1350/2348 client (lock-step, with retransmission)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind(("0.0.0.0", 0))
+    try:
+        rrq = struct.pack("!H", 1) + filename.encode() + b"\0octet\0blksize\0" + str(blksize).encode() + b"\0"
+        peer: tuple[str, int] | None = None
+        out = bytearray()
+        expected = 1
+        size = 512
+        last_sent, dest = rrq, (server, port)
+        await loop.sock_sendto(sock, last_sent, dest)
+        tries = 0
+        while True:
+            try:
+                data, addr = await asyncio.wait_for(loop.sock_recvfrom(sock, 70000), timeout)
+            except TimeoutError:
+                tries += 1
+                if tries > retries:
+                    raise StormError(f"TFTP {filename}: timed out waiting for block {expected}") from None
+                await loop.sock_sendto(sock, last_sent, dest)
+                continue
+            if peer is None:
+                peer = addr
+                dest = addr
+            elif addr != peer:
+                continue
+            opcode = struct.unpack_from("!H", data)[0]
+            if opcode == 5:
+                message = data[4:].rstrip(b"\0").decode(errors="replace")
+                raise StormError(f"TFTP {filename}: ERROR {message}")
+            if opcode == 6:
+                opts = data[2:].split(b"\0")
+                values = dict(zip(opts[0::2], opts[1::2], strict=False))
+                size = int(values.get(b"blksize", b"512"))
+                last_sent = struct.pack("!HH", 4, 0)
+                await loop.sock_sendto(sock, last_sent, dest)
+                continue
+            if opcode != 3:
+                continue
+            block = struct.unpack_from("!H", data, 2)[0]
+            if block == expected & 0xFFFF:
+                tries = 0
+                out += data[4:]
+                last_sent = struct.pack("!HH", 4, block)
+                await loop.sock_sendto(sock, last_sent, dest)
+                expected += 1
+                if len(data) - 4 < size:
+                    return bytes(out)
+            else:
+                await loop.sock_sendto(sock, last_sent, dest)
+    finally:
+        sock.close()
+
+
+def parse_manifest(data: bytes) -> list[tuple[str, int, int]]:
+    """The chunk table of a capsule manifest (format in README), parsed independently of bootd."""
+    if data[:8] != b"BDCAPS01":
+        raise StormError(f"manifest magic {data[:8]!r} is not BDCAPS01")
+    (meta_len,) = struct.unpack_from("!I", data, 8)
+    pos = 12 + meta_len
+    (count,) = struct.unpack_from("!I", data, pos)
+    pos += 4
+    chunks = []
+    for _ in range(count):
+        digest, stored, raw = struct.unpack_from("!32sII", data, pos)
+        chunks.append((digest.hex(), stored, raw))
+        pos += 40
+    return chunks
+
+
+@dataclass
+class NodeResult:
+    index: int
+    mac: str
+    name: str = ""
+    ip: str = ""
+    ok: bool = False
+    error: str = ""
+    bytes: int = 0
+    script_latency: float = 0.0
+    times: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StormConfig:
+    nodes: int = 500
+    server: str = "10.78.0.1"
+    tftp_port: int = 69
+    chunk_parallel: int = 4
+    deadline: float = 240.0
+    dhcp: bool = True
+    tftp: bool = True
+    seed: int = 1
+    http_base: str = "http://10.78.0.1:8080"
+
+
+async def _retrying_get(session: aiohttp.ClientSession, url: str, result: NodeResult, deadline: float) -> bytes:
+    """GET honouring 503 + Retry-After (admission control), bounded by the storm deadline."""
+    while True:
+        try:
+            async with session.get(url) as resp:
+                if resp.status == 503:
+                    wait = float(resp.headers.get("Retry-After", "1"))
+                    if time.monotonic() + wait > deadline:
+                        raise StormError(f"503 for {url} until the deadline")
+                    await asyncio.sleep(wait * random.uniform(0.5, 1.5))
+                    continue
+                if resp.status != 200:
+                    raise StormError(f"GET {url}: HTTP {resp.status}")
+                body = await resp.read()
+                result.bytes += len(body)
+                return body
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise StormError(f"GET {url}: {exc!r}") from None
+            await asyncio.sleep(0.2)
+
+
+async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, session: aiohttp.ClientSession,
+                   base: str, start: float, deadline: float) -> NodeResult:
+    mac = mac_of(index)
+    result = NodeResult(index, mac_text(mac))
+    try:
+        bootfile = ""
+        if dhcp is not None:
+            xid = (index << 8) | random.randrange(256)
+            offer = await dhcp.exchange(dhcp_request(1, mac, xid, {}), xid, 2, timeout=2.0, retries=5)
+            yiaddr, _siaddr, _bootfile, opts = offer
+            ack = await dhcp.exchange(
+                dhcp_request(3, mac, xid, {50: socket.inet_aton(yiaddr), 54: opts.get(54, b"")}), xid, 5,
+                timeout=2.0, retries=5)
+            result.ip = ack[0]
+            bootfile = (ack[3].get(67) or ack[2]).rstrip(b"\0").decode()
+            result.times["dhcp"] = time.monotonic() - start
+            if cfg.tftp and bootfile and not bootfile.startswith("http"):
+                nbp = await tftp_get(ack[1] if ack[1] != "0.0.0.0" else cfg.server, cfg.tftp_port, bootfile)
+                result.bytes += len(nbp)
+                if not nbp:
+                    raise StormError(f"TFTP {bootfile}: empty file")
+                result.times["tftp"] = time.monotonic() - start
+        t0 = time.monotonic()
+        script = (await _retrying_get(session, f"{base}/boot/{result.mac.replace(':', '-')}.ipxe", result,
+                                      deadline)).decode()
+        result.script_latency = time.monotonic() - t0
+        result.times["script"] = time.monotonic() - start
+        args = dict(re.findall(r"bootd\.(\w+)=(\S+)", script))
+        for key in ("node", "capsule", "token"):
+            if key not in args:
+                raise StormError(f"iPXE script lacks bootd.{key}=: {script[:200]!r}")
+        result.name = args["node"]
+        headers = {"X-Bootd-Token": args["token"]}
+
+        async def event(name: str, **extra: Any) -> None:
+            async with session.post(f"{base}/api/v1/nodes/{result.name}/events", json={"event": name, **extra},
+                                    headers=headers) as resp:
+                if resp.status not in (200, 204):
+                    raise StormError(f"event {name}: HTTP {resp.status} {await resp.text()}")
+
+        await event("stage1")
+        manifest = await _retrying_get(session, f"{base}/capsules/{args['capsule']}/manifest", result, deadline)
+        if hashlib.sha256(manifest).hexdigest() != args["capsule"]:
+            raise StormError("manifest does not hash to the version id on the kernel command line")
+        chunks = parse_manifest(manifest)
+        total = sum(c[1] for c in chunks)
+        await event("fetching", done=0, total=total)
+        queue: asyncio.Queue[tuple[str, int, int]] = asyncio.Queue()
+        for chunk in chunks:
+            queue.put_nowait(chunk)
+
+        async def worker() -> None:
+            while not queue.empty():
+                digest, stored, _raw = queue.get_nowait()
+                body = await _retrying_get(session, f"{base}/chunks/{digest}", result, deadline)
+                if len(body) != stored or hashlib.sha256(body).hexdigest() != digest:
+                    raise StormError(f"chunk {digest} failed verification")
+
+        await asyncio.gather(*(worker() for _ in range(cfg.chunk_parallel)))
+        result.times["chunks"] = time.monotonic() - start
+        await event("verified")
+        await event("booted")
+        async with session.post(f"{base}/api/v1/nodes/{result.name}/heartbeat", headers=headers) as resp:
+            if resp.status not in (200, 204):
+                raise StormError(f"heartbeat: HTTP {resp.status}")
+        result.times["ready"] = time.monotonic() - start
+        result.ok = True
+    except (StormError, aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+async def storm(cfg: StormConfig, base: str, interface: str | None = None) -> tuple[list[NodeResult], float]:
+    random.seed(cfg.seed)
+    loop = asyncio.get_running_loop()
+    dhcp: DhcpClients | None = None
+    transport = None
+    if cfg.dhcp:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        if interface:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        sock.bind(("0.0.0.0", 68))
+        transport, proto = await loop.create_datagram_endpoint(DhcpClients, sock=sock)
+        dhcp = proto
+    start = time.monotonic()
+    deadline = start + cfg.deadline
+    connector = aiohttp.TCPConnector(limit=2000, limit_per_host=2000, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60, sock_connect=20)
+    try:
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            tasks = [boot_one(i, cfg, dhcp, session, cfg.http_base, start, deadline) for i in range(cfg.nodes)]
+            results = await asyncio.wait_for(asyncio.gather(*tasks), cfg.deadline + 30)
+    finally:
+        if transport is not None:
+            transport.close()
+    return list(results), time.monotonic() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
