@@ -1,0 +1,212 @@
+"""DHCP transport: UDP sockets on 67 (and 4011 in proxy mode), a bounded queue, and counters.
+
+It decides nothing: bytes are parsed by ``bootd.proto.dhcp`` and answered by
+``DhcpService``. What it owns, and why:
+
+* ``SO_BINDTODEVICE`` when an interface is configured: a socket bound to
+  0.0.0.0 cannot send to 255.255.255.255 from a namespace (or host) whose
+  routing table has no route for it (ENETUNREACH), and binding to the device
+  also keeps bootd from answering on interfaces it was not asked to serve.
+* A bounded queue between the socket and the workers: under a flood the
+  newest datagrams are dropped (and counted) instead of growing memory or
+  delaying every answer past the client's retransmit timer. Clients
+  retransmit, so dropping is the correct overload response for DHCP.
+* A fixed number of worker tasks: the service awaits the store, so several
+  requests can be in flight while one waits for SQLite.
+* A counter for every packet that gets no answer, labelled by reason, plus a
+  rate-limited log line per reason (one per ``LOG_EVERY`` seconds) so a flood
+  cannot flood the journal too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import cast
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from bootd.errors import RemoteProtocolError, StoreError
+from bootd.proto.dhcp.packet import DhcpPacket
+from bootd.service.dhcp import DhcpService
+
+__all__ = ["DhcpServer"]
+
+log = logging.getLogger("bootd.dhcp")
+
+_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+RCVBUF = 4 * 1024 * 1024  # absorbs a boot wave's burst while workers catch up
+LOG_EVERY = 10.0
+
+_Item = tuple[bytes, tuple[str, int], int, asyncio.DatagramTransport]
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        reg = registry if registry is not None else CollectorRegistry()
+        self.received = Counter("bootd_dhcp_received", "DHCP datagrams received, by port", ["port"], registry=reg)
+        self.dropped = Counter("bootd_dhcp_dropped",
+                               "DHCP datagrams dropped or ignored without a reply, by reason", ["reason"],
+                               registry=reg)
+        self.replies = Counter("bootd_dhcp_replies", "DHCP replies sent, by message type", ["type"], registry=reg)
+        self.send_errors = Counter("bootd_dhcp_send_errors", "DHCP replies the kernel refused to send",
+                                   registry=reg)
+        self.queue = Gauge("bootd_dhcp_queue_depth", "DHCP datagrams waiting for a worker", registry=reg)
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    def __init__(self, server: DhcpServer, port: int) -> None:
+        self.server = server
+        self.port = port
+        self.transport: asyncio.DatagramTransport | None = None
+        self.received = server.metrics.received.labels(port=str(port))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The selector datagram transport is not a registered DatagramTransport subclass in 3.11.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received.inc()
+        assert self.transport is not None
+        try:
+            self.server.queue.put_nowait((data, addr, self.port, self.transport))
+        except asyncio.QueueFull:
+            self.server.drop("queue-full", f"from {addr[0]}:{addr[1]}, {self.server.queue.maxsize} waiting")
+
+    def error_received(self, exc: Exception) -> None:
+        # Linux reports ICMP errors and failed sends here (e.g. ENETUNREACH for a broadcast without a device).
+        self.server.metrics.send_errors.inc()
+        self.server.drop("send-error", str(exc), count=False)
+
+
+class DhcpServer:
+    """Listens for DHCP; constructed from plain values so it never needs the config module."""
+
+    def __init__(
+        self,
+        service: DhcpService,
+        *,
+        listen: str = "0.0.0.0",
+        port: int = 67,
+        proxy_port: int | None = None,
+        interface: str | None = None,
+        queue_size: int = 1024,
+        workers: int = 16,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.service = service
+        self.listen = listen
+        self.port = port
+        self.proxy_port = proxy_port
+        self.interface = interface
+        self.workers = workers
+        self.clock = clock
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
+        self.metrics = _Metrics(registry)
+        self.metrics.queue.set_function(lambda: float(self.queue.qsize()))
+        self._endpoints: list[asyncio.DatagramTransport] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed since)
+        self.bound_ports: list[int] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def _socket(self, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RCVBUF)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            if self.interface:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, self.interface.encode())
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot bind DHCP to interface {self.interface!r} "
+                                             f"(needs CAP_NET_RAW and an existing device): {exc.strerror}") from None
+            sock.bind((self.listen, port))
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.service.load()
+        ports = [self.port] + ([self.proxy_port] if self.proxy_port and self.proxy_port != self.port else [])
+        try:
+            for port in ports:
+                sock = self._socket(port)
+                real_port = int(sock.getsockname()[1])
+                factory = functools.partial(_Endpoint, self, real_port)
+                transport, _ = await loop.create_datagram_endpoint(factory, sock=sock)
+                self._endpoints.append(transport)
+                self.bound_ports.append(real_port)
+        except BaseException:
+            await self.close()
+            raise
+        self._tasks = [asyncio.create_task(self._worker(), name=f"dhcp-worker-{i}") for i in range(self.workers)]
+        log.info("event=dhcp-listening address=%s ports=%s interface=%s mode=%s", self.listen,
+                 ",".join(map(str, self.bound_ports)), self.interface or "-", self.service.settings.mode)
+
+    async def close(self) -> None:
+        for transport in self._endpoints:
+            transport.close()
+        self._endpoints.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    # -- work --------------------------------------------------------------------------
+    def drop(self, reason: str, detail: str = "", *, count: bool = True) -> None:
+        if count:
+            self.metrics.dropped.labels(reason=reason).inc()
+        now = time.monotonic()
+        last, suppressed = self._logged.get(reason, (0.0, 0))
+        if now - last >= LOG_EVERY:
+            more = f" (+{suppressed} more since last report)" if suppressed else ""
+            log.info("event=dhcp-drop reason=%s detail=%r%s", reason, detail, more)
+            self._logged[reason] = (now, 0)
+        else:
+            self._logged[reason] = (last, suppressed + 1)
+
+    async def _worker(self) -> None:
+        queue = self.queue
+        while True:
+            data, addr, port, transport = await queue.get()
+            try:
+                await self._one(data, addr, port, transport)
+            except asyncio.CancelledError:
+                raise
+            except StoreError as exc:
+                self.drop("store-error", str(exc))
+            except Exception:  # a bug must not kill the worker: count it, log the trace, keep serving
+                self.metrics.dropped.labels(reason="internal-error").inc()
+                log.exception("event=dhcp-internal-error from=%s:%d", addr[0], addr[1])
+
+    async def _one(self, data: bytes, addr: tuple[str, int], port: int, transport: asyncio.DatagramTransport) -> None:
+        try:
+            packet = DhcpPacket.parse(data)
+            outcome = await self.service.handle(packet, port=port, now=self.clock(), source=addr)
+        except RemoteProtocolError as exc:
+            self.drop(exc.reason, f"from {addr[0]}:{addr[1]}: {exc}")
+            return
+        if outcome.ignored is not None:
+            self.drop(outcome.ignored, outcome.detail)
+        for reply in outcome.replies:
+            if transport.is_closing():
+                return
+            transport.sendto(reply.data, (reply.address, reply.port))
+            self.metrics.replies.labels(type=reply.msg_type.name.lower()).inc()

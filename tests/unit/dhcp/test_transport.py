@@ -1,0 +1,137 @@
+"""DhcpServer over loopback: real sockets, queue bound, drop counters (no namespaces needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from bootd.config import RegistryConfig
+from bootd.net.dhcp import DhcpServer
+from bootd.proto.dhcp import options as o
+from bootd.proto.dhcp.packet import DhcpPacket
+from bootd.service.boot import BootPolicy
+from bootd.service.dhcp import DhcpService, DhcpSettings
+from bootd.service.registry import RegistryService
+from bootd.store.memory import memory_store
+from bootd.store.sqlite import SqliteNodeStore
+
+from .conftest import golden, golden_packet
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[SqliteNodeStore]:
+    s = memory_store()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def relay() -> socket.socket:
+    """Stands in for a relay agent on loopback: replies to relayed requests come to its port."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    return s
+
+
+def make(store: SqliteNodeStore, relay_port: int, registry: CollectorRegistry, **kw: int) -> DhcpServer:
+    settings = DhcpSettings(server_address="127.0.0.1", pool_start="127.0.0.100", pool_end="127.0.0.200",
+                            server_port=relay_port)
+    svc = DhcpService(store, RegistryService(store, RegistryConfig()), BootPolicy("http://127.0.0.1:8080",
+                                                                                  "127.0.0.1"), settings)
+    return DhcpServer(svc, listen="127.0.0.1", port=0, registry=registry, **kw)  # type: ignore[arg-type]
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    v = registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+async def recv(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    loop = asyncio.get_running_loop()
+    return await asyncio.wait_for(loop.sock_recv(sock, 2048), timeout)
+
+
+async def test_relayed_discover_answered_over_udp(store: SqliteNodeStore, relay: socket.socket) -> None:
+    registry = CollectorRegistry()
+    server = make(store, relay.getsockname()[1], registry)
+    await server.start()
+    try:
+        discover = dataclasses.replace(golden_packet("ipxe-uefi-c2s-discover-ipxe-1"), giaddr="127.0.0.1")
+        relay.sendto(discover.encode(), ("127.0.0.1", server.bound_ports[0]))
+        offer = DhcpPacket.parse(await recv(relay))
+        assert o.message_type(offer) is o.MessageType.OFFER and offer.yiaddr == "127.0.0.100"
+        assert offer.options[o.IPXE_ENCAP] == b"\xb0\x01\x01"
+        port = str(server.bound_ports[0])
+        assert value(registry, "bootd_dhcp_received_total", port=port) == 1
+        assert value(registry, "bootd_dhcp_replies_total", type="offer") == 1
+    finally:
+        await server.close()
+
+
+async def test_malformed_and_ignored_are_counted(store: SqliteNodeStore, relay: socket.socket) -> None:
+    registry = CollectorRegistry()
+    server = make(store, relay.getsockname()[1], registry)
+    await server.start()
+    try:
+        target = ("127.0.0.1", server.bound_ports[0])
+        relay.sendto(b"\x01\x01\x06", target)
+        relay.sendto(golden("udhcpc-s2c-offer-1"), target)
+        for _ in range(100):
+            if value(registry, "bootd_dhcp_dropped_total", reason="not-request"):
+                break
+            await asyncio.sleep(0.02)
+        assert value(registry, "bootd_dhcp_dropped_total", reason="short-packet") == 1
+        assert value(registry, "bootd_dhcp_dropped_total", reason="not-request") == 1
+    finally:
+        await server.close()
+
+
+async def test_flood_beyond_queue_is_dropped_and_counted(store: SqliteNodeStore, relay: socket.socket) -> None:
+    registry = CollectorRegistry()
+    server = make(store, relay.getsockname()[1], registry, queue_size=4, workers=0)
+    await server.start()
+    try:
+        data = golden("udhcpc-c2s-discover-1")
+        for _ in range(50):
+            relay.sendto(data, ("127.0.0.1", server.bound_ports[0]))
+        port = str(server.bound_ports[0])
+        for _ in range(100):
+            if value(registry, "bootd_dhcp_received_total", port=port) == 50:
+                break
+            await asyncio.sleep(0.02)
+        assert value(registry, "bootd_dhcp_dropped_total", reason="queue-full") == 46
+        assert server.queue.qsize() == 4
+        assert value(registry, "bootd_dhcp_queue_depth") == 4
+    finally:
+        await server.close()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_proxy_boot_server_port_answers_the_sender(store: SqliteNodeStore, relay: socket.socket) -> None:
+    port, proxy_port = free_udp_port(), free_udp_port()
+    settings = DhcpSettings(server_address="127.0.0.1", mode="proxy", server_port=port, proxy_port=proxy_port)
+    svc = DhcpService(store, RegistryService(store, RegistryConfig()),
+                      BootPolicy("http://127.0.0.1:8080", "127.0.0.1"), settings)
+    registry = CollectorRegistry()
+    server = DhcpServer(svc, listen="127.0.0.1", port=port, proxy_port=proxy_port, registry=registry)
+    await server.start()
+    try:
+        assert server.bound_ports == [port, proxy_port]
+        req = dataclasses.replace(golden_packet("edk2-pxe-c2s-request-1"), ciaddr="127.0.0.1")
+        relay.sendto(req.encode(), ("127.0.0.1", proxy_port))
+        ack = DhcpPacket.parse(await recv(relay))
+        assert o.message_type(ack) is o.MessageType.ACK and ack.file == b"snponly.efi" and ack.yiaddr == "0.0.0.0"
+        assert value(registry, "bootd_dhcp_received_total", port=str(proxy_port)) == 1
+    finally:
+        await server.close()
