@@ -86,18 +86,21 @@ fail() {
     exit 1
 }
 
-# Backoff with jitter: delay = base * 2^attempt capped at 8 s, times a random factor in [0.5, 1.5).
+# Backoff with jitter, so nodes that failed together do not come back together: after a 503 with
+# Retry-After, wait that long plus up to a quarter more; otherwise 0.5 s * 2^attempt (capped at 8 s)
+# times a random factor in [0.5, 1.5).
 backoff_sleep() { # attempt [retry_after_seconds]
     if [ -n "$2" ]; then
         ms=$(( $2 * 1000 ))
         [ "$ms" -gt 30000 ] && ms=30000
+        ms=$(( ms + RANDOM % (ms / 4 + 1) ))
     else
         ms=500
         a=$1
         while [ "$a" -gt 0 ] && [ "$ms" -lt 8000 ]; do ms=$((ms * 2)); a=$((a - 1)); done
         [ "$ms" -gt 8000 ] && ms=8000
+        ms=$(( ms / 2 + (RANDOM % (ms + 1)) ))
     fi
-    ms=$(( ms / 2 + (RANDOM % (ms + 1)) ))
     sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
 }
 
@@ -137,7 +140,9 @@ fetch() {
         fi
         case "$err" in
             *" 404 "*|*" 403 "*|*" 410 "*) FETCH_ERR="$url: $err"; return 1 ;;
-            *" 503 "*) ra=$(retry_after "$url"); say "retry $url in ${ra:-backoff}s (server busy, 503)"
+            *" 503 "*) ra=$(retry_after "$url")
+                       if [ -n "$ra" ]; then when="${ra}s"; else when="backoff"; fi
+                       say "retry $url in $when (server busy, 503)"
                        backoff_sleep "$attempt" "$ra" ;;
             *) say "retry $url (attempt $attempt: ${err:-timeout})"; backoff_sleep "$attempt" ;;
         esac

@@ -15,11 +15,13 @@ import hmac
 import io
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -141,6 +143,9 @@ class Standin:
         self.kernel_args = args.kernel_args
         self.events = Path(args.events)
         self.corrupt = set(args.corrupt or [])
+        self.busy = args.busy  # this many chunk requests get 503 + Retry-After: 1
+        self.last_busy = 0.0
+        self.drop = args.drop  # this many chunk requests are cut off half-way
         self.secret = b"standin-secret"
         self.lock = threading.Lock()
 
@@ -221,6 +226,30 @@ def make_handler(st: Standin) -> type[BaseHTTPRequestHandler]:
             elif len(parts) == 3 and parts[0] == "capsules" and parts[2] == "manifest":
                 self._file(st.store / "manifests" / parts[1])
             elif len(parts) == 2 and parts[0] == "chunks" and len(parts[1]) == 64:
+                with st.lock:
+                    if self.command == "HEAD":  # the agent's Retry-After probe sees the same overload
+                        busy = time.monotonic() - st.last_busy < 1.0
+                    else:
+                        busy = st.busy > 0
+                        st.busy -= busy
+                        if busy:
+                            st.last_busy = time.monotonic()
+                    drop = st.drop > 0 and not busy and self.command == "GET"
+                    st.drop -= drop
+                if busy:
+                    self._send(503, b"busy\n", "text/plain", {"Retry-After": "1"})
+                    return
+                if drop:
+                    data = (st.store / "chunks" / parts[1][:2] / parts[1]).read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.log_message("chunk %s range=%s", parts[1][:12], self.headers.get("Range"))
                 self._file(st.store / "chunks" / parts[1][:2] / parts[1], mutate=parts[1] in st.corrupt)
             else:
                 self._send(404, b"no such route\n", "text/plain")
@@ -250,6 +279,8 @@ def main() -> int:
     sv.add_argument("--kernel-args", default="console=ttyS0 quiet panic=-1")
     sv.add_argument("--events", required=True)
     sv.add_argument("--corrupt", action="append")
+    sv.add_argument("--busy", type=int, default=0)
+    sv.add_argument("--drop", type=int, default=0)
     args = ap.parse_args()
     st = Standin(args)
     st.base = f"http://{args.bind}:{args.port}"

@@ -1,0 +1,124 @@
+"""The stage-one agent on the build host (host mode: no mounts, no DHCP, no switch_root) against the
+stand-in server over loopback. These run in a second each, so every fault path the QEMU tests cannot
+afford to repeat is covered here with the real busybox, zstd and GNU tar."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bootd.stage1.build import HERE as STAGE1_SRC
+from tests.qemu import standin
+from tests.qemu.conftest import SampleCapsule, StandinProc, StartStandin, need_host_tools
+
+AGENT = STAGE1_SRC / "agent.sh"
+
+
+def run_agent(tmp_path: Path, server: StandinProc, vid: str, *, node: str = "n0001",
+              timeout: float = 60, retries: int = 6) -> tuple[subprocess.CompletedProcess[str], Path]:
+    need_host_tools()
+    token = standin.node_token(b"standin-secret", node)
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(f"console=ttyS0 bootd.url={server.base} bootd.node={node} bootd.capsule={vid} "
+                       f"bootd.token={token} bootd.mac=52:54:00:00:00:01 bootd.retries={retries}\n")
+    target = tmp_path / "target"
+    env = dict(os.environ, BOOTD_HOST_MODE="1", BOOTD_CMDLINE_FILE=str(cmdline),
+               BOOTD_WORK=str(tmp_path / "work"), BOOTD_TARGET=str(target))
+    proc = subprocess.run(["busybox", "sh", str(AGENT)], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    return proc, target
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    cmp = filecmp.dircmp(a, b)
+    stack = [cmp]
+    while stack:
+        c = stack.pop()
+        if c.left_only or c.diff_files or c.funny_files:
+            return False
+        stack.extend(c.subdirs.values())
+    return True
+
+
+def test_agent_fetches_verifies_and_unpacks(tmp_path: Path, loopback_standin: StartStandin,
+                                            sample_capsule: SampleCapsule) -> None:
+    server = loopback_standin()
+    proc, target = run_agent(tmp_path, server, sample_capsule.vid)
+    assert proc.returncode == 0, proc.stderr
+    count = len(standin.chunk_hashes(sample_capsule.store, sample_capsule.vid))
+    assert f"BOOTD-STAGE1 verified {count}/{count} chunks" in proc.stderr
+    assert same_tree(sample_capsule.root, target)
+    assert (target / "etc/hostname").read_text() == "n0001\n"
+    env = (target / "etc/bootd/node.env").read_text()
+    assert f"BOOTD_NODE=n0001\nBOOTD_TOKEN={standin.node_token(b'standin-secret', 'n0001')}" in env
+    events = [e["event"] for e in server.event_lines()]
+    assert events[0] == "stage1" and events[-2:] == ["verified", "booted"]
+    assert all(e["token_ok"] for e in server.event_lines())
+
+
+def test_corrupted_chunk_is_reported_by_hash_and_never_booted(
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule) -> None:
+    bad = standin.chunk_hashes(sample_capsule.store, sample_capsule.vid)[-1]
+    server = loopback_standin("--corrupt", bad)
+    proc, target = run_agent(tmp_path, server, sample_capsule.vid)
+    assert proc.returncode == 1
+    assert f"BOOTD-STAGE1 FAILED chunk {bad} failed verification" in proc.stderr
+    events = server.event_lines()
+    assert events[-1]["event"] == "failed" and bad in str(events[-1]["reason"])
+    assert not any(e["event"] in ("verified", "booted") for e in events)
+    assert not (target / "etc/bootd/node.env").exists()
+
+
+def test_manifest_not_matching_version_id_is_refused(
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule) -> None:
+    fake_vid = "0" * 64
+    store = sample_capsule.store
+    (store / "manifests" / fake_vid).write_bytes((store / "manifests" / sample_capsule.vid).read_bytes())
+    try:
+        server = loopback_standin()
+        proc, _ = run_agent(tmp_path, server, fake_vid)
+    finally:
+        (store / "manifests" / fake_vid).unlink()
+    assert proc.returncode == 1
+    assert "manifest failed verification" in proc.stderr
+    assert server.event_lines()[-1]["event"] == "failed"
+
+
+def test_busy_server_503_is_retried(tmp_path: Path, loopback_standin: StartStandin,
+                                    sample_capsule: SampleCapsule) -> None:
+    server = loopback_standin("--busy", "3")
+    proc, target = run_agent(tmp_path, server, sample_capsule.vid)
+    assert proc.returncode == 0, proc.stderr
+    assert "in 1s (server busy, 503)" in proc.stderr  # Retry-After was read and honoured
+    assert same_tree(sample_capsule.root, target)
+
+
+def test_dropped_connection_resumes_with_range(tmp_path: Path, loopback_standin: StartStandin,
+                                               sample_capsule: SampleCapsule) -> None:
+    server = loopback_standin("--drop", "2")
+    proc, target = run_agent(tmp_path, server, sample_capsule.vid)
+    assert proc.returncode == 0, proc.stderr
+    assert same_tree(sample_capsule.root, target)
+    assert "range=bytes=" in server.log.read_text(), "the retry should continue the partial chunk"
+
+
+def test_server_down_fails_with_reason(tmp_path: Path, sample_capsule: SampleCapsule) -> None:
+    from tests.qemu.conftest import free_port
+
+    dead = StandinProc(proc=None, base=f"http://127.0.0.1:{free_port()}",  # type: ignore[arg-type]
+                       events=tmp_path / "none", log=tmp_path / "none.log")
+    proc, _ = run_agent(tmp_path, dead, sample_capsule.vid, timeout=60, retries=3)
+    assert proc.returncode == 1
+    assert "FAILED manifest could not be fetched" in proc.stderr
+
+
+@pytest.mark.parametrize("vid", ["", "xyz", "A" * 64])
+def test_bad_version_id_on_command_line(tmp_path: Path, loopback_standin: StartStandin, vid: str) -> None:
+    server = loopback_standin()
+    proc, _ = run_agent(tmp_path, server, vid)
+    assert proc.returncode == 1
+    assert "FAILED" in proc.stderr
