@@ -104,7 +104,7 @@ class Staging:
         except FileNotFoundError:
             return False
         except FileExistsError:
-            return True
+            return True  # staged already (the same chunk twice in one import)
         return True
 
     def close(self) -> None:

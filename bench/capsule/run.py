@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Capsule import vs ``tar -cf - DIR | zstd -T0 -3 > /dev/null`` on the same generated tree.
+
+Usage: .venv/bin/python bench/capsule/run.py [--size-mib 1024] [--runs 3] [--cache DIR] [--store DIR]
+
+The tree (mixed file sizes, partly compressible) is generated once, deterministically,
+into the cache dir and reused. Both sides read it from a warm page cache; bootd also
+writes (and fsyncs) its chunk store, which the peer does not have to do. Prints the
+medians, the ratio (bootd MB/s / peer MB/s, target >= 0.9), the compression ratio
+and the new-bytes share after changing one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bootd.capsule.importer import ImportOptions, import_capsule
+from bootd.capsule.store import CapsuleStore
+
+MiB = 1 << 20
+WORDS = [
+    "node", "boot", "capsule", "kernel", "chunk", "zstd", "init", "cluster", "stateless", "rack",
+    "switch", "daemon", "config", "lib", "usr", "share", "doc", "etc", "var", "log", "systemd",
+    "network", "address", "interface", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "=", ":",
+    "/", "{", "}", "(", ")", ";", "#", "-", "_", ".", "the", "of", "and", "to", "in", "is", "for",
+    "that",
+]
+
+
+def _corpus(rng: random.Random, size: int) -> bytes:
+    parts: list[str] = []
+    n = 0
+    while n < size:
+        line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) + "\n"
+        parts.append(line)
+        n += len(line)
+    return "".join(parts).encode()[:size]
+
+
+def generate(root: Path, size_mib: int, seed: int = 20261126) -> None:
+    """Deterministic tree: ~45% text-like, ~35% random, ~20% half-and-half 'binaries'."""
+    done = root / ".complete"
+    if done.exists():
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    rng = random.Random(seed)
+    corpus = _corpus(rng, 16 * MiB)
+    budget = size_mib * MiB
+    total = 0
+    i = 0
+    while total < budget:
+        r = rng.random()
+        if r < 0.90:
+            size = rng.randint(100, 32 * 1024)  # many small files, as in a root fs
+        elif r < 0.997:
+            size = rng.randint(32 * 1024, MiB)
+        else:
+            size = rng.randint(4 * MiB, 32 * MiB)  # a few large ones
+        size = min(size, budget - total) or 1
+        kind = rng.random()
+        if kind < 0.45:
+            out = bytearray()
+            while len(out) < size:
+                off = rng.randrange(0, len(corpus) - 65536)
+                out += corpus[off:off + rng.randint(512, 65536)]
+            data = bytes(out[:size])
+        elif kind < 0.80:
+            data = rng.randbytes(size)
+        else:
+            half = size // 2
+            off = rng.randrange(0, len(corpus) - half) if half < len(corpus) else 0
+            data = (rng.randbytes(size - half) + corpus[off:off + half])[:size]
+            data = data + b"\0" * (size - len(data))
+        d = root / f"d{i % 64:02d}" / f"s{(i // 64) % 16:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i:06d}.bin").write_bytes(data)
+        total += size
+        i += 1
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for n in filenames + dirnames:
+            os.utime(os.path.join(dirpath, n), (1_700_000_000, 1_700_000_000))
+    done.write_text(f"{i} files {total} bytes\n")
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != ".complete")
+
+
+def run_peer(root: Path) -> tuple[float, int]:
+    t = time.perf_counter()
+    r = subprocess.run(f"tar -C '{root}' -cf - . | zstd -T0 -3 -c | wc -c", shell=True, check=True,
+                       capture_output=True, text=True)
+    return time.perf_counter() - t, int(r.stdout.strip())
+
+
+def run_bootd(root: Path, store_dir: Path, durable: bool) -> tuple[float, int, int]:
+    shutil.rmtree(store_dir, ignore_errors=True)
+    store = CapsuleStore(store_dir)
+    t = time.perf_counter()
+    r = import_capsule(store, "bench", root, options=ImportOptions(durable=durable))
+    return time.perf_counter() - t, r.raw_size, r.stored_size
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("BOOTD_BENCH_CACHE",
+                                                                        "/var/tmp/bootd-bench")))
+    ap.add_argument("--store", type=Path, default=None, help="store dir (default: under the cache dir)")
+    ap.add_argument("--no-fsync", action="store_true", help="skip fsync of staged files (not the default)")
+    args = ap.parse_args()
+
+    root = args.cache / f"capsule-tree-{args.size_mib}m-v2"
+    t = time.perf_counter()
+    generate(root, args.size_mib)
+    gen = time.perf_counter() - t
+    store_dir = args.store or (args.cache / "capsule-store")
+    size = tree_bytes(root)
+    print(f"tree {root}: {size / MiB:.0f} MiB ({(root / '.complete').read_text().strip()}), "
+          f"ready in {gen:.1f} s; {os.cpu_count()} CPUs")
+    subprocess.run(f"tar -C '{root}' -cf - . > /dev/null", shell=True, check=True)  # warm the page cache
+
+    peer_t: list[float] = []
+    ours_t: list[float] = []
+    peer_out = raw = stored = 0
+    for _ in range(args.runs):
+        pt, peer_out = run_peer(root)
+        peer_t.append(pt)
+        bt, raw, stored = run_bootd(root, store_dir, durable=not args.no_fsync)
+        ours_t.append(bt)
+    peer_mbs = size / statistics.median(peer_t) / 1e6
+    ours_mbs = size / statistics.median(ours_t) / 1e6
+
+    # One-file change: flip bytes in the middle of one mid-sized file, re-import into the same store.
+    victims = sorted(p for p in root.rglob("*.bin") if 256 * 1024 < p.stat().st_size < 2 * MiB)
+    victim = victims[len(victims) // 2]
+    original = victim.read_bytes()
+    st = victim.stat()
+    try:
+        changed = bytearray(original)
+        changed[len(changed) // 2: len(changed) // 2 + 16] = os.urandom(16)
+        victim.write_bytes(bytes(changed))
+        os.utime(victim, (st.st_atime, st.st_mtime))
+        r = import_capsule(CapsuleStore(store_dir), "bench", root, options=ImportOptions(durable=False))
+        share = r.new_bytes / r.stored_size
+    finally:
+        victim.write_bytes(original)
+        os.utime(victim, (st.st_atime, st.st_mtime))
+
+    rows = [
+        ("tar | zstd -T0 -3", statistics.median(peer_t), peer_mbs, size / peer_out),
+        ("bootd capsule import", statistics.median(ours_t), ours_mbs, raw / stored),
+    ]
+    print(f"\n{'tool':<24}{'median s':>10}{'MB/s':>9}{'ratio (raw/stored)':>20}")
+    for name, sec, mbs, comp in rows:
+        print(f"{name:<24}{sec:>10.2f}{mbs:>9.0f}{comp:>20.2f}")
+    print(f"\nruns: peer {[round(x, 2) for x in peer_t]}  bootd {[round(x, 2) for x in ours_t]}")
+    print(f"speed ratio bootd/peer: {ours_mbs / peer_mbs:.2f}  (target >= 0.9)")
+    print(f"new-bytes share after changing one file ({victim.stat().st_size} B): {share * 100:.2f}% "
+          f"({r.new_chunks} new chunks of {r.chunks})")
+    shutil.rmtree(store_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
