@@ -46,11 +46,13 @@ def start_reference(
     uefi_nbp: str = "snponly.efi",
     pool: tuple[int, int] = (100, 199),
     log_dhcp: bool = False,
+    ipxe_boot: str | None = None,
 ) -> LabProcess:
     """A complete reference boot server: DHCP (with the iPXE quirks handled), TFTP and RAs.
 
-    iPXE clients get ``<http_base>/boot.ipxe``; that generic script chains to ``/boot/<mac>.ipxe`` itself,
-    because dnsmasq cannot put the client's MAC into the boot file name.
+    iPXE clients get ``ipxe_boot`` (default ``<http_base>/boot.ipxe``); that generic script chains to
+    ``/boot/<mac>.ipxe`` itself, because dnsmasq cannot put the client's MAC into the boot file name.
+    :func:`write_chain_root` makes a TFTP root whose ``chain.ipxe`` does the same for any HTTP server.
     """
     cmd = [
         *_base(lab, "ref"),
@@ -63,10 +65,21 @@ def start_reference(
         "--dhcp-match=set:ipxe,175", "--dhcp-userclass=set:ipxe,iPXE",
         "--dhcp-match=set:efi64,option:client-arch,7", "--dhcp-match=set:efi64,option:client-arch,9",
         "--dhcp-option=tag:ipxe,encap:175,176,1",  # no ProxyDHCP wait in iPXE (pitfall 2)
-        f"--dhcp-boot=tag:ipxe,{http_base}/boot.ipxe",
+        f"--dhcp-boot=tag:ipxe,{ipxe_boot or http_base + '/boot.ipxe'}",
         f"--dhcp-boot=tag:!ipxe,tag:efi64,{uefi_nbp},,{lab.server_ip}",
         f"--dhcp-boot=tag:!ipxe,tag:!efi64,{bios_nbp},,{lab.server_ip}",
     ]
     if log_dhcp:
         cmd.append("--log-dhcp")
     return lab.spawn("dnsmasq-ref", cmd, pidfile=lab.workdir / "dnsmasq-ref.pid")
+
+
+def write_chain_root(root: Path, http_base: str, nbp_dir: Path = Path("/usr/lib/ipxe")) -> Path:
+    """A TFTP root with the NBPs and ``chain.ipxe``, which sends iPXE to ``<http_base>/boot/<mac>.ipxe``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for nbp in ("undionly.kpxe", "snponly.efi", "ipxe.efi"):
+        if (nbp_dir / nbp).exists():
+            shutil.copyfile(nbp_dir / nbp, root / nbp)
+    (root / "chain.ipxe").write_text(f"#!ipxe\nchain {http_base}/boot/${{mac:hexhyp}}.ipxe\n")
+    root.chmod(0o755)  # dnsmasq's TFTP runs as root here, but keep the tree world-readable anyway
+    return root
