@@ -52,7 +52,6 @@ __all__ = ["TftpServer"]
 
 log = logging.getLogger("bootd.tftp")
 
-_RECV_BATCH = 64  # datagrams read per wakeup, so one busy socket cannot starve the others
 _RECV_SIZE = 65536
 _SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
@@ -164,21 +163,21 @@ class _Transfer:
         self._flush(self._loop.time())
 
     def _on_readable(self) -> None:
-        session = self.session
-        sock = self._sock
+        # One datagram per wakeup: in lock-step there is exactly one ACK waiting, and a
+        # second recv() would only cost a syscall plus a BlockingIOError. If more are
+        # queued, the (level-triggered) selector calls again right away.
+        try:
+            data = self._sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return
+        except ConnectionRefusedError:
+            self.end("client_gone", "client port unreachable (client gave up)")
+            return
+        except OSError as exc:
+            self.end("socket_error", f"receive failed: {exc.strerror or exc}")
+            return
         now = self._loop.time()
-        for _ in range(_RECV_BATCH):
-            try:
-                data = sock.recv(_RECV_SIZE)
-            except BlockingIOError:
-                break
-            except ConnectionRefusedError:
-                self.end("client_gone", "client port unreachable (client gave up)")
-                return
-            except OSError as exc:
-                self.end("socket_error", f"receive failed: {exc.strerror or exc}")
-                return
-            session.receive_datagram(data, now)
+        self.session.receive_datagram(data, now)
         self._flush(now)
 
     def _flush(self, now: float) -> None:
@@ -284,6 +283,7 @@ class TftpServer:
         retries: int = 5,
         max_blksize: int = 65464,
         max_windowsize: int = 64,
+        max_window_bytes: int = 65536,
         listen_interface: str | None = None,
         registry: Any = None,
     ) -> None:
@@ -295,7 +295,11 @@ class TftpServer:
         self._root_names = [os.fspath(r) for r in roots]
         self.max_sessions = max_sessions
         self._limits = SessionLimits(
-            timeout=timeout, retries=retries, max_blksize=max_blksize, max_windowsize=max_windowsize
+            timeout=timeout,
+            retries=retries,
+            max_blksize=max_blksize,
+            max_windowsize=max_windowsize,
+            max_window_bytes=max_window_bytes,
         )
         self._interface = listen_interface
         self._metrics = _Metrics(registry) if registry is not None else None

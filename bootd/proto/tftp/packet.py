@@ -225,6 +225,7 @@ def negotiate(
     default_timeout: float,
     max_blksize: int = MAX_BLKSIZE,
     max_windowsize: int = 64,
+    max_window_bytes: int = 0,
 ) -> Negotiated:
     """Choose transfer parameters from the client's options (RFC 2347-2349, 7440).
 
@@ -233,11 +234,16 @@ def negotiate(
     ignored, i.e. left out of the OACK, so the client falls back to defaults.
     ``size`` is None when the transfer size is not known in advance (netascii),
     in which case tsize is not acknowledged, as tftpd-hpa does.
+
+    ``max_window_bytes`` (0: no limit) caps windowsize * blksize: a window is sent
+    as one burst, and a burst larger than the client's socket buffer loses its
+    tail, which only a timeout recovers (RFC 7440 lets the server answer smaller).
     """
     blksize, windowsize, timeout = DEFAULT_BLKSIZE, 1, default_timeout
     oack: dict[str, str] = {}
     max_blksize = max(MIN_BLKSIZE, min(max_blksize, MAX_BLKSIZE))
     max_windowsize = max(1, min(max_windowsize, MAX_WINDOWSIZE))
+    wanted_window = 0
     for name, raw in options.items():
         value = _int_option(raw)
         if value is None:
@@ -254,6 +260,11 @@ def negotiate(
                 timeout = float(value)
                 oack[name] = str(value)
         elif name == "windowsize" and value >= 1:
-            windowsize = min(value, max_windowsize)
-            oack[name] = str(windowsize)
+            wanted_window = value
+            oack[name] = ""  # filled in below, once blksize is known (keeps the client's order)
+    if wanted_window:
+        windowsize = min(wanted_window, max_windowsize)
+        if max_window_bytes > 0:
+            windowsize = max(1, min(windowsize, max_window_bytes // blksize))
+        oack["windowsize"] = str(windowsize)
     return Negotiated(blksize, windowsize, timeout, oack)

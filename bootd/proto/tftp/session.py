@@ -80,7 +80,7 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
-_FINISHED = frozenset({State.COMPLETE, State.SIZE_PROBE, State.FAILED})
+_NEGOTIATING = State.NEGOTIATING  # module constants: enum attribute access is slow on the hot path
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +91,7 @@ class SessionLimits:
     retries: int = 5
     max_blksize: int = MAX_BLKSIZE
     max_windowsize: int = 64
+    max_window_bytes: int = 65536  # cap on windowsize * blksize, 0: none (see negotiate())
 
 
 class _SourceChanged(Exception):
@@ -98,21 +99,35 @@ class _SourceChanged(Exception):
 
 
 class _OctetBlocks:
-    """Blocks read on demand at their offset: nothing cached, retransmits re-read the page cache."""
+    """Blocks cut from read-ahead chunks: one source read serves many small blocks.
+
+    Retransmits that fall before the current chunk simply read again (page cache),
+    so nothing but one chunk is held per transfer.
+    """
+
+    READ_AHEAD = 65536
 
     def __init__(self, source: FileSource, blksize: int) -> None:
         self._source = source
         self._blksize = blksize
         self._size = source.size
+        self._chunk = memoryview(b"")
+        self._chunk_off = 0
+        self._chunk_len = max(blksize, self.READ_AHEAD // blksize * blksize)
         self.last: int | None = self._size // blksize + 1
 
-    def get(self, idx: int) -> bytes:
+    def get(self, idx: int) -> bytes | memoryview:
         off = (idx - 1) * self._blksize
         want = min(self._blksize, self._size - off)
-        data = self._source.read(off, want)
-        if len(data) != want:
-            raise _SourceChanged
-        return data
+        rel = off - self._chunk_off
+        if rel < 0 or rel + want > len(self._chunk):
+            n = min(self._chunk_len, self._size - off)
+            self._chunk = memoryview(self._source.read(off, n))
+            self._chunk_off = off
+            if len(self._chunk) != n:
+                raise _SourceChanged
+            rel = 0
+        return self._chunk[rel : rel + want]
 
     def release_below(self, idx: int) -> None:
         pass
@@ -144,7 +159,7 @@ class _NetasciiBlocks:
         self._buf += data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
         return True
 
-    def get(self, idx: int) -> bytes:
+    def get(self, idx: int) -> bytes | memoryview:
         while self._generated < idx:
             while len(self._buf) < self._blksize and self._fill():
                 pass
@@ -194,6 +209,7 @@ class ReadSession:
             default_timeout=limits.timeout,
             max_blksize=limits.max_blksize,
             max_windowsize=limits.max_windowsize,
+            max_window_bytes=limits.max_window_bytes,
         )
         self.blksize = nego.blksize
         self.windowsize = nego.windowsize
@@ -206,6 +222,7 @@ class ReadSession:
         )
 
         self.state = State.NEGOTIATING if nego.oack else State.SENDING
+        self._finished = False
         self.reason = ""  # slug when FAILED (or "size_probe")
         self.message = ""  # human explanation of how it ended, for the log
         self.started_at = now
@@ -233,7 +250,7 @@ class ReadSession:
     # ------------------------------------------------------------------ status
     @property
     def finished(self) -> bool:
-        return self.state in _FINISHED
+        return self._finished
 
     @property
     def ok(self) -> bool:
@@ -242,7 +259,7 @@ class ReadSession:
 
     # ------------------------------------------------------------------ input
     def receive_datagram(self, data: bytes, now: float) -> None:
-        if self.state in _FINISHED:
+        if self._finished:
             return
         if len(data) >= 4 and data[1] == 4 and data[0] == 0:  # ACK: the hot path, skip the codec
             self._on_ack((data[2] << 8) | data[3], now)
@@ -267,7 +284,7 @@ class ReadSession:
 
     def _on_ack(self, block: int, now: float) -> None:
         self.acks_received += 1
-        if self.state is State.NEGOTIATING:
+        if self.state is _NEGOTIATING:
             if block == 0:
                 self.state = State.SENDING
                 self._tries = 0
@@ -291,6 +308,7 @@ class ReadSession:
         last = self._blocks.last
         if last is not None and idx >= last:
             self.state = State.COMPLETE
+            self._finished = True
             self.message = f"sent {self.bytes_sent} bytes"
             self.finished_at = now
             self._deadline = None
@@ -303,6 +321,7 @@ class ReadSession:
         self._want_window = False
         self._deadline = None
         self.finished_at = now
+        self._finished = True
         if negotiating and pkt.code == ErrorCode.OPTION_REFUSED and "tsize" in self.oack:
             self.state = State.SIZE_PROBE
             self.reason = "size_probe"
@@ -320,7 +339,7 @@ class ReadSession:
         return self._deadline
 
     def handle_timer(self, now: float) -> None:
-        if self._deadline is None or now < self._deadline or self.state in _FINISHED:
+        if self._deadline is None or now < self._deadline or self._finished:
             return
         if self._tries >= self._retries:
             waiting = "ACK of the OACK" if self.state is State.NEGOTIATING else f"ACK of block {self._base}"
@@ -352,7 +371,7 @@ class ReadSession:
                 self._fail("file changed on the server during the transfer", "file_changed", ErrorCode.NOT_DEFINED, now)
                 out.extend(self._pending)
                 self._pending = []
-        if out and self.state not in _FINISHED:
+        if out and not self._finished:
             self._deadline = now + self.timeout
         return out
 
@@ -379,6 +398,7 @@ class ReadSession:
     def _fail(self, message: str, reason: str, code: int, now: float) -> None:
         """End the transfer and tell the client why (every refusal says why)."""
         self.state = State.FAILED
+        self._finished = True
         self.reason = reason
         self.message = message
         self.finished_at = now

@@ -118,3 +118,19 @@ def test_windowsize_is_clamped_to_the_configured_maximum(value: str, expected: i
 def test_unknown_options_are_ignored_and_order_is_kept() -> None:
     n = negotiate({"multicast": "", "tsize": "0", "blksize": "1024", "rollover": "0"}, size=5, default_timeout=1.0)
     assert list(n.oack.items()) == [("tsize", "5"), ("blksize", "1024")]
+
+
+@pytest.mark.parametrize(
+    ("blksize", "windowsize", "expected"),
+    [("8192", "16", "8"), ("65464", "4", "1"), ("1468", "64", "44"), ("512", "16", "16")],
+)
+def test_window_bytes_cap_keeps_a_burst_within_a_socket_buffer(blksize: str, windowsize: str, expected: str) -> None:
+    n = negotiate(
+        {"windowsize": windowsize, "blksize": blksize},
+        size=0,
+        default_timeout=1.0,
+        max_windowsize=64,
+        max_window_bytes=65536,
+    )
+    assert n.oack == {"windowsize": expected, "blksize": blksize}  # the client's order is kept
+    assert n.windowsize == int(expected)
