@@ -115,6 +115,12 @@ class BootdServer:
         raise ServeError(f"cannot find the version id of capsule {name!r} in {data!r}")
 
     def nodes(self) -> list[dict[str, Any]]:
+        """The registry, read over bootd's admin API (cheap) or, when bootd is down, with the CLI."""
+        if self.proc is not None and self.proc.alive():
+            code, body = self.http_get("/api/v1/nodes")
+            if code == 200:
+                data = json.loads(body)
+                return list(data) if isinstance(data, list) else list(data.get("nodes", []))
         out = self.cli("node", "list", "--json").stdout
         data = json.loads(out or "[]")
         return list(data) if isinstance(data, list) else list(data.get("nodes", []))
@@ -126,6 +132,10 @@ class BootdServer:
         return None
 
     def events(self, name: str) -> list[dict[str, Any]]:
+        if self.proc is not None and self.proc.alive():
+            code, body = self.http_get(f"/api/v1/nodes/{name}")
+            if code == 200:
+                return list(json.loads(body).get("events", []))
         data = json.loads(self.cli("node", "show", name, "--json").stdout or "[]")
         return list(data[0].get("events", [])) if data else []
 

@@ -14,10 +14,8 @@ import hashlib
 import hmac
 import io
 import json
-import os
 import socket
 import struct
-import subprocess
 import sys
 import tarfile
 import threading
@@ -27,54 +25,9 @@ from pathlib import Path
 
 import zstandard
 
-CAPSULE_INIT = r"""#!/bin/sh
-# Sample capsule init: report ready, then heartbeat, using what the stage one wrote.
-export PATH=/sbin:/bin:/usr/sbin:/usr/bin
-mount -t proc proc /proc 2>/dev/null
-mount -t sysfs sysfs /sys 2>/dev/null
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-. /etc/bootd/node.env
-hostname "$(cat /etc/hostname)"
-echo "BOOTD-CAPSULE up hostname=$(hostname) node=$BOOTD_NODE ip=$BOOTD_IP"
-post() {
-    wget -q -O /dev/null --header "X-Bootd-Token: $BOOTD_TOKEN" --header "Content-Type: application/json" \
-        --post-data "$2" "$BOOTD_URL/api/v1/nodes/$BOOTD_NODE/$1"
-}
-n=0
-until post events '{"event":"ready","reason":"","done":0,"total":0}'; do
-    n=$((n + 1)); [ "$n" -ge 20 ] && break; sleep 1
-done
-echo "BOOTD-CAPSULE ready node=$BOOTD_NODE"
-while :; do
-    sleep "${BOOTD_HEARTBEAT:-5}"
-    post heartbeat '{}' || echo "BOOTD-CAPSULE heartbeat failed"
-done
-"""
+from bootd.lab.sample import CAPSULE_INIT, make_busybox_root
 
-
-def make_busybox_root(root: Path, *, filler_bytes: int = 0) -> Path:
-    """A minimal root: static busybox, its applet links, /sbin/init; ``filler_bytes`` of random data
-    make the capsule span more chunks (for the restart-while-fetching test)."""
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "run", "tmp", "root"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    busybox = Path("/bin/busybox")
-    (root / "bin/busybox").write_bytes(busybox.read_bytes())
-    os.chmod(root / "bin/busybox", 0o755)
-    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout
-    for applet in applets.split():
-        if applet in ("bin/busybox", "linuxrc", "sbin/init"):
-            continue
-        link = root / applet
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists() and not link.is_symlink():
-            link.symlink_to("/bin/busybox")
-    (root / "sbin/init").write_text(CAPSULE_INIT)
-    os.chmod(root / "sbin/init", 0o755)
-    if filler_bytes:
-        data = hashlib.shake_256(b"bootd-filler").digest(filler_bytes)
-        (root / "root/filler.bin").write_bytes(data)
-    return root
-
+__all__ = ["CAPSULE_INIT", "chunk_hashes", "make_busybox_root", "make_capsule", "node_token"]
 
 def _pax_tar(root: Path) -> bytes:
     buf = io.BytesIO()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bootd.lab import Lab, QemuNode, lab_available, qemu_available
+from bootd.lab.sample import make_busybox_root
 from bootd.lab.serve import BootdServer, ServeError
 from bootd.stage1.build import BuildResult
 from tests.qemu import standin
@@ -40,11 +41,9 @@ class Served:
 
 
 def _capsule_tree(base: Path, name: str, filler: int, seed: bytes) -> Path:
-    root = standin.make_busybox_root(base / name)
     # Distinct filler per capsule: chunks are content-addressed and shared, so the corrupted chunk must
     # belong to the "corrupt" capsule alone or it would break the other boots.
-    (root / "root/filler.bin").write_bytes(__import__("hashlib").shake_256(seed).digest(filler))
-    return root
+    return make_busybox_root(base / name, filler_bytes=filler, seed=seed)
 
 
 @pytest.fixture(scope="module")

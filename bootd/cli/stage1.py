@@ -1,0 +1,50 @@
+"""``bootd stage1 build`` and ``bootd demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bootd.config import Config
+
+
+def _build(args: argparse.Namespace, config: Config) -> int:
+    from bootd.stage1.build import DEFAULT_KERNEL_PACKAGE, Stage1Error, build
+
+    out = args.output or config.boot.stage1_dir
+    try:
+        result = build(out, cache_dir=args.cache_dir, kernel_package=args.kernel_package or DEFAULT_KERNEL_PACKAGE,
+                       kernel_deb=args.kernel_deb, log=(lambda m: None) if args.json else print)
+    except Stage1Error as exc:
+        print(f"bootd: stage1 build failed: {exc}")
+        return 1
+    if args.json:
+        print(json.dumps(result.info, indent=2, sort_keys=True))
+    return 0
+
+
+def _demo(args: argparse.Namespace, config: Config) -> int:
+    from bootd.lab.demo import run_from_args
+
+    return run_from_args(args)
+
+
+def add_parser(sub: Any) -> None:
+    s1 = sub.add_parser("stage1", help="the stage one (kernel + initramfs) that nodes boot first")
+    ssub = s1.add_subparsers(dest="stage1_command", metavar="ACTION", required=True)
+    p = ssub.add_parser("build", help="build initramfs.img + vmlinuz into boot.stage1_dir, reproducibly")
+    p.add_argument("--output", type=Path, help="directory (default: boot.stage1_dir)")
+    p.add_argument("--kernel-package", help="Debian linux-image package or metapackage "
+                                            "(default: linux-image-cloud-amd64)")
+    p.add_argument("--kernel-deb", type=Path, help="use this linux-image .deb instead of apt-get download")
+    p.add_argument("--cache-dir", type=Path, help="download cache (default: $BOOTD_CACHE_DIR or ~/.cache/bootd)")
+    p.add_argument("--json", action="store_true", help="print the build record (hashes, versions) as JSON")
+    p.set_defaults(handler=_build)
+
+    from bootd.lab.demo import add_arguments
+
+    p = sub.add_parser("demo", help="boot QEMU node(s) from bootd in a private network namespace, end to end")
+    add_arguments(p)
+    p.set_defaults(handler=_demo)
