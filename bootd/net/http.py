@@ -15,11 +15,14 @@ cache but are re-validated with one ``stat`` per request.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import os
 import re
+import socket
 import stat
 import time
 from collections import OrderedDict
@@ -261,8 +264,10 @@ class HttpServer:
         metrics_registry: CollectorRegistry,
         *,
         clock: Callable[[], float] = time.time,
+        fast_sendfile: bool = True,
     ) -> None:
         self.config = config
+        self.fast_sendfile = fast_sendfile
         self.registry = registry_service
         self.capsules = capsule_store
         self.metrics_registry = metrics_registry
@@ -436,21 +441,36 @@ class HttpServer:
         status: int,
         headers: dict[str, str],
     ) -> web.StreamResponse:
+        headers["Content-Type"] = OCTET
         resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_type = OCTET
         resp.content_length = count
+        corked = None
+        if self.fast_sendfile and count and request.method != "HEAD" and request.transport is not None:
+            # Hold the header segment back until the body is queued behind it (nginx: tcp_nopush),
+            # so a response leaves as full segments instead of a tiny header packet first.
+            corked = request.transport.get_extra_info("socket")
+            if corked is not None:
+                corked.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         try:
             await resp.prepare(request)
         except ConnectionError:
             # Gone while queued or before the headers: aiohttp's finish_response sees it again, quietly.
             self.metrics.aborted.inc()
+            if corked is not None:
+                with contextlib.suppress(OSError):
+                    corked.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
             return resp
         if count and request.method != "HEAD":
             transport = request.transport
             try:
                 if transport is None or transport.is_closing():
                     raise ConnectionResetError("client went away before the body was sent")
-                await request._loop.sendfile(transport, entry.file, offset, count)
+                if self.fast_sendfile:
+                    sent = self._sendfile_now(transport, entry, offset, count)
+                    if sent < count:
+                        await request._loop.sendfile(transport, entry.file, offset + sent, count - sent)
+                else:
+                    await request._loop.sendfile(transport, entry.file, offset, count)
             except (OSError, RuntimeError) as exc:
                 # Headers promised `count` bytes: a short body must end the connection.  A client
                 # that hangs up mid-transfer is routine (a node rebooted), not a server error.
@@ -460,9 +480,33 @@ class HttpServer:
                 if transport is not None:
                     transport.close()
                 return resp
+            finally:
+                if corked is not None:
+                    with contextlib.suppress(OSError):
+                        corked.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
             self._sent(route, count)
         await resp.write_eof()
         return resp
+
+    @staticmethod
+    def _sendfile_now(transport: asyncio.Transport, entry: OpenFile, offset: int, count: int) -> int:
+        """Try the body right away with one sendfile(2); returns bytes sent (0 if the socket is full).
+
+        ``loop.sendfile`` always pauses reading, waits for the write buffer to drain on a
+        future, and re-arms the selector for every socket-buffer's worth; when the socket
+        can take the whole chunk (the common case with keep-alive clients that read
+        promptly) none of that is needed.  Only safe when the transport has nothing
+        buffered (the headers went out in one send), or bytes would be reordered.
+        """
+        if transport.get_write_buffer_size():
+            return 0
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return 0
+        try:
+            return os.sendfile(sock.fileno(), entry.file.fileno(), offset, count)
+        except (BlockingIOError, InterruptedError):
+            return 0
 
     def _count_cache(self, before_hits: int) -> None:
         if self.files.hits != before_hits:

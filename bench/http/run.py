@@ -1,0 +1,303 @@
+"""Chunk streaming: bootd vs nginx on the same chunk files, same client (wrk), same run.
+
+    .venv/bin/python bench/http/run.py [--seconds 4] [--reps 3] [--clients 1,8,64] [--mib 64]
+
+Imports one capsule (random-ish data, ~MIB MiB, FastCDC chunks of ~1 MiB, zstd) into a temporary
+store, starts bootd's HTTP server (one process, asyncio) and nginx (Debian package; worker_processes 1,
+sendfile on, tcp_nopush on, open_file_cache, access_log off) on loopback ports, and drives both with
+wrk cycling over every chunk URL.  For each client count it prints the median GB/s and the server's
+CPU seconds per GB (utime+stime from /proc/<pid>/stat; for nginx master + worker), and the ratios.
+Targets: throughput >= 1.0x nginx at 8 and 64 clients, CPU/GB <= 1.5x nginx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bootd.capsule.importer import ImportOptions, import_capsule  # noqa: E402
+from bootd.capsule.store import CapsuleStore  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+WRK_LUA = r"""
+local paths = {}
+local i = 0
+init = function(args)
+  for line in io.lines(args[1]) do paths[#paths + 1] = line end
+  math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
+  i = math.random(#paths)
+end
+request = function()
+  i = i % #paths + 1
+  return wrk.format("GET", paths[i])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"bytes": %d, "requests": %d, "duration_us": %d, "errors": %d, "bad_status": %d, ' ..
+    '"p50_us": %d, "p99_us": %d}\n',
+    summary.bytes, summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  open_file_cache max=4096 inactive=60s;
+  open_file_cache_valid 60s;
+  types {{ }}
+  default_type application/octet-stream;
+  client_body_temp_path {work}/nginx-tmp;
+  proxy_temp_path {work}/nginx-tmp;
+  fastcgi_temp_path {work}/nginx-tmp;
+  uwsgi_temp_path {work}/nginx-tmp;
+  scgi_temp_path {work}/nginx-tmp;
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    root {root};
+    location /chunks/ {{
+      add_header Cache-Control "public, max-age=31536000, immutable";
+    }}
+  }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / TICK
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(x) for x in text]
+    return out
+
+
+def make_capsule(work: Path, mib: int) -> tuple[CapsuleStore, list[str]]:
+    """A tree of random-ish data (3/4 incompressible, 1/4 text-like) imported as one capsule."""
+    tree = work / "tree"
+    (tree / "boot").mkdir(parents=True)
+    rng = random.Random(42)
+    words = [bytes(rng.choices(range(97, 123), k=rng.randint(2, 9))) for _ in range(2000)]
+    for i in range(mib // 4):
+        path = tree / f"d{i % 8}" / f"f{i:04d}.bin"
+        path.parent.mkdir(exist_ok=True)
+        if i % 4 == 3:
+            data = b" ".join(rng.choices(words, k=4 * 1024 * 1024 // 6))[: 4 * 1024 * 1024]
+        else:
+            data = rng.randbytes(4 * 1024 * 1024)
+        path.write_bytes(data)
+    store = CapsuleStore(work / "capsules")
+    res = import_capsule(store, "bench", tree, options=ImportOptions(durable=False))
+    shutil.rmtree(tree)
+    hashes = sorted({c.sha256 for c in store.load_manifest(res.version).chunks})
+    return store, hashes
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    pidfile: Path | None = None
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *children(self.proc.pid)]
+
+    def stop(self) -> None:
+        if self.pidfile is not None and self.pidfile.exists():
+            pid = int(self.pidfile.read_text().split()[0])
+            if pid == self.proc.pid:
+                os.kill(pid, signal.SIGQUIT)
+        elif self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+PIN: dict[str, set[int]] = {}
+
+
+def _pin(role: str) -> None:
+    cpus = PIN.get(role)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def start_bootd(work: Path, store: CapsuleStore, plain: bool = False) -> Server:
+    port = free_port()
+    log = (work / "bootd.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench/http/serve_bootd.py"), str(store.root), str(work / "state"), str(port),
+         *(["plain"] if plain else [])],
+        stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=lambda: _pin("server"),
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    if not line.startswith("READY"):
+        raise RuntimeError(f"bootd did not start: {line!r}; see {work / 'bootd.log'}")
+    return Server("bootd", proc, port)
+
+
+def start_nginx(work: Path, store: CapsuleStore) -> Server:
+    port = free_port()
+    (work / "nginx-tmp").mkdir(exist_ok=True)
+    conf = work / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(work=work, port=port, root=store.root))
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work), "-e", str(work / "nginx-error.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: _pin("server"))
+    wait_port(port)
+    return Server("nginx", proc, port, work / "nginx.pid")
+
+
+def run_wrk(work: Path, server: Server, paths_file: Path, clients: int, seconds: float) -> dict[str, float]:
+    threads = 1 if clients == 1 or PIN else 2
+    cmd = ["wrk", "-t", str(threads), "-c", str(clients), "-d", f"{max(1, round(seconds))}s", "--timeout", "10s",
+           "-s", str(work / "cycle.lua"), f"http://127.0.0.1:{server.port}", "--", str(paths_file)]
+    pids = server.pids()
+    cpu0 = cpu_seconds(pids)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True,
+                         preexec_fn=lambda: _pin("client")).stdout
+    cpu1 = cpu_seconds(pids)
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+    r = json.loads(line[7:])
+    if r["errors"] or r["bad_status"]:
+        raise RuntimeError(f"{server.name}: wrk saw errors: {r}")
+    gbytes = r["bytes"] / 1e9
+    return {
+        "gbps": gbytes / (r["duration_us"] / 1e6),
+        "cpu_per_gb": (cpu1 - cpu0) / gbytes,
+        "rps": r["requests"] / (r["duration_us"] / 1e6),
+        "p99_ms": r["p99_us"] / 1000,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--clients", default="1,8,64")
+    ap.add_argument("--mib", type=int, default=64, help="size of the imported tree")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--plain", action="store_true",
+                    help="bootd without its inline-sendfile/TCP_CORK fast path (loop.sendfile only), for A/B")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="do not pin the server to CPU 0 and wrk to CPU 1 (pinning keeps the two from "
+                         "competing for one core, which otherwise decides the result more than the server)")
+    args = ap.parse_args()
+    if not args.no_pin and (os.cpu_count() or 1) >= 2:
+        PIN.update(server={0}, client={1})
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not installed (apt-get install {tool})")
+    work = Path(tempfile.mkdtemp(prefix="bd-http-bench-"))
+    work.chmod(0o755)  # nginx workers run as www-data/nobody when started as root
+    servers: list[Server] = []
+    try:
+        t0 = time.monotonic()
+        store, hashes = make_capsule(work, args.mib)
+        sizes = [store.chunk_path(h).stat().st_size for h in hashes]
+        print(f"capsule: {len(hashes)} chunks, {sum(sizes) / 2**20:.1f} MiB stored, "
+              f"median chunk {statistics.median(sizes) / 2**20:.2f} MiB (import {time.monotonic() - t0:.1f} s)")
+        (work / "cycle.lua").write_text(WRK_LUA)
+        bootd_paths = work / "bootd-paths.txt"
+        bootd_paths.write_text("".join(f"/chunks/{h}\n" for h in hashes))
+        nginx_paths = work / "nginx-paths.txt"
+        nginx_paths.write_text("".join(f"/chunks/{h[:2]}/{h}\n" for h in hashes))
+        bootd = start_bootd(work, store, args.plain)
+        servers.append(bootd)
+        nginx = start_nginx(work, store)
+        servers.append(nginx)
+        # Same bytes from both? (and warms the page cache and both open-file caches)
+        for srv, pf in ((bootd, bootd_paths), (nginx, nginx_paths)):
+            run_wrk(work, srv, pf, 8, 1.0)
+        h = hashes[0]
+        got = {
+            srv.name: hashlib.sha256(subprocess.run(
+                ["curl", "-sS", f"http://127.0.0.1:{srv.port}{p}"], capture_output=True, check=True).stdout
+            ).hexdigest()
+            for srv, p in ((bootd, f"/chunks/{h}"), (nginx, f"/chunks/{h[:2]}/{h}"))
+        }
+        assert set(got.values()) == {h}, got
+        print(f"nginx {subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}, "
+              f"worker_processes 1; {args.reps} x {args.seconds:g} s per cell, medians; "
+              + ("servers pinned to CPU 0, wrk -t1 pinned to CPU 1" if PIN else
+                 f"wrk -t1 (1 client) / -t2 (more), {os.cpu_count()} CPUs shared by client and server"))
+        header = (f"{'clients':>7} | {'bootd GB/s':>10} {'nginx GB/s':>10} {'ratio':>6} | "
+                  f"{'bootd cpu s/GB':>14} {'nginx cpu s/GB':>14} {'ratio':>6} | "
+                  f"{'bootd p99 ms':>12} {'nginx p99 ms':>12}")
+        print(header)
+        print("-" * len(header))
+        for clients in (int(c) for c in args.clients.split(",")):
+            res: dict[str, list[dict[str, float]]] = {"bootd": [], "nginx": []}
+            for _ in range(args.reps):  # interleaved so drift affects both alike
+                res["bootd"].append(run_wrk(work, bootd, bootd_paths, clients, args.seconds))
+                res["nginx"].append(run_wrk(work, nginx, nginx_paths, clients, args.seconds))
+            med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in res.items()}
+            b, n = med["bootd"], med["nginx"]
+            print(f"{clients:>7} | {b['gbps']:>10.2f} {n['gbps']:>10.2f} {b['gbps'] / n['gbps']:>5.2f}x | "
+                  f"{b['cpu_per_gb']:>14.3f} {n['cpu_per_gb']:>14.3f} {b['cpu_per_gb'] / n['cpu_per_gb']:>5.2f}x | "
+                  f"{b['p99_ms']:>12.1f} {n['p99_ms']:>12.1f}", flush=True)
+    finally:
+        for srv in servers:
+            srv.stop()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
