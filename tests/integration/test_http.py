@@ -428,6 +428,10 @@ async def test_node_events_and_heartbeat_need_own_token(env: Env, session: aioht
         assert r.status == 200 and (await r.json())["state"] == "ready"
     async with session.post(hb, headers={"X-Bootd-Token": "0" * 32}) as r:
         assert r.status == 403
+    status, body, _ = await curl("-X", "POST", "-H", f"X-Bootd-Token: {env.token(a)}", hb)
+    assert status == 200 and json.loads(body)["state"] == "ready"
+    status, _, _ = await curl("-X", "POST", "-H", f"X-Bootd-Token: {env.token(b)}", hb)
+    assert status == 403
     # failed with a reason, via curl
     status, _, _ = await curl("-X", "POST", "-H", f"X-Bootd-Token: {env.token(a)}", "-H",
                                  "Content-Type: application/json", "--data",
@@ -488,6 +492,7 @@ async def test_secret_and_admin_token_files_are_private(env: Env) -> None:
 async def test_metrics_and_healthz(env: Env, session: aiohttp.ClientSession) -> None:
     async with session.get(env.url("/healthz")) as r:
         assert r.status == 200 and await r.text() == "ok\n"
+    assert (await curl(env.url("/healthz")))[:2] == (200, b"ok\n")
     chunk = env.manifest().chunks[0]
     route = "/chunks/{hash}"
     before = await env.metric(session, "bootd_http_requests_total", route=route, status="200")
