@@ -49,3 +49,14 @@ async def build(daemon: Daemon) -> None:
         daemon.components.append(("http", http))
         # Boot settings (kernel arguments, file locations) apply to the next script served.
         daemon.extras["reload_hooks"].append(lambda new: setattr(http, "config", new))
+
+    if cfg.dhcp.enabled:
+        from bootd.net.dhcp import DhcpServer
+        from bootd.service.dhcp import DhcpService
+
+        dhcp_service = DhcpService.from_config(cfg, registry.store, registry)
+        daemon.components.append(("dhcp", DhcpServer(
+            dhcp_service, listen=cfg.dhcp.listen, port=cfg.dhcp.port,
+            proxy_port=cfg.dhcp.proxy_port if cfg.dhcp.mode == "proxy" else None,
+            interface=cfg.dhcp.interface, queue_size=cfg.dhcp.queue_size, registry=metrics,
+        )))
