@@ -229,6 +229,7 @@ worker() { # worker_index
             if ! fetch "$URL/chunks/$hash" "$part" "$size"; then
                 echo "chunk $hash could not be fetched: $FETCH_ERR" > "$WORK/fail.$i"
                 touch "$WORK/abort"
+                echo abort > "$WORK/done.fifo"
                 exit 1
             fi
             got=$(sha256sum "$part" | cut -d ' ' -f 1)
@@ -238,18 +239,21 @@ worker() { # worker_index
             if [ "$tries" -ge 2 ]; then
                 echo "chunk $hash failed verification (got sha256 $got)" > "$WORK/fail.$i"
                 touch "$WORK/abort"
+                echo abort > "$WORK/done.fifo"
                 exit 1
             fi
             say "chunk $hash failed verification, fetching it again"
         done
         mv "$part" "$WORK/chunks/$i.ok"
+        echo "$i" > "$WORK/done.fifo"
         i=$((i + WORKERS))
     done
     exit 0
 }
 
 # Streams verified chunks, in order, to stdout (zstd | tar read it). Only files a worker renamed to
-# .ok after checking their hash are ever read.
+# .ok after checking their hash are ever read. Workers announce each finished chunk on a FIFO (fd 7),
+# so the wait for the next chunk in order is a blocking read, not a polling loop.
 consume() {
     i=0
     last_post=0
@@ -257,7 +261,7 @@ consume() {
         f=$WORK/chunks/$i.ok
         while [ ! -e "$f" ]; do
             [ -e "$WORK/abort" ] && return 1
-            sleep 0.03
+            read -r -t 1 _ <&7
         done
         cat "$f" || return 1
         rm -f "$f"
@@ -349,6 +353,9 @@ main() {
     fi
 
     echo 0 > "$WORK/consumed"
+    rm -f "$WORK/done.fifo"
+    mkfifo "$WORK/done.fifo" || fail "cannot create $WORK/done.fifo"
+    exec 7<> "$WORK/done.fifo"  # read-write: never blocks on open, never sees EOF
     WORKER_PIDS=""
     w=0
     while [ "$w" -lt "$WORKERS" ]; do

@@ -1,0 +1,278 @@
+"""bench/boot: bootd against dnsmasq + nginx on the same boots, in one run.
+
+1. Power-on to ``ready`` for one BIOS QEMU node served by ``bootd serve`` versus the same kernel,
+   initramfs, iPXE script and capsule chunks served by dnsmasq (DHCP, TFTP, RA) + nginx (static files),
+   alternating runs, medians. Target: bootd / peer <= 1.1.
+2. The stage-one agent's fetch + verify + unpack throughput on this host, against bootd over loopback,
+   versus ``curl`` fetching the same chunk URLs to /dev/null. Target: agent / curl >= 0.8.
+
+Usage: python bench/boot/run.py [--runs 3] [--capsule-mb 64] [--skip-boot] [--skip-agent]
+Everything runs in a private network namespace or on loopback and is torn down afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bootd.lab import Lab, QemuNode, lab_available, qemu_available
+from bootd.lab.dnsmasq import start_reference, write_chain_root
+from bootd.lab.netns import LabProcess
+from bootd.lab.sample import make_busybox_root
+from bootd.lab.serve import BootdServer
+from bootd.stage1.build import HERE as STAGE1_SRC
+from bootd.stage1.build import build
+
+MAC = "52:54:00:77:20:01"
+
+NGINX_CONF = """daemon off;
+worker_processes 1;
+user root;
+error_log {work}/nginx.err;
+pid {work}/nginx.pid;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 5;
+    default_type application/octet-stream;
+    client_body_temp_path {work}/nginx-body;
+    server {{
+        listen {ip}:{port};
+        location /stage1/ {{ alias {stage1}/; }}
+        location /boot/ {{ alias {scripts}/; }}
+        location ~ "^/capsules/([0-9a-f]{{64}})/manifest$" {{ alias {store}/manifests/$1; }}
+        location ~ "^/chunks/(([0-9a-f]{{2}})[0-9a-f]{{62}})$" {{ alias {store}/chunks/$2/$1; }}
+        location /api/ {{ return 200 '{{}}'; }}
+    }}
+}}
+"""
+
+
+def boot_once(lab: Lab, name: str, timeout: float = 180.0) -> float:
+    node = QemuNode(lab, name, MAC, firmware="bios").start()
+    try:
+        return node.wait_for(r"BOOTD-CAPSULE ready", timeout=timeout).t
+    finally:
+        node.stop()
+        for tap in list(lab.taps):  # one tap per boot; drop it so the next boot starts clean
+            lab.run(["ip", "link", "del", tap], check=False)
+            lab.taps.remove(tap)
+
+
+def bench_boot(work: Path, runs: int) -> tuple[list[float], list[float], str]:
+    s1 = build(work / "stage1", log=lambda m: None)
+    root = make_busybox_root(work / "root", filler_bytes=4_000_000)
+    bootd_times: list[float] = []
+    peer_times: list[float] = []
+    with Lab(workdir=work / "lab", prefix="bd-s1b") as lab:
+        bootd = BootdServer(lab, state_dir=work / "state", stage1_dir=s1.out_dir)
+        bootd.write_config()
+        bootd.import_capsule("busybox", root)
+        bootd.cli("group", "set", "default", "--capsule", "busybox", check=False)
+        if bootd.cli("group", "show", "default", check=False).returncode != 0:
+            bootd.cli("group", "add", "default", "--capsule", "busybox")
+        bootd.cli("node", "add", "bench0", "--mac", MAC)
+        bootd.start()
+        mode = bootd.dhcp
+        code, script = bootd.http_get(f"/boot/{MAC.replace(':', '-')}.ipxe")
+        if code != 200:
+            raise SystemExit(f"bootd did not give a boot script for {MAC}: {code} {script[:200]!r}")
+        # The peer serves the identical script (same node name, token and capsule version).
+        scripts = work / "scripts"
+        scripts.mkdir()
+        (scripts / f"{MAC.replace(':', '-')}.ipxe").write_bytes(script)
+        peer_procs: list[LabProcess] = []
+
+        def start_peer() -> None:
+            tftp = write_chain_root(work / "peer-tftp", bootd.base_url)
+            conf = work / "nginx.conf"
+            conf.write_text(NGINX_CONF.format(work=work, ip=lab.server_ip, port=bootd.http_port,
+                                              stage1=s1.out_dir, scripts=scripts, store=work / "state/capsules"))
+            (work / "nginx-body").mkdir(exist_ok=True)
+            nginx = lab.spawn("nginx", ["nginx", "-c", str(conf), "-p", str(work)])
+            lab.wait_listening(bootd.http_port, proc=nginx)
+            dns = start_reference(lab, http_base=bootd.base_url, tftp_root=tftp,
+                                  ipxe_boot=f"tftp://{lab.server_ip}/chain.ipxe")
+            lab.wait_listening(67, proto="udp", proc=dns)
+            peer_procs[:] = [nginx, dns]
+
+        def stop_peer() -> None:
+            for p in peer_procs:
+                p.stop()
+            peer_procs.clear()
+            time.sleep(0.3)
+
+        for i in range(runs):
+            if bootd.proc is None:
+                bootd.start()
+            t = boot_once(lab, f"bootd{i}")
+            bootd_times.append(t)
+            print(f"  run {i + 1}: bootd {t:.2f}s", flush=True)
+            bootd.stop()
+            if bootd.ra is not None and mode == "bootd":
+                bootd.ra.stop()
+                bootd.ra = None
+            if bootd.dnsmasq is not None:
+                bootd.dnsmasq.stop()
+                bootd.dnsmasq = None
+            start_peer()
+            t = boot_once(lab, f"peer{i}")
+            peer_times.append(t)
+            print(f"  run {i + 1}: dnsmasq+nginx {t:.2f}s", flush=True)
+            stop_peer()
+    return bootd_times, peer_times, mode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bench_agent(work: Path, capsule_mb: int, runs: int) -> tuple[list[float], list[float], list[float], int]:
+    """Agent vs curl over loopback against a loopback-only bootd serve (HTTP only)."""
+    root = make_busybox_root(work / "aroot")
+    # Half incompressible, half text-like data, so zstd and tar do real work.
+    half = capsule_mb * 1024 * 1024 // 2
+    (root / "root/random.bin").write_bytes(hashlib.shake_256(b"agent-bench").digest(half))
+    line = b"bootd stage one agent throughput benchmark line with some repetition 0123456789\n"
+    (root / "root/text.txt").write_bytes(line * (half // len(line)))
+    state = work / "astate"
+    port = free_port()
+    conf = state / "bootd.toml"
+    state.mkdir(parents=True)
+    conf.write_text(
+        f'[server]\nstate_dir = "{state}"\naddress = "127.0.0.1"\ngraceful_timeout = 1.0\n'
+        f'[dhcp]\nenabled = false\n[tftp]\nenabled = false\n'
+        f'[http]\nenabled = true\nlisten = "127.0.0.1"\nport = {port}\n'
+        f'[boot]\nstage1_dir = "{work / "stage1"}"\n[capsule]\ndir = "{state / "capsules"}"\n'
+    )
+    py = [sys.executable, "-m", "bootd", "-c", str(conf)]
+    subprocess.run([*py, "capsule", "import", "big", str(root)], check=True, capture_output=True)
+    subprocess.run([*py, "node", "add", "agentbench", "--mac", "52:54:00:77:20:99"], check=True,
+                   capture_output=True)
+    vid = (state / "capsules/refs/big").read_text().strip()
+    manifest = (state / "capsules/manifests" / vid).read_bytes()
+    (meta_len,) = struct.unpack(">I", manifest[8:12])
+    off = 12 + meta_len
+    (count,) = struct.unpack(">I", manifest[off : off + 4])
+    recs = [manifest[off + 4 + 40 * i : off + 44 + 40 * i] for i in range(count)]
+    hashes = [r[:32].hex() for r in recs]
+    stored = sum(struct.unpack(">I", r[32:36])[0] for r in recs)
+    log = (work / "abootd.log").open("wb")
+    server = subprocess.Popen([*py, "serve"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        import hmac
+
+        secret = (state / "secret").read_bytes().strip()
+        token = hmac.new(secret, b"agentbench", hashlib.sha256).hexdigest()[:32]
+        base = f"http://127.0.0.1:{port}"
+        cmdline = work / "cmdline"
+        cmdline.write_text(f"bootd.url={base} bootd.node=agentbench bootd.capsule={vid} bootd.token={token} "
+                           f"bootd.mac=52:54:00:77:20:99\n")
+        urls = work / "urls.txt"
+        urls.write_text("".join(f"url = \"{base}/chunks/{h}\"\noutput = \"/dev/null\"\n" for h in hashes))
+        files = work / "files.txt"
+        files.write_text("".join(f"url = \"{base}/chunks/{h}\"\noutput = \"/dev/shm/bench-chunks/{i:06d}\"\n"
+                                 for i, h in enumerate(hashes)))
+        agent_t: list[float] = []
+        curl_t: list[float] = []
+        plain_t: list[float] = []
+        for _ in range(runs):
+            target = Path(tempfile.mkdtemp(prefix="agent-target-", dir="/dev/shm"))
+            env = dict(os.environ, BOOTD_HOST_MODE="1", BOOTD_CMDLINE_FILE=str(cmdline),
+                       BOOTD_WORK=str(work / "awork"), BOOTD_TARGET=str(target))
+            t0 = time.monotonic()
+            res = subprocess.run(["busybox", "sh", str(STAGE1_SRC / "agent.sh")], env=env, capture_output=True,
+                                 text=True, check=False)
+            agent_t.append(time.monotonic() - t0)
+            shutil.rmtree(target, ignore_errors=True)
+            if res.returncode != 0:
+                raise SystemExit(f"agent failed: {res.stderr[-2000:]}")
+            print("  agent: " + " | ".join(ln for ln in res.stderr.splitlines() if "verified" in ln or "booted" in ln))
+            t0 = time.monotonic()
+            subprocess.run(["curl", "-s", "-f", "-K", str(urls)], check=True)
+            curl_t.append(time.monotonic() - t0)
+            # The same job without the agent's safety net of retries/reports: curl to files, sha256sum,
+            # then zstd | tar. It shows what the verify + unpack work itself costs on this CPU.
+            target = Path(tempfile.mkdtemp(prefix="plain-target-", dir="/dev/shm"))
+            Path("/dev/shm/bench-chunks").mkdir(exist_ok=True)
+            t0 = time.monotonic()
+            subprocess.run(["curl", "-s", "-f", "-K", str(files)], check=True)
+            subprocess.run("sha256sum /dev/shm/bench-chunks/* > /dev/null && cat /dev/shm/bench-chunks/* | "
+                           f"zstd -dcq | tar -C {target} -xf -", shell=True, check=True)
+            plain_t.append(time.monotonic() - t0)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.rmtree("/dev/shm/bench-chunks", ignore_errors=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()
+    return agent_t, curl_t, plain_t, stored
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--capsule-mb", type=int, default=64)
+    ap.add_argument("--skip-boot", action="store_true")
+    ap.add_argument("--skip-agent", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-boot-"))
+    rows: list[tuple[str, str, str, str, str]] = []
+    try:
+        if not args.skip_boot:
+            reason = lab_available() or qemu_available("bios")
+            if reason:
+                print(f"boot bench skipped: {reason}")
+            else:
+                print(f"power-on to ready, BIOS iPXE node, {args.runs} runs each (alternating):", flush=True)
+                b, p, mode = bench_boot(work, args.runs)
+                mb, mp = statistics.median(b), statistics.median(p)
+                rows.append((f"power-on -> ready (s), bootd DHCP={mode}", f"{mb:.2f}", f"{mp:.2f}",
+                             f"{mb / mp:.2f}", "<= 1.10"))
+        if not args.skip_agent:
+            if not (work / "stage1").exists():
+                (work / "stage1").mkdir()
+            print(f"agent fetch+verify+unpack vs curl, {args.capsule_mb} MB capsule, loopback:", flush=True)
+            a, c, pl, stored = bench_agent(work, args.capsule_mb, args.runs)
+            ma, mc, mp = statistics.median(a), statistics.median(c), statistics.median(pl)
+            ta, tc, tp = stored / ma / 1e6, stored / mc / 1e6, stored / mp / 1e6
+            print(f"  stored bytes {stored}; agent runs {[f'{x:.2f}' for x in a]}; curl {[f'{x:.2f}' for x in c]}; "
+                  f"curl+sha256sum+zstd|tar {[f'{x:.2f}' for x in pl]}")
+            rows.append(("agent throughput (MB/s stored) vs curl", f"{ta:.1f}", f"{tc:.1f}", f"{ta / tc:.2f}",
+                         ">= 0.80"))
+            rows.append(("agent vs curl+sha256sum+zstd|tar (MB/s)", f"{ta:.1f}", f"{tp:.1f}", f"{ta / tp:.2f}", "-"))
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(f"{'measure':44} {'bootd':>10} {'peer':>16} {'ratio':>7} {'target':>8}")
+    for r in rows:
+        print(f"{r[0]:44} {r[1]:>10} {r[2]:>16} {r[3]:>7} {r[4]:>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
