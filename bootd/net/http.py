@@ -412,7 +412,14 @@ class HttpServer:
                         offset, count = part
                         status = 206
                         headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
-            if not bulk or request.method == "HEAD" or count == 0:
+            if not bulk or count == 0:
+                return await self._sendfile(request, route, entry, offset, count, status, headers)
+            if request.method == "HEAD":
+                # HEAD takes no slot, but reports the 503 a GET would get now: the stage one's busybox
+                # wget hides an error reply's headers, so it asks with a HEAD to learn Retry-After.
+                if self.admission.would_reject():
+                    return self._busy(Overloaded(self.admission.retry_delay(), self.admission.active,
+                                                 self.admission.queued))
                 return await self._sendfile(request, route, entry, offset, count, status, headers)
             if not self.admission.try_acquire():
                 started = time.monotonic()
@@ -420,9 +427,7 @@ class HttpServer:
                     await self.admission.acquire()
                 except Overloaded as exc:
                     self.metrics.rejected.inc()
-                    return refuse(
-                        503, str(exc), {"Retry-After": str(exc.retry_after), "Cache-Control": "no-store"}
-                    )
+                    return self._busy(exc)
                 self.metrics.queue_wait.observe(time.monotonic() - started)
             try:
                 return await self._sendfile(request, route, entry, offset, count, status, headers)
@@ -430,6 +435,10 @@ class HttpServer:
                 self.admission.release()
         finally:
             self.files.release(entry)
+
+    @staticmethod
+    def _busy(exc: Overloaded) -> web.Response:
+        return refuse(503, str(exc), {"Retry-After": str(exc.retry_after), "Cache-Control": "no-store"})
 
     async def _sendfile(
         self,

@@ -95,6 +95,11 @@ class AdmissionControl:
         """
         return max(1, round(self.retry_after * (1.0 + self.jitter * self._rng())))
 
+    def would_reject(self) -> bool:
+        """Would an acquire() now raise Overloaded?  Lets a HEAD report the 503 a GET would get."""
+        self._prune()
+        return self._active >= self.limit and len(self._waiters) >= self.queue_limit
+
     def try_acquire(self) -> bool:
         """Take a slot without waiting if one is free and nobody is queued (the common, fast case)."""
         if self._active < self.limit and not self._waiters:

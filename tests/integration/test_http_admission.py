@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -73,7 +74,15 @@ async def test_over_limit_gets_503_with_retry_after_while_small_requests_flow(en
                     assert r.status == 503
                     delays.add(r.headers["Retry-After"])
             assert delays <= {"2", "3", "4"} and len(delays) >= 2
-            # Meanwhile, scripts, manifests, HEAD and node events are answered at once.
+            # A HEAD takes no slot but tells what a GET would get: the stage one reads Retry-After this way,
+            # exactly as its agent does it (HTTP/1.0 over a bare socket).
+            reader, writer = await asyncio.open_connection("127.0.0.1", env.server.port)
+            writer.write(f"HEAD /chunks/{small} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+            head = (await asyncio.wait_for(reader.read(), 5)).decode()
+            writer.close()
+            assert head.startswith("HTTP/1.0 503") or head.startswith("HTTP/1.1 503"), head
+            assert re.search(r"^Retry-After: [234]\r$", head, re.M), head
+            # Meanwhile, scripts, manifests and node events are answered at once.
             started = time.monotonic()
             for _ in range(20):
                 async with session.get(env.url("/boot/52-54-00-00-20-01.ipxe")) as r:
@@ -81,7 +90,7 @@ async def test_over_limit_gets_503_with_retry_after_while_small_requests_flow(en
                 async with session.get(env.url(f"/capsules/{env.vid}/manifest")) as r:
                     assert r.status == 200
                     await r.read()
-                async with session.head(env.url(f"/chunks/{small}")) as r:
+                async with session.get(env.url("/healthz")) as r:
                     assert r.status == 200
             elapsed = time.monotonic() - started
             assert elapsed < 2.0, f"60 small requests took {elapsed:.2f} s while bulk was saturated"
@@ -93,6 +102,8 @@ async def test_over_limit_gets_503_with_retry_after_while_small_requests_flow(en
             # A freed slot goes to the queued stream, not to a newcomer.
             socks.pop(0).close()
             await wait_for(lambda: adm.queued == 0 and adm.active == 2)
+            async with session.head(env.url(f"/chunks/{small}")) as r:
+                assert r.status == 200  # room in the queue again: HEAD answers normally
             for s in socks:
                 s.close()
             socks.clear()

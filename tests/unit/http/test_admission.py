@@ -35,8 +35,10 @@ async def test_queue_full_raises_overloaded_with_reason() -> None:
     adm = AdmissionControl(limit=2, queue=1, retry_after=2.0, rng=lambda: 0.5)
     await adm.acquire()
     await adm.acquire()
+    assert not adm.would_reject()
     waiter = asyncio.create_task(adm.acquire())
     await asyncio.sleep(0)
+    assert adm.would_reject()
     with pytest.raises(Overloaded) as info:
         await adm.acquire()
     assert info.value.retry_after == 3
