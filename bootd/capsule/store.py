@@ -87,11 +87,11 @@ class Staging:
         with store.locked():
             try:
                 self.chunks_dir.mkdir(parents=True)
-                self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self.lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError as exc:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 raise _describe_oserror(exc, f"creating staging directory {self.dir}") from exc
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
 
     def staged_chunk(self, hexhash: str) -> Path:
         return self.chunks_dir / hexhash
@@ -111,7 +111,7 @@ class Staging:
         """Drop the staging directory (after publish, or to abandon the import)."""
         shutil.rmtree(self.dir, ignore_errors=True)
         with contextlib.suppress(OSError):
-            os.close(self._lock_fd)
+            os.close(self.lock_fd)
 
     def __enter__(self) -> Staging:
         return self

@@ -26,6 +26,7 @@ CHILD = textwrap.dedent("""
     from bootd.capsule.store import CapsuleStore
 
     store_dir, tree, mode = sys.argv[1:4]
+    processes = len(sys.argv) > 4 and sys.argv[4] == "processes"
     if mode == "publish":
         real_rename = os.rename
         def rename(src, dst, *a, **kw):
@@ -39,7 +40,7 @@ CHILD = textwrap.dedent("""
         if mode == "staging":
             time.sleep(0.03)
 
-    opts = ImportOptions(chunk=ChunkParams(16 * 1024, 64 * 1024, 256 * 1024))
+    opts = ImportOptions(chunk=ChunkParams(16 * 1024, 64 * 1024, 256 * 1024), processes=processes)
     import_capsule(CapsuleStore(Path(store_dir)), "base", Path(tree), options=opts, progress=progress)
     print("DONE", flush=True)
 """)
@@ -50,8 +51,28 @@ def _objects(store: CapsuleStore) -> tuple[set[str], set[str], set[str]]:
     return chunks, set(os.listdir(store.manifests_dir)), set(os.listdir(store.kernels_dir))
 
 
-@pytest.mark.parametrize("mode", ["staging", "publish"])
-def test_kill_9_mid_import_leaves_old_version_and_gc_cleans(tmp_path: Path, mode: str) -> None:
+def _children(pid: int) -> list[int]:
+    out = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        if f"\nPPid:\t{pid}\n" in text:
+            out.append(int(status.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(("mode", "workers"), [("staging", "threads"), ("publish", "threads"),
+                                                ("staging", "processes")])
+def test_kill_9_mid_import_leaves_old_version_and_gc_cleans(tmp_path: Path, mode: str, workers: str) -> None:
     tree = make_tree(tmp_path / "tree", files=120, mean_size=64 * 1024)
     (tree / "boot").mkdir()
     (tree / "boot" / "vmlinuz-1").write_bytes(b"k1")
@@ -63,13 +84,15 @@ def test_kill_9_mid_import_leaves_old_version_and_gc_cleans(tmp_path: Path, mode
     for i in range(10):  # a new version with new chunks everywhere
         (tree / "etc" / f"new{i}").write_bytes(os.urandom(100_000))
     (tree / "boot" / "vmlinuz-2").write_bytes(b"k2")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store.root), str(tree), mode],
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store.root), str(tree), mode, workers],
                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    helpers: list[int] = []
     try:
         assert proc.stdout is not None
         if mode == "staging":
             for _ in range(20):
                 assert proc.stdout.readline().strip() == "chunk"
+            helpers = _children(proc.pid)
             proc.send_signal(signal.SIGKILL)
         rc = proc.wait(timeout=60)
         out = proc.stdout.read()
@@ -78,6 +101,12 @@ def test_kill_9_mid_import_leaves_old_version_and_gc_cleans(tmp_path: Path, mode
             proc.kill()
             proc.wait()
     assert rc == -signal.SIGKILL and "DONE" not in out
+    if workers == "processes":
+        assert helpers, "expected compression worker processes"
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in helpers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in helpers), "workers outlived the killed import"
 
     # Nothing half visible: the name still points at the old, intact version.
     assert store.names() == {"base": old.version}

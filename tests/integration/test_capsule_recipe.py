@@ -56,7 +56,7 @@ def test_recipe_builds_a_deterministic_runnable_tree(tmp_path: Path) -> None:
 class _Recorder(BaseHTTPRequestHandler):
     seen: list[dict[str, Any]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server API)
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         self.seen.append({"path": self.path, "token": self.headers.get("X-Bootd-Token"),
                           "type": self.headers.get("Content-Type"), "body": json.loads(body or b"{}")})

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shutil
@@ -231,3 +232,12 @@ def test_default_options_on_small_tree(store: CapsuleStore, tree: Path) -> None:
     m = store.load_manifest(r.version)
     assert m.meta["chunker"]["avg"] == 1024 * 1024 and m.meta["zstd_level"] == 3
     assert all(c.raw_size <= 4 * 1024 * 1024 for c in m.chunks)
+
+
+def test_process_workers_match_threads(store: CapsuleStore, tree: Path, tmp_path: Path) -> None:
+    threads = import_capsule(store, "t", tree, options=SMALL)
+    procs = import_capsule(CapsuleStore(tmp_path / "p"), "p", tree,
+                           options=dataclasses.replace(SMALL, processes=True))
+    assert procs.version == threads.version and procs.new_chunks == threads.new_chunks
+    again = import_capsule(store, "p", tree, options=dataclasses.replace(SMALL, processes=True))
+    assert again.version == threads.version and again.new_chunks == 0
