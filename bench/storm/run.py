@@ -180,6 +180,7 @@ class Report:
     script_p50_ms: float
     script_p99_ms: float
     client_bytes: int
+    client_retries: int
     registry_ready: int
     registry_nodes: int
     leases: int
@@ -243,6 +244,7 @@ def run(nodes: int, workdir: Path, kill_at: float | None = None, deadline: float
         distinct_names=len({r["name"] for r in ok}), distinct_ips=len({r["ip"] for r in ok if r["ip"]}),
         duration=data["duration"], script_p50_ms=percentile(latencies, 50) * 1000,
         script_p99_ms=percentile(latencies, 99) * 1000, client_bytes=sum(r["bytes"] for r in results),
+        client_retries=sum(r["retries"] for r in results),
         registry_ready=sum(1 for n in registry if n["state"] == "ready"), registry_nodes=len(registry),
         leases=len(leases), errors=errors[:20], killed_at=kill_at, lost_after_kill=lost,
     )

@@ -81,8 +81,7 @@ class DhcpClients(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         parsed = dhcp_parse(data)
@@ -205,6 +204,7 @@ class NodeResult:
     error: str = ""
     bytes: int = 0
     script_latency: float = 0.0
+    retries: int = 0
     times: dict[str, float] = field(default_factory=dict)
 
 
@@ -237,10 +237,28 @@ async def _retrying_get(session: aiohttp.ClientSession, url: str, result: NodeRe
                 body = await resp.read()
                 result.bytes += len(body)
                 return body
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            # The server went away mid-request (restart): do what a node does, try again.
+            result.retries += 1
             if time.monotonic() > deadline:
                 raise StormError(f"GET {url}: {exc!r}") from None
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(random.uniform(0.2, 0.6))
+
+
+async def _retrying_post(session: aiohttp.ClientSession, url: str, body: dict[str, Any] | None,
+                         headers: dict[str, str], result: NodeResult, deadline: float) -> None:
+    while True:
+        try:
+            async with session.post(url, json=body, headers=headers) as resp:
+                if resp.status in (200, 204):
+                    return
+                if resp.status != 503:
+                    raise StormError(f"POST {url}: HTTP {resp.status} {await resp.text()}")
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise StormError(f"POST {url}: {exc!r}") from None
+        result.retries += 1
+        await asyncio.sleep(random.uniform(0.2, 0.6))
 
 
 async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, session: aiohttp.ClientSession,
@@ -260,7 +278,17 @@ async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, sessi
             bootfile = (ack[3].get(67) or ack[2]).rstrip(b"\0").decode()
             result.times["dhcp"] = time.monotonic() - start
             if cfg.tftp and bootfile and not bootfile.startswith("http"):
-                nbp = await tftp_get(ack[1] if ack[1] != "0.0.0.0" else cfg.server, cfg.tftp_port, bootfile)
+                server = ack[1] if ack[1] != "0.0.0.0" else cfg.server
+                while True:
+                    try:
+                        nbp = await tftp_get(server, cfg.tftp_port, bootfile)
+                        break
+                    except StormError:
+                        # PXE firmware starts the transfer over; so do we, until the deadline.
+                        result.retries += 1
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(random.uniform(0.5, 1.0))
                 result.bytes += len(nbp)
                 if not nbp:
                     raise StormError(f"TFTP {bootfile}: empty file")
@@ -278,10 +306,8 @@ async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, sessi
         headers = {"X-Bootd-Token": args["token"]}
 
         async def event(name: str, **extra: Any) -> None:
-            async with session.post(f"{base}/api/v1/nodes/{result.name}/events", json={"event": name, **extra},
-                                    headers=headers) as resp:
-                if resp.status not in (200, 204):
-                    raise StormError(f"event {name}: HTTP {resp.status} {await resp.text()}")
+            await _retrying_post(session, f"{base}/api/v1/nodes/{result.name}/events", {"event": name, **extra},
+                                 headers, result, deadline)
 
         await event("stage1")
         manifest = await _retrying_get(session, f"{base}/capsules/{args['capsule']}/manifest", result, deadline)
@@ -305,9 +331,8 @@ async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, sessi
         result.times["chunks"] = time.monotonic() - start
         await event("verified")
         await event("booted")
-        async with session.post(f"{base}/api/v1/nodes/{result.name}/heartbeat", headers=headers) as resp:
-            if resp.status not in (200, 204):
-                raise StormError(f"heartbeat: HTTP {resp.status}")
+        await _retrying_post(session, f"{base}/api/v1/nodes/{result.name}/heartbeat", None, headers, result,
+                             deadline)
         result.times["ready"] = time.monotonic() - start
         result.ok = True
     except (StormError, aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as exc:
