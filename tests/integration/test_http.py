@@ -282,6 +282,43 @@ async def test_chunk_get_head_range_etag(env: Env, session: aiohttp.ClientSessio
     assert status == 304 and cbody == b""
 
 
+async def test_chunk_framing_http10_pipelining_and_close(env: Env) -> None:
+    """The chunk fast path writes its own header block: check keep-alive rules and pipelined requests."""
+    chunks = sorted(env.manifest().chunks, key=lambda c: c.stored_size)[:2]
+    bodies = [env.capsules.chunk_path(c.sha256).read_bytes() for c in chunks]
+
+    async def exchange(raw: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", env.server.port)
+        writer.write(raw)
+        data = await asyncio.wait_for(reader.read(), 10)  # the server must close for read() to end
+        writer.close()
+        return data
+
+    def split(data: bytes) -> list[tuple[str, bytes]]:
+        out = []
+        while data:
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?im)^content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+            out.append((head.decode(), rest[:length]))
+            data = rest[length:]
+        return out
+
+    one, two = (f"GET /chunks/{c.sha256} HTTP/1.1\r\nHost: x\r\n" for c in chunks)
+    got = split(await exchange((one + "\r\n" + two + "Connection: close\r\n\r\n").encode()))
+    assert [b for _, b in got] == bodies
+    assert "Connection: close" not in got[0][0] and "Connection: close" in got[1][0]
+    assert got[0][0].startswith("HTTP/1.1 200 OK") and "Date: " in got[0][0]
+    # HTTP/1.0 without keep-alive: answered, then closed.
+    got = split(await exchange(f"GET /chunks/{chunks[0].sha256} HTTP/1.0\r\n\r\n".encode()))
+    assert [b for _, b in got] == bodies[:1]
+    # HTTP/1.0 asking for keep-alive gets it (and the next request on the same connection).
+    got = split(await exchange(
+        f"GET /chunks/{chunks[0].sha256} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        f"GET /chunks/{chunks[1].sha256} HTTP/1.0\r\nRange: bytes=1-4\r\n\r\n".encode()))
+    assert "Connection: keep-alive" in got[0][0] and got[1][0].startswith("HTTP/1.1 206 Partial Content")
+    assert [b for _, b in got] == [bodies[0], bodies[1][1:5]]
+
+
 async def test_object_404_and_400(env: Env, session: aiohttp.ClientSession) -> None:
     cases = {
         "/chunks/" + "0" * 64: 404,
