@@ -31,9 +31,11 @@ import asyncio
 import collections
 import errno
 import logging
+import math
 import os
 import socket
 import stat
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +55,9 @@ __all__ = ["TftpServer"]
 log = logging.getLogger("bootd.tftp")
 
 _RECV_SIZE = 65536
+# asyncio's loop.time() is time.monotonic(); calling it directly saves a method call per datagram
+# and keeps session times comparable with loop.call_at deadlines.
+_monotonic = time.monotonic
 _SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
 
@@ -154,13 +159,13 @@ class _Transfer:
         self.peer = peer
         self.key = key
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer_at = math.inf
         self._backlog: collections.deque[bytes] = collections.deque()
         self._closed = False
 
     def start(self) -> None:
         self._loop.add_reader(self._fd, self._on_readable)
-        self._flush(self._loop.time())
+        self._flush(_monotonic())
 
     def _on_readable(self) -> None:
         # One datagram per wakeup: in lock-step there is exactly one ACK waiting, and a
@@ -176,22 +181,21 @@ class _Transfer:
         except OSError as exc:
             self.end("socket_error", f"receive failed: {exc.strerror or exc}")
             return
-        now = self._loop.time()
+        now = _monotonic()
         self.session.receive_datagram(data, now)
         self._flush(now)
 
     def _flush(self, now: float) -> None:
-        out = self.session.datagrams_to_send(now)
+        session = self.session
+        out = session.datagrams_to_send(now)
         if out:
             self._send(out)
-        if self.session.finished:
+        if session.finished:
             if not self._closed:
                 self.end()
             return
-        if self._closed:
-            return
-        deadline = self.session.get_timer()
-        if deadline is not None and (self._timer is None or deadline < self._timer_at):
+        deadline = session.get_timer()
+        if deadline is not None and deadline < self._timer_at and not self._closed:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_at = deadline
@@ -199,13 +203,14 @@ class _Transfer:
 
     def _on_timer(self) -> None:
         self._timer = None
+        self._timer_at = math.inf
         if self._closed:
             return
-        now = self._loop.time()
+        now = _monotonic()
         deadline = self.session.get_timer()
         if deadline is None:
             return
-        if deadline - now > 0.001:
+        if deadline - now > 0.001:  # the deadline moved on since we armed: re-arm, nothing is due
             self._timer_at = deadline
             self._timer = self._loop.call_at(deadline, self._on_timer)
             return
@@ -256,6 +261,7 @@ class _Transfer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._timer_at = math.inf
         self._loop.remove_reader(self._fd)
         if self._backlog:
             self._loop.remove_writer(self._fd)
@@ -458,9 +464,8 @@ class TftpServer:
             log.info("TFTP: refused %r to %s: %s", pkt.filename, addr[0], r.message)
             self._reply(addr, r.code, r.message, r.reason)
             return
-        loop = self._loop_or_raise()
         try:
-            session = ReadSession(pkt, shared, now=loop.time(), limits=self._limits)
+            session = ReadSession(pkt, shared, now=_monotonic(), limits=self._limits)
         except RemoteProtocolError as exc:
             self._release(shared)
             self._reply(addr, ErrorCode.ILLEGAL_OPERATION, str(exc), exc.reason)
