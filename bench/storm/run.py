@@ -156,17 +156,15 @@ def start_bootd(config: Path, net: Net, log: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError("bootd did not answer /healthz within 30 s:\n" + log.read_text()[-3000:])
 
 
-def metrics_bytes(net: Net) -> dict[str, float]:
-    out = subprocess.run(["ip", "netns", "exec", net.server_ns, "curl", "-sf", f"http://{SERVER_IP}:8080/metrics"],
-                         capture_output=True, text=True, timeout=30).stdout
-    values: dict[str, float] = {}
-    for line in out.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name, _, value = line.rpartition(" ")
-        with contextlib.suppress(ValueError):
-            values[name] = float(value)
-    return values
+def wire_tx_bytes(net: Net) -> int:
+    """Bytes the master put on the wire (every frame, headers included), from the veth's counters."""
+    text = subprocess.run(["ip", "netns", "exec", net.server_ns, "cat", "/proc/net/dev"], capture_output=True,
+                          text=True, timeout=30).stdout
+    for line in text.splitlines():
+        name, _, counters = line.partition(":")
+        if name.strip() == net.server_if:
+            return int(counters.split()[8])
+    return 0
 
 
 @dataclass
@@ -180,13 +178,35 @@ class Report:
     script_p50_ms: float
     script_p99_ms: float
     client_bytes: int
+    master_tx_bytes: int
     client_retries: int
+    probe_requests: int
+    probe_failed: int
+    probe_p50_ms: float
+    probe_p99_ms: float
     registry_ready: int
     registry_nodes: int
     leases: int
     errors: list[str] = field(default_factory=list)
     killed_at: float | None = None
     lost_after_kill: list[str] = field(default_factory=list)
+
+
+PROBE = """
+import http.client, sys, time
+host, path, until = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
+while time.monotonic() < until:
+    t0 = time.monotonic()
+    try:
+        c = http.client.HTTPConnection(host, 8080, timeout=10)
+        c.request("GET", path)
+        status = c.getresponse().status
+        c.close()
+    except OSError:
+        status = 0
+    print(f"{status} {time.monotonic() - t0:.6f}", flush=True)
+    time.sleep(0.05)
+"""
 
 
 def client_main(args: argparse.Namespace) -> None:
@@ -204,6 +224,13 @@ def run(nodes: int, workdir: Path, kill_at: float | None = None, deadline: float
         make_capsule(workdir, config)
         log = workdir / "bootd.log"
         bootd = start_bootd(config, net, log)
+        # A separate process asks for one registered node's script every 50 ms during the storm: the
+        # latency an administrator's or a late node's small request sees, apart from the storm client's
+        # own event loop.
+        cli(config, "node", "add", "probe", "--mac", "52:54:ff:00:00:01")
+        probe = subprocess.Popen(["ip", "netns", "exec", net.client_ns, sys.executable, "-c", PROBE, SERVER_IP,
+                                  "/boot/52-54-ff-00-00-01.ipxe", str(deadline)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         client = subprocess.Popen(
             ["ip", "netns", "exec", net.client_ns, sys.executable, __file__, "--client", "--nodes", str(nodes),
              "--interface", net.client_if, "--deadline", str(deadline)],
@@ -221,6 +248,8 @@ def run(nodes: int, workdir: Path, kill_at: float | None = None, deadline: float
                 lost = [n["name"] for n in before if after.get(n["mac"]) != n["name"]]
             out, err = client.communicate(timeout=deadline + 60)
         finally:
+            probe.terminate()
+            probe_out = probe.communicate(timeout=30)[0]
             if client.poll() is None:
                 client.kill()
                 client.wait()
@@ -236,6 +265,10 @@ def run(nodes: int, workdir: Path, kill_at: float | None = None, deadline: float
         results: list[dict[str, Any]] = data["results"]
         registry = json.loads(cli(config, "node", "list", "--json"))
         leases = json.loads(cli(config, "lease", "list", "--json"))
+        master_tx = wire_tx_bytes(net)
+    samples = [line.split() for line in probe_out.splitlines() if line.strip()]
+    probe_ms = [float(t) * 1000 for status, t in samples if status == "200"]
+    probe_failed = sum(1 for status, _ in samples if status != "200")
     ok = [r for r in results if r["ok"]]
     latencies = [r["script_latency"] for r in ok]
     errors = sorted({r["error"] for r in results if not r["ok"]})
@@ -244,8 +277,11 @@ def run(nodes: int, workdir: Path, kill_at: float | None = None, deadline: float
         distinct_names=len({r["name"] for r in ok}), distinct_ips=len({r["ip"] for r in ok if r["ip"]}),
         duration=data["duration"], script_p50_ms=percentile(latencies, 50) * 1000,
         script_p99_ms=percentile(latencies, 99) * 1000, client_bytes=sum(r["bytes"] for r in results),
-        client_retries=sum(r["retries"] for r in results),
-        registry_ready=sum(1 for n in registry if n["state"] == "ready"), registry_nodes=len(registry),
+        client_retries=sum(r["retries"] for r in results), master_tx_bytes=master_tx,
+        probe_requests=len(samples), probe_failed=probe_failed, probe_p50_ms=percentile(probe_ms, 50),
+        probe_p99_ms=percentile(probe_ms, 99),
+        registry_ready=sum(1 for n in registry if n["state"] == "ready"),
+        registry_nodes=sum(1 for n in registry if n["name"] != "probe"),
         leases=len(leases), errors=errors[:20], killed_at=kill_at, lost_after_kill=lost,
     )
 
