@@ -43,6 +43,8 @@ class RegistryConfig:
     default_group: str = "default"
     stale_after: float = 90.0
     dead_after: float = 300.0
+    register_rate: float = 0.0
+    register_burst: int = 100
 
 
 @dataclass(frozen=True)
@@ -302,6 +304,8 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         default_group=r.text("default_group", "default"),
         stale_after=r.number("stale_after", 90.0, 1.0, 86400.0 * 30),
         dead_after=r.number("dead_after", 300.0, 1.0, 86400.0 * 30),
+        register_rate=r.number("register_rate", 0.0, 0.0, 1e6),
+        register_burst=r.integer("register_burst", 100, 1, 1_000_000),
     )
     if registry.dead_after <= registry.stale_after:
         raise r.error("dead_after", f"{registry.dead_after:g} must be greater than stale_after "

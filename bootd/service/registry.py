@@ -29,10 +29,31 @@ class Resolution:
     created: bool = False
 
 
+class _TokenBucket:
+    """Registration rate limit: a flood of forged MACs must not fill the registry at line rate."""
+
+    def __init__(self) -> None:
+        self.tokens: float | None = None
+        self.stamp = 0.0
+
+    def take(self, rate: float, burst: int, now: float) -> bool:
+        if rate <= 0:
+            return True
+        if self.tokens is None:
+            self.tokens, self.stamp = float(burst), now
+        self.tokens = min(float(burst), self.tokens + max(0.0, now - self.stamp) * rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
 class RegistryService:
     def __init__(self, store: NodeStore, config: RegistryConfig) -> None:
         self.store = store
         self.config = config
+        self._bucket = _TokenBucket()
 
     async def decide(self, machine: Machine, now: float) -> Resolution:
         """Resolve a machine to a node, registering it on first contact when allowed."""
@@ -41,6 +62,10 @@ class RegistryService:
         if node is None:
             if not self.config.auto_register:
                 return Resolution(None, f"unknown MAC {machine.mac} and registry.auto_register is off")
+            if not self._bucket.take(self.config.register_rate, self.config.register_burst, now):
+                return Resolution(None, f"unknown MAC {machine.mac}: registration rate limit "
+                                        f"({self.config.register_rate:g}/s, burst {self.config.register_burst}) "
+                                        "reached; it will register on a later attempt")
             node, created = await self.store.register(
                 machine.mac,
                 name_pattern=self.config.name_pattern,

@@ -170,3 +170,17 @@ def test_leases_one_per_mac_and_per_address(tmp_path: Path) -> None:
     assert [(x.ip, x.mac) for x in repo.list_leases()] == [("10.0.0.11", mac(2))]
     repo.release_lease("10.0.0.11")
     assert repo.list_leases() == []
+
+
+async def test_registration_rate_limit_refuses_with_a_reason_then_recovers() -> None:
+    store = memory_store()
+    service = RegistryService(store, RegistryConfig(register_rate=2.0, register_burst=3))
+    results = [await service.decide(Machine(mac(i)), now=100.0) for i in range(5)]
+    assert [r.node is not None for r in results] == [True, True, True, False, False]
+    assert "registration rate limit" in results[3].reason
+    assert len(await store.list_nodes()) == 3
+    # Known nodes are never limited; after half a second one more unknown MAC may register.
+    assert (await service.decide(Machine(mac(0)), now=100.1)).node is not None
+    assert (await service.decide(Machine(mac(3)), now=100.6)).node is not None
+    assert (await service.decide(Machine(mac(4)), now=100.6)).node is None
+    await store.close()
