@@ -247,6 +247,7 @@ def main() -> None:
     servers: list[Server] = []
     try:
         t0 = time.monotonic()
+        load_at_start = f"{os.getloadavg()[0]:.2f}"
         store, hashes = make_capsule(work, args.mib)
         sizes = [store.chunk_path(h).stat().st_size for h in hashes]
         print(f"capsule: {len(hashes)} chunks, {sum(sizes) / 2**20:.1f} MiB stored, "
@@ -290,6 +291,8 @@ def main() -> None:
             print(f"{clients:>7} | {b['gbps']:>10.2f} {n['gbps']:>10.2f} {b['gbps'] / n['gbps']:>5.2f}x | "
                   f"{b['cpu_per_gb']:>14.3f} {n['cpu_per_gb']:>14.3f} {b['cpu_per_gb'] / n['cpu_per_gb']:>5.2f}x | "
                   f"{b['p99_ms']:>12.1f} {n['p99_ms']:>12.1f}", flush=True)
+        print(f"load average during the run: {load_at_start} -> {os.getloadavg()[0]:.2f} "
+              "(other work on this machine shows up as noise in both columns)")
     finally:
         for srv in servers:
             srv.stop()
