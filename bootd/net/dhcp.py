@@ -11,6 +11,9 @@ It decides nothing: bytes are parsed by ``bootd.proto.dhcp`` and answered by
   newest datagrams are dropped (and counted) instead of growing memory or
   delaying every answer past the client's retransmit timer. Clients
   retransmit, so dropping is the correct overload response for DHCP.
+* Requests that waited longer than ``max_age`` are dropped unanswered ("stale"): under overload,
+  serving old requests first makes every answer late, the clients time out and retransmit, and
+  goodput collapses; shedding the old keeps answering the recent ones within the client's timer.
 * A fixed number of worker tasks: the service awaits the store, so several
   requests can be in flight while one waits for SQLite.
 * A counter for every packet that gets no answer, labelled by reason, plus a
@@ -27,7 +30,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -44,7 +47,7 @@ _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 RCVBUF = 4 * 1024 * 1024  # absorbs a boot wave's burst while workers catch up
 LOG_EVERY = 10.0
 
-_Item = tuple[bytes, tuple[str, int], int, asyncio.DatagramTransport]
+_Item = tuple[bytes, tuple[str, int], int, asyncio.DatagramTransport, float]
 
 
 class _Metrics:
@@ -75,7 +78,7 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.received.inc()
         assert self.transport is not None
         try:
-            self.server.queue.put_nowait((data, addr, self.port, self.transport))
+            self.server.queue.put_nowait((data, addr, self.port, self.transport, time.monotonic()))
         except asyncio.QueueFull:
             self.server.drop("queue-full", f"from {addr[0]}:{addr[1]}, {self.server.queue.maxsize} waiting")
 
@@ -98,6 +101,7 @@ class DhcpServer:
         interface: str | None = None,
         queue_size: int = 1024,
         workers: int = 16,
+        max_age: float = 2.0,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -107,6 +111,7 @@ class DhcpServer:
         self.proxy_port = proxy_port
         self.interface = interface
         self.workers = workers
+        self.max_age = max_age
         self.clock = clock
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
         self.metrics = _Metrics(registry)
@@ -115,6 +120,7 @@ class DhcpServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed since)
         self.bound_ports: list[int] = []
+        self._reply_counters: dict[int, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
     def _socket(self, port: int) -> socket.socket:
@@ -185,7 +191,12 @@ class DhcpServer:
     async def _worker(self) -> None:
         queue = self.queue
         while True:
-            data, addr, port, transport = await queue.get()
+            data, addr, port, transport, queued_at = await queue.get()
+            if time.monotonic() - queued_at > self.max_age:
+                # Overloaded: the client has retransmitted or given up by now (RFC 2131 4.1: ~4 s).
+                # Answering it would only make every later request later too (congestion collapse).
+                self.drop("stale", f"waited more than {self.max_age:.1f}s in the queue")
+                continue
             try:
                 await self._one(data, addr, port, transport)
             except asyncio.CancelledError:
@@ -209,4 +220,8 @@ class DhcpServer:
             if transport.is_closing():
                 return
             transport.sendto(reply.data, (reply.address, reply.port))
-            self.metrics.replies.labels(type=reply.msg_type.name.lower()).inc()
+            counter = self._reply_counters.get(reply.msg_type)
+            if counter is None:
+                counter = self._reply_counters[reply.msg_type] = self.metrics.replies.labels(
+                    type=reply.msg_type.name.lower())
+            counter.inc()

@@ -101,6 +101,7 @@ class _Pool:
     leases: dict[int, tuple[str, float]] = field(default_factory=dict)  # ip -> (mac, expires)
     lease_of: dict[str, int] = field(default_factory=dict)  # mac -> ip
     sticky: dict[int, str] = field(default_factory=dict)  # ip -> mac of the node that owns it
+    sticky_of: dict[str, int] = field(default_factory=dict)  # mac -> its sticky ip
     offers: dict[int, tuple[str, float]] = field(default_factory=dict)  # ip -> (mac, until)
     offer_of: dict[str, int] = field(default_factory=dict)  # mac -> ip
     declined: dict[int, float] = field(default_factory=dict)  # ip -> until
@@ -160,10 +161,20 @@ class _Pool:
             self.lease_of.pop(prev[0], None)
         self.leases[ip] = (mac, expires)
         self.lease_of[mac] = ip
-        for sip, smac in list(self.sticky.items()):
-            if smac == mac and sip != ip:
-                del self.sticky[sip]
+        self.stick(ip, mac)
+
+    def stick(self, ip: int, mac: str) -> None:
+        """Make ``ip`` the node's own address (a node keeps one address; the store moves it the same way)."""
+        old = self.sticky_of.get(mac)
+        if old is not None and old != ip and self.sticky.get(old) == mac:
+            del self.sticky[old]
         self.sticky[ip] = mac
+        self.sticky_of[mac] = ip
+
+    def unstick(self, ip: int) -> None:
+        mac = self.sticky.pop(ip, None)
+        if mac is not None and self.sticky_of.get(mac) == ip:
+            del self.sticky_of[mac]
 
     def unbind(self, ip: int) -> None:
         held = self.leases.pop(ip, None)
@@ -230,8 +241,8 @@ class DhcpService:
                 self.pool.leases[ip] = (lease.mac, lease.expires)
                 self.pool.lease_of[lease.mac] = ip
             for node in await self.store.list_nodes():
-                if node.ip:
-                    self.pool.sticky.setdefault(ip_int(node.ip), node.mac)
+                if node.ip and ip_int(node.ip) not in self.pool.sticky:
+                    self.pool.stick(ip_int(node.ip), node.mac)
             self._loaded = True
             log.info("event=dhcp-loaded leases=%d sticky=%d", len(self.pool.leases), len(self.pool.sticky))
 
@@ -422,7 +433,7 @@ class DhcpService:
         # Someone else answers ARP for it: park the address and let the client DISCOVER again.
         log.warning("event=dhcp-decline mac=%s ip=%s reason=%r", c.machine.mac, wanted, "address in use on the wire")
         pool.unbind(ip)
-        pool.sticky.pop(ip, None)
+        pool.unstick(ip)
         pool.declined[ip] = now + self.settings.decline_hold
         await self.store.release_lease(wanted)
         return Outcome()

@@ -13,6 +13,7 @@ section 5 prescribes: ``options``, then ``file``, then ``sname``.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 
@@ -41,8 +42,13 @@ def ip_to_str(raw: bytes) -> str:
     return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
 
 
+@functools.lru_cache(maxsize=65536)
 def ip_to_bytes(text: str) -> bytes:
-    """4 raw bytes from a dotted quad; our own (config) values, so errors are local."""
+    """4 raw bytes from a dotted quad; our own (config, pool) values, so errors are local.
+
+    Cached: every reply encodes the same few addresses (server, zero, pool), and this was a visible
+    share of the reply path in the profile.
+    """
     parts = text.split(".")
     if len(parts) != 4:
         raise ValueError(f"not an IPv4 address: {text!r}")

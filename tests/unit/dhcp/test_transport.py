@@ -135,3 +135,22 @@ async def test_proxy_boot_server_port_answers_the_sender(store: SqliteNodeStore,
         assert value(registry, "bootd_dhcp_received_total", port=str(proxy_port)) == 1
     finally:
         await server.close()
+
+
+async def test_requests_older_than_max_age_are_shed(store: SqliteNodeStore, relay: socket.socket) -> None:
+    registry = CollectorRegistry()
+    server = make(store, relay.getsockname()[1], registry)
+    server.max_age = -1.0  # everything counts as having waited too long
+    await server.start()
+    try:
+        discover = dataclasses.replace(golden_packet("udhcpc-c2s-discover-1"), giaddr="127.0.0.1")
+        relay.sendto(discover.encode(), ("127.0.0.1", server.bound_ports[0]))
+        for _ in range(100):
+            if value(registry, "bootd_dhcp_dropped_total", reason="stale"):
+                break
+            await asyncio.sleep(0.02)
+        assert value(registry, "bootd_dhcp_dropped_total", reason="stale") == 1
+        assert value(registry, "bootd_dhcp_replies_total", type="offer") == 0
+        assert await store.list_nodes() == []  # shed before any decision was made
+    finally:
+        await server.close()
