@@ -96,19 +96,25 @@ def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != ".complete")
 
 
-def run_peer(root: Path) -> tuple[float, int]:
-    t = time.perf_counter()
+def _cpu() -> float:
+    """CPU seconds of this process and its waited-for children (the peer, the worker processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def run_peer(root: Path) -> tuple[float, float, int]:
+    t, c = time.perf_counter(), _cpu()
     r = subprocess.run(f"tar -C '{root}' -cf - . | zstd -T0 -3 -c | wc -c", shell=True, check=True,
                        capture_output=True, text=True)
-    return time.perf_counter() - t, int(r.stdout.strip())
+    return time.perf_counter() - t, _cpu() - c, int(r.stdout.strip())
 
 
-def run_bootd(root: Path, store_dir: Path, durable: bool, processes: bool) -> tuple[float, int, int]:
+def run_bootd(root: Path, store_dir: Path, durable: bool, processes: bool) -> tuple[float, float, int, int]:
     shutil.rmtree(store_dir, ignore_errors=True)
     store = CapsuleStore(store_dir)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     r = import_capsule(store, "bench", root, options=ImportOptions(durable=durable, processes=processes))
-    return time.perf_counter() - t, r.raw_size, r.stored_size
+    return time.perf_counter() - t, _cpu() - c, r.raw_size, r.stored_size
 
 
 def main() -> int:
@@ -134,15 +140,19 @@ def main() -> int:
     peer_t: list[float] = []
     ours_t: list[float] = []
     proc_t: list[float] = []
+    cpu: dict[str, list[float]] = {"peer": [], "threads": [], "processes": []}
     peer_out = raw = stored = 0
     load = [os.getloadavg()[0]]
     for _ in range(args.runs):  # interleaved, so background load hits every contender alike
-        pt, peer_out = run_peer(root)
+        pt, pc, peer_out = run_peer(root)
         peer_t.append(pt)
-        bt, raw, stored = run_bootd(root, store_dir, durable=not args.no_fsync, processes=False)
+        cpu["peer"].append(pc)
+        bt, bc, raw, stored = run_bootd(root, store_dir, durable=not args.no_fsync, processes=False)
         ours_t.append(bt)
-        bt, raw, stored = run_bootd(root, store_dir, durable=not args.no_fsync, processes=True)
+        cpu["threads"].append(bc)
+        bt, bc, raw, stored = run_bootd(root, store_dir, durable=not args.no_fsync, processes=True)
         proc_t.append(bt)
+        cpu["processes"].append(bc)
         load.append(os.getloadavg()[0])
     peer_mbs = size / statistics.median(peer_t) / 1e6
     ours_mbs = size / statistics.median(ours_t) / 1e6
@@ -165,13 +175,14 @@ def main() -> int:
         os.utime(victim, (st.st_atime, st.st_mtime))
 
     rows = [
-        ("tar | zstd -T0 -3", statistics.median(peer_t), peer_mbs, size / peer_out),
-        ("bootd import (threads)", statistics.median(ours_t), ours_mbs, raw / stored),
-        ("bootd import (processes)", statistics.median(proc_t), proc_mbs, raw / stored),
+        ("tar | zstd -T0 -3", statistics.median(peer_t), peer_mbs, size / peer_out, cpu["peer"]),
+        ("bootd import (threads)", statistics.median(ours_t), ours_mbs, raw / stored, cpu["threads"]),
+        ("bootd import (processes)", statistics.median(proc_t), proc_mbs, raw / stored, cpu["processes"]),
     ]
-    print(f"\n{'tool':<26}{'median s':>10}{'MB/s':>9}{'ratio vs peer':>15}{'compression':>13}")
-    for name, sec, mbs, comp in rows:
-        print(f"{name:<26}{sec:>10.2f}{mbs:>9.0f}{mbs / peer_mbs:>15.2f}{comp:>13.2f}")
+    print(f"\n{'tool':<26}{'median s':>10}{'MB/s':>9}{'ratio vs peer':>15}{'compression':>13}{'CPU s':>8}")
+    for name, sec, mbs, comp, c in rows:
+        print(f"{name:<26}{sec:>10.2f}{mbs:>9.0f}{mbs / peer_mbs:>15.2f}{comp:>13.2f}"
+              f"{statistics.median(c):>8.2f}")
     print(f"\nruns (s): peer {[round(x, 2) for x in peer_t]}  threads {[round(x, 2) for x in ours_t]}  "
           f"processes {[round(x, 2) for x in proc_t]}")
     print(f"load average (1 min) during the runs: {[round(x, 1) for x in load]}")
