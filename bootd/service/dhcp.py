@@ -38,6 +38,7 @@ log = logging.getLogger("bootd.dhcp")
 MT = o.MessageType
 MAX_HOPS = 16  # RFC 1542 4.1.1 suggests relays discard beyond this; so do we
 NODE_CACHE_TTL = 10.0  # DISCOVER->REQUEST reuses the registry answer for this long (seconds)
+NODE_RELOAD_EVERY = 60.0  # re-read node addresses: the CLI (another process) may delete nodes or set an ip
 
 
 def ip_int(text: str) -> int:
@@ -106,6 +107,7 @@ class _Pool:
     offer_of: dict[str, int] = field(default_factory=dict)  # mac -> ip
     declined: dict[int, float] = field(default_factory=dict)  # ip -> until
     cursor: int = 0
+    tracking: set[int] | None = None  # addresses changed while a reload reads the store
 
     def in_subnet(self, ip: int) -> bool:
         return ip & self.mask == self.subnet
@@ -153,9 +155,13 @@ class _Pool:
 
     def bind(self, ip: int, mac: str, expires: float) -> None:
         self.drop_offer(mac)
+        if self.tracking is not None:
+            self.tracking.add(ip)
         old = self.lease_of.get(mac)
         if old is not None and old != ip:
             self.leases.pop(old, None)
+            if self.tracking is not None:
+                self.tracking.add(old)
         prev = self.leases.get(ip)
         if prev is not None and prev[0] != mac:
             self.lease_of.pop(prev[0], None)
@@ -166,17 +172,25 @@ class _Pool:
     def stick(self, ip: int, mac: str) -> None:
         """Make ``ip`` the node's own address (a node keeps one address; the store moves it the same way)."""
         old = self.sticky_of.get(mac)
+        if self.tracking is not None:
+            self.tracking.add(ip)
+            if old is not None:
+                self.tracking.add(old)
         if old is not None and old != ip and self.sticky.get(old) == mac:
             del self.sticky[old]
         self.sticky[ip] = mac
         self.sticky_of[mac] = ip
 
     def unstick(self, ip: int) -> None:
+        if self.tracking is not None:
+            self.tracking.add(ip)
         mac = self.sticky.pop(ip, None)
         if mac is not None and self.sticky_of.get(mac) == ip:
             del self.sticky_of[mac]
 
     def unbind(self, ip: int) -> None:
+        if self.tracking is not None:
+            self.tracking.add(ip)
         held = self.leases.pop(ip, None)
         if held is not None and self.lease_of.get(held[0]) == ip:
             del self.lease_of[held[0]]
@@ -215,13 +229,14 @@ class DhcpService:
                                  f"subnet of netmask {settings.netmask}")
             self.pool = _Pool(start, end, start & mask, mask)
             # The server's own address is never handed out, even when inside the pool range.
-            self.pool.sticky[ip_int(settings.server_address)] = "server"
+            self.pool.stick(ip_int(settings.server_address), "server")
         self._net_opts = lease_options(lease_time=settings.lease_time, netmask=settings.netmask,
                                        router=settings.router, dns=settings.dns, domain=settings.domain)
         self._loaded = False
         self._load_lock = asyncio.Lock()
         self._nodes: dict[str, tuple[Node, float]] = {}  # mac -> (node, cached_at)
         self._last_sweep = 0.0
+        self._last_reload = 0.0
 
     @classmethod
     def from_config(cls, config: Config, store: NodeStore, registry: RegistryService) -> DhcpService:
@@ -233,18 +248,54 @@ class DhcpService:
     async def load(self) -> None:
         """Index the stored leases and node addresses (once; a restart keeps every lease)."""
         async with self._load_lock:
-            if self._loaded or self.pool is None:
-                self._loaded = True
-                return
-            for lease in await self.store.list_leases():
-                ip = ip_int(lease.ip)
-                self.pool.leases[ip] = (lease.mac, lease.expires)
-                self.pool.lease_of[lease.mac] = ip
-            for node in await self.store.list_nodes():
-                if node.ip and ip_int(node.ip) not in self.pool.sticky:
-                    self.pool.stick(ip_int(node.ip), node.mac)
+            if not self._loaded and self.pool is not None:
+                await self._reload()
+                log.info("event=dhcp-loaded leases=%d node_addresses=%d", len(self.pool.leases),
+                         len(self.pool.sticky) - 1)
             self._loaded = True
-            log.info("event=dhcp-loaded leases=%d sticky=%d", len(self.pool.leases), len(self.pool.sticky))
+
+    async def _reload(self) -> None:
+        """Rebuild the in-memory index from the store.
+
+        Done at start and every NODE_RELOAD_EVERY seconds because the CLI (another process) may delete a
+        node (and its lease) or give it an address. Addresses bound or freed here while the store was
+        being read are tracked and re-applied, so the reload never forgets a decision made meanwhile.
+        """
+        pool = self.pool
+        assert pool is not None
+        pool.tracking = set()
+        try:
+            leases = await self.store.list_leases()
+            nodes = await self.store.list_nodes()
+        except BaseException:
+            pool.tracking = None
+            raise
+        touched = pool.tracking
+        pool.tracking = None
+        keep_leases = {ip: pool.leases.get(ip) for ip in touched}
+        keep_sticky = {ip: pool.sticky.get(ip) for ip in touched}
+        pool.leases.clear()
+        pool.lease_of.clear()
+        pool.sticky.clear()
+        pool.sticky_of.clear()
+        for lease in leases:
+            pool.leases[ip_int(lease.ip)] = (lease.mac, lease.expires)
+            pool.lease_of[lease.mac] = ip_int(lease.ip)
+        pool.stick(ip_int(self.settings.server_address), "server")
+        for node in nodes:
+            if node.ip and ip_int(node.ip) not in pool.sticky:
+                pool.stick(ip_int(node.ip), node.mac)
+        for ip, held in keep_leases.items():
+            if held is None:
+                pool.unbind(ip)
+            else:
+                pool.leases[ip] = held
+                pool.lease_of[held[0]] = ip
+        for ip, owner in keep_sticky.items():
+            if owner is None:
+                pool.unstick(ip)
+            else:
+                pool.stick(ip, owner)
 
     # -- entry point -----------------------------------------------------------------
     async def handle(self, packet: DhcpPacket, *, port: int, now: float,
@@ -257,8 +308,12 @@ class DhcpService:
             return _ignore("too-many-hops", f"hops {packet.hops}")
         if not self._loaded:
             await self.load()
+            self._last_reload = now
         if now - self._last_sweep > 5.0:
             self._sweep(now)
+            if self.pool is not None and now - self._last_reload > NODE_RELOAD_EVERY:
+                self._last_reload = now  # before the await: one reload at a time
+                await self._reload()
         if port == self.settings.proxy_port and port != self.settings.server_port:
             return await self._boot_server(packet, c, now, source)
         if self.pool is None:

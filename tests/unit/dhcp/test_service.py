@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bootd.config import RegistryConfig
-from bootd.model import Firmware, Machine, State
+from bootd.model import Firmware, Lease, Machine, State
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.packet import DhcpPacket, ip_to_bytes
 from bootd.proto.dhcp.reply import BROADCAST, Reply
@@ -304,3 +304,36 @@ def test_policy_decisions() -> None:
     assert POLICY.plan(Machine(mac, 2, Firmware.UNKNOWN), None, pxe=True) is None
     ipxe = POLICY.plan(Machine(mac, 7, Firmware.UEFI_X64, ipxe=True), None, pxe=True)
     assert ipxe is not None and ipxe.ipxe_no_proxydhcp and ipxe.filename.endswith("/boot/52-54-00-00-00-01.ipxe")
+
+
+async def test_deleted_node_frees_its_address_after_reload(store: SqliteNodeStore) -> None:
+    svc = service(store, dataclasses.replace(FULL, pool_end="10.77.0.100"))  # one address
+    discover = golden_packet("udhcpc-c2s-discover-1")
+    await dora(svc, discover)
+    other = with_mac(discover, 9)
+    assert (await svc.handle(other, port=67, now=NOW + 10)).ignored == "pool-exhausted"
+    node = await store.get_node_by_mac("52:54:00:99:00:3c")
+    assert node is not None
+    await store.delete_node(node.name)  # what `bootd node delete` does from another process
+    _, offer = only(await svc.handle(other, port=67, now=NOW + 100))  # past the reload interval
+    assert offer.yiaddr == "10.77.0.100"
+
+
+async def test_reload_keeps_bindings_made_while_reading(store: SqliteNodeStore) -> None:
+    svc = service(store)
+    await svc.load()
+    pool = svc.pool
+    assert pool is not None
+    pool.bind(200, "52:54:00:00:00:01", NOW + 10)  # in memory only: a reload trusts the store
+    await svc._reload()
+    assert 200 not in pool.leases
+    original = store.list_leases
+
+    async def racing_list_leases() -> list[Lease]:
+        pool.bind(201, "52:54:00:00:00:02", NOW + 10)  # an ACK lands while the reload reads the store
+        return await original()
+
+    store.list_leases = racing_list_leases  # type: ignore[method-assign]
+    await svc._reload()
+    assert pool.leases[201] == ("52:54:00:00:00:02", NOW + 10)
+    assert pool.sticky[201] == "52:54:00:00:00:02" and pool.tracking is None
