@@ -21,8 +21,10 @@ from bootd.model import Group, Node, State, normalize_mac
 from bootd.store.sqlite import SqliteRepo
 
 
-def _repo(config: Config) -> SqliteRepo:
-    return SqliteRepo(config.db_path, default_group=config.registry.default_group)
+def _repo(config: Config, *, write: bool = True) -> SqliteRepo:
+    """Read commands open read-only, so they work on a read-only state directory too."""
+    readonly = not write and config.db_path.exists()  # a first read on a new install creates the registry
+    return SqliteRepo(config.db_path, default_group=config.registry.default_group, readonly=readonly)
 
 
 def _names(expr: str) -> list[str]:
@@ -73,7 +75,7 @@ def _print_json(data: Any) -> None:
 
 # -- node ---------------------------------------------------------------------------
 def node_list(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config)
+    repo = _repo(config, write=False)
     nodes = _select(repo, args.nodes)
     if args.state:
         nodes = [n for n in nodes if n.state.value == args.state]
@@ -88,7 +90,7 @@ def node_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def node_show(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config)
+    repo = _repo(config, write=False)
     nodes = _select(repo, args.nodes)
     if args.json:
         out = []
@@ -198,7 +200,7 @@ def node_delete(args: argparse.Namespace, config: Config) -> int:
 
 # -- group --------------------------------------------------------------------------
 def group_list(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config)
+    repo = _repo(config, write=False)
     groups = repo.list_groups()
     counts: dict[str, int] = {}
     for n in repo.list_nodes():
@@ -212,7 +214,7 @@ def group_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def group_show(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config)
+    repo = _repo(config, write=False)
     group = repo.get_group(args.name)
     if group is None:
         raise NotFound(f"no group named {args.name!r}")
@@ -253,7 +255,7 @@ def group_delete(args: argparse.Namespace, config: Config) -> int:
 
 
 def lease_list(args: argparse.Namespace, config: Config) -> int:
-    leases = _repo(config).list_leases()
+    leases = _repo(config, write=False).list_leases()
     if args.json:
         _print_json([dataclasses.asdict(x) for x in leases])
         return 0

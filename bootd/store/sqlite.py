@@ -95,42 +95,85 @@ def _node(row: sqlite3.Row, vars_: dict[str, str]) -> Node:
     )
 
 
-class SqliteRepo:
-    """Synchronous repository; used directly by the CLI, through SqliteNodeStore by the daemon."""
+def diagnose(path: str | Path) -> str:
+    """Why a write under ``path`` fails, in words an administrator can act on ("" if unknown)."""
+    directory = Path(path) if Path(path).is_dir() else Path(path).parent
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return ""
+    if st.f_flag & os.ST_RDONLY:
+        return f"{directory} is on a read-only filesystem"
+    if not os.access(directory, os.W_OK):
+        return f"{directory} is not writable by this user"
+    if st.f_bavail * st.f_frsize < 256 * 1024:
+        return f"the filesystem of {directory} is full"
+    return ""
 
-    def __init__(self, path: str | Path, *, default_group: str = "default") -> None:
+
+def _explain(exc: BaseException, path: str) -> str:
+    hint = diagnose(path) if path != ":memory:" else ""
+    return f"{exc} ({hint})" if hint else str(exc)
+
+
+class SqliteRepo:
+    """Synchronous repository; used directly by the CLI, through SqliteNodeStore by the daemon.
+
+    ``readonly`` opens for reading only (the CLI's list/show), which also works
+    when the state directory is on a read-only filesystem.
+    """
+
+    def __init__(self, path: str | Path, *, default_group: str = "default", readonly: bool = False) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
+        self.readonly = readonly
+        if self.path != ":memory:" and not readonly:
             parent = Path(self.path).parent
             try:
                 parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create state directory {parent}: {exc.strerror}") from None
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            if readonly:
+                if not Path(self.path).exists():
+                    raise StoreError(f"no node registry at {self.path} (bootd serve or a CLI write creates it)")
+                flags = "mode=ro" + ("&immutable=1" if diagnose(self.path).endswith("read-only filesystem") else "")
+                self.db = sqlite3.connect(f"file:{self.path}?{flags}", uri=True, isolation_level=None,
+                                          check_same_thread=False, timeout=10.0)
+            else:
+                self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.execute("PRAGMA busy_timeout = 10000")
-            if self.path != ":memory:":
-                self.db.execute("PRAGMA journal_mode = WAL")
-                self.db.execute("PRAGMA synchronous = NORMAL")
-            self.migrate()
-            with self.write():
-                self.db.execute("INSERT OR IGNORE INTO groups(name) VALUES (?)", (default_group,))
+            if readonly:
+                if self.schema_version() != SCHEMA_VERSION:
+                    raise StoreError(f"node registry {self.path} has schema {self.schema_version()}, this bootd "
+                                     f"reads {SCHEMA_VERSION}; start bootd serve once to migrate it")
+            else:
+                if self.path != ":memory:":
+                    self.db.execute("PRAGMA journal_mode = WAL")
+                    self.db.execute("PRAGMA synchronous = NORMAL")
+                self.migrate()
+                with self.write():
+                    self.db.execute("INSERT OR IGNORE INTO groups(name) VALUES (?)", (default_group,))
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open node registry {self.path}: {exc}") from None
+            raise StoreError(f"cannot open node registry {self.path}: {_explain(exc, self.path)}") from None
         self.default_group = default_group
 
     # -- plumbing -----------------------------------------------------------------
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, lock taken up front (BEGIN IMMEDIATE)."""
+        if self.readonly:
+            raise StoreError(f"node registry {self.path} was opened read-only")
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            raise StoreError(f"node registry {self.path} is locked or read-only: {exc}") from None
+            raise StoreError(f"node registry {self.path} is locked or read-only: {_explain(exc, self.path)}") from None
         try:
             yield self.db
+        except sqlite3.Error as exc:
+            self.db.execute("ROLLBACK")
+            raise StoreError(f"cannot write node registry {self.path}: {_explain(exc, self.path)}") from None
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
@@ -139,7 +182,7 @@ class SqliteRepo:
                 self.db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self.db.execute("ROLLBACK")
-                raise StoreError(f"cannot write node registry {self.path}: {exc}") from None
+                raise StoreError(f"cannot write node registry {self.path}: {_explain(exc, self.path)}") from None
 
     def schema_version(self) -> int:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
@@ -464,5 +507,6 @@ def state_dir_writable(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create state directory {path}: {exc.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise StoreError(f"state directory {path} is not writable (read-only filesystem or permissions?)")
+    problem = diagnose(path)
+    if problem:
+        raise StoreError(f"state directory {path} is not usable: {problem}")
