@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bootd.lab.netns import Lab, LabError, lab_available
 from bootd.lab.qemu import QemuError, QemuNode, qemu_available
-from bootd.lab.sample import make_busybox_root
+from bootd.lab.sample import build_recipe_capsule, make_busybox_root
 from bootd.lab.serve import BootdServer
 from bootd.stage1.build import Stage1Error, build
 
@@ -37,7 +37,7 @@ MILESTONES: tuple[tuple[str, str], ...] = (
     ("manifest", r"BOOTD-STAGE1 manifest ok"),
     ("chunks verified", r"BOOTD-STAGE1 verified"),
     ("switch_root", r"BOOTD-STAGE1 booted"),
-    ("ready", r"BOOTD-CAPSULE ready"),
+    ("ready", r"BOOTD-CAPSULE ready|BOOTD-READY "),
 )
 
 
@@ -77,16 +77,18 @@ def run_demo(*, nodes: int = 1, firmware: str = "bios", workdir: Path | None = N
         say(f"building the stage one into {work / 'stage1'} (kernel .deb cached in ~/.cache/bootd)")
         s1 = build(work / "stage1", log=lambda m: say(f"  {m}"))
         say(f"stage one ready: kernel {s1.kernel.kver}, initramfs {s1.initramfs.stat().st_size // 1024} KiB")
-        root = make_busybox_root(work / "sample-root")
+        source = build_recipe_capsule(work / "capsule", kernel=s1.vmlinuz)
+        if source is None:  # not a source checkout: the built-in sample root (no kernel of its own)
+            source = make_busybox_root(work / "sample-root")
         with Lab(workdir=work / "lab", prefix="bd-demo") as lab:
             say(f"network namespace {lab.name}: bridge {lab.bridge} {lab.server_ip}/24")
             bootd = BootdServer(lab, state_dir=work / "state", stage1_dir=s1.out_dir)
             bootd.write_config()
-            vid = bootd.import_capsule("busybox", root)
+            vid = bootd.import_capsule("busybox", source)
             bootd.cli("group", "set", "default", "--capsule", "busybox", check=False)
             if bootd.cli("group", "show", "default", check=False).returncode != 0:
                 bootd.cli("group", "add", "default", "--capsule", "busybox")
-            say(f"capsule busybox imported: version {vid[:16]}…")
+            say(f"capsule busybox imported from {source}: version {vid[:16]}…")
             bootd.start()
             say(f"bootd serve running in the namespace ({bootd.base_url}, DHCP {bootd.dhcp}); config "
                 f"{bootd.config_path}")
@@ -131,7 +133,7 @@ def _follow(bootd: BootdServer, machines: list[QemuNode], timeout: float, say: O
             lines = m.lines[seen_lines[m.mac]:]
             seen_lines[m.mac] += len(lines)
             for line in lines:
-                if re.search(r"BOOTD-(STAGE1|CAPSULE|IPXE)|bootd: booting", line.text) and \
+                if re.search(r"BOOTD-(STAGE1|CAPSULE|IPXE|READY)|bootd: booting|bootd capsule init", line.text) and \
                         not re.search(r"fetching \d+/\d+$", line.text):
                     say(f"  {m.name} console: {line.text}")
             for needle, why in m.dead_ends.items():

@@ -284,6 +284,9 @@ first_failure() {
     echo "$1"
 }
 
+# KEY=VALUE -> KEY='VALUE' (single quotes escaped), so capsules can source node.env with `. file`.
+shell_assign() { sed -e "s/'/'\\\\''/g" -e "s/=/='/" -e "s/\$/'/"; }
+
 write_node_config() {
     mkdir -p "$TARGET/etc/bootd"
     echo "$NODE" > "$TARGET/etc/hostname"
@@ -295,14 +298,20 @@ write_node_config() {
         echo "BOOTD_MAC=$MAC"
         echo "BOOTD_CAPSULE=$VID"
         [ -n "$IP" ] && echo "BOOTD_IP=$IP"
-    } > "$env_file"
-    # The node's key/values: one KEY=VALUE per line from bootd; lines that are not shell-safe are dropped.
+        # The node's key/values, channel 1: bootd.var.KEY=VALUE words on the kernel command line.
+        for w in $(cat "$CMDLINE_FILE"); do
+            case "$w" in bootd.var.*=*) echo "${w#bootd.var.}" ;; esac
+        done
+    } > "$WORK/node.env"
+    # Channel 2: KEY=VALUE lines from bootd's node-facing env route, if this bootd has one.
     if timeout 10 wget -q -O "$WORK/node.vars" --header "X-Bootd-Token: $TOKEN" \
         "$URL/api/v1/nodes/$NODE/env" 2>/dev/null; then
-        grep -E '^[A-Za-z_][A-Za-z0-9_]*=[^`$\\]*$' "$WORK/node.vars" >> "$env_file"
+        cat "$WORK/node.vars" >> "$WORK/node.env"
     else
         say "note: no node key/values from $URL/api/v1/nodes/$NODE/env (skipped)"
     fi
+    # Only names a shell accepts; values are quoted, so nothing in them is ever executed.
+    grep -E '^[A-Za-z_][A-Za-z0-9_]*=' "$WORK/node.env" | shell_assign > "$env_file"
     chmod 0600 "$env_file"
 }
 

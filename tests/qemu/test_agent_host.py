@@ -19,12 +19,12 @@ AGENT = STAGE1_SRC / "agent.sh"
 
 
 def run_agent(tmp_path: Path, server: StandinProc, vid: str, *, node: str = "n0001",
-              timeout: float = 60, retries: int = 6) -> tuple[subprocess.CompletedProcess[str], Path]:
+              timeout: float = 60, retries: int = 6, extra: str = "") -> tuple[subprocess.CompletedProcess[str], Path]:
     need_host_tools()
     token = standin.node_token(b"standin-secret", node)
     cmdline = tmp_path / "cmdline"
     cmdline.write_text(f"console=ttyS0 bootd.url={server.base} bootd.node={node} bootd.capsule={vid} "
-                       f"bootd.token={token} bootd.mac=52:54:00:00:00:01 bootd.retries={retries}\n")
+                       f"bootd.token={token} bootd.mac=52:54:00:00:00:01 bootd.retries={retries} {extra}\n")
     target = tmp_path / "target"
     env = dict(os.environ, BOOTD_HOST_MODE="1", BOOTD_CMDLINE_FILE=str(cmdline),
                BOOTD_WORK=str(tmp_path / "work"), BOOTD_TARGET=str(target))
@@ -47,14 +47,20 @@ def same_tree(a: Path, b: Path) -> bool:
 def test_agent_fetches_verifies_and_unpacks(tmp_path: Path, loopback_standin: StartStandin,
                                             sample_capsule: SampleCapsule) -> None:
     server = loopback_standin()
-    proc, target = run_agent(tmp_path, server, sample_capsule.vid)
+    proc, target = run_agent(tmp_path, server, sample_capsule.vid,
+                             extra="bootd.var.ROLE=compute bootd.var.MOTD=it's$(reboot) bootd.var.9bad=x")
     assert proc.returncode == 0, proc.stderr
     count = len(standin.chunk_hashes(sample_capsule.store, sample_capsule.vid))
     assert f"BOOTD-STAGE1 verified {count}/{count} chunks" in proc.stderr
     assert same_tree(sample_capsule.root, target)
     assert (target / "etc/hostname").read_text() == "n0001\n"
     env = (target / "etc/bootd/node.env").read_text()
-    assert f"BOOTD_NODE=n0001\nBOOTD_TOKEN={standin.node_token(b'standin-secret', 'n0001')}" in env
+    token = standin.node_token(b"standin-secret", "n0001")
+    assert f"BOOTD_NODE='n0001'\nBOOTD_TOKEN='{token}'" in env
+    # node.env is shell syntax: sourcing it gives back the values, the odd ones included.
+    probe = subprocess.run(["busybox", "sh", "-c", f". {target}/etc/bootd/node.env; echo \"$ROLE|$MOTD\""],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout == "compute|it's$(reboot)\n"
     events = [e["event"] for e in server.event_lines()]
     assert events[0] == "stage1" and events[-2:] == ["verified", "booted"]
     assert all(e["token_ok"] for e in server.event_lines())

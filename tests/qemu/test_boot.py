@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bootd.lab import Lab, QemuNode, lab_available, qemu_available
-from bootd.lab.sample import make_busybox_root
+from bootd.lab.sample import build_recipe_capsule, make_busybox_root
 from bootd.lab.serve import BootdServer, ServeError
 from bootd.stage1.build import BuildResult
 from tests.qemu import standin
@@ -38,6 +38,7 @@ class Served:
     corrupt_vid: str
     corrupt_chunk: str
     big_vid: str
+    recipe_vid: str | None
 
 
 def _capsule_tree(base: Path, name: str, filler: int, seed: bytes) -> Path:
@@ -62,6 +63,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, stage1: BuildResult,
             busybox = bootd.import_capsule("busybox", sample_capsule.root)
             corrupt = bootd.import_capsule("corrupt", _capsule_tree(work, "corrupt", 1_500_000, b"corrupt"))
             big = bootd.import_capsule("big", _capsule_tree(work, "big", 12_000_000, b"big"))
+            tarball = build_recipe_capsule(work / "recipe", kernel=stage1.vmlinuz)
+            recipe = bootd.import_capsule("recipe", tarball) if tarball is not None else None
             bootd.cli("group", "set", "default", "--capsule", "busybox", check=False)
             if bootd.cli("group", "show", "default", "--json", check=False).returncode != 0:
                 bootd.cli("group", "add", "default", "--capsule", "busybox")
@@ -86,7 +89,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, stage1: BuildResult,
             code, _ = bootd.http_get(path)
             if code != 200:
                 pytest.skip(f"bootd serve answers {code} for GET {path}; the boots need that route")
-        yield Served(lab, bootd, busybox, corrupt, bad, big)
+        yield Served(lab, bootd, busybox, corrupt, bad, big, recipe)
         if TIMINGS:
             print("\nboot timings (s from power-on): " + ", ".join(f"{k}={v:.1f}" for k, v in TIMINGS.items()))
 
@@ -109,7 +112,7 @@ def assert_ready_in_registry(served: Served, node: QemuNode) -> dict[str, object
         node.stop()
     console = node.console()
     assert "failed verification" not in console
-    assert f"node={entry['name']}" in console
+    assert f"node={entry['name']}" in console or f"BOOTD-READY {entry['name']}" in console
     assert re.search(r"BOOTD-STAGE1 verified (\d+)/\1 chunks", console)
     states = [e.get("state") for e in served.bootd.events(str(entry["name"]))]
     assert "failed" not in states
@@ -122,6 +125,24 @@ def assert_ready_in_registry(served: Served, node: QemuNode) -> dict[str, object
 def test_bios_ipxe_rom(served: Served) -> None:
     node = boot_to_ready(served, "bios", "52:54:00:77:02:01", "bios")
     assert node.first("platform=pcbios") or node.first("iPXE")
+    assert_ready_in_registry(served, node)
+
+
+def test_recipe_capsule_boots_its_own_kernel(served: Served) -> None:
+    """The capsules/busybox recipe with a kernel in /boot: iPXE loads /capsules/<vid>/kernel, and the
+    recipe's init (not the test's) reports ready."""
+    if served.recipe_vid is None:
+        pytest.skip("capsules/busybox/build.sh is not in this checkout")
+    mac = "52:54:00:77:02:08"
+    served.bootd.cli("node", "add", "recipe0", "--mac", mac, "--capsule", "recipe")
+    node = QemuNode(served.lab, "recipe", mac, firmware="bios").start()
+    try:
+        TIMINGS["recipe"] = node.wait_for(r"BOOTD-READY recipe0", timeout=READY_TIMEOUT).t
+    except BaseException:
+        node.stop()
+        raise
+    unwrapped = re.sub(r"\r?\n", "", node.console())  # iPXE wraps long URLs at 80 columns
+    assert f"/capsules/{served.recipe_vid}/kernel... " in unwrapped
     assert_ready_in_registry(served, node)
 
 
