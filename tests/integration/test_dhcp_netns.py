@@ -271,9 +271,9 @@ CLIENT = textwrap.dedent("""
                 "file": p.file.decode(), "server": o.server_id(p), "vc": (o.vendor_class(p) or ""),
                 "opt67": (o.bootfile_name(p) or ""), "has43": 43 in p.options, "xid": p.xid}
 
-    def collect(sock, xid, seconds):
+    def collect(sock, xid, seconds, want):
         out, end = [], time.monotonic() + seconds
-        while time.monotonic() < end:
+        while time.monotonic() < end and len(out) < want:
             sock.settimeout(max(0.01, end - time.monotonic()))
             try:
                 data, addr = sock.recvfrom(2048)
@@ -293,13 +293,13 @@ RELAY = CLIENT + textwrap.dedent("""
     discover = DhcpPacket.parse(open(sys.argv[4], "rb").read())
     discover.chaddr, discover.giaddr, discover.hops, discover.xid = mac + bytes(10), giaddr, 1, 0x0bd0001
     sock.sendto(discover.encode(), (server, 67))
-    offers = collect(sock, discover.xid, 3)
+    offers = collect(sock, discover.xid, 3, 1)
     request = discover
     request.options[53] = b"\\x03"
     request.options[54] = ip_to_bytes(offers[0]["server"])
     request.options[50] = ip_to_bytes(offers[0]["yiaddr"])
     sock.sendto(request.encode(), (server, 67))
-    print(json.dumps({"offers": offers, "acks": collect(sock, discover.xid, 3)}))
+    print(json.dumps({"offers": offers, "acks": collect(sock, discover.xid, 3, 1)}))
 """)
 
 
@@ -342,7 +342,7 @@ PXE_CLIENT = CLIENT + textwrap.dedent("""
     discover = DhcpPacket.parse(open(sys.argv[4], "rb").read())  # EDK2's own DISCOVER, our MAC
     discover.chaddr, discover.xid = mac + bytes(10), 0x0bd0002
     sock.sendto(discover.encode(), ("255.255.255.255", 67))
-    offers = collect(sock, discover.xid, 2.5)
+    offers = collect(sock, discover.xid, 3, 2)
     proxy = [x for x in offers if x["yiaddr"] == "0.0.0.0"]
     # PXE spec: with an address from the DHCP server, ask the proxy's boot server on 4011.
     request = DhcpPacket.parse(open(sys.argv[5], "rb").read())
@@ -350,7 +350,7 @@ PXE_CLIENT = CLIENT + textwrap.dedent("""
     request.options.pop(50, None)
     request.options.pop(54, None)
     sock.sendto(request.encode(), (proxy[0]["server"], 4011))
-    print(json.dumps({"offers": offers, "acks": collect(sock, request.xid, 2)}))
+    print(json.dumps({"offers": offers, "acks": collect(sock, request.xid, 3, 1)}))
 """)
 
 
