@@ -244,3 +244,35 @@ async def test_tftpy_is_refused_dotdot_with_access_violation(served: Served) -> 
 
     with pytest.raises(tftpy.TftpException, match="errorcode = 2"):
         await asyncio.wait_for(asyncio.to_thread(download), 30)
+
+
+@pytest.mark.parametrize("use_gso", [True, False])
+async def test_atftp_windows_with_and_without_udp_gso(tmp_path: Path, use_gso: bool) -> None:
+    """Windows go out as one GSO send when the kernel allows it; the plain path must match."""
+    data = random.Random(11).randbytes(3_000_001)
+    (tmp_path / "f.bin").write_bytes(data)
+    server = TftpServer(HOST, 0, [tmp_path], use_gso=use_gso)
+    await server.start()
+    try:
+        for blksize, windowsize in [(1468, 16), (8192, 8), (512, 64)]:
+            out = tmp_path / f"out-{blksize}"
+            rc, log = await run(
+                "atftp",
+                "--option",
+                f"blksize {blksize}",
+                "--option",
+                f"windowsize {windowsize}",
+                "-g",
+                "-r",
+                "f.bin",
+                "-l",
+                str(out),
+                HOST,
+                str(server.port),
+            )
+            assert rc == 0, log
+            assert out.read_bytes() == data
+        await wait_idle(server)
+        assert server.stats["completed"] == 3 and server.stats["retransmits"] == 0
+    finally:
+        await server.close()

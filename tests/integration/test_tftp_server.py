@@ -254,6 +254,18 @@ async def test_duplicate_request_does_not_start_a_second_transfer(server: TftpSe
         assert isinstance(pkt, OAck)
 
 
+async def test_request_repeated_after_progress_restarts_the_transfer(server: TftpServer, root: Path) -> None:
+    async with Client(server.port) as c:
+        pkt, tid = await c.request("ipxe.efi")
+        assert isinstance(pkt, Data) and pkt.block == 1
+        c.send(encode_ack(1), tid)
+        assert parse_packet((await c.recv())[0]) == Data(2, (root / "ipxe.efi").read_bytes()[512:1024])
+        pkt, tid2 = await c.request("ipxe.efi")  # the client starts over from the same port
+        assert isinstance(pkt, Data) and pkt.block == 1 and tid2 != tid
+        assert server.active_transfers == 1  # the abandoned transfer was ended, not leaked
+        assert server.stats["failed:restarted"] == 1
+
+
 async def test_300_concurrent_transfers_all_complete_with_shared_files(root: Path) -> None:
     files = {"ipxe.efi": (root / "ipxe.efi").read_bytes(), "undionly.kpxe": (root / "undionly.kpxe").read_bytes()}
     limit = 300  # exactly at the limit: nobody may be refused

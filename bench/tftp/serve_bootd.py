@@ -1,0 +1,38 @@
+"""Run bootd's TftpServer alone in this process (own GIL) for the benchmark.
+
+Prints the bound port on stdout, then serves until SIGTERM/SIGINT, then prints
+the server's counters as one JSON line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+from bootd.net.tftp import TftpServer
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("root")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--max-sessions", type=int, default=1000)
+    args = ap.parse_args()
+    server = TftpServer(args.host, args.port, [args.root], max_sessions=args.max_sessions)
+    await server.start()
+    print(server.port, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.close()
+    print(json.dumps(dict(server.stats)), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
