@@ -16,7 +16,9 @@ def _build(args: argparse.Namespace, config: Config) -> int:
     out = args.output or config.boot.stage1_dir
     try:
         result = build(out, cache_dir=args.cache_dir, kernel_package=args.kernel_package or DEFAULT_KERNEL_PACKAGE,
-                       kernel_deb=args.kernel_deb, log=(lambda m: None) if args.json else print)
+                       kernel_deb=args.kernel_deb, extra_kernel_packages=args.also_kernel_package or (),
+                       extra_kernel_debs=args.also_kernel_deb or (),
+                       log=(lambda m: None) if args.json else print)
     except Stage1Error as exc:
         print(f"bootd: stage1 build failed: {exc}")
         return 1
@@ -39,6 +41,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--kernel-package", help="Debian linux-image package or metapackage "
                                             "(default: linux-image-cloud-amd64)")
     p.add_argument("--kernel-deb", type=Path, help="use this linux-image .deb instead of apt-get download")
+    p.add_argument("--also-kernel-package", action="append", metavar="PACKAGE",
+                   help="also ship NIC modules for this kernel (capsules whose /boot has it); repeatable")
+    p.add_argument("--also-kernel-deb", action="append", type=Path, metavar="DEB",
+                   help="the same from a local linux-image .deb; repeatable")
     p.add_argument("--cache-dir", type=Path, help="download cache (default: $BOOTD_CACHE_DIR or ~/.cache/bootd)")
     p.add_argument("--json", action="store_true", help="print the build record (hashes, versions) as JSON")
     p.set_defaults(handler=_build)

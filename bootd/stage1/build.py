@@ -280,7 +280,8 @@ def _which(tool: str, package: str) -> str:
     return path
 
 
-def initramfs_entries(kernel: Kernel, order: tuple[str, ...], info: dict[str, object]) -> dict[str, Entry]:
+def initramfs_entries(kernels: list[tuple[Kernel, tuple[str, ...]]], info: dict[str, object]
+                      ) -> dict[str, Entry]:
     entries: dict[str, Entry] = {}
 
     def add_dir(path: str) -> None:
@@ -325,11 +326,14 @@ def initramfs_entries(kernel: Kernel, order: tuple[str, ...], info: dict[str, ob
     add_file("bootd/agent.sh", (HERE / "agent.sh").read_bytes())
     add_file("bootd/udhcpc.script", (HERE / "udhcpc.sh").read_bytes())
     add_file("etc/bootd-stage1.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode(), 0o644)
-    moddir = f"lib/modules/{kernel.kver}"
-    add_dir(moddir)
-    for mod, ko in sorted(kernel.modules.items()):
-        add_file(f"{moddir}/{mod}.ko", ko.read_bytes(), 0o644)
-    add_file(f"{moddir}/load-order", ("\n".join(order) + "\n").encode(), 0o644)
+    # One module set per kernel; the agent loads the set matching `uname -r`, so one stage one serves
+    # capsules that bring different kernels.
+    for kernel, order in kernels:
+        moddir = f"lib/modules/{kernel.kver}"
+        add_dir(moddir)
+        for mod, ko in sorted(kernel.modules.items()):
+            add_file(f"{moddir}/{mod}.ko", ko.read_bytes(), 0o644)
+        add_file(f"{moddir}/load-order", ("\n".join(order) + "\n").encode(), 0o644)
     return entries
 
 
@@ -341,21 +345,36 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def build(out_dir: Path, *, cache_dir: Path | None = None, kernel_package: str = DEFAULT_KERNEL_PACKAGE,
-          kernel_deb: Path | None = None, log: Log = print) -> BuildResult:
-    """Build ``initramfs.img`` + ``vmlinuz`` (the fallback kernel) + ``stage1.json`` into ``out_dir``."""
+          kernel_deb: Path | None = None, extra_kernel_packages: Iterable[str] = (),
+          extra_kernel_debs: Iterable[Path] = (), log: Log = print) -> BuildResult:
+    """Build ``initramfs.img`` + ``vmlinuz`` (the fallback kernel) + ``stage1.json`` into ``out_dir``.
+
+    The first kernel is the fallback kernel (for capsules without one); ``extra_kernel_*`` only add
+    module sets, for capsules whose /boot holds another kernel release.
+    """
     cache = cache_dir or default_cache_dir()
     kernel = fetch_kernel(cache / "kernels", kernel_package, kernel_deb, log)
-    order = load_order(kernel, NIC_MODULES)
-    if not any(m in order for m in NIC_MODULES):
-        raise Stage1Error(f"{kernel.package} has none of the NIC modules {', '.join(NIC_MODULES)}")
+    others = [fetch_kernel(cache / "kernels", pkg, None, log) for pkg in extra_kernel_packages]
+    others += [fetch_kernel(cache / "kernels", DEFAULT_KERNEL_PACKAGE, deb, log) for deb in extra_kernel_debs]
+    sets: list[tuple[Kernel, tuple[str, ...]]] = []
+    for k in [kernel, *others]:
+        if any(k.kver == seen.kver for seen, _ in sets):
+            continue
+        k_order = load_order(k, NIC_MODULES)
+        if not any(m in k_order for m in NIC_MODULES):
+            raise Stage1Error(f"{k.package} has none of the NIC modules {', '.join(NIC_MODULES)}")
+        sets.append((k, k_order))
+    order = sets[0][1]
     agent_sha = hashlib.sha256((HERE / "agent.sh").read_bytes()).hexdigest()
     info: dict[str, object] = {
         "kernel": {"package": kernel.package, "version": kernel.version, "release": kernel.kver},
+        "module_sets": {k.kver: {"package": k.package, "version": k.version, "load_order": list(o)}
+                        for k, o in sets},
         "load_order": list(order),
         "packages": {p: _dpkg_version(p) for p in ("busybox-static", "tar", "zstd", "libc6")},
         "agent_sha256": agent_sha,
     }
-    cpio = write_cpio(initramfs_entries(kernel, order, info))
+    cpio = write_cpio(initramfs_entries(sets, info))
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
         gz.write(cpio)
