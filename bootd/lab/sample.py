@@ -19,7 +19,7 @@ mount -t sysfs sysfs /sys 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 . /etc/bootd/node.env
 hostname "$(cat /etc/hostname)"
-echo "BOOTD-CAPSULE up hostname=$(hostname) node=$BOOTD_NODE ip=$BOOTD_IP"
+echo "BOOTD-CAPSULE up hostname=$(hostname) node=$BOOTD_NODE ip=$BOOTD_IP heartbeat=${BOOTD_HEARTBEAT:-5}"
 post() {
     wget -q -O /dev/null --header "X-Bootd-Token: $BOOTD_TOKEN" --header "Content-Type: application/json" \
         --post-data "$2" "$BOOTD_URL/api/v1/nodes/$BOOTD_NODE/$1"

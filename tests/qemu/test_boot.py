@@ -56,7 +56,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, stage1: BuildResult,
     work = tmp_path_factory.mktemp("boot")
     with Lab(workdir=work / "lab", prefix="bd-s1") as lab:
         bootd = BootdServer(lab, state_dir=work / "state", stage1_dir=stage1.out_dir,
-                            overrides={"capsule": {"chunk_min": 64 * 1024, "chunk_avg": 256 * 1024,
+                            overrides={"registry": {"stale_after": 10.0, "dead_after": 20.0},
+                                       "capsule": {"chunk_min": 64 * 1024, "chunk_avg": 256 * 1024,
                                                    "chunk_max": 1024 * 1024}})
         bootd.write_config()
         try:
@@ -214,3 +215,22 @@ def test_restart_of_bootd_while_fetching_still_reaches_ready(served: Served) -> 
     assert fetched and fetched[-1][0] == fetched[-1][1]
     assert "BOOTD-STAGE1 retry" in console, "the restart should have interrupted at least one fetch"
     assert_ready_in_registry(served, node)
+
+
+def test_heartbeats_keep_a_node_ready_and_silence_makes_it_stale_then_dead(served: Served) -> None:
+    """The node's key/values reach the capsule (here its heartbeat interval, via the node's kernel
+    arguments); bootd sees the heartbeats, then marks the node stale and dead once it is powered off."""
+    mac = "52:54:00:77:02:09"
+    served.bootd.cli("node", "add", "hb0", "--mac", mac, "--kernel-args", "bootd.var.BOOTD_HEARTBEAT=2")
+    node = boot_to_ready(served, "heartbeat", mac, "bios")
+    try:
+        node.wait_for(r"BOOTD-CAPSULE up hostname=hb0 .* heartbeat=2", timeout=5)
+        first = served.bootd.wait_state(mac, ("ready",), timeout=20)
+        time.sleep(5)
+        later = served.bootd.wait_state(mac, ("ready",), timeout=5)
+        assert float(later["last_contact"]) > float(first["last_contact"]), "no heartbeat arrived"
+    finally:
+        node.stop()
+    stale = served.bootd.wait_state(mac, ("stale",), timeout=30)
+    dead = served.bootd.wait_state(mac, ("dead",), timeout=30)
+    assert float(dead["state_since"]) - float(stale["state_since"]) >= 5
