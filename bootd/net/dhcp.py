@@ -7,13 +7,19 @@ It decides nothing: bytes are parsed by ``bootd.proto.dhcp`` and answered by
   0.0.0.0 cannot send to 255.255.255.255 from a namespace (or host) whose
   routing table has no route for it (ENETUNREACH), and binding to the device
   also keeps bootd from answering on interfaces it was not asked to serve.
-* A bounded queue between the socket and the workers: under a flood the
-  newest datagrams are dropped (and counted) instead of growing memory or
+* Two bounded lanes between the socket and the workers: REQUEST (and the rest
+  of an exchange already under way) before DISCOVER. Under overload, finishing
+  the exchanges already started is what turns work into booted nodes; serving
+  new DISCOVERs first would make the REQUESTs of the clients we already
+  offered to time out, and every offer would be wasted. When a lane is full
+  the newest datagram is dropped (and counted) instead of growing memory or
   delaying every answer past the client's retransmit timer. Clients
   retransmit, so dropping is the correct overload response for DHCP.
-* Requests that waited longer than ``max_age`` are dropped unanswered ("stale"): under overload,
-  serving old requests first makes every answer late, the clients time out and retransmit, and
-  goodput collapses; shedding the old keeps answering the recent ones within the client's timer.
+* Requests that waited longer than ``max_age`` (twice that for the REQUEST
+  lane) are dropped unanswered ("stale"): serving old requests first makes
+  every answer late, the clients time out and retransmit, and goodput
+  collapses; shedding the old keeps the recent ones within the client's timer.
+* Datagrams are parsed on arrival: a malformed one never takes a queue slot.
 * A fixed number of worker tasks: the service awaits the store, so several
   requests can be in flight while one waits for SQLite.
 * A counter for every packet that gets no answer, labelled by reason, plus a
@@ -24,6 +30,7 @@ It decides nothing: bytes are parsed by ``bootd.proto.dhcp`` and answered by
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -47,7 +54,54 @@ _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 RCVBUF = 4 * 1024 * 1024  # absorbs a boot wave's burst while workers catch up
 LOG_EVERY = 10.0
 
-_Item = tuple[bytes, tuple[str, int], int, asyncio.DatagramTransport, float]
+_Item = tuple[DhcpPacket, tuple[str, int], int, asyncio.DatagramTransport, float]
+_DISCOVER = b"\x01"
+
+
+class _Lanes:
+    """Two FIFO lanes, lane 0 always served first, each bounded; wakes one waiting worker per item."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.lanes: tuple[collections.deque[_Item], collections.deque[_Item]] = (
+            collections.deque(), collections.deque())
+        self._getters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def qsize(self) -> int:
+        return len(self.lanes[0]) + len(self.lanes[1])
+
+    def put_nowait(self, item: _Item, lane: int) -> bool:
+        q = self.lanes[lane]
+        if len(q) >= self.maxsize:
+            return False
+        q.append(item)
+        while self._getters:
+            getter = self._getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                break
+        return True
+
+    async def get(self) -> tuple[_Item, int]:
+        while True:
+            for lane, q in enumerate(self.lanes):
+                if q:
+                    return q.popleft(), lane
+            getter = asyncio.get_running_loop().create_future()
+            self._getters.append(getter)
+            try:
+                await getter
+            except asyncio.CancelledError:
+                if getter.done() and not getter.cancelled() and self.qsize():
+                    self._wake_one()  # pass the wakeup we consumed on to another worker
+                raise
+
+    def _wake_one(self) -> None:
+        while self._getters:
+            getter = self._getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                return
 
 
 class _Metrics:
@@ -78,8 +132,12 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.received.inc()
         assert self.transport is not None
         try:
-            self.server.queue.put_nowait((data, addr, self.port, self.transport, time.monotonic()))
-        except asyncio.QueueFull:
+            packet = DhcpPacket.parse(data)
+        except RemoteProtocolError as exc:
+            self.server.drop(exc.reason, f"from {addr[0]}:{addr[1]}: {exc}")
+            return
+        lane = 1 if packet.options.get(53) == _DISCOVER else 0
+        if not self.server.queue.put_nowait((packet, addr, self.port, self.transport, time.monotonic()), lane):
             self.server.drop("queue-full", f"from {addr[0]}:{addr[1]}, {self.server.queue.maxsize} waiting")
 
     def error_received(self, exc: Exception) -> None:
@@ -101,7 +159,7 @@ class DhcpServer:
         interface: str | None = None,
         queue_size: int = 1024,
         workers: int = 16,
-        max_age: float = 2.0,
+        max_age: float = 1.0,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -113,7 +171,7 @@ class DhcpServer:
         self.workers = workers
         self.max_age = max_age
         self.clock = clock
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
+        self.queue = _Lanes(queue_size)
         self.metrics = _Metrics(registry)
         self.metrics.queue.set_function(lambda: float(self.queue.qsize()))
         self._endpoints: list[asyncio.DatagramTransport] = []
@@ -161,6 +219,10 @@ class DhcpServer:
             await self.close()
             raise
         self._tasks = [asyncio.create_task(self._worker(), name=f"dhcp-worker-{i}") for i in range(self.workers)]
+        if not self.interface:
+            log.warning("event=dhcp-no-interface reason=%r", "dhcp.interface (or server.interface) is not set: "
+                        "broadcast replies follow the routing table and may leave by the wrong interface or "
+                        "fail with ENETUNREACH; only relayed clients are served reliably")
         log.info("event=dhcp-listening address=%s ports=%s interface=%s mode=%s", self.listen,
                  ",".join(map(str, self.bound_ports)), self.interface or "-", self.service.settings.mode)
 
@@ -191,14 +253,15 @@ class DhcpServer:
     async def _worker(self) -> None:
         queue = self.queue
         while True:
-            data, addr, port, transport, queued_at = await queue.get()
-            if time.monotonic() - queued_at > self.max_age:
+            (packet, addr, port, transport, queued_at), lane = await queue.get()
+            limit = self.max_age * (2 if lane == 0 else 1)
+            if time.monotonic() - queued_at > limit:
                 # Overloaded: the client has retransmitted or given up by now (RFC 2131 4.1: ~4 s).
                 # Answering it would only make every later request later too (congestion collapse).
-                self.drop("stale", f"waited more than {self.max_age:.1f}s in the queue")
+                self.drop("stale", f"waited more than {limit:.1f}s in the queue")
                 continue
             try:
-                await self._one(data, addr, port, transport)
+                await self._one(packet, addr, port, transport)
             except asyncio.CancelledError:
                 raise
             except StoreError as exc:
@@ -207,9 +270,9 @@ class DhcpServer:
                 self.metrics.dropped.labels(reason="internal-error").inc()
                 log.exception("event=dhcp-internal-error from=%s:%d", addr[0], addr[1])
 
-    async def _one(self, data: bytes, addr: tuple[str, int], port: int, transport: asyncio.DatagramTransport) -> None:
+    async def _one(self, packet: DhcpPacket, addr: tuple[str, int], port: int,
+                   transport: asyncio.DatagramTransport) -> None:
         try:
-            packet = DhcpPacket.parse(data)
             outcome = await self.service.handle(packet, port=port, now=self.clock(), source=addr)
         except RemoteProtocolError as exc:
             self.drop(exc.reason, f"from {addr[0]}:{addr[1]}: {exc}")

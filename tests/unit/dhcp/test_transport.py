@@ -154,3 +154,47 @@ async def test_requests_older_than_max_age_are_shed(store: SqliteNodeStore, rela
         assert await store.list_nodes() == []  # shed before any decision was made
     finally:
         await server.close()
+
+
+async def test_requests_overtake_discovers(store: SqliteNodeStore, relay: socket.socket) -> None:
+    registry = CollectorRegistry()
+    server = make(store, relay.getsockname()[1], registry, workers=0)
+    await server.start()
+    try:
+        target = ("127.0.0.1", server.bound_ports[0])
+        for _ in range(3):
+            relay.sendto(golden("udhcpc-c2s-discover-1"), target)
+        relay.sendto(golden("udhcpc-c2s-request-1"), target)
+        for _ in range(100):
+            if server.queue.qsize() == 4:
+                break
+            await asyncio.sleep(0.02)
+        assert [len(q) for q in server.queue.lanes] == [1, 3]
+        (packet, *_), lane = await server.queue.get()
+        assert lane == 0 and o.message_type(packet) is o.MessageType.REQUEST
+        (packet, *_), lane = await server.queue.get()
+        assert lane == 1 and o.message_type(packet) is o.MessageType.DISCOVER
+    finally:
+        await server.close()
+
+
+async def test_idle_workers_wake_for_each_item() -> None:
+    from bootd.net.dhcp import _Lanes
+
+    lanes = _Lanes(8)
+    got: list[int] = []
+
+    async def worker() -> None:
+        (_, _, port, _, _), _ = await lanes.get()
+        got.append(port)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(3)]
+    await asyncio.sleep(0)
+    for i in range(3):
+        assert lanes.put_nowait((DhcpPacket(), ("127.0.0.1", 68), i, None, 0.0), 1)  # type: ignore[arg-type]
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+    assert sorted(got) == [0, 1, 2]
+    full = _Lanes(1)
+    assert full.put_nowait((DhcpPacket(), ("x", 1), 0, None, 0.0), 0)  # type: ignore[arg-type]
+    assert not full.put_nowait((DhcpPacket(), ("x", 1), 0, None, 0.0), 0)  # type: ignore[arg-type]
+    assert full.put_nowait((DhcpPacket(), ("x", 1), 0, None, 0.0), 1)  # type: ignore[arg-type]
