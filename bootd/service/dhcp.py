@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from bootd.errors import StoreError
 from bootd.model import BootPlan, Lease, Node, State
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.packet import ZERO_IP, DhcpPacket
@@ -368,9 +369,15 @@ class DhcpService:
         """First contact -> discovered; a boot firmware that got its boot file -> pxe."""
         if node is None or plan is None or not c.pxe or node.state is State.PXE:
             return
-        updated = await self.registry.report(node.name, State.PXE,
-                                             f"dhcp: {c.machine.firmware.value}{' ipxe' if c.machine.ipxe else ''} "
-                                             f"boot file {plan.filename}", now=now)
+        try:
+            updated = await self.registry.report(
+                node.name, State.PXE,
+                f"dhcp: {c.machine.firmware.value}{' ipxe' if c.machine.ipxe else ''} boot file {plan.filename}",
+                now=now)
+        except StoreError as exc:
+            # The node's timeline misses a step; the machine must still get its answer.
+            log.warning("event=dhcp-state-failed node=%s error=%r", node.name, str(exc))
+            return
         self._nodes[c.machine.mac] = (updated, now)
 
     def _send(self, packet: DhcpPacket, mt: o.MessageType, *, yiaddr: str, siaddr: str,
@@ -465,8 +472,14 @@ class DhcpService:
             # The node keeps its address: steer it back there instead of granting another one.
             return self._nak(packet, f"{mac} is assigned {node.ip}")
         expires = now + self.settings.lease_time
+        # Bind in memory first (no await between the check and the claim), persist before the ACK
+        # (RFC 2131 4.3.1: the binding is committed before the reply), undo on failure.
         pool.bind(ip, mac, expires)
-        await self.store.put_lease(Lease(int_ip(ip), mac, expires, o.hostname(packet)))
+        try:
+            await self.store.put_lease(Lease(int_ip(ip), mac, expires, o.hostname(packet)))
+        except BaseException:
+            pool.unbind(ip)
+            raise
         boot_opts, file, siaddr, plan = self._boot(packet, c, node)
         await self._mark_pxe(node, c, plan, now)
         opts = {**self._net_opts, **boot_opts}

@@ -337,3 +337,31 @@ async def test_reload_keeps_bindings_made_while_reading(store: SqliteNodeStore) 
     await svc._reload()
     assert pool.leases[201] == ("52:54:00:00:00:02", NOW + 10)
     assert pool.sticky[201] == "52:54:00:00:00:02" and pool.tracking is None
+
+
+async def test_lease_write_failure_sends_no_ack_and_frees_the_address(store: SqliteNodeStore) -> None:
+    from bootd.errors import StoreError
+    from bootd.store.broken import BrokenStore
+
+    broken = BrokenStore(store, {"put_lease"})
+    svc = DhcpService(broken, RegistryService(broken, RegistryConfig()), POLICY,  # type: ignore[arg-type]
+                      dataclasses.replace(FULL, pool_end="10.77.0.100"))
+    discover = golden_packet("udhcpc-c2s-discover-1")
+    _, offer = only(await svc.handle(discover, port=67, now=NOW))
+    with pytest.raises(StoreError):
+        await svc.handle(request_from(discover, offer), port=67, now=NOW + 1)
+    assert svc.pool is not None and not svc.pool.leases  # nothing ACKed, nothing held
+    broken.fail.clear()
+    _, ack = only(await svc.handle(request_from(discover, offer), port=67, now=NOW + 2))
+    assert o.message_type(ack) is o.MessageType.ACK  # the client's retransmission succeeds
+
+
+async def test_state_write_failure_still_acks(store: SqliteNodeStore) -> None:
+    from bootd.store.broken import BrokenStore
+
+    broken = BrokenStore(store, {"set_state"})
+    svc = DhcpService(broken, RegistryService(broken, RegistryConfig()), POLICY, FULL)  # type: ignore[arg-type]
+    _, _, ack = await dora(svc, golden_packet("edk2-pxe-c2s-discover-1"))
+    assert ack.file == b"snponly.efi"
+    lease = await store.get_lease_by_mac("52:54:00:99:01:03")
+    assert lease is not None and lease.ip == ack.yiaddr
