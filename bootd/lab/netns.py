@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import signal
 import subprocess
 import time
@@ -167,6 +168,7 @@ class Lab:
         reason = lab_available()
         if reason:
             raise LabError(reason)
+        reap_stale(self.prefix)
         self.workdir.mkdir(parents=True, exist_ok=True)
         _run(["ip", "netns", "add", self.name])
         self._created = True
@@ -290,6 +292,23 @@ def list_namespaces() -> list[str]:
     """Exact namespace names (``grep -w`` would also match longer names sharing a prefix, pitfall 16)."""
     out = _run(["ip", "netns", "list"], check=False).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def reap_stale(prefix: str) -> list[str]:
+    """Delete ``<prefix>-<pid>-<n>`` namespaces whose creating process is gone (a run that was SIGKILLed
+    could not tear down). Namespaces of live processes, and any other name, are never touched."""
+    removed = []
+    rx = re.compile(rf"^{re.escape(prefix)}-(\d+)-\d+$")
+    for name in list_namespaces():
+        m = rx.match(name)
+        if not m or process_alive(int(m.group(1))):
+            continue
+        out = _run(["ip", "netns", "pids", name], check=False).stdout
+        for pid in (int(p) for p in out.split() if p.isdigit()):
+            kill_pid(pid, grace=1.0)
+        if _run(["ip", "netns", "del", name], check=False).returncode == 0:
+            removed.append(name)
+    return removed
 
 
 @contextlib.contextmanager
