@@ -354,9 +354,19 @@ main() {
     say "manifest ok chunks=$COUNT stored=$stored"
     post_event fetching "" 0 "$COUNT" 1
 
+    # The tmpfs gets half the RAM (the kernel's default) or, for a large tree, what the tree needs plus
+    # 10% and 32 MiB; refuse early and clearly when the machine does not have the RAM for it.
+    raw=$(head -c $((12 + meta_len)) "$M" | tail -c "$meta_len" | sed -n 's/.*"raw_size":\([0-9]*\).*/\1/p')
     if [ "$HOST_MODE" != 1 ]; then
+        mem_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)
+        need_kb=$(( ${raw:-0} / 1024 * 11 / 10 + 32768 ))
+        if [ "$need_kb" -gt $(( mem_kb * 9 / 10 )) ]; then
+            fail "capsule needs $((need_kb / 1024)) MiB of RAM unpacked; this node has $((mem_kb / 1024)) MiB"
+        fi
+        size_kb=$(( mem_kb / 2 ))
+        [ "$need_kb" -gt "$size_kb" ] && size_kb=$need_kb
         mkdir -p "$TARGET"
-        mount -t tmpfs -o mode=0755 tmpfs "$TARGET" || fail "cannot mount a tmpfs on $TARGET"
+        mount -t tmpfs -o "mode=0755,size=${size_kb}k" tmpfs "$TARGET" || fail "cannot mount a tmpfs on $TARGET"
     else
         mkdir -p "$TARGET"
     fi
