@@ -66,9 +66,9 @@ def _no_tftp_user() -> bool:
         return True
 
 
-def start_bootd(root: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_bootd(root: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "serve_bootd.py"), str(root)],
+        [sys.executable, str(HERE / "serve_bootd.py"), str(root), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,
@@ -141,6 +141,7 @@ def main() -> int:
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--run-timeout", type=float, default=120.0)
     ap.add_argument("--budget", type=float, default=900.0, help="stop starting runs after this many seconds")
+    ap.add_argument("--bootd-args", default="", help="extra serve_bootd.py flags, e.g. '--no-gso'")
     args = ap.parse_args()
     if shutil.which("atftp") is None:
         raise SystemExit("atftp is not installed (apt-get install atftp)")
@@ -159,7 +160,7 @@ def main() -> int:
     verify = Path(tempfile.mkdtemp(prefix="bd-tftp-bench-out-"))
 
     hpa, hpa_port = start_hpa(tmp)
-    bootd, bootd_port = start_bootd(tmp)
+    bootd, bootd_port = start_bootd(tmp, args.bootd_args.split())
     servers = {"tftpd-hpa": hpa_port, "bootd": bootd_port}
     rows = []
     skipped = 0

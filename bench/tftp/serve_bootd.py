@@ -21,8 +21,17 @@ async def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--max-sessions", type=int, default=1000)
+    ap.add_argument("--max-window-bytes", type=int, default=65536)
+    ap.add_argument("--no-gso", action="store_true")
     args = ap.parse_args()
-    server = TftpServer(args.host, args.port, [args.root], max_sessions=args.max_sessions)
+    server = TftpServer(
+        args.host,
+        args.port,
+        [args.root],
+        max_sessions=args.max_sessions,
+        max_window_bytes=args.max_window_bytes,
+        use_gso=not args.no_gso,
+    )
     await server.start()
     print(server.port, flush=True)
     stop = asyncio.Event()

@@ -277,7 +277,7 @@ class _Transfer:
                 if start:
                     raise  # pragma: no cover - GSO worked for the first group of this very window
                 # No checksum offload on the route (EIO) or an old kernel: fall back for good.
-                log.info("TFTP: UDP GSO not usable (%s); sending datagrams one by one", exc.strerror or exc)
+                log.info("event=tftp_gso_off error=%r detail='sending datagrams one by one'", exc.strerror or exc)
                 self._server._gso_usable = False
                 self._gso = 0
                 with contextlib.suppress(OSError):
@@ -365,6 +365,8 @@ class TftpServer:
         self._transfers: dict[tuple[Any, ...], _Transfer] = {}
         self._files: dict[tuple[int, int, int, int], _SharedFile] = {}
         self._gso_usable = use_gso
+        self._busy_logged_at = -math.inf
+        self._busy_suppressed = 0
         #: Plain counters (also exported to prometheus when a registry is given); tests read these.
         self.stats: collections.Counter[str] = collections.Counter()
 
@@ -422,9 +424,9 @@ class TftpServer:
         self._sock = sock
         for name, real in zip(self._root_names, self._roots, strict=True):
             if not os.path.isdir(real):
-                log.warning("TFTP root %s does not exist or is not a directory; nothing is served from it", name)
+                log.warning("event=tftp_root_missing root=%s detail='not a directory, nothing is served from it'", name)
         self._loop.add_reader(sock.fileno(), self._on_request_readable)
-        log.info("TFTP listening on %s:%d (roots: %s)", self._host, self.port, ", ".join(self._root_names))
+        log.info("event=tftp_listening address=%s:%d roots=%s", self._host, self.port, ",".join(self._root_names))
 
     def _bind_device(self, sock: socket.socket) -> None:
         assert self._interface is not None
@@ -462,12 +464,12 @@ class TftpServer:
                 return
             except OSError as exc:
                 # ICMP errors from refusals we sent land here; they concern nobody.
-                log.debug("TFTP listener: %s", exc)
+                log.debug("event=tftp_listener_error error=%r", exc)
                 continue
             try:
                 self._on_request(data, addr)
             except Exception:  # a bug for one request must not take the listener down
-                log.exception("TFTP: unexpected error handling a request from %s", addr[0])
+                log.exception("event=tftp_bug peer=%s", addr[0])
 
     def _reply(self, addr: tuple[Any, ...], code: int, message: str, reason: str) -> None:
         assert self._sock is not None
@@ -475,13 +477,14 @@ class TftpServer:
         try:
             self._sock.sendto(encode_error(code, message), addr)
         except OSError as exc:
-            log.debug("TFTP: could not send ERROR to %s: %s", addr[0], exc)
+            log.debug("event=tftp_reply_failed peer=%s error=%r", addr[0], exc)
 
     def _on_request(self, data: bytes, addr: tuple[Any, ...]) -> None:
         try:
             pkt = parse_packet(data)
         except RemoteProtocolError as exc:
-            log.info("TFTP: malformed request from %s:%d: %s", addr[0], addr[1], exc)
+            # debug only: a flood of garbage must not flood the journal (it is counted by reason)
+            log.debug("event=tftp_malformed peer=%s:%d detail=%r", addr[0], addr[1], str(exc))
             self._reply(addr, ErrorCode.ILLEGAL_OPERATION, f"malformed request: {exc}", exc.reason)
             return
         if not isinstance(pkt, Request):
@@ -495,7 +498,7 @@ class TftpServer:
             )
             return
         if pkt.opcode == Opcode.WRQ:
-            log.info("TFTP: refused write request for %r from %s", pkt.filename, addr[0])
+            log.info("event=tftp_refused peer=%s file=%r reason=write_request", addr[0], pkt.filename)
             self._reply(addr, ErrorCode.ACCESS_VIOLATION, "write requests are not accepted", "write_request")
             return
         key = (addr, data)
@@ -515,7 +518,15 @@ class TftpServer:
             real, st = self._resolve(pkt.filename)
             shared = self._open(real, st)
         except _Refusal as r:
-            log.info("TFTP: refused %r to %s: %s", pkt.filename, addr[0], r.message)
+            # pxelinux probes a dozen config names per boot: "not found" is routine, keep it at debug
+            log.log(
+                logging.DEBUG if r.reason == "not_found" else logging.INFO,
+                "event=tftp_refused peer=%s file=%r reason=%s detail=%r",
+                addr[0],
+                pkt.filename,
+                r.reason,
+                r.message,
+            )
             self._reply(addr, r.code, r.message, r.reason)
             return
         try:
@@ -541,14 +552,14 @@ class TftpServer:
             self._metrics.started.inc()
             self._metrics.active.inc()
         log.debug(
-            "TFTP: %s:%d reads %r (%s, blksize %d, windowsize %d, options %s)",
+            "event=tftp_start peer=%s:%d file=%r mode=%s blksize=%d windowsize=%d options=%s",
             addr[0],
             addr[1],
             pkt.filename,
             pkt.mode,
             session.blksize,
             session.windowsize,
-            pkt.options,
+            ",".join(f"{k}={v}" for k, v in pkt.options.items()) or "-",
         )
         transfer.start()
 
@@ -556,7 +567,20 @@ class TftpServer:
         self.stats[f"refused:{reason}"] += 1
         if self._metrics:
             self._metrics.refused.labels(reason).inc()
-        log.warning("TFTP: refused request from %s: %s", addr[0], message)
+        now = _monotonic()
+        # A boot wave above the limit refuses thousands of requests: one line per second is enough.
+        if now - self._busy_logged_at >= 1.0:
+            log.warning(
+                "event=tftp_busy peer=%s reason=%s detail=%r suppressed=%d",
+                addr[0],
+                reason,
+                message,
+                self._busy_suppressed,
+            )
+            self._busy_logged_at = now
+            self._busy_suppressed = 0
+        else:
+            self._busy_suppressed += 1
         self._reply(addr, ErrorCode.NOT_DEFINED, message, reason)
 
     def _transfer_socket(self, addr: tuple[Any, ...], session: ReadSession) -> socket.socket:
@@ -663,7 +687,7 @@ class TftpServer:
         t.file.refs -= 1
         self._release(t.file)
         s = t.session
-        now = self._loop_or_raise().time()
+        now = _monotonic()
         elapsed = max((s.finished_at or now) - s.started_at, 1e-9)
         self.stats["bytes"] += s.bytes_sent
         self.stats["retransmits"] += s.retransmits
@@ -678,9 +702,10 @@ class TftpServer:
             if m:
                 m.completed.labels("complete").inc()
             log.info(
-                "TFTP: sent %r to %s: %d bytes in %.3fs (%.1f MB/s, blksize %d, windowsize %d, %d retransmits)",
-                s.filename,
+                "event=tftp_sent peer=%s file=%r bytes=%d seconds=%.3f mb_per_s=%.1f blksize=%d windowsize=%d "
+                "retransmits=%d",
                 who,
+                s.filename,
                 s.bytes_sent,
                 elapsed,
                 s.bytes_sent / elapsed / 1e6,
@@ -692,7 +717,7 @@ class TftpServer:
             self.stats["size_probes"] += 1
             if m:
                 m.completed.labels("size_probe").inc()
-            log.info("TFTP: %s probed the size of %r: %s", who, s.filename, s.message)
+            log.info("event=tftp_size_probe peer=%s file=%r detail=%r", who, s.filename, s.message)
         else:
             reason = reason or s.reason or "unknown"
             message = message or s.message
@@ -700,4 +725,11 @@ class TftpServer:
             self.stats[f"failed:{reason}"] += 1
             if m:
                 m.failed.labels(reason).inc()
-            log.warning("TFTP: transfer of %r to %s failed after %d bytes: %s", s.filename, who, s.bytes_sent, message)
+            log.warning(
+                "event=tftp_failed peer=%s file=%r reason=%s bytes=%d detail=%r",
+                who,
+                s.filename,
+                reason,
+                s.bytes_sent,
+                message,
+            )

@@ -216,7 +216,7 @@ async def test_edk2_size_probe_is_a_normal_end(server: TftpServer, caplog: pytes
             await asyncio.sleep(0.01)
     assert server.stats["size_probes"] == 1 and server.stats["failed"] == 0
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
-    assert any("probed the size" in r.getMessage() for r in caplog.records)
+    assert any("event=tftp_size_probe" in r.getMessage() for r in caplog.records)
 
 
 async def test_silent_client_times_out_and_is_told(server: TftpServer) -> None:
