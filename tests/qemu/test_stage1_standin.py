@@ -36,15 +36,15 @@ def test_bios_node_boots_sample_capsule_from_standins(lab: Lab, stage1: BuildRes
 
     node = QemuNode(lab, "bios", "52:54:00:77:01:10", firmware="bios").start()
     try:
-        node.wait_for(r"BOOTD-IPXE node=n0110 platform=pcbios", timeout=60)
-        start = node.wait_for(r"BOOTD-STAGE1 start", timeout=60)
+        node.wait_for(r"BOOTD-IPXE node=n0110 platform=pcbios", timeout=120)
+        start = node.wait_for(r"BOOTD-STAGE1 start", timeout=120)
         assert stage1.kernel.kver in start.text
-        node.wait_for(r"BOOTD-STAGE1 net eth0 ip=10\.77\.", timeout=30)
+        node.wait_for(r"BOOTD-STAGE1 net eth0 ip=10\.77\.", timeout=90)
         count = len(standin.chunk_hashes(sample_capsule.store, sample_capsule.vid))
-        node.wait_for(rf"BOOTD-STAGE1 verified {count}/{count} chunks", timeout=60)
-        node.wait_for(r"BOOTD-STAGE1 booted switch_root", timeout=20)
-        node.wait_for(r"BOOTD-CAPSULE up hostname=n0110 node=n0110", timeout=20)
-        ready = node.wait_for(r"BOOTD-CAPSULE ready node=n0110", timeout=30)
+        node.wait_for(rf"BOOTD-STAGE1 verified {count}/{count} chunks", timeout=120)
+        node.wait_for(r"BOOTD-STAGE1 booted switch_root", timeout=60)
+        node.wait_for(r"BOOTD-CAPSULE up hostname=n0110 node=n0110", timeout=60)
+        ready = node.wait_for(r"BOOTD-CAPSULE ready node=n0110", timeout=90)
     finally:
         node.stop()
     assert "failed verification" not in node.console()
