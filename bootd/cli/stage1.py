@@ -11,17 +11,14 @@ from bootd.config import Config
 
 
 def _build(args: argparse.Namespace, config: Config) -> int:
-    from bootd.stage1.build import DEFAULT_KERNEL_PACKAGE, Stage1Error, build
+    from bootd.stage1.build import DEFAULT_KERNEL_PACKAGE, build
 
     out = args.output or config.boot.stage1_dir
-    try:
-        result = build(out, cache_dir=args.cache_dir, kernel_package=args.kernel_package or DEFAULT_KERNEL_PACKAGE,
-                       kernel_deb=args.kernel_deb, extra_kernel_packages=args.also_kernel_package or (),
-                       extra_kernel_debs=args.also_kernel_deb or (),
-                       log=(lambda m: None) if args.json else print)
-    except Stage1Error as exc:
-        print(f"bootd: stage1 build failed: {exc}")
-        return 1
+    # Stage1Error is a BootdError: the CLI prints it and exits 1.
+    result = build(out, cache_dir=args.cache_dir, kernel_package=args.kernel_package or DEFAULT_KERNEL_PACKAGE,
+                   kernel_deb=args.kernel_deb, extra_kernel_packages=args.also_kernel_package or (),
+                   extra_kernel_debs=args.also_kernel_deb or (),
+                   log=(lambda m: None) if args.json else print)
     if args.json:
         print(json.dumps(result.info, indent=2, sort_keys=True))
     return 0

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from bootd.errors import BootdError
+
 _counter = itertools.count()
 
 
-class LabError(RuntimeError):
+class LabError(BootdError):
     """The lab could not be set up (missing root, tool or kernel feature); the message says which."""
 
 

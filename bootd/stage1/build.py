@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bootd.errors import BootdError
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 # NIC drivers for the machines bootd boots in QEMU and on common hardware, then storage (not loaded by
@@ -38,7 +40,7 @@ FIXED_MTIME = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
 Log = Callable[[str], None]
 
 
-class Stage1Error(RuntimeError):
+class Stage1Error(BootdError):
     """The stage one cannot be built; the message names the missing package, file or tool."""
 
 
@@ -127,7 +129,13 @@ def download_deb(package: str, cache_dir: Path, log: Log) -> Path:
 def unpack_kernel(deb: Path, cache_dir: Path, wanted: Iterable[str], log: Log) -> Kernel:
     """Extract vmlinuz and the dependency closure of ``wanted`` modules from a linux-image .deb."""
     wanted = tuple(wanted)
-    package, version = deb.name.split("_")[:2]
+    if not deb.is_file():
+        raise Stage1Error(f"kernel package {deb} does not exist")
+    fields = _run(["dpkg-deb", "-f", str(deb), "Package", "Version"]).splitlines()
+    values = dict(line.split(": ", 1) for line in fields if ": " in line)
+    package, version = values.get("Package", ""), values.get("Version", "").replace(":", "%3a")
+    if not package.startswith("linux-image-") or not version:
+        raise Stage1Error(f"{deb} is not a linux-image package (Package: {package or '?'})")
     dest = cache_dir / f"{package}_{version}"
     stamp = dest / "kernel.json"
     if stamp.exists():
