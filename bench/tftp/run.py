@@ -30,10 +30,59 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 HOST = "127.0.0.1"
+
+
+class CpuMeter:
+    """CPU seconds used by a process and all its children, via a cgroup-v1 cpuacct group.
+
+    tftpd-hpa forks one child per transfer and ignores SIGCHLD, so /proc cutime
+    never sees them; a cgroup does. On a loaded machine wall-clock MB/s swings a
+    lot, CPU per GB much less, so both are printed. Unavailable -> None.
+    """
+
+    BASE = Path("/sys/fs/cgroup/cpuacct")
+
+    def __init__(self, name: str) -> None:
+        self.path: Path | None = self.BASE / f"bd-tftp-bench-{os.getpid()}-{name}"
+        try:
+            self.path.mkdir()
+        except OSError:
+            self.path = None
+
+    def add(self, pid: int) -> None:
+        if self.path is not None:
+            try:
+                (self.path / "cgroup.procs").write_text(str(pid))
+            except OSError:
+                self.close()
+
+    def seconds(self) -> float | None:
+        if self.path is None:
+            return None
+        return int((self.path / "cpuacct.usage").read_text()) / 1e9
+
+    def close(self) -> None:
+        if self.path is None:
+            return
+        try:
+            for pid in (self.path / "cgroup.procs").read_text().split():
+                (self.BASE / "cgroup.procs").write_text(pid)
+            self.path.rmdir()
+        except OSError:
+            pass
+        self.path = None
+
+
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
 
 
 def free_udp_port() -> int:
@@ -162,7 +211,10 @@ def main() -> int:
     hpa, hpa_port = start_hpa(tmp)
     bootd, bootd_port = start_bootd(tmp, args.bootd_args.split())
     servers = {"tftpd-hpa": hpa_port, "bootd": bootd_port}
-    rows = []
+    meters = {"tftpd-hpa": CpuMeter("hpa"), "bootd": CpuMeter("bootd")}
+    meters["tftpd-hpa"].add(hpa.pid)
+    meters["bootd"].add(bootd.pid)
+    rows: list[dict[str, Any]] = []
     skipped = 0
     try:
         cases = [
@@ -173,7 +225,9 @@ def main() -> int:
         ]
         for blksize, windowsize, clients in cases:
             res: dict[str, list[float]] = {s: [] for s in servers}
+            cpu: dict[str, list[float]] = {s: [] for s in servers}
             fails: dict[str, int] = {s: 0 for s in servers}
+            load0 = loadavg()
             for rep in range(args.reps):
                 order = list(servers) if rep % 2 == 0 else list(reversed(servers))
                 for srv in order:
@@ -181,6 +235,7 @@ def main() -> int:
                         skipped += 1
                         continue
                     target = verify / f"{srv}.bin" if rep == 0 else None
+                    cpu0 = meters[srv].seconds()
                     dt = run_clients(servers[srv], name, blksize, windowsize, clients, args.run_timeout, target)
                     if target is not None and dt is not None:
                         got = hashlib.sha256(target.read_bytes()).hexdigest()
@@ -191,47 +246,52 @@ def main() -> int:
                                 file=sys.stderr,
                             )
                             dt = None
+                    cpu1 = meters[srv].seconds()
                     if dt is None:
                         fails[srv] += 1
                     else:
                         res[srv].append(clients * size / dt / 1e6)
+                        if cpu0 is not None and cpu1 is not None:
+                            cpu[srv].append((cpu1 - cpu0) / (clients * size / 1e9))
             med = {s: (statistics.median(v) if v else float("nan")) for s, v in res.items()}
+            cpu_med = {s: (statistics.median(v) if v else float("nan")) for s, v in cpu.items()}
             ratio = med["bootd"] / med["tftpd-hpa"] if med["tftpd-hpa"] > 0 else float("nan")
             rows.append(
-                (
-                    blksize,
-                    windowsize,
-                    clients,
-                    med["tftpd-hpa"],
-                    med["bootd"],
-                    ratio,
-                    len(res["bootd"]),
-                    fails["bootd"] + fails["tftpd-hpa"],
-                )
+                {
+                    "case": f"{blksize:7d} {windowsize:6d} {clients:7d}",
+                    "hpa": med["tftpd-hpa"],
+                    "bootd": med["bootd"],
+                    "ratio": ratio,
+                    "cpu_hpa": cpu_med["tftpd-hpa"],
+                    "cpu_bootd": cpu_med["bootd"],
+                    "load": f"{load0}-{loadavg()}",
+                    "runs": len(res["bootd"]),
+                    "fails": fails["bootd"] + fails["tftpd-hpa"],
+                }
             )
-            r = rows[-1]
-            print(
-                f"  blksize {r[0]:5d} window {r[1]:2d} clients {r[2]}: tftpd-hpa {r[3]:7.1f} MB/s  "
-                f"bootd {r[4]:7.1f} MB/s  ratio {r[5]:.2f}",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     finally:
         hpa.kill()
         hpa.wait()
         stats = stop(bootd)
+        for m in meters.values():
+            m.close()
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(verify, ignore_errors=True)
 
     print(
-        f"\nTFTP, {args.size_mib} MiB file, loopback, client atftp, median of {args.reps} "
-        f"(MB/s = clients x size / wall time)"
+        f"\nTFTP, {args.size_mib} MiB file, loopback, client atftp, medians of {args.reps} runs; "
+        f"MB/s = clients x size / wall time; CPU = server CPU seconds per GB served (children included)"
     )
     print(
-        f"{'blksize':>7} {'window':>6} {'clients':>7} | {'tftpd-hpa':>10} {'bootd':>10} | {'bootd/hpa':>9} | runs fails"
+        f"{'blksize':>7} {'window':>6} {'clients':>7} | {'hpa MB/s':>9} {'bootd MB/s':>10} {'bootd/hpa':>9} | "
+        f"{'hpa CPU':>7} {'bootd CPU':>9} | {'load avg':>11} | runs fails"
     )
-    for b, w, c, h, o, ratio, n, nfail in rows:
-        print(f"{b:7d} {w:6d} {c:7d} | {h:10.1f} {o:10.1f} | {ratio:8.2f}x | {n:4d} {nfail:5d}")
+    for r in rows:
+        print(
+            f"{r['case']} | {r['hpa']:9.1f} {r['bootd']:10.1f} {r['ratio']:8.2f}x | "
+            f"{r['cpu_hpa']:7.2f} {r['cpu_bootd']:9.2f} | {r['load']:>11} | {r['runs']:4d} {r['fails']:5d}"
+        )
     if skipped:
         print(f"({skipped} runs skipped: --budget {args.budget:.0f}s reached)")
     print(f"bootd counters: {stats}")

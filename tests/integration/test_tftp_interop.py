@@ -276,3 +276,28 @@ async def test_atftp_windows_with_and_without_udp_gso(tmp_path: Path, use_gso: b
         assert server.stats["completed"] == 3 and server.stats["retransmits"] == 0
     finally:
         await server.close()
+
+
+async def test_atftp_tiny_blocks_in_windows_keep_oack_whole(served: Served) -> None:
+    """With blksize 8 the OACK is longer than a block: it must not be cut like a GSO window."""
+    out = served.out / "tiny.bin"
+    rc, log = await run(
+        "atftp",
+        "--option",
+        "blksize 8",
+        "--option",
+        "windowsize 4",
+        "--option",
+        "tsize 0",
+        "-g",
+        "-r",
+        "b1468x3.bin",
+        "-l",
+        str(out),
+        HOST,
+        str(served.port),
+    )
+    assert rc == 0, log
+    assert sha(out) == sha(served.root / "b1468x3.bin")
+    await wait_idle(served.server)
+    assert served.server.stats["failed"] == 0
