@@ -7,7 +7,7 @@ veth pair (or a tap for QEMU) that is created inside the namespace, a dnsmasq fu
 so the client gets far enough to send a REQUEST, and an AF_PACKET socket that keeps every UDP
 payload on ports 67/68/4011. Everything is deleted afterwards, also on failure.
 
-Usage: capture.py [scenario ...]   scenarios: udhcpc dhclient ipxe-bios ipxe-uefi edk2-pxe
+Usage: capture.py [--out DIR] [scenario ...]   scenarios: udhcpc dhclient ipxe-bios ipxe-uefi edk2-pxe
 """
 
 from __future__ import annotations
@@ -191,7 +191,11 @@ def scenario(name: str) -> list[tuple[str, bytes]]:
 
 
 def main() -> None:
-    names = sys.argv[1:] or ["udhcpc", "dhclient", "ipxe-bios", "ipxe-uefi", "edk2-pxe"]
+    args = sys.argv[1:]
+    out = OUT
+    if args[:1] == ["--out"]:
+        out, args = Path(args[1]), args[2:]
+    names = args or ["udhcpc", "dhclient", "ipxe-bios", "ipxe-uefi", "edk2-pxe"]
     for name in names:
         print(f"== {name}", flush=True)
         packets = scenario(name)
@@ -200,7 +204,7 @@ def main() -> None:
             counts[kind] = counts.get(kind, 0) + 1
             if counts[kind] > 3:
                 continue
-            (OUT / f"{name}-{kind}-{counts[kind]}.bin").write_bytes(payload)
+            (out / f"{name}-{kind}-{counts[kind]}.bin").write_bytes(payload)
 
 
 if __name__ == "__main__":
