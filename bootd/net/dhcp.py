@@ -184,7 +184,8 @@ class DhcpServer:
     def _socket(self, port: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # No SO_REUSEADDR on purpose: a second DHCP server on the same port and device must make
+            # bootd fail at start, not silently share (and race on) every broadcast.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RCVBUF)
@@ -196,7 +197,13 @@ class DhcpServer:
                 except OSError as exc:
                     raise OSError(exc.errno, f"cannot bind DHCP to interface {self.interface!r} "
                                              f"(needs CAP_NET_RAW and an existing device): {exc.strerror}") from None
-            sock.bind((self.listen, port))
+            try:
+                sock.bind((self.listen, port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen for DHCP on {self.listen}:{port}"
+                                         f"{' on ' + self.interface if self.interface else ''}: {exc.strerror} "
+                                         "(another DHCP server running? port below 1024 without "
+                                         "CAP_NET_BIND_SERVICE?)") from None
         except BaseException:
             sock.close()
             raise

@@ -198,3 +198,14 @@ async def test_idle_workers_wake_for_each_item() -> None:
     assert full.put_nowait((DhcpPacket(), ("x", 1), 0, None, 0.0), 0)  # type: ignore[arg-type]
     assert not full.put_nowait((DhcpPacket(), ("x", 1), 0, None, 0.0), 0)  # type: ignore[arg-type]
     assert full.put_nowait((DhcpPacket(), ("x", 1), 0, None, 0.0), 1)  # type: ignore[arg-type]
+
+
+async def test_port_in_use_fails_loudly(store: SqliteNodeStore, relay: socket.socket) -> None:
+    taken = relay.getsockname()[1]
+    settings = DhcpSettings(server_address="127.0.0.1", mode="proxy")
+    svc = DhcpService(store, RegistryService(store, RegistryConfig()),
+                      BootPolicy("http://127.0.0.1:8080", "127.0.0.1"), settings)
+    server = DhcpServer(svc, listen="127.0.0.1", port=taken, registry=CollectorRegistry())
+    with pytest.raises(OSError, match="another DHCP server running"):
+        await server.start()
+    assert server.bound_ports == []
