@@ -1,10 +1,12 @@
 """Import a root tree (directory or tarball) as a new capsule version.
 
 The pipeline is: deterministic archive stream -> FastCDC cuts (main thread) ->
-zstd + sha256 + write (thread pool). zstandard and hashlib release the GIL, so
-on N cores N chunks compress at once while the main thread reads the tree; the
-number of chunks in flight is bounded, so memory stays at a few chunk sizes no
-matter how big the capsule is.
+zstd + sha256 + write (a pool of threads, or of forked processes with
+``processes=True``). zstandard and hashlib release the GIL, so on N cores N
+chunks compress at once while the main thread reads the tree; the number of
+chunks in flight is bounded, so memory stays at a few chunk sizes no matter how
+big the capsule is. New chunks are fsynced on separate threads and the ref is
+only renamed after all of them are on disk.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ class ImportOptions:
     zstd_level: int = 3
     workers: int = 0  # 0: one per CPU
     durable: bool = True  # fsync every staged file before publishing
-    # Compress in forked worker processes (workers.py): twice as fast as threads on a busy
-    # machine, but it forks; the CLI turns it on, library callers (the daemon) choose.
+    # Compress in forked worker processes (workers.py) instead of threads: no GIL hand-offs,
+    # but one fork per worker. bench/capsule measures both; on the 2-core test machine they
+    # came out about even, so threads (no fork inside a daemon) stay the default.
     processes: bool = False
 
 

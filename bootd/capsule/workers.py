@@ -1,12 +1,13 @@
 """Compression workers in separate processes, fed through a shared-memory ring.
 
-Why processes and not threads: zstandard and hashlib release the GIL, but each
-chunk still needs the GIL a dozen times between those calls, while the main
-thread runs the tree walk in Python. On a busy 2-core machine the OS preempts
-whichever thread holds the GIL and the compressors queue behind it; measured,
-the thread pool ran at half the speed of ``tar | zstd -T0`` under load. Worker
-processes have no shared lock: the main process copies each chunk once into a
-shared-memory slot and sends only (offset, length) through the pool's pipe.
+Why offer processes: zstandard and hashlib release the GIL, but each chunk still
+needs the GIL several times between those calls while the main thread runs the
+tree walk in Python; when the OS preempts the thread holding the GIL the
+compressors queue behind it. Worker processes share no lock: the main process
+copies each chunk once into a shared-memory slot and sends only (offset, length)
+through the pool's pipe. The price is IPC and a fork per worker; on the 2-core
+test machine (busy with other jobs) both variants measured about the same, so
+threads stay the default and this is an option (``ImportOptions.processes``).
 
 Workers write new chunks into the import's staging directory and return
 (sha256, stored size, raw size, new?). They never touch the store itself, so a
