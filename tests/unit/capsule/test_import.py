@@ -241,3 +241,11 @@ def test_process_workers_match_threads(store: CapsuleStore, tree: Path, tmp_path
     assert procs.version == threads.version and procs.new_chunks == threads.new_chunks
     again = import_capsule(store, "p", tree, options=dataclasses.replace(SMALL, processes=True))
     assert again.version == threads.version and again.new_chunks == 0
+
+
+def test_verify_checks_the_kernel(store: CapsuleStore, tree: Path) -> None:
+    r = import_capsule(store, "base", tree, options=SMALL)
+    assert r.kernel is not None
+    store.kernel_path(r.kernel.sha256).write_bytes(b"tampered!!")
+    report = verify_version(store, r.version)
+    assert report.bad == [{"kind": "kernel", "sha256": r.kernel.sha256, "problem": "sha256 mismatch"}]
