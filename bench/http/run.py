@@ -203,7 +203,8 @@ def start_nginx(work: Path, store: CapsuleStore) -> Server:
     return Server("nginx", proc, port, work / "nginx.pid")
 
 
-def run_wrk(work: Path, server: Server, paths_file: Path, clients: int, seconds: float) -> dict[str, float]:
+def run_wrk(work: Path, server: Server, paths_file: Path, clients: int, seconds: float) -> dict[str, float] | None:
+    """One wrk run; None when it completed no request at all (a stalled machine, see the load average)."""
     threads = 1 if clients == 1 or PIN else 2
     cmd = ["wrk", "-t", str(threads), "-c", str(clients), "-d", f"{max(1, round(seconds))}s", "--timeout", "10s",
            "-s", str(work / "cycle.lua"), f"http://127.0.0.1:{server.port}", "--", str(paths_file)]
@@ -214,10 +215,13 @@ def run_wrk(work: Path, server: Server, paths_file: Path, clients: int, seconds:
     cpu1 = cpu_seconds(pids)
     line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
     r = json.loads(line[7:])
-    if r["errors"] or r["bad_status"] or not r["bytes"]:
-        raise RuntimeError(f"{server.name}: wrk saw errors: {r}\n{out}")
+    if r["bad_status"]:
+        raise RuntimeError(f"{server.name}: wrk got non-2xx answers: {r}\n{out}")
+    if not r["bytes"]:
+        return None
     gbytes = r["bytes"] / 1e9
     return {
+        "timeouts": r["errors"],
         "gbps": gbytes / (r["duration_us"] / 1e6),
         "cpu_per_gb": (cpu1 - cpu0) / gbytes,
         "rps": r["requests"] / (r["duration_us"] / 1e6),
@@ -290,14 +294,25 @@ def main() -> None:
         print("-" * len(header))
         for clients in (int(c) for c in args.clients.split(",")):
             res: dict[str, list[dict[str, float]]] = {"bootd": [], "nginx": []}
+            empty = {"bootd": 0, "nginx": 0}
             for _ in range(args.reps):  # interleaved so drift affects both alike
-                res["bootd"].append(run_wrk(work, bootd, bootd_paths, clients, args.seconds))
-                res["nginx"].append(run_wrk(work, nginx, nginx_paths, clients, args.seconds))
+                for srv, pf in ((bootd, bootd_paths), (nginx, nginx_paths)):
+                    sample = run_wrk(work, srv, pf, clients, args.seconds)
+                    if sample is None:
+                        empty[srv.name] += 1
+                    else:
+                        res[srv.name].append(sample)
+            if not res["bootd"] or not res["nginx"]:
+                print(f"{clients:>7} | no complete run (empty runs: {empty}); the machine is too busy")
+                continue
             med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in res.items()}
+            noise = [f"{k}: {sum(int(r['timeouts']) for r in v)} timeouts, {empty[k]} empty runs"
+                     for k, v in res.items() if empty[k] or any(r["timeouts"] for r in v)]
             b, n = med["bootd"], med["nginx"]
             print(f"{clients:>7} | {b['gbps']:>10.2f} {n['gbps']:>10.2f} {b['gbps'] / n['gbps']:>5.2f}x | "
                   f"{b['cpu_per_gb']:>14.3f} {n['cpu_per_gb']:>14.3f} {b['cpu_per_gb'] / n['cpu_per_gb']:>5.2f}x | "
-                  f"{b['p99_ms']:>12.1f} {n['p99_ms']:>12.1f}", flush=True)
+                  f"{b['p99_ms']:>12.1f} {n['p99_ms']:>12.1f}" + (f"   ({'; '.join(noise)})" if noise else ""),
+                  flush=True)
         print(f"load average during the run: {load_at_start} -> {os.getloadavg()[0]:.2f} "
               "(other work on this machine shows up as noise in both columns)")
     finally:
