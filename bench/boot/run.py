@@ -34,6 +34,7 @@ from bootd.stage1.build import HERE as STAGE1_SRC
 from bootd.stage1.build import build
 
 MAC = "52:54:00:77:20:01"
+OPENSSL = False
 
 NGINX_CONF = """daemon off;
 worker_processes 1;
@@ -198,8 +199,10 @@ def bench_agent(work: Path, capsule_mb: int, runs: int) -> tuple[list[float], li
         plain_t: list[float] = []
         for _ in range(runs):
             target = Path(tempfile.mkdtemp(prefix="agent-target-", dir="/dev/shm"))
+            # Hash as the default stage one does (busybox); `--openssl` measures the --with-openssl image.
             env = dict(os.environ, BOOTD_HOST_MODE="1", BOOTD_CMDLINE_FILE=str(cmdline),
-                       BOOTD_WORK=str(work / "awork"), BOOTD_TARGET=str(target))
+                       BOOTD_WORK=str(work / "awork"), BOOTD_TARGET=str(target),
+                       BOOTD_OPENSSL="/usr/bin/openssl" if OPENSSL else "/nonexistent")
             t0 = time.monotonic()
             res = subprocess.run(["busybox", "sh", str(STAGE1_SRC / "agent.sh")], env=env, capture_output=True,
                                  text=True, check=False)
@@ -236,7 +239,10 @@ def main() -> int:
     ap.add_argument("--skip-boot", action="store_true")
     ap.add_argument("--skip-agent", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--openssl", action="store_true", help="agent hashes with openssl (stage1 --with-openssl)")
     args = ap.parse_args()
+    global OPENSSL
+    OPENSSL = args.openssl
     work = Path(tempfile.mkdtemp(prefix="bench-boot-"))
     rows: list[tuple[str, str, str, str, str]] = []
     try:

@@ -15,10 +15,16 @@ def _build(args: argparse.Namespace, config: Config) -> int:
 
     out = args.output or config.boot.stage1_dir
     # Stage1Error is a BootdError: the CLI prints it and exits 1.
-    result = build(out, cache_dir=args.cache_dir, kernel_package=args.kernel_package or DEFAULT_KERNEL_PACKAGE,
-                   kernel_deb=args.kernel_deb, extra_kernel_packages=args.also_kernel_package or (),
-                   extra_kernel_debs=args.also_kernel_deb or (),
-                   log=(lambda m: None) if args.json else print)
+    result = build(
+        out,
+        cache_dir=args.cache_dir,
+        kernel_package=args.kernel_package or DEFAULT_KERNEL_PACKAGE,
+        kernel_deb=args.kernel_deb,
+        extra_kernel_packages=args.also_kernel_package or (),
+        extra_kernel_debs=args.also_kernel_deb or (),
+        with_openssl=False if args.no_openssl else None,
+        log=(lambda m: None) if args.json else print,
+    )
     if args.json:
         print(json.dumps(result.info, indent=2, sort_keys=True))
     return 0
@@ -43,6 +49,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--also-kernel-deb", action="append", type=Path, metavar="DEB",
                    help="the same from a local linux-image .deb; repeatable")
     p.add_argument("--cache-dir", type=Path, help="download cache (default: $BOOTD_CACHE_DIR or ~/.cache/bootd)")
+    p.add_argument(
+        "--no-openssl",
+        action="store_true",
+        help="hash with busybox only (2 MB smaller image, several times slower hashing)",
+    )
     p.add_argument("--json", action="store_true", help="print the build record (hashes, versions) as JSON")
     p.set_defaults(handler=_build)
 

@@ -192,16 +192,40 @@ def unpack_kernel(deb: Path, cache_dir: Path, wanted: Iterable[str], log: Log) -
     for mod in sorted(closure):
         (dest / "modules" / f"{mod}.ko").write_bytes(blobs[mod])
     kept_depends = {m: depends[m] for m in sorted(closure)}
-    stamp.write_text(json.dumps({"kver": kver, "wanted": list(wanted), "modules": sorted(closure),
-                                 "depends": kept_depends}, indent=1, sort_keys=True))
-    return Kernel(package=package, version=version, kver=kver, vmlinuz=dest / "vmlinuz",
-                  modules={m: dest / "modules" / f"{m}.ko" for m in sorted(closure)}, depends=kept_depends)
+    stamp.write_text(
+        json.dumps(
+            {"kver": kver, "wanted": list(wanted), "modules": sorted(closure), "depends": kept_depends},
+            indent=1,
+            sort_keys=True,
+        )
+    )
+    return Kernel(
+        package=package,
+        version=version,
+        kver=kver,
+        vmlinuz=dest / "vmlinuz",
+        modules={m: dest / "modules" / f"{m}.ko" for m in sorted(closure)},
+        depends=kept_depends,
+    )
 
 
-def fetch_kernel(cache_dir: Path, package: str = DEFAULT_KERNEL_PACKAGE, deb: Path | None = None,
-                 log: Log = print) -> Kernel:
+def fetch_kernel(
+    cache_dir: Path, package: str = DEFAULT_KERNEL_PACKAGE, deb: Path | None = None, log: Log = print
+) -> Kernel:
+    """A warm cache is used without asking apt (offline, and apt-cache takes seconds); set
+    BOOTD_KERNEL_REFRESH=1 to look for a newer kernel behind a metapackage."""
     if deb is None:
-        deb = download_deb(resolve_kernel_package(package), cache_dir, log)
+        memo = cache_dir / f"{package}.resolved"
+        concrete = memo.read_text().strip() if memo.exists() else ""
+        if (
+            not concrete
+            or os.environ.get("BOOTD_KERNEL_REFRESH") == "1"
+            or not list(cache_dir.glob(f"{concrete}_*.deb"))
+        ):
+            concrete = resolve_kernel_package(package)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            memo.write_text(concrete + "\n")
+        deb = download_deb(concrete, cache_dir, log)
     return unpack_kernel(deb, cache_dir, (*LOAD_FIRST, *NIC_MODULES, *STORAGE_MODULES), log)
 
 
@@ -275,10 +299,14 @@ def _is_static(path: Path) -> bool:
     return "not a dynamic executable" in (proc.stdout + proc.stderr) or "statically linked" in proc.stdout
 
 
-def _dpkg_version(package: str) -> str:
-    proc = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package],
-                          capture_output=True, text=True, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+def _dpkg_versions(packages: Iterable[str]) -> dict[str, str]:
+    """Installed versions (recorded in stage1.json so a build can be traced to its inputs)."""
+    packages = list(packages)
+    proc = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Package} ${Version}\n", *packages], capture_output=True, text=True, check=False
+    )
+    found = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    return {p: found.get(p, "unknown") for p in packages}
 
 
 def _which(tool: str, package: str) -> str:
@@ -288,8 +316,9 @@ def _which(tool: str, package: str) -> str:
     return path
 
 
-def initramfs_entries(kernels: list[tuple[Kernel, tuple[str, ...]]], info: dict[str, object]
-                      ) -> dict[str, Entry]:
+def initramfs_entries(
+    kernels: list[tuple[Kernel, tuple[str, ...]]], info: dict[str, object], with_openssl: bool = True
+) -> dict[str, Entry]:
     entries: dict[str, Entry] = {}
 
     def add_dir(path: str) -> None:
@@ -324,7 +353,10 @@ def initramfs_entries(kernels: list[tuple[Kernel, tuple[str, ...]]], info: dict[
             continue  # GNU tar (xattrs) is installed as /usr/bin/tar instead
         add_link(applet, "/bin/busybox")
 
-    for tool, package in (("tar", "tar"), ("zstd", "zstd")):
+    tools = [("tar", "tar"), ("zstd", "zstd")]
+    if with_openssl:
+        tools.append(("openssl", "openssl"))
+    for tool, package in tools:
         binary = _which(tool, package)
         add_file(f"usr/bin/{tool}", Path(binary).read_bytes())
         for lib in _ldd(binary):
@@ -345,6 +377,34 @@ def initramfs_entries(kernels: list[tuple[Kernel, tuple[str, ...]]], info: dict[
     return entries
 
 
+def compress_initramfs(cpio: bytes, compression: str) -> bytes:
+    """zstd by default: Debian kernels have RD_ZSTD, the image is smaller than gzip -9 and unpacks
+    faster, which counts under TCG. Both are deterministic (no timestamps, single-threaded)."""
+    if compression == "zstd":
+        import zstandard
+
+        return bytes(zstandard.ZstdCompressor(level=19, write_content_size=True, threads=0).compress(cpio))
+    if compression == "gzip":
+        buf = io.BytesIO()
+        with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
+            gz.write(cpio)
+        return buf.getvalue()
+    raise Stage1Error(f"unknown initramfs compression {compression!r}: use zstd or gzip")
+
+
+def _cached_compress(cpio: bytes, compression: str, cache: Path) -> bytes:
+    """zstd -19 takes seconds; the same cpio always compresses to the same bytes, so keep them."""
+    key = cache / f"{hashlib.sha256(cpio).hexdigest()}.{compression}"
+    if key.exists():
+        return key.read_bytes()
+    image = compress_initramfs(cpio, compression)
+    cache.mkdir(parents=True, exist_ok=True)
+    for old in sorted(cache.glob(f"*.{compression}"), key=lambda p: p.stat().st_mtime)[:-8]:
+        old.unlink(missing_ok=True)  # keep the cache small: the last few builds are what matters
+    _atomic_write(key, image)
+    return image
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
@@ -352,14 +412,28 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def build(out_dir: Path, *, cache_dir: Path | None = None, kernel_package: str = DEFAULT_KERNEL_PACKAGE,
-          kernel_deb: Path | None = None, extra_kernel_packages: Iterable[str] = (),
-          extra_kernel_debs: Iterable[Path] = (), log: Log = print) -> BuildResult:
+def build(
+    out_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    kernel_package: str = DEFAULT_KERNEL_PACKAGE,
+    kernel_deb: Path | None = None,
+    extra_kernel_packages: Iterable[str] = (),
+    extra_kernel_debs: Iterable[Path] = (),
+    with_openssl: bool | None = None,
+    compression: str = "zstd",
+    log: Log = print,
+) -> BuildResult:
     """Build ``initramfs.img`` + ``vmlinuz`` (the fallback kernel) + ``stage1.json`` into ``out_dir``.
 
     The first kernel is the fallback kernel (for capsules without one); ``extra_kernel_*`` only add
-    module sets, for capsules whose /boot holds another kernel release.
+        module sets, for capsules whose /boot holds another kernel release. ``with_openssl`` adds the openssl
+    binary (+2 MB): on real hardware it hashes several times faster than busybox (SHA-NI), but under
+    QEMU TCG its start-up (a 5 MB libcrypto, CPU probing) made the fetch 2-3x slower, so it is off by
+    default.
     """
+    if with_openssl is None:
+        with_openssl = False
     cache = cache_dir or default_cache_dir()
     kernel = fetch_kernel(cache / "kernels", kernel_package, kernel_deb, log)
     others = [fetch_kernel(cache / "kernels", pkg, None, log) for pkg in extra_kernel_packages]
@@ -379,22 +453,21 @@ def build(out_dir: Path, *, cache_dir: Path | None = None, kernel_package: str =
         "module_sets": {k.kver: {"package": k.package, "version": k.version, "load_order": list(o)}
                         for k, o in sets},
         "load_order": list(order),
-        "packages": {p: _dpkg_version(p) for p in ("busybox-static", "tar", "zstd", "libc6")},
+        "packages": _dpkg_versions(("busybox-static", "tar", "zstd", "libc6", *(("openssl",) if with_openssl else ()))),
         "agent_sha256": agent_sha,
     }
-    cpio = write_cpio(initramfs_entries(sets, info))
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
-        gz.write(cpio)
-    image = buf.getvalue()
+    cpio = write_cpio(initramfs_entries(sets, info, with_openssl))
+    image = _cached_compress(cpio, compression, cache / "initramfs")
     vmlinuz = kernel.vmlinuz.read_bytes()
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_dir / "initramfs.img", image)
     _atomic_write(out_dir / "vmlinuz", vmlinuz)
     init_sha = hashlib.sha256(image).hexdigest()
     kern_sha = hashlib.sha256(vmlinuz).hexdigest()
-    info |= {"initramfs": {"sha256": init_sha, "size": len(image), "cpio_size": len(cpio)},
-             "vmlinuz": {"sha256": kern_sha, "size": len(vmlinuz)}}
+    info |= {
+        "initramfs": {"sha256": init_sha, "size": len(image), "cpio_size": len(cpio), "compression": compression},
+        "vmlinuz": {"sha256": kern_sha, "size": len(vmlinuz)},
+    }
     _atomic_write(out_dir / "stage1.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
     log(f"stage one: {out_dir / 'initramfs.img'} {len(image)} bytes sha256={init_sha[:16]}…; "
         f"kernel {kernel.kver} -> {out_dir / 'vmlinuz'}; modules: {' '.join(order)}")

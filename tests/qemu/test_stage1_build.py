@@ -48,6 +48,10 @@ def test_image_contents_run_on_their_own(stage1: BuildResult, tmp_path: Path) ->
     assert tar.returncode == 0 and "GNU tar" in tar.stdout, tar.stderr
     zstd = subprocess.run(["chroot", str(root), "/usr/bin/zstd", "--version"], capture_output=True, text=True)
     assert zstd.returncode == 0, zstd.stderr
+    if (root / "usr/bin/openssl").exists():
+        ossl = subprocess.run(["chroot", str(root), "/usr/bin/openssl", "dgst", "-sha256", "-r", "/init"],
+                              capture_output=True, text=True)
+        assert ossl.returncode == 0 and len(ossl.stdout.split()[0]) == 64, ossl.stderr
     sh = subprocess.run(["chroot", str(root), "/bin/sh", "-n", "/bootd/agent.sh"], capture_output=True, text=True)
     assert sh.returncode == 0, sh.stderr
     # busybox's own tar must not shadow GNU tar on the agent's PATH.
