@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from bootd.stage1.build import BuildResult, Entry, build, write_cpio
 
@@ -30,7 +31,8 @@ def test_load_order_puts_dependencies_first(stage1: BuildResult) -> None:
 
 def unpack(stage1: BuildResult, dest: Path) -> Path:
     dest.mkdir()
-    data = gzip.decompress(stage1.initramfs.read_bytes())
+    raw = stage1.initramfs.read_bytes()
+    data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else zstandard.ZstdDecompressor().decompress(raw)
     subprocess.run(["cpio", "-idm", "--quiet"], input=data, cwd=dest, check=True)
     return dest
 
