@@ -237,20 +237,19 @@ class _Transfer:
         if self._gso and len(datagrams) > 1 and self._send_gso(datagrams):
             return
         send = self._sock.send
-        for i, d in enumerate(datagrams):
-            try:
+        i = 0
+        try:
+            for d in datagrams:
                 send(d)
-            except BlockingIOError:
-                # Socket buffer full (large windows): keep the rest and wait for room.
-                self._backlog.extend(datagrams[i:])
-                self._loop.add_writer(self._fd, self._on_writable)
-                return
-            except ConnectionRefusedError:
-                self.end("client_gone", "client port unreachable (client gave up)")
-                return
-            except OSError as exc:
-                self.end("socket_error", f"send failed: {exc.strerror or exc}")
-                return
+                i += 1
+        except BlockingIOError:
+            # Socket buffer full (large windows): keep the rest and wait for room.
+            self._backlog.extend(datagrams[i:])
+            self._loop.add_writer(self._fd, self._on_writable)
+        except ConnectionRefusedError:
+            self.end("client_gone", "client port unreachable (client gave up)")
+        except OSError as exc:
+            self.end("socket_error", f"send failed: {exc.strerror or exc}")
 
     def _send_gso(self, datagrams: list[bytes]) -> bool:
         """Send a window with UDP GSO: one syscall, the kernel cuts it into datagrams.

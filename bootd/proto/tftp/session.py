@@ -217,12 +217,15 @@ class ReadSession:
         self.oack = nego.oack
         self.file_size = size
         self._retries = limits.retries
+        self._netascii = netascii
         self._blocks: _OctetBlocks | _NetasciiBlocks = (
             _NetasciiBlocks(source, self.blksize) if netascii else _OctetBlocks(source, self.blksize)
         )
 
         self.state = State.NEGOTIATING if nego.oack else State.SENDING
-        self._finished = False
+        #: True once the transfer is over (complete, size probe or failed); a plain attribute
+        #: rather than a property because the transport reads it for every datagram.
+        self.finished = False
         self.reason = ""  # slug when FAILED (or "size_probe")
         self.message = ""  # human explanation of how it ended, for the log
         self.started_at = now
@@ -249,17 +252,13 @@ class ReadSession:
 
     # ------------------------------------------------------------------ status
     @property
-    def finished(self) -> bool:
-        return self._finished
-
-    @property
     def ok(self) -> bool:
         """True when the transfer ended the way the client wanted (complete or size probe)."""
         return self.state is State.COMPLETE or self.state is State.SIZE_PROBE
 
     # ------------------------------------------------------------------ input
     def receive_datagram(self, data: bytes, now: float) -> None:
-        if self._finished:
+        if self.finished:
             return
         if len(data) >= 4 and data[1] == 4 and data[0] == 0:  # ACK: the hot path, skip the codec
             self._on_ack((data[2] << 8) | data[3], now)
@@ -304,11 +303,12 @@ class ReadSession:
             return
         self._base = idx + 1
         self._tries = 0
-        self._blocks.release_below(self._base)
+        if self._netascii:
+            self._blocks.release_below(self._base)
         last = self._blocks.last
         if last is not None and idx >= last:
             self.state = State.COMPLETE
-            self._finished = True
+            self.finished = True
             self.message = f"sent {self.bytes_sent} bytes"
             self.finished_at = now
             self._deadline = None
@@ -321,7 +321,7 @@ class ReadSession:
         self._want_window = False
         self._deadline = None
         self.finished_at = now
-        self._finished = True
+        self.finished = True
         if negotiating and pkt.code == ErrorCode.OPTION_REFUSED and "tsize" in self.oack:
             self.state = State.SIZE_PROBE
             self.reason = "size_probe"
@@ -339,7 +339,7 @@ class ReadSession:
         return self._deadline
 
     def handle_timer(self, now: float) -> None:
-        if self._deadline is None or now < self._deadline or self._finished:
+        if self._deadline is None or now < self._deadline or self.finished:
             return
         if self._tries >= self._retries:
             waiting = "ACK of the OACK" if self.state is State.NEGOTIATING else f"ACK of block {self._base}"
@@ -371,7 +371,7 @@ class ReadSession:
                 self._fail("file changed on the server during the transfer", "file_changed", ErrorCode.NOT_DEFINED, now)
                 out.extend(self._pending)
                 self._pending = []
-        if out and not self._finished:
+        if out and not self.finished:
             self._deadline = now + self.timeout
         return out
 
@@ -398,7 +398,7 @@ class ReadSession:
     def _fail(self, message: str, reason: str, code: int, now: float) -> None:
         """End the transfer and tell the client why (every refusal says why)."""
         self.state = State.FAILED
-        self._finished = True
+        self.finished = True
         self.reason = reason
         self.message = message
         self.finished_at = now
