@@ -97,4 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load_config(args: Any) -> config_mod.Config:
+    """Commands that set needs_config=False (the demo) run with defaults when no file is given."""
+    if not getattr(args, "needs_config", True) and args.config is None:
+        return config_mod.Config()
     return config_mod.load(args.config)
