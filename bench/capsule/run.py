@@ -2,6 +2,8 @@
 """Capsule import vs ``tar -cf - DIR | zstd -T0 -3 > /dev/null`` on the same generated tree.
 
 Usage: .venv/bin/python bench/capsule/run.py [--size-mib 1024] [--runs 3] [--cache DIR] [--store DIR]
+On a machine shared with other jobs, run it as root under ``nice -n -10`` so both
+contenders (the peer inherits the niceness) get the same priority over the rest.
 
 The tree (mixed file sizes, partly compressible) is generated once, deterministically,
 into the cache dir and reused. Both sides read it from a warm page cache; bootd also
