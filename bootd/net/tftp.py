@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import logging
 import math
@@ -323,6 +324,10 @@ class _Transfer:
         self._loop.remove_reader(self._fd)
         if self._backlog:
             self._loop.remove_writer(self._fd)
+            # Best effort: the backlog may end with the ERROR that tells the client why.
+            with contextlib.suppress(OSError):
+                while self._backlog:
+                    self._sock.send(self._backlog.popleft())
             self._backlog.clear()
         self._sock.close()
         self._server._transfer_done(self, reason, message)
