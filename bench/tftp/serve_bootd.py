@@ -44,4 +44,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    if "--uvloop" in sys.argv:  # informative only: uvloop is not a bootd dependency
+        sys.argv.remove("--uvloop")
+        import uvloop
+
+        uvloop.install()
     asyncio.run(main())
