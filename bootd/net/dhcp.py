@@ -54,7 +54,10 @@ log = logging.getLogger("bootd.dhcp")
 
 _SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-RCVBUF = 4 * 1024 * 1024  # absorbs a boot wave's burst while workers catch up
+# Kernel receive buffer (the kernel doubles it): room for a few hundred requests. Deliberately not
+# larger: time spent in the kernel buffer is invisible to the age check below, so a big buffer under
+# overload only hands the workers requests whose clients have already retransmitted (bufferbloat).
+RCVBUF = 128 * 1024
 LOG_EVERY = 10.0
 
 _Item = tuple[bytes, tuple[str, int], int, asyncio.DatagramTransport, float]
