@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -95,3 +97,40 @@ def test_report_functions_post_events_and_heartbeats(recorder: tuple[str, list[d
     r = subprocess.run([BUSYBOX, "sh", "-c", f". {script} && bootd_heartbeat"], env={"PATH": "/usr/bin:/bin"},
                        timeout=30)
     assert r.returncode != 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare (mount, pid and uts namespaces)")
+def test_init_reports_ready_then_heartbeats(tmp_path: Path, recorder: tuple[str, list[dict[str, Any]]]) -> None:
+    """Run the capsule's real /sbin/init as PID 1 of private mount/pid/uts namespaces, chrooted into the tree.
+
+    The network namespace is shared so it can reach the loopback recorder; BOOTD_DHCP=0 keeps
+    udhcpc off the host's interfaces, and the UTS namespace keeps the hostname change private.
+    """
+    url, seen = recorder
+    root = build(tmp_path / "bb") / "root"
+    (root / "etc" / "bootd" / "node.env").write_text(
+        f"BOOTD_URL='{url}'\nBOOTD_NODE='n0042'\nBOOTD_TOKEN='secret'\nBOOTD_HEARTBEAT='1'\nBOOTD_DHCP='0'\n")
+    log = tmp_path / "console.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["unshare", "--mount", "--pid", "--uts", "--fork", "--kill-child",
+                                 "--mount-proc", "chroot", str(root), "/sbin/init"],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                beats = [s for s in seen if s["path"].endswith("/heartbeat")]
+                if len(beats) >= 2 or proc.poll() is not None:
+                    break
+                time.sleep(0.2)
+        finally:
+            # unshare blocks SIGTERM while it waits; SIGKILL it and --kill-child (PR_SET_PDEATHSIG)
+            # SIGKILLs the namespace's PID 1, which takes every process of the namespace with it.
+            proc.kill()
+            proc.wait(timeout=30)
+    console = log.read_text(errors="replace")
+    assert re.search(r"^BOOTD-READY n0042$", console, re.M), console
+    assert seen and seen[0]["path"] == "/api/v1/nodes/n0042/events"
+    assert seen[0]["body"]["event"] == "ready" and seen[0]["token"] == "secret"
+    assert sum(s["path"] == "/api/v1/nodes/n0042/heartbeat" for s in seen) >= 2
+    assert (root / "etc" / "hostname").read_text().strip() == "n0042"
