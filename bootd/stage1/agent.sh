@@ -151,12 +151,16 @@ fetch() {
 
 # OpenSSL's SHA-256 (hand-written assembly, SHA-NI where the CPU has it) is several times faster than
 # busybox's C version, and hashing is most of the agent's CPU time; busybox is the fallback.
-if [ -x "${BOOTD_OPENSSL:-/usr/bin/openssl}" ]; then
-    OPENSSL=${BOOTD_OPENSSL:-/usr/bin/openssl}
-    sha256() { "$OPENSSL" dgst -sha256 -r "$1" | cut -d ' ' -f 1; }
-else
-    sha256() { sha256sum "$1" | cut -d ' ' -f 1; }
-fi
+OPENSSL=""
+[ -x "${BOOTD_OPENSSL:-/usr/bin/openssl}" ] && OPENSSL=${BOOTD_OPENSSL:-/usr/bin/openssl}
+hash_file() { # FILE -> GOT=<sha256 hex>
+    if [ -n "$OPENSSL" ]; then
+        set -- $("$OPENSSL" dgst -sha256 -r "$1")
+    else
+        set -- $(sha256sum "$1")
+    fi
+    GOT=$1
+}
 
 u32() { # file offset -> big-endian unsigned 32-bit integer
     h=$(od -An -v -tx1 -j "$2" -N 4 "$1" | tr -d ' \n')
@@ -221,17 +225,16 @@ bring_up_network() {
 # One worker fetches chunks w, w+N, w+2N, ... and never runs more than WINDOW chunks ahead of the
 # unpacker, so RAM holds a bounded number of stored chunks however large the capsule is.
 worker() { # worker_index
-    i=$1
-    while [ "$i" -lt "$COUNT" ]; do
+    # Its share of the chunk table, read with the shell's own `read`: per chunk, the only processes
+    # started are wget, the hash and mv (process start-up, not hashing, was the agent's main cost).
+    while read -r i hash shex _ <&8; do
         while :; do
             [ -e "$WORK/abort" ] && exit 1
             read -r c < "$WORK/consumed"
-            [ $((i - c)) -lt "$WINDOW" ] && break
+            [ $((i - ${c:-0})) -lt "$WINDOW" ] && break
             sleep 0.05
         done
-        line=$(sed -n "$((i + 1))p" "$WORK/table")
-        set -- $line
-        hash=$1; size=$((0x$2))
+        size=$((0x$shex))
         part=$WORK/chunks/$i.part
         tries=0
         while :; do
@@ -241,12 +244,12 @@ worker() { # worker_index
                 echo abort > "$WORK/done.fifo"
                 exit 1
             fi
-            got=$(sha256 "$part")
-            [ "$got" = "$hash" ] && break
+            hash_file "$part"
+            [ "$GOT" = "$hash" ] && break
             tries=$((tries + 1))
             rm -f "$part"
             if [ "$tries" -ge 2 ]; then
-                echo "chunk $hash failed verification (got sha256 $got)" > "$WORK/fail.$i"
+                echo "chunk $hash failed verification (got sha256 $GOT)" > "$WORK/fail.$i"
                 touch "$WORK/abort"
                 echo abort > "$WORK/done.fifo"
                 exit 1
@@ -255,8 +258,7 @@ worker() { # worker_index
         done
         mv "$part" "$WORK/chunks/$i.ok"
         echo "$i" > "$WORK/done.fifo"
-        i=$((i + WORKERS))
-    done
+    done 8< "$WORK/table.$1"
     exit 0
 }
 
@@ -275,7 +277,7 @@ consume() {
         cat "$f" || return 1
         rm -f "$f"
         i=$((i + 1))
-        echo "$i" > "$WORK/consumed.tmp" && mv "$WORK/consumed.tmp" "$WORK/consumed"
+        echo "$i" > "$WORK/consumed"  # a reader seeing it half-written reads 0: it waits, harmlessly
         say "fetching $i/$COUNT"
         t=$(now_ms)
         if [ "$i" -lt "$COUNT" ] && [ $((t - last_post)) -ge 1000 ]; then
@@ -344,8 +346,8 @@ main() {
 
     M=$WORK/manifest
     fetch "$URL/capsules/$VID/manifest" "$M" || fail "manifest could not be fetched: $FETCH_ERR"
-    got=$(sha256 "$M")
-    [ "$got" = "$VID" ] || fail "manifest failed verification: sha256 $got is not the version id $VID"
+    hash_file "$M"
+    [ "$GOT" = "$VID" ] || fail "manifest failed verification: sha256 $GOT is not the version id $VID"
     [ "$(head -c 8 "$M")" = "BDCAPS01" ] || fail "manifest has no BDCAPS01 magic"
     meta_len=$(u32 "$M" 8) || fail "manifest truncated (meta length)"
     count_off=$((12 + meta_len))
@@ -358,6 +360,11 @@ main() {
     od -An -v -tx1 -w40 -j "$rec_off" "$M" | tr -d ' ' | \
         sed -n 's/^\([0-9a-f]\{64\}\)\([0-9a-f]\{8\}\)\([0-9a-f]\{8\}\)$/\1 \2 \3/p' > "$WORK/table"
     [ "$(wc -l < "$WORK/table")" -eq "$COUNT" ] || fail "manifest chunk table is malformed"
+    case "$WORKERS" in ""|*[!0-9]*|0) WORKERS=4 ;; esac
+    rm -f "$WORK"/table.*
+    awk -v n="$WORKERS" -v d="$WORK" '{ print NR - 1, $0 > (d "/table." ((NR - 1) % n)) }' "$WORK/table"
+    w=0
+    while [ "$w" -lt "$WORKERS" ]; do touch "$WORK/table.$w"; w=$((w + 1)); done
     stored=0
     while read -r h s r; do stored=$((stored + 0x$s)); done < "$WORK/table"
     say "manifest ok chunks=$COUNT stored=$stored"
