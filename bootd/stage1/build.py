@@ -104,12 +104,18 @@ def resolve_kernel_package(package: str) -> str:
     """The concrete linux-image-<abi>-<flavour> behind a metapackage (itself when already concrete)."""
     if re.search(r"\d+\.\d+", package):
         return package
-    out = _run(["apt-cache", "depends", package])
-    for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("Depends:") and "linux-image-" in line:
-            return line.split(":", 1)[1].strip().strip("<>")
-    raise Stage1Error(f"apt-cache depends {package} names no linux-image package (run apt-get update?)")
+    for attempt in range(2):
+        proc = subprocess.run(["apt-cache", "depends", package], capture_output=True, text=True, check=False)
+        for line in proc.stdout.splitlines():
+            line = line.strip()
+            if line.startswith("Depends:") and "linux-image-" in line:
+                return line.split(":", 1)[1].strip().strip("<>")
+        if attempt == 0 and os.geteuid() == 0:
+            # A fresh machine (or CI image) may have no package lists yet.
+            subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-qq"],
+                           capture_output=True, check=False, timeout=600)
+    raise Stage1Error(f"apt-cache depends {package} names no linux-image package "
+                      "(is it a Debian linux-image metapackage? run apt-get update)")
 
 
 def download_deb(package: str, cache_dir: Path, log: Log) -> Path:
