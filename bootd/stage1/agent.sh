@@ -425,10 +425,11 @@ main() {
     [ -x "$TARGET/sbin/init" ] || [ -L "$TARGET/sbin/init" ] || fail "capsule has no /sbin/init"
     post_event booted "" "$COUNT" "$COUNT" 3
     say "booted switch_root /sbin/init after $(( ($(now_ms) - T0) / 1000 ))s"
+    exec 7>&-
+    rm -rf "$WORK"  # before /run moves into the capsule: it holds a copy of the node's token
     for d in dev proc sys run; do
         if [ -d "$TARGET/$d" ]; then mount --move "/$d" "$TARGET/$d" 2>/dev/null; else umount -l "/$d" 2>/dev/null; fi
     done
-    rm -rf "$WORK"
     exec switch_root "$TARGET" /sbin/init
     fail "switch_root failed"
 }
