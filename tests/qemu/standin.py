@@ -48,7 +48,11 @@ def _pax_tar(root: Path) -> bytes:
 
 def make_capsule(root: Path, store: Path, name: str, *, chunk_size: int = 256 * 1024) -> str:
     """Import ``root`` into a contract-format capsule store; returns the version id."""
-    stream = _pax_tar(root)
+    return make_capsule_from_tar(_pax_tar(root), store, name, chunk_size=chunk_size)
+
+
+def make_capsule_from_tar(stream: bytes, store: Path, name: str, *, chunk_size: int = 256 * 1024) -> str:
+    """The same from a ready pax stream (e.g. GNU tar --xattrs output)."""
     cctx = zstandard.ZstdCompressor(level=3)
     records = []
     stored_total = 0

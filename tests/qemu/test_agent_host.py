@@ -128,3 +128,27 @@ def test_bad_version_id_on_command_line(tmp_path: Path, loopback_standin: StartS
     proc, _ = run_agent(tmp_path, server, vid)
     assert proc.returncode == 1
     assert "FAILED" in proc.stderr
+
+
+def test_xattrs_such_as_file_capabilities_survive_the_unpack(
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule) -> None:
+    """GNU tar in the stage one keeps SCHILY.xattr records; busybox tar would drop them silently."""
+    if os.geteuid() != 0:
+        pytest.skip("setting security.capability needs root")
+    tree = tmp_path / "tree"
+    (tree / "sbin").mkdir(parents=True)
+    ping = tree / "sbin/ping"
+    ping.write_bytes(b"#!/bin/sh\n")
+    # cap_net_raw+ep, as `setcap cap_net_raw+ep` writes it (VFS_CAP_REVISION_2).
+    cap = bytes.fromhex("0100000200200000000000000000000000000000")
+    try:
+        os.setxattr(ping, "security.capability", cap)
+    except OSError as exc:
+        pytest.skip(f"this filesystem cannot hold security.capability: {exc}")
+    stream = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--format=pax", "-C", str(tree),
+                             "-cf", "-", "."], capture_output=True, check=True).stdout
+    vid = standin.make_capsule_from_tar(stream, sample_capsule.store, "xattr")
+    server = loopback_standin()
+    proc, target = run_agent(tmp_path, server, vid)
+    assert proc.returncode == 0, proc.stderr
+    assert os.getxattr(target / "sbin/ping", "security.capability") == cap
