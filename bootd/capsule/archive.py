@@ -29,7 +29,6 @@ import gzip
 import lzma
 import os
 import re
-import shutil
 import stat
 import tarfile
 import urllib.parse
@@ -432,17 +431,6 @@ class TarSource:
             return cast(BinaryIO, f)
         return open_
 
-    def regular_member(self, path: bytes) -> tarfile.TarInfo | None:
-        m = self._members.get(path)
-        seen = 0
-        while m is not None and m.islnk() and seen < 64:
-            m = self._members.get(normalize_member_name(m.linkname))
-            seen += 1
-        return m if m is not None and m.isreg() else None
-
-    def open_member(self, m: tarfile.TarInfo) -> BinaryIO:
-        return self._opener(m)()
-
     def entries(self) -> list[Entry]:
         members = self._members
         # Resolve hardlink groups: the sorted-first name carries the content, the rest link to it.
@@ -490,7 +478,3 @@ class TarSource:
                 out.append(Entry(path, FIFO, mode, uid, gid, mtime, xattrs=xattrs))
             # other member types (GNU sparse, volume labels) carry no tree content we keep
         return out
-
-
-def copy_stream(fin: BinaryIO, fout: BinaryIO) -> None:
-    shutil.copyfileobj(fin, fout, 1 << 20)
