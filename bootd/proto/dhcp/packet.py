@@ -145,6 +145,11 @@ class DhcpPacket:
                 if overload[0] & 2:
                     parse_options(sname, options, "sname", need_end=True)
                     sname = b""
+                if OPT_OVERLOAD in options:
+                    # RFC 2131 4.1: option 52 belongs in the options field only; found by atheris inside
+                    # an overloaded file field, where keeping it would re-encode as a broken packet.
+                    raise RemoteProtocolError("option overload (52) inside an overloaded field",
+                                              reason="bad-option-52")
         elif data[HEADER_SIZE : HEADER_SIZE + 4].strip(b"\x00"):
             # Plain BOOTP leaves the vendor area zeroed; other non-zero bytes are a cookie we do not know.
             raise RemoteProtocolError(

@@ -93,6 +93,7 @@ def test_overload_file_only_keeps_sname() -> None:
         (raw_packet(b"\x34\x01\x07\xff"), "bad-option-52"),
         (raw_packet(b"\x34\x01\x01\xff", file=b"\x3c\x02xy".ljust(128, b"\0")), "missing-end"),
         (raw_packet(b"\x34\x01\x01\xff", file=b"\x3c\x7fxy".ljust(128, b"\0")), "truncated-option"),
+        (raw_packet(b"\x34\x01\x01\xff", file=b"\x34\x00\xff".ljust(128, b"\0")), "bad-option-52"),
     ],
 )
 def test_malformed_reasons(data: bytes, reason: str) -> None:
