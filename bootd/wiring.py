@@ -26,6 +26,7 @@ async def build(daemon: Daemon) -> None:
     from bootd.service.health import HealthMonitor
 
     capsules = CapsuleStore(cfg.capsule.dir)
+    capsules.ensure_layout()
     daemon.extras["capsules"] = capsules
     health = HealthMonitor(registry, cfg.registry)
     daemon.background.append(health.run)
