@@ -36,17 +36,24 @@ class _TokenBucket:
         self.tokens: float | None = None
         self.stamp = 0.0
 
-    def take(self, rate: float, burst: int, now: float) -> bool:
+    def available(self, rate: float, burst: int, now: float) -> bool:
+        """Refill, then say whether one more registration fits; consume() takes it."""
         if rate <= 0:
+            self.tokens = None
             return True
         if self.tokens is None:
             self.tokens, self.stamp = float(burst), now
         self.tokens = min(float(burst), self.tokens + max(0.0, now - self.stamp) * rate)
         self.stamp = now
-        if self.tokens >= 1.0:
+        return self.tokens >= 1.0
+
+    def consume(self) -> None:
+        if self.tokens is not None:
             self.tokens -= 1.0
-            return True
-        return False
+
+    def refund(self) -> None:
+        if self.tokens is not None:
+            self.tokens += 1.0
 
 
 class RegistryService:
@@ -56,16 +63,17 @@ class RegistryService:
         self._bucket = _TokenBucket()
 
     async def decide(self, machine: Machine, now: float) -> Resolution:
-        """Resolve a machine to a node, registering it on first contact when allowed."""
-        node = await self.store.get_node_by_mac(machine.mac)
+        """Resolve a machine to a node, registering it on first contact when allowed.
+
+        The common case (registration on, within the rate limit) is one trip to the
+        store: register() returns a known node as it is and records the contact.
+        """
         created = False
-        if node is None:
-            if not self.config.auto_register:
-                return Resolution(None, f"unknown MAC {machine.mac} and registry.auto_register is off")
-            if not self._bucket.take(self.config.register_rate, self.config.register_burst, now):
-                return Resolution(None, f"unknown MAC {machine.mac}: registration rate limit "
-                                        f"({self.config.register_rate:g}/s, burst {self.config.register_burst}) "
-                                        "reached; it will register on a later attempt")
+        if self.config.auto_register and self._bucket.available(self.config.register_rate,
+                                                                 self.config.register_burst, now):
+            # Reserve the token before the await, so concurrent first contacts cannot overdraw it;
+            # a known node gives it back.
+            self._bucket.consume()
             node, created = await self.store.register(
                 machine.mac,
                 name_pattern=self.config.name_pattern,
@@ -74,11 +82,22 @@ class RegistryService:
                 approved=not self.config.approve_first,
                 now=now,
             )
-            if created:
+            if not created:
+                self._bucket.refund()
+            else:
                 log.info("event=registered node=%s mac=%s firmware=%s approved=%s", node.name, node.mac,
                          machine.firmware.value, node.approved)
         else:
-            await self.store.touch(node.name, now)
+            found = await self.store.get_node_by_mac(machine.mac)
+            if found is None:
+                if not self.config.auto_register:
+                    return Resolution(None, f"unknown MAC {machine.mac} and registry.auto_register is off")
+                return Resolution(None, f"unknown MAC {machine.mac}: registration rate limit "
+                                        f"({self.config.register_rate:g}/s, burst {self.config.register_burst}) "
+                                        "reached; it will register on a later attempt")
+            node = found
+            if now - node.last_contact >= 1.0:
+                await self.store.touch(node.name, now)
         if not node.enabled:
             return Resolution(None, f"node {node.name} is disabled", created)
         if not node.approved:

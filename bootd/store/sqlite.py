@@ -243,6 +243,9 @@ class SqliteRepo:
         with self.write() as db:
             row = self._row("mac", mac)
             if row is not None:
+                # A known node: this is its contact, recorded in the same trip (at most once a second).
+                if now - row["last_contact"] >= 1.0:
+                    db.execute("UPDATE nodes SET last_contact = ? WHERE id = ?", (now, row["id"]))
                 return self._load(row), False
             self._ensure_group(group)
             top = db.execute("SELECT MAX(idx) FROM nodes").fetchone()[0]

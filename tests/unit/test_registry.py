@@ -184,3 +184,12 @@ async def test_registration_rate_limit_refuses_with_a_reason_then_recovers() -> 
     assert (await service.decide(Machine(mac(3)), now=100.6)).node is not None
     assert (await service.decide(Machine(mac(4)), now=100.6)).node is None
     await store.close()
+
+
+async def test_rate_limit_holds_under_concurrent_first_contacts() -> None:
+    store = memory_store()
+    service = RegistryService(store, RegistryConfig(register_rate=1.0, register_burst=10))
+    results = await asyncio.gather(*(service.decide(Machine(mac(i)), now=5.0) for i in range(100)))
+    assert sum(r.node is not None for r in results) == 10
+    assert len(await store.list_nodes()) == 10
+    await store.close()
