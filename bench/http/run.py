@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bootd.capsule.chunker import ChunkParams  # noqa: E402
 from bootd.capsule.importer import ImportOptions, import_capsule  # noqa: E402
 from bootd.capsule.store import CapsuleStore  # noqa: E402
 
@@ -122,7 +123,7 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def make_capsule(work: Path, mib: int) -> tuple[CapsuleStore, list[str]]:
+def make_capsule(work: Path, mib: int, chunk_avg_kib: int = 1024) -> tuple[CapsuleStore, list[str]]:
     """A tree of random-ish data (3/4 incompressible, 1/4 text-like) imported as one capsule."""
     tree = work / "tree"
     (tree / "boot").mkdir(parents=True)
@@ -137,7 +138,9 @@ def make_capsule(work: Path, mib: int) -> tuple[CapsuleStore, list[str]]:
             data = rng.randbytes(4 * 1024 * 1024)
         path.write_bytes(data)
     store = CapsuleStore(work / "capsules")
-    res = import_capsule(store, "bench", tree, options=ImportOptions(durable=False))
+    avg = chunk_avg_kib * 1024
+    params = ChunkParams(min_size=min(avg // 4, 1 << 20), avg_size=avg, max_size=avg * 4)
+    res = import_capsule(store, "bench", tree, options=ImportOptions(chunk=params, durable=False))
     shutil.rmtree(tree)
     hashes = sorted({c.sha256 for c in store.load_manifest(res.version).chunks})
     return store, hashes
@@ -235,6 +238,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--clients", default="1,8,64")
     ap.add_argument("--mib", type=int, default=64, help="size of the imported tree")
+    ap.add_argument("--chunk-avg-kib", type=int, default=1024,
+                    help="capsule chunker average (min = avg/4, max = 4*avg); bootd's default is 1024")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--plain", action="store_true",
                     help="bootd without its inline-sendfile/TCP_CORK fast path (loop.sendfile only), for A/B")
@@ -253,7 +258,7 @@ def main() -> None:
     try:
         t0 = time.monotonic()
         load_at_start = f"{os.getloadavg()[0]:.2f}"
-        store, hashes = make_capsule(work, args.mib)
+        store, hashes = make_capsule(work, args.mib, args.chunk_avg_kib)
         sizes = [store.chunk_path(h).stat().st_size for h in hashes]
         print(f"capsule: {len(hashes)} chunks, {sum(sizes) / 2**20:.1f} MiB stored, "
               f"median chunk {statistics.median(sizes) / 2**20:.2f} MiB (import {time.monotonic() - t0:.1f} s)")
