@@ -1,12 +1,15 @@
 """Chunk streaming: bootd vs nginx on the same chunk files, same client (wrk), same run.
 
     .venv/bin/python bench/http/run.py [--seconds 4] [--reps 3] [--clients 1,8,64] [--mib 64]
+                                       [--chunk-avg-kib 1024] [--no-pin] [--plain]
 
 Imports one capsule (random-ish data, ~MIB MiB, FastCDC chunks of ~1 MiB, zstd) into a temporary
 store, starts bootd's HTTP server (one process, asyncio) and nginx (Debian package; worker_processes 1,
-sendfile on, tcp_nopush on, open_file_cache, access_log off) on loopback ports, and drives both with
-wrk cycling over every chunk URL.  For each client count it prints the median GB/s and the server's
-CPU seconds per GB (utime+stime from /proc/<pid>/stat; for nginx master + worker), and the ratios.
+sendfile on, tcp_nopush on, open_file_cache, access_log off; stopped through its PID file) on loopback
+ports, and drives both with wrk cycling over every chunk URL, interleaving the runs.  By default the
+servers are pinned to CPU 0 and wrk to CPU 1.  For each client count it prints the median GB/s and the
+server's CPU seconds per GB (utime+stime from /proc/<pid>/stat; for nginx master + worker), the ratios,
+and how noisy the machine was (load average, timeouts, runs that completed nothing).
 Targets: throughput >= 1.0x nginx at 8 and 64 clients, CPU/GB <= 1.5x nginx.
 """
 
