@@ -16,7 +16,7 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 test: setup lint typecheck
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	BOOTD_STRICT=1 $(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
 
 unit: setup
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

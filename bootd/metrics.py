@@ -59,6 +59,10 @@ class HttpMetrics:
         self.aborted = Counter(
             "bootd_http_aborted", "Responses cut short because the client went away", registry=registry
         )
+        self.corrupt = Counter(
+            "bootd_http_corrupt_objects", "Content-addressed files refused because their bytes no longer match "
+            "their sha256", registry=registry,
+        )
         self.queue_wait = Histogram(
             "bootd_http_bulk_queue_wait_seconds", "Time bulk requests waited for a stream slot",
             buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30), registry=registry,

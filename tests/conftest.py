@@ -87,3 +87,21 @@ def need_tool(*names: str) -> None:
 @pytest.fixture
 def cli_config(loopback_config: Path) -> Iterator[Path]:
     yield loopback_config
+
+
+# `make test` (and so CI) sets BOOTD_STRICT=1: there, a skipped test is a failure, because a skip
+# would hide a missing package or a broken lab behind a green run.  Only skips that cannot run on
+# any machine of this kind are allowed.
+ALLOWED_SKIPS = ("root reads mode-000 files",)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if not (os.environ.get("BOOTD_STRICT") and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if not any(allowed in reason for allowed in ALLOWED_SKIPS):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but BOOTD_STRICT=1 runs everything: {reason}"

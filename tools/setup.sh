@@ -10,7 +10,7 @@ DEBS=(
   busybox-static cpio zstd tar                                           # stage one and capsule recipes
   dnsmasq-base isc-dhcp-client udhcpc kea-admin                          # DHCP peers (reference, clients, perfdhcp)
   atftp tftp-hpa tftpd-hpa curl                                          # TFTP clients and the reference server
-  nginx-light                                                            # HTTP reference server for bench/http
+  nginx-light wrk                                                        # HTTP reference server and load client for bench/http
   iproute2 libcap2-bin procps python3-venv                               # netns/veth/tap, setcap, ps
 )
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import hmac
 import json
 import logging
@@ -100,6 +101,10 @@ class OpenFile:
         return f'"{ino:x}-{size:x}-{mtime:x}"'
 
 
+class CorruptObject(OSError):
+    """A content-addressed file whose bytes no longer hash to its name."""
+
+
 class OpenFileCache:
     """LRU of open files keyed by object name.
 
@@ -121,8 +126,14 @@ class OpenFileCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def acquire(self, key: str, path: Callable[[], Path | str], *, revalidate: bool = False) -> OpenFile:
-        """Return an open file for ``key`` (refcount taken); raises OSError like open() would."""
+    def acquire(self, key: str, path: Callable[[], Path | str], *, revalidate: bool = False,
+                sha256: str | None = None) -> OpenFile:
+        """Return an open file for ``key`` (refcount taken); raises OSError like open() would.
+
+        With ``sha256``, a file is hashed when it is opened (once per cache entry,
+        not per request) and refused with CorruptObject when it does not match:
+        a content-addressed object that rotted on disk is never served as valid.
+        """
         entry = self._entries.get(key)
         now = time.monotonic()
         if entry is not None and (revalidate or now - entry.checked > self.valid):
@@ -136,7 +147,7 @@ class OpenFileCache:
             self.hits += 1
         else:
             self.misses += 1
-            entry = self._open(key, str(path()), now)
+            entry = self._open(key, str(path()), now, sha256)
         entry.refs += 1
         return entry
 
@@ -156,7 +167,7 @@ class OpenFileCache:
             return False
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == entry.ident
 
-    def _open(self, key: str, path: str, now: float) -> OpenFile:
+    def _open(self, key: str, path: str, now: float, sha256: str | None = None) -> OpenFile:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
@@ -166,6 +177,11 @@ class OpenFileCache:
         except BaseException:
             os.close(fd)
             raise
+        if sha256 is not None:
+            got = hashlib.file_digest(file, "sha256").hexdigest()
+            if got != sha256:
+                file.close()
+                raise CorruptObject(f"{path} is corrupt on the server: its sha256 is {got}")
         entry = OpenFile(key, path, file, st, now)
         old = self._entries.get(key)
         if old is not None:
@@ -366,6 +382,7 @@ class HttpServer:
         r.add_get(ROUTE_CHUNK, self._chunk)
         r.add_post("/api/v1/nodes/{name}/events", self._event)
         r.add_post("/api/v1/nodes/{name}/heartbeat", self._heartbeat)
+        r.add_get("/api/v1/nodes/{name}/env", self._env)
         r.add_get("/api/v1/nodes", self._list_nodes)
         r.add_get("/api/v1/nodes/{name}", self._get_node)
         r.add_post("/api/v1/nodes/{name}", self._set_node)
@@ -412,10 +429,20 @@ class HttpServer:
         etag: str | None,
         immutable: bool,
         bulk: bool = False,
+        verify: bool = False,
     ) -> web.StreamResponse:
-        """Answer GET/HEAD for one file with ETag, conditional GET, single Range, and sendfile."""
+        """Answer GET/HEAD for one file with ETag, conditional GET, single Range, and sendfile.
+
+        ``verify``: the object is named by the sha256 of its bytes (chunks, kernels), so
+        the file is checked against it when first opened.
+        """
         try:
-            entry = self.files.acquire(key, path, revalidate=not immutable)
+            entry = self.files.acquire(key, path, revalidate=not immutable, sha256=etag if verify else None)
+        except CorruptObject as exc:
+            self.metrics.corrupt.inc()
+            log.error("event=corrupt-object key=%s error=%r (run `bootd capsule verify`)", key, str(exc))
+            return refuse(500, f"{key} is corrupt on the server and is not served; the administrator must "
+                               "re-import the capsule (bootd capsule verify names the bad chunks)")
         except FileNotFoundError:
             return refuse(404, f"no such object: {key}")
         except (IsADirectoryError, NotADirectoryError):
@@ -603,7 +630,8 @@ class HttpServer:
         hits = self.files.hits
         try:
             return await self._serve(
-                request, ROUTE_CHUNK, h, lambda: self.capsules.chunk_path(h), etag=h, immutable=True, bulk=True
+                request, ROUTE_CHUNK, h, lambda: self.capsules.chunk_path(h), etag=h, immutable=True, bulk=True,
+                verify=True,
             )
         finally:
             self._count_cache(hits)
@@ -636,7 +664,7 @@ class HttpServer:
         k = kernel.sha256
         return await self._serve(
             request, "/capsules/{vid}/kernel", "k:" + k, lambda: self.capsules.kernel_path(k),
-            etag=k, immutable=True,
+            etag=k, immutable=True, verify=True,
         )
 
     def _kernel_of(self, vid: str) -> KernelRef | None:
@@ -754,6 +782,24 @@ class HttpServer:
             return refuse(404, str(exc))
         self.metrics.node_events.labels(event="heartbeat").inc()
         return web.json_response({"node": node.name, "state": node.state.value})
+
+    async def _env(self, request: web.Request) -> web.StreamResponse:
+        """The node's own key/values as KEY=VALUE lines, for the stage one's node.env.
+
+        Keys that are not shell identifiers are left out (the stage one sources the
+        file); values are one line each, so a newline in a value is replaced.
+        """
+        name = request.match_info["name"]
+        denied = self._node_auth(request, name)
+        if denied is not None:
+            return denied
+        node = await self.registry.store.get_node(name)
+        if node is None:
+            return refuse(404, f"no node named {name!r}")
+        lines = [f"{k}={v.replace(chr(10), ' ')}" for k, v in sorted(node.vars.items())
+                 if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
+        return web.Response(text="".join(line + "\n" for line in lines), content_type="text/plain",
+                            headers={"Cache-Control": "no-store"})
 
     async def _list_nodes(self, request: web.Request) -> web.StreamResponse:
         nodes = await self.registry.store.list_nodes()

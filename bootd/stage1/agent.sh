@@ -139,7 +139,7 @@ fetch() {
             return 1
         fi
         case "$err" in
-            *" 404 "*|*" 403 "*|*" 410 "*) FETCH_ERR="$url: $err"; return 1 ;;
+            *" 404 "*|*" 403 "*|*" 410 "*|*" 500 "*) FETCH_ERR="$url: $err"; return 1 ;;  # 500: bootd found it corrupt
             *" 503 "*) ra=$(retry_after "$url")
                        if [ -n "$ra" ]; then when="${ra}s"; else when="backoff"; fi
                        say "retry $url in $when (server busy, 503)"

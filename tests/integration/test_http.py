@@ -579,3 +579,34 @@ async def test_client_vanishing_mid_stream_releases_everything(env: Env) -> None
 
 def test_curl_is_installed() -> None:
     assert shutil.which("curl"), "curl is needed by these tests (Debian package curl)"
+
+
+async def test_env_route_gives_a_node_its_own_key_values_only(env: Env, session: aiohttp.ClientSession) -> None:
+    a = await _register(env, session, "52-54-00-00-00-1a")
+    b = await _register(env, session, "52-54-00-00-00-1b")
+    await env.store.set_vars(a, {"ROLE": "gpu worker", "bad-key": "x", "LINES": "one\ntwo"})
+    url = env.url(f"/api/v1/nodes/{a}/env")
+    async with session.get(url, headers={"X-Bootd-Token": env.token(a)}) as r:
+        assert r.status == 200 and r.headers["Cache-Control"] == "no-store"
+        assert await r.text() == "LINES=one two\nROLE=gpu worker\n"
+    async with session.get(url, headers={"X-Bootd-Token": env.token(b)}) as r:
+        assert r.status == 403
+    status, body, _ = await curl("-H", f"X-Bootd-Token: {env.token(a)}", url)
+    assert status == 200 and b"ROLE=gpu worker" in body
+
+
+async def test_corrupt_chunk_on_disk_is_never_served(env: Env, session: aiohttp.ClientSession) -> None:
+    manifest = env.capsules.load_manifest(env.vid)
+    digest = manifest.chunks[0].sha256
+    path = env.capsules.chunk_path(digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    async with session.get(env.url(f"/chunks/{digest}")) as r:
+        assert r.status == 500
+        assert "corrupt" in await r.text()
+    status, _, _ = await curl(env.url(f"/chunks/{digest}"))
+    assert status == 500
+    async with session.get(env.url("/metrics")) as r:
+        assert "bootd_http_corrupt_objects_total 2.0" in await r.text()
