@@ -110,13 +110,17 @@ class DhcpClients(asyncio.DatagramProtocol):
                     if kind == want:
                         return reply
                     if kind == 6:
-                        raise StormError(f"DHCPNAK for xid {xid:#x}")
+                        raise DhcpNak(f"DHCPNAK for xid {xid:#x}")
             raise StormError(f"no DHCP {'OFFER' if want == 2 else 'ACK'} after {retries} tries")
         finally:
             self.waiters.pop(xid, None)
 
 
 class StormError(Exception):
+    pass
+
+
+class DhcpNak(StormError):
     pass
 
 
@@ -268,12 +272,20 @@ async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, sessi
     try:
         bootfile = ""
         if dhcp is not None:
-            xid = (index << 8) | random.randrange(256)
-            offer = await dhcp.exchange(dhcp_request(1, mac, xid, {}), xid, 2, timeout=2.0, retries=5)
-            yiaddr, _siaddr, _bootfile, opts = offer
-            ack = await dhcp.exchange(
-                dhcp_request(3, mac, xid, {50: socket.inet_aton(yiaddr), 54: opts.get(54, b"")}), xid, 5,
-                timeout=2.0, retries=5)
+            for attempt in range(5):
+                xid = (index << 8) | random.randrange(256)
+                offer = await dhcp.exchange(dhcp_request(1, mac, xid, {}), xid, 2, timeout=2.0, retries=5)
+                yiaddr, _siaddr, _bootfile, opts = offer
+                try:
+                    ack = await dhcp.exchange(
+                        dhcp_request(3, mac, xid, {50: socket.inet_aton(yiaddr), 54: opts.get(54, b"")}), xid, 5,
+                        timeout=2.0, retries=5)
+                    break
+                except DhcpNak:
+                    # RFC 2131 3.1: a NAK sends the client back to INIT (a restarted server forgot its offer).
+                    result.retries += 1
+                    if attempt == 4 or time.monotonic() > deadline:
+                        raise
             result.ip = ack[0]
             bootfile = (ack[3].get(67) or ack[2]).rstrip(b"\0").decode()
             result.times["dhcp"] = time.monotonic() - start
