@@ -141,9 +141,8 @@ class Daemon:
             return
         old = self.config
         restart = [s for s in ("dhcp", "tftp", "http", "capsule") if getattr(new, s) != getattr(old, s)]
-        live_server = ("log_level", "graceful_timeout")
-        if any(getattr(new.server, k) != getattr(old.server, k)
-               for k in ("state_dir", "address", "interface") if k not in live_server):
+        # log_level and graceful_timeout apply live; these three are baked into the listeners.
+        if any(getattr(new.server, k) != getattr(old.server, k) for k in ("state_dir", "address", "interface")):
             restart.append("server")
         setup_logging(new.server.log_level)
         if self.registry is not None:

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,21 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def recv_until(sock: socket.socket, needle: str, timeout: float) -> str:
+    """Read sd_notify datagrams until one contains ``needle``; what was seen goes into the failure."""
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            seen += sock.recv(4096).decode() + "\n"
+        except TimeoutError:
+            break
+        if needle in seen:
+            return seen
+    raise AssertionError(f"never got {needle!r} over NOTIFY_SOCKET; got {seen!r}")
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
@@ -82,11 +98,6 @@ def need_tool(*names: str) -> None:
     for name in names:
         if shutil.which(name) is None:
             pytest.fail(f"{name} is not installed; run tools/setup.sh (make test does)")
-
-
-@pytest.fixture
-def cli_config(loopback_config: Path) -> Iterator[Path]:
-    yield loopback_config
 
 
 # `make test` (and so CI) sets BOOTD_STRICT=1: there, a skipped test is a failure, because a skip

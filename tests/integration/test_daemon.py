@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, free_port, need_tool, write_config
+from tests.conftest import PYTHON, ROOT, free_port, need_tool, recv_until, write_config
 
 
 @dataclass
@@ -43,15 +43,13 @@ def start_serve(tmp_path: Path, extra: dict[str, dict[str, Any]] | None = None) 
     notify = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
-    sock.settimeout(30)
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([PYTHON, "-m", "bootd", "-c", str(config), "serve"], cwd=ROOT,
                             env={**os.environ, "NOTIFY_SOCKET": str(notify)},
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
-        while b"READY=1" not in sock.recv(4096):
-            pass
-    except TimeoutError:
+        recv_until(sock, "READY=1", timeout=30)
+    except AssertionError:
         proc.kill()
         raise AssertionError("bootd serve never became ready:\n" + log.read_text()) from None
     finally:

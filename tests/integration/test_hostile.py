@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from bench.storm import run as storm_run
-from bench.storm.storm import StormConfig
 from tests.conftest import ROOT, need_root, need_tool
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -63,7 +62,6 @@ def small_storm(ns: str, nodes: int, seed: int) -> list[dict[str, object]]:
 def test_flood_of_malformed_traffic_is_counted_and_survived(tmp_path: Path) -> None:
     need_root()
     need_tool("ip", "curl")
-    assert StormConfig().nodes  # the storm client is importable
     with storm_run.network("bd-hostile") as net:
         config = storm_run.write_config(tmp_path, net)
         config.write_text(config.read_text() + "\n[registry]\nregister_rate = 20\nregister_burst = 50\n")

@@ -9,21 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import PYTHON, ROOT, free_port, write_config
-
-
-def recv_until(sock: socket.socket, needle: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    seen = ""
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            seen += sock.recv(4096).decode() + "\n"
-        except TimeoutError:
-            break
-        if needle in seen:
-            return seen
-    raise AssertionError(f"never got {needle!r} over NOTIFY_SOCKET; got {seen!r}")
+from tests.conftest import PYTHON, ROOT, free_port, recv_until, write_config
 
 
 def test_serve_notifies_ready_reloads_and_stops_on_sigterm(tmp_path: Path) -> None:
