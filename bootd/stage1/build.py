@@ -9,6 +9,10 @@ Inputs are Debian packages only: ``busybox-static``, GNU ``tar`` and ``zstd`` (w
 and a ``linux-image-*`` package fetched with ``apt-get download`` and unpacked with ``dpkg-deb`` - never
 installed. The NIC modules come from that package. It ships no modules.dep (depmod writes it at
 install time), so the load order is computed here from each module's ``depends=`` field.
+
+The agent's chunk fetcher, ``bootd-fetch`` (``fetch.c``), is compiled here with gcc, statically against
+glibc and OpenSSL's ``libcrypto.a`` (its SHA-256 uses SHA-NI where the CPU has it): Debian packages
+``gcc``, ``libc6-dev`` and ``libssl-dev``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +41,8 @@ NIC_MODULES = ("virtio_net", "e1000", "e1000e", "igb", "ixgbe", "vmxnet3")
 STORAGE_MODULES = ("virtio_blk", "virtio_scsi")
 LOAD_FIRST = ("virtio_pci",)  # virtio_net binds only once the PCI transport is there
 FIXED_MTIME = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
+FETCH_SRC = HERE / "fetch.c"
+FETCH_CFLAGS = ("-O2", "-std=gnu11", "-static", "-s", "-pthread", "-Wall", "-Wextra")
 
 Log = Callable[[str], None]
 
@@ -322,8 +329,39 @@ def _which(tool: str, package: str) -> str:
     return path
 
 
+def compile_fetcher(out: Path, *, cc: str = "gcc", extra_flags: Iterable[str] = ()) -> Path:
+    """Compile ``fetch.c`` into a static ``bootd-fetch`` at ``out`` (also used by tests and bench/boot to
+    run the agent in host mode). Reproducible: built in a temporary directory under a fixed name, with
+    ``-ffile-prefix-map``, no timestamps, stripped."""
+    compiler = shutil.which(cc, path="/usr/bin:/bin:/usr/local/bin") if "/" not in cc else cc
+    if compiler is None or not os.access(compiler, os.X_OK):
+        raise Stage1Error(f"{cc} not found: apt-get install gcc (it compiles bootd-fetch, the stage one's "
+                          "chunk fetcher)")
+    for lib, package in (("libc.a", "libc6-dev"), ("libcrypto.a", "libssl-dev")):
+        found = subprocess.run([compiler, f"-print-file-name={lib}"], capture_output=True, text=True,
+                               check=False).stdout.strip()
+        if not os.path.isabs(found) or not os.path.isfile(found):
+            raise Stage1Error(f"{lib} not found (static linking of bootd-fetch): apt-get install {package}")
+    with tempfile.TemporaryDirectory(prefix="bootd-fetch-") as tmp:
+        shutil.copyfile(FETCH_SRC, Path(tmp) / "fetch.c")
+        cmd = [compiler, *FETCH_CFLAGS, *extra_flags, f"-ffile-prefix-map={tmp}=.", "-o", "bootd-fetch",
+               "fetch.c", "-l:libcrypto.a"]
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, check=False, timeout=300)
+        if proc.returncode != 0:
+            hint = " (apt-get install libssl-dev)" if "openssl/" in proc.stderr else ""
+            raise Stage1Error(f"compiling bootd-fetch failed{hint}: {proc.stderr.strip()[-1500:]}")
+        data = (Path(tmp) / "bootd-fetch").read_bytes()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp_out.write_bytes(data)
+    os.chmod(tmp_out, 0o755)
+    os.replace(tmp_out, out)
+    return out
+
+
 def initramfs_entries(
-    kernels: list[tuple[Kernel, tuple[str, ...]]], info: dict[str, object], with_openssl: bool = True
+    kernels: list[tuple[Kernel, tuple[str, ...]]], info: dict[str, object], with_openssl: bool = True,
+    fetcher: bytes | None = None,
 ) -> dict[str, Entry]:
     entries: dict[str, Entry] = {}
 
@@ -368,6 +406,8 @@ def initramfs_entries(
         for lib in _ldd(binary):
             add_file(lib, Path(lib).resolve().read_bytes())
 
+    if fetcher is not None:
+        add_file("usr/bin/bootd-fetch", fetcher)
     add_file("init", (HERE / "init.sh").read_bytes())
     add_file("bootd/agent.sh", (HERE / "agent.sh").read_bytes())
     add_file("bootd/udhcpc.script", (HERE / "udhcpc.sh").read_bytes())
@@ -453,16 +493,20 @@ def build(
             raise Stage1Error(f"{k.package} has none of the NIC modules {', '.join(NIC_MODULES)}")
         sets.append((k, k_order))
     order = sets[0][1]
+    with tempfile.TemporaryDirectory(prefix="bootd-stage1-") as tmp:
+        fetcher = compile_fetcher(Path(tmp) / "bootd-fetch").read_bytes()
     agent_sha = hashlib.sha256((HERE / "agent.sh").read_bytes()).hexdigest()
     info: dict[str, object] = {
         "kernel": {"package": kernel.package, "version": kernel.version, "release": kernel.kver},
         "module_sets": {k.kver: {"package": k.package, "version": k.version, "load_order": list(o)}
                         for k, o in sets},
         "load_order": list(order),
-        "packages": _dpkg_versions(("busybox-static", "tar", "zstd", "libc6", *(("openssl",) if with_openssl else ()))),
+        "packages": _dpkg_versions(("busybox-static", "tar", "zstd", "libc6", "gcc", "libc6-dev", "libssl-dev",
+                                    *(("openssl",) if with_openssl else ()))),
         "agent_sha256": agent_sha,
+        "fetch_sha256": hashlib.sha256(fetcher).hexdigest(),
     }
-    cpio = write_cpio(initramfs_entries(sets, info, with_openssl))
+    cpio = write_cpio(initramfs_entries(sets, info, with_openssl, fetcher))
     image = _cached_compress(cpio, compression, cache / "initramfs")
     vmlinuz = kernel.vmlinuz.read_bytes()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""The stage-one build: reproducible bytes, a complete image (the copied GNU tar and zstd really run from
-it), and a module load order that puts every dependency first."""
+"""The stage-one build: reproducible bytes, a complete image (the copied GNU tar and zstd and the compiled
+bootd-fetch really run from it), and a module load order that puts every dependency first."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from bootd.stage1.build import BuildResult, Entry, build, write_cpio
+from bootd.stage1.build import BuildResult, Entry, Stage1Error, build, compile_fetcher, write_cpio
 
 
 def test_two_builds_are_byte_identical(stage1: BuildResult, tmp_path: Path) -> None:
@@ -54,6 +54,10 @@ def test_image_contents_run_on_their_own(stage1: BuildResult, tmp_path: Path) ->
         ossl = subprocess.run(["chroot", str(root), "/usr/bin/openssl", "dgst", "-sha256", "-r", "/init"],
                               capture_output=True, text=True)
         assert ossl.returncode == 0 and len(ossl.stdout.split()[0]) == 64, ossl.stderr
+    # The compiled fetcher is static (the image has no libcrypto) and accepts an IPv4 bootd URL.
+    fetch = subprocess.run(["chroot", str(root), "/usr/bin/bootd-fetch", "-c", "-u", "http://10.0.2.2:8080"],
+                           capture_output=True, text=True)
+    assert fetch.returncode == 0, fetch.stderr
     sh = subprocess.run(["chroot", str(root), "/bin/sh", "-n", "/bootd/agent.sh"], capture_output=True, text=True)
     assert sh.returncode == 0, sh.stderr
     # busybox's own tar must not shadow GNU tar on the agent's PATH.
@@ -70,3 +74,26 @@ def test_cpio_writer_round_trips_through_gnu_cpio(tmp_path: Path) -> None:
     listing = subprocess.run(["cpio", "-it", "--quiet"], input=write_cpio(entries), capture_output=True,
                              check=True).stdout.decode().split("\n")
     assert [x for x in listing if x] == sorted(entries)
+
+
+def test_fetcher_compiles_warnings_clean_and_reproducibly(tmp_path: Path) -> None:
+    try:
+        a = compile_fetcher(tmp_path / "a" / "bootd-fetch", extra_flags=("-Werror",))
+    except Stage1Error as exc:
+        if "apt-get install" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    b = compile_fetcher(tmp_path / "b" / "bootd-fetch")
+    assert a.read_bytes() == b.read_bytes()
+    assert a.stat().st_mode & 0o111
+    ldd = subprocess.run(["ldd", str(a)], capture_output=True, text=True)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr or "statically linked" in ldd.stdout
+    # Only http://IPv4[:port] URLs: for anything else the agent keeps its shell workers.
+    for url, ok in (("http://192.0.2.1", True), ("http://192.0.2.1:8080/prefix", True),
+                    ("http://bootd.example:8080", False), ("https://192.0.2.1", False)):
+        assert (subprocess.run([str(a), "-c", "-u", url]).returncode == 0) is ok, url
+
+
+def test_missing_compiler_is_named_with_its_package(tmp_path: Path) -> None:
+    with pytest.raises(Stage1Error, match="apt-get install gcc"):
+        compile_fetcher(tmp_path / "bootd-fetch", cc="/nonexistent/gcc")

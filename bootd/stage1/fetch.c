@@ -1,0 +1,778 @@
+/* bootd-fetch: the stage-one agent's chunk fetcher (see agent.sh, which falls back to shell workers
+ * when this binary is absent).
+ *
+ *   bootd-fetch -u http://A.B.C.D[:PORT][/PREFIX] [-w WORKERS] [-W WINDOW] [-r RETRIES] [-t TIMEOUT]
+ *               [-n NODE] [-f FAILFILE] TABLE        (BOOTD_TOKEN in the environment: progress events)
+ *   bootd-fetch -c -u URL                            (exit 0 when this URL can be used)
+ *
+ * TABLE has one line per chunk, in capsule order: "<sha256 hex> <stored size hex> <raw size hex>".
+ * WORKERS threads each keep one HTTP/1.1 keep-alive connection to bootd and claim chunks in order,
+ * never more than WINDOW chunks ahead of the writer, so RAM holds at most WINDOW stored chunks. The
+ * main thread writes chunks to stdout strictly in order, and only after the chunk's sha256 (of the
+ * stored bytes) matched the table: no unverified byte ever reaches zstd | tar.
+ *
+ * Faults: refused/dropped connections and timeouts are retried with backoff and jitter, a partial chunk
+ * is resumed with Range (206 continues it, 200 restarts it), 503 waits Retry-After (+ up to 25% jitter,
+ * capped at 30 s), 404/403/410/500 are fatal for the chunk (bootd answers 500 for a chunk it found
+ * corrupt on disk), a hash mismatch is fetched once more and then fatal; RETRIES attempts per chunk.
+ * A fatal error writes one line naming the chunk to FAILFILE (or stderr) and exits 1 without writing
+ * that chunk. Exit 3: stdout went away (zstd or tar stopped). Exit 2: usage.
+ *
+ * Console lines on stderr start with "BOOTD-STAGE1 " like the agent's ("fetching i/N" at most once a
+ * second and at the end, "retry ..."); with -n and BOOTD_TOKEN the `fetching` event is POSTed to bootd
+ * at most once a second, as the agent did.
+ */
+#define _GNU_SOURCE
+#define OPENSSL_SUPPRESS_DEPRECATED
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/sha.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_CHUNK (256u * 1024 * 1024) /* bootd's capsule.chunk_max upper bound */
+#define HDR_MAX 16384
+
+struct chunk {
+    char hash[65];
+    uint32_t size;
+    unsigned char *data; /* verified stored bytes, set by a worker, freed by the writer */
+    int ready;
+};
+
+static struct {
+    struct sockaddr_in addr;
+    char hostport[64];
+    char prefix[256];
+    int workers, window, retries, timeout;
+    const char *node, *token, *failfile;
+} cfg = {.workers = 4, .window = 16, .retries = 10, .timeout = 60};
+
+static struct chunk *chunks;
+static int count;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv_claim = PTHREAD_COND_INITIALIZER; /* workers: the window moved */
+static pthread_cond_t cv_ready = PTHREAD_COND_INITIALIZER; /* writer: a chunk is ready, or abort */
+static pthread_cond_t cv_prog = PTHREAD_COND_INITIALIZER;  /* progress thread: finished */
+static int next_claim, written, aborted, finished;
+static char fail_reason[1024];
+
+static void say(const char *fmt, ...) {
+    char line[1200] = "BOOTD-STAGE1 ";
+    size_t p = strlen(line);
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line + p, sizeof line - p - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    p += (size_t)n < sizeof line - p - 1 ? (size_t)n : sizeof line - p - 2;
+    line[p++] = '\n';
+    if (write(2, line, p) < 0) /* one write per line: threads never interleave within a line */
+        return;
+}
+
+/* The first fatal error wins; every thread then stops. */
+static void fatal(const char *fmt, ...) {
+    pthread_mutex_lock(&mu);
+    if (!aborted) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(fail_reason, sizeof fail_reason, fmt, ap);
+        va_end(ap);
+        aborted = 1;
+    }
+    pthread_cond_broadcast(&cv_claim);
+    pthread_cond_broadcast(&cv_ready);
+    pthread_mutex_unlock(&mu);
+}
+
+static int is_aborted(void) {
+    pthread_mutex_lock(&mu);
+    int a = aborted;
+    pthread_mutex_unlock(&mu);
+    return a;
+}
+
+static unsigned rnd(unsigned *seed) { return (unsigned)rand_r(seed); }
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+/* The agent's backoff: after a 503 with Retry-After, that long (capped at 30 s) plus up to a quarter
+ * more; otherwise 0.5 s * 2^attempt, capped at 8 s, times a random factor in [0.5, 1.5). */
+static void backoff(int attempt, long retry_after_s, unsigned *seed) {
+    long ms;
+    if (retry_after_s >= 0) {
+        ms = retry_after_s > 30 ? 30000 : retry_after_s * 1000;
+        ms += (long)(rnd(seed) % (unsigned long)(ms / 4 + 1));
+    } else {
+        ms = 500;
+        for (int a = attempt; a > 0 && ms < 8000; a--)
+            ms *= 2;
+        if (ms > 8000)
+            ms = 8000;
+        ms = ms / 2 + (long)(rnd(seed) % (unsigned long)(ms + 1));
+    }
+    sleep_ms(ms);
+}
+
+/* ---- connections ---------------------------------------------------------------------------- */
+
+struct conn {
+    int fd;
+    int uses; /* requests answered on this connection */
+    size_t len, off; /* buffered bytes in buf[off..len) */
+    char buf[HDR_MAX];
+};
+
+static void conn_close(struct conn *c) {
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    c->uses = 0;
+    c->len = c->off = 0;
+}
+
+static int conn_open(struct conn *c, char *err, size_t errlen) {
+    conn_close(c);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        return -1;
+    }
+    if (connect(fd, (struct sockaddr *)&cfg.addr, sizeof cfg.addr) < 0) {
+        if (errno != EINPROGRESS) {
+            snprintf(err, errlen, "connect: %s", strerror(errno));
+            close(fd);
+            return -1;
+        }
+        struct pollfd p = {fd, POLLOUT, 0};
+        int r;
+        while ((r = poll(&p, 1, cfg.timeout * 1000)) < 0 && errno == EINTR)
+            ;
+        int soerr = 0;
+        socklen_t sl = sizeof soerr;
+        if (r == 0) {
+            snprintf(err, errlen, "connect: timed out after %ds", cfg.timeout);
+            close(fd);
+            return -1;
+        }
+        if (r < 0 || getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0 || soerr) {
+            snprintf(err, errlen, "connect: %s", strerror(soerr ? soerr : errno));
+            close(fd);
+            return -1;
+        }
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    struct timeval tv = {cfg.timeout, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->fd = fd;
+    c->uses = 0;
+    c->len = c->off = 0;
+    return 0;
+}
+
+static const char *io_error(ssize_t r) {
+    if (r == 0)
+        return "connection closed by the server";
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return "timed out";
+    return strerror(errno);
+}
+
+static int send_all(struct conn *c, const char *p, size_t n, char *err, size_t errlen) {
+    while (n) {
+        ssize_t w = send(c->fd, p, n, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            snprintf(err, errlen, "send: %s", io_error(w));
+            return -1;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+struct reply {
+    int status;
+    long long length; /* Content-Length, -1 when absent */
+    long long range_start, range_total; /* Content-Range of a 206, -1 when absent */
+    long retry_after; /* seconds, -1 when absent */
+    int close; /* Connection: close */
+    char status_line[128];
+};
+
+/* Reads the status line and headers; the body's first bytes stay in c->buf[c->off..c->len).
+ * Returns 0, or -1 with err set; *got_any tells whether the server sent anything at all. */
+static int read_head(struct conn *c, struct reply *r, int *got_any, char *err, size_t errlen) {
+    c->len = c->off = 0;
+    *got_any = 0;
+    char *end = NULL;
+    while (!end) {
+        if (c->len >= sizeof c->buf - 1) {
+            snprintf(err, errlen, "reply headers longer than %d bytes", HDR_MAX);
+            return -1;
+        }
+        ssize_t n = recv(c->fd, c->buf + c->len, sizeof c->buf - 1 - c->len, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            snprintf(err, errlen, "%s", io_error(n));
+            return -1;
+        }
+        *got_any = 1;
+        c->len += (size_t)n;
+        c->buf[c->len] = 0;
+        end = strstr(c->buf, "\r\n\r\n");
+    }
+    *end = 0;
+    c->off = (size_t)(end + 4 - c->buf);
+    memset(r, 0, sizeof *r);
+    r->length = r->range_start = r->range_total = -1;
+    r->retry_after = -1;
+    char *line = c->buf, *nl = strstr(line, "\r\n");
+    if (nl)
+        *nl = 0;
+    snprintf(r->status_line, sizeof r->status_line, "%.100s", line);
+    int minor = 0;
+    if (sscanf(line, "HTTP/1.%d %d", &minor, &r->status) != 2) {
+        snprintf(err, errlen, "not an HTTP reply: %.60s", line);
+        return -1;
+    }
+    if (minor == 0)
+        r->close = 1;
+    while (nl) {
+        line = nl + 2;
+        nl = strstr(line, "\r\n");
+        if (nl)
+            *nl = 0;
+        char *colon = strchr(line, ':');
+        if (!colon)
+            continue;
+        *colon = 0;
+        char *v = colon + 1;
+        while (*v == ' ' || *v == '\t')
+            v++;
+        if (!strcasecmp(line, "Content-Length"))
+            r->length = strtoll(v, NULL, 10);
+        else if (!strcasecmp(line, "Retry-After") && *v >= '0' && *v <= '9')
+            r->retry_after = strtol(v, NULL, 10);
+        else if (!strcasecmp(line, "Connection") && !strncasecmp(v, "close", 5))
+            r->close = 1;
+        else if (!strcasecmp(line, "Content-Range")) {
+            long long a, b, t;
+            if (sscanf(v, "bytes %lld-%lld/%lld", &a, &b, &t) == 3) {
+                r->range_start = a;
+                r->range_total = t;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Body bytes into dst: first what read_head buffered, then straight from the socket. */
+static int read_body(struct conn *c, unsigned char *dst, size_t n, size_t *got, char *err, size_t errlen) {
+    *got = 0;
+    size_t buffered = c->len - c->off;
+    if (buffered) {
+        size_t k = buffered < n ? buffered : n;
+        memcpy(dst, c->buf + c->off, k);
+        c->off += k;
+        *got = k;
+    }
+    while (*got < n) {
+        ssize_t r = recv(c->fd, dst + *got, n - *got, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            snprintf(err, errlen, "%s after %zu of %zu bytes", io_error(r), *got, n);
+            return -1;
+        }
+        *got += (size_t)r;
+    }
+    return 0;
+}
+
+/* ---- one chunk -------------------------------------------------------------------------------- */
+
+enum { TRY_OK, TRY_RETRY, TRY_FATAL, TRY_RESTART };
+
+struct job {
+    struct chunk *ch;
+    unsigned char *buf;
+    size_t have;
+    char url[400];
+    char err[512];
+    long retry_after;
+};
+
+/* One request on c; the chunk's bytes accumulate in j->buf (j->have of them so far). */
+static int try_once(struct conn *c, struct job *j) {
+    char req[768];
+    int reused = 0;
+    for (;;) {
+        if (c->fd < 0 && conn_open(c, j->err, sizeof j->err) < 0)
+            return TRY_RETRY;
+        reused = c->uses > 0;
+        int n;
+        if (j->have)
+            n = snprintf(req, sizeof req,
+                         "GET %s/chunks/%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bootd-fetch\r\n"
+                         "Range: bytes=%zu-\r\n\r\n",
+                         cfg.prefix, j->ch->hash, cfg.hostport, j->have);
+        else
+            n = snprintf(req, sizeof req, "GET %s/chunks/%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bootd-fetch\r\n\r\n",
+                         cfg.prefix, j->ch->hash, cfg.hostport);
+        struct reply r;
+        int got_any = 0;
+        if (send_all(c, req, (size_t)n, j->err, sizeof j->err) < 0 ||
+            read_head(c, &r, &got_any, j->err, sizeof j->err) < 0) {
+            conn_close(c);
+            if (reused && !got_any)
+                continue; /* the server had closed the idle keep-alive connection: reconnect at once */
+            return TRY_RETRY;
+        }
+        c->uses++;
+        if (r.status == 200 || r.status == 206) {
+            size_t size = j->ch->size;
+            if (r.status == 200 || r.range_start != (long long)j->have) {
+                if (j->have && r.status == 206) {
+                    conn_close(c);
+                    snprintf(j->err, sizeof j->err, "206 for bytes %lld- where %zu- was asked", r.range_start,
+                             j->have);
+                    j->have = 0;
+                    return TRY_RETRY;
+                }
+                j->have = 0; /* 200: the whole chunk again */
+            }
+            long long want = (long long)(size - j->have);
+            if (r.length != want || (r.status == 206 && r.range_total != (long long)size)) {
+                conn_close(c);
+                if (r.status == 200 && r.length >= 0) { /* a different object: a verification failure */
+                    snprintf(j->err, sizeof j->err, "got %lld bytes where the manifest says %zu", r.length, size);
+                    return TRY_RESTART;
+                }
+                snprintf(j->err, sizeof j->err, "%s with %lld bytes where %lld were expected", r.status_line,
+                         r.length, want);
+                return TRY_RETRY;
+            }
+            size_t got = 0;
+            int rc = read_body(c, j->buf + j->have, (size_t)want, &got, j->err, sizeof j->err);
+            j->have += got;
+            if (rc < 0) {
+                conn_close(c);
+                return TRY_RETRY;
+            }
+            if (r.close)
+                conn_close(c);
+            return TRY_OK;
+        }
+        /* Error replies: their bodies are not needed, so the connection is simply dropped. */
+        conn_close(c);
+        snprintf(j->err, sizeof j->err, "server returned %s", r.status_line);
+        if (r.status == 404 || r.status == 403 || r.status == 410 || r.status == 500)
+            return TRY_FATAL;
+        if (r.status == 416) {
+            j->have = 0;
+            return TRY_RETRY;
+        }
+        j->retry_after = r.status == 503 ? r.retry_after : -1;
+        if (r.status == 503 && j->retry_after < 0)
+            j->retry_after = -2; /* a 503 without Retry-After: plain backoff */
+        return TRY_RETRY;
+    }
+}
+
+static void hex(const unsigned char *d, size_t n, char *out) {
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[d[i] >> 4];
+        out[2 * i + 1] = digits[d[i] & 15];
+    }
+    out[2 * n] = 0;
+}
+
+/* Fetch and verify one chunk; returns its bytes, or NULL after fatal(). */
+static unsigned char *fetch_chunk(struct conn *c, struct chunk *ch, unsigned *seed) {
+    struct job j;
+    memset(&j, 0, sizeof j);
+    j.ch = ch;
+    snprintf(j.url, sizeof j.url, "http://%s%s/chunks/%s", cfg.hostport, cfg.prefix, ch->hash);
+    j.buf = malloc(ch->size ? ch->size : 1);
+    if (!j.buf) {
+        fatal("chunk %s could not be fetched: out of memory for %u bytes", ch->hash, ch->size);
+        return NULL;
+    }
+    int attempt = 0, verify_tries = 0;
+    while (!is_aborted()) {
+        j.retry_after = -1;
+        int rc = ch->size && j.have == ch->size ? TRY_OK : try_once(c, &j);
+        if (rc == TRY_OK) {
+            unsigned char md[SHA256_DIGEST_LENGTH];
+            char got[65];
+            SHA256_CTX sha; /* the low-level calls link only the SHA-256 code (SHA-NI), not EVP */
+            SHA256_Init(&sha);
+            SHA256_Update(&sha, j.buf, j.have);
+            SHA256_Final(md, &sha);
+            hex(md, sizeof md, got);
+            if (!strcmp(got, ch->hash))
+                return j.buf;
+            j.have = 0;
+            rc = TRY_RESTART;
+            snprintf(j.err, sizeof j.err, "got sha256 %s", got);
+        }
+        if (rc == TRY_RESTART) {
+            j.have = 0;
+            if (++verify_tries >= 2) {
+                fatal("chunk %s failed verification (%s)", ch->hash, j.err);
+                break;
+            }
+            say("chunk %s failed verification, fetching it again", ch->hash);
+            j.err[0] = 0;
+            continue;
+        }
+        if (rc == TRY_FATAL) {
+            fatal("chunk %s could not be fetched: %s: %s", ch->hash, j.url, j.err);
+            break;
+        }
+        if (++attempt >= cfg.retries) {
+            fatal("chunk %s could not be fetched: %s: %s (after %d attempts)", ch->hash, j.url, j.err, attempt);
+            break;
+        }
+        if (j.retry_after >= 0)
+            say("retry %s in %lds (server busy, 503)", j.url, j.retry_after);
+        else if (j.retry_after == -2)
+            say("retry %s in backoff (server busy, 503)", j.url);
+        else
+            say("retry %s (attempt %d: %s)", j.url, attempt, j.err);
+        backoff(attempt, j.retry_after >= 0 ? j.retry_after : -1, seed);
+    }
+    free(j.buf);
+    return NULL;
+}
+
+static void *worker(void *arg) {
+    unsigned seed = (unsigned)(uintptr_t)arg * 2654435761u ^ (unsigned)getpid() ^ (unsigned)time(NULL);
+    struct conn *c = malloc(sizeof *c);
+    if (!c) {
+        fatal("bootd-fetch: out of memory");
+        return NULL;
+    }
+    c->fd = -1;
+    conn_close(c);
+    for (;;) {
+        pthread_mutex_lock(&mu);
+        while (!aborted && next_claim < count && next_claim - written >= cfg.window)
+            pthread_cond_wait(&cv_claim, &mu);
+        if (aborted || next_claim >= count) {
+            pthread_mutex_unlock(&mu);
+            break;
+        }
+        int i = next_claim++;
+        pthread_mutex_unlock(&mu);
+        unsigned char *data = fetch_chunk(c, &chunks[i], &seed);
+        if (!data)
+            break;
+        pthread_mutex_lock(&mu);
+        chunks[i].data = data;
+        chunks[i].ready = 1;
+        pthread_cond_broadcast(&cv_ready);
+        pthread_mutex_unlock(&mu);
+    }
+    conn_close(c);
+    free(c);
+    return NULL;
+}
+
+/* ---- progress --------------------------------------------------------------------------------- */
+
+static void post_fetching(int done) {
+    if (!cfg.node || !cfg.token)
+        return;
+    char body[160], req[1024], err[256];
+    int bl = snprintf(body, sizeof body, "{\"event\":\"fetching\",\"reason\":\"\",\"done\":%d,\"total\":%d}", done,
+                      count);
+    int n = snprintf(req, sizeof req,
+                     "POST %s/api/v1/nodes/%s/events HTTP/1.1\r\nHost: %s\r\nUser-Agent: bootd-fetch\r\n"
+                     "X-Bootd-Token: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                     "Connection: close\r\n\r\n%s",
+                     cfg.prefix, cfg.node, cfg.hostport, cfg.token, bl, body);
+    if (n <= 0 || n >= (int)sizeof req)
+        return;
+    struct conn *c = malloc(sizeof *c);
+    if (!c)
+        return;
+    c->fd = -1;
+    if (conn_open(c, err, sizeof err) == 0 && send_all(c, req, (size_t)n, err, sizeof err) == 0) {
+        struct reply r;
+        int any;
+        (void)read_head(c, &r, &any, err, sizeof err); /* best effort, as the agent's was */
+    }
+    conn_close(c);
+    free(c);
+}
+
+/* At most once a second: a console line and the `fetching` event. The main thread never waits for this
+ * thread (an event POST may hang until its timeout); it prints the final line itself. */
+static void *progress(void *arg) {
+    (void)arg;
+    int last = 0;
+    pthread_mutex_lock(&mu);
+    for (;;) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 1;
+        while (!finished && !aborted && pthread_cond_timedwait(&cv_prog, &mu, &ts) == 0)
+            ;
+        if (finished || aborted)
+            break;
+        int w = written;
+        if (w == last)
+            continue;
+        last = w;
+        say("fetching %d/%d", w, count); /* under the lock, so it never follows the final line */
+        pthread_mutex_unlock(&mu);
+        post_fetching(w);
+        pthread_mutex_lock(&mu);
+    }
+    pthread_mutex_unlock(&mu);
+    return NULL;
+}
+
+/* ---- main ------------------------------------------------------------------------------------- */
+
+static int parse_url(const char *url) {
+    if (strncmp(url, "http://", 7))
+        return -1;
+    const char *hp = url + 7, *slash = strchr(hp, '/');
+    size_t hl = slash ? (size_t)(slash - hp) : strlen(hp);
+    if (hl == 0 || hl >= sizeof cfg.hostport)
+        return -1;
+    memcpy(cfg.hostport, hp, hl);
+    cfg.hostport[hl] = 0;
+    const char *prefix = slash ? slash : "";
+    size_t pl = strlen(prefix);
+    while (pl && prefix[pl - 1] == '/')
+        pl--;
+    if (pl >= sizeof cfg.prefix)
+        return -1;
+    memcpy(cfg.prefix, prefix, pl);
+    cfg.prefix[pl] = 0;
+    char host[64];
+    snprintf(host, sizeof host, "%s", cfg.hostport);
+    long port = 80;
+    char *colon = strchr(host, ':');
+    if (colon) {
+        char *end;
+        *colon = 0;
+        port = strtol(colon + 1, &end, 10);
+        if (*end || port <= 0 || port > 65535)
+            return -1;
+    }
+    memset(&cfg.addr, 0, sizeof cfg.addr);
+    cfg.addr.sin_family = AF_INET;
+    cfg.addr.sin_port = htons((uint16_t)port);
+    return inet_pton(AF_INET, host, &cfg.addr.sin_addr) == 1 ? 0 : -1;
+}
+
+static int load_table(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    int cap = 256;
+    chunks = calloc((size_t)cap, sizeof *chunks);
+    char line[256];
+    while (chunks && fgets(line, sizeof line, f)) {
+        char h[80];
+        unsigned s, r;
+        if (sscanf(line, "%79s %x %x", h, &s, &r) != 3 || strlen(h) != 64 || strspn(h, "0123456789abcdef") != 64 ||
+            s > MAX_CHUNK) {
+            fclose(f);
+            return -2;
+        }
+        if (count == cap) {
+            cap *= 2;
+            struct chunk *more = realloc(chunks, (size_t)cap * sizeof *chunks);
+            if (!more)
+                break;
+            chunks = more;
+        }
+        memset(&chunks[count], 0, sizeof *chunks);
+        memcpy(chunks[count].hash, h, 65);
+        chunks[count].size = s;
+        count++;
+    }
+    fclose(f);
+    return chunks ? 0 : -1;
+}
+
+static void report_failure(void) {
+    size_t n = strlen(fail_reason);
+    if (cfg.failfile) {
+        int fd = open(cfg.failfile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd >= 0) {
+            fail_reason[n] = '\n';
+            ssize_t w = write(fd, fail_reason, n + 1);
+            fail_reason[n] = 0;
+            close(fd);
+            if (w == (ssize_t)n + 1)
+                return;
+        }
+    }
+    fprintf(stderr, "%s\n", fail_reason);
+}
+
+static int usage(void) {
+    fprintf(stderr, "usage: bootd-fetch -u http://A.B.C.D[:PORT] [-w N] [-W N] [-r N] [-t S] [-n NODE] "
+                    "[-f FAILFILE] TABLE\n       bootd-fetch -c -u URL\n");
+    return 2;
+}
+
+static int positive(const char *s, int *out) {
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (*end || v <= 0 || v > 100000)
+        return -1;
+    *out = (int)v;
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    const char *url = NULL;
+    int check = 0, opt;
+    while ((opt = getopt(argc, argv, "cu:w:W:r:t:n:f:")) != -1) {
+        switch (opt) {
+        case 'c': check = 1; break;
+        case 'u': url = optarg; break;
+        case 'w': if (positive(optarg, &cfg.workers)) return usage(); break;
+        case 'W': if (positive(optarg, &cfg.window)) return usage(); break;
+        case 'r': if (positive(optarg, &cfg.retries)) return usage(); break;
+        case 't': if (positive(optarg, &cfg.timeout)) return usage(); break;
+        case 'n': cfg.node = optarg; break;
+        case 'f': cfg.failfile = optarg; break;
+        default: return usage();
+        }
+    }
+    if (!url)
+        return usage();
+    if (parse_url(url) < 0) {
+        if (!check)
+            fprintf(stderr, "bootd-fetch: cannot use %s (only http://IPv4[:port])\n", url);
+        return 2;
+    }
+    if (check)
+        return 0;
+    if (optind != argc - 1)
+        return usage();
+    cfg.token = getenv("BOOTD_TOKEN");
+    if (cfg.node && (!*cfg.node || strpbrk(cfg.node, "/ \r\n?#%")))
+        cfg.node = NULL;
+    if (cfg.token && (!*cfg.token || strpbrk(cfg.token, "\r\n")))
+        cfg.token = NULL;
+    int lt = load_table(argv[optind]);
+    if (lt < 0) {
+        snprintf(fail_reason, sizeof fail_reason, "bootd-fetch: chunk table %s is %s", argv[optind],
+                 lt == -2 ? "malformed" : "unreadable");
+        report_failure();
+        return 1;
+    }
+    if (cfg.workers > count && count > 0)
+        cfg.workers = count;
+    signal(SIGPIPE, SIG_IGN);
+    fcntl(1, F_SETPIPE_SZ, 1 << 20); /* fewer wake-ups of zstd; fails harmlessly if not a pipe */
+
+    pthread_t *tids = calloc((size_t)cfg.workers, sizeof *tids), prog;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    int started = 0;
+    for (int w = 0; tids && w < cfg.workers && count; w++) {
+        if (pthread_create(&tids[w], &attr, worker, (void *)(uintptr_t)(w + 1)) == 0)
+            started++;
+    }
+    if (count && !started) {
+        snprintf(fail_reason, sizeof fail_reason, "bootd-fetch: cannot start worker threads");
+        report_failure();
+        return 1;
+    }
+    if (pthread_create(&prog, &attr, progress, NULL) != 0)
+        say("note: no progress reports (cannot start a thread)");
+
+    int rc = 0;
+    for (int i = 0; i < count; i++) {
+        pthread_mutex_lock(&mu);
+        while (!chunks[i].ready && !aborted)
+            pthread_cond_wait(&cv_ready, &mu);
+        if (!chunks[i].ready) {
+            pthread_mutex_unlock(&mu);
+            rc = 1;
+            break;
+        }
+        unsigned char *p = chunks[i].data;
+        chunks[i].data = NULL;
+        pthread_mutex_unlock(&mu);
+        size_t n = chunks[i].size, off = 0;
+        while (off < n) {
+            ssize_t w = write(1, p + off, n - off);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0) {
+                rc = 3;
+                break;
+            }
+            off += (size_t)w;
+        }
+        free(p);
+        pthread_mutex_lock(&mu);
+        if (rc) {
+            aborted = 1; /* no reason of ours: zstd or tar stopped, and the agent reports theirs */
+            pthread_cond_broadcast(&cv_claim);
+            pthread_cond_broadcast(&cv_ready);
+            pthread_mutex_unlock(&mu);
+            break;
+        }
+        written = i + 1;
+        pthread_cond_broadcast(&cv_claim);
+        pthread_mutex_unlock(&mu);
+    }
+    pthread_mutex_lock(&mu);
+    finished = 1;
+    pthread_cond_broadcast(&cv_prog);
+    pthread_mutex_unlock(&mu);
+    if (rc == 1 || (rc == 0 && is_aborted())) {
+        report_failure();
+        _exit(1); /* workers may sit in a backoff sleep: do not wait for them */
+    }
+    if (rc)
+        _exit(rc);
+    for (int w = 0; w < started; w++)
+        pthread_join(tids[w], NULL);
+    pthread_mutex_lock(&mu);
+    say("fetching %d/%d", count, count);
+    pthread_mutex_unlock(&mu);
+    _exit(0); /* the progress thread may be inside an event POST: do not wait for it */
+}
