@@ -23,6 +23,8 @@ TARGET=${BOOTD_TARGET:-/newroot}
 # Full paths: busybox sh prefers its own applets, and busybox tar would silently drop xattrs.
 TAR=${BOOTD_TAR:-/usr/bin/tar}
 ZSTD=${BOOTD_ZSTD:-/usr/bin/zstd}
+# The compiled chunk fetcher (fetch.c); without it the shell workers below do the same job, slower.
+FETCH=${BOOTD_FETCH:-/usr/bin/bootd-fetch}
 
 say() { echo "BOOTD-STAGE1 $*" >&2; }
 
@@ -326,6 +328,31 @@ write_node_config() {
     chmod 0600 "$env_file"
 }
 
+# The fallback when the stage one has no bootd-fetch: shell workers and consume().
+fetch_with_workers() {
+    rm -f "$WORK"/table.*
+    awk -v n="$WORKERS" -v d="$WORK" '{ print NR - 1, $0 > (d "/table." ((NR - 1) % n)) }' "$WORK/table"
+    w=0
+    while [ "$w" -lt "$WORKERS" ]; do touch "$WORK/table.$w"; w=$((w + 1)); done
+    echo 0 > "$WORK/consumed"
+    rm -f "$WORK/done.fifo"
+    mkfifo "$WORK/done.fifo" || fail "cannot create $WORK/done.fifo"
+    exec 7<> "$WORK/done.fifo"  # read-write: never blocks on open, never sees EOF
+    WORKER_PIDS=""
+    w=0
+    while [ "$w" -lt "$WORKERS" ]; do
+        worker "$w" &
+        WORKER_PIDS="$WORKER_PIDS $!"
+        w=$((w + 1))
+    done
+    T1=$(now_ms)
+    set -o pipefail
+    { consume; echo $? > "$WORK/consume.rc"; } | "$ZSTD" -dcq | \
+        "$TAR" -C "$TARGET" --xattrs --xattrs-include='*' --numeric-owner -xpf - 2> "$WORK/tar.err"
+    rc=$?
+    set +o pipefail
+}
+
 main() {
     T0=$(now_ms)
     if [ "$HOST_MODE" != 1 ]; then
@@ -361,10 +388,9 @@ main() {
         sed -n 's/^\([0-9a-f]\{64\}\)\([0-9a-f]\{8\}\)\([0-9a-f]\{8\}\)$/\1 \2 \3/p' > "$WORK/table"
     [ "$(wc -l < "$WORK/table")" -eq "$COUNT" ] || fail "manifest chunk table is malformed"
     case "$WORKERS" in ""|*[!0-9]*|0) WORKERS=4 ;; esac
-    rm -f "$WORK"/table.*
-    awk -v n="$WORKERS" -v d="$WORK" '{ print NR - 1, $0 > (d "/table." ((NR - 1) % n)) }' "$WORK/table"
-    w=0
-    while [ "$w" -lt "$WORKERS" ]; do touch "$WORK/table.$w"; w=$((w + 1)); done
+    case "$WINDOW" in ""|*[!0-9]*|0) WINDOW=16 ;; esac
+    case "$RETRIES" in ""|*[!0-9]*|0) RETRIES=10 ;; esac
+    case "$TIMEOUT" in ""|*[!0-9]*|0) TIMEOUT=60 ;; esac
     stored=0
     while read -r h s r; do stored=$((stored + 0x$s)); done < "$WORK/table"
     say "manifest ok chunks=$COUNT stored=$stored"
@@ -387,23 +413,22 @@ main() {
         mkdir -p "$TARGET"
     fi
 
-    echo 0 > "$WORK/consumed"
-    rm -f "$WORK/done.fifo"
-    mkfifo "$WORK/done.fifo" || fail "cannot create $WORK/done.fifo"
-    exec 7<> "$WORK/done.fifo"  # read-write: never blocks on open, never sees EOF
-    WORKER_PIDS=""
-    w=0
-    while [ "$w" -lt "$WORKERS" ]; do
-        worker "$w" &
-        WORKER_PIDS="$WORKER_PIDS $!"
-        w=$((w + 1))
-    done
-    T1=$(now_ms)
-    set -o pipefail
-    { consume; echo $? > "$WORK/consume.rc"; } | "$ZSTD" -dcq | \
-        "$TAR" -C "$TARGET" --xattrs --xattrs-include='*' --numeric-owner -xpf - 2> "$WORK/tar.err"
-    rc=$?
-    set +o pipefail
+    if [ -x "$FETCH" ] && "$FETCH" -c -u "$URL" 2>/dev/null; then
+        say "fetch with bootd-fetch workers=$WORKERS window=$WINDOW"
+        # One process: WORKERS keep-alive connections, chunks verified and written in order, progress
+        # lines and `fetching` events, a reason naming the chunk in fail.fetch on failure.
+        T1=$(now_ms)
+        set -o pipefail
+        { BOOTD_TOKEN=$TOKEN "$FETCH" -u "$URL" -n "$NODE" -w "$WORKERS" -W "$WINDOW" -r "$RETRIES" \
+              -t "$TIMEOUT" -f "$WORK/fail.fetch" "$WORK/table"
+          echo $? > "$WORK/consume.rc"; } | "$ZSTD" -dcq | \
+            "$TAR" -C "$TARGET" --xattrs --xattrs-include='*' --numeric-owner -xpf - 2> "$WORK/tar.err"
+        rc=$?
+        set +o pipefail
+    else
+        say "fetch with shell workers=$WORKERS window=$WINDOW"
+        fetch_with_workers
+    fi
     crc=$(cat "$WORK/consume.rc" 2>/dev/null)
     tar_err=$(tr '\n' ' ' < "$WORK/tar.err" | cut -c 1-300)
     if [ "$crc" != 0 ] || [ -e "$WORK/abort" ] || [ "$rc" != 0 ]; then

@@ -1,25 +1,46 @@
 """The stage-one agent on the build host (host mode: no mounts, no DHCP, no switch_root) against the
 stand-in server over loopback. These run in a second each, so every fault path the QEMU tests cannot
-afford to repeat is covered here with the real busybox, zstd and GNU tar."""
+afford to repeat is covered here with the real busybox, zstd and GNU tar.
+
+Chunks go through the compiled fetcher (bootd-fetch, built from fetch.c as the stage one builds it);
+the fault paths also run through the agent's shell-worker fallback (no bootd-fetch in the image)."""
 
 from __future__ import annotations
 
 import filecmp
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from bootd.stage1.build import HERE as STAGE1_SRC
+from bootd.stage1.build import Stage1Error, compile_fetcher
 from tests.qemu import standin
-from tests.qemu.conftest import SampleCapsule, StandinProc, StartStandin, need_host_tools
+from tests.qemu.conftest import STANDIN, SampleCapsule, StandinProc, StartStandin, need_host_tools
 
 AGENT = STAGE1_SRC / "agent.sh"
+SHELL = "shell workers"  # the fetch_mode of an image without bootd-fetch
 
 
-def run_agent(tmp_path: Path, server: StandinProc, vid: str, *, node: str = "n0001",
-              timeout: float = 60, retries: int = 6, extra: str = "") -> tuple[subprocess.CompletedProcess[str], Path]:
+@pytest.fixture(scope="session")
+def fetcher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        return compile_fetcher(tmp_path_factory.mktemp("fetch") / "bootd-fetch")
+    except Stage1Error as exc:
+        pytest.skip(f"cannot compile bootd-fetch here: {exc}")
+
+
+@pytest.fixture(params=["bootd-fetch", SHELL])
+def fetch_mode(request: pytest.FixtureRequest, fetcher: Path) -> str:
+    """Both ways the agent fetches chunks: the compiled fetcher, and the shell-worker fallback."""
+    return str(fetcher) if request.param == "bootd-fetch" else SHELL
+
+
+def agent_env(tmp_path: Path, server: StandinProc, vid: str, fetch: str, *, node: str = "n0001",
+              retries: int = 6, extra: str = "") -> tuple[dict[str, str], Path]:
     need_host_tools()
     token = standin.node_token(b"standin-secret", node)
     cmdline = tmp_path / "cmdline"
@@ -27,9 +48,18 @@ def run_agent(tmp_path: Path, server: StandinProc, vid: str, *, node: str = "n00
                        f"bootd.token={token} bootd.mac=52:54:00:00:00:01 bootd.retries={retries} {extra}\n")
     target = tmp_path / "target"
     env = dict(os.environ, BOOTD_HOST_MODE="1", BOOTD_CMDLINE_FILE=str(cmdline),
-               BOOTD_WORK=str(tmp_path / "work"), BOOTD_TARGET=str(target))
+               BOOTD_WORK=str(tmp_path / "work"), BOOTD_TARGET=str(target),
+               BOOTD_FETCH="/nonexistent/bootd-fetch" if fetch == SHELL else fetch)
+    return env, target
+
+
+def run_agent(tmp_path: Path, server: StandinProc, vid: str, fetch: str, *, node: str = "n0001",
+              timeout: float = 60, retries: int = 6, extra: str = "") -> tuple[subprocess.CompletedProcess[str], Path]:
+    env, target = agent_env(tmp_path, server, vid, fetch, node=node, retries=retries, extra=extra)
     proc = subprocess.run(["busybox", "sh", str(AGENT)], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
+    fetch_line = "fetch with shell workers" if fetch == SHELL else "fetch with bootd-fetch"
+    assert fetch_line in proc.stderr or "manifest ok" not in proc.stderr, proc.stderr
     return proc, target
 
 
@@ -45,13 +75,14 @@ def same_tree(a: Path, b: Path) -> bool:
 
 
 def test_agent_fetches_verifies_and_unpacks(tmp_path: Path, loopback_standin: StartStandin,
-                                            sample_capsule: SampleCapsule) -> None:
+                                            sample_capsule: SampleCapsule, fetch_mode: str) -> None:
     server = loopback_standin()
-    proc, target = run_agent(tmp_path, server, sample_capsule.vid,
+    proc, target = run_agent(tmp_path, server, sample_capsule.vid, fetch_mode,
                              extra="bootd.var.ROLE=compute bootd.var.MOTD=it's$(reboot) bootd.var.9bad=x")
     assert proc.returncode == 0, proc.stderr
     count = len(standin.chunk_hashes(sample_capsule.store, sample_capsule.vid))
     assert f"BOOTD-STAGE1 verified {count}/{count} chunks" in proc.stderr
+    assert f"BOOTD-STAGE1 fetching {count}/{count}" in proc.stderr
     assert same_tree(sample_capsule.root, target)
     assert (target / "etc/hostname").read_text() == "n0001\n"
     env = (target / "etc/bootd/node.env").read_text()
@@ -67,12 +98,13 @@ def test_agent_fetches_verifies_and_unpacks(tmp_path: Path, loopback_standin: St
 
 
 def test_corrupted_chunk_is_reported_by_hash_and_never_booted(
-        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule) -> None:
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, fetch_mode: str) -> None:
     bad = standin.chunk_hashes(sample_capsule.store, sample_capsule.vid)[-1]
     server = loopback_standin("--corrupt", bad)
-    proc, target = run_agent(tmp_path, server, sample_capsule.vid)
+    proc, target = run_agent(tmp_path, server, sample_capsule.vid, fetch_mode)
     assert proc.returncode == 1
-    assert f"BOOTD-STAGE1 FAILED chunk {bad} failed verification" in proc.stderr
+    assert f"BOOTD-STAGE1 FAILED chunk {bad} failed verification (got sha256 " in proc.stderr
+    assert f"chunk {bad} failed verification, fetching it again" in proc.stderr  # refetched once
     events = server.event_lines()
     assert events[-1]["event"] == "failed" and bad in str(events[-1]["reason"])
     assert not any(e["event"] in ("verified", "booted") for e in events)
@@ -80,13 +112,13 @@ def test_corrupted_chunk_is_reported_by_hash_and_never_booted(
 
 
 def test_manifest_not_matching_version_id_is_refused(
-        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule) -> None:
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, fetcher: Path) -> None:
     fake_vid = "0" * 64
     store = sample_capsule.store
     (store / "manifests" / fake_vid).write_bytes((store / "manifests" / sample_capsule.vid).read_bytes())
     try:
         server = loopback_standin()
-        proc, _ = run_agent(tmp_path, server, fake_vid)
+        proc, _ = run_agent(tmp_path, server, fake_vid, str(fetcher))
     finally:
         (store / "manifests" / fake_vid).unlink()
     assert proc.returncode == 1
@@ -95,43 +127,114 @@ def test_manifest_not_matching_version_id_is_refused(
 
 
 def test_busy_server_503_is_retried(tmp_path: Path, loopback_standin: StartStandin,
-                                    sample_capsule: SampleCapsule) -> None:
+                                    sample_capsule: SampleCapsule, fetch_mode: str) -> None:
     server = loopback_standin("--busy", "3")
-    proc, target = run_agent(tmp_path, server, sample_capsule.vid)
+    proc, target = run_agent(tmp_path, server, sample_capsule.vid, fetch_mode)
     assert proc.returncode == 0, proc.stderr
     assert "in 1s (server busy, 503)" in proc.stderr  # Retry-After was read and honoured
     assert same_tree(sample_capsule.root, target)
 
 
 def test_dropped_connection_resumes_with_range(tmp_path: Path, loopback_standin: StartStandin,
-                                               sample_capsule: SampleCapsule) -> None:
+                                               sample_capsule: SampleCapsule, fetch_mode: str) -> None:
     server = loopback_standin("--drop", "2")
-    proc, target = run_agent(tmp_path, server, sample_capsule.vid)
+    proc, target = run_agent(tmp_path, server, sample_capsule.vid, fetch_mode)
     assert proc.returncode == 0, proc.stderr
     assert same_tree(sample_capsule.root, target)
     assert "range=bytes=" in server.log.read_text(), "the retry should continue the partial chunk"
 
 
-def test_server_down_fails_with_reason(tmp_path: Path, sample_capsule: SampleCapsule) -> None:
+def test_missing_chunk_is_fatal_at_once_and_named(tmp_path: Path, loopback_standin: StartStandin,
+                                                  sample_capsule: SampleCapsule, fetch_mode: str) -> None:
+    """A 404 is not retried (nor are 403/410/500): the node fails fast, naming the chunk."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "data.bin").write_bytes(os.urandom(600_000))
+    stream = subprocess.run(["tar", "--format=pax", "-C", str(tree), "-cf", "-", "."], capture_output=True,
+                            check=True).stdout
+    vid = standin.make_capsule_from_tar(stream, sample_capsule.store, "missing")
+    gone = standin.chunk_hashes(sample_capsule.store, vid)[1]
+    (sample_capsule.store / "chunks" / gone[:2] / gone).unlink()
+    server = loopback_standin()
+    t0 = time.monotonic()
+    proc, target = run_agent(tmp_path, server, vid, fetch_mode, retries=10)
+    assert proc.returncode == 1
+    assert f"BOOTD-STAGE1 FAILED chunk {gone} could not be fetched: " in proc.stderr
+    assert "404" in proc.stderr
+    assert f"retry http://127.0.0.1:{server.base.rsplit(':', 1)[1]}/chunks/{gone}" not in proc.stderr
+    assert time.monotonic() - t0 < 20, "a 404 must not be retried with backoff"
+    assert gone in str(server.event_lines()[-1]["reason"])
+    assert not (target / "data.bin").exists() or (target / "data.bin").stat().st_size < 600_000
+
+
+def test_server_restarted_mid_fetch_is_retried_until_it_is_back(
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, stage1_or_none: Path,
+        fetcher: Path) -> None:
+    """The server process goes away while bootd-fetch holds keep-alive connections and has chunks left
+    to fetch (one is waiting out a 503), and a new one starts on the same port: the fetcher reconnects,
+    retries with backoff and completes, and its progress events carry the node's token."""
+    server = loopback_standin("--busy", "1")
+    env, target = agent_env(tmp_path, server, sample_capsule.vid, str(fetcher))
+    agent = subprocess.Popen(["busybox", "sh", str(AGENT)], env=env, stderr=subprocess.PIPE, text=True)
+    second: subprocess.Popen[bytes] | None = None
+    lines: list[str] = []
+    try:
+        assert agent.stderr is not None
+        for line in agent.stderr:
+            lines.append(line)
+            if "(server busy, 503)" in line:
+                break
+        assert lines and "(server busy, 503)" in lines[-1], "".join(lines)
+        server.proc.terminate()  # the restart: the old process is gone before the 503's wait ends
+        server.proc.wait(timeout=10)
+        time.sleep(2.0)
+        port = server.base.rsplit(":", 1)[1]
+        log = (tmp_path / "standin-second.log").open("wb")
+        second = subprocess.Popen(
+            [sys.executable, str(STANDIN), "serve", "--bind", "127.0.0.1", "--port", port,
+             "--store", str(sample_capsule.store), "--stage1", str(stage1_or_none), "--events", str(server.events)],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        lines.extend(agent.stderr)
+        assert agent.wait(timeout=60) == 0, "".join(lines)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        if second is not None:
+            second.terminate()
+            second.wait(timeout=10)
+    err = "".join(lines)
+    assert "BOOTD-STAGE1 retry http://" in err and "Connection refused" in err, err
+    assert same_tree(sample_capsule.root, target)
+    assert "range=" in (tmp_path / "standin-second.log").read_text(), "the new server served the rest"
+    events = server.event_lines()
+    assert all(e["token_ok"] for e in events)
+    assert [e["event"] for e in events][-2:] == ["verified", "booted"]
+    assert all(e["event"] != "failed" for e in events)
+
+
+def test_server_down_fails_with_reason(tmp_path: Path, sample_capsule: SampleCapsule, fetcher: Path) -> None:
     from tests.qemu.conftest import free_port
 
     dead = StandinProc(proc=None, base=f"http://127.0.0.1:{free_port()}",  # type: ignore[arg-type]
                        events=tmp_path / "none", log=tmp_path / "none.log")
-    proc, _ = run_agent(tmp_path, dead, sample_capsule.vid, timeout=60, retries=3)
+    proc, _ = run_agent(tmp_path, dead, sample_capsule.vid, str(fetcher), timeout=60, retries=3)
     assert proc.returncode == 1
     assert "FAILED manifest could not be fetched" in proc.stderr
 
 
 @pytest.mark.parametrize("vid", ["", "xyz", "A" * 64])
-def test_bad_version_id_on_command_line(tmp_path: Path, loopback_standin: StartStandin, vid: str) -> None:
+def test_bad_version_id_on_command_line(tmp_path: Path, loopback_standin: StartStandin, vid: str,
+                                        fetcher: Path) -> None:
     server = loopback_standin()
-    proc, _ = run_agent(tmp_path, server, vid)
+    proc, _ = run_agent(tmp_path, server, vid, str(fetcher))
     assert proc.returncode == 1
     assert "FAILED" in proc.stderr
 
 
 def test_xattrs_such_as_file_capabilities_survive_the_unpack(
-        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule) -> None:
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, fetcher: Path) -> None:
     """GNU tar in the stage one keeps SCHILY.xattr records; busybox tar would drop them silently."""
     if os.geteuid() != 0:
         pytest.skip("setting security.capability needs root")
@@ -149,6 +252,6 @@ def test_xattrs_such_as_file_capabilities_survive_the_unpack(
                              "-cf", "-", "."], capture_output=True, check=True).stdout
     vid = standin.make_capsule_from_tar(stream, sample_capsule.store, "xattr")
     server = loopback_standin()
-    proc, target = run_agent(tmp_path, server, vid)
+    proc, target = run_agent(tmp_path, server, vid, str(fetcher))
     assert proc.returncode == 0, proc.stderr
     assert os.getxattr(target / "sbin/ping", "security.capability") == cap
