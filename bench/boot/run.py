@@ -31,10 +31,11 @@ from bootd.lab.netns import LabProcess
 from bootd.lab.sample import make_busybox_root
 from bootd.lab.serve import BootdServer
 from bootd.stage1.build import HERE as STAGE1_SRC
-from bootd.stage1.build import build
+from bootd.stage1.build import build, compile_fetcher
 
 MAC = "52:54:00:77:20:01"
 OPENSSL = False
+SHELL_WORKERS = False
 
 NGINX_CONF = """daemon off;
 worker_processes 1;
@@ -194,14 +195,17 @@ def bench_agent(work: Path, capsule_mb: int, runs: int) -> tuple[list[float], li
         files = work / "files.txt"
         files.write_text("".join(f"url = \"{base}/chunks/{h}\"\noutput = \"/dev/shm/bench-chunks/{i:06d}\"\n"
                                  for i, h in enumerate(hashes)))
+        fetcher = compile_fetcher(work / "bootd-fetch")  # the stage one's /usr/bin/bootd-fetch
         agent_t: list[float] = []
         curl_t: list[float] = []
         plain_t: list[float] = []
         for _ in range(runs):
             target = Path(tempfile.mkdtemp(prefix="agent-target-", dir="/dev/shm"))
-            # Hash as the default stage one does (busybox); `--openssl` measures the --with-openssl image.
+            # Chunks go through bootd-fetch, as in the stage one; `--shell-workers` measures the agent's
+            # fallback (busybox hashing, or openssl with `--openssl` as in a --with-openssl image).
             env = dict(os.environ, BOOTD_HOST_MODE="1", BOOTD_CMDLINE_FILE=str(cmdline),
                        BOOTD_WORK=str(work / "awork"), BOOTD_TARGET=str(target),
+                       BOOTD_FETCH="/nonexistent" if SHELL_WORKERS else str(fetcher),
                        BOOTD_OPENSSL="/usr/bin/openssl" if OPENSSL else "/nonexistent")
             t0 = time.monotonic()
             res = subprocess.run(["busybox", "sh", str(STAGE1_SRC / "agent.sh")], env=env, capture_output=True,
@@ -239,10 +243,14 @@ def main() -> int:
     ap.add_argument("--skip-boot", action="store_true")
     ap.add_argument("--skip-agent", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--openssl", action="store_true", help="agent hashes with openssl (stage1 --with-openssl)")
+    ap.add_argument("--shell-workers", action="store_true",
+                    help="agent without bootd-fetch (its shell fallback: wget + hash + mv per chunk)")
+    ap.add_argument("--openssl", action="store_true",
+                    help="with --shell-workers: hash with openssl (stage1 --with-openssl)")
     args = ap.parse_args()
-    global OPENSSL
+    global OPENSSL, SHELL_WORKERS
     OPENSSL = args.openssl
+    SHELL_WORKERS = args.shell_workers
     work = Path(tempfile.mkdtemp(prefix="bench-boot-"))
     rows: list[tuple[str, str, str, str, str]] = []
     try:
