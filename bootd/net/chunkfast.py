@@ -1,0 +1,283 @@
+"""The chunk fast path: a plain ``GET /chunks/<sha256>`` answered from data_received.
+
+Why it exists: chunks are nearly every byte a booting node pulls, and bench/http
+compares bootd with nginx on exactly them.  py-spy on bootd under 64 wrk clients
+showed ~82% of the server's CPU inside sendfile(2), which nginx pays too, and
+almost all of the rest in aiohttp's per-request machinery: a Task, a Request,
+routing, the middleware, a StreamResponse and its bookkeeping, about 60 µs a
+request, which was the whole gap to nginx.  A plain chunk GET needs none of it:
+its answer depends only on the 64 hex digits in the request line.
+
+So the connection's protocol looks at each request before aiohttp parses it.
+Only a request that is unmistakably simple is answered here: exactly one
+complete ``GET /chunks/<64 lowercase hex> HTTP/1.1`` whose headers are
+well-formed and include nothing that changes the answer (Range, If-*,
+Connection, a body, Expect, Upgrade), on an idle connection whose write buffer
+is empty, for a chunk that is in the store and intact, with a bulk slot free
+and nobody queued for one.  Everything else - HTTP/1.0, pipelined requests,
+HEAD, errors, a busy admission queue, any connection that ever carried a body -
+goes to aiohttp unchanged, which answers it as it always did (404, 416, 503 and
+so on).  The answer here is the same bytes aiohttp's route would send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+log = logging.getLogger("bootd.http")
+
+_PREFIX = b"GET /chunks/"
+_VERSION = b" HTTP/1.1\r\n"
+_HEX64 = re.compile(rb"[0-9a-f]{64}")
+# Header names whose presence means the answer is not "the whole chunk, then keep going".
+_NOT_SIMPLE = (b"\nrange:", b"\nif-", b"\nconnection:", b"\ncontent-length:", b"\ntransfer-encoding:",
+               b"\nexpect:", b"\nupgrade:")
+_HEAD_END = b"\r\n\r\n"
+_MAX_REQUEST = 4096
+
+
+class ChunkFastPath:
+    """Serves simple chunk GETs for :class:`ChunkRequestHandler` with the server's own parts.
+
+    ``acquire``/``release`` are the open-file cache's, ``admit``/``leave`` the admission
+    control's ``try_acquire``/``release``; ``headers(hexhash, size)`` gives the header
+    block (the same one the aiohttp route sends) and ``served``/``aborted`` count.
+    """
+
+    def __init__(
+        self,
+        *,
+        acquire: Callable[[str, Callable[[], Path | str], str], Any],
+        release: Callable[[Any], None],
+        chunk_path: Callable[[str], Path],
+        admit: Callable[[], bool],
+        leave: Callable[[], None],
+        headers: Callable[[str, int], bytes],
+        served: Callable[[int], None],
+        aborted: Callable[[], None],
+    ) -> None:
+        self._acquire = acquire
+        self._release = release
+        self._chunk_path = chunk_path
+        self._admit = admit
+        self._leave = leave
+        self._headers = headers
+        self._served = served
+        self._aborted = aborted
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.answered = 0  # responses completed here (tests check the path is really taken)
+
+    @staticmethod
+    def parse(data: bytes) -> str | None:
+        """The chunk's hex name if ``data`` is exactly one simple chunk GET, else None."""
+        n = len(data)
+        if n > _MAX_REQUEST or not data.startswith(_PREFIX) or data[76:87] != _VERSION:
+            return None
+        if data.find(_HEAD_END, 85) != n - 4:
+            return None  # incomplete, or more than one request (pipelining): aiohttp's job
+        name = data[12:76]
+        if _HEX64.fullmatch(name) is None:
+            return None
+        block = data[87:n - 4]
+        if block:
+            low = b"\n" + block.lower()
+            if any(bad in low for bad in _NOT_SIMPLE):
+                return None
+            for line in block.split(b"\r\n"):
+                # Anything aiohttp's parser might refuse (folded lines, bare CR/LF, NUL, no colon)
+                # is left to it, so a malformed request gets its 400 there.
+                if not line or line[0] in b" \t" or b":" not in line or b"\n" in line or b"\r" in line \
+                        or b"\0" in line:
+                    return None
+        return name.decode("ascii")
+
+    def try_serve(self, proto: ChunkRequestHandler, data: bytes) -> bool:
+        """Answer ``data`` here and return True, or return False and touch nothing."""
+        name = self.parse(data)
+        if name is None:
+            return False
+        transport = proto.transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        if not self._admit():
+            return False  # queue or refuse: aiohttp's route does that, fairly
+        try:
+            entry = self._acquire(name, lambda: self._chunk_path(name), name)
+        except Exception:
+            self._leave()
+            return False
+        size = entry.size
+        if not size:
+            self._release(entry)
+            self._leave()
+            return False
+        sock = proto.raw_socket
+        sent = 0
+        try:
+            header = self._headers(name, size)
+            if sock is None:
+                transport.write(header)
+            else:
+                # MSG_MORE holds the headers back until the body follows (nginx corks for this,
+                # two more syscalls per response); the write buffer is empty, so order is kept.
+                done = sock.send(header, socket.MSG_MORE)
+                if done < len(header):
+                    transport.write(header[done:])
+                if not transport.get_write_buffer_size():
+                    try:
+                        sent = os.sendfile(sock.fileno(), entry.file.fileno(), 0, size)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+        except OSError as exc:
+            self._finish(proto, transport, entry, 0, exc)
+            return True
+        if sent >= size:
+            self._finish(proto, transport, entry, size, None)
+            return True
+        # The socket could not take it all at once: the event loop sends the rest, and reading
+        # waits (a pipelined request that arrives meanwhile is kept in order by the handler).
+        proto.fast_busy = True
+        task = asyncio.get_running_loop().create_task(self._send_rest(proto, transport, entry, sent, size))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _send_rest(self, proto: ChunkRequestHandler, transport: asyncio.Transport, entry: Any, sent: int,
+                         size: int) -> None:
+        error: BaseException | None = None
+        try:
+            await asyncio.get_running_loop().sendfile(transport, entry.file, sent, size - sent)
+        except (OSError, RuntimeError) as exc:
+            error = exc
+        except asyncio.CancelledError as exc:
+            error = exc
+        self._finish(proto, transport, entry, size if error is None else 0, error)
+        proto.fast_done()
+
+    def _finish(self, proto: ChunkRequestHandler, transport: asyncio.Transport, entry: Any, size: int,
+                error: BaseException | None) -> None:
+        self._release(entry)
+        self._leave()
+        if error is not None:
+            # The headers promised the whole body: a short one must end the connection.  A client
+            # that hangs up mid-chunk is routine (a node rebooted), not a server error.
+            log.debug("event=send-aborted object=%s reason=%r", entry.key, str(error))
+            self._aborted()
+            transport.close()
+            return
+        self.answered += 1
+        self._served(size)
+        proto.fast_answered()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class ChunkRequestHandler(RequestHandler):
+    """aiohttp's connection protocol with :class:`ChunkFastPath` in front of its parser.
+
+    The fast path is used only while aiohttp is idle on the connection (waiting for the
+    next request, nothing parsed or queued) and only while every byte aiohttp has been
+    given ended on a request boundary; once a request with a body, or a partial one,
+    reaches aiohttp, the connection stays with aiohttp for good, so the two never
+    interleave inside one request.
+    """
+
+    def __init__(self, manager: Any, *, fast: ChunkFastPath, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._fast = fast
+        self._fast_ok = True
+        self.fast_busy = False
+        self._fast_pending = b""
+        self.raw_socket: socket.socket | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # asyncio hands out a TransportSocket without send(); a duplicate descriptor of the same
+        # socket gives send(..., MSG_MORE) and sendfile(2) without touching the transport's own.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.raw_socket = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+            self.raw_socket.setblocking(False)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.raw_socket is not None:
+            self.raw_socket.close()
+            self.raw_socket = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.fast_busy:
+            self._fast_pending += data
+            return
+        if (
+            self._fast_ok
+            and self._waiter is not None
+            and not self._messages
+            and self._current_request is None
+            and self._payload_parser is None
+            and not self._upgraded
+            and not self._force_close
+            and not self._close
+            and self._fast.try_serve(self, data)
+        ):
+            return
+        if self._fast_ok and not (data.endswith(_HEAD_END) and not any(
+                bad in data.lower() for bad in (b"content-length:", b"transfer-encoding:", b"upgrade:"))):
+            self._fast_ok = False
+        super().data_received(data)
+
+    def fast_answered(self) -> None:
+        """A response went out here: keep aiohttp's idle timer counting from now, as after its own."""
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+
+    def fast_done(self) -> None:
+        """The rest of a big chunk went out: resume with whatever arrived meanwhile."""
+        self.fast_busy = False
+        pending, self._fast_pending = self._fast_pending, b""
+        if pending and self.transport is not None and not self.transport.is_closing():
+            self.data_received(pending)
+
+
+class ChunkSite(web.TCPSite):
+    """aiohttp's TCPSite whose connections get :class:`ChunkRequestHandler` as their protocol."""
+
+    def __init__(self, runner: web.BaseRunner, host: str | None, port: int | None, *,
+                 fast: ChunkFastPath, **kwargs: Any) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self._fast = fast
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)  # what BaseSite.start does; TCPSite.start would pass aiohttp's factory
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        kwargs = server._kwargs
+        fast = self._fast
+
+        def factory() -> ChunkRequestHandler:
+            return ChunkRequestHandler(server, loop=loop, fast=fast, **kwargs)
+
+        self._server = await loop.create_server(
+            factory, self._host, self._port, backlog=self._backlog, reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self._fast.close()
