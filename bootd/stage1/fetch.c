@@ -703,7 +703,6 @@ int main(int argc, char **argv) {
     if (cfg.workers > count && count > 0)
         cfg.workers = count;
     signal(SIGPIPE, SIG_IGN);
-    fcntl(1, F_SETPIPE_SZ, 1 << 20); /* fewer wake-ups of zstd; fails harmlessly if not a pipe */
 
     pthread_t *tids = calloc((size_t)cfg.workers, sizeof *tids), prog;
     pthread_attr_t attr;
