@@ -214,6 +214,44 @@ def test_server_restarted_mid_fetch_is_retried_until_it_is_back(
     assert all(e["event"] != "failed" for e in events)
 
 
+def test_fetcher_stays_within_its_window_of_the_writer(tmp_path: Path, loopback_standin: StartStandin,
+                                                      sample_capsule: SampleCapsule, fetcher: Path) -> None:
+    """RAM stays bounded: while nobody reads its output, bootd-fetch fetches no more than WINDOW chunks."""
+    hashes = standin.chunk_hashes(sample_capsule.store, sample_capsule.vid)
+    assert len(hashes) > 4
+    manifest = (sample_capsule.store / "manifests" / sample_capsule.vid).read_bytes()
+    meta_len = int.from_bytes(manifest[8:12], "big")
+    off = 16 + meta_len
+    table = tmp_path / "table"
+    table.write_text("".join(f"{manifest[off + 40 * i : off + 40 * i + 32].hex()} "
+                             f"{manifest[off + 40 * i + 32 : off + 40 * i + 36].hex()} "
+                             f"{manifest[off + 40 * i + 36 : off + 40 * i + 40].hex()}\n" for i in range(len(hashes))))
+    server = loopback_standin()
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([str(fetcher), "-u", server.base, "-w", "4", "-W", "2", str(table)], stdout=write_end,
+                            stderr=subprocess.PIPE)
+    os.close(write_end)
+    try:
+        time.sleep(1.5)
+        # The pipe takes 64 KiB; the writer is stuck on the first chunk that does not fit in it.
+        sizes = [int.from_bytes(manifest[off + 40 * i + 32 : off + 40 * i + 36], "big") for i in range(len(hashes))]
+        fit = next(i for i in range(len(sizes)) if sum(sizes[: i + 1]) > 65536)
+        served = server.log.read_text().count("chunk ")
+        assert served == min(len(hashes), fit + 2), server.log.read_text()
+        data = b""
+        while chunk := os.read(read_end, 1 << 20):
+            data += chunk
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(read_end)
+    store = sample_capsule.store / "chunks"
+    assert data == b"".join((store / h[:2] / h).read_bytes() for h in hashes)
+    assert server.log.read_text().count("chunk ") == len(hashes)
+
+
 def test_server_down_fails_with_reason(tmp_path: Path, sample_capsule: SampleCapsule, fetcher: Path) -> None:
     from tests.qemu.conftest import free_port
 
