@@ -333,6 +333,8 @@ def compile_fetcher(out: Path, *, cc: str = "gcc", extra_flags: Iterable[str] = 
     """Compile ``fetch.c`` into a static ``bootd-fetch`` at ``out`` (also used by tests and bench/boot to
     run the agent in host mode). Reproducible: built in a temporary directory under a fixed name, with
     ``-ffile-prefix-map``, no timestamps, stripped."""
+    if not FETCH_SRC.is_file():
+        raise Stage1Error(f"{FETCH_SRC} is missing: this bootd was installed without its stage-one sources")
     compiler = shutil.which(cc, path="/usr/bin:/bin:/usr/local/bin") if "/" not in cc else cc
     if compiler is None or not os.access(compiler, os.X_OK):
         raise Stage1Error(f"{cc} not found: apt-get install gcc (it compiles bootd-fetch, the stage one's "
