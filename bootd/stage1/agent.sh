@@ -34,8 +34,9 @@ now_ms() {
     echo $(( ${up%.*} * 1000 + 10#${up#*.} * 10 ))
 }
 
+CMDLINE=$(cat "$CMDLINE_FILE" 2>/dev/null)  # read once: a process per argument adds up
 arg() {
-    for w in $(cat "$CMDLINE_FILE"); do
+    for w in $CMDLINE; do
         case "$w" in "$1="*) echo "${w#*=}"; return 0 ;; esac
     done
     return 1
@@ -312,7 +313,7 @@ write_node_config() {
         echo "BOOTD_CAPSULE=$VID"
         [ -n "$IP" ] && echo "BOOTD_IP=$IP"
         # The node's key/values, channel 1: bootd.var.KEY=VALUE words on the kernel command line.
-        for w in $(cat "$CMDLINE_FILE"); do
+        for w in $CMDLINE; do
             case "$w" in bootd.var.*=*) echo "${w#bootd.var.}" ;; esac
         done
     } > "$WORK/node.env"
@@ -392,7 +393,8 @@ main() {
     case "$RETRIES" in ""|*[!0-9]*|0) RETRIES=10 ;; esac
     case "$TIMEOUT" in ""|*[!0-9]*|0) TIMEOUT=60 ;; esac
     stored=0
-    while read -r h s r; do stored=$((stored + 0x$s)); done < "$WORK/table"
+    # One arithmetic expression: busybox `read` takes a syscall per byte, too slow for big tables.
+    stored=$(( 0 $(sed -n 's/^[0-9a-f]* \([0-9a-f]*\) .*/+0x\1/p' "$WORK/table" | tr -d '\n') ))
     say "manifest ok chunks=$COUNT stored=$stored"
     post_event fetching "" 0 "$COUNT" 1
 
