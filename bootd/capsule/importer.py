@@ -4,9 +4,11 @@ The pipeline is: deterministic archive stream -> FastCDC cuts (main thread) ->
 zstd + sha256 + write (a pool of threads, or of forked processes with
 ``processes=True``). zstandard and hashlib release the GIL, so on N cores N
 chunks compress at once while the main thread reads the tree; the number of
-chunks in flight is bounded, so memory stays at a few chunk sizes no matter how
-big the capsule is. New chunks are fsynced on separate threads and the ref is
-only renamed after all of them are on disk.
+chunks in flight is bounded, so memory stays at a few blocks no matter how big
+the capsule is. The main thread reads the tree straight into the cutter's
+blocks and the compressors read the chunks from there (no copy per chunk);
+new chunks are fsynced on separate threads and the ref is only renamed after
+all of them are on disk.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from bootd.capsule.archive import (
     decompress_to,
     walk_directory,
 )
-from bootd.capsule.chunker import ChunkParams, iter_chunks
+from bootd.capsule.chunker import Block, ChunkCutter, ChunkParams
 from bootd.capsule.manifest import (
     ChunkRef,
     KernelRef,
@@ -262,7 +264,7 @@ def _stage_chunks(
         results: Iterator[tuple[str, int, int, bool]]
         if opts.processes:
             results = run_process_pool(
-                iter_chunks(stream, opts.chunk), workers=workers, max_chunk=opts.chunk.max_size,
+                _copied_chunks(ChunkCutter(stream, opts.chunk)), workers=workers, max_chunk=opts.chunk.max_size,
                 level=opts.zstd_level, staging_chunks=staging_chunks, store_chunks=store_chunks,
                 close_fds=(staging.lock_fd,), on_chunk=progress)
         else:
@@ -285,26 +287,37 @@ def _run_thread_pool(
     """The in-process variant (no extra processes; fine for small trees and tests)."""
     local = threading.local()
 
-    def work(raw: bytes) -> tuple[str, int, int, bool]:
+    def work(raw: memoryview) -> tuple[str, int, int, bool]:
         cctx = getattr(local, "c", None)
         if cctx is None:
             cctx = local.c = zstandard.ZstdCompressor(level=opts.zstd_level, write_content_size=True,
                                                       write_checksum=False)
         return compress_and_stage(raw, cctx, staging_chunks, store_chunks)
 
-    inflight: deque[Future[tuple[str, int, int, bool]]] = deque()
+    cutter = ChunkCutter(stream, opts.chunk)
+    inflight: deque[tuple[Future[tuple[str, int, int, bool]], Block]] = deque()
     limit = 2 * workers + 2
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capsule-zstd") as pool:
         try:
-            for view in iter_chunks(stream, opts.chunk):
-                raw = bytes(view)
-                inflight.append(pool.submit(work, raw))
+            for view, block in cutter:  # views into the cutter's blocks: no copy per chunk
+                inflight.append((pool.submit(work, view), block))
                 if progress is not None:
-                    progress(len(raw))
+                    progress(len(view))
                 while len(inflight) > limit:
-                    yield inflight.popleft().result()
+                    fut, block = inflight.popleft()
+                    yield fut.result()
+                    cutter.release(block)
             while inflight:
-                yield inflight.popleft().result()
+                fut, block = inflight.popleft()
+                yield fut.result()
+                cutter.release(block)
         finally:
-            for f in inflight:
-                f.cancel()
+            for fut, _ in inflight:
+                fut.cancel()
+
+
+def _copied_chunks(cutter: ChunkCutter) -> Iterator[memoryview]:
+    """For the process pool, which copies each chunk into its shared ring before asking for the next."""
+    for view, block in cutter:
+        yield view
+        cutter.release(block)
