@@ -7,8 +7,9 @@ chunks compress at once while the main thread reads the tree; the number of
 chunks in flight is bounded, so memory stays at a few blocks no matter how big
 the capsule is. The main thread reads the tree straight into the cutter's
 blocks and the compressors read the chunks from there (no copy per chunk);
-new chunks are fsynced on separate threads and the ref is only renamed after
-all of them are on disk.
+new chunk files are written with O_DIRECT (workers.ChunkWriter). New chunks
+are fsynced on separate threads and the ref is only renamed after all of them
+are on disk.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from bootd.capsule.manifest import (
     version_id,
 )
 from bootd.capsule.store import CapsuleStore, Staging, _describe_oserror, check_name
-from bootd.capsule.workers import compress_and_stage, run_process_pool
+from bootd.capsule.workers import ChunkWriter, compress_and_stage, direct_io_works, run_process_pool
 from bootd.errors import CapsuleError
 
 Progress = Callable[[int], None]
@@ -260,15 +261,16 @@ def _stage_chunks(
     new: set[str] = set()
     stream = ArchiveStream(iter(entries))
     staging_chunks, store_chunks = str(staging.chunks_dir), str(staging.store.chunks_dir)
+    direct = direct_io_works(str(staging.dir))
     try:
         results: Iterator[tuple[str, int, int, bool]]
         if opts.processes:
             results = run_process_pool(
                 _copied_chunks(ChunkCutter(stream, opts.chunk)), workers=workers, max_chunk=opts.chunk.max_size,
                 level=opts.zstd_level, staging_chunks=staging_chunks, store_chunks=store_chunks,
-                close_fds=(staging.lock_fd,), on_chunk=progress)
+                close_fds=(staging.lock_fd,), direct=direct, on_chunk=progress)
         else:
-            results = _run_thread_pool(stream, opts, workers, staging_chunks, store_chunks, progress)
+            results = _run_thread_pool(stream, opts, workers, staging_chunks, store_chunks, direct, progress)
         for h, stored_size, raw_size, is_new in results:
             refs.append(ChunkRef(h, stored_size, raw_size))
             if is_new:
@@ -282,7 +284,7 @@ def _stage_chunks(
 
 def _run_thread_pool(
     stream: ArchiveStream, opts: ImportOptions, workers: int, staging_chunks: str, store_chunks: str,
-    progress: Progress | None,
+    direct: bool, progress: Progress | None,
 ) -> Iterator[tuple[str, int, int, bool]]:
     """The in-process variant (no extra processes; fine for small trees and tests)."""
     local = threading.local()
@@ -292,7 +294,8 @@ def _run_thread_pool(
         if cctx is None:
             cctx = local.c = zstandard.ZstdCompressor(level=opts.zstd_level, write_content_size=True,
                                                       write_checksum=False)
-        return compress_and_stage(raw, cctx, staging_chunks, store_chunks)
+            local.w = ChunkWriter(direct)
+        return compress_and_stage(raw, cctx, staging_chunks, store_chunks, local.w)
 
     cutter = ChunkCutter(stream, opts.chunk)
     inflight: deque[tuple[Future[tuple[str, int, int, bool]], Block]] = deque()

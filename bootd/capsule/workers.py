@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import hashlib
+import mmap
 import multiprocessing
 import os
 import signal
@@ -45,7 +48,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _init(parent: int, close_fds: tuple[int, ...], shm_name: str, staging_chunks: str, store_chunks: str,
-          level: int) -> None:
+          level: int, direct: bool) -> None:
     _die_with_parent(parent)
     for fd in close_fds:  # e.g. the staging flock: only the importing process may hold it
         with contextlib.suppress(OSError):
@@ -54,11 +57,97 @@ def _init(parent: int, close_fds: tuple[int, ...], shm_name: str, staging_chunks
     # and unlinks it if the parent dies without cleaning up (kill -9).
     shm = shared_memory.SharedMemory(name=shm_name)
     _STATE.update(shm=shm, staging=staging_chunks, store=store_chunks,
-                  cctx=zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False))
+                  cctx=zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False),
+                  writer=ChunkWriter(direct))
+
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_ALIGN = 4096  # file offsets, lengths and buffer addresses of direct writes: a multiple of any block size in use
+
+
+def direct_io_works(directory: str) -> bool:
+    """Whether files in ``directory`` can be opened with O_DIRECT (tmpfs before 6.6, some FUSE: no)."""
+    if not _O_DIRECT:
+        return False
+    probe = os.path.join(directory, ".direct-probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | _O_DIRECT, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)  # Linux creates the file before it refuses the flag
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+class ChunkWriter:
+    """Writes new chunk files into the staging directory, past the page cache where it can.
+
+    A staged chunk is written once and never read back by the import, so copying it into
+    the page cache buys nothing and costs CPU time: the copy, page allocation and later
+    writeback were 7-20% of an import's CPU seconds on the 2-core test machine. With
+    O_DIRECT the frame is copied once into this writer's aligned buffer and the
+    block-aligned body goes to the device from there; the tail (under 4 KiB) is written
+    through the page cache after O_DIRECT is cleared on the same descriptor, so no partial
+    block has to be read back. Durability is unchanged: the importer fsyncs every new chunk
+    (which now writes just the inode and that tail) before anything is published.
+    One writer per thread or process; not thread-safe.
+    """
+
+    def __init__(self, direct: bool) -> None:
+        self.direct = direct and bool(_O_DIRECT)
+        self._buf: mmap.mmap | None = None
+
+    def _aligned(self, size: int) -> mmap.mmap:
+        if self._buf is None or len(self._buf) < size:
+            if self._buf is not None:
+                self._buf.close()
+            self._buf = mmap.mmap(-1, max(size, 4 << 20))  # page-aligned, reused for every chunk
+        return self._buf
+
+    def create(self, path: str, data: bytes) -> bool:
+        """Write ``data`` to a new file ``path``; False if ``path`` exists (the same chunk twice)."""
+        n = len(data)
+        body = n - n % _ALIGN if self.direct else 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags | _O_DIRECT if body else flags, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            done = self._write_direct(fd, data, body) if body else 0
+            view = memoryview(data)[done:]
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        return True
+
+    def _write_direct(self, fd: int, data: bytes, body: int) -> int:
+        """Write ``data[:body]`` with O_DIRECT, then clear the flag; returns the bytes written."""
+        buf = self._aligned(body)
+        done = 0
+        with memoryview(buf) as view:
+            view[:body] = memoryview(data)[:body]
+            try:
+                while done < body:
+                    k = os.write(fd, view[done:body])
+                    done += k
+                    if k % _ALIGN:
+                        break  # short and unaligned: the rest goes through the page cache
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or done:
+                    raise
+                self.direct = False  # this filesystem wants another alignment: stop trying
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        return done
 
 
 def compress_and_stage(
-    data: Any, cctx: Any, staging_chunks: str, store_chunks: str,
+    data: Any, cctx: Any, staging_chunks: str, store_chunks: str, writer: ChunkWriter,
 ) -> tuple[str, int, int, bool]:
     """Compress one chunk, name it by the sha256 of the result, and stage it unless the store has it.
 
@@ -75,24 +164,14 @@ def compress_and_stage(
         return h, len(stored), len(data), False
     except FileNotFoundError:
         pass
-    try:
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    except FileExistsError:
-        return h, len(stored), len(data), False  # the same chunk twice in one import
-    try:
-        view = memoryview(stored)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    return h, len(stored), len(data), True
+    return h, len(stored), len(data), writer.create(staged, stored)  # False: the same chunk twice
 
 
 def _work(offset: int, length: int) -> tuple[str, int, int, bool]:
     shm = _STATE["shm"]
     view = shm.buf[offset:offset + length]
     try:
-        return compress_and_stage(view, _STATE["cctx"], _STATE["staging"], _STATE["store"])
+        return compress_and_stage(view, _STATE["cctx"], _STATE["staging"], _STATE["store"], _STATE["writer"])
     finally:
         view.release()
 
@@ -106,6 +185,7 @@ def run_process_pool(
     staging_chunks: str,
     store_chunks: str,
     close_fds: tuple[int, ...] = (),
+    direct: bool = False,
     on_chunk: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[str, int, int, bool]]:
     """Yield one result per chunk, in stream order."""
@@ -117,7 +197,7 @@ def run_process_pool(
     ctx = multiprocessing.get_context("fork")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
                                initargs=(os.getpid(), close_fds, shm.name, staging_chunks, store_chunks,
-                                         level))
+                                         level, direct))
     ring = shm.buf
     assert ring is not None
     free = deque(range(slots))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -34,6 +35,10 @@ CHILD = textwrap.dedent("""
                 os.kill(os.getpid(), 9)  # after chunks and manifest are linked, before the ref moves
             return real_rename(src, dst, *a, **kw)
         os.rename = rename
+    if mode == "written":
+        def publish(*a, **kw):
+            os.kill(os.getpid(), 9)  # every new chunk written and synced, nothing linked into the store yet
+        CapsuleStore.publish = publish
 
     def progress(n):
         print("chunk", flush=True)
@@ -70,8 +75,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize(("mode", "workers"), [("staging", "threads"), ("publish", "threads"),
-                                                ("staging", "processes")])
+@pytest.mark.parametrize(("mode", "workers"), [("staging", "threads"), ("written", "threads"),
+                                                ("publish", "threads"), ("staging", "processes"),
+                                                ("written", "processes")])
 def test_kill_9_mid_import_leaves_old_version_and_gc_cleans(tmp_path: Path, mode: str, workers: str) -> None:
     tree = make_tree(tmp_path / "tree", files=120, mean_size=64 * 1024)
     (tree / "boot").mkdir()
@@ -101,12 +107,19 @@ def test_kill_9_mid_import_leaves_old_version_and_gc_cleans(tmp_path: Path, mode
             proc.kill()
             proc.wait()
     assert rc == -signal.SIGKILL and "DONE" not in out
-    if workers == "processes":
+    if workers == "processes" and mode == "staging":
         assert helpers, "expected compression worker processes"
         deadline = time.monotonic() + 10
         while any(_alive(p) for p in helpers) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(_alive(p) for p in helpers), "workers outlived the killed import"
+
+    if mode == "written":
+        # The staged chunks are whole frames (O_DIRECT body + page-cache tail), named by their hash.
+        staged = list(store.tmp_dir.glob("import-*/chunks/*"))
+        assert len(staged) >= 10
+        for p in staged:
+            assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name
 
     # Nothing half visible: the name still points at the old, intact version.
     assert store.names() == {"base": old.version}
