@@ -214,18 +214,52 @@ def test_server_restarted_mid_fetch_is_retried_until_it_is_back(
     assert all(e["event"] != "failed" for e in events)
 
 
+def chunk_table(store: Path, vid: str, path: Path) -> list[int]:
+    """The agent's chunk table ("<sha256> <stored size hex> <raw size hex>" lines); returns the sizes."""
+    manifest = (store / "manifests" / vid).read_bytes()
+    off = 16 + int.from_bytes(manifest[8:12], "big")
+    recs = [manifest[off + 40 * i : off + 40 * (i + 1)] for i in range(len(standin.chunk_hashes(store, vid)))]
+    path.write_text("".join(f"{r[:32].hex()} {r[32:36].hex()} {r[36:40].hex()}\n" for r in recs))
+    return [int.from_bytes(r[32:36], "big") for r in recs]
+
+
+def test_fetcher_reports_progress_at_most_once_a_second(tmp_path: Path, loopback_standin: StartStandin,
+                                                        sample_capsule: SampleCapsule, fetcher: Path) -> None:
+    """A slow unpacker: bootd-fetch prints "fetching i/N" and POSTs the `fetching` event with the node's
+    token, at most once a second, and ends with "fetching N/N"."""
+    sizes = chunk_table(sample_capsule.store, sample_capsule.vid, tmp_path / "table")
+    server = loopback_standin()
+    token = standin.node_token(b"standin-secret", "n0001")
+    proc = subprocess.Popen([str(fetcher), "-u", server.base, "-n", "n0001", str(tmp_path / "table")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, BOOTD_TOKEN=token))
+    assert proc.stdout is not None and proc.stderr is not None
+    t0 = time.monotonic()
+    got = 0
+    while chunk := proc.stdout.read(64 * 1024):  # about 3.5 s for the sample capsule
+        got += len(chunk)
+        time.sleep(0.07)
+    elapsed = time.monotonic() - t0
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=10) == 0, err
+    assert got == sum(sizes)
+    count = len(sizes)
+    lines = [ln for ln in err.splitlines() if ln.startswith("BOOTD-STAGE1 fetching ")]
+    assert lines[-1] == f"BOOTD-STAGE1 fetching {count}/{count}", err
+    mid = [int(ln.split()[-1].split("/")[0]) for ln in lines[:-1]]
+    assert mid and all(0 < d < count for d in mid) and mid == sorted(mid), err
+    assert len(mid) <= elapsed + 1
+    events = server.event_lines()
+    assert [e["done"] for e in events if e["event"] == "fetching"] == mid
+    assert all(e["token_ok"] and e["total"] == count for e in events)
+
+
 def test_fetcher_stays_within_its_window_of_the_writer(tmp_path: Path, loopback_standin: StartStandin,
                                                       sample_capsule: SampleCapsule, fetcher: Path) -> None:
     """RAM stays bounded: while nobody reads its output, bootd-fetch fetches no more than WINDOW chunks."""
     hashes = standin.chunk_hashes(sample_capsule.store, sample_capsule.vid)
     assert len(hashes) > 4
-    manifest = (sample_capsule.store / "manifests" / sample_capsule.vid).read_bytes()
-    meta_len = int.from_bytes(manifest[8:12], "big")
-    off = 16 + meta_len
     table = tmp_path / "table"
-    table.write_text("".join(f"{manifest[off + 40 * i : off + 40 * i + 32].hex()} "
-                             f"{manifest[off + 40 * i + 32 : off + 40 * i + 36].hex()} "
-                             f"{manifest[off + 40 * i + 36 : off + 40 * i + 40].hex()}\n" for i in range(len(hashes))))
+    sizes = chunk_table(sample_capsule.store, sample_capsule.vid, table)
     server = loopback_standin()
     read_end, write_end = os.pipe()
     proc = subprocess.Popen([str(fetcher), "-u", server.base, "-w", "4", "-W", "2", str(table)], stdout=write_end,
@@ -234,7 +268,6 @@ def test_fetcher_stays_within_its_window_of_the_writer(tmp_path: Path, loopback_
     try:
         time.sleep(1.5)
         # The pipe takes 64 KiB; the writer is stuck on the first chunk that does not fit in it.
-        sizes = [int.from_bytes(manifest[off + 40 * i + 32 : off + 40 * i + 36], "big") for i in range(len(hashes))]
         fit = next(i for i in range(len(sizes)) if sum(sizes[: i + 1]) > 65536)
         served = server.log.read_text().count("chunk ")
         assert served == min(len(hashes), fit + 2), server.log.read_text()
