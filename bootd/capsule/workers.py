@@ -58,7 +58,7 @@ def _init(parent: int, close_fds: tuple[int, ...], shm_name: str, staging_chunks
     shm = shared_memory.SharedMemory(name=shm_name)
     _STATE.update(shm=shm, staging=staging_chunks, store=store_chunks,
                   cctx=zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False),
-                  writer=ChunkWriter(direct))
+                  stage=ChunkWriter(direct).create)
 
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -83,6 +83,15 @@ def direct_io_works(directory: str) -> bool:
     return True
 
 
+def open_new(path: str, direct: bool) -> int | None:
+    """Create ``path`` for writing (O_EXCL, with O_DIRECT if asked); None if it exists already."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (_O_DIRECT if direct else 0)
+    try:
+        return os.open(path, flags, 0o644)
+    except FileExistsError:
+        return None
+
+
 class ChunkWriter:
     """Writes new chunk files into the staging directory, past the page cache where it can.
 
@@ -94,12 +103,34 @@ class ChunkWriter:
     through the page cache after O_DIRECT is cleared on the same descriptor, so no partial
     block has to be read back. Durability is unchanged: the importer fsyncs every new chunk
     (which now writes just the inode and that tail) before anything is published.
-    One writer per thread or process; not thread-safe.
+    One writer per thread or process (it owns a buffer); not thread-safe.
     """
 
     def __init__(self, direct: bool) -> None:
-        self.direct = direct and bool(_O_DIRECT)
+        self.direct = direct and bool(_O_DIRECT)  # cleared if the filesystem refuses our alignment
         self._buf: mmap.mmap | None = None
+
+    def wants_direct(self, size: int) -> bool:
+        return self.direct and size >= _ALIGN
+
+    def create(self, path: str, data: bytes) -> bool:
+        """Write ``data`` to a new file ``path``; False if ``path`` exists (the same chunk twice)."""
+        direct = self.wants_direct(len(data))
+        fd = open_new(path, direct)
+        if fd is None:
+            return False
+        try:
+            self.write(fd, data, direct)
+        finally:
+            os.close(fd)
+        return True
+
+    def write(self, fd: int, data: bytes, direct: bool) -> None:
+        """Write all of ``data`` to the new, empty file ``fd`` (opened with O_DIRECT if ``direct``)."""
+        done = self._write_direct(fd, data) if direct else 0
+        view = memoryview(data)[done:]
+        while view:
+            view = view[os.write(fd, view):]
 
     def _aligned(self, size: int) -> mmap.mmap:
         if self._buf is None or len(self._buf) < size:
@@ -108,26 +139,9 @@ class ChunkWriter:
             self._buf = mmap.mmap(-1, max(size, 4 << 20))  # page-aligned, reused for every chunk
         return self._buf
 
-    def create(self, path: str, data: bytes) -> bool:
-        """Write ``data`` to a new file ``path``; False if ``path`` exists (the same chunk twice)."""
-        n = len(data)
-        body = n - n % _ALIGN if self.direct else 0
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags | _O_DIRECT if body else flags, 0o644)
-        except FileExistsError:
-            return False
-        try:
-            done = self._write_direct(fd, data, body) if body else 0
-            view = memoryview(data)[done:]
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        return True
-
-    def _write_direct(self, fd: int, data: bytes, body: int) -> int:
-        """Write ``data[:body]`` with O_DIRECT, then clear the flag; returns the bytes written."""
+    def _write_direct(self, fd: int, data: bytes) -> int:
+        """Write the aligned body of ``data`` with O_DIRECT, then clear the flag; returns bytes written."""
+        body = len(data) - len(data) % _ALIGN
         buf = self._aligned(body)
         done = 0
         with memoryview(buf) as view:
@@ -142,17 +156,21 @@ class ChunkWriter:
                 if exc.errno != errno.EINVAL or done:
                     raise
                 self.direct = False  # this filesystem wants another alignment: stop trying
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # clears O_DIRECT (the fd has no other changeable flag)
         return done
 
 
+Stage = Callable[[str, bytes], bool]
+
+
 def compress_and_stage(
-    data: Any, cctx: Any, staging_chunks: str, store_chunks: str, writer: ChunkWriter,
+    data: Any, cctx: Any, staging_chunks: str, store_chunks: str, stage: Stage,
 ) -> tuple[str, int, int, bool]:
     """Compress one chunk, name it by the sha256 of the result, and stage it unless the store has it.
 
     Reused store chunks are hard-linked into staging so a concurrent gc cannot remove them
-    before this import publishes.
+    before this import publishes. ``stage(path, frame)`` creates a new staged file (False:
+    it exists, the same chunk twice in one import).
     """
     stored = cctx.compress(data)
     h = hashlib.sha256(stored).hexdigest()
@@ -164,14 +182,14 @@ def compress_and_stage(
         return h, len(stored), len(data), False
     except FileNotFoundError:
         pass
-    return h, len(stored), len(data), writer.create(staged, stored)  # False: the same chunk twice
+    return h, len(stored), len(data), stage(staged, stored)
 
 
 def _work(offset: int, length: int) -> tuple[str, int, int, bool]:
     shm = _STATE["shm"]
     view = shm.buf[offset:offset + length]
     try:
-        return compress_and_stage(view, _STATE["cctx"], _STATE["staging"], _STATE["store"], _STATE["writer"])
+        return compress_and_stage(view, _STATE["cctx"], _STATE["staging"], _STATE["store"], _STATE["stage"])
     finally:
         view.release()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 from collections.abc import Iterator
@@ -42,9 +43,13 @@ def test_full_disk_gives_clear_error_and_changes_nothing(tmp_path: Path, small_f
     for i in range(8):
         (big / f"blob{i}").write_bytes(os.urandom(1 << 20))  # incompressible, 8 MiB > 3 MiB fs
     with pytest.raises(CapsuleError, match="no space left on device"):
+        import_capsule(store, "other", big, options=dataclasses.replace(SMALL, processes=True))
+    fds = len(os.listdir("/proc/self/fd"))  # (after the process pool: it leaves a resource-tracker pipe)
+    with pytest.raises(CapsuleError, match="no space left on device"):
         import_capsule(store, "base", big, options=SMALL)
     with pytest.raises(CapsuleError, match="no space left on device"):
-        import_capsule(store, "other", big, options=SMALL)
+        import_capsule(store, "other", big, options=dataclasses.replace(SMALL, durable=True))
+    assert len(os.listdir("/proc/self/fd")) == fds  # chunk files handed to the I/O threads are all closed
 
     assert store.names() == {"base": old.version}
     assert sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*")) == before
