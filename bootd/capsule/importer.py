@@ -145,8 +145,11 @@ class _DiskIO:
 
     def stage(self, path: str, data: bytes) -> bool:
         """From a compressor thread: create ``path`` and queue its write; False if it exists."""
-        if self.error is not None:
-            raise CapsuleError("an earlier chunk write failed") from self.error  # stop early (ENOSPC)
+        err = self.error
+        if err is not None:  # stop early (ENOSPC): the same error, so the import reports its cause
+            if isinstance(err, OSError):
+                raise OSError(err.errno, err.strerror, err.filename) from err
+            raise CapsuleError(f"writing a chunk failed: {err}") from err
         direct = self.direct and len(data) >= 4096
         fd = open_new(path, direct)
         if fd is None:
