@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,8 +313,8 @@ def _stage_chunks(
     staging_chunks, store_chunks = str(staging.chunks_dir), str(staging.store.chunks_dir)
     direct = direct_io_works(str(staging.dir))
     io = _DiskIO(opts.durable, direct)
+    results: Generator[tuple[str, int, int, bool], None, None] | None = None
     try:
-        results: Iterator[tuple[str, int, int, bool]]
         if opts.processes:
             results = run_process_pool(
                 _copied_chunks(ChunkCutter(stream, opts.chunk)), workers=workers, max_chunk=opts.chunk.max_size,
@@ -329,6 +329,8 @@ def _stage_chunks(
                 if opts.processes:
                     io.sync(staging.chunks_dir / h)
     finally:
+        if results is not None:
+            results.close()  # on an error: the compressors stop before the I/O threads do
         stream.close()
         io.finish()
     return refs, new
@@ -337,7 +339,7 @@ def _stage_chunks(
 def _run_thread_pool(
     stream: ArchiveStream, opts: ImportOptions, workers: int, staging_chunks: str, store_chunks: str,
     stage: Stage, progress: Progress | None,
-) -> Iterator[tuple[str, int, int, bool]]:
+) -> Generator[tuple[str, int, int, bool], None, None]:
     """The in-process variant (no extra processes; fine for small trees and tests)."""
     local = threading.local()
 

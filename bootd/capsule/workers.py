@@ -26,7 +26,7 @@ import multiprocessing
 import os
 import signal
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import shared_memory
 from typing import Any
@@ -205,7 +205,7 @@ def run_process_pool(
     close_fds: tuple[int, ...] = (),
     direct: bool = False,
     on_chunk: Callable[[int], None] | None = None,
-) -> Iterator[tuple[str, int, int, bool]]:
+) -> Generator[tuple[str, int, int, bool], None, None]:
     """Yield one result per chunk, in stream order."""
     slots = 2 * workers + 2
     shm = shared_memory.SharedMemory(create=True, size=slots * max_chunk)
