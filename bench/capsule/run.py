@@ -11,18 +11,22 @@ writes (and fsyncs) its chunk store, which the peer does not have to do. Prints 
 medians, the ratio (bootd MB/s / peer MB/s, target >= 0.9), the compression ratio
 and the new-bytes share after changing one file.
 
-Every bootd run imports into an empty store, removed right before the import. On ext4
-without a journal (this test machine) that removal costs the import: the inode allocator
-skips inodes freed in the last minutes, scanning past each of them on every create
-(perf: recently_deleted under ext4_create), 0.1-1 CPU s per import, growing with every
-run. ``--fresh-stores`` imports into a new store per run instead and removes them all at
-the end (no deletes during the runs); ``--keep-stores`` leaves them, for back-to-back
-benchmarks (remove them yourself a few minutes later).
+Every bootd run imports into a new, empty store; the stores are removed after the last
+run, not between runs. Why: on ext4 without a journal (this test machine) the inode
+allocator skips inodes freed in the last few minutes, scanning past each of them on
+every create (perf: recently_deleted under ext4_create). Removing the previous run's
+store (~1,100 files) right before an import added 0.1-1 CPU s to it, depending on how
+many files earlier runs had removed: a cost of the benchmark's own cleanup, not of the
+import. ``--delete-between`` measures that way anyway (how the figures before 2026-11-26
+were taken). For the same reason, wait a few minutes after an earlier run's cleanup;
+the benchmark warns if it ran less than 6 minutes ago. ``--keep-stores`` skips the
+cleanup (for back-to-back runs of different versions; remove them later).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -137,13 +141,14 @@ def main() -> int:
                                                                         "/var/tmp/bootd-bench")))
     ap.add_argument("--store", type=Path, default=None, help="store dir (default: under the cache dir)")
     ap.add_argument("--no-fsync", action="store_true", help="skip fsync of staged files (not the default)")
-    ap.add_argument("--fresh-stores", action="store_true",
-                    help="a new store per run, none removed until the end (see above)")
+    ap.add_argument("--delete-between", action="store_true",
+                    help="one store, removed right before each import (the old way; see above)")
     ap.add_argument("--keep-stores", action="store_true",
                     help="leave the stores at the end (for back-to-back runs; remove them later)")
     args = ap.parse_args()
 
     root = args.cache / f"capsule-tree-{args.size_mib}m-v2"
+    cleaned = args.cache / ".stores-removed-at"
     t = time.perf_counter()
     generate(root, args.size_mib)
     gen = time.perf_counter() - t
@@ -152,6 +157,12 @@ def main() -> int:
         print(f"note: removing leftover stores in {stores} (an interrupted run?); "
               "freshly freed inodes slow the first imports on ext4 without a journal")
         shutil.rmtree(stores)
+        cleaned.write_text(f"{time.time()}\n")
+    with contextlib.suppress(OSError, ValueError):
+        ago = time.time() - float(cleaned.read_text())
+        if ago < 360:
+            print(f"warning: stores were removed {ago:.0f} s ago; on ext4 without a journal the "
+                  "freed inodes slow bootd's creates for a few minutes (see --help)")
     size = tree_bytes(root)
     print(f"tree {root}: {size / MiB:.0f} MiB ({(root / '.complete').read_text().strip()}), "
           f"ready in {gen:.1f} s; {os.cpu_count()} CPUs")
@@ -165,7 +176,7 @@ def main() -> int:
     peer_out = raw = stored = 0
     load = [os.getloadavg()[0]]
     def store_for(i: int, mode: str) -> Path:
-        return stores / f"run{i}-{mode}" if args.fresh_stores else stores / "store"
+        return stores / "store" if args.delete_between else stores / f"run{i}-{mode}"
 
     for i in range(args.runs):  # interleaved, so background load hits every contender alike
         pt, pc, peer_out = run_peer(root)
@@ -173,11 +184,11 @@ def main() -> int:
         cpu["peer"].append(pc)
         store_dir = store_for(i, "threads")
         bt, bc, raw, stored = run_bootd(root, store_dir, durable=not args.no_fsync, processes=False,
-                                        delete_first=not args.fresh_stores)
+                                        delete_first=args.delete_between)
         ours_t.append(bt)
         cpu["threads"].append(bc)
         bt, bc, raw, stored = run_bootd(root, store_for(i, "processes"), durable=not args.no_fsync,
-                                        processes=True, delete_first=not args.fresh_stores)
+                                        processes=True, delete_first=args.delete_between)
         proc_t.append(bt)
         cpu["processes"].append(bc)
         load.append(os.getloadavg()[0])
@@ -220,6 +231,7 @@ def main() -> int:
           f"({r.new_chunks} new chunks of {r.chunks})")
     if not args.keep_stores:
         shutil.rmtree(stores, ignore_errors=True)
+        cleaned.write_text(f"{time.time()}\n")
     return 0
 
 
