@@ -329,10 +329,13 @@ def _which(tool: str, package: str) -> str:
     return path
 
 
-def compile_fetcher(out: Path, *, cc: str = "gcc", extra_flags: Iterable[str] = ()) -> Path:
+def compile_fetcher(out: Path, *, cc: str = "gcc", extra_flags: Iterable[str] = (), static: bool = True) -> Path:
     """Compile ``fetch.c`` into a static ``bootd-fetch`` at ``out`` (also used by tests and bench/boot to
     run the agent in host mode). Reproducible: built in a temporary directory under a fixed name, with
-    ``-ffile-prefix-map``, no timestamps, stripped."""
+    ``-ffile-prefix-map``, no timestamps, stripped.
+
+    ``static=False`` is for tests only: a dynamically linked, unstripped build (sanitizers such as
+    ``-fsanitize=address`` cannot link statically); the stage one always uses the static build."""
     if not FETCH_SRC.is_file():
         raise Stage1Error(f"{FETCH_SRC} is missing: this bootd was installed without its stage-one sources")
     compiler = shutil.which(cc, path="/usr/bin:/bin:/usr/local/bin") if "/" not in cc else cc
@@ -346,7 +349,8 @@ def compile_fetcher(out: Path, *, cc: str = "gcc", extra_flags: Iterable[str] = 
             raise Stage1Error(f"{lib} not found (static linking of bootd-fetch): apt-get install {package}")
     with tempfile.TemporaryDirectory(prefix="bootd-fetch-") as tmp:
         shutil.copyfile(FETCH_SRC, Path(tmp) / "fetch.c")
-        cmd = [compiler, *FETCH_CFLAGS, *extra_flags, f"-ffile-prefix-map={tmp}=.", "-o", "bootd-fetch",
+        flags = FETCH_CFLAGS if static else tuple(f for f in FETCH_CFLAGS if f not in ("-static", "-s"))
+        cmd = [compiler, *flags, *extra_flags, f"-ffile-prefix-map={tmp}=.", "-o", "bootd-fetch",
                "fetch.c", "-l:libcrypto.a"]
         proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, check=False, timeout=300)
         if proc.returncode != 0:
