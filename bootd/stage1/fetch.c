@@ -13,8 +13,13 @@
  *
  * Faults: refused/dropped connections and timeouts are retried with backoff and jitter, a partial chunk
  * is resumed with Range (206 continues it, 200 restarts it), 503 waits Retry-After (+ up to 25% jitter,
- * capped at 30 s), 404/403/410/500 are fatal for the chunk (bootd answers 500 for a chunk it found
- * corrupt on disk), a hash mismatch is fetched once more and then fatal; RETRIES attempts per chunk.
+ * capped at 30 s and at TIMEOUT), 404/403/410/500 are fatal for the chunk (bootd answers 500 for a chunk
+ * it found corrupt on disk), a hash mismatch is fetched once more and then fatal; RETRIES attempts per
+ * chunk, each given TIMEOUT seconds in all (connect, request, reply headers and body).
+ * Every byte of a reply is untrusted: a head longer than 16 KiB, without CRLF line ends or with control
+ * bytes, a malformed, conflicting or absent Content-Length, any Transfer-Encoding, a 206 that does not
+ * answer the Range asked, or more body bytes than announced are refused (the connection is dropped),
+ * and server text in a reason is reduced to printable ASCII.
  * A fatal error writes one line naming the chunk to FAILFILE (or stderr) and exits 1 without writing
  * that chunk. Exit 3: stdout went away (zstd or tar stopped). Exit 2: usage.
  *
@@ -109,6 +114,8 @@ static int is_aborted(void) {
     return a;
 }
 
+static long retry_after_cap(void) { return cfg.timeout < 30 ? cfg.timeout : 30; }
+
 static unsigned rnd(unsigned *seed) { return (unsigned)rand_r(seed); }
 
 static void sleep_ms(long ms) {
@@ -117,12 +124,12 @@ static void sleep_ms(long ms) {
         ;
 }
 
-/* The agent's backoff: after a 503 with Retry-After, that long (capped at 30 s) plus up to a quarter
- * more; otherwise 0.5 s * 2^attempt, capped at 8 s, times a random factor in [0.5, 1.5). */
+/* The agent's backoff: after a 503 with Retry-After, that long (capped at 30 s, and at TIMEOUT: a server
+ * cannot make a node wait longer than it would wait for a reply) plus up to a quarter more; otherwise 0.5 s * 2^attempt, capped at 8 s, times a random factor in [0.5, 1.5). */
 static void backoff(int attempt, long retry_after_s, unsigned *seed) {
     long ms;
     if (retry_after_s >= 0) {
-        ms = retry_after_s > 30 ? 30000 : retry_after_s * 1000;
+        ms = retry_after_s > retry_after_cap() ? retry_after_cap() * 1000L : retry_after_s * 1000;
         ms += (long)(rnd(seed) % (unsigned long)(ms / 4 + 1));
     } else {
         ms = 500;
@@ -137,9 +144,20 @@ static void backoff(int attempt, long retry_after_s, unsigned *seed) {
 
 /* ---- connections ---------------------------------------------------------------------------- */
 
+/* Every wait on the network ends by a deadline: one request (connect, send, reply headers and body) gets
+ * TIMEOUT seconds in all, as the shell workers' `timeout $TIMEOUT wget`, so a server that drips a byte
+ * now and then cannot hold a worker longer than a server that sends nothing. A partial body is kept and
+ * resumed with Range on the next attempt. */
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 struct conn {
     int fd;
     int uses; /* requests answered on this connection */
+    long long deadline; /* now_ms() by which the current request must be done */
     size_t len, off; /* buffered bytes in buf[off..len) */
     char buf[HDR_MAX];
 };
@@ -150,6 +168,24 @@ static void conn_close(struct conn *c) {
     c->fd = -1;
     c->uses = 0;
     c->len = c->off = 0;
+}
+
+/* Waits until fd is ready for events or the deadline passed: 1 ready (or an error the next call reports),
+ * 0 timed out (errno ETIMEDOUT), -1 poll failed. */
+static int wait_fd(int fd, short events, long long deadline) {
+    for (;;) {
+        long long left = deadline - now_ms();
+        if (left <= 0) {
+            errno = ETIMEDOUT;
+            return 0;
+        }
+        struct pollfd p = {fd, events, 0};
+        int r = poll(&p, 1, left > 3600000 ? 3600000 : (int)left);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r != 0)
+            return r > 0 ? 1 : -1;
+    }
 }
 
 static int conn_open(struct conn *c, char *err, size_t errlen) {
@@ -165,10 +201,7 @@ static int conn_open(struct conn *c, char *err, size_t errlen) {
             close(fd);
             return -1;
         }
-        struct pollfd p = {fd, POLLOUT, 0};
-        int r;
-        while ((r = poll(&p, 1, cfg.timeout * 1000)) < 0 && errno == EINTR)
-            ;
+        int r = wait_fd(fd, POLLOUT, c->deadline);
         int soerr = 0;
         socklen_t sl = sizeof soerr;
         if (r == 0) {
@@ -182,30 +215,52 @@ static int conn_open(struct conn *c, char *err, size_t errlen) {
             return -1;
         }
     }
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-    struct timeval tv = {cfg.timeout, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    c->fd = fd;
+    c->fd = fd; /* stays non-blocking: every recv and send waits in wait_fd, bounded by the deadline */
     c->uses = 0;
     c->len = c->off = 0;
     return 0;
 }
 
+/* An idle keep-alive connection must have nothing to read: bytes there are either the server's close or
+ * bytes it sent beyond a reply (a body longer than announced), which must never be taken as the reply to
+ * the next request. */
+static int conn_idle_clean(struct conn *c) {
+    struct pollfd p = {c->fd, POLLIN, 0};
+    return c->off == c->len && poll(&p, 1, 0) == 0;
+}
+
 static const char *io_error(ssize_t r) {
     if (r == 0)
         return "connection closed by the server";
-    if (errno == EAGAIN || errno == EWOULDBLOCK)
+    if (errno == ETIMEDOUT || errno == EAGAIN || errno == EWOULDBLOCK)
         return "timed out";
     return strerror(errno);
+}
+
+/* One recv before the deadline: >0 bytes, 0 the server closed, -1 error or timeout (errno). */
+static ssize_t conn_recv(struct conn *c, void *dst, size_t n) {
+    for (;;) {
+        ssize_t r = recv(c->fd, dst, n, 0);
+        if (r >= 0)
+            return r;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            return -1;
+        int w = wait_fd(c->fd, POLLIN, c->deadline);
+        if (w <= 0)
+            return -1;
+    }
 }
 
 static int send_all(struct conn *c, const char *p, size_t n, char *err, size_t errlen) {
     while (n) {
         ssize_t w = send(c->fd, p, n, MSG_NOSIGNAL);
         if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && wait_fd(c->fd, POLLOUT, c->deadline) > 0)
             continue;
         if (w <= 0) {
             snprintf(err, errlen, "send: %s", io_error(w));
@@ -220,11 +275,58 @@ static int send_all(struct conn *c, const char *p, size_t n, char *err, size_t e
 struct reply {
     int status;
     long long length; /* Content-Length, -1 when absent */
-    long long range_start, range_total; /* Content-Range of a 206, -1 when absent */
-    long retry_after; /* seconds, -1 when absent */
-    int close; /* Connection: close */
-    char status_line[128];
+    long long range_start, range_end, range_total; /* Content-Range of a 206, -1 when absent */
+    long retry_after; /* seconds (saturated), -1 when absent or not a number */
+    int close; /* Connection: close, or HTTP/1.0 */
+    const char *bad; /* the first framing problem, for a 200 or 206: its body is not used */
+    char status_line[128]; /* printable ASCII only */
 };
+
+/* Server text in a reason or console line: printable ASCII only, so one line stays one line and no
+ * escape sequence reaches the console. */
+static void printable(char *dst, size_t dstlen, const char *src, size_t n) {
+    size_t k = 0;
+    for (size_t i = 0; i < n && src[i] && k + 1 < dstlen; i++)
+        dst[k++] = src[i] >= 0x20 && src[i] < 0x7f ? src[i] : '?';
+    dst[k] = 0;
+}
+
+/* A decimal number: digits only, optional trailing blanks; saturates at max. -1 when malformed. */
+static long long parse_num(const char *s, const char **end, long long max) {
+    long long v = 0;
+    const char *p = s;
+    if (*p < '0' || *p > '9')
+        return -1;
+    for (; *p >= '0' && *p <= '9'; p++)
+        v = v > (max - (*p - '0')) / 10 ? max : v * 10 + (*p - '0');
+    *end = p;
+    return v;
+}
+
+static int only_blanks(const char *p) {
+    while (*p == ' ' || *p == '\t')
+        p++;
+    return !*p;
+}
+
+/* Is token (e.g. "close") in a comma-separated header value? */
+static int has_token(const char *v, const char *token) {
+    size_t tl = strlen(token);
+    while (*v) {
+        while (*v == ' ' || *v == '\t' || *v == ',')
+            v++;
+        size_t n = strcspn(v, ",");
+        size_t k = n;
+        while (k && (v[k - 1] == ' ' || v[k - 1] == '\t'))
+            k--;
+        if (k == tl && !strncasecmp(v, token, tl))
+            return 1;
+        v += n;
+    }
+    return 0;
+}
+
+#define LEN_MAX (1LL << 62) /* longer than any chunk: a larger Content-Length saturates here */
 
 /* Reads the status line and headers; the body's first bytes stay in c->buf[c->off..c->len).
  * Returns 0, or -1 with err set; *got_any tells whether the server sent anything at all. */
@@ -232,38 +334,66 @@ static int read_head(struct conn *c, struct reply *r, int *got_any, char *err, s
     c->len = c->off = 0;
     *got_any = 0;
     char *end = NULL;
+    size_t scanned = 0;
+    int lf_only = 0;
     while (!end) {
         if (c->len >= sizeof c->buf - 1) {
             snprintf(err, errlen, "reply headers longer than %d bytes", HDR_MAX);
             return -1;
         }
-        ssize_t n = recv(c->fd, c->buf + c->len, sizeof c->buf - 1 - c->len, 0);
-        if (n < 0 && errno == EINTR)
-            continue;
+        ssize_t n = conn_recv(c, c->buf + c->len, sizeof c->buf - 1 - c->len);
         if (n <= 0) {
-            snprintf(err, errlen, "%s", io_error(n));
+            if (c->len)
+                snprintf(err, errlen, "reply headers cut short after %zu bytes: %s", c->len, io_error(n));
+            else
+                snprintf(err, errlen, "%s", io_error(n));
             return -1;
         }
         *got_any = 1;
         c->len += (size_t)n;
         c->buf[c->len] = 0;
-        end = strstr(c->buf, "\r\n\r\n");
+        /* Only the new bytes (and the 3 before them) are searched: a byte-at-a-time reply stays linear. */
+        size_t from = scanned > 3 ? scanned - 3 : 0;
+        end = memmem(c->buf + from, c->len - from, "\r\n\r\n", 4);
+        char *lf = memmem(c->buf + from, c->len - from, "\n\n", 2);
+        if (lf && (!end || lf < end)) { /* the end of a head without CRLF: refuse it now, not at timeout */
+            end = lf;
+            lf_only = 1;
+        }
+        scanned = c->len;
+    }
+    size_t head_len = (size_t)(end - c->buf);
+    c->off = head_len + (lf_only ? 2 : 4);
+    memset(r, 0, sizeof *r);
+    r->length = r->range_start = r->range_end = r->range_total = -1;
+    r->retry_after = -1;
+    size_t first = strcspn(c->buf, "\r\n");
+    printable(r->status_line, sizeof r->status_line, c->buf, first < 100 ? first : 100);
+    /* The head is text: CRLF line ends, no control bytes but HT (a NUL would hide the rest of a line). */
+    for (size_t i = 0; i < head_len; i++) {
+        unsigned char b = (unsigned char)c->buf[i];
+        if (lf_only || (b == '\r' && c->buf[i + 1] != '\n') || (b == '\n' && (i == 0 || c->buf[i - 1] != '\r'))) {
+            snprintf(err, errlen, "reply headers without CRLF line ends: %s", r->status_line);
+            return -1;
+        }
+        if ((b < 0x20 && b != '\t' && b != '\r' && b != '\n') || b == 0x7f) {
+            snprintf(err, errlen, "control byte 0x%02x in the reply headers: %s", b, r->status_line);
+            return -1;
+        }
     }
     *end = 0;
-    c->off = (size_t)(end + 4 - c->buf);
-    memset(r, 0, sizeof *r);
-    r->length = r->range_start = r->range_total = -1;
-    r->retry_after = -1;
     char *line = c->buf, *nl = strstr(line, "\r\n");
     if (nl)
         *nl = 0;
-    snprintf(r->status_line, sizeof r->status_line, "%.100s", line);
-    int minor = 0;
-    if (sscanf(line, "HTTP/1.%d %d", &minor, &r->status) != 2) {
-        snprintf(err, errlen, "not an HTTP reply: %.60s", line);
+    /* "HTTP/1.x NNN" then a space and a reason phrase, or nothing */
+    if (strncmp(line, "HTTP/1.", 7) || (line[7] != '0' && line[7] != '1') || line[8] != ' ' || line[9] < '1' ||
+        line[9] > '9' || line[10] < '0' || line[10] > '9' || line[11] < '0' || line[11] > '9' ||
+        (line[12] != ' ' && line[12] != 0)) {
+        snprintf(err, errlen, "not an HTTP reply: %.60s", r->status_line);
         return -1;
     }
-    if (minor == 0)
+    r->status = (line[9] - '0') * 100 + (line[10] - '0') * 10 + (line[11] - '0');
+    if (line[7] == '0')
         r->close = 1;
     while (nl) {
         line = nl + 2;
@@ -275,20 +405,38 @@ static int read_head(struct conn *c, struct reply *r, int *got_any, char *err, s
             continue;
         *colon = 0;
         char *v = colon + 1;
+        const char *e;
         while (*v == ' ' || *v == '\t')
             v++;
-        if (!strcasecmp(line, "Content-Length"))
-            r->length = strtoll(v, NULL, 10);
-        else if (!strcasecmp(line, "Retry-After") && *v >= '0' && *v <= '9')
-            r->retry_after = strtol(v, NULL, 10);
-        else if (!strcasecmp(line, "Connection") && !strncasecmp(v, "close", 5))
-            r->close = 1;
-        else if (!strcasecmp(line, "Content-Range")) {
-            long long a, b, t;
-            if (sscanf(v, "bytes %lld-%lld/%lld", &a, &b, &t) == 3) {
+        if (!strcasecmp(line, "Content-Length")) {
+            long long n = parse_num(v, &e, LEN_MAX);
+            if (n < 0 || n == LEN_MAX || !only_blanks(e)) {
+                if (!r->bad)
+                    r->bad = "malformed Content-Length";
+            } else if (r->length >= 0 && r->length != n) {
+                if (!r->bad)
+                    r->bad = "conflicting Content-Length headers";
+            } else
+                r->length = n;
+        } else if (!strcasecmp(line, "Transfer-Encoding")) {
+            if (!r->bad)
+                r->bad = "Transfer-Encoding is not supported";
+        } else if (!strcasecmp(line, "Retry-After")) {
+            long long n = parse_num(v, &e, 1000000);
+            r->retry_after = n >= 0 && only_blanks(e) ? (long)n : -1; /* an HTTP-date or garbage: backoff */
+        } else if (!strcasecmp(line, "Connection")) {
+            if (has_token(v, "close"))
+                r->close = 1;
+        } else if (!strcasecmp(line, "Content-Range")) {
+            long long a = -1, b = -1, t = -1;
+            if (!strncmp(v, "bytes ", 6) && (a = parse_num(v + 6, &e, LEN_MAX)) >= 0 && *e == '-' &&
+                (b = parse_num(e + 1, &e, LEN_MAX)) >= 0 && *e == '/' && (t = parse_num(e + 1, &e, LEN_MAX)) >= 0 &&
+                only_blanks(e) && a <= b && b < t && r->range_start < 0) {
                 r->range_start = a;
+                r->range_end = b;
                 r->range_total = t;
-            }
+            } else if (!r->bad)
+                r->bad = "malformed Content-Range";
         }
     }
     return 0;
@@ -305,9 +453,7 @@ static int read_body(struct conn *c, unsigned char *dst, size_t n, size_t *got, 
         *got = k;
     }
     while (*got < n) {
-        ssize_t r = recv(c->fd, dst + *got, n - *got, 0);
-        if (r < 0 && errno == EINTR)
-            continue;
+        ssize_t r = conn_recv(c, dst + *got, n - *got);
         if (r <= 0) {
             snprintf(err, errlen, "%s after %zu of %zu bytes", io_error(r), *got, n);
             return -1;
@@ -334,7 +480,10 @@ struct job {
 static int try_once(struct conn *c, struct job *j) {
     char req[768];
     int reused = 0;
+    c->deadline = now_ms() + (long long)cfg.timeout * 1000;
     for (;;) {
+        if (c->fd >= 0 && !conn_idle_clean(c))
+            conn_close(c);
         if (c->fd < 0 && conn_open(c, j->err, sizeof j->err) < 0)
             return TRY_RETRY;
         reused = c->uses > 0;
@@ -352,42 +501,53 @@ static int try_once(struct conn *c, struct job *j) {
         if (send_all(c, req, (size_t)n, j->err, sizeof j->err) < 0 ||
             read_head(c, &r, &got_any, j->err, sizeof j->err) < 0) {
             conn_close(c);
-            if (reused && !got_any)
+            if (reused && !got_any && errno != ETIMEDOUT)
                 continue; /* the server had closed the idle keep-alive connection: reconnect at once */
             return TRY_RETRY;
         }
         c->uses++;
         if (r.status == 200 || r.status == 206) {
             size_t size = j->ch->size;
-            if (r.status == 200 || r.range_start != (long long)j->have) {
-                if (j->have && r.status == 206) {
+            if (r.bad) {
+                conn_close(c);
+                snprintf(j->err, sizeof j->err, "%s: %s", r.status_line, r.bad);
+                return TRY_RETRY;
+            }
+            if (r.length < 0) {
+                conn_close(c);
+                snprintf(j->err, sizeof j->err, "%s: no Content-Length", r.status_line);
+                return TRY_RETRY;
+            }
+            if (r.status == 206) {
+                if (!j->have) {
                     conn_close(c);
-                    snprintf(j->err, sizeof j->err, "206 for bytes %lld- where %zu- was asked", r.range_start,
-                             j->have);
+                    snprintf(j->err, sizeof j->err, "206 Partial Content to a request without Range");
+                    return TRY_RETRY;
+                }
+                if (r.range_start != (long long)j->have || r.range_end != (long long)size - 1 ||
+                    r.range_total != (long long)size || r.length != r.range_end - r.range_start + 1) {
+                    conn_close(c);
+                    snprintf(j->err, sizeof j->err, "206 for bytes %lld-%lld/%lld where %zu- was asked (%lld bytes)",
+                             r.range_start, r.range_end, r.range_total, j->have, r.length);
                     j->have = 0;
                     return TRY_RETRY;
                 }
+            } else {
                 j->have = 0; /* 200: the whole chunk again */
-            }
-            long long want = (long long)(size - j->have);
-            if (r.length != want || (r.status == 206 && r.range_total != (long long)size)) {
-                conn_close(c);
-                if (r.status == 200 && r.length >= 0) { /* a different object: a verification failure */
+                if (r.length != (long long)size) { /* a different object: a verification failure */
+                    conn_close(c);
                     snprintf(j->err, sizeof j->err, "got %lld bytes where the manifest says %zu", r.length, size);
                     return TRY_RESTART;
                 }
-                snprintf(j->err, sizeof j->err, "%s with %lld bytes where %lld were expected", r.status_line,
-                         r.length, want);
-                return TRY_RETRY;
             }
-            size_t got = 0;
-            int rc = read_body(c, j->buf + j->have, (size_t)want, &got, j->err, sizeof j->err);
+            size_t want = size - j->have, got = 0;
+            int rc = read_body(c, j->buf + j->have, want, &got, j->err, sizeof j->err);
             j->have += got;
             if (rc < 0) {
                 conn_close(c);
                 return TRY_RETRY;
             }
-            if (r.close)
+            if (r.close || c->off != c->len) /* more bytes than announced: the connection is not reused */
                 conn_close(c);
             return TRY_OK;
         }
@@ -463,6 +623,8 @@ static unsigned char *fetch_chunk(struct conn *c, struct chunk *ch, unsigned *se
             fatal("chunk %s could not be fetched: %s: %s (after %d attempts)", ch->hash, j.url, j.err, attempt);
             break;
         }
+        if (j.retry_after > retry_after_cap())
+            j.retry_after = retry_after_cap();
         if (j.retry_after >= 0)
             say("retry %s in %lds (server busy, 503)", j.url, j.retry_after);
         else if (j.retry_after == -2)
@@ -527,6 +689,7 @@ static void post_fetching(int done) {
     if (!c)
         return;
     c->fd = -1;
+    c->deadline = now_ms() + (long long)cfg.timeout * 1000;
     if (conn_open(c, err, sizeof err) == 0 && send_all(c, req, (size_t)n, err, sizeof err) == 0) {
         struct reply r;
         int any;
@@ -617,8 +780,11 @@ static int load_table(const char *path) {
         if (count == cap) {
             cap *= 2;
             struct chunk *more = realloc(chunks, (size_t)cap * sizeof *chunks);
-            if (!more)
+            if (!more) { /* never a table cut short: its tail would simply not be written */
+                free(chunks);
+                chunks = NULL;
                 break;
+            }
             chunks = more;
         }
         memset(&chunks[count], 0, sizeof *chunks);
@@ -626,8 +792,9 @@ static int load_table(const char *path) {
         chunks[count].size = s;
         count++;
     }
+    int bad = ferror(f);
     fclose(f);
-    return chunks ? 0 : -1;
+    return chunks && !bad ? 0 : -1;
 }
 
 static void report_failure(void) {
