@@ -130,7 +130,10 @@ class ChunkFastPath:
             else:
                 # MSG_MORE holds the headers back until the body follows (nginx corks for this,
                 # two more syscalls per response); the write buffer is empty, so order is kept.
-                done = sock.send(header, socket.MSG_MORE)
+                try:
+                    done = sock.send(header, socket.MSG_MORE)
+                except (BlockingIOError, InterruptedError):
+                    done = 0  # the client has not read its previous answers yet: the loop waits for it
                 if done < len(header):
                     transport.write(header[done:])
                 if not transport.get_write_buffer_size():

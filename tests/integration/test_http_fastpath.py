@@ -154,3 +154,21 @@ async def test_busy_slots_send_chunk_gets_through_the_route(tmp_path: Path) -> N
     finally:
         await e.server.close()
         await store.close()
+
+
+async def test_client_that_reads_late_gets_every_answer_whole_and_in_order(env: Env) -> None:
+    """Requests keep coming while the client reads nothing: the socket fills up mid-header or mid-body."""
+    chunks = sorted(env.manifest().chunks, key=lambda c: c.stored_size)
+    conn = await Conn.open(env)
+    try:
+        order = [chunks[i % len(chunks)] for i in range(40)]
+        for c in order:
+            conn.writer.write(f"GET /chunks/{c.sha256} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            await conn.writer.drain()
+            await asyncio.sleep(0.01)  # one request per read on the server side, mostly
+        for c in order:
+            st, _, body = await conn.response()
+            assert st == 200 and hashlib.sha256(body).hexdigest() == c.sha256
+    finally:
+        conn.close()
+    assert env.server.admission.active == 0
