@@ -10,23 +10,13 @@ import asyncio
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
-from tests.integration.test_http import Env, _register, start_env
+from tests.integration.test_http import Env, _register, env, start_env
 
-
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    e, store = await start_env(tmp_path)
-    try:
-        yield e
-    finally:
-        await e.server.close()
-        await store.close()
+__all__ = ["env"]  # the running-server fixture, shared with test_http.py
 
 
 class Conn:
