@@ -46,6 +46,20 @@ _HEAD_END = b"\r\n\r\n"
 _MAX_REQUEST = 4096
 
 
+def sendfile_now(transport: asyncio.Transport, fd: int, file: Any, offset: int, count: int) -> int:
+    """One sendfile(2) to socket ``fd`` right away; returns bytes sent (0 if the socket is full).
+
+    Only when the transport has nothing buffered (the headers went out at once), or the body
+    would overtake them.  The event loop's ``sendfile`` sends whatever is left.
+    """
+    if transport.get_write_buffer_size():
+        return 0
+    try:
+        return os.sendfile(fd, file.fileno(), offset, count)
+    except (BlockingIOError, InterruptedError):
+        return 0
+
+
 class ChunkFastPath:
     """Serves simple chunk GETs for :class:`ChunkRequestHandler` with the server's own parts.
 
@@ -136,11 +150,7 @@ class ChunkFastPath:
                     done = 0  # the client has not read its previous answers yet: the loop waits for it
                 if done < len(header):
                     transport.write(header[done:])
-                if not transport.get_write_buffer_size():
-                    try:
-                        sent = os.sendfile(sock.fileno(), entry.file.fileno(), 0, size)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
+                sent = sendfile_now(transport, sock.fileno(), entry.file, 0, size)
         except OSError as exc:
             self._finish(proto, transport, entry, 0, exc)
             return True
