@@ -56,6 +56,7 @@ from bootd.capsule.workers import (
     direct_io_works,
     open_new,
     run_process_pool,
+    worth_direct,
 )
 from bootd.errors import CapsuleError
 
@@ -151,7 +152,7 @@ class _DiskIO:
             if isinstance(err, OSError):
                 raise OSError(err.errno, err.strerror, err.filename) from err
             raise CapsuleError(f"writing a chunk failed: {err}") from err
-        direct = self.direct and len(data) >= 4096
+        direct = self.direct and worth_direct(len(data))
         fd = open_new(path, direct)
         if fd is None:
             return False

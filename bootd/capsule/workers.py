@@ -84,6 +84,11 @@ def direct_io_works(directory: str) -> bool:
     return True
 
 
+def worth_direct(size: int) -> bool:
+    """Below one aligned block a chunk has no body to write past the page cache."""
+    return size >= _ALIGN
+
+
 def open_new(path: str, direct: bool) -> int | None:
     """Create ``path`` for writing (O_EXCL, with O_DIRECT if asked); None if it exists already."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (_O_DIRECT if direct else 0)
@@ -112,7 +117,7 @@ class ChunkWriter:
         self._buf: mmap.mmap | None = None
 
     def wants_direct(self, size: int) -> bool:
-        return self.direct and size >= _ALIGN
+        return self.direct and worth_direct(size)
 
     def create(self, path: str, data: bytes) -> bool:
         """Write ``data`` to a new file ``path``; False if ``path`` exists (the same chunk twice)."""
