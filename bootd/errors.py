@@ -55,5 +55,14 @@ class Conflict(StoreError):
     """The change would break a uniqueness rule (name or MAC already taken)."""
 
 
+class StateChanged(Conflict):
+    """A compare-and-set of a node's state lost: another process changed the state first."""
+
+    def __init__(self, name: str, expected: str, actual: str) -> None:
+        super().__init__(f"node {name!r} is {actual}, not {expected}: another writer changed it first")
+        self.expected = expected
+        self.actual = actual
+
+
 class CapsuleError(BootdError):
     """A capsule operation failed; the store is left as it was."""

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from bootd.errors import Conflict, NotFound, StoreError
+from bootd.errors import Conflict, NotFound, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
 from bootd.store.base import NODE_FIELDS, Event
 
@@ -329,9 +329,12 @@ class SqliteRepo:
             db.execute("DELETE FROM leases WHERE mac = ?", (row["mac"],))
             db.execute("DELETE FROM nodes WHERE id = ?", (row["id"],))
 
-    def set_state(self, name: str, state: State, reason: str = "", *, now: float, detail: str = "") -> Node:
+    def set_state(self, name: str, state: State, reason: str = "", *, now: float, detail: str = "",
+                  expect: State | None = None) -> Node:
         with self.write() as db:
             row = self._require(name)
+            if expect is not None and row["state"] != expect.value:
+                raise StateChanged(name, expect.value, row["state"])
             if row["state"] != state.value or row["reason"] != reason:
                 db.execute("UPDATE nodes SET state = ?, reason = ?, state_since = ? WHERE id = ?",
                            (state.value, reason, now, row["id"]))
@@ -461,8 +464,9 @@ class SqliteNodeStore:
     async def delete_node(self, name: str) -> None:
         await self._run(self.repo.delete_node, name)
 
-    async def set_state(self, name: str, state: State, reason: str = "", *, now: float, detail: str = "") -> Node:
-        return await self._run(self.repo.set_state, name, state, reason, now=now, detail=detail)
+    async def set_state(self, name: str, state: State, reason: str = "", *, now: float, detail: str = "",
+                        expect: State | None = None) -> Node:
+        return await self._run(self.repo.set_state, name, state, reason, now=now, detail=detail, expect=expect)
 
     async def touch(self, name: str, now: float) -> None:
         await self._run(self.repo.touch, name, now)
