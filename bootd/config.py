@@ -43,6 +43,7 @@ class RegistryConfig:
     default_group: str = "default"
     stale_after: float = 90.0
     dead_after: float = 300.0
+    pxe_timeout: float = 300.0
     register_rate: float = 0.0
     register_burst: int = 100
 
@@ -304,6 +305,7 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         default_group=r.text("default_group", "default"),
         stale_after=r.number("stale_after", 90.0, 1.0, 86400.0 * 30),
         dead_after=r.number("dead_after", 300.0, 1.0, 86400.0 * 30),
+        pxe_timeout=r.number("pxe_timeout", RegistryConfig.pxe_timeout, 0.0, 86400.0 * 30),
         register_rate=r.number("register_rate", 0.0, 0.0, 1e6),
         register_burst=r.integer("register_burst", 100, 1, 1_000_000),
     )

@@ -1,7 +1,6 @@
-"""The composition root: config -> store -> services -> transports.
+"""``bootd serve``: runs what ``bootd.compose.build`` made.
 
-Only this module knows every concrete class.  Everything it starts runs in
-one asyncio loop; SIGTERM/SIGINT set an Event (as hypercorn's run.py does)
+Everything it starts runs in one asyncio loop; SIGTERM/SIGINT set an Event (as hypercorn's run.py does)
 and shutdown gets ``server.graceful_timeout`` seconds before the rest is
 cancelled; SIGHUP re-reads the configuration and applies what can change
 live.  systemd hears READY=1, STATUS= and STOPPING=1 through sd_notify.
@@ -17,24 +16,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from bootd import __version__
 from bootd import config as config_mod
+from bootd.compose import Built, Component, build
 from bootd.errors import BootdError, ConfigError
-from bootd.service.registry import RegistryService
-from bootd.store.sqlite import SqliteNodeStore, state_dir_writable
 
 log = logging.getLogger("bootd")
-
-
-class Component(Protocol):
-    """A transport or background service the daemon starts and stops."""
-
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
 
 
 def notify(message: str) -> bool:
@@ -92,22 +81,16 @@ def setup_logging(level: str) -> None:
 @dataclass
 class Daemon:
     config: config_mod.Config
-    components: list[tuple[str, Component]] = field(default_factory=list)
-    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    built: Built | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    store: SqliteNodeStore | None = None
-    registry: RegistryService | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def components(self) -> list[tuple[str, Component]]:
+        return [] if self.built is None else self.built.components
 
     async def build(self) -> None:
-        """Construct the store, services and transports; nothing listens yet."""
-        cfg = self.config
-        state_dir_writable(cfg.server.state_dir)
-        self.store = SqliteNodeStore(cfg.db_path, default_group=cfg.registry.default_group)
-        self.registry = RegistryService(self.store, cfg.registry)
-        from bootd import wiring
-
-        await wiring.build(self)
+        """Construct the store, services and transports (bootd.compose); nothing listens yet."""
+        self.built = build(self.config)
 
     async def start(self) -> None:
         started: list[tuple[str, Component]] = []
@@ -129,8 +112,8 @@ class Daemon:
                 log.info("event=stopped component=%s", name)
             except Exception as exc:  # keep closing the others; the error is logged
                 log.error("event=stop_failed component=%s error=%r", name, exc)
-        if self.store is not None:
-            await self.store.close()
+        if self.built is not None:
+            await self.built.store.close()
 
     def reload(self) -> None:
         """SIGHUP: re-read the file; apply live what can change live, say what needs a restart."""
@@ -145,11 +128,9 @@ class Daemon:
         if any(getattr(new.server, k) != getattr(old.server, k) for k in ("state_dir", "address", "interface")):
             restart.append("server")
         setup_logging(new.server.log_level)
-        if self.registry is not None:
-            self.registry.config = new.registry
         self.config = new
-        for hook in self.extras.get("reload_hooks", []):
-            hook(new)
+        if self.built is not None:
+            self.built.reload(new)
         if restart:
             log.warning("event=reloaded applied=registry,boot,log_level restart_needed_for=%s", ",".join(restart))
         else:
@@ -174,7 +155,8 @@ class Daemon:
         failed = False
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks: list[asyncio.Task[None]] = [tg.create_task(job()) for job in self.background]
+                jobs = [] if self.built is None else self.built.background
+                tasks: list[asyncio.Task[None]] = [tg.create_task(job()) for job in jobs]
                 await self.stop.wait()
                 for task in tasks:
                     task.cancel()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 _MAC_HEX = re.compile(r"^[0-9a-f]{12}$")
 
@@ -109,3 +110,10 @@ class BootPlan:
     filename: str
     next_server: str | None = None
     ipxe_no_proxydhcp: bool = False
+
+
+def node_json(node: Node) -> dict[str, Any]:
+    """A node as JSON (the admin API and ``--json`` print the same shape)."""
+    out = asdict(node)
+    out["state"] = node.state.value
+    return out

@@ -12,11 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
-from bootd.capsule.store import CapsuleStore
+from bootd import compose
 from bootd.config import from_dict
-from bootd.metrics import make_registry
 from bootd.net.http import HttpServer
-from bootd.service.registry import RegistryService
 from bootd.store.memory import memory_store
 
 
@@ -27,8 +25,8 @@ async def main(capsule_dir: Path, state_dir: Path, port: int, fast: bool) -> Non
         "capsule": {"dir": str(capsule_dir)},
     })
     store = memory_store()
-    server = HttpServer(config, RegistryService(store, config.registry), CapsuleStore(capsule_dir), make_registry(),
-                        fast_sendfile=fast)
+    _, services = compose.services(config, store=store)
+    server = HttpServer(config, services, fast_sendfile=fast)
     await server.start()
     print(f"READY {server.port}", flush=True)
     stop = asyncio.Event()

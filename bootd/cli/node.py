@@ -1,37 +1,44 @@
 """``bootd node``, ``bootd group`` and ``bootd lease``: the registry from the shell.
 
-The CLI opens the SQLite file directly (WAL lets it work beside a running
-daemon); every write is its own short transaction.
+Every command builds the same services as the daemon, in-process, over the
+store (bootd.compose.open_services): a change from the CLI and the same change
+from the admin API are validated, applied and refused by the same code
+(bootd.service.nodes).  It works with the daemon stopped; beside a running
+daemon, SQLite's WAL and the lifecycle's compare-and-set keep both honest.
+Read commands open the store read-only, so they also work on a read-only
+state directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
+from bootd.compose import open_services
 from bootd.config import Config
-from bootd.errors import BootdError, NotFound
-from bootd.hostlist import HostlistError, compress, expand
-from bootd.model import Group, Node, State, normalize_mac
-from bootd.store.sqlite import SqliteRepo
+from bootd.hostlist import compress
+from bootd.model import Node, State, node_json
+from bootd.service.nodes import Invalid
+from bootd.service.services import Services
+
+T = TypeVar("T")
 
 
-def _repo(config: Config, *, write: bool = True) -> SqliteRepo:
-    """Read commands open read-only, so they work on a read-only state directory too."""
+def _run(config: Config, job: Callable[[Services], Awaitable[T]], *, write: bool = True) -> T:
+    """Run one command's work against the services; reads open the registry read-only."""
     readonly = not write and config.db_path.exists()  # a first read on a new install creates the registry
-    return SqliteRepo(config.db_path, default_group=config.registry.default_group, readonly=readonly)
 
+    async def main() -> T:
+        async with open_services(config, readonly=readonly) as services:
+            return await job(services)
 
-def _names(expr: str) -> list[str]:
-    try:
-        return expand(expr)
-    except HostlistError as exc:
-        raise BootdError(f"bad hostlist: {exc}") from None
+    return asyncio.run(main())
 
 
 def _ago(ts: float, now: float) -> str:
@@ -50,24 +57,6 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
 
 
-def node_json(node: Node) -> dict[str, Any]:
-    data = dataclasses.asdict(node)
-    data["state"] = node.state.value
-    return data
-
-
-def _select(repo: SqliteRepo, expr: str | None) -> list[Node]:
-    nodes = repo.list_nodes()
-    if expr is None:
-        return nodes
-    wanted = _names(expr)
-    by_name = {n.name: n for n in nodes}
-    missing = [w for w in wanted if w not in by_name]
-    if missing:
-        raise NotFound(f"no such node(s): {compress(missing)}")
-    return [by_name[w] for w in wanted]
-
-
 def _print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
@@ -75,10 +64,7 @@ def _print_json(data: Any) -> None:
 
 # -- node ---------------------------------------------------------------------------
 def node_list(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config, write=False)
-    nodes = _select(repo, args.nodes)
-    if args.state:
-        nodes = [n for n in nodes if n.state.value == args.state]
+    nodes = _run(config, lambda s: s.nodes.select(args.nodes, args.state), write=False)
     if args.json:
         _print_json([node_json(n) for n in nodes])
         return 0
@@ -90,24 +76,21 @@ def node_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def node_show(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config, write=False)
-    nodes = _select(repo, args.nodes)
+    async def job(s: Services) -> list[Any]:
+        return [await s.nodes.show(n.name, args.events if not args.json else 100)
+                for n in await s.nodes.select(args.nodes)]
+
+    views = _run(config, job, write=False)
     if args.json:
-        out = []
-        for n in nodes:
-            data = node_json(n)
-            data["events"] = [dataclasses.asdict(e) for e in repo.events(n.name)]
-            out.append(data)
-        _print_json(out)
+        _print_json([node_json(v.node) | {"events": [dataclasses.asdict(e) for e in v.events]} for v in views])
         return 0
-    for n in nodes:
-        for key, value in node_json(n).items():
+    for v in views:
+        for key, value in node_json(v.node).items():
             print(f"{key:14} {value}")
-        events = repo.events(n.name, limit=args.events)
-        if events:
-            t0 = events[0].ts
+        if v.events:
+            t0 = v.events[0].ts
             print("timeline:")
-            for e in events:
+            for e in v.events:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.ts))
                 extra = " ".join(x for x in (e.reason, e.detail) if x)
                 print(f"  {stamp}  +{e.ts - t0:7.1f}s  {e.state:10} {extra}".rstrip())
@@ -115,19 +98,28 @@ def node_show(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _node_fields(args: argparse.Namespace) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
+def _change(args: argparse.Namespace) -> dict[str, Any]:
+    """The options as the admin API's JSON body, so bootd.service.nodes validates both alike."""
+    body: dict[str, Any] = {}
     if getattr(args, "group", None):
-        fields["group"] = args.group
+        body["group"] = args.group
     if getattr(args, "no_capsule", False):
-        fields["capsule"] = None
+        body["capsule"] = None
     elif getattr(args, "capsule", None):
-        fields["capsule"] = args.capsule
+        body["capsule"] = args.capsule
     if getattr(args, "kernel_args", None) is not None:
-        fields["kernel_args"] = args.kernel_args
+        body["kernel_args"] = args.kernel_args
     if getattr(args, "enable", None) is not None:
-        fields["enabled"] = args.enable
-    return fields
+        body["enabled"] = args.enable
+    if getattr(args, "approve", False):
+        body["approve"] = True
+    if getattr(args, "mac", None) and args.node_command == "set":
+        body["mac"] = args.mac
+    if getattr(args, "var", None):
+        body["vars"] = _vars(args.var)
+    if getattr(args, "unset", None):
+        body["unset"] = list(args.unset)
+    return body
 
 
 def _vars(items: Iterable[str]) -> dict[str, str]:
@@ -135,90 +127,56 @@ def _vars(items: Iterable[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise BootdError(f"bad --var {item!r}; expected KEY=VALUE")
+            raise Invalid(f"bad --var {item!r}; expected KEY=VALUE")
         out[key] = value
     return out
 
 
 def node_add(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config)
-    try:
-        mac = normalize_mac(args.mac)
-    except ValueError as exc:
-        raise BootdError(str(exc)) from None
-    fields = _node_fields(args)
-    fields.pop("group", None)
-    node = repo.add_node(mac, args.name, group=args.group or config.registry.default_group, now=time.time(),
-                         **fields)
-    if args.var:
-        node = repo.set_vars(node.name, _vars(args.var))
+    node = _run(config, lambda s: s.nodes.add(args.name, args.mac, _change(args)))
     print(f"added {node.name} ({node.mac}) in group {node.group}")
     return 0
 
 
 def node_set(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config)
-    nodes = _select(repo, args.nodes)
-    fields = _node_fields(args)
-    if args.approve:
-        fields["approved"] = True
-    if args.mac:
-        if len(nodes) != 1:
-            raise BootdError("--mac needs exactly one node")
-        fields["mac"] = args.mac
-    values, unset = _vars(args.var or []), tuple(args.unset or [])
-    if not fields and not values and not unset and not args.state:
-        raise BootdError("nothing to set; see `bootd node set --help`")
-    for n in nodes:
-        if fields:
-            repo.update_node(n.name, **fields)
-        if values or unset:
-            repo.set_vars(n.name, values, unset)
+    body = _change(args)
+
+    async def job(s: Services) -> list[Node]:
+        nodes = await s.nodes.change(args.nodes, body) if body or not args.state else []
         if args.state:
-            repo.set_state(n.name, State(args.state), "set by administrator", now=time.time())
+            nodes = await s.nodes.force_state(args.nodes, args.state)
+        return nodes
+
+    nodes = _run(config, job)
     print(f"updated {compress([n.name for n in nodes])}")
     return 0
 
 
 def node_approve(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config)
-    nodes = _select(repo, args.nodes)
-    for n in nodes:
-        repo.update_node(n.name, approved=True)
+    nodes = _run(config, lambda s: s.nodes.approve(args.nodes))
     print(f"approved {compress([n.name for n in nodes])}")
     return 0
 
 
 def node_delete(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config)
-    nodes = _select(repo, args.nodes)
-    for n in nodes:
-        repo.delete_node(n.name)
-    print(f"deleted {compress([n.name for n in nodes])}")
+    names = _run(config, lambda s: s.nodes.delete(args.nodes))
+    print(f"deleted {compress(names)}")
     return 0
 
 
 # -- group --------------------------------------------------------------------------
 def group_list(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config, write=False)
-    groups = repo.list_groups()
-    counts: dict[str, int] = {}
-    for n in repo.list_nodes():
-        counts[n.group] = counts.get(n.group, 0) + 1
+    groups = _run(config, lambda s: s.nodes.groups(), write=False)
     if args.json:
-        _print_json([dataclasses.asdict(g) | {"nodes": counts.get(g.name, 0)} for g in groups])
+        _print_json([dataclasses.asdict(g) | {"nodes": len(m)} for g, m in groups])
         return 0
-    rows = [(g.name, g.capsule, counts.get(g.name, 0), g.kernel_args, g.description) for g in groups]
+    rows = [(g.name, g.capsule, len(m), g.kernel_args, g.description) for g, m in groups]
     print(table(rows, ("GROUP", "CAPSULE", "NODES", "KERNEL ARGS", "DESCRIPTION")))
     return 0
 
 
 def group_show(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config, write=False)
-    group = repo.get_group(args.name)
-    if group is None:
-        raise NotFound(f"no group named {args.name!r}")
-    members = [n.name for n in repo.list_nodes() if n.group == group.name]
+    group, members = _run(config, lambda s: s.nodes.group(args.name), write=False)
     data = dataclasses.asdict(group) | {"nodes": members}
     if args.json:
         _print_json(data)
@@ -229,33 +187,28 @@ def group_show(args: argparse.Namespace, config: Config) -> int:
 
 
 def group_put(args: argparse.Namespace, config: Config) -> int:
-    repo = _repo(config)
-    old = repo.get_group(args.name)
-    if args.command_name == "add" and old is not None:
-        raise BootdError(f"group {args.name!r} already exists (use `bootd group set`)")
-    if args.command_name == "set" and old is None:
-        raise NotFound(f"no group named {args.name!r} (use `bootd group add`)")
-    base = old or Group(args.name)
-    capsule = None if args.no_capsule else (args.capsule if args.capsule is not None else base.capsule)
-    group = Group(
-        name=args.name,
-        capsule=capsule,
-        kernel_args=args.kernel_args if args.kernel_args is not None else base.kernel_args,
-        description=args.description if args.description is not None else base.description,
-    )
-    repo.put_group(group)
-    print(f"{'added' if old is None else 'updated'} group {group.name}")
+    body: dict[str, Any] = {}
+    if args.no_capsule:
+        body["capsule"] = None
+    elif args.capsule is not None:
+        body["capsule"] = args.capsule
+    for key in ("kernel_args", "description"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    create = args.command_name == "add"
+    group = _run(config, lambda s: s.nodes.put_group(args.name, body, create=create))
+    print(f"{'added' if create else 'updated'} group {group.name}")
     return 0
 
 
 def group_delete(args: argparse.Namespace, config: Config) -> int:
-    _repo(config).delete_group(args.name)
+    _run(config, lambda s: s.nodes.delete_group(args.name))
     print(f"deleted group {args.name}")
     return 0
 
 
 def lease_list(args: argparse.Namespace, config: Config) -> int:
-    leases = _repo(config, write=False).list_leases()
+    leases = _run(config, lambda s: s.nodes.leases(), write=False)
     if args.json:
         _print_json([dataclasses.asdict(x) for x in leases])
         return 0

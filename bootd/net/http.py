@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -33,28 +32,21 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bootd.capsule.manifest import KernelRef
 from bootd.config import Config
-from bootd.errors import BootdError, CapsuleError, Conflict, NotFound, StoreError
+from bootd.errors import CapsuleError, Conflict, NotFound, StoreError
 from bootd.metrics import HttpMetrics, NodeStateGauge
-from bootd.model import Machine, Node, State, normalize_mac
+from bootd.model import State, node_json, normalize_mac
 from bootd.net.chunkfast import ChunkFastPath, ChunkSite, sendfile_now
 from bootd.service.admission import AdmissionControl, Overloaded
-from bootd.service.registry import NODE_REPORTABLE, RegistryService
-from bootd.service.scripts import (
-    BootScript,
-    check_node_token,
-    load_or_create_secret,
-    node_token,
-    render_boot_script,
-    render_wait_script,
-)
+from bootd.service.lifecycle import NODE_REPORTABLE, Actor, TransitionRefused
+from bootd.service.nodes import Invalid
+from bootd.service.services import Services
 
 log = logging.getLogger("bootd.http")
 
@@ -65,16 +57,6 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._+-]{0,254}")
 ADMIN_FIELDS = ("capsule", "enabled", "approved", "kernel_args", "group")
 ROUTE_CHUNK = "/chunks/{hash}"
-
-
-class CapsuleReader(Protocol):
-    """The part of bootd.capsule.store.CapsuleStore this transport reads."""
-
-    def resolve(self, name: str) -> str | None: ...
-    def manifest_path(self, vid: str) -> Path: ...
-    def chunk_path(self, hexhash: str) -> Path: ...
-    def kernel_path(self, hexhash: str) -> Path: ...
-    def load_manifest(self, vid: str) -> Any: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,12 +235,6 @@ def refuse(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.Response(status=status, text=message + "\n", headers=headers)
 
 
-def node_json(node: Node) -> dict[str, Any]:
-    out = asdict(node)
-    out["state"] = node.state.value
-    return out
-
-
 def effective_base(public_url: str, port: int) -> str:
     """The URL nodes use; a configured port 0 (tests) is replaced by the port actually bound."""
     parts = urlsplit(public_url)
@@ -335,35 +311,34 @@ class HttpServer:
     def __init__(
         self,
         config: Config,
-        registry_service: RegistryService,
-        capsule_store: CapsuleReader,
-        metrics_registry: CollectorRegistry,
+        services: Services,
         *,
         clock: Callable[[], float] = time.time,
         fast_sendfile: bool = True,
     ) -> None:
         self.config = config
         self.fast_sendfile = fast_sendfile
-        self.registry = registry_service
-        self.capsules = capsule_store
-        self.metrics_registry = metrics_registry
+        self.services = services
+        self.capsules = services.capsules
+        self.metrics_registry = services.metrics
         self.clock = clock
-        self.metrics = HttpMetrics(metrics_registry)
-        self.node_gauge = NodeStateGauge(metrics_registry)
+        self.metrics = HttpMetrics(services.metrics)
+        self.node_gauge = NodeStateGauge(services.metrics)
         h = config.http
         self.admission = AdmissionControl(h.max_bulk_streams, h.bulk_queue, h.retry_after)
-        self.metrics.bulk_gauges(metrics_registry, lambda: self.admission.active, lambda: self.admission.queued)
+        self.metrics.bulk_gauges(services.metrics, lambda: self.admission.active, lambda: self.admission.queued)
         self.files = OpenFileCache()
-        self._kernels: OrderedDict[str, KernelRef | None] = OrderedDict()
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._bytes_children: dict[str, Any] = {}
         self._runner: web.AppRunner | None = None
         self.fast_path: ChunkFastPath | None = None
         self._port = 0
         self.base_url = ""
-        self.secret = b""
-        self.admin_token = ""
         self.app = self._make_app()
+
+    def reload(self, config: Config) -> None:
+        """File locations and kernel arguments apply to the next request; listeners need a restart."""
+        self.config = config
 
     # -- lifecycle --------------------------------------------------------------------------
     @property
@@ -371,9 +346,7 @@ class HttpServer:
         return self._port
 
     async def start(self) -> None:
-        state_dir = self.config.server.state_dir
-        self.secret = load_or_create_secret(state_dir / "secret")
-        self.admin_token = load_or_create_secret(state_dir / "admin-token").decode("ascii", "replace")
+        self.services.credentials.load()
         runner = web.AppRunner(
             self.app, access_log=None, handle_signals=False,
             shutdown_timeout=self.config.server.graceful_timeout,
@@ -680,10 +653,10 @@ class HttpServer:
         vid = request.match_info["vid"].lower()
         if _HEX64.fullmatch(vid) is None:
             return refuse(400, "a capsule version id is a sha256: 64 hex digits")
-        if vid not in self._kernels and not os.path.exists(self.capsules.manifest_path(vid)):
+        if not os.path.exists(self.capsules.manifest_path(vid)):
             return refuse(404, f"no capsule version {vid}")
         try:
-            kernel = self._kernel_of(vid)
+            kernel = self.services.boot.kernel_of(vid)
         except (CapsuleError, OSError) as exc:
             return refuse(500, f"cannot read the manifest of {vid}: {exc}")
         if kernel is None:
@@ -693,17 +666,6 @@ class HttpServer:
             request, "/capsules/{vid}/kernel", "k:" + k, lambda: self.capsules.kernel_path(k),
             etag=k, immutable=True, verify=True,
         )
-
-    def _kernel_of(self, vid: str) -> KernelRef | None:
-        """Version ids are content hashes, so what a manifest says about its kernel is cached forever."""
-        if vid in self._kernels:
-            self._kernels.move_to_end(vid)
-            return self._kernels[vid]
-        kernel: KernelRef | None = self.capsules.load_manifest(vid).kernel
-        self._kernels[vid] = kernel
-        while len(self._kernels) > 256:
-            self._kernels.popitem(last=False)
-        return kernel
 
     async def _plain_file(self, request: web.Request, route: str, root: Path) -> web.StreamResponse:
         name = request.match_info["file"]
@@ -724,39 +686,10 @@ class HttpServer:
             mac = normalize_mac(request.match_info["mac"])
         except ValueError as exc:
             return refuse(400, str(exc))
-        now = self.clock()
-        result = await self.registry.decide(Machine(mac=mac, ipxe=True), now)
-        if result.created:
+        answer = await self.services.boot.script(mac, self.base_url, self.clock())
+        if answer.created:
             self.metrics.registrations.inc()
-        node = result.node
-        if node is None:
-            log.info("event=refused proto=http mac=%s reason=%r", mac, result.reason)
-            return self._ipxe(render_wait_script(mac, self.base_url, result.reason))
-        capsule, node_args = await self.registry.boot_target(node)
-        vid: str | None = None
-        has_kernel = False
-        if capsule is not None:
-            try:
-                vid = self.capsules.resolve(capsule)
-                if vid is not None:
-                    has_kernel = self._kernel_of(vid) is not None
-            except (BootdError, OSError) as exc:
-                reason = f"capsule {capsule!r} of node {node.name} cannot be read: {exc}"
-                log.error("event=script-failed node=%s reason=%r", node.name, reason)
-                return self._ipxe(render_wait_script(mac, self.base_url, reason))
-            if vid is None:
-                reason = f"capsule {capsule!r} of node {node.name} does not exist (bootd capsule list)"
-                log.warning("event=script-refused node=%s reason=%r", node.name, reason)
-                return self._ipxe(render_wait_script(mac, self.base_url, reason))
-        if vid is not None and node.state is not State.PXE:
-            # iPXE is running and about to load the stage one; the stage one itself reports `stage1`.
-            await self.registry.report(node.name, State.PXE, "iPXE fetched its boot script", now=now)
-        script = render_boot_script(BootScript(
-            node=node, base_url=self.base_url, version_id=vid, has_kernel=has_kernel,
-            boot_args=self.config.boot.kernel_args, node_args=node_args,
-            token=node_token(self.secret, node.name),
-        ))
-        return self._ipxe(script)
+        return self._ipxe(answer.text)
 
     @staticmethod
     def _ipxe(text: str) -> web.Response:
@@ -764,7 +697,7 @@ class HttpServer:
 
     # -- node API ---------------------------------------------------------------------------
     def _node_auth(self, request: web.Request, name: str) -> web.Response | None:
-        if not check_node_token(self.secret, name, request.headers.get("X-Bootd-Token")):
+        if not self.services.credentials.check_node(name, request.headers.get("X-Bootd-Token")):
             return refuse(403, f"missing or wrong X-Bootd-Token for node {name!r}")
         return None
 
@@ -790,11 +723,13 @@ class HttpServer:
         reason = str(body.get("reason", ""))[:500]
         detail = {k: body[k] for k in ("done", "total") if isinstance(body.get(k), int)}
         try:
-            node = await self.registry.report(
-                name, state, reason, now=self.clock(), detail=json.dumps(detail) if detail else ""
+            node = await self.services.lifecycle.change(
+                name, state, reason, actor=Actor.NODE, now=self.clock(), detail=json.dumps(detail) if detail else ""
             )
         except NotFound as exc:
             return refuse(404, str(exc))
+        except TransitionRefused as exc:
+            return refuse(409, str(exc))
         self.metrics.node_events.labels(event=state.value).inc()
         return web.json_response({"node": node.name, "state": node.state.value})
 
@@ -804,77 +739,60 @@ class HttpServer:
         if denied is not None:
             return denied
         try:
-            node = await self.registry.heartbeat(name, self.clock())
+            node = await self.services.lifecycle.heartbeat(name, self.clock())
         except NotFound as exc:
             return refuse(404, str(exc))
         self.metrics.node_events.labels(event="heartbeat").inc()
         return web.json_response({"node": node.name, "state": node.state.value})
 
     async def _env(self, request: web.Request) -> web.StreamResponse:
-        """The node's own key/values as KEY=VALUE lines, for the stage one's node.env.
-
-        Keys that are not shell identifiers are left out (the stage one sources the
-        file); values are one line each, so a newline in a value is replaced.
-        """
         name = request.match_info["name"]
         denied = self._node_auth(request, name)
         if denied is not None:
             return denied
-        node = await self.registry.store.get_node(name)
-        if node is None:
-            return refuse(404, f"no node named {name!r}")
-        lines = [f"{k}={v.replace(chr(10), ' ')}" for k, v in sorted(node.vars.items())
-                 if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
-        return web.Response(text="".join(line + "\n" for line in lines), content_type="text/plain",
-                            headers={"Cache-Control": "no-store"})
+        try:
+            text = await self.services.boot.node_env(name)
+        except NotFound as exc:
+            return refuse(404, str(exc))
+        return web.Response(text=text, content_type="text/plain", headers={"Cache-Control": "no-store"})
 
     async def _list_nodes(self, request: web.Request) -> web.StreamResponse:
-        nodes = await self.registry.store.list_nodes()
+        nodes = await self.services.nodes.select()
         return web.json_response({"nodes": [node_json(n) for n in nodes]})
 
     async def _get_node(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
-        node = await self.registry.store.get_node(name)
-        if node is None:
-            return refuse(404, f"no node named {name!r}")
-        events = await self.registry.store.events(name, 50)
-        out = node_json(node)
-        out["events"] = [asdict(e) for e in events]
+        try:
+            view = await self.services.nodes.show(request.match_info["name"])
+        except NotFound as exc:
+            return refuse(404, str(exc))
+        out = node_json(view.node)
+        out["events"] = [asdict(e) for e in view.events]
         return web.json_response(out)
 
     async def _set_node(self, request: web.Request) -> web.StreamResponse:
         auth = request.headers.get("Authorization", "")
         presented = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
-        if not presented or not hmac.compare_digest(presented.encode(), self.admin_token.encode()):
+        if not self.services.credentials.check_admin(presented):
             return refuse(401, "admin writes need 'Authorization: Bearer <contents of state_dir/admin-token>'",
                           {"WWW-Authenticate": "Bearer"})
         name = request.match_info["name"]
         try:
             body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return refuse(400, "the body must be a JSON object")
-        if not isinstance(body, dict):
-            return refuse(400, "the body must be a JSON object")
-        if body.pop("approve", False) is True:
-            body["approved"] = True
-        unknown = sorted(set(body) - set(ADMIN_FIELDS))
-        if unknown:
-            return refuse(400, f"cannot set {', '.join(unknown)}; settable: approve, {', '.join(ADMIN_FIELDS)}")
         try:
-            node = await self.registry.store.update_node(name, **body)
-            if body.get("enabled") is False and node.state is not State.DISABLED:
-                node = await self.registry.report(name, State.DISABLED, "disabled by admin", now=self.clock())
+            [node] = await self.services.nodes.change(name, body, self.clock())
         except NotFound as exc:
             return refuse(404, str(exc))
-        except Conflict as exc:
+        except (Conflict, TransitionRefused) as exc:
             return refuse(409, str(exc))
-        except StoreError as exc:
+        except (Invalid, StoreError) as exc:
             return refuse(400, str(exc))
         return web.json_response(node_json(node))
 
     # -- ops --------------------------------------------------------------------------------
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        self.node_gauge.update(await self.registry.store.list_nodes())
+        self.node_gauge.update(await self.services.nodes.select())
         body = generate_latest(self.metrics_registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -1,7 +1,13 @@
-"""Which boot file a machine gets (the contract's "DHCP boot decisions").
+"""What does this machine boot now: the one answer DHCP, TFTP and HTTP all ask for.
 
-A pure decision over the classified ``Machine`` and its ``Node``: no I/O, so
-DHCP (and anything else that needs the answer) can call it per packet.
+pixiecore's ``Booter`` is the model: every transport asks one object and
+none of them decides.  ``BootPolicy.plan`` is the pure part (which network
+boot program or script URL a firmware gets; no I/O, so DHCP can call it per
+packet); ``BootService`` adds the decisions that need the registry and the
+capsule store (the iPXE script: who is this, may it boot, which capsule
+version, with which kernel) and records the firmware's contact through the
+lifecycle table.  ``reload`` swaps the policy, so SIGHUP changes what the
+very next DISCOVER or script request gets.
 
 Per-node overrides live in the node's variables (``bootd node set NAME
 var.boot.file=...``) because ``Group`` has no free-form fields yet:
@@ -13,11 +19,31 @@ var.boot.file=...``) because ``Group`` has no free-form fields yet:
 
 from __future__ import annotations
 
+import logging
+import re
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
-from bootd.model import BootPlan, Firmware, Machine, Node
+from bootd.capsule.manifest import KernelRef
+from bootd.config import Config
+from bootd.errors import BootdError, NotFound, StoreError
+from bootd.model import BootPlan, Firmware, Machine, Node, State
+from bootd.proto.dhcp.pxe import ARM64_ARCHES
+from bootd.service.credentials import Credentials
+from bootd.service.lifecycle import Actor, Lifecycle, TransitionRefused
+from bootd.service.registry import RegistryService
+from bootd.service.scripts import BootScript, render_boot_script, render_wait_script
 
-ARM64_ARCHES = frozenset({11, 19})
+log = logging.getLogger("bootd.boot")
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class Booter(Protocol):
+    """What DHCP and TFTP ask: the boot plan for a machine (BootPolicy, or the BootService around it)."""
+
+    def plan(self, machine: Machine, node: Node | None, *, pxe: bool) -> BootPlan | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +53,12 @@ class BootPolicy:
     bios_nbp: str = "undionly.kpxe"
     uefi_nbp: str = "snponly.efi"
     uefi_arm64_nbp: str = "snponly-arm64.efi"
+
+    @classmethod
+    def from_config(cls, config: Config) -> BootPolicy:
+        b = config.boot
+        return cls(public_url=config.http.public_url, next_server=config.server.address, bios_nbp=b.bios_nbp,
+                   uefi_nbp=b.uefi_nbp, uefi_arm64_nbp=b.uefi_arm64_nbp)
 
     def ipxe_url(self, mac: str) -> str:
         return f"{self.public_url.rstrip('/')}/boot/{mac.replace(':', '-')}.ipxe"
@@ -57,3 +89,116 @@ class BootPolicy:
             return BootPlan(v.get("boot.uefi_arm64_nbp", self.uefi_arm64_nbp), self.next_server)
         # uefi-ia32 (Debian ships no ia32 iPXE) or an architecture we do not know.
         return None
+
+
+class CapsuleReader(Protocol):
+    """The part of bootd.capsule.store.CapsuleStore the daemon reads (decisions and file serving)."""
+
+    def resolve(self, name: str) -> str | None: ...
+    def load_manifest(self, vid: str) -> Any: ...
+    def manifest_path(self, vid: str) -> Path: ...
+    def chunk_path(self, hexhash: str) -> Path: ...
+    def kernel_path(self, hexhash: str) -> Path: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptAnswer:
+    """The iPXE script for one request, and whether it registered a new node (for the metrics)."""
+
+    text: str
+    node: Node | None
+    created: bool = False
+    refused: str = ""
+
+
+class BootService:
+    def __init__(self, config: Config, registry: RegistryService, lifecycle: Lifecycle, capsules: CapsuleReader,
+                 credentials: Credentials) -> None:
+        self.registry = registry
+        self.lifecycle = lifecycle
+        self.capsules = capsules
+        self.credentials = credentials
+        self._kernels: OrderedDict[str, KernelRef | None] = OrderedDict()
+        self.reload(config)
+
+    def reload(self, config: Config) -> None:
+        self.policy = BootPolicy.from_config(config)
+        self.kernel_args = config.boot.kernel_args
+
+    # -- firmware (DHCP, TFTP) ------------------------------------------------------------
+    def plan(self, machine: Machine, node: Node | None, *, pxe: bool) -> BootPlan | None:
+        return self.policy.plan(machine, node, pxe=pxe)
+
+    async def firmware_contact(self, node: Node, reason: str, now: float) -> Node:
+        """A boot firmware got its boot program or script: ``pxe``, if the table lets the firmware say so.
+
+        Unauthenticated, so a running or booting node is left as it is (the refusal is counted and
+        recorded by the lifecycle); a store fault costs the timeline a step, never the machine its answer.
+        """
+        if node.state is State.PXE:
+            return node
+        try:
+            return await self.lifecycle.change(node.name, State.PXE, reason, actor=Actor.FIRMWARE, now=now,
+                                               node=node)
+        except TransitionRefused:
+            return node
+        except StoreError as exc:
+            log.warning("event=state-failed node=%s error=%r", node.name, str(exc))
+            return node
+
+    async def node_env(self, name: str) -> str:
+        """The node's own key/values as KEY=VALUE lines, for the stage one's node.env.
+
+        Keys that are not shell identifiers are left out (the stage one sources the
+        file); values are one line each, so a newline in a value is replaced.
+        """
+        node = await self.registry.store.get_node(name)
+        if node is None:
+            raise NotFound(f"no node named {name!r}")
+        lines = [f"{k}={v.replace(chr(10), ' ')}" for k, v in sorted(node.vars.items()) if _SHELL_NAME.fullmatch(k)]
+        return "".join(line + "\n" for line in lines)
+
+    # -- iPXE ----------------------------------------------------------------------------
+    def kernel_of(self, vid: str) -> KernelRef | None:
+        """Version ids are content hashes, so what a manifest says about its kernel is cached forever."""
+        if vid in self._kernels:
+            self._kernels.move_to_end(vid)
+            return self._kernels[vid]
+        kernel: KernelRef | None = self.capsules.load_manifest(vid).kernel
+        self._kernels[vid] = kernel
+        while len(self._kernels) > 256:
+            self._kernels.popitem(last=False)
+        return kernel
+
+    async def script(self, mac: str, base_url: str, now: float) -> ScriptAnswer:
+        """The whole boot decision for an iPXE client asking for its script."""
+        result = await self.registry.decide(Machine(mac=mac, ipxe=True), now)
+        node = result.node
+        if node is None:
+            log.info("event=refused proto=http mac=%s reason=%r", mac, result.reason)
+            return ScriptAnswer(render_wait_script(mac, base_url, result.reason), None, result.created,
+                                result.reason)
+        capsule, node_args = await self.registry.boot_target(node)
+        vid: str | None = None
+        has_kernel = False
+        if capsule is not None:
+            try:
+                vid = self.capsules.resolve(capsule)
+                if vid is not None:
+                    has_kernel = self.kernel_of(vid) is not None
+            except (BootdError, OSError) as exc:
+                reason = f"capsule {capsule!r} of node {node.name} cannot be read: {exc}"
+                log.error("event=script-failed node=%s reason=%r", node.name, reason)
+                return ScriptAnswer(render_wait_script(mac, base_url, reason), node, result.created, reason)
+            if vid is None:
+                reason = f"capsule {capsule!r} of node {node.name} does not exist (bootd capsule list)"
+                log.warning("event=script-refused node=%s reason=%r", node.name, reason)
+                return ScriptAnswer(render_wait_script(mac, base_url, reason), node, result.created, reason)
+        if vid is not None:
+            # iPXE is running and about to load the stage one; the stage one itself reports `stage1`.
+            node = await self.firmware_contact(node, "iPXE fetched its boot script", now)
+        text = render_boot_script(BootScript(
+            node=node, base_url=base_url, version_id=vid, has_kernel=has_kernel, boot_args=self.kernel_args,
+            node_args=node_args, token=self.credentials.node_token(node.name),
+        ))
+        return ScriptAnswer(text, node, result.created)

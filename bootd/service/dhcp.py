@@ -21,13 +21,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry
+
 from bootd.errors import StoreError
 from bootd.model import BootPlan, Lease, Node, State
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.packet import ZERO_IP, DhcpPacket
 from bootd.proto.dhcp.pxe import Client, Ignore, classify
 from bootd.proto.dhcp.reply import Reply, boot_options, build_reply, destination, lease_options, nak
-from bootd.service.boot import BootPolicy
+from bootd.service.boot import Booter, BootPolicy
+from bootd.service.lifecycle import Actor, Lifecycle, TransitionRefused
 from bootd.store.base import NodeStore
 
 if TYPE_CHECKING:
@@ -210,8 +213,8 @@ class _Pool:
 class DhcpService:
     """Decides the reply to each classified request; the transport only moves bytes."""
 
-    def __init__(self, store: NodeStore, registry: RegistryService, policy: BootPolicy,
-                 settings: DhcpSettings) -> None:
+    def __init__(self, store: NodeStore, registry: RegistryService, policy: Booter,
+                 settings: DhcpSettings, lifecycle: Lifecycle | None = None) -> None:
         if settings.mode not in ("full", "proxy"):
             raise ValueError(f"dhcp mode {settings.mode!r} is neither 'full' nor 'proxy'")
         self.store = store
@@ -233,6 +236,8 @@ class DhcpService:
             self.pool.stick(ip_int(settings.server_address), "server")
         self._net_opts = lease_options(lease_time=settings.lease_time, netmask=settings.netmask,
                                        router=settings.router, dns=settings.dns, domain=settings.domain)
+        # Tests build the service alone; the daemon passes the one lifecycle every transport shares.
+        self.lifecycle = lifecycle or Lifecycle(store, registry.config, CollectorRegistry())
         self._loaded = False
         self._load_lock = asyncio.Lock()
         self._nodes: dict[str, tuple[Node, float]] = {}  # mac -> (node, cached_at)
@@ -240,11 +245,12 @@ class DhcpService:
         self._last_reload = 0.0
 
     @classmethod
-    def from_config(cls, config: Config, store: NodeStore, registry: RegistryService) -> DhcpService:
+    def from_config(cls, config: Config, store: NodeStore, registry: RegistryService,
+                    lifecycle: Lifecycle | None = None) -> DhcpService:
         policy = BootPolicy(public_url=config.http.public_url, next_server=config.server.address,
                             bios_nbp=config.boot.bios_nbp, uefi_nbp=config.boot.uefi_nbp,
                             uefi_arm64_nbp=config.boot.uefi_arm64_nbp)
-        return cls(store, registry, policy, DhcpSettings.from_config(config))
+        return cls(store, registry, policy, DhcpSettings.from_config(config), lifecycle)
 
     async def load(self) -> None:
         """Index the stored leases and node addresses (once; a restart keeps every lease)."""
@@ -370,10 +376,12 @@ class DhcpService:
         if node is None or plan is None or not c.pxe or node.state is State.PXE:
             return
         try:
-            updated = await self.registry.report(
+            updated = await self.lifecycle.change(
                 node.name, State.PXE,
                 f"dhcp: {c.machine.firmware.value}{' ipxe' if c.machine.ipxe else ''} boot file {plan.filename}",
-                now=now)
+                actor=Actor.FIRMWARE, now=now, node=node)
+        except TransitionRefused:
+            return  # a running node is not the firmware's to change; the lifecycle counted and recorded it
         except StoreError as exc:
             # The node's timeline misses a step; the machine must still get its answer.
             log.warning("event=dhcp-state-failed node=%s error=%r", node.name, str(exc))

@@ -2,8 +2,8 @@
 
 Every transport (DHCP, TFTP, HTTP) asks the same question on first contact,
 so the policy lives here once: register unknown MACs (or refuse them, with a
-logged reason), refuse disabled or unapproved nodes, and record lifecycle
-reports.  Registration itself is made race-free by the store.
+logged reason) and refuse disabled or unapproved nodes.  State changes are
+the lifecycle table's (``bootd.service.lifecycle``).  Registration itself is made race-free by the store.
 """
 
 from __future__ import annotations
@@ -12,14 +12,10 @@ import logging
 from dataclasses import dataclass
 
 from bootd.config import RegistryConfig
-from bootd.errors import NotFound
-from bootd.model import Machine, Node, State
+from bootd.model import Machine, Node
 from bootd.store.base import NodeStore
 
 log = logging.getLogger("bootd.registry")
-
-# States a node may report about itself over the node API; the rest are bootd's to set.
-NODE_REPORTABLE = frozenset({State.STAGE1, State.FETCHING, State.VERIFIED, State.BOOTED, State.READY, State.FAILED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +57,9 @@ class RegistryService:
         self.store = store
         self.config = config
         self._bucket = _TokenBucket()
+
+    def reload(self, config: RegistryConfig) -> None:
+        self.config = config
 
     async def decide(self, machine: Machine, now: float) -> Resolution:
         """Resolve a machine to a node, registering it on first contact when allowed.
@@ -110,22 +109,6 @@ class RegistryService:
         if result.node is None:
             log.info("event=refused mac=%s reason=%r", machine.mac, result.reason)
         return result.node
-
-    async def report(self, name: str, state: State, reason: str = "", *, now: float,
-                     detail: str = "") -> Node:
-        node = await self.store.set_state(name, state, reason, now=now, detail=detail)
-        log.info("event=state node=%s state=%s%s", name, state.value, f" reason={reason!r}" if reason else "")
-        return node
-
-    async def heartbeat(self, name: str, now: float) -> Node:
-        node = await self.store.get_node(name)
-        if node is None:
-            raise NotFound(f"no node named {name!r}")
-        if node.state in (State.STALE, State.DEAD, State.BOOTED):
-            # A node that comes back (or first beats after boot) is ready again.
-            return await self.report(name, State.READY, "heartbeat", now=now)
-        await self.store.touch(name, now)
-        return node
 
     async def boot_target(self, node: Node) -> tuple[str | None, str]:
         """The capsule and extra kernel arguments for a node: its own values, else its group's."""

@@ -339,14 +339,22 @@ class SqliteRepo:
                 db.execute("UPDATE nodes SET state = ?, reason = ?, state_since = ? WHERE id = ?",
                            (state.value, reason, now, row["id"]))
             db.execute("UPDATE nodes SET last_contact = ? WHERE id = ?", (now, row["id"]))
-            db.execute("INSERT INTO events(node_id, ts, state, reason, detail) VALUES (?, ?, ?, ?, ?)",
-                       (row["id"], now, state.value, reason, detail))
-            db.execute(
-                "DELETE FROM events WHERE node_id = ? AND id NOT IN "
-                "(SELECT id FROM events WHERE node_id = ? ORDER BY id DESC LIMIT ?)",
-                (row["id"], row["id"], EVENTS_KEPT_PER_NODE),
-            )
+            self._event(db, row["id"], now, state.value, reason, detail)
             return self._load(db.execute("SELECT * FROM nodes WHERE id = ?", (row["id"],)).fetchone())
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, node_id: int, ts: float, state: str, reason: str, detail: str) -> None:
+        db.execute("INSERT INTO events(node_id, ts, state, reason, detail) VALUES (?, ?, ?, ?, ?)",
+                   (node_id, ts, state, reason, detail))
+        db.execute(
+            "DELETE FROM events WHERE node_id = ? AND id NOT IN "
+            "(SELECT id FROM events WHERE node_id = ? ORDER BY id DESC LIMIT ?)",
+            (node_id, node_id, EVENTS_KEPT_PER_NODE),
+        )
+
+    def record_event(self, name: str, ts: float, state: str, reason: str = "", detail: str = "") -> None:
+        with self.write() as db:
+            self._event(db, self._require(name)["id"], ts, state, reason, detail)
 
     def touch(self, name: str, now: float) -> None:
         with self.write() as db:
@@ -429,10 +437,15 @@ class SqliteRepo:
 class SqliteNodeStore:
     """The async NodeStore: every call runs on one dedicated thread (the single writer)."""
 
-    def __init__(self, path: str | Path, *, default_group: str = "default") -> None:
+    def __init__(self, path: str | Path, *, default_group: str = "default", readonly: bool = False) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bootd-db")
         self._closed = False
-        self.repo: SqliteRepo = self._pool.submit(SqliteRepo, path, default_group=default_group).result()
+        try:
+            self.repo: SqliteRepo = self._pool.submit(SqliteRepo, path, default_group=default_group,
+                                                      readonly=readonly).result()
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            raise
 
     async def _run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
@@ -470,6 +483,9 @@ class SqliteNodeStore:
 
     async def touch(self, name: str, now: float) -> None:
         await self._run(self.repo.touch, name, now)
+
+    async def record_event(self, name: str, ts: float, state: str, reason: str = "", detail: str = "") -> None:
+        await self._run(self.repo.record_event, name, ts, state, reason, detail)
 
     async def events(self, name: str, limit: int = 100) -> list[Event]:
         return await self._run(self.repo.events, name, limit)

@@ -148,8 +148,8 @@ RUNNER = textwrap.dedent("""
 
 
 def daemon_wires_dhcp() -> bool:
-    wiring = ROOT / "bootd" / "wiring.py"
-    return wiring.exists() and "bootd.net.dhcp" in wiring.read_text()
+    root = ROOT / "bootd" / "compose.py"
+    return root.exists() and "bootd.net.dhcp" in root.read_text()
 
 
 def start_bootd(net: Net, ns: str, *, address: str, interface: str | None, dhcp: dict[str, Any]) -> Path:

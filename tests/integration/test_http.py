@@ -20,14 +20,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bootd import compose
 from bootd.capsule.importer import ImportOptions, import_capsule
 from bootd.capsule.store import CapsuleStore
 from bootd.config import Config, from_dict
-from bootd.metrics import make_registry
 from bootd.model import Group, State
 from bootd.net.http import HttpServer
-from bootd.service.registry import RegistryService
-from bootd.service.scripts import node_token
 from bootd.store.sqlite import SqliteNodeStore
 
 MAC = "52:54:00:12:34:56"
@@ -48,7 +46,7 @@ class Env:
         return self.base + path
 
     def token(self, name: str) -> str:
-        return node_token(self.server.secret, name)
+        return self.server.services.credentials.node_token(name)
 
     def manifest(self) -> Any:
         return self.capsules.load_manifest(self.vid)
@@ -107,8 +105,8 @@ async def start_env(tmp_path: Path, **http: Any) -> tuple[Env, SqliteNodeStore]:
     result = await asyncio.to_thread(import_capsule, capsules, "tiny", make_tree(tmp_path), options=opts)
     store = SqliteNodeStore(state / "bootd.sqlite")
     await store.put_group(Group("default", capsule="tiny", kernel_args="quiet"))
-    registry = RegistryService(store, config.registry)
-    server = HttpServer(config, registry, capsules, make_registry())
+    _, services = compose.services(config, store=store)
+    server = HttpServer(config, services)
     await server.start()
     env = Env(server, store, capsules, config, result.version, f"http://127.0.0.1:{server.port}", tmp_path)
     return env, store

@@ -17,8 +17,8 @@ RULES: list[tuple[str, set[str]]] = [
     ("bootd/proto", IO_MODULES | {"bootd.store", "bootd.service", "bootd.net", "bootd.capsule"}),
     ("bootd/capsule", IO_MODULES | {"bootd.store", "bootd.service", "bootd.net"}),
     ("bootd/model.py", IO_MODULES | {"bootd.store", "bootd.service", "bootd.net"}),
-    ("bootd/service", {"bootd.net", "aiohttp", "bootd.store.sqlite"}),
-    ("bootd/net", {"bootd.store"}),
+    ("bootd/service", {"bootd.net", "aiohttp", "bootd.store.sqlite", "bootd.compose", "bootd.daemon"}),
+    ("bootd/net", {"bootd.store", "bootd.compose", "bootd.daemon"}),
 ]
 
 
@@ -65,3 +65,101 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "bootd.service")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# -- one composition root, no cycles, transports and the CLI never hold a store -------------------------
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Every bootd module -> the bootd modules it imports (at any depth of the file: lazy imports count)."""
+    files = {module_name(f): f for f in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        edges: set[str] = set()
+        for name in imports(path):
+            # `from bootd.a import b` names either module bootd.a.b or an attribute of bootd.a.
+            target = name if name in files else name.rpartition(".")[0]
+            if target in files and target != mod:
+                edges.add(target)
+        graph[mod] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt not in state and (found := visit(nxt)) is not None:
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)) is not None:
+            return found
+    return None
+
+
+def test_no_import_cycle() -> None:
+    cycle = find_cycle(module_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+STORE_NAMES = {"store", "repo", "SqliteRepo", "SqliteNodeStore", "NodeStore", "memory_store", "open_store"}
+
+
+def store_touches(path: Path) -> list[str]:
+    """Imports of bootd.store, names of store classes, and any `.store`/`.repo` attribute access."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = [f"imports {n}" for n in imports(path) if banned(n, {"bootd.store"})]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in STORE_NAMES:
+            found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Name) and node.id in STORE_NAMES - {"store", "repo"}:
+            found.append(f"line {node.lineno}: {node.id}")
+    return found
+
+
+@pytest.mark.parametrize("where", ["bootd/net", "bootd/cli"])
+def test_transports_and_cli_never_touch_a_store(where: str) -> None:
+    bad = [f"{f.relative_to(ROOT)} {t}" for f in sorted((ROOT / where).rglob("*.py")) for t in store_touches(f)]
+    assert not bad, "\n".join(bad)
+
+
+def test_store_touch_check_sees_attribute_access(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f(self):\n    return self.registry.store.list_nodes()\n")
+    assert store_touches(sample) == ["line 2: .store"]
+
+
+def test_only_the_lifecycle_writes_states() -> None:
+    """Every state change goes through bootd/service/lifecycle.py (its table); nobody else calls set_state."""
+    owner = PKG / "service" / "lifecycle.py"
+    bad = []
+    for f in sorted(PKG.rglob("*.py")):
+        if f == owner or "store" in f.relative_to(PKG).parts:
+            continue
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Attribute) and node.attr == "set_state":
+                bad.append(f"{f.relative_to(ROOT)} line {node.lineno}")
+    assert not bad, "state changes outside the lifecycle table:\n" + "\n".join(bad)

@@ -10,7 +10,9 @@ import pytest
 
 from bootd.config import RegistryConfig
 from bootd.errors import Conflict, NotFound, StoreError
+from bootd.metrics import make_registry
 from bootd.model import Firmware, Group, Lease, Machine, State
+from bootd.service.lifecycle import Actor, Lifecycle
 from bootd.service.registry import RegistryService
 from bootd.store import sqlite as sqlite_store
 from bootd.store.broken import BrokenStore
@@ -139,16 +141,18 @@ async def test_refusals_say_why() -> None:
 async def test_lifecycle_reports_and_heartbeats() -> None:
     store = memory_store()
     service = RegistryService(store, RegistryConfig())
+    lifecycle = Lifecycle(store, RegistryConfig(), make_registry())
     node = await service.resolve(Machine(mac(1)), now=0.0)
     assert node is not None and node.state == State.DISCOVERED
-    for i, state in enumerate([State.PXE, State.STAGE1, State.FETCHING, State.VERIFIED, State.BOOTED]):
-        await service.report(node.name, state, now=float(i + 1))
-    node = await service.heartbeat(node.name, now=10.0)
+    await lifecycle.change(node.name, State.PXE, actor=Actor.FIRMWARE, now=1.0)
+    for i, state in enumerate([State.STAGE1, State.FETCHING, State.VERIFIED, State.BOOTED]):
+        await lifecycle.change(node.name, state, actor=Actor.NODE, now=float(i + 2))
+    node = await lifecycle.heartbeat(node.name, now=10.0)
     assert node.state == State.READY
     events = [e.state for e in await store.events(node.name)]
     assert events == ["discovered", "pxe", "stage1", "fetching", "verified", "booted", "ready"]
     with pytest.raises(NotFound):
-        await service.heartbeat("nobody", now=11.0)
+        await lifecycle.heartbeat("nobody", now=11.0)
     await store.close()
 
 

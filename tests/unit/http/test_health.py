@@ -7,26 +7,42 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bootd.config import RegistryConfig
+from bootd.metrics import make_registry
 from bootd.model import Machine, State
 from bootd.service.health import HealthMonitor
+from bootd.service.lifecycle import Actor, Lifecycle
 from bootd.service.registry import RegistryService
 from bootd.store.memory import memory_store
 
 CFG = RegistryConfig(stale_after=90.0, dead_after=300.0)
 
 
+class Registry(RegistryService):
+    """The registry plus the lifecycle these tests drive (states set by the administrator)."""
+
+    def __init__(self, store: object) -> None:
+        super().__init__(store, CFG)  # type: ignore[arg-type]
+        self.lifecycle = Lifecycle(self.store, CFG, make_registry())
+
+    async def report(self, name: str, state: State, *, now: float) -> None:
+        await self.lifecycle.change(name, state, actor=Actor.ADMIN, now=now)
+
+    async def heartbeat(self, name: str, now: float):  # type: ignore[no-untyped-def]
+        return await self.lifecycle.heartbeat(name, now)
+
+
 @pytest.fixture
-async def registry() -> AsyncIterator[RegistryService]:
+async def registry() -> AsyncIterator[Registry]:
     store = memory_store()
     try:
-        yield RegistryService(store, CFG)
+        yield Registry(store)
     finally:
         await store.close()
 
 
-async def test_ready_node_goes_stale_then_dead_then_back(registry: RegistryService) -> None:
+async def test_ready_node_goes_stale_then_dead_then_back(registry: Registry) -> None:
     clock = [1000.0]
-    mon = HealthMonitor(registry, CFG, clock=lambda: clock[0])
+    mon = HealthMonitor(registry.lifecycle, clock=lambda: clock[0])
     node = await registry.resolve(Machine("52:54:00:00:00:01"), 1000.0)
     assert node is not None
     await registry.report(node.name, State.READY, now=1000.0)
@@ -41,25 +57,25 @@ async def test_ready_node_goes_stale_then_dead_then_back(registry: RegistryServi
     assert n.state is State.READY
 
 
-async def test_untouched_states_and_restart_grace(registry: RegistryService) -> None:
+async def test_untouched_states_and_restart_grace(registry: Registry) -> None:
     node = await registry.resolve(Machine("52:54:00:00:00:02"), 0.0)
     assert node is not None
     busy = await registry.resolve(Machine("52:54:00:00:00:03"), 0.0)
     assert busy is not None
     await registry.report(busy.name, State.FETCHING, now=0.0)
     # bootd was down for a day: the monitor starts now, nobody is declared dead at once.
-    mon = HealthMonitor(registry, CFG, clock=lambda: 86400.0)
+    mon = HealthMonitor(registry.lifecycle, clock=lambda: 86400.0)
     assert await mon.check(86400.0) == []
     steps = await mon.check(86400.0 + 91)
     assert [(s.name, s.new) for s in steps] == [(busy.name, State.STALE)]  # discovered is not watched
     assert mon.interval() == 9.0
 
 
-async def test_heartbeat_between_list_and_write_wins(registry: RegistryService) -> None:
+async def test_heartbeat_between_list_and_write_wins(registry: Registry) -> None:
     node = await registry.resolve(Machine("52:54:00:00:00:04"), 0.0)
     assert node is not None
     await registry.report(node.name, State.READY, now=0.0)
-    mon = HealthMonitor(registry, CFG, clock=lambda: 0.0)
+    mon = HealthMonitor(registry.lifecycle, clock=lambda: 0.0)
     store = registry.store
     real_list = store.list_nodes
 

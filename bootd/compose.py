@@ -1,0 +1,132 @@
+"""The composition root: the one place that turns a configuration into typed components.
+
+``services()`` builds the store and every service; the CLI calls it too, so
+a command run with the daemon stopped (or beside it) takes the same code
+path for every decision as the HTTP API.  ``build()`` adds the transports
+and background jobs for ``bootd serve``.  Only this module names concrete
+classes; nothing imports it but the daemon and the CLI, so there is no
+import cycle (tests/unit/test_layout.py checks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from prometheus_client import CollectorRegistry
+
+from bootd.capsule.store import CapsuleStore
+from bootd.config import Config
+from bootd.metrics import make_registry
+from bootd.service.boot import BootService
+from bootd.service.credentials import Credentials
+from bootd.service.health import HealthMonitor
+from bootd.service.lifecycle import Lifecycle
+from bootd.service.nodes import NodeAdmin
+from bootd.service.registry import RegistryService
+from bootd.service.services import Services
+from bootd.store.base import NodeStore
+from bootd.store.sqlite import SqliteNodeStore, state_dir_writable
+
+
+class Component(Protocol):
+    """A transport the daemon starts and stops."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Reloadable(Protocol):
+    def reload(self, config: Config) -> None: ...
+
+
+def open_store(config: Config, *, readonly: bool = False) -> NodeStore:
+    """The node registry the configuration names (SQLite in the state directory)."""
+    return SqliteNodeStore(config.db_path, default_group=config.registry.default_group, readonly=readonly)
+
+
+@dataclass
+class Built:
+    """Everything ``bootd serve`` runs, typed (no dict of extras)."""
+
+    config: Config
+    store: NodeStore
+    services: Services
+    health: HealthMonitor
+    components: list[tuple[str, Component]] = field(default_factory=list)
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+
+    def reload(self, config: Config) -> None:
+        """Hand every component its new configuration; each takes what it can apply live."""
+        self.config = config
+        self.services.reload(config)
+        for _name, component in self.components:
+            if isinstance(component, Reloadable):
+                component.reload(config)
+
+
+def services(config: Config, *, readonly: bool = False, metrics: CollectorRegistry | None = None,
+             store: NodeStore | None = None) -> tuple[NodeStore, Services]:
+    """The store and the services over it; the caller owns the store (close it when done)."""
+    metrics = make_registry() if metrics is None else metrics
+    store = open_store(config, readonly=readonly) if store is None else store
+    capsules = CapsuleStore(config.capsule.dir)
+    lifecycle = Lifecycle(store, config.registry, metrics)
+    registry = RegistryService(store, config.registry)
+    credentials = Credentials(config.server.state_dir)
+    boot = BootService(config, registry, lifecycle, capsules, credentials)
+    nodes = NodeAdmin(store, lifecycle, config.registry)
+    return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
+                           capsules=capsules, metrics=metrics)
+
+
+@contextlib.asynccontextmanager
+async def open_services(config: Config, *, readonly: bool = False) -> AsyncIterator[Services]:
+    """The services for one CLI command: the same code path as the daemon's, store closed afterwards."""
+    store, svc = services(config, readonly=readonly)
+    try:
+        yield svc
+    finally:
+        await store.close()
+
+
+def build(config: Config) -> Built:
+    """Construct the store, services and transports of ``bootd serve``; nothing listens yet."""
+    state_dir_writable(config.server.state_dir)
+    store, svc = services(config)
+    capsules = svc.capsules
+    assert isinstance(capsules, CapsuleStore)
+    capsules.ensure_layout()
+    health = HealthMonitor(svc.lifecycle)
+    built = Built(config, store, svc, health, background=[health.run])
+
+    if config.tftp.enabled:
+        from bootd.net.tftp import TftpServer
+
+        config.tftp.root.mkdir(parents=True, exist_ok=True)
+        t = config.tftp
+        built.components.append(("tftp", TftpServer(
+            host=t.listen, port=t.port, roots=[t.root, t.nbp_dir], max_sessions=t.max_sessions, timeout=t.timeout,
+            retries=t.retries, max_blksize=t.max_blksize, max_windowsize=t.max_windowsize,
+            listen_interface=config.server.interface, registry=svc.metrics,
+        )))
+
+    if config.http.enabled:
+        from bootd.net.http import HttpServer
+
+        built.components.append(("http", HttpServer(config, svc)))
+
+    if config.dhcp.enabled:
+        from bootd.net.dhcp import DhcpServer
+        from bootd.service.dhcp import DhcpService, DhcpSettings
+
+        d = config.dhcp
+        dhcp = DhcpService(store, svc.registry, svc.boot, DhcpSettings.from_config(config), svc.lifecycle)
+        built.components.append(("dhcp", DhcpServer(
+            dhcp, listen=d.listen, port=d.port, proxy_port=d.proxy_port if d.mode == "proxy" else None,
+            interface=d.interface, queue_size=d.queue_size, registry=svc.metrics,
+        )))
+    return built

@@ -1,0 +1,254 @@
+"""The node lifecycle: one table, the only owner of every state change.
+
+Before this module, five places set states and the store accepted any
+transition, so nobody could say what a state meant.  Now a change is asked
+for by an *actor* and the table says whether that actor may take the node
+from its current state to the new one (h11's ``_state.py`` is the model).
+Who the actor is matters more than the state names:
+
+* ``FIRMWARE`` is anyone on the provisioning LAN: DHCP, TFTP and the iPXE
+  script route carry no credential.  It may only move a node that is not
+  running (``discovered``, ``failed``, ``stale``, ``dead``) to ``pxe``.  A
+  spoofed DHCP packet therefore cannot knock a booting or running node out
+  of its state; a node that really rebooted says so itself (``stage1``,
+  with its credential) seconds later.
+* ``NODE`` is the node itself, proven by its credential.  It walks the boot
+  chain forwards (skipping a step whose report was lost is fine), may start
+  over (``stage1``) or fail from anywhere; a node that was stale or dead and
+  checks in again is ``ready``.
+* ``MONITOR`` is bootd's own clock: the timeouts below.
+* ``ADMIN`` may set any state (the CLI's ``--state``, enable/disable).
+
+Every write is a compare-and-set in the store (the state the table was
+checked against must still be the stored one), so the CLI and the daemon,
+or several servers, never overwrite each other's transitions.  A refused
+transition changes nothing, is logged and counted, and is recorded in the
+node's timeline (at most once a minute per node, so a flood of forged
+requests cannot turn into a flood of writes).
+
+Timeouts are owned here too: each non-final state says how long a node may
+stay silent in it and what it becomes then.  Silence is counted from the
+node's last contact, so a long fetch that keeps reporting progress is never
+timed out; ``pxe`` counts from when the node entered it, because a machine
+looping in its firmware keeps talking without getting anywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter
+
+from bootd.config import RegistryConfig
+from bootd.errors import BootdError, NotFound, StateChanged
+from bootd.model import Node, State
+from bootd.store.base import NodeStore
+
+log = logging.getLogger("bootd.lifecycle")
+
+S = State
+
+
+class Actor(enum.StrEnum):
+    FIRMWARE = "firmware"  # unauthenticated: DHCP, TFTP, the iPXE script route
+    NODE = "node"  # the node, with its credential
+    MONITOR = "monitor"  # bootd's timeouts
+    ADMIN = "admin"  # an administrator (CLI or admin API)
+
+
+ALL = frozenset(State)
+BOOTING = frozenset({S.STAGE1, S.FETCHING, S.VERIFIED, S.BOOTED})
+AT_REST = frozenset({S.DISCOVERED, S.FAILED, S.STALE, S.DEAD})
+# The boot chain in order.  A node reports forwards along it and may skip steps (a report that could
+# not be delivered is not retried forever: the agent carries on), but never goes back, except to
+# start over at `stage1`.
+CHAIN = (S.DISCOVERED, S.PXE, S.STAGE1, S.FETCHING, S.VERIFIED, S.BOOTED, S.READY)
+
+
+def _up_to(state: State) -> frozenset[State]:
+    return frozenset(CHAIN[: CHAIN.index(state) + 1])
+
+
+# (actor, new state) -> the states it may come from.  Anything not listed is refused.
+TABLE: dict[tuple[Actor, State], frozenset[State]] = {
+    (Actor.FIRMWARE, S.PXE): AT_REST | {S.PXE},
+    (Actor.NODE, S.STAGE1): ALL - {S.DISABLED},
+    (Actor.NODE, S.FETCHING): _up_to(S.FETCHING),
+    (Actor.NODE, S.VERIFIED): _up_to(S.VERIFIED),
+    (Actor.NODE, S.BOOTED): _up_to(S.BOOTED),
+    (Actor.NODE, S.READY): _up_to(S.READY) | {S.STALE, S.DEAD},
+    (Actor.NODE, S.FAILED): ALL - {S.DISABLED},
+    (Actor.MONITOR, S.STALE): BOOTING | {S.READY},
+    (Actor.MONITOR, S.DEAD): BOOTING | {S.READY, S.STALE},
+    (Actor.MONITOR, S.FAILED): frozenset({S.PXE}),
+    **{(Actor.ADMIN, state): ALL for state in State},
+}
+
+# What a node may report about itself over the node API (the table's NODE rows).
+NODE_REPORTABLE = frozenset(new for actor, new in TABLE if actor is Actor.NODE)
+
+
+def allowed(actor: Actor, old: State, new: State) -> bool:
+    return old in TABLE.get((actor, new), frozenset())
+
+
+class TransitionRefused(BootdError):
+    """The table does not allow this actor to take the node from its state to the new one."""
+
+    def __init__(self, node: str, actor: Actor, old: State, new: State) -> None:
+        super().__init__(f"{actor.value} may not move node {node!r} from {old.value} to {new.value}")
+        self.node, self.actor, self.old, self.new = node, actor, old, new
+
+
+@dataclass(frozen=True, slots=True)
+class Timeout:
+    """What the monitor does about one silent node: move it from ``old`` to ``new``, and why."""
+
+    name: str
+    old: State
+    new: State
+    reason: str
+
+
+def timeout(node: Node, now: float, config: RegistryConfig, since: float = 0.0) -> Timeout | None:
+    """The timeout due for ``node`` at ``now``, if any (a pure function: tests drive it with numbers).
+
+    ``since`` is when the monitor started: after bootd itself was down every
+    node looks silent, so silence is counted from the later of the two.
+    """
+    state = node.state
+    if state is S.PXE:
+        if config.pxe_timeout > 0:
+            waited = now - max(node.state_since, since)
+            if waited >= config.pxe_timeout:
+                return Timeout(node.name, state, S.FAILED,
+                               f"got its boot program {waited:.0f} s ago and never reported from the stage one "
+                               "(no network in the stage one? wrong kernel modules? see the console)")
+        return None
+    if state in BOOTING or state is S.READY:
+        silent = now - max(node.last_contact, since)
+        if silent >= config.dead_after:
+            return Timeout(node.name, state, S.DEAD, f"no contact for {silent:.0f} s")
+        if silent >= config.stale_after:
+            return Timeout(node.name, state, S.STALE, f"no contact for {silent:.0f} s")
+        return None
+    if state is S.STALE:
+        # Marking a node stale records a contact time, so count from when it became stale.
+        stale_for = now - max(node.state_since, since)
+        if stale_for >= config.dead_after - config.stale_after:
+            return Timeout(node.name, state, S.DEAD, f"no contact for {stale_for + config.stale_after:.0f} s")
+    # discovered (a machine that asked once and may never boot), dead, failed and disabled wait for
+    # a person or for the node itself: no timer.
+    return None
+
+
+class LifecycleMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.changes = Counter("bootd_lifecycle_transitions", "Node state changes, by actor and new state",
+                               ["actor", "state"], registry=registry)
+        self.refused = Counter("bootd_lifecycle_refused", "State changes the lifecycle table refused, by actor, "
+                               "old and new state", ["actor", "old", "new"], registry=registry)
+        self.lost = Counter("bootd_lifecycle_lost_races", "Compare-and-set writes that found the state changed "
+                            "by another writer", registry=registry)
+
+
+REFUSAL_RECORD_INTERVAL = 60.0
+
+
+class Lifecycle:
+    """Applies the table.  Every state change in the daemon and the CLI goes through ``change``."""
+
+    def __init__(self, store: NodeStore, config: RegistryConfig, metrics: CollectorRegistry) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = LifecycleMetrics(metrics)
+        self._recorded: dict[str, float] = {}  # node -> when its last refusal was written to the timeline
+
+    def reload(self, config: RegistryConfig) -> None:
+        self.config = config
+
+    async def change(self, name: str, new: State, reason: str = "", *, actor: Actor, now: float,
+                     detail: str = "", node: Node | None = None) -> Node:
+        """Move ``name`` to ``new`` if the table allows it; raise TransitionRefused otherwise.
+
+        ``node`` is the caller's fresh copy, saving a read; the write checks it is still current.
+        A lost compare-and-set is retried once against the new state.
+        """
+        for attempt in (1, 2):
+            if node is None:
+                node = await self.store.get_node(name)
+                if node is None:
+                    raise NotFound(f"no node named {name!r}")
+            old = node.state
+            if not allowed(actor, old, new):
+                await self._refused(node, actor, new, now)
+                raise TransitionRefused(name, actor, old, new)
+            if actor is Actor.FIRMWARE and old is new:
+                return node  # firmware chatter is no progress: pxe keeps the time it was entered
+            try:
+                updated = await self.store.set_state(name, new, reason, now=now, detail=detail, expect=old)
+            except StateChanged:
+                self.metrics.lost.inc()
+                if attempt == 2:
+                    raise
+                node = None
+                continue
+            self.metrics.changes.labels(actor=actor.value, state=new.value).inc()
+            if old is not new:
+                log.info("event=state node=%s from=%s to=%s by=%s%s", name, old.value, new.value, actor.value,
+                         f" reason={reason!r}" if reason else "")
+            return updated
+        raise AssertionError("unreachable")
+
+    async def heartbeat(self, name: str, now: float) -> Node:
+        """A running node checks in: a node that was booted, stale or dead is ready again."""
+        node = await self.store.get_node(name)
+        if node is None:
+            raise NotFound(f"no node named {name!r}")
+        if node.state in (S.BOOTED, S.STALE, S.DEAD):
+            return await self.change(name, S.READY, "heartbeat", actor=Actor.NODE, now=now, node=node)
+        await self.store.touch(name, now)
+        return node
+
+    async def sweep(self, now: float, since: float = 0.0) -> list[Timeout]:
+        """Apply every timeout that is due; returns what changed."""
+        done: list[Timeout] = []
+        for node in await self.store.list_nodes():
+            step = timeout(node, now, self.config, since)
+            if step is None:
+                continue
+            # Judge a fresh copy (a heartbeat may have arrived since list_nodes()), then write it as a
+            # compare-and-set against the state judged: a report that lands in between wins.
+            fresh = await self.store.get_node(node.name)
+            if fresh is None or timeout(fresh, now, self.config, since) != step:
+                continue
+            try:
+                await self.store.set_state(node.name, step.new, step.reason, now=now, expect=step.old)
+            except StateChanged:
+                self.metrics.lost.inc()
+                continue
+            except NotFound:
+                continue
+            self.metrics.changes.labels(actor=Actor.MONITOR.value, state=step.new.value).inc()
+            log.warning("event=%s node=%s was=%s reason=%r", step.new.value, step.name, step.old.value, step.reason)
+            done.append(step)
+        return done
+
+    async def _refused(self, node: Node, actor: Actor, new: State, now: float) -> None:
+        self.metrics.refused.labels(actor=actor.value, old=node.state.value, new=new.value).inc()
+        last = self._recorded.get(node.name)
+        if last is not None and now - last < REFUSAL_RECORD_INTERVAL:
+            return
+        self._recorded[node.name] = now
+        if len(self._recorded) > 100_000:  # bounded: forget the oldest half
+            for key in list(self._recorded)[:50_000]:
+                del self._recorded[key]
+        text = f"{actor.value} asked {node.state.value} -> {new.value}: not allowed"
+        log.info("event=transition-refused node=%s actor=%s from=%s to=%s", node.name, actor.value,
+                 node.state.value, new.value)
+        try:
+            await self.store.record_event(node.name, now, "refused", text)
+        except BootdError as exc:
+            log.warning("event=refusal-not-recorded node=%s error=%r", node.name, str(exc))

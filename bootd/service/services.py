@@ -1,0 +1,36 @@
+"""The services as one typed bundle: what the composition root hands to transports and the CLI.
+
+It holds no store on purpose: transports and the CLI reach the registry only
+through these services (tests/unit/test_layout.py checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from bootd.config import Config
+from bootd.service.boot import BootService, CapsuleReader
+from bootd.service.credentials import Credentials
+from bootd.service.lifecycle import Lifecycle
+from bootd.service.nodes import NodeAdmin
+from bootd.service.registry import RegistryService
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    lifecycle: Lifecycle
+    registry: RegistryService
+    boot: BootService
+    nodes: NodeAdmin
+    credentials: Credentials
+    capsules: CapsuleReader
+    metrics: CollectorRegistry
+
+    def reload(self, config: Config) -> None:
+        """Each service takes its own section; the next decision uses the new values."""
+        self.lifecycle.reload(config.registry)
+        self.registry.reload(config.registry)
+        self.nodes.reload(config.registry)
+        self.boot.reload(config)
