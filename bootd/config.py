@@ -291,23 +291,23 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         state_dir=state_dir,
         address=s.text("address", ServerConfig.address, _ipv4),
         interface=s.opt_text("interface"),
-        log_level=s.choice("log_level", "info", LOG_LEVELS),
-        graceful_timeout=s.number("graceful_timeout", 10.0, 0.1, 600.0),
+        log_level=s.choice("log_level", ServerConfig.log_level, LOG_LEVELS),
+        graceful_timeout=s.number("graceful_timeout", ServerConfig.graceful_timeout, 0.1, 600.0),
     )
     s.finish()
 
     r = section("registry")
     registry = RegistryConfig(
-        auto_register=r.flag("auto_register", True),
-        approve_first=r.flag("approve_first", False),
+        auto_register=r.flag("auto_register", RegistryConfig.auto_register),
+        approve_first=r.flag("approve_first", RegistryConfig.approve_first),
         name_pattern=r.text("name_pattern", RegistryConfig.name_pattern, _name_pattern),
-        first_index=r.integer("first_index", 0, 0, 10**9),
-        default_group=r.text("default_group", "default"),
-        stale_after=r.number("stale_after", 90.0, 1.0, 86400.0 * 30),
-        dead_after=r.number("dead_after", 300.0, 1.0, 86400.0 * 30),
+        first_index=r.integer("first_index", RegistryConfig.first_index, 0, 10**9),
+        default_group=r.text("default_group", RegistryConfig.default_group),
+        stale_after=r.number("stale_after", RegistryConfig.stale_after, 1.0, 86400.0 * 30),
+        dead_after=r.number("dead_after", RegistryConfig.dead_after, 1.0, 86400.0 * 30),
         pxe_timeout=r.number("pxe_timeout", RegistryConfig.pxe_timeout, 0.0, 86400.0 * 30),
-        register_rate=r.number("register_rate", 0.0, 0.0, 1e6),
-        register_burst=r.integer("register_burst", 100, 1, 1_000_000),
+        register_rate=r.number("register_rate", RegistryConfig.register_rate, 0.0, 1e6),
+        register_burst=r.integer("register_burst", RegistryConfig.register_burst, 1, 1_000_000),
     )
     if registry.dead_after <= registry.stale_after:
         raise r.error("dead_after", f"{registry.dead_after:g} must be greater than stale_after "
@@ -349,30 +349,30 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
 
     t = section("tftp")
     tftp = TftpConfig(
-        enabled=t.flag("enabled", False),
-        listen=t.text("listen", "0.0.0.0", _ipv4),
-        port=t.port("port", 69),
+        enabled=t.flag("enabled", TftpConfig.enabled),
+        listen=t.text("listen", TftpConfig.listen, _ipv4),
+        port=t.port("port", TftpConfig.port),
         root=t.path("root", state_dir / "tftp"),
         nbp_dir=t.path("nbp_dir", TftpConfig.nbp_dir),
-        max_sessions=t.integer("max_sessions", 1000, 1, 100_000),
-        timeout=t.number("timeout", 1.0, 0.05, 255.0),
-        retries=t.integer("retries", 5, 1, 100),
-        max_blksize=t.integer("max_blksize", 65464, 512, 65464),
-        max_windowsize=t.integer("max_windowsize", 64, 1, 65535),
+        max_sessions=t.integer("max_sessions", TftpConfig.max_sessions, 1, 100_000),
+        timeout=t.number("timeout", TftpConfig.timeout, 0.05, 255.0),
+        retries=t.integer("retries", TftpConfig.retries, 1, 100),
+        max_blksize=t.integer("max_blksize", TftpConfig.max_blksize, 512, 65464),
+        max_windowsize=t.integer("max_windowsize", TftpConfig.max_windowsize, 1, 65535),
     )
     t.finish()
 
     h = section("http")
-    port = h.port("port", 8080)
+    port = h.port("port", HttpConfig.port)
     public_url = h.text("public_url", "", _url).rstrip("/")
     http = HttpConfig(
-        enabled=h.flag("enabled", True),
-        listen=h.text("listen", "0.0.0.0", _ipv4),
+        enabled=h.flag("enabled", HttpConfig.enabled),
+        listen=h.text("listen", HttpConfig.listen, _ipv4),
         port=port,
         public_url=public_url or f"http://{server.address}:{port}",
-        max_bulk_streams=h.integer("max_bulk_streams", 64, 1, 100_000),
-        bulk_queue=h.integer("bulk_queue", 256, 0, 1_000_000),
-        retry_after=h.number("retry_after", 2.0, 0.1, 3600.0),
+        max_bulk_streams=h.integer("max_bulk_streams", HttpConfig.max_bulk_streams, 1, 100_000),
+        bulk_queue=h.integer("bulk_queue", HttpConfig.bulk_queue, 0, 1_000_000),
+        retry_after=h.number("retry_after", HttpConfig.retry_after, 0.1, 3600.0),
     )
     h.finish()
 
@@ -389,10 +389,10 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
     c = section("capsule")
     capsule = CapsuleConfig(
         dir=c.path("dir", state_dir / "capsules"),
-        zstd_level=c.integer("zstd_level", 3, 1, 19),
-        chunk_min=c.integer("chunk_min", 256 * 1024, 64, 64 * 1024 * 1024),
-        chunk_avg=c.integer("chunk_avg", 1024 * 1024, 256, 64 * 1024 * 1024),
-        chunk_max=c.integer("chunk_max", 4 * 1024 * 1024, 1024, 256 * 1024 * 1024),
+        zstd_level=c.integer("zstd_level", CapsuleConfig.zstd_level, 1, 19),
+        chunk_min=c.integer("chunk_min", CapsuleConfig.chunk_min, 64, 64 * 1024 * 1024),
+        chunk_avg=c.integer("chunk_avg", CapsuleConfig.chunk_avg, 256, 64 * 1024 * 1024),
+        chunk_max=c.integer("chunk_max", CapsuleConfig.chunk_max, 1024, 256 * 1024 * 1024),
     )
     if not capsule.chunk_min < capsule.chunk_avg < capsule.chunk_max:
         raise c.error("chunk_avg", f"need chunk_min < chunk_avg < chunk_max, got {capsule.chunk_min} < "

@@ -55,7 +55,6 @@ OCTET = "application/octet-stream"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # One path segment of ordinary characters: no slashes (encoded or not), no leading dot, no "..".
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._+-]{0,254}")
-ADMIN_FIELDS = ("capsule", "enabled", "approved", "kernel_args", "group")
 ROUTE_CHUNK = "/chunks/{hash}"
 
 
