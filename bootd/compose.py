@@ -76,7 +76,7 @@ def services(config: Config, *, readonly: bool = False, metrics: CollectorRegist
     capsules = CapsuleStore(config.capsule.dir)
     lifecycle = Lifecycle(store, config.registry, metrics)
     registry = RegistryService(store, config.registry)
-    credentials = Credentials(config.server.state_dir)
+    credentials = Credentials(store, config)
     boot = BootService(config, registry, lifecycle, capsules, credentials)
     nodes = NodeAdmin(store, lifecycle, config.registry)
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,

@@ -44,6 +44,9 @@ class RegistryConfig:
     stale_after: float = 90.0
     dead_after: float = 300.0
     pxe_timeout: float = 300.0
+    evidence: str = "auto"
+    evidence_window: float = 120.0
+    credential_lifetime: float = 30 * 86400.0
     register_rate: float = 0.0
     register_burst: int = 100
 
@@ -306,6 +309,10 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         stale_after=r.number("stale_after", RegistryConfig.stale_after, 1.0, 86400.0 * 30),
         dead_after=r.number("dead_after", RegistryConfig.dead_after, 1.0, 86400.0 * 30),
         pxe_timeout=r.number("pxe_timeout", RegistryConfig.pxe_timeout, 0.0, 86400.0 * 30),
+        evidence=r.choice("evidence", RegistryConfig.evidence, ("auto", "lease", "pxe", "none")),
+        evidence_window=r.number("evidence_window", RegistryConfig.evidence_window, 5.0, 3600.0),
+        credential_lifetime=r.number("credential_lifetime", RegistryConfig.credential_lifetime, 60.0,
+                                     86400.0 * 3650),
         register_rate=r.number("register_rate", RegistryConfig.register_rate, 0.0, 1e6),
         register_burst=r.integer("register_burst", RegistryConfig.register_burst, 1, 1_000_000),
     )

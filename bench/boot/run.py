@@ -220,7 +220,7 @@ def bench_agent(work: Path, capsule_mb: int, runs: int, link: Link | None = None
     )
     py = [sys.executable, "-m", "bootd", "-c", str(conf)]
     subprocess.run([*py, "capsule", "import", "big", str(root)], check=True, capture_output=True)
-    subprocess.run([*py, "node", "add", "agentbench", "--mac", "52:54:00:77:20:99"], check=True,
+    subprocess.run([*py, "node", "add", "agentbench", "--mac", "52:54:00:77:20:99", "--capsule", "big"], check=True,
                    capture_output=True)
     vid = (state / "capsules/refs/big").read_text().strip()
     manifest = (state / "capsules/manifests" / vid).read_bytes()
@@ -239,11 +239,15 @@ def bench_agent(work: Path, capsule_mb: int, runs: int, link: Link | None = None
                               check=False).returncode == 0:
                 break
             time.sleep(0.1)
-        import hmac
-
-        secret = (state / "secret").read_bytes().strip()
-        token = hmac.new(secret, b"agentbench", hashlib.sha256).hexdigest()[:32]
         base = f"http://{host}:{port}"
+        # The node's credential comes from its iPXE script, as on a real boot (this server runs no DHCP,
+        # so it asks no evidence).
+        script = subprocess.run(on_client(["curl", "-sf", f"{base}/boot/52-54-00-77-20-99.ipxe"]), check=True,
+                                capture_output=True, text=True).stdout
+        found = re.search(r"bootd\.token=(\w+)", script)
+        if found is None:
+            raise SystemExit(f"bench: no credential in the iPXE script: {script!r}")
+        token = found.group(1)
         cmdline = work / "cmdline"
         cmdline.write_text(f"bootd.url={base} bootd.node=agentbench bootd.capsule={vid} bootd.token={token} "
                            f"bootd.mac=52:54:00:77:20:99 {AGENT_ARGS}\n")

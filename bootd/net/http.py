@@ -685,7 +685,8 @@ class HttpServer:
             mac = normalize_mac(request.match_info["mac"])
         except ValueError as exc:
             return refuse(400, str(exc))
-        answer = await self.services.boot.script(mac, self.base_url, self.clock())
+        answer = await self.services.boot.script(mac, self.base_url, self.clock(), peer=request.remote,
+                                                 asset=request.query.get("asset"))
         if answer.created:
             self.metrics.registrations.inc()
         return self._ipxe(answer.text)
@@ -695,14 +696,18 @@ class HttpServer:
         return web.Response(text=text, content_type="text/plain", headers={"Cache-Control": "no-store"})
 
     # -- node API ---------------------------------------------------------------------------
-    def _node_auth(self, request: web.Request, name: str) -> web.Response | None:
-        if not self.services.credentials.check_node(name, request.headers.get("X-Bootd-Token")):
+    async def _node_auth(self, request: web.Request, name: str) -> web.Response | None:
+        try:
+            ok = await self.services.credentials.check_node(name, request.headers.get("X-Bootd-Token"), self.clock())
+        except NotFound as exc:
+            return refuse(404, str(exc))
+        if not ok:
             return refuse(403, f"missing or wrong X-Bootd-Token for node {name!r}")
         return None
 
     async def _event(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        denied = self._node_auth(request, name)
+        denied = await self._node_auth(request, name)
         if denied is not None:
             return denied
         try:
@@ -734,7 +739,7 @@ class HttpServer:
 
     async def _heartbeat(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        denied = self._node_auth(request, name)
+        denied = await self._node_auth(request, name)
         if denied is not None:
             return denied
         try:
@@ -746,7 +751,7 @@ class HttpServer:
 
     async def _env(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        denied = self._node_auth(request, name)
+        denied = await self._node_auth(request, name)
         if denied is not None:
             return denied
         try:

@@ -34,7 +34,7 @@ from bootd.proto.dhcp.pxe import ARM64_ARCHES
 from bootd.service.credentials import Credentials
 from bootd.service.lifecycle import Actor, Lifecycle, TransitionRefused
 from bootd.service.registry import RegistryService
-from bootd.service.scripts import BootScript, render_boot_script, render_wait_script
+from bootd.service.scripts import BootScript, render_asset_script, render_boot_script, render_wait_script
 
 log = logging.getLogger("bootd.boot")
 _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -123,6 +123,7 @@ class BootService:
 
     def reload(self, config: Config) -> None:
         self.policy = BootPolicy.from_config(config)
+        self.credentials.reload(config)
         self.kernel_args = config.boot.kernel_args
 
     # -- firmware (DHCP, TFTP) ------------------------------------------------------------
@@ -155,6 +156,8 @@ class BootService:
         node = await self.registry.store.get_node(name)
         if node is None:
             raise NotFound(f"no node named {name!r}")
+        if not node.enabled:
+            raise NotFound(f"node {name!r} is disabled")
         lines = [f"{k}={v.replace(chr(10), ' ')}" for k, v in sorted(node.vars.items()) if _SHELL_NAME.fullmatch(k)]
         return "".join(line + "\n" for line in lines)
 
@@ -170,14 +173,22 @@ class BootService:
             self._kernels.popitem(last=False)
         return kernel
 
-    async def script(self, mac: str, base_url: str, now: float) -> ScriptAnswer:
-        """The whole boot decision for an iPXE client asking for its script."""
+    async def script(self, mac: str, base_url: str, now: float, *, peer: str | None = None,
+                     asset: str | None = None) -> ScriptAnswer:
+        """The whole boot decision for an iPXE client asking for its script.
+
+        ``peer`` is the request's source address and ``asset`` the SMBIOS asset tag iPXE sent (if
+        asked): the evidence a per-boot credential is issued against (bootd.service.credentials).
+        """
         result = await self.registry.decide(Machine(mac=mac, ipxe=True), now)
         node = result.node
         if node is None:
             log.info("event=refused proto=http mac=%s reason=%r", mac, result.reason)
             return ScriptAnswer(render_wait_script(mac, base_url, result.reason), None, result.created,
                                 result.reason)
+        if "asset_tag" in node.vars and asset is None:
+            # Ask iPXE for the machine's SMBIOS asset tag: one more round trip, then the real script.
+            return ScriptAnswer(render_asset_script(mac, base_url), node, result.created)
         capsule, node_args = await self.registry.boot_target(node)
         vid: str | None = None
         has_kernel = False
@@ -194,11 +205,17 @@ class BootService:
                 reason = f"capsule {capsule!r} of node {node.name} does not exist (bootd capsule list)"
                 log.warning("event=script-refused node=%s reason=%r", node.name, reason)
                 return ScriptAnswer(render_wait_script(mac, base_url, reason), node, result.created, reason)
-        if vid is not None:
-            # iPXE is running and about to load the stage one; the stage one itself reports `stage1`.
-            node = await self.firmware_contact(node, "iPXE fetched its boot script", now)
+        if vid is None:  # no capsule assigned: the script says so, and no credential is issued for nothing
+            return ScriptAnswer(render_boot_script(BootScript(node, base_url, None, False, "", "", "")), node,
+                                result.created, "no capsule")
+        issued = await self.credentials.issue(node, peer, now, asset)
+        if issued.token is None:
+            return ScriptAnswer(render_wait_script(mac, base_url, issued.reason), node, result.created,
+                                issued.reason)
+        # iPXE is running and about to load the stage one; the stage one itself reports `stage1`.
+        node = await self.firmware_contact(node, "iPXE fetched its boot script", now)
         text = render_boot_script(BootScript(
             node=node, base_url=base_url, version_id=vid, has_kernel=has_kernel, boot_args=self.kernel_args,
-            node_args=node_args, token=self.credentials.node_token(node.name),
+            node_args=node_args, token=issued.token,
         ))
         return ScriptAnswer(text, node, result.created)

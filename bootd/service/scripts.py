@@ -2,19 +2,14 @@
 
 The script is the last thing the firmware-side boot chain reads from bootd;
 everything the stage one needs to know (where bootd is, who it is, which
-capsule version, its token) travels on the kernel command line, because that
-is the only channel from iPXE into the Linux initramfs.
-
-Node tokens are an HMAC of the node's name under a per-installation secret,
-so bootd can check them without storing one per node, and a node holding its
-own token cannot forge another node's.
+capsule version, its per-boot credential) travels on the kernel command line,
+because that is the only channel from iPXE into the Linux initramfs.
+Credentials themselves are bootd.service.credentials'.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import os
 import re
 import secrets
@@ -25,18 +20,6 @@ from bootd.model import Node
 
 TOKEN_HEX_CHARS = 32
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
-
-
-def node_token(secret: bytes, name: str) -> str:
-    """Hex HMAC-SHA256(secret, name), first 32 hex chars (contract: the stage one echoes it back)."""
-    return hmac.new(secret, name.encode("utf-8"), hashlib.sha256).hexdigest()[:TOKEN_HEX_CHARS]
-
-
-def check_node_token(secret: bytes, name: str, presented: str | None) -> bool:
-    """Constant-time comparison so the token cannot be guessed byte by byte from response timing."""
-    if not presented:
-        return False
-    return hmac.compare_digest(node_token(secret, name).encode(), presented.strip().encode("ascii", "replace"))
 
 
 def load_or_create_secret(path: Path, nbytes: int = 32) -> bytes:
@@ -140,6 +123,12 @@ def render_wait_script(mac: str, base_url: str, reason: str, delay: int = 30) ->
         f"{_sleep(delay)}\n"
         f"chain --replace {base}/boot/{mac_path(mac)}.ipxe\n"
     )
+
+
+def render_asset_script(mac: str, base_url: str) -> str:
+    """Ask iPXE to request the script again with the machine's SMBIOS asset tag (a credential's evidence)."""
+    base = base_url.rstrip("/")
+    return f"#!ipxe\nchain --replace {base}/boot/{mac_path(mac)}.ipxe?asset=${{asset:uristring}}\n"
 
 
 def _sleep(seconds: int) -> str:

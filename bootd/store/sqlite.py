@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from bootd.errors import Conflict, NotFound, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
-from bootd.store.base import NODE_FIELDS, Event
+from bootd.store.base import NODE_FIELDS, Credential, Event
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -79,6 +79,21 @@ MIGRATIONS: tuple[str, ...] = (
         detail TEXT NOT NULL DEFAULT ''
     );
     CREATE INDEX events_node_ts ON events(node_id, ts);
+    """,
+    # 3: per-boot node credentials (only a digest is stored) and proxy-mode PXE evidence
+    """
+    CREATE TABLE credentials (
+        node_id INTEGER PRIMARY KEY REFERENCES nodes(id) ON DELETE CASCADE,
+        digest TEXT NOT NULL,
+        issued REAL NOT NULL,
+        expires REAL NOT NULL,
+        evidence TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE pxe_seen (
+        mac TEXT PRIMARY KEY,
+        ts REAL NOT NULL,
+        address TEXT
+    );
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -356,6 +371,34 @@ class SqliteRepo:
         with self.write() as db:
             self._event(db, self._require(name)["id"], ts, state, reason, detail)
 
+    # -- credentials ----------------------------------------------------------------
+    def put_credential(self, cred: Credential) -> None:
+        """Replace the node's credential (a new boot revokes the previous one)."""
+        with self.write() as db:
+            row = self._require(cred.node)
+            db.execute("INSERT OR REPLACE INTO credentials(node_id, digest, issued, expires, evidence) "
+                       "VALUES (?, ?, ?, ?, ?)", (row["id"], cred.digest, cred.issued, cred.expires, cred.evidence))
+
+    def get_credential(self, name: str) -> Credential | None:
+        r = self.db.execute("SELECT c.* FROM credentials c JOIN nodes n ON n.id = c.node_id WHERE n.name = ?",
+                            (name,)).fetchone()
+        return None if r is None else Credential(name, r["digest"], r["issued"], r["expires"], r["evidence"])
+
+    def extend_credential(self, name: str, digest: str, expires: float) -> None:
+        """Slide the expiry of a credential still in use (only if it is still the current one)."""
+        with self.write() as db:
+            db.execute("UPDATE credentials SET expires = ? WHERE digest = ? AND node_id = "
+                       "(SELECT id FROM nodes WHERE name = ?)", (expires, digest, name))
+
+    def note_pxe(self, mac: str, ts: float, address: str | None) -> None:
+        with self.write() as db:
+            db.execute("INSERT OR REPLACE INTO pxe_seen(mac, ts, address) VALUES (?, ?, ?)",
+                       (normalize_mac(mac), ts, address))
+
+    def pxe_seen(self, mac: str) -> tuple[float, str | None] | None:
+        r = self.db.execute("SELECT ts, address FROM pxe_seen WHERE mac = ?", (normalize_mac(mac),)).fetchone()
+        return None if r is None else (r["ts"], r["address"])
+
     def touch(self, name: str, now: float) -> None:
         with self.write() as db:
             db.execute("UPDATE nodes SET last_contact = ? WHERE name = ?", (now, name))
@@ -486,6 +529,21 @@ class SqliteNodeStore:
 
     async def record_event(self, name: str, ts: float, state: str, reason: str = "", detail: str = "") -> None:
         await self._run(self.repo.record_event, name, ts, state, reason, detail)
+
+    async def put_credential(self, cred: Credential) -> None:
+        await self._run(self.repo.put_credential, cred)
+
+    async def get_credential(self, name: str) -> Credential | None:
+        return await self._run(self.repo.get_credential, name)
+
+    async def extend_credential(self, name: str, digest: str, expires: float) -> None:
+        await self._run(self.repo.extend_credential, name, digest, expires)
+
+    async def note_pxe(self, mac: str, ts: float, address: str | None) -> None:
+        await self._run(self.repo.note_pxe, mac, ts, address)
+
+    async def pxe_seen(self, mac: str) -> tuple[float, str | None] | None:
+        return await self._run(self.repo.pxe_seen, mac)
 
     async def events(self, name: str, limit: int = 100) -> list[Event]:
         return await self._run(self.repo.events, name, limit)

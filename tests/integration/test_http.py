@@ -24,8 +24,9 @@ from bootd import compose
 from bootd.capsule.importer import ImportOptions, import_capsule
 from bootd.capsule.store import CapsuleStore
 from bootd.config import Config, from_dict
-from bootd.model import Group, State
+from bootd.model import Group, Node, State
 from bootd.net.http import HttpServer
+from bootd.service.credentials import Issued
 from bootd.store.sqlite import SqliteNodeStore
 
 MAC = "52:54:00:12:34:56"
@@ -45,8 +46,11 @@ class Env:
     def url(self, path: str) -> str:
         return self.base + path
 
+    tokens: dict[str, str]
+
     def token(self, name: str) -> str:
-        return self.server.services.credentials.node_token(name)
+        """The credential the node's last script carried (recorded as it was issued), or a made-up one."""
+        return self.tokens.get(name, "0" * 32)
 
     def manifest(self) -> Any:
         return self.capsules.load_manifest(self.vid)
@@ -106,9 +110,20 @@ async def start_env(tmp_path: Path, **http: Any) -> tuple[Env, SqliteNodeStore]:
     store = SqliteNodeStore(state / "bootd.sqlite")
     await store.put_group(Group("default", capsule="tiny", kernel_args="quiet"))
     _, services = compose.services(config, store=store)
+    tokens: dict[str, str] = {}
+    issue = services.credentials.issue
+
+    async def recording_issue(node: Node, *args: Any, **kwargs: Any) -> Issued:
+        issued = await issue(node, *args, **kwargs)
+        if issued.token is not None:
+            tokens[node.name] = issued.token
+        return issued
+
+    services.credentials.issue = recording_issue  # type: ignore[method-assign]
     server = HttpServer(config, services)
     await server.start()
-    env = Env(server, store, capsules, config, result.version, f"http://127.0.0.1:{server.port}", tmp_path)
+    env = Env(server, store, capsules, config, result.version, f"http://127.0.0.1:{server.port}", tmp_path,
+              tokens)
     return env, store
 
 
@@ -516,7 +531,7 @@ async def test_admin_reads_and_token_guarded_writes(env: Env, session: aiohttp.C
 
 
 async def test_secret_and_admin_token_files_are_private(env: Env) -> None:
-    for name in ("secret", "admin-token"):
+    for name in ("admin-token",):  # node credentials are per boot, in the store (only their digests)
         mode = (env.config.server.state_dir / name).stat().st_mode & 0o777
         assert mode == 0o600, (name, oct(mode))
 

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import multiprocessing
 from pathlib import Path
 
 from bootd.model import Node
 from bootd.service.scripts import (
     BootScript,
-    check_node_token,
     load_or_create_secret,
-    node_token,
     render_boot_script,
     render_wait_script,
 )
 
 NODE = Node(mac="52:54:00:12:34:56", name="n0007", group="default")
 VID = "ab" * 32
-
-
-def test_token_is_truncated_hmac_of_the_name() -> None:
-    secret = b"s3cret"
-    want = hmac.new(secret, b"n0007", hashlib.sha256).hexdigest()[:32]
-    assert node_token(secret, "n0007") == want
-    assert check_node_token(secret, "n0007", want)
-    assert not check_node_token(secret, "n0008", want)
-    assert not check_node_token(secret, "n0007", None)
-    assert not check_node_token(secret, "n0007", "é" * 32)
 
 
 def test_boot_script_contract() -> None:
