@@ -183,8 +183,12 @@ class BootdServer:
 
     def http_get(self, path: str) -> tuple[int, bytes]:
         """GET from inside the namespace (the host cannot reach the lab network)."""
+        auth: list[str] = []
+        token_file = self.state_dir / "admin-token"
+        if path.startswith("/api/v1/nodes") and token_file.exists():  # admin reads need the admin token
+            auth = ["-H", f"Authorization: Bearer {token_file.read_text().strip()}"]
         res = subprocess.run(
-            self.lab.ns_cmd(["curl", "-s", "-o", "-", "-w", "\n%{http_code}", f"{self.base_url}{path}"]),
+            self.lab.ns_cmd(["curl", "-s", *auth, "-o", "-", "-w", "\n%{http_code}", f"{self.base_url}{path}"]),
             capture_output=True, timeout=30, check=False,
         )
         body, _, code = res.stdout.rpartition(b"\n")

@@ -712,7 +712,7 @@ class HttpServer:
             return denied
         try:
             body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return refuse(400, "the body must be JSON: {\"event\": \"<state>\", \"reason\": \"...\"}")
         if not isinstance(body, dict):
             return refuse(400, "the body must be a JSON object")
@@ -746,6 +746,8 @@ class HttpServer:
             node = await self.services.lifecycle.heartbeat(name, self.clock())
         except NotFound as exc:
             return refuse(404, str(exc))
+        except TransitionRefused as exc:
+            return refuse(409, str(exc))
         self.metrics.node_events.labels(event="heartbeat").inc()
         return web.json_response({"node": node.name, "state": node.state.value})
 
@@ -760,11 +762,24 @@ class HttpServer:
             return refuse(404, str(exc))
         return web.Response(text=text, content_type="text/plain", headers={"Cache-Control": "no-store"})
 
+    def _admin_auth(self, request: web.Request) -> web.Response | None:
+        """Admin routes (reads included: node variables hold site secrets) need the admin token."""
+        auth = request.headers.get("Authorization", "")
+        presented = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+        if not self.services.credentials.check_admin(presented):
+            return refuse(401, "admin routes need 'Authorization: Bearer <contents of state_dir/admin-token>'",
+                          {"WWW-Authenticate": "Bearer"})
+        return None
+
     async def _list_nodes(self, request: web.Request) -> web.StreamResponse:
+        if (denied := self._admin_auth(request)) is not None:
+            return denied
         nodes = await self.services.nodes.select()
         return web.json_response({"nodes": [node_json(n) for n in nodes]})
 
     async def _get_node(self, request: web.Request) -> web.StreamResponse:
+        if (denied := self._admin_auth(request)) is not None:
+            return denied
         try:
             view = await self.services.nodes.show(request.match_info["name"])
         except NotFound as exc:
@@ -774,11 +789,8 @@ class HttpServer:
         return web.json_response(out)
 
     async def _set_node(self, request: web.Request) -> web.StreamResponse:
-        auth = request.headers.get("Authorization", "")
-        presented = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
-        if not self.services.credentials.check_admin(presented):
-            return refuse(401, "admin writes need 'Authorization: Bearer <contents of state_dir/admin-token>'",
-                          {"WWW-Authenticate": "Bearer"})
+        if (denied := self._admin_auth(request)) is not None:
+            return denied
         name = request.match_info["name"]
         try:
             body = await request.json()

@@ -207,6 +207,9 @@ class Lifecycle:
         node = await self.store.get_node(name)
         if node is None:
             raise NotFound(f"no node named {name!r}")
+        if node.state is S.DISABLED:
+            await self._refused(node, Actor.NODE, S.READY, now)
+            raise TransitionRefused(name, Actor.NODE, node.state, S.READY)
         if node.state in (S.BOOTED, S.STALE, S.DEAD):
             return await self.change(name, S.READY, "heartbeat", actor=Actor.NODE, now=now, node=node)
         await self.store.touch(name, now)

@@ -497,22 +497,26 @@ async def test_node_events_and_heartbeat_need_own_token(env: Env, session: aioht
 
 async def test_admin_reads_and_token_guarded_writes(env: Env, session: aiohttp.ClientSession) -> None:
     name = await _register(env, session, "52-54-00-00-00-0c")
-    async with session.get(env.url("/api/v1/nodes")) as r:
+    admin = (env.config.server.state_dir / "admin-token").read_text().strip()
+    auth = {"Authorization": f"Bearer {admin}"}
+    # Reads are admin routes too: node variables hold site secrets, and MACs are what a spoofer needs.
+    for path in ("/api/v1/nodes", f"/api/v1/nodes/{name}"):
+        async with session.get(env.url(path)) as r:
+            assert r.status == 401 and "admin-token" in await r.text()
+    async with session.get(env.url("/api/v1/nodes"), headers=auth) as r:
         data = await r.json()
     assert [n["name"] for n in data["nodes"]] == [name]
     assert data["nodes"][0]["state"] == "pxe" and data["nodes"][0]["mac"] == "52:54:00:00:00:0c"
-    status, body, _ = await curl(env.url(f"/api/v1/nodes/{name}"))
+    status, body, _ = await curl("-H", f"Authorization: Bearer {admin}", env.url(f"/api/v1/nodes/{name}"))
     one = json.loads(body)
     assert status == 200 and one["name"] == name and [e["state"] for e in one["events"]][:1] == ["discovered"]
-    async with session.get(env.url("/api/v1/nodes/ghost")) as r:
+    async with session.get(env.url("/api/v1/nodes/ghost"), headers=auth) as r:
         assert r.status == 404
     url = env.url(f"/api/v1/nodes/{name}")
     async with session.post(url, json={"capsule": "other"}) as r:
         assert r.status == 401
     async with session.post(url, json={"capsule": "other"}, headers={"Authorization": "Bearer wrong"}) as r:
         assert r.status == 401
-    admin = (env.config.server.state_dir / "admin-token").read_text().strip()
-    auth = {"Authorization": f"Bearer {admin}"}
     async with session.post(url, json={"capsule": "other", "kernel_args": "debug"}, headers=auth) as r:
         assert r.status == 200, await r.text()
         assert (await r.json())["capsule"] == "other"
