@@ -43,6 +43,28 @@ class Reloadable(Protocol):
     def reload(self, config: Config) -> None: ...
 
 
+PRIVATE_FILES = ("bootd.sqlite", "bootd.sqlite-wal", "bootd.sqlite-shm", "admin-token", "secret")
+
+
+def secure_state_dir(config: Config) -> None:
+    """State directory 0700 and its registry and secrets 0600, whoever starts bootd.
+
+    ``bootd`` runs under umask 077 (bootd.cli.main), so what it creates is private; this also takes
+    over a directory an older bootd (or a hand-run one) left 0755 with a 0644 database.
+    """
+    state = config.server.state_dir
+    state_dir_writable(state)
+    if state.stat().st_mode & 0o077:
+        state.chmod(0o700)
+    for name in PRIVATE_FILES:
+        path = state / name
+        try:
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
+        except FileNotFoundError:
+            continue
+
+
 def open_store(config: Config, *, readonly: bool = False) -> NodeStore:
     """The node registry the configuration names (SQLite in the state directory)."""
     return SqliteNodeStore(config.db_path, default_group=config.registry.default_group, readonly=readonly)
@@ -86,6 +108,8 @@ def services(config: Config, *, readonly: bool = False, metrics: CollectorRegist
 @contextlib.asynccontextmanager
 async def open_services(config: Config, *, readonly: bool = False) -> AsyncIterator[Services]:
     """The services for one CLI command: the same code path as the daemon's, store closed afterwards."""
+    if not readonly:
+        secure_state_dir(config)
     store, svc = services(config, readonly=readonly)
     try:
         yield svc
@@ -95,7 +119,7 @@ async def open_services(config: Config, *, readonly: bool = False) -> AsyncItera
 
 def build(config: Config) -> Built:
     """Construct the store, services and transports of ``bootd serve``; nothing listens yet."""
-    state_dir_writable(config.server.state_dir)
+    secure_state_dir(config)
     store, svc = services(config)
     capsules = svc.capsules
     assert isinstance(capsules, CapsuleStore)
