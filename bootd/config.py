@@ -47,8 +47,10 @@ class RegistryConfig:
     evidence: str = "auto"
     evidence_window: float = 120.0
     credential_lifetime: float = 30 * 86400.0
-    register_rate: float = 0.0
-    register_burst: int = 100
+    register_rate: float = 100.0
+    register_burst: int = 1000
+    max_nodes: int = 10000
+    register_any_client: bool = False
 
 
 @dataclass(frozen=True)
@@ -315,6 +317,8 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
                                      86400.0 * 3650),
         register_rate=r.number("register_rate", RegistryConfig.register_rate, 0.0, 1e6),
         register_burst=r.integer("register_burst", RegistryConfig.register_burst, 1, 1_000_000),
+        max_nodes=r.integer("max_nodes", RegistryConfig.max_nodes, 0, 10_000_000),
+        register_any_client=r.flag("register_any_client", RegistryConfig.register_any_client),
     )
     if registry.dead_after <= registry.stale_after:
         raise r.error("dead_after", f"{registry.dead_after:g} must be greater than stale_after "

@@ -55,6 +55,10 @@ class Conflict(StoreError):
     """The change would break a uniqueness rule (name or MAC already taken)."""
 
 
+class RegistryFull(StoreError):
+    """Registering one more node would pass registry.max_nodes."""
+
+
 class StateChanged(Conflict):
     """A compare-and-set of a node's state lost: another process changed the state first."""
 

@@ -354,7 +354,7 @@ class DhcpService:
             hit = self._nodes.get(mac)
             if hit is not None and now - hit[1] <= NODE_CACHE_TTL:
                 return hit[0]
-        node = await self.registry.resolve(c.machine, now)
+        node = await self.registry.resolve(c.machine, now, netboot=c.pxe)
         if node is not None:
             self._nodes[mac] = (node, now)
         else:

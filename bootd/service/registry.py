@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from bootd.config import RegistryConfig
+from bootd.errors import RegistryFull
 from bootd.model import Machine, Node
 from bootd.store.base import NodeStore
 
@@ -61,40 +62,48 @@ class RegistryService:
     def reload(self, config: RegistryConfig) -> None:
         self.config = config
 
-    async def decide(self, machine: Machine, now: float) -> Resolution:
+    async def decide(self, machine: Machine, now: float, *, netboot: bool = True) -> Resolution:
         """Resolve a machine to a node, registering it on first contact when allowed.
 
-        The common case (registration on, within the rate limit) is one trip to the
-        store: register() returns a known node as it is and records the contact.
+        ``netboot`` says the machine is a network-boot client (PXE or HTTP vendor class, option 93,
+        iPXE); only those register unless ``registry.register_any_client`` is set, so a laptop or a
+        switch on the provisioning LAN never becomes a node.  The common case (registration on,
+        within the rate limit) is one trip to the store: register() returns a known node as it is
+        and records the contact.
         """
+        cfg = self.config
         created = False
-        if self.config.auto_register and self._bucket.available(self.config.register_rate,
-                                                                 self.config.register_burst, now):
+        may_register = cfg.auto_register and (netboot or cfg.register_any_client)
+        node: Node | None = None
+        if may_register and self._bucket.available(cfg.register_rate, cfg.register_burst, now):
             # Reserve the token before the await, so concurrent first contacts cannot overdraw it;
             # a known node gives it back.
             self._bucket.consume()
-            node, created = await self.store.register(
-                machine.mac,
-                name_pattern=self.config.name_pattern,
-                first_index=self.config.first_index,
-                group=self.config.default_group,
-                approved=not self.config.approve_first,
-                now=now,
-            )
+            try:
+                node, created = await self.store.register(
+                    machine.mac, name_pattern=cfg.name_pattern, first_index=cfg.first_index,
+                    group=cfg.default_group, approved=not cfg.approve_first, now=now, max_nodes=cfg.max_nodes,
+                )
+            except RegistryFull as exc:
+                self._bucket.refund()
+                return Resolution(None, str(exc))
             if not created:
                 self._bucket.refund()
             else:
                 log.info("event=registered node=%s mac=%s firmware=%s approved=%s", node.name, node.mac,
                          machine.firmware.value, node.approved)
         else:
-            found = await self.store.get_node_by_mac(machine.mac)
-            if found is None:
-                if not self.config.auto_register:
+            node = await self.store.get_node_by_mac(machine.mac)
+            if node is None:
+                if not cfg.auto_register:
                     return Resolution(None, f"unknown MAC {machine.mac} and registry.auto_register is off")
+                if not may_register:
+                    return Resolution(None, f"unknown MAC {machine.mac} is not a network-boot client (no PXE or "
+                                            "HTTP vendor class, option 93 or iPXE); registry.register_any_client "
+                                            "is off")
                 return Resolution(None, f"unknown MAC {machine.mac}: registration rate limit "
-                                        f"({self.config.register_rate:g}/s, burst {self.config.register_burst}) "
+                                        f"({cfg.register_rate:g}/s, burst {cfg.register_burst}) "
                                         "reached; it will register on a later attempt")
-            node = found
             if now - node.last_contact >= 1.0:
                 await self.store.touch(node.name, now)
         if not node.enabled:
@@ -104,10 +113,11 @@ class RegistryService:
                               created)
         return Resolution(node, "", created)
 
-    async def resolve(self, machine: Machine, now: float) -> Node | None:
-        result = await self.decide(machine, now)
+    async def resolve(self, machine: Machine, now: float, *, netboot: bool = True) -> Node | None:
+        result = await self.decide(machine, now, netboot=netboot)
         if result.node is None:
-            log.info("event=refused mac=%s reason=%r", machine.mac, result.reason)
+            # Debug only: refusals come at packet rate from a flood; the DHCP server counts them.
+            log.debug("event=refused mac=%s reason=%r", machine.mac, result.reason)
         return result.node
 
     async def boot_target(self, node: Node) -> tuple[str | None, str]:

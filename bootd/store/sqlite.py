@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from bootd.errors import Conflict, NotFound, StateChanged, StoreError
+from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
 from bootd.store.base import NODE_FIELDS, Credential, Event
 
@@ -253,7 +253,7 @@ class SqliteRepo:
         return [_node(r, allvars.get(r["id"], {})) for r in rows]
 
     def register(self, mac: str, *, name_pattern: str, first_index: int, group: str, approved: bool,
-                 now: float) -> tuple[Node, bool]:
+                 now: float, max_nodes: int = 0) -> tuple[Node, bool]:
         mac = normalize_mac(mac)
         with self.write() as db:
             row = self._row("mac", mac)
@@ -262,6 +262,9 @@ class SqliteRepo:
                 if now - row["last_contact"] >= 1.0:
                     db.execute("UPDATE nodes SET last_contact = ? WHERE id = ?", (now, row["id"]))
                 return self._load(row), False
+            if max_nodes and db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] >= max_nodes:
+                raise RegistryFull(f"the registry holds registry.max_nodes = {max_nodes} nodes; {mac} is not "
+                                   "registered (raise the limit, or delete nodes)")
             self._ensure_group(group)
             top = db.execute("SELECT MAX(idx) FROM nodes").fetchone()[0]
             index = first_index if top is None else max(first_index, top + 1)
@@ -504,9 +507,9 @@ class SqliteNodeStore:
         return await self._run(self.repo.list_nodes)
 
     async def register(self, mac: str, *, name_pattern: str, first_index: int, group: str, approved: bool,
-                       now: float) -> tuple[Node, bool]:
+                       now: float, max_nodes: int = 0) -> tuple[Node, bool]:
         return await self._run(self.repo.register, mac, name_pattern=name_pattern, first_index=first_index,
-                               group=group, approved=approved, now=now)
+                               group=group, approved=approved, now=now, max_nodes=max_nodes)
 
     async def add_node(self, mac: str, name: str, *, group: str, now: float, **fields: Any) -> Node:
         return await self._run(self.repo.add_node, mac, name, group=group, now=now, **fields)

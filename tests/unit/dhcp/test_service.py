@@ -36,7 +36,9 @@ async def store() -> AsyncIterator[SqliteNodeStore]:
 
 
 def service(store: SqliteNodeStore, settings: DhcpSettings = FULL, **registry: object) -> DhcpService:
-    return DhcpService(store, RegistryService(store, RegistryConfig(**registry)), POLICY, settings)  # type: ignore[arg-type]
+    """The protocol tests use plain clients (dhclient, udhcpc) as well as PXE ROMs: let both register."""
+    cfg = RegistryConfig(**{"register_any_client": True, **registry})  # type: ignore[arg-type]
+    return DhcpService(store, RegistryService(store, cfg), POLICY, settings)
 
 
 def request_from(discover: DhcpPacket, offer: DhcpPacket) -> DhcpPacket:
@@ -99,7 +101,15 @@ async def test_edk2_gets_snponly_and_pxe_vendor_options(store: SqliteNodeStore) 
     assert offer.broadcast  # EDK2 asked for broadcast; the flag is mirrored
 
 
+async def test_plain_dhcp_client_does_not_register_by_default(store: SqliteNodeStore) -> None:
+    out = await service(store, register_any_client=False).handle(golden_packet("dhclient-c2s-discover-1"), port=67,
+                                                                 now=NOW)
+    assert out.replies == [] and out.ignored == "refused"
+    assert await store.list_nodes() == []
+
+
 async def test_plain_dhclient_gets_lease_but_stays_discovered(store: SqliteNodeStore) -> None:
+    # With registry.register_any_client on (a site that wants every DHCP client as a node).
     _, _, ack = await dora(service(store), golden_packet("dhclient-c2s-discover-1"))
     assert ack.yiaddr == "10.77.0.100" and ack.file == b"undionly.kpxe" and o.VENDOR_CLASS not in ack.options
     node = await store.get_node_by_mac("52:54:00:99:00:12")
