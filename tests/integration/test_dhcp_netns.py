@@ -160,6 +160,8 @@ def start_bootd(net: Net, ns: str, *, address: str, interface: str | None, dhcp:
         server["interface"] = interface
     cfg = write_config(net.workdir / "bootd.toml", {
         "server": server,
+        # These tests drive the protocol with plain clients (udhcpc, dhclient) too: let them register.
+        "registry": {"register_any_client": True},
         "dhcp": {"enabled": True, **dhcp},
         "http": {"enabled": daemon_wires_dhcp(), "port": 8080},
     })
