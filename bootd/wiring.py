@@ -44,7 +44,7 @@ async def build(daemon: Daemon) -> None:
         )))
 
     if cfg.http.enabled:
-        from bootd.net.http import HttpServer
+        from bootd.net.http.app import HttpServer
 
         http = HttpServer(cfg, registry, capsules, metrics)
         daemon.components.append(("http", http))

@@ -15,7 +15,7 @@ from pathlib import Path
 from bootd.capsule.store import CapsuleStore
 from bootd.config import from_dict
 from bootd.metrics import make_registry
-from bootd.net.http import HttpServer
+from bootd.net.http.app import HttpServer
 from bootd.service.registry import RegistryService
 from bootd.store.memory import memory_store
 

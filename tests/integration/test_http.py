@@ -25,7 +25,7 @@ from bootd.capsule.store import CapsuleStore
 from bootd.config import Config, from_dict
 from bootd.metrics import make_registry
 from bootd.model import Group, State
-from bootd.net.http import HttpServer
+from bootd.net.http.app import HttpServer
 from bootd.service.registry import RegistryService
 from bootd.service.scripts import node_token
 from bootd.store.sqlite import SqliteNodeStore

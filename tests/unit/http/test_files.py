@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bootd.net.files import OpenFileCache, etag_matches, parse_range
-from bootd.net.http import effective_base
+from bootd.net.http.app import effective_base
 
 
 def test_parse_range() -> None:

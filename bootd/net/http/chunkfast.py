@@ -34,6 +34,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from bootd.net.http.send import sendfile_now
+
 log = logging.getLogger("bootd.http")
 
 _PREFIX = b"GET /chunks/"
@@ -44,20 +46,6 @@ _NOT_SIMPLE = (b"\nrange:", b"\nif-", b"\nconnection:", b"\ncontent-length:", b"
                b"\nexpect:", b"\nupgrade:")
 _HEAD_END = b"\r\n\r\n"
 _MAX_REQUEST = 4096
-
-
-def sendfile_now(transport: asyncio.Transport, fd: int, file: Any, offset: int, count: int) -> int:
-    """One sendfile(2) to socket ``fd`` right away; returns bytes sent (0 if the socket is full).
-
-    Only when the transport has nothing buffered (the headers went out at once), or the body
-    would overtake them.  The event loop's ``sendfile`` sends whatever is left.
-    """
-    if transport.get_write_buffer_size():
-        return 0
-    try:
-        return os.sendfile(fd, file.fileno(), offset, count)
-    except (BlockingIOError, InterruptedError):
-        return 0
 
 
 class ChunkFastPath:
