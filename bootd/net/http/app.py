@@ -1,39 +1,36 @@
-"""HTTP transport (aiohttp): iPXE scripts, stage-one files, capsule objects, node API, metrics.
+"""HTTP transport (aiohttp): the server, its routes, and file serving (stage one, NBPs, capsule objects).
 
 It moves bytes and calls services; the decisions (who may boot, which state,
 what the script says, when bulk traffic must wait) live in ``bootd.service``.
+The node and operator routes are in ``nodes.py``.
 
 Chunk streaming is the hot path of a boot storm.  aiohttp's FileResponse
 stats, opens and closes every file in the default thread pool (three
-executor round trips per request).  Content-addressed objects never change,
-so this module keeps their open file objects and sizes in an LRU cache (as
-nginx's ``open_file_cache`` does): a cache hit costs no system call.  A chunk
-GET then writes its own header block under TCP_CORK and hands the body to
-the kernel with one sendfile(2), leaving ``loop.sendfile`` only the part the
-socket could not take at once.  Against aiohttp's prepare() + loop.sendfile
-(``fast_sendfile=False``) that halves the Python CPU per request (bench/http).
+executor round trips per request); here files come from the open-file cache
+(bootd/net/files.py), where a hit costs no system call, and every 200/206
+leaves through the one send path of ``send.py``: our own header block, then
+sendfile(2) straight away.  Plain whole-chunk GETs do not even reach aiohttp's
+request machinery (``chunkfast.py``).  ``fast_sendfile=False`` (bench/http
+``--plain``) turns the fast path and the inline sendfile off, for A/B runs.
 Mutable files (stage one, NBPs) go through the same cache but are
 re-validated with one ``stat`` per request.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from bootd.capsule.manifest import KernelRef
+from bootd.capsule.manifest import HEX64, KernelRef
 from bootd.config import Config
 from bootd.errors import CapsuleError
 from bootd.metrics import HttpMetrics, NodeStateGauge
@@ -42,15 +39,14 @@ from bootd.net.files import (
     CorruptObject,
     OpenFile,
     OpenFileCache,
-    chunk_headers,
     etag_matches,
     object_headers,
     parse_range,
     response_head,
 )
-from bootd.net.http.chunkfast import ChunkFastPath, ChunkSite
+from bootd.net.http.chunkfast import ChunkFastPath, ChunkRequestHandler, ChunkSite
 from bootd.net.http.nodes import NodeRoutes
-from bootd.net.http.send import CapsuleReader, SentResponse, refuse, sendfile_now
+from bootd.net.http.send import ROUTE_CHUNK, CapsuleReader, Sender, SentResponse, refuse
 from bootd.service.admission import AdmissionControl, Overloaded
 from bootd.service.registry import RegistryService
 from bootd.service.scripts import (
@@ -59,10 +55,8 @@ from bootd.service.scripts import (
 
 log = logging.getLogger("bootd.http")
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 # One path segment of ordinary characters: no slashes (encoded or not), no leading dot, no "..".
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._+-]{0,254}")
-ROUTE_CHUNK = "/chunks/{hash}"
 
 
 def effective_base(public_url: str, port: int) -> str:
@@ -105,8 +99,7 @@ class HttpServer(NodeRoutes):
         self.metrics.bulk_gauges(metrics_registry, lambda: self.admission.active, lambda: self.admission.queued)
         self.files = OpenFileCache()
         self._kernels: OrderedDict[str, KernelRef | None] = OrderedDict()
-        self._request_children: dict[tuple[str, str, int], Any] = {}
-        self._bytes_children: dict[str, Any] = {}
+        self.sender = Sender(self.metrics, self.files)
         self._runner: web.AppRunner | None = None
         self.fast_path: ChunkFastPath | None = None
         self._port = 0
@@ -132,7 +125,7 @@ class HttpServer(NodeRoutes):
         h = self.config.http
         site: web.TCPSite
         if self.fast_sendfile:
-            self.fast_path = self._fast_path()
+            self.fast_path = ChunkFastPath(self.sender, self.capsules, self.admission)
             site = ChunkSite(runner, h.listen, h.port, fast=self.fast_path, backlog=1024, reuse_address=True)
         else:
             site = web.TCPSite(runner, h.listen, h.port, backlog=1024, reuse_address=True)
@@ -184,40 +177,7 @@ class HttpServer(NodeRoutes):
             raise
         finally:
             resource = request.match_info.route.resource
-            self._count(resource.canonical if resource is not None else "unmatched", request.method, status)
-
-    def _count(self, route: str, method: str, status: int) -> None:
-        key = (route, method, status)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.metrics.requests.labels(
-                route=route, method=method, status=str(status)
-            )
-        child.inc()
-
-    # -- the chunk fast path (bootd/net/chunkfast.py) -----------------------------------------
-    def _fast_path(self) -> ChunkFastPath:
-        def acquire(name: str, path: Callable[[], Path | str], sha256: str) -> OpenFile:
-            hits = self.files.hits
-            entry = self.files.acquire(name, path, sha256=sha256)
-            self._count_cache(hits)
-            return entry
-
-        def served(size: int) -> None:
-            self._count(ROUTE_CHUNK, "GET", 200)
-            self._sent(ROUTE_CHUNK, size)
-
-        return ChunkFastPath(
-            acquire=acquire, release=self.files.release, chunk_path=self.capsules.chunk_path,
-            admit=self.admission.try_acquire, leave=self.admission.release, headers=chunk_headers,
-            served=served, aborted=self.metrics.aborted.inc,
-        )
-
-    def _sent(self, route: str, n: int) -> None:
-        child = self._bytes_children.get(route)
-        if child is None:
-            child = self._bytes_children[route] = self.metrics.bytes.labels(route=route)
-        child.inc(n)
+            self.sender.count(resource.canonical if resource is not None else "unmatched", request.method, status)
 
     # -- file serving -----------------------------------------------------------------------
     async def _serve(
@@ -238,7 +198,7 @@ class HttpServer(NodeRoutes):
         the file is checked against it when first opened.
         """
         try:
-            entry = self.files.acquire(key, path, revalidate=not immutable, sha256=etag if verify else None)
+            entry = self.sender.open(key, path, revalidate=not immutable, sha256=etag if verify else None)
         except CorruptObject as exc:
             self.metrics.corrupt.inc()
             log.error("event=corrupt-object key=%s error=%r (run `bootd capsule verify`)", key, str(exc))
@@ -272,14 +232,14 @@ class HttpServer(NodeRoutes):
                         status = 206
                         headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
             if not bulk or count == 0:
-                return await self._sendfile(request, route, entry, offset, count, status, headers)
+                return await self._send(request, route, entry, offset, count, status, headers)
             if request.method == "HEAD":
                 # HEAD takes no slot, but reports the 503 a GET would get now: the stage one's busybox
                 # wget hides an error reply's headers, so it asks with a HEAD to learn Retry-After.
                 if self.admission.would_reject():
                     return self._busy(Overloaded(self.admission.retry_delay(), self.admission.active,
                                                  self.admission.queued))
-                return await self._sendfile(request, route, entry, offset, count, status, headers)
+                return await self._send(request, route, entry, offset, count, status, headers)
             if not self.admission.try_acquire():
                 started = time.monotonic()
                 try:
@@ -289,7 +249,7 @@ class HttpServer(NodeRoutes):
                     return self._busy(exc)
                 self.metrics.queue_wait.observe(time.monotonic() - started)
             try:
-                return await self._sendfile(request, route, entry, offset, count, status, headers)
+                return await self._send(request, route, entry, offset, count, status, headers)
             finally:
                 self.admission.release()
         finally:
@@ -299,7 +259,7 @@ class HttpServer(NodeRoutes):
     def _busy(exc: Overloaded) -> web.Response:
         return refuse(503, str(exc), {"Retry-After": str(exc.retry_after), "Cache-Control": "no-store"})
 
-    async def _sendfile(
+    async def _send(
         self,
         request: web.Request,
         route: str,
@@ -309,126 +269,48 @@ class HttpServer(NodeRoutes):
         status: int,
         headers: dict[str, str],
     ) -> web.StreamResponse:
+        """A 200/206 (GET or HEAD) through the one send path (bootd/net/http/send.py)."""
         headers["Content-Type"] = OCTET
-        if self.fast_sendfile and count and request.method == "GET":
-            return await self._sendfile_raw(request, route, entry, offset, count, status, headers)
-        resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_length = count
-        try:
-            await resp.prepare(request)
-        except ConnectionError:
-            # Gone while queued or before the headers: aiohttp's finish_response sees it again, quietly.
-            self.metrics.aborted.inc()
-            return resp
-        if count and request.method != "HEAD":
-            transport = request.transport
-            try:
-                if transport is None or transport.is_closing():
-                    raise ConnectionResetError("client went away before the body was sent")
-                await request._loop.sendfile(transport, entry.file, offset, count)
-            except (OSError, RuntimeError) as exc:
-                self._aborted(resp, transport, entry, exc)
-                return resp
-            self._sent(route, count)
-        await resp.write_eof()
-        return resp
-
-    def _aborted(
-        self, resp: web.StreamResponse, transport: asyncio.Transport | None, entry: OpenFile, exc: BaseException
-    ) -> None:
-        """Headers promised the whole body: a short one must end the connection.
-
-        A client that hangs up mid-transfer is routine (a node rebooted), not a server error.
-        """
-        log.debug("event=send-aborted object=%s reason=%r", entry.key, str(exc))
-        self.metrics.aborted.inc()
-        resp.force_close()
-        if transport is not None:
-            transport.close()
-
-    async def _sendfile_raw(
-        self,
-        request: web.Request,
-        route: str,
-        entry: OpenFile,
-        offset: int,
-        count: int,
-        status: int,
-        headers: dict[str, str],
-    ) -> web.StreamResponse:
-        """The chunk fast path: one header write under TCP_CORK, then sendfile(2) straight away.
-
-        Measured against aiohttp's own prepare() + ``loop.sendfile`` (bench/http, ``--plain``):
-        aiohttp builds a CIMultiDict and serialises it per response, and ``loop.sendfile``
-        always pauses reading, waits on a future for the write buffer to drain and re-arms
-        the selector, even when the socket can take the whole chunk at once, which it
-        usually can.  Here the header block is a few string joins, the body goes out with
-        one sendfile(2) when it fits, and ``loop.sendfile`` only handles the rest.  Cork
-        (nginx: tcp_nopush) makes the headers leave in the same segment as the body.
-        """
-        transport = request.transport
         resp = SentResponse(status)
         keep_alive = request.keep_alive
         resp.set_keep_alive(keep_alive)
-        if transport is None or transport.is_closing():
-            self.metrics.aborted.inc()
-            resp.force_close()
-            return resp
         connection = "close" if not keep_alive else "keep-alive" if request.version < (1, 1) else None
         head = response_head(status, headers, count, connection)
-        sock = transport.get_extra_info("socket")
+        body = 0 if request.method == "HEAD" else count
+        transport = request.transport
+        protocol = request.protocol
+        sock = protocol.raw_socket if isinstance(protocol, ChunkRequestHandler) else None
         try:
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-            try:
-                transport.write(head)
-                sent = 0 if sock is None else sendfile_now(transport, sock.fileno(), entry.file, offset, count)
-                if sent < count:
-                    await request._loop.sendfile(transport, entry.file, offset + sent, count - sent)
-            finally:
-                if sock is not None and not transport.is_closing():
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+            await self.sender.send(transport, sock, head, entry, offset, body)
         except (OSError, RuntimeError) as exc:
-            self._aborted(resp, transport, entry, exc)
+            self.sender.abort(transport, entry.key, exc)
+            resp.force_close()
             return resp
-        self._sent(route, count)
+        if body:
+            self.sender.sent(route, body)
         return resp
-
-    def _count_cache(self, before_hits: int) -> None:
-        if self.files.hits != before_hits:
-            self.metrics.cache_hit.inc()
-        else:
-            self.metrics.cache_miss.inc()
 
     async def _chunk(self, request: web.Request) -> web.StreamResponse:
         h = request.match_info["hash"].lower()
-        if _HEX64.fullmatch(h) is None:
+        if HEX64.fullmatch(h) is None:
             return refuse(400, "a chunk is named by its sha256: 64 hex digits")
-        hits = self.files.hits
-        try:
-            return await self._serve(
-                request, ROUTE_CHUNK, h, lambda: self.capsules.chunk_path(h), etag=h, immutable=True, bulk=True,
-                verify=True,
-            )
-        finally:
-            self._count_cache(hits)
+        return await self._serve(
+            request, ROUTE_CHUNK, h, lambda: self.capsules.chunk_path(h), etag=h, immutable=True, bulk=True,
+            verify=True,
+        )
 
     async def _manifest(self, request: web.Request) -> web.StreamResponse:
         vid = request.match_info["vid"].lower()
-        if _HEX64.fullmatch(vid) is None:
+        if HEX64.fullmatch(vid) is None:
             return refuse(400, "a capsule version id is a sha256: 64 hex digits")
-        hits = self.files.hits
-        try:
-            return await self._serve(
-                request, "/capsules/{vid}/manifest", "m:" + vid, lambda: self.capsules.manifest_path(vid),
-                etag=vid, immutable=True,
-            )
-        finally:
-            self._count_cache(hits)
+        return await self._serve(
+            request, "/capsules/{vid}/manifest", "m:" + vid, lambda: self.capsules.manifest_path(vid),
+            etag=vid, immutable=True,
+        )
 
     async def _kernel(self, request: web.Request) -> web.StreamResponse:
         vid = request.match_info["vid"].lower()
-        if _HEX64.fullmatch(vid) is None:
+        if HEX64.fullmatch(vid) is None:
             return refuse(400, "a capsule version id is a sha256: 64 hex digits")
         if vid not in self._kernels and not os.path.exists(self.capsules.manifest_path(vid)):
             return refuse(404, f"no capsule version {vid}")
