@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 _MAC_HEX = re.compile(r"^[0-9a-f]{12}$")
 
@@ -92,6 +93,13 @@ class Node:
     last_contact: float = 0.0
     kernel_args: str = ""
     vars: dict[str, str] = field(default_factory=dict)
+
+
+def node_json(node: Node) -> dict[str, Any]:
+    """A node as JSON values: the one shape the HTTP API and ``bootd node ... --json`` both print."""
+    out = asdict(node)
+    out["state"] = node.state.value
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from typing import Any
 from bootd.config import Config
 from bootd.errors import BootdError, NotFound
 from bootd.hostlist import HostlistError, compress, expand
-from bootd.model import Group, Node, State, normalize_mac
+from bootd.model import Group, Node, State, node_json, normalize_mac
 from bootd.store.sqlite import SqliteRepo
 
 
@@ -48,12 +48,6 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
-
-
-def node_json(node: Node) -> dict[str, Any]:
-    data = dataclasses.asdict(node)
-    data["state"] = node.state.value
-    return data
 
 
 def _select(repo: SqliteRepo, expr: str | None) -> list[Node]:

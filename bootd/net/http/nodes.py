@@ -12,7 +12,6 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -21,7 +20,7 @@ from bootd.capsule.manifest import KernelRef
 from bootd.config import Config
 from bootd.errors import BootdError, Conflict, NotFound, StoreError
 from bootd.metrics import HttpMetrics, NodeStateGauge
-from bootd.model import Machine, Node, State, normalize_mac
+from bootd.model import Machine, State, node_json, normalize_mac
 from bootd.net.http.send import CapsuleReader, refuse
 from bootd.service.registry import NODE_REPORTABLE, RegistryService
 from bootd.service.scripts import (
@@ -35,12 +34,6 @@ from bootd.service.scripts import (
 log = logging.getLogger("bootd.http")
 
 ADMIN_FIELDS = ("capsule", "enabled", "approved", "kernel_args", "group")
-
-
-def node_json(node: Node) -> dict[str, Any]:
-    out = asdict(node)
-    out["state"] = node.state.value
-    return out
 
 
 
