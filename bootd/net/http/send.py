@@ -92,9 +92,14 @@ def send_start(transport: asyncio.Transport, sock: socket.socket | None, head: b
 
     ``sock`` is a plain socket on the transport's descriptor (asyncio's TransportSocket has no
     send()); without one the headers go through the transport and the body is all left to
-    :func:`send_rest`.  Raises OSError when the connection is gone.
+    :func:`send_rest`.  While the transport still holds bytes of an earlier answer, the headers
+    queue behind them (a direct send would overtake them).  Raises OSError when the connection
+    is gone.
     """
     if sock is None:
+        transport.write(head)
+        return 0
+    if transport.get_write_buffer_size():
         transport.write(head)
         return 0
     try:
