@@ -139,7 +139,7 @@ def build(config: Config) -> Built:
         )))
 
     if config.http.enabled:
-        from bootd.net.http import HttpServer
+        from bootd.net.http.app import HttpServer
 
         built.components.append(("http", HttpServer(config, svc)))
 

@@ -83,3 +83,62 @@ class HttpMetrics:
         Gauge("bootd_http_bulk_queued", "Bulk requests waiting for a slot", registry=registry).set_function(
             lambda: float(queued())
         )
+
+
+class TftpMetrics:
+    """Counters the TFTP transport moves; ``tally()`` reads them back under the short names tests and
+    bench/tftp use ("completed", "failed:timeout", "refused:busy", ...), so there is one set of numbers."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.started = Counter("bootd_tftp_transfers_started", "TFTP read transfers started", registry=registry)
+        self.completed = Counter(
+            "bootd_tftp_transfers_completed",
+            "TFTP read transfers that ended normally (complete or size probe)",
+            ["kind"],
+            registry=registry,
+        )
+        self.failed = Counter(
+            "bootd_tftp_transfers_failed", "TFTP read transfers that failed", ["reason"], registry=registry
+        )
+        self.bytes = Counter("bootd_tftp_sent_bytes", "File bytes sent over TFTP (no retransmits)", registry=registry)
+        self.retransmits = Counter(
+            "bootd_tftp_retransmits", "TFTP datagrams sent again after a timeout or gap", registry=registry
+        )
+        self.errors = Counter(
+            "bootd_tftp_errors", "TFTP requests or packets refused, by reason", ["reason"], registry=registry
+        )
+        self.refused = Counter(
+            "bootd_tftp_sessions_refused",
+            "TFTP requests refused because of the session limit or resources",
+            ["reason"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "bootd_tftp_duplicate_requests",
+            "Read requests repeated before the transfer's first answer reached the client (ignored)",
+            registry=registry,
+        )
+        self.active = Gauge("bootd_tftp_active_transfers", "TFTP transfers in progress", registry=registry)
+
+    def tally(self) -> _Tally[str]:
+        out: _Tally[str] = _Tally()
+        named = {"complete": "completed", "size_probe": "size_probes"}
+        for counter, prefix in (
+            (self.started, "started"), (self.duplicates, "duplicate_requests"), (self.bytes, "bytes"),
+            (self.retransmits, "retransmits"), (self.errors, "error:"), (self.refused, "refused:"),
+            (self.failed, "failed:"), (self.completed, ""),
+        ):
+            for metric in counter.collect():
+                for sample in metric.samples:
+                    n = int(sample.value)
+                    if not n or not sample.name.endswith("_total"):
+                        continue
+                    if "kind" in sample.labels:
+                        out[named[sample.labels["kind"]]] += n
+                    elif "reason" in sample.labels:
+                        out[prefix + sample.labels["reason"]] += n
+                        if prefix == "failed:":
+                            out["failed"] += n
+                    else:
+                        out[prefix] += n
+        return out

@@ -95,6 +95,13 @@ class Node:
     vars: dict[str, str] = field(default_factory=dict)
 
 
+def node_json(node: Node) -> dict[str, Any]:
+    """A node as JSON values: the one shape the HTTP API and ``bootd node ... --json`` both print."""
+    out = asdict(node)
+    out["state"] = node.state.value
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     ip: str
@@ -111,9 +118,3 @@ class BootPlan:
     next_server: str | None = None
     ipxe_no_proxydhcp: bool = False
 
-
-def node_json(node: Node) -> dict[str, Any]:
-    """A node as JSON (the admin API and ``--json`` print the same shape)."""
-    out = asdict(node)
-    out["state"] = node.state.value
-    return out

@@ -1,7 +1,7 @@
 """Chunk streaming: bootd vs nginx on the same chunk files, same client (wrk), same run.
 
     .venv/bin/python bench/http/run.py [--seconds 4] [--reps 3] [--clients 1,8,64] [--mib 64]
-                                       [--chunk-avg-kib 1024] [--no-pin] [--plain]
+                                       [--chunk-avg-kib 1024] [--no-pin] [--plain] [--compare-tree DIR]
 
 Imports one capsule (random-ish data, ~MIB MiB, FastCDC chunks of ~1 MiB, zstd) into a temporary
 store, starts bootd's HTTP server (one process, asyncio) and nginx (Debian package; worker_processes 1,
@@ -11,6 +11,9 @@ servers are pinned to CPU 0 and wrk to CPU 1.  For each client count it prints t
 server's CPU seconds per GB (utime+stime from /proc/<pid>/stat; for nginx master + worker), the ratios,
 and how noisy the machine was (load average, timeouts, runs that completed nothing).
 Targets: throughput >= 1.0x nginx at 8 and 64 clients, CPU/GB <= 1.5x nginx.
+With ``--compare-tree DIR`` (another checkout of bootd, e.g. a worktree of main) a second bootd runs
+from DIR on the same store, in the same rounds, and the table compares the two ("new" is this tree,
+"old" is DIR), with nginx's column beside both: a change must not regress against its base.
 """
 
 from __future__ import annotations
@@ -183,20 +186,21 @@ def _pin(role: str) -> None:
         os.sched_setaffinity(0, cpus)
 
 
-def start_bootd(work: Path, store: CapsuleStore, plain: bool = False) -> Server:
+def start_bootd(work: Path, store: CapsuleStore, plain: bool = False, tree: Path = ROOT, name: str = "bootd") -> Server:
+    """bootd's HTTP server from the checkout ``tree`` (its own serve_bootd.py and bootd package)."""
     port = free_port()
-    log = (work / "bootd.log").open("wb")
+    log = (work / f"{name}.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench/http/serve_bootd.py"), str(store.root), str(work / "state"), str(port),
-         *(["plain"] if plain else [])],
-        stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, str(tree / "bench/http/serve_bootd.py"), str(store.root), str(work / f"state-{name}"),
+         str(port), *(["plain"] if plain else [])],
+        stdout=subprocess.PIPE, stderr=log, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
         preexec_fn=lambda: _pin("server"),
     )
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     if not line.startswith("READY"):
-        raise RuntimeError(f"bootd did not start: {line!r}; see {work / 'bootd.log'}")
-    return Server("bootd", proc, port)
+        raise RuntimeError(f"{name} did not start: {line!r}; see {work / f'{name}.log'}")
+    return Server(name, proc, port)
 
 
 def start_nginx(work: Path, store: CapsuleStore) -> Server:
@@ -252,10 +256,14 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--plain", action="store_true",
                     help="bootd without its inline-sendfile/TCP_CORK fast path (loop.sendfile only), for A/B")
+    ap.add_argument("--compare-tree", type=Path, metavar="DIR",
+                    help="also run bootd from this checkout (e.g. a worktree of main) and compare new vs old")
     ap.add_argument("--no-pin", action="store_true",
                     help="do not pin the server to CPU 0 and wrk to CPU 1 (pinning keeps the two from "
                          "competing for one core, which otherwise decides the result more than the server)")
     args = ap.parse_args()
+    if args.compare_tree is not None and not (args.compare_tree / "bench/http/serve_bootd.py").is_file():
+        sys.exit(f"--compare-tree {args.compare_tree}: no bench/http/serve_bootd.py there (not a bootd checkout)")
     if not args.no_pin and (os.cpu_count() or 1) >= 2:
         PIN.update(server={0}, client={1})
     for tool in ("nginx", "wrk"):
@@ -278,10 +286,15 @@ def main() -> None:
         nginx_paths.write_text("".join(f"/chunks/{h[:2]}/{h}\n" for h in hashes))
         bootd = start_bootd(work, store, args.plain)
         servers.append(bootd)
+        old: Server | None = None
+        if args.compare_tree is not None:
+            old = start_bootd(work, store, args.plain, args.compare_tree.resolve(), "old")
+            servers.append(old)
         nginx = start_nginx(work, store)
         servers.append(nginx)
         # Warm the page cache and both open-file caches: every object once from each server.
-        for srv, pf in ((bootd, bootd_paths), (nginx, nginx_paths)):
+        rounds = [(bootd, bootd_paths), *([(old, bootd_paths)] if old else []), (nginx, nginx_paths)]
+        for srv, pf in rounds:
             conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
             for path in pf.read_text().split():
                 conn.request("GET", path)
@@ -294,13 +307,17 @@ def main() -> None:
             srv.name: hashlib.sha256(subprocess.run(
                 ["curl", "-sS", f"http://127.0.0.1:{srv.port}{p}"], capture_output=True, check=True).stdout
             ).hexdigest()
-            for srv, p in ((bootd, f"/chunks/{h}"), (nginx, f"/chunks/{h[:2]}/{h}"))
+            for srv, p in ((bootd, f"/chunks/{h}"), *([(old, f"/chunks/{h}")] if old else []),
+                           (nginx, f"/chunks/{h[:2]}/{h}"))
         }
         assert set(got.values()) == {h}, got
         print(f"nginx {subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}, "
               f"worker_processes 1; {args.reps} x {args.seconds:g} s per cell, medians; "
               + ("servers pinned to CPU 0, wrk -t1 pinned to CPU 1" if PIN else
                  f"wrk -t1 (1 client) / -t2 (more), {os.cpu_count()} CPUs shared by client and server"))
+        if old is not None:
+            compare(work, rounds, args, bootd_paths, nginx_paths)
+            return
         header = (f"{'clients':>7} | {'bootd GB/s':>10} {'nginx GB/s':>10} {'ratio':>6} | "
                   f"{'bootd cpu s/GB':>14} {'nginx cpu s/GB':>14} {'ratio':>6} | "
                   f"{'bootd p99 ms':>12} {'nginx p99 ms':>12} | {'wrk cpu s/GB bootd/nginx':>24}")
@@ -338,6 +355,40 @@ def main() -> None:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(work: Path, rounds: list[tuple[Server, Path]], args: argparse.Namespace, bootd_paths: Path,
+            nginx_paths: Path) -> None:
+    """New (this tree) vs old (--compare-tree) bootd, with nginx beside both, all in the same rounds."""
+    print(f"new: {ROOT}  old: {args.compare_tree}")
+    header = (f"{'clients':>7} | {'new GB/s':>8} {'old GB/s':>8} {'new/old':>7} | {'nginx GB/s':>10} "
+              f"{'new/nginx':>9} {'old/nginx':>9} | {'cpu s/GB new':>12} {'old':>6} {'nginx':>6}")
+    print(header)
+    print("-" * len(header))
+    for clients in (int(c) for c in args.clients.split(",")):
+        res: dict[str, list[dict[str, float]]] = {srv.name: [] for srv, _ in rounds}
+        empty = dict.fromkeys(res, 0)
+        for i in range(args.reps):  # interleaved, and the order rotates, so drift affects all alike
+            for srv, pf in rounds[i % len(rounds):] + rounds[:i % len(rounds)]:
+                sample = run_wrk(work, srv, pf, clients, args.seconds)
+                if sample is None:
+                    empty[srv.name] += 1
+                else:
+                    res[srv.name].append(sample)
+        if not all(res.values()):
+            print(f"{clients:>7} | no complete run (empty runs: {empty}); the machine is too busy")
+            continue
+        med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in res.items()}
+        noise = [f"{k}: {sum(int(r['timeouts']) for r in v)} timeouts, {empty[k]} empty runs"
+                 for k, v in res.items() if empty[k] or any(r["timeouts"] for r in v)]
+        b, o, n = med["bootd"], med["old"], med["nginx"]
+        print(f"{clients:>7} | {b['gbps']:>8.2f} {o['gbps']:>8.2f} {b['gbps'] / o['gbps']:>6.3f}x | "
+              f"{n['gbps']:>10.2f} {b['gbps'] / n['gbps']:>8.2f}x {o['gbps'] / n['gbps']:>8.2f}x | "
+              f"{b['cpu_per_gb']:>12.3f} {o['cpu_per_gb']:>6.3f} {n['cpu_per_gb']:>6.3f}"
+              + (f"   ({'; '.join(noise)})" if noise else ""), flush=True)
+        print("        runs GB/s: " + "; ".join(
+            f"{k} " + " ".join(f"{r['gbps']:.2f}" for r in v) for k, v in res.items()), flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} (other work on this machine is noise in every column)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bootd import compose
 from bootd.config import from_dict
-from bootd.net.http import HttpServer
+from bootd.net.http.app import HttpServer
 from bootd.store.memory import memory_store
 
 

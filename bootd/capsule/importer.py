@@ -48,7 +48,7 @@ from bootd.capsule.manifest import (
     encode_manifest,
     version_id,
 )
-from bootd.capsule.store import CapsuleStore, Staging, _describe_oserror, check_name
+from bootd.capsule.store import CapsuleStore, Staging, _describe_oserror, check_name, fsync_path
 from bootd.capsule.workers import (
     ChunkWriter,
     Stage,
@@ -186,7 +186,7 @@ class _DiskIO:
     def sync(self, path: Path) -> None:
         """fsync a chunk a worker process wrote."""
         if self.durable:
-            self.pending.append(self.pool.submit(_fsync_file, path))
+            self.pending.append(self.pool.submit(fsync_path, path))
 
     def finish(self) -> None:
         """Wait for every queued write and fsync; raise the first error."""
@@ -195,14 +195,6 @@ class _DiskIO:
                 f.result()
         finally:
             self.pool.shutdown(wait=True)  # no cancelling: every queued write closes its descriptor
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_hashing(src: BinaryIO, dest: Path, durable: bool) -> tuple[str, int]:

@@ -46,8 +46,9 @@ def check_name(name: str) -> str:
     return name
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by name (a directory's entries are durable only once it is synced)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -276,14 +277,14 @@ class CapsuleStore:
                     place(kernel_file, self.kernel_path(kernel.sha256))
                 place(manifest_file, self.manifest_path(vid))
                 for d in sorted(dirs):
-                    fsync_dir(d)
+                    fsync_path(d)
                 tmp_ref = self.refs_dir / f".{name}.{os.getpid()}.tmp"
                 with open(tmp_ref, "w") as f:
                     f.write(vid + "\n")
                     f.flush()
                     os.fsync(f.fileno())
                 os.rename(tmp_ref, self.refs_dir / name)
-                fsync_dir(self.refs_dir)
+                fsync_path(self.refs_dir)
             except BaseException as exc:
                 with contextlib.suppress(OSError):
                     os.unlink(self.refs_dir / f".{name}.{os.getpid()}.tmp")
@@ -303,7 +304,7 @@ class CapsuleStore:
                 raise CapsuleError(f"no capsule named {name!r}")
             try:
                 os.unlink(self.refs_dir / name)
-                fsync_dir(self.refs_dir)
+                fsync_path(self.refs_dir)
             except OSError as exc:
                 raise _describe_oserror(exc, f"deleting capsule {name}") from exc
         return vid

@@ -16,10 +16,10 @@ Choices, and why:
 * Over ``max_sessions`` a request is refused at once with an ERROR from the
   listener socket (no new socket, no file opened): a client told "busy" retries,
   a client left waiting stalls the whole boot wave (dnsmasq's cliff).
-* Open files are shared by all transfers of the same file (keyed by device,
-  inode, size and mtime, so a replaced file gets a fresh descriptor) because a
-  boot wave means hundreds of transfers of the same NBP, and each fd counts
-  against RLIMIT_NOFILE next to the transfer sockets.
+* Open files are shared by all transfers of the same file through HTTP's
+  open-file cache (bootd/net/files.py; a replaced file gets a fresh
+  descriptor) because a boot wave means hundreds of transfers of the same NBP,
+  and each fd counts against RLIMIT_NOFILE next to the transfer sockets.
 * Timers: one ``call_at`` handle per transfer, re-armed only when the deadline
   moves earlier; a timer that fires before the (later) deadline just re-arms.
   Deadlines move later on every ACK, so this avoids a heap push per block.
@@ -47,7 +47,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from bootd.errors import BootdError, RemoteProtocolError
+from bootd.metrics import TftpMetrics
+from bootd.net.files import OpenFile, OpenFileCache
 from bootd.proto.tftp.packet import (
     ErrorCode,
     ErrorPacket,
@@ -57,6 +61,7 @@ from bootd.proto.tftp.packet import (
     parse_packet,
 )
 from bootd.proto.tftp.session import ReadSession, SessionLimits, State
+from bootd.ratelog import LogLimiter
 
 __all__ = ["TftpServer"]
 
@@ -80,58 +85,6 @@ class _Refusal(Exception):
         self.code = code
         self.message = message
         self.reason = reason
-
-
-class _SharedFile:
-    """One open descriptor shared by every transfer of the same file (a FileSource)."""
-
-    __slots__ = ("_size", "fd", "key", "path", "refs")
-
-    def __init__(self, fd: int, size: int, key: tuple[int, int, int, int], path: str) -> None:
-        self.fd = fd
-        self._size = size
-        self.key = key
-        self.path = path
-        self.refs = 0
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def read(self, offset: int, n: int) -> bytes:
-        return os.pread(self.fd, n, offset)
-
-
-class _Metrics:
-    """prometheus_client counters, created only when a registry is given (no global state)."""
-
-    def __init__(self, registry: Any) -> None:
-        from prometheus_client import Counter, Gauge
-
-        self.started = Counter("bootd_tftp_transfers_started", "TFTP read transfers started", registry=registry)
-        self.completed = Counter(
-            "bootd_tftp_transfers_completed",
-            "TFTP read transfers that ended normally (complete or size probe)",
-            ["kind"],
-            registry=registry,
-        )
-        self.failed = Counter(
-            "bootd_tftp_transfers_failed", "TFTP read transfers that failed", ["reason"], registry=registry
-        )
-        self.bytes = Counter("bootd_tftp_sent_bytes", "File bytes sent over TFTP (no retransmits)", registry=registry)
-        self.retransmits = Counter(
-            "bootd_tftp_retransmits", "TFTP datagrams sent again after a timeout or gap", registry=registry
-        )
-        self.errors = Counter(
-            "bootd_tftp_errors", "TFTP requests or packets refused, by reason", ["reason"], registry=registry
-        )
-        self.refused = Counter(
-            "bootd_tftp_sessions_refused",
-            "TFTP requests refused because of the session limit or resources",
-            ["reason"],
-            registry=registry,
-        )
-        self.active = Gauge("bootd_tftp_active_transfers", "TFTP transfers in progress", registry=registry)
 
 
 class _Transfer:
@@ -158,7 +111,7 @@ class _Transfer:
         server: TftpServer,
         session: ReadSession,
         sock: socket.socket,
-        file: _SharedFile,
+        file: OpenFile,
         peer: tuple[Any, ...],
         key: tuple[Any, ...],
         gso: int = 0,
@@ -354,7 +307,7 @@ class TftpServer:
         max_windowsize: int = 64,
         max_window_bytes: int = 65536,
         listen_interface: str | None = None,
-        registry: Any = None,
+        registry: CollectorRegistry | None = None,
         use_gso: bool = True,
     ) -> None:
         if not roots:
@@ -372,18 +325,16 @@ class TftpServer:
             max_window_bytes=max_window_bytes,
         )
         self._interface = listen_interface
-        self._metrics = _Metrics(registry) if registry is not None else None
+        # Without a registry (tests, bench/tftp) the counters still count, on a registry of their own.
+        self.metrics = TftpMetrics(registry if registry is not None else CollectorRegistry())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._family = socket.AF_INET
         self._bind_host = host
         self._transfers: dict[tuple[Any, ...], _Transfer] = {}
-        self._files: dict[tuple[int, int, int, int], _SharedFile] = {}
+        self._files = OpenFileCache(keep_unused=False, follow_symlinks=False)
         self._gso_usable = use_gso
-        self._busy_logged_at = -math.inf
-        self._busy_suppressed = 0
-        #: Plain counters (also exported to prometheus when a registry is given); tests read these.
-        self.stats: collections.Counter[str] = collections.Counter()
+        self._busy_log = LogLimiter()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -399,6 +350,11 @@ class TftpServer:
     @property
     def open_files(self) -> int:
         return len(self._files)
+
+    @property
+    def stats(self) -> collections.Counter[str]:
+        """The counters under short names ("completed", "failed:timeout", ...), read from the metrics."""
+        return self.metrics.tally()
 
     def _loop_or_raise(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -463,9 +419,7 @@ class TftpServer:
             except OSError:
                 pass
             t.end("shutdown", "server shutting down")
-        for f in self._files.values():
-            os.close(f.fd)
-        self._files.clear()
+        self._files.close()
 
     # ------------------------------------------------------------------ requests
     def _on_request_readable(self) -> None:
@@ -522,7 +476,7 @@ class TftpServer:
             if existing.session.acks_received == 0:
                 # The client repeated its request before our first answer reached it; the
                 # running transfer's timer retransmits, a second transfer would only compete.
-                self.stats["duplicate_requests"] += 1
+                self.metrics.duplicates.inc()
                 return
             # Same port, same request, after it had started: the client began again from scratch.
             existing.end("restarted", "client sent the same request again and started over")
@@ -547,25 +501,22 @@ class TftpServer:
         try:
             session = ReadSession(pkt, shared, now=_monotonic(), limits=self._limits)
         except RemoteProtocolError as exc:
-            self._release(shared)
+            self._files.release(shared)
             self._reply(addr, ErrorCode.ILLEGAL_OPERATION, str(exc), exc.reason)
             return
         try:
             sock = self._transfer_socket(addr, session)
         except OSError as exc:
-            self._release(shared)
+            self._files.release(shared)
             self._refuse_busy(
                 addr, f"server busy: cannot open a transfer socket ({exc.strerror}), try again", "no_socket"
             )
             return
-        shared.refs += 1
         gso = self._gso_segment(session)
         transfer = _Transfer(self, session, sock, shared, addr, key, gso)
         self._transfers[key] = transfer
-        self.stats["started"] += 1
-        if self._metrics:
-            self._metrics.started.inc()
-            self._metrics.active.inc()
+        self.metrics.started.inc()
+        self.metrics.active.inc()
         log.debug(
             "event=tftp_start peer=%s:%d file=%r mode=%s blksize=%d windowsize=%d options=%s",
             addr[0],
@@ -579,23 +530,17 @@ class TftpServer:
         transfer.start()
 
     def _refuse_busy(self, addr: tuple[Any, ...], message: str, reason: str) -> None:
-        self.stats[f"refused:{reason}"] += 1
-        if self._metrics:
-            self._metrics.refused.labels(reason).inc()
-        now = _monotonic()
+        self.metrics.refused.labels(reason).inc()
         # A boot wave above the limit refuses thousands of requests: one line per second is enough.
-        if now - self._busy_logged_at >= 1.0:
+        held = self._busy_log.allow()
+        if held is not None:
             log.warning(
                 "event=tftp_busy peer=%s reason=%s detail=%r suppressed=%d",
                 addr[0],
                 reason,
                 message,
-                self._busy_suppressed,
+                held,
             )
-            self._busy_logged_at = now
-            self._busy_suppressed = 0
-        else:
-            self._busy_suppressed += 1
         self._reply(addr, ErrorCode.NOT_DEFINED, message, reason)
 
     def _transfer_socket(self, addr: tuple[Any, ...], session: ReadSession) -> socket.socket:
@@ -658,58 +603,43 @@ class TftpServer:
             return real, st
         raise _Refusal(ErrorCode.FILE_NOT_FOUND, f"file not found: {name!r}", "not_found")
 
-    def _open(self, real: str, st: os.stat_result) -> _SharedFile:
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        shared = self._files.get(key)
-        if shared is not None:
-            return shared
+    def _open(self, real: str, st: os.stat_result) -> OpenFile:
+        """The shared open file of ``real`` (a reference the transfer releases), or refuse why not."""
         try:
-            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            shared = self._files.acquire(real, lambda: real, revalidate=True)
         except PermissionError:
             raise _Refusal(ErrorCode.ACCESS_VIOLATION, "access violation: permission denied", "permission") from None
+        except IsADirectoryError:
+            raise _Refusal(ErrorCode.NOT_DEFINED, "file was replaced while opening it, try again", "raced") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _Refusal(ErrorCode.NOT_DEFINED, "file was replaced while opening it, try again",
+                               "raced") from None
             reason = "no_fd" if exc.errno in (errno.EMFILE, errno.ENFILE) else "open_failed"
             raise _Refusal(ErrorCode.NOT_DEFINED, f"cannot open file: {exc.strerror}", reason) from None
-        fst = os.fstat(fd)
-        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
-            os.close(fd)
+        if shared.ident[:2] != (st.st_dev, st.st_ino):
+            self._files.release(shared)
             raise _Refusal(ErrorCode.NOT_DEFINED, "file was replaced while opening it, try again", "raced")
-        key = (fst.st_dev, fst.st_ino, fst.st_size, fst.st_mtime_ns)
-        shared = _SharedFile(fd, fst.st_size, key, real)
-        self._files[key] = shared
         return shared
-
-    def _release(self, shared: _SharedFile) -> None:
-        if shared.refs <= 0 and self._files.get(shared.key) is shared:
-            del self._files[shared.key]
-            os.close(shared.fd)
 
     # ------------------------------------------------------------------ bookkeeping
     def _count_error(self, reason: str) -> None:
-        self.stats[f"error:{reason}"] += 1
-        if self._metrics:
-            self._metrics.errors.labels(reason).inc()
+        self.metrics.errors.labels(reason).inc()
 
     def _transfer_done(self, t: _Transfer, reason: str, message: str) -> None:
         if self._transfers.get(t.key) is t:
             del self._transfers[t.key]
-        t.file.refs -= 1
-        self._release(t.file)
+        self._files.release(t.file)
         s = t.session
         now = _monotonic()
         elapsed = max((s.finished_at or now) - s.started_at, 1e-9)
-        self.stats["bytes"] += s.bytes_sent
-        self.stats["retransmits"] += s.retransmits
-        m = self._metrics
-        if m:
-            m.active.dec()
-            m.bytes.inc(s.bytes_sent)
-            m.retransmits.inc(s.retransmits)
+        m = self.metrics
+        m.active.dec()
+        m.bytes.inc(s.bytes_sent)
+        m.retransmits.inc(s.retransmits)
         who = f"{t.peer[0]}:{t.peer[1]}"
         if not reason and s.state is State.COMPLETE:
-            self.stats["completed"] += 1
-            if m:
-                m.completed.labels("complete").inc()
+            m.completed.labels("complete").inc()
             log.info(
                 "event=tftp_sent peer=%s file=%r bytes=%d seconds=%.3f mb_per_s=%.1f blksize=%d windowsize=%d "
                 "retransmits=%d",
@@ -723,17 +653,12 @@ class TftpServer:
                 s.retransmits,
             )
         elif not reason and s.state is State.SIZE_PROBE:
-            self.stats["size_probes"] += 1
-            if m:
-                m.completed.labels("size_probe").inc()
+            m.completed.labels("size_probe").inc()
             log.info("event=tftp_size_probe peer=%s file=%r detail=%r", who, s.filename, s.message)
         else:
             reason = reason or s.reason or "unknown"
             message = message or s.message
-            self.stats["failed"] += 1
-            self.stats[f"failed:{reason}"] += 1
-            if m:
-                m.failed.labels(reason).inc()
+            m.failed.labels(reason).inc()
             log.warning(
                 "event=tftp_failed peer=%s file=%r reason=%s bytes=%d detail=%r",
                 who,

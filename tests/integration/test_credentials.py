@@ -21,7 +21,7 @@ from bootd.capsule.importer import ImportOptions, import_capsule
 from bootd.capsule.store import CapsuleStore
 from bootd.config import from_dict
 from bootd.model import Group, Lease
-from bootd.net.http import HttpServer
+from bootd.net.http.app import HttpServer
 from bootd.store.sqlite import SqliteNodeStore
 
 VICTIM = "52:54:00:00:07:01"

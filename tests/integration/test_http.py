@@ -25,7 +25,7 @@ from bootd.capsule.importer import ImportOptions, import_capsule
 from bootd.capsule.store import CapsuleStore
 from bootd.config import Config, from_dict
 from bootd.model import Group, Node, State
-from bootd.net.http import HttpServer
+from bootd.net.http.app import HttpServer
 from bootd.service.credentials import Issued
 from bootd.store.sqlite import SqliteNodeStore
 

@@ -1,4 +1,4 @@
-"""The chunk fast path (bootd/net/chunkfast.py) against a real server on loopback.
+"""The chunk fast path (bootd/net/http/chunkfast.py) against a real server on loopback.
 
 It must send what aiohttp's route sends, take a bulk slot like the route does, and hand
 everything that is not a plain whole-chunk GET to aiohttp on the same connection, in order.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bootd.net.chunkfast import ChunkFastPath
+from bootd.net.http.chunkfast import ChunkFastPath
 
 H = "ab" * 32
 

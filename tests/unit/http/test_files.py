@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bootd.net.http import OpenFileCache, effective_base, etag_matches, parse_range
+from bootd.net.files import OpenFileCache, etag_matches, parse_range
+from bootd.net.http.app import effective_base
 
 
 def test_parse_range() -> None:
@@ -77,3 +78,23 @@ def test_cache_revalidates_mutable_and_expired_entries(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     with pytest.raises(IsADirectoryError):
         cache.acquire("d", lambda: tmp_path / "d")
+
+
+def test_cache_without_keep_unused_closes_a_file_when_its_last_user_releases_it(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"hello")
+    cache = OpenFileCache(keep_unused=False)
+    a = cache.acquire("f", lambda: tmp_path / "f", revalidate=True)
+    b = cache.acquire("f", lambda: tmp_path / "f", revalidate=True)
+    assert a is b and len(cache) == 1 and a.read(1, 3) == b"ell"  # one descriptor shared by both users
+    cache.release(a)
+    assert len(cache) == 1 and not a.file.closed
+    cache.release(b)
+    assert len(cache) == 0 and a.file.closed
+
+
+def test_cache_without_follow_symlinks_refuses_a_link(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "f")
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        OpenFileCache(follow_symlinks=False).acquire("l", lambda: tmp_path / "link")
+    assert OpenFileCache().acquire("l", lambda: tmp_path / "link").read(0, 5) == b"x"

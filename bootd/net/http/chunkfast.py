@@ -23,71 +23,56 @@ so on).  The answer here is the same bytes aiohttp's route would send.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import re
 import socket
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-log = logging.getLogger("bootd.http")
+from bootd.capsule.manifest import HEX64
+from bootd.net.files import OpenFile, chunk_headers
+from bootd.net.http.send import ROUTE_CHUNK, Sender, send_rest, send_start
+from bootd.service.admission import AdmissionControl
+from bootd.service.boot import CapsuleReader
 
 _PREFIX = b"GET /chunks/"
 _VERSION = b" HTTP/1.1\r\n"
-_HEX64 = re.compile(rb"[0-9a-f]{64}")
 # Header names whose presence means the answer is not "the whole chunk, then keep going".
 _NOT_SIMPLE = (b"\nrange:", b"\nif-", b"\nconnection:", b"\ncontent-length:", b"\ntransfer-encoding:",
                b"\nexpect:", b"\nupgrade:")
 _HEAD_END = b"\r\n\r\n"
 _MAX_REQUEST = 4096
 
-
-def sendfile_now(transport: asyncio.Transport, fd: int, file: Any, offset: int, count: int) -> int:
-    """One sendfile(2) to socket ``fd`` right away; returns bytes sent (0 if the socket is full).
-
-    Only when the transport has nothing buffered (the headers went out at once), or the body
-    would overtake them.  The event loop's ``sendfile`` sends whatever is left.
-    """
-    if transport.get_write_buffer_size():
-        return 0
-    try:
-        return os.sendfile(fd, file.fileno(), offset, count)
-    except (BlockingIOError, InterruptedError):
-        return 0
+#: The private aiohttp attributes this module (and send.SentResponse) read or write, by class.
+#: aiohttp is pinned to the tested range in pyproject.toml; tests/unit/http/test_aiohttp_private.py
+#: fails, naming the attribute and aiohttp's version, when an upgrade drops or renames one (a
+#: write to a renamed slot would otherwise pass silently and do nothing).
+AIOHTTP_PRIVATES: dict[str, tuple[str, ...]] = {
+    "web_protocol.RequestHandler": (
+        "_waiter", "_messages", "_current_request", "_payload_parser", "_upgraded", "_force_close", "_close",
+        "_next_keepalive_close_time", "_loop", "_keepalive_timeout",
+    ),
+    "web_server.Server": ("_kwargs",),
+    "web_runner.BaseRunner": ("_reg_site",),
+    "web_runner.TCPSite": (
+        "_runner", "_host", "_port", "_backlog", "_reuse_address", "_reuse_port", "_server", "_bound_port",
+    ),
+    "web_response.StreamResponse": ("_keep_alive",),
+}
 
 
 class ChunkFastPath:
     """Serves simple chunk GETs for :class:`ChunkRequestHandler` with the server's own parts.
 
-    ``acquire``/``release`` are the open-file cache's, ``admit``/``leave`` the admission
-    control's ``try_acquire``/``release``; ``headers(hexhash, size)`` gives the header
-    block (the same one the aiohttp route sends) and ``served``/``aborted`` count.
+    The open-file cache, counters and send/abort paths are the route's (``sender``), the
+    chunk files the capsule store's, the bulk slots the route's admission control.
     """
 
-    def __init__(
-        self,
-        *,
-        acquire: Callable[[str, Callable[[], Path | str], str], Any],
-        release: Callable[[Any], None],
-        chunk_path: Callable[[str], Path],
-        admit: Callable[[], bool],
-        leave: Callable[[], None],
-        headers: Callable[[str, int], bytes],
-        served: Callable[[int], None],
-        aborted: Callable[[], None],
-    ) -> None:
-        self._acquire = acquire
-        self._release = release
-        self._chunk_path = chunk_path
-        self._admit = admit
-        self._leave = leave
-        self._headers = headers
-        self._served = served
-        self._aborted = aborted
+    def __init__(self, sender: Sender, capsules: CapsuleReader, admission: AdmissionControl) -> None:
+        self._sender = sender
+        self._capsules = capsules
+        self._admission = admission
         self._tasks: set[asyncio.Task[None]] = set()
         self.answered = 0  # responses completed here (tests check the path is really taken)
 
@@ -99,8 +84,8 @@ class ChunkFastPath:
             return None
         if data.find(_HEAD_END, 85) != n - 4:
             return None  # incomplete, or more than one request (pipelining): aiohttp's job
-        name = data[12:76]
-        if _HEX64.fullmatch(name) is None:
+        name = data[12:76].decode("latin-1")
+        if HEX64.fullmatch(name) is None:
             return None
         block = data[87:n - 4]
         if block:
@@ -113,7 +98,7 @@ class ChunkFastPath:
                 if not line or line[0] in b" \t" or b":" not in line or b"\n" in line or b"\r" in line \
                         or b"\0" in line:
                     return None
-        return name.decode("ascii")
+        return name
 
     def try_serve(self, proto: ChunkRequestHandler, data: bytes) -> bool:
         """Answer ``data`` here and return True, or return False and touch nothing."""
@@ -123,73 +108,55 @@ class ChunkFastPath:
         transport = proto.transport
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
             return False
-        if not self._admit():
+        if not self._admission.try_acquire():
             return False  # queue or refuse: aiohttp's route does that, fairly
         try:
-            entry = self._acquire(name, lambda: self._chunk_path(name), name)
+            entry = self._sender.open(name, lambda: self._capsules.chunk_path(name), sha256=name)
         except Exception:
-            self._leave()
+            self._admission.release()
             return False
         size = entry.size
         if not size:
-            self._release(entry)
-            self._leave()
+            self._sender.files.release(entry)
+            self._admission.release()
             return False
-        sock = proto.raw_socket
-        sent = 0
         try:
-            header = self._headers(name, size)
-            if sock is None:
-                transport.write(header)
-            else:
-                # MSG_MORE holds the headers back until the body follows (nginx corks for this,
-                # two more syscalls per response); the write buffer is empty, so order is kept.
-                try:
-                    done = sock.send(header, socket.MSG_MORE)
-                except (BlockingIOError, InterruptedError):
-                    done = 0  # the client has not read its previous answers yet: the loop waits for it
-                if done < len(header):
-                    transport.write(header[done:])
-                sent = sendfile_now(transport, sock.fileno(), entry.file, 0, size)
+            sent = send_start(transport, proto.raw_socket, chunk_headers(name, size), entry.file, 0, size)
         except OSError as exc:
-            self._finish(proto, transport, entry, 0, exc)
+            self._finish(proto, transport, entry, exc)
             return True
         if sent >= size:
-            self._finish(proto, transport, entry, size, None)
+            self._finish(proto, transport, entry, None)
             return True
         # The socket could not take it all at once: the event loop sends the rest, and reading
         # waits (a pipelined request that arrives meanwhile is kept in order by the handler).
         proto.fast_busy = True
-        task = asyncio.get_running_loop().create_task(self._send_rest(proto, transport, entry, sent, size))
+        task = asyncio.get_running_loop().create_task(self._send_rest(proto, transport, entry, sent))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _send_rest(self, proto: ChunkRequestHandler, transport: asyncio.Transport, entry: Any, sent: int,
-                         size: int) -> None:
+    async def _send_rest(self, proto: ChunkRequestHandler, transport: asyncio.Transport, entry: OpenFile,
+                         sent: int) -> None:
         error: BaseException | None = None
         try:
-            await asyncio.get_running_loop().sendfile(transport, entry.file, sent, size - sent)
-        except (OSError, RuntimeError) as exc:
+            await send_rest(transport, entry.file, sent, entry.size - sent)
+        except (OSError, RuntimeError, asyncio.CancelledError) as exc:
             error = exc
-        except asyncio.CancelledError as exc:
-            error = exc
-        self._finish(proto, transport, entry, size if error is None else 0, error)
+        self._finish(proto, transport, entry, error)
         proto.fast_done()
 
-    def _finish(self, proto: ChunkRequestHandler, transport: asyncio.Transport, entry: Any, size: int,
+    def _finish(self, proto: ChunkRequestHandler, transport: asyncio.Transport, entry: OpenFile,
                 error: BaseException | None) -> None:
-        self._release(entry)
-        self._leave()
+        sender = self._sender
+        sender.files.release(entry)
+        self._admission.release()
         if error is not None:
-            # The headers promised the whole body: a short one must end the connection.  A client
-            # that hangs up mid-chunk is routine (a node rebooted), not a server error.
-            log.debug("event=send-aborted object=%s reason=%r", entry.key, str(error))
-            self._aborted()
-            transport.close()
+            sender.abort(transport, entry.key, error)
             return
         self.answered += 1
-        self._served(size)
+        sender.count(ROUTE_CHUNK, "GET", 200)
+        sender.sent(ROUTE_CHUNK, entry.size)
         proto.fast_answered()
 
     async def close(self) -> None:

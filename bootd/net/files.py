@@ -1,0 +1,245 @@
+"""Serving files: the open-file cache shared by HTTP and TFTP, and HTTP's ranges, ETags and header blocks.
+
+Content-addressed objects never change, and a boot wave fetches the same few
+files hundreds of times, so both transports keep open file objects and their
+sizes in one LRU cache (as nginx's ``open_file_cache`` does): a cache hit costs
+no system call, and every transfer of one file shares one descriptor (each
+counts against RLIMIT_NOFILE beside the sockets).  Mutable files (stage one,
+NBPs, the TFTP root) are re-validated with one ``stat`` per request and
+reopened when they changed; a transfer that is using the old file keeps it
+until it ends.
+
+Nothing here imports aiohttp: the TFTP transport uses the cache too, and the
+header-block builders are plain string joins the chunk fast path also sends.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import os
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+OCTET = "application/octet-stream"
+
+
+class OpenFile:
+    """A cached open file; ``refs`` counts responses using it so eviction never closes it mid-send."""
+
+    __slots__ = ("checked", "evicted", "file", "ident", "key", "path", "refs", "size")
+
+    def __init__(self, key: str, path: str, file: IO[bytes], st: os.stat_result, now: float) -> None:
+        self.key = key
+        self.path = path
+        self.file = file
+        self.size = st.st_size
+        self.ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.refs = 0
+        self.evicted = False
+        self.checked = now
+
+    @property
+    def etag(self) -> str:
+        _, ino, size, mtime = self.ident
+        return f'"{ino:x}-{size:x}-{mtime:x}"'
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Up to ``n`` bytes at ``offset``: a TFTP session's FileSource (pread keeps no shared position)."""
+        return os.pread(self.file.fileno(), n, offset)
+
+
+class CorruptObject(OSError):
+    """A content-addressed file whose bytes no longer hash to its name."""
+
+
+class OpenFileCache:
+    """LRU of open files keyed by object name.
+
+    ``valid`` is how long an entry of an immutable object is trusted before one
+    ``stat`` checks the path still names the same file (garbage collection may
+    delete a chunk; a re-import may recreate it).  ``revalidate=True`` lookups
+    (mutable files) stat on every request and reopen when the file changed.
+    All calls are synchronous: open/fstat of a local file take microseconds,
+    far less than a thread-pool hop.
+
+    ``keep_unused=False`` closes a file as soon as no transfer uses it (TFTP:
+    boot files are few and fetched in waves, and an idle descriptor helps
+    nobody); ``follow_symlinks=False`` opens with O_NOFOLLOW, for callers that
+    resolved the path themselves and must not be raced into following a link.
+    """
+
+    def __init__(self, max_entries: int = 2048, valid: float = 60.0, *, keep_unused: bool = True,
+                 follow_symlinks: bool = True) -> None:
+        self.max_entries = max_entries
+        self.valid = valid
+        self.keep_unused = keep_unused
+        self._flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+        self._entries: OrderedDict[str, OpenFile] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def acquire(self, key: str, path: Callable[[], Path | str], *, revalidate: bool = False,
+                sha256: str | None = None) -> OpenFile:
+        """Return an open file for ``key`` (refcount taken); raises OSError like open() would.
+
+        With ``sha256``, a file is hashed when it is opened (once per cache entry,
+        not per request) and refused with CorruptObject when it does not match:
+        a content-addressed object that rotted on disk is never served as valid.
+        """
+        entry = self._entries.get(key)
+        now = time.monotonic()
+        if entry is not None and (revalidate or now - entry.checked > self.valid):
+            if not self._still_valid(entry):
+                self._drop(entry)
+                entry = None
+            else:
+                entry.checked = now
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        else:
+            self.misses += 1
+            entry = self._open(key, str(path()), now, sha256)
+        entry.refs += 1
+        return entry
+
+    def release(self, entry: OpenFile) -> None:
+        entry.refs -= 1
+        if entry.refs > 0:
+            return
+        if entry.evicted:
+            entry.file.close()
+        elif not self.keep_unused:
+            self._drop(entry)
+
+    def close(self) -> None:
+        for entry in list(self._entries.values()):
+            self._drop(entry)
+
+    def _still_valid(self, entry: OpenFile) -> bool:
+        try:
+            st = os.stat(entry.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == entry.ident
+
+    def _open(self, key: str, path: str, now: float, sha256: str | None = None) -> OpenFile:
+        fd = os.open(path, self._flags)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(f"{path} is not a regular file")
+            file = open(fd, "rb", buffering=0, closefd=True)  # noqa: SIM115 - lives in the cache
+        except BaseException:
+            os.close(fd)
+            raise
+        if sha256 is not None:
+            got = hashlib.file_digest(file, "sha256").hexdigest()
+            if got != sha256:
+                file.close()
+                raise CorruptObject(f"{path} is corrupt on the server: its sha256 is {got}")
+        entry = OpenFile(key, path, file, st, now)
+        old = self._entries.get(key)
+        if old is not None:
+            self._drop(old)
+        self._entries[key] = entry
+        while len(self._entries) > self.max_entries:
+            _, oldest = self._entries.popitem(last=False)
+            self._retire(oldest)
+        return entry
+
+    def _drop(self, entry: OpenFile) -> None:
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        self._retire(entry)
+
+    def _retire(self, entry: OpenFile) -> None:
+        entry.evicted = True
+        if entry.refs <= 0:
+            entry.file.close()
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """One byte range as (start, count); None means "ignore Range, send it all".
+
+    Multiple ranges and malformed headers are ignored (RFC 9110 allows it; a
+    chunk is small, and nobody needs multipart/byteranges).  An unsatisfiable
+    range raises ValueError so the caller can answer 416.
+    """
+    if not header.startswith("bytes=") or "," in header:
+        return None
+    first, sep, last = header[6:].strip().partition("-")
+    if not sep:
+        return None
+    first, last = first.strip(), last.strip()
+    if (first and not first.isdigit()) or (last and not last.isdigit()):
+        return None
+    if not first:
+        if not last:
+            return None
+        n = int(last)
+        if n == 0 or size == 0:
+            raise ValueError("empty suffix range")
+        n = min(n, size)
+        return size - n, n
+    start = int(first)
+    end = int(last) if last else max(start, size - 1)
+    if end < start:
+        return None
+    if start >= size:
+        raise ValueError("range starts past the end")
+    end = min(end, size - 1)
+    return start, end - start + 1
+
+
+def etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match uses weak comparison: W/"x" matches "x"."""
+    if header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def object_headers(tag: str, immutable: bool) -> dict[str, str]:
+    """The caching headers of every file response (ETag, then Cache-Control and Accept-Ranges)."""
+    return {"ETag": tag, "Cache-Control": IMMUTABLE if immutable else "no-cache", "Accept-Ranges": "bytes"}
+
+
+def response_head(status: int, headers: dict[str, str], count: int, connection: str | None = None) -> bytes:
+    """The header block of a 200/206 whose body is written straight to the socket after it.
+
+    A few string joins instead of aiohttp's CIMultiDict serialisation (bench/http).
+    """
+    lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Partial Content'}"]
+    lines.extend(f"{k}: {v}" for k, v in headers.items())
+    lines.append(f"Content-Length: {count}\r\nDate: {http_date()}\r\nServer: bootd")
+    if connection is not None:
+        lines.append(f"Connection: {connection}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def chunk_headers(name: str, size: int) -> bytes:
+    """The header block of a whole-chunk 200: the route's, and what the chunk fast path sends."""
+    return response_head(200, {**object_headers(f'"{name}"', True), "Content-Type": OCTET}, size)
+
+
+def http_date() -> str:
+    """IMF-fixdate of now, formatted once per second (it is on every response)."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
+
