@@ -64,7 +64,8 @@ def test_flood_of_malformed_traffic_is_counted_and_survived(tmp_path: Path) -> N
     need_tool("ip", "curl")
     with storm_run.network("bd-hostile") as net:
         config = storm_run.write_config(tmp_path, net)
-        config.write_text(config.read_text().replace("[registry]\n", "[registry]\nregister_rate = 20\nregister_burst = 50\n"))
+        limits = "[registry]\nregister_rate = 20\nregister_burst = 50\n"
+        config.write_text(config.read_text().replace("[registry]\n", limits))
         storm_run.make_capsule(tmp_path, config, size_mib=1)
         bootd = storm_run.start_bootd(config, net, tmp_path / "bootd.log")
         try:
