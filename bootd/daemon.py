@@ -140,7 +140,8 @@ class Daemon:
             log.error("event=reload_failed error=%r (keeping the running configuration)", str(exc))
             return
         old = self.config
-        restart = [s for s in ("dhcp", "tftp", "http", "capsule") if getattr(new, s) != getattr(old, s)]
+        restart = [s for s in ("dhcp", "tftp", "http", "capsule") if getattr(new, s) != getattr(old, s)
+                   and not (s == "dhcp" and old.dhcp.enabled)]  # a running DHCP reloads itself (its hook)
         # log_level and graceful_timeout apply live; these three are baked into the listeners.
         if any(getattr(new.server, k) != getattr(old.server, k) for k in ("state_dir", "address", "interface")):
             restart.append("server")

@@ -56,8 +56,11 @@ async def build(daemon: Daemon) -> None:
         from bootd.service.dhcp import DhcpService
 
         dhcp_service = DhcpService.from_config(cfg, registry.store, registry)
-        daemon.components.append(("dhcp", DhcpServer(
+        dhcp = DhcpServer(
             dhcp_service, listen=cfg.dhcp.listen, port=cfg.dhcp.port,
             proxy_port=cfg.dhcp.proxy_port if cfg.dhcp.mode == "proxy" else None,
             interface=cfg.dhcp.interface, queue_size=cfg.dhcp.queue_size, registry=metrics,
-        )))
+        )
+        daemon.components.append(("dhcp", dhcp))
+        # [dhcp] and [boot] apply to the next packet; dhcp.reload logs what needs a restart.
+        daemon.extras["reload_hooks"].append(dhcp.reload)
