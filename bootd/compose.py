@@ -40,7 +40,9 @@ class Component(Protocol):
 
 @runtime_checkable
 class Reloadable(Protocol):
-    def reload(self, config: Config) -> None: ...
+    """A component that applies its own section; it may return the settings that need a restart."""
+
+    def reload(self, config: Config) -> object: ...
 
 
 PRIVATE_FILES = ("bootd.sqlite", "bootd.sqlite-wal", "bootd.sqlite-shm", "admin-token", "secret")
@@ -81,13 +83,20 @@ class Built:
     components: list[tuple[str, Component]] = field(default_factory=list)
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
 
-    def reload(self, config: Config) -> None:
-        """Hand every component its new configuration; each takes what it can apply live."""
+    def reload(self, config: Config) -> list[str]:
+        """Hand every component its new configuration; each takes what it can apply live.
+
+        Returns what the components said needs a restart (components that reload themselves say so).
+        """
         self.config = config
         self.services.reload(config)
+        restart: list[str] = []
         for _name, component in self.components:
             if isinstance(component, Reloadable):
-                component.reload(config)
+                said = component.reload(config)
+                if isinstance(said, list):
+                    restart.extend(str(x) for x in said)
+        return restart
 
 
 def services(config: Config, *, readonly: bool = False, metrics: CollectorRegistry | None = None,
@@ -145,10 +154,11 @@ def build(config: Config) -> Built:
 
     if config.dhcp.enabled:
         from bootd.net.dhcp import DhcpServer
-        from bootd.service.dhcp import DhcpService, DhcpSettings
+        from bootd.service.dhcp import DhcpService
 
         d = config.dhcp
-        dhcp = DhcpService(store, svc.registry, svc.boot, DhcpSettings.from_config(config), svc.lifecycle)
+        dhcp = DhcpService(store, svc.registry, svc.boot, d, server_address=config.server.address,
+                           lifecycle=svc.lifecycle, credentials=svc.credentials)
         built.components.append(("dhcp", DhcpServer(
             dhcp, listen=d.listen, port=d.port, proxy_port=d.proxy_port if d.mode == "proxy" else None,
             interface=d.interface, queue_size=d.queue_size, registry=svc.metrics,

@@ -70,6 +70,8 @@ class DhcpConfig:
     domain: str | None = None
     lease_time: int = 3600
     queue_size: int = 1024
+    offer_hold: float = 30.0  # seconds an offered address stays reserved for its client
+    decline_hold: float = 600.0  # seconds a DECLINEd address (in use by someone unknown) is skipped
 
 
 @dataclass(frozen=True)
@@ -334,28 +336,35 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
             _ipv4(item)
         except ValueError as exc:
             raise d.error("dns", f"{item!r} is not valid; {exc}") from None
+    D = DhcpConfig
     dhcp = DhcpConfig(
-        enabled=d.flag("enabled", False),
-        mode=d.choice("mode", "full", ("full", "proxy")),
-        listen=d.text("listen", "0.0.0.0", _ipv4),
+        enabled=d.flag("enabled", D.enabled),
+        mode=d.choice("mode", D.mode, ("full", "proxy")),
+        listen=d.text("listen", D.listen, _ipv4),
         interface=d.opt_text("interface") or server.interface,
-        port=d.port("port", 67),
-        client_port=d.port("client_port", 68),
-        proxy_port=d.port("proxy_port", 4011),
+        port=d.port("port", D.port),
+        client_port=d.port("client_port", D.client_port),
+        proxy_port=d.port("proxy_port", D.proxy_port),
         pool_start=d.opt_text("pool_start", _ipv4),
         pool_end=d.opt_text("pool_end", _ipv4),
-        netmask=d.text("netmask", "255.255.255.0", _netmask),
+        netmask=d.text("netmask", D.netmask, _netmask),
         router=d.opt_text("router", _ipv4),
         dns=tuple(dns),
         domain=d.opt_text("domain"),
-        lease_time=d.integer("lease_time", 3600, 60, 86400 * 365),
-        queue_size=d.integer("queue_size", 1024, 1, 1_000_000),
+        lease_time=d.integer("lease_time", D.lease_time, 60, 86400 * 365),
+        queue_size=d.integer("queue_size", D.queue_size, 1, 1_000_000),
+        offer_hold=d.number("offer_hold", D.offer_hold, 1.0, 3600.0),
+        decline_hold=d.number("decline_hold", D.decline_hold, 0.0, 86400.0 * 30),
     )
     if dhcp.enabled and dhcp.mode == "full":
         if dhcp.pool_start is None or dhcp.pool_end is None:
             raise d.error("pool_start", "full mode needs pool_start and pool_end (or set mode = \"proxy\")")
         if ipaddress.IPv4Address(dhcp.pool_start) > ipaddress.IPv4Address(dhcp.pool_end):
             raise d.error("pool_end", f"{dhcp.pool_end!r} is below pool_start {dhcp.pool_start!r}")
+        net = ipaddress.IPv4Network(f"{dhcp.pool_start}/{dhcp.netmask}", strict=False)
+        if ipaddress.IPv4Address(dhcp.pool_end) not in net:
+            raise d.error("pool_end", f"{dhcp.pool_end!r} is not in pool_start's subnet {net} (netmask "
+                          f"{dhcp.netmask}): the pool must be one range in one subnet")
     d.finish()
 
     t = section("tftp")

@@ -123,18 +123,22 @@ class Daemon:
             log.error("event=reload_failed error=%r (keeping the running configuration)", str(exc))
             return
         old = self.config
-        restart = [s for s in ("dhcp", "tftp", "http", "capsule") if getattr(new, s) != getattr(old, s)]
+        # A running DHCP server reloads its own [dhcp] section and names what needs a restart; the other
+        # listeners' sections are baked into their sockets.
+        restart = [s for s in ("dhcp", "tftp", "http", "capsule") if getattr(new, s) != getattr(old, s)
+                   and not (s == "dhcp" and old.dhcp.enabled)]
         # log_level and graceful_timeout apply live; these three are baked into the listeners.
         if any(getattr(new.server, k) != getattr(old.server, k) for k in ("state_dir", "address", "interface")):
             restart.append("server")
         setup_logging(new.server.log_level)
         self.config = new
         if self.built is not None:
-            self.built.reload(new)
+            restart += self.built.reload(new)
+        applied = "registry,boot,log_level" + (",dhcp" if old.dhcp.enabled else "")
         if restart:
-            log.warning("event=reloaded applied=registry,boot,log_level restart_needed_for=%s", ",".join(restart))
+            log.warning("event=reloaded applied=%s restart_needed_for=%s", applied, ",".join(restart))
         else:
-            log.info("event=reloaded applied=registry,boot,log_level")
+            log.info("event=reloaded applied=%s", applied)
         notify("STATUS=configuration reloaded")
 
     async def run(self) -> int:

@@ -142,3 +142,19 @@ class TftpMetrics:
                     else:
                         out[prefix] += n
         return out
+
+
+class DhcpMetrics:
+    """What the DHCP transport counts: every datagram in, every reply out, every packet left unanswered
+    (labelled by reason), and the queue depth."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.received = Counter("bootd_dhcp_received", "DHCP datagrams received, by port", ["port"],
+                                registry=registry)
+        self.dropped = Counter("bootd_dhcp_dropped", "DHCP datagrams dropped or ignored without a reply, by reason",
+                               ["reason"], registry=registry)
+        self.replies = Counter("bootd_dhcp_replies", "DHCP replies sent, by message type", ["type"],
+                               registry=registry)
+        self.send_errors = Counter("bootd_dhcp_send_errors", "DHCP replies the kernel refused to send",
+                                   registry=registry)
+        self.queue = Gauge("bootd_dhcp_queue_depth", "DHCP datagrams waiting for a worker", registry=registry)

@@ -16,11 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bootd.config import RegistryConfig
+from bootd.config import DhcpConfig, RegistryConfig
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.packet import DhcpPacket, ip_to_bytes
 from bootd.service.boot import BootPolicy
-from bootd.service.dhcp import DhcpService, DhcpSettings
+from bootd.service.dhcp import DhcpService
 from bootd.service.registry import RegistryService
 from bootd.store.sqlite import SqliteNodeStore
 
@@ -32,8 +32,8 @@ async def run(clients: int, concurrency: int) -> float:
         store = SqliteNodeStore(Path(tmp) / "bootd.sqlite")
         svc = DhcpService(store, RegistryService(store, RegistryConfig()),
                           BootPolicy("http://10.80.0.1:8080", "10.80.0.1"),
-                          DhcpSettings(server_address="10.80.0.1", pool_start="10.80.1.0", pool_end="10.80.200.255",
-                                       netmask="255.255.0.0"))
+                          DhcpConfig(pool_start="10.80.1.0", pool_end="10.80.200.255", netmask="255.255.0.0"),
+                          server_address="10.80.0.1")
         await svc.load()
         base = DhcpPacket.parse((DATA / "dhclient-c2s-discover-1.bin").read_bytes())
         wires = []

@@ -40,13 +40,17 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from bootd.errors import RemoteProtocolError, StoreError
+from bootd.metrics import DhcpMetrics, make_registry
 from bootd.proto.dhcp.packet import DhcpPacket
 from bootd.service.dhcp import DhcpService
+
+if TYPE_CHECKING:
+    from bootd.config import Config
 
 __all__ = ["DhcpServer"]
 
@@ -111,19 +115,6 @@ class _Lanes:
                 return
 
 
-class _Metrics:
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        reg = registry if registry is not None else CollectorRegistry()
-        self.received = Counter("bootd_dhcp_received", "DHCP datagrams received, by port", ["port"], registry=reg)
-        self.dropped = Counter("bootd_dhcp_dropped",
-                               "DHCP datagrams dropped or ignored without a reply, by reason", ["reason"],
-                               registry=reg)
-        self.replies = Counter("bootd_dhcp_replies", "DHCP replies sent, by message type", ["type"], registry=reg)
-        self.send_errors = Counter("bootd_dhcp_send_errors", "DHCP replies the kernel refused to send",
-                                   registry=reg)
-        self.queue = Gauge("bootd_dhcp_queue_depth", "DHCP datagrams waiting for a worker", registry=reg)
-
-
 class _Endpoint(asyncio.DatagramProtocol):
     def __init__(self, server: DhcpServer, port: int) -> None:
         self.server = server
@@ -174,7 +165,8 @@ class DhcpServer:
         self.max_age = max_age
         self.clock = clock
         self.queue = _Lanes(queue_size)
-        self.metrics = _Metrics(registry)
+        # The daemon passes its one registry (served on /metrics); a private one only for tests that do not scrape.
+        self.metrics = DhcpMetrics(registry if registry is not None else make_registry())
         self.metrics.queue.set_function(lambda: float(self.queue.qsize()))
         self._endpoints: list[asyncio.DatagramTransport] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -228,12 +220,15 @@ class DhcpServer:
             await self.close()
             raise
         self._tasks = [asyncio.create_task(self._worker(), name=f"dhcp-worker-{i}") for i in range(self.workers)]
+        # The service's timers (expiry, periodic re-read of node addresses) live as long as the sockets:
+        # one start and one close for every user of the transport (daemon, bench, tests).
+        self._tasks.append(asyncio.create_task(self._timers(), name="dhcp-timers"))
         if not self.interface:
             log.warning("event=dhcp-no-interface reason=%r", "dhcp.interface (or server.interface) is not set: "
                         "broadcast replies follow the routing table and may leave by the wrong interface or "
                         "fail with ENETUNREACH; only relayed clients are served reliably")
         log.info("event=dhcp-listening address=%s ports=%s interface=%s mode=%s", self.listen,
-                 ",".join(map(str, self.bound_ports)), self.interface or "-", self.service.settings.mode)
+                 ",".join(map(str, self.bound_ports)), self.interface or "-", self.service.config.mode)
 
     async def close(self) -> None:
         for transport in self._endpoints:
@@ -245,6 +240,32 @@ class DhcpServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+
+    def reload(self, config: Config) -> list[str]:
+        """SIGHUP: apply what can change live (queue bound here, the rest in the service); log and return
+        the settings that changed but need a restart. A reload the service refuses changes nothing."""
+        try:
+            restart = self.service.reload(config)
+        except ValueError as exc:
+            log.error("event=dhcp-reload-failed error=%r (keeping the running [dhcp] and [boot] settings)",
+                      str(exc))
+            return []
+        self.queue.maxsize = config.dhcp.queue_size
+        if restart:
+            log.warning("event=dhcp-reloaded restart_needed_for=%s", ",".join(restart))
+        else:
+            log.info("event=dhcp-reloaded")
+        return restart
+
+    async def _timers(self) -> None:
+        while True:
+            try:
+                await self.service.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stop expiry for good: log the trace, start over
+                log.exception("event=dhcp-timers-failed retry_in=%ss", LOG_EVERY)
+                await asyncio.sleep(LOG_EVERY)
 
     # -- work --------------------------------------------------------------------------
     def drop(self, reason: str, detail: str = "", *, count: bool = True) -> None:

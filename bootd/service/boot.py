@@ -24,7 +24,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from bootd.capsule.manifest import KernelRef
 from bootd.config import Config
@@ -40,8 +40,9 @@ log = logging.getLogger("bootd.boot")
 _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class Booter(Protocol):
-    """What DHCP and TFTP ask: the boot plan for a machine (BootPolicy, or the BootService around it)."""
+@runtime_checkable
+class BootPlanner(Protocol):
+    """What DHCP (and TFTP) ask: the boot plan for a machine (BootPolicy, or the BootService around it)."""
 
     def plan(self, machine: Machine, node: Node | None, *, pxe: bool) -> BootPlan | None: ...
 

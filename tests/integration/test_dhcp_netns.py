@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -387,3 +389,52 @@ async def test_proxy_mode_next_to_dnsmasq(net: Net) -> None:
     node, lease = await node_record(cfg, CLI_MAC)
     assert node is not None and node.state is State.PXE
     assert lease is None  # proxy mode never hands out addresses
+
+
+DISCOVER_ONLY = CLIENT + textwrap.dedent("""
+    ifname, mac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", ""))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+    sock.bind(("0.0.0.0", 68))
+    discover = DhcpPacket.parse(open(sys.argv[3], "rb").read())  # a BIOS PXE ROM's DISCOVER, our MAC
+    discover.chaddr, discover.xid = mac + bytes(10), 0x0bd0004
+    assert discover.options[93] == b"\\x00\\x00" and discover.options[60].startswith(b"PXEClient"), discover.options
+    sock.sendto(discover.encode(), ("255.255.255.255", 67))
+    print(json.dumps({"offers": collect(sock, discover.xid, 3, 1)}))
+""")
+
+
+async def test_sighup_changes_the_boot_file_dhcp_hands_out(net: Net) -> None:
+    """README: boot settings take effect at once on SIGHUP; DHCP's boot program names included."""
+    if not daemon_wires_dhcp():
+        pytest.skip("bootd serve does not run DHCP in this tree")
+    srv, cli, _ = lan(net)
+    cfg = start_bootd(net, srv, address="10.77.0.1", interface="br0", dhcp=FULL)
+    (bootd,) = net.procs  # `ip netns exec` execs bootd: this pid is the daemon's
+    dump = script(net, "udhcpc.sh", f'env > {net.workdir}/udhcpc-"$1".env')
+    udhcpc = ["busybox", "udhcpc", "-f", "-q", "-n", "-t", "5", "-T", "1", "-i", "eth0", "-s", str(dump),
+              "-V", PXE_VC, "-x", "0x5d:0000"]
+    net.run(cli, udhcpc)
+    assert env_file(net.workdir / "udhcpc-bound.env")["boot_file"] == "undionly.kpxe"
+
+    settings = tomllib.loads(cfg.read_text())
+    settings["boot"] = {"bios_nbp": "reloaded.kpxe"}
+    write_config(cfg, settings)
+    log = net.workdir / "bootd.log"
+    bootd.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "event=reloaded" not in log.read_text():
+        assert time.monotonic() < deadline, f"bootd did not reload:\n{log.read_text()[-3000:]}"
+        assert bootd.poll() is None, f"bootd exited on SIGHUP:\n{log.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+    out = net.run(cli, [sys.executable, "-c", DISCOVER_ONLY, "eth0", "52:54:00:77:10:02",
+                        str(DATA / "udhcpc-c2s-discover-1.bin")])
+    (offer,) = json.loads(out.stdout)["offers"]
+    assert offer["type"] == 2 and offer["file"] == "reloaded.kpxe" and offer["opt67"] == "reloaded.kpxe"
+    assert offer["siaddr"] == "10.77.0.1"
+    (net.workdir / "udhcpc-bound.env").unlink()
+    net.run(cli, udhcpc)  # the first client boots again: its next DORA names the new program too
+    env = env_file(net.workdir / "udhcpc-bound.env")
+    assert env["boot_file"] == "reloaded.kpxe" and env["ip"] == "10.77.0.100"

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bootd.config import RegistryConfig
+from bootd.config import DhcpConfig, RegistryConfig
 from bootd.model import Firmware, Lease, Machine, State
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.packet import DhcpPacket, ip_to_bytes
 from bootd.proto.dhcp.reply import BROADCAST, Reply
 from bootd.service.boot import BootPolicy
-from bootd.service.dhcp import DhcpService, DhcpSettings, Outcome
+from bootd.service.dhcp import DhcpService, Outcome
 from bootd.service.registry import RegistryService
 from bootd.store.memory import memory_store
 from bootd.store.sqlite import SqliteNodeStore
@@ -23,8 +23,8 @@ from .conftest import golden_packet
 
 SERVER = "10.77.0.1"
 POLICY = BootPolicy(public_url=f"http://{SERVER}:8080", next_server=SERVER)
-FULL = DhcpSettings(server_address=SERVER, pool_start="10.77.0.100", pool_end="10.77.0.109",
-                    netmask="255.255.255.0", router="10.77.0.254", dns=("10.77.0.2",), domain="cluster")
+FULL = DhcpConfig(pool_start="10.77.0.100", pool_end="10.77.0.109", netmask="255.255.255.0", router="10.77.0.254",
+                  dns=("10.77.0.2",), domain="cluster")
 NOW = 1_700_000_000.0
 
 
@@ -35,10 +35,10 @@ async def store() -> AsyncIterator[SqliteNodeStore]:
     await s.close()
 
 
-def service(store: SqliteNodeStore, settings: DhcpSettings = FULL, **registry: object) -> DhcpService:
+def service(store: SqliteNodeStore, settings: DhcpConfig = FULL, **registry: object) -> DhcpService:
     """The protocol tests use plain clients (dhclient, udhcpc) as well as PXE ROMs: let both register."""
     cfg = RegistryConfig(**{"register_any_client": True, **registry})  # type: ignore[arg-type]
-    return DhcpService(store, RegistryService(store, cfg), POLICY, settings)
+    return DhcpService(store, RegistryService(store, cfg), POLICY, settings, server_address=SERVER)
 
 
 def request_from(discover: DhcpPacket, offer: DhcpPacket) -> DhcpPacket:
@@ -261,7 +261,7 @@ async def test_server_replies_are_ignored(store: SqliteNodeStore) -> None:
     assert out.ignored == "not-request"
 
 
-PROXY = DhcpSettings(server_address=SERVER, mode="proxy")
+PROXY = DhcpConfig(mode="proxy")
 
 
 async def test_proxy_offer_has_no_address(store: SqliteNodeStore) -> None:
@@ -298,9 +298,10 @@ async def test_proxy_boot_server_port_4011(store: SqliteNodeStore) -> None:
 
 def test_full_mode_needs_a_sane_pool() -> None:
     with pytest.raises(ValueError, match="pool_start"):
-        DhcpService(None, None, POLICY, DhcpSettings(server_address=SERVER))  # type: ignore[arg-type]
+        DhcpService(None, None, POLICY, DhcpConfig(), server_address=SERVER)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="one subnet"):
-        DhcpService(None, None, POLICY, dataclasses.replace(FULL, pool_end="10.78.0.5"))  # type: ignore[arg-type]
+        DhcpService(None, None, POLICY, dataclasses.replace(FULL, pool_end="10.78.0.5"),  # type: ignore[arg-type]
+                    server_address=SERVER)
 
 
 def test_policy_decisions() -> None:
@@ -325,6 +326,7 @@ async def test_deleted_node_frees_its_address_after_reload(store: SqliteNodeStor
     node = await store.get_node_by_mac("52:54:00:99:00:3c")
     assert node is not None
     await store.delete_node(node.name)  # what `bootd node delete` does from another process
+    await svc.on_timer(NOW + 100)  # the periodic job (DhcpService.run) re-reads node addresses
     _, offer = only(await svc.handle(other, port=67, now=NOW + 100))  # past the reload interval
     assert offer.yiaddr == "10.77.0.100"
 
@@ -355,7 +357,7 @@ async def test_lease_write_failure_sends_no_ack_and_frees_the_address(store: Sql
 
     broken = BrokenStore(store, {"put_lease"})
     svc = DhcpService(broken, RegistryService(broken, RegistryConfig()), POLICY,  # type: ignore[arg-type]
-                      dataclasses.replace(FULL, pool_end="10.77.0.100"))
+                      dataclasses.replace(FULL, pool_end="10.77.0.100"), server_address=SERVER)
     discover = golden_packet("udhcpc-c2s-discover-1")
     _, offer = only(await svc.handle(discover, port=67, now=NOW))
     with pytest.raises(StoreError):
@@ -370,7 +372,8 @@ async def test_state_write_failure_still_acks(store: SqliteNodeStore) -> None:
     from bootd.store.broken import BrokenStore
 
     broken = BrokenStore(store, {"set_state"})
-    svc = DhcpService(broken, RegistryService(broken, RegistryConfig()), POLICY, FULL)  # type: ignore[arg-type]
+    svc = DhcpService(broken, RegistryService(broken, RegistryConfig()), POLICY, FULL,  # type: ignore[arg-type]
+                      server_address=SERVER)
     _, _, ack = await dora(svc, golden_packet("edk2-pxe-c2s-discover-1"))
     assert ack.file == b"snponly.efi"
     lease = await store.get_lease_by_mac("52:54:00:99:01:03")

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bootd.config import RegistryConfig
+from bootd.config import DhcpConfig, RegistryConfig
 from bootd.net.dhcp import DhcpServer
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.packet import DhcpPacket
 from bootd.service.boot import BootPolicy
-from bootd.service.dhcp import DhcpService, DhcpSettings
+from bootd.service.dhcp import DhcpService
 from bootd.service.registry import RegistryService
 from bootd.store.memory import memory_store
 from bootd.store.sqlite import SqliteNodeStore
@@ -40,10 +40,10 @@ def relay() -> socket.socket:
 
 
 def make(store: SqliteNodeStore, relay_port: int, registry: CollectorRegistry, **kw: int) -> DhcpServer:
-    settings = DhcpSettings(server_address="127.0.0.1", pool_start="127.0.0.100", pool_end="127.0.0.200",
-                            server_port=relay_port)
+    settings = DhcpConfig(pool_start="127.0.0.100", pool_end="127.0.0.200", port=relay_port)
     svc = DhcpService(store, RegistryService(store, RegistryConfig()), BootPolicy("http://127.0.0.1:8080",
-                                                                                  "127.0.0.1"), settings)
+                                                                                  "127.0.0.1"), settings,
+                      server_address="127.0.0.1")
     return DhcpServer(svc, listen="127.0.0.1", port=0, registry=registry, **kw)  # type: ignore[arg-type]
 
 
@@ -120,9 +120,9 @@ def free_udp_port() -> int:
 
 async def test_proxy_boot_server_port_answers_the_sender(store: SqliteNodeStore, relay: socket.socket) -> None:
     port, proxy_port = free_udp_port(), free_udp_port()
-    settings = DhcpSettings(server_address="127.0.0.1", mode="proxy", server_port=port, proxy_port=proxy_port)
+    settings = DhcpConfig(mode="proxy", port=port, proxy_port=proxy_port)
     svc = DhcpService(store, RegistryService(store, RegistryConfig()),
-                      BootPolicy("http://127.0.0.1:8080", "127.0.0.1"), settings)
+                      BootPolicy("http://127.0.0.1:8080", "127.0.0.1"), settings, server_address="127.0.0.1")
     registry = CollectorRegistry()
     server = DhcpServer(svc, listen="127.0.0.1", port=port, proxy_port=proxy_port, registry=registry)
     await server.start()
@@ -202,9 +202,9 @@ async def test_idle_workers_wake_for_each_item() -> None:
 
 async def test_port_in_use_fails_loudly(store: SqliteNodeStore, relay: socket.socket) -> None:
     taken = relay.getsockname()[1]
-    settings = DhcpSettings(server_address="127.0.0.1", mode="proxy")
+    settings = DhcpConfig(mode="proxy")
     svc = DhcpService(store, RegistryService(store, RegistryConfig()),
-                      BootPolicy("http://127.0.0.1:8080", "127.0.0.1"), settings)
+                      BootPolicy("http://127.0.0.1:8080", "127.0.0.1"), settings, server_address="127.0.0.1")
     server = DhcpServer(svc, listen="127.0.0.1", port=taken, registry=CollectorRegistry())
     with pytest.raises(OSError, match="another DHCP server running"):
         await server.start()
