@@ -67,6 +67,10 @@ class HttpMetrics:
             "bootd_http_bulk_queue_wait_seconds", "Time bulk requests waited for a stream slot",
             buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30), registry=registry,
         )
+        self.outside_root = Counter(
+            "bootd_http_outside_root", "File requests refused because the name leads outside its root (a symlink)",
+            registry=registry,
+        )
         self.registrations = Counter(
             "bootd_http_registrations", "Unknown MACs registered through the iPXE script route", registry=registry
         )

@@ -88,12 +88,15 @@ class OpenFileCache:
         return len(self._entries)
 
     def acquire(self, key: str, path: Callable[[], Path | str], *, revalidate: bool = False,
-                sha256: str | None = None) -> OpenFile:
+                sha256: str | None = None, root: str | None = None) -> OpenFile:
         """Return an open file for ``key`` (refcount taken); raises OSError like open() would.
 
         With ``sha256``, a file is hashed when it is opened (once per cache entry,
         not per request) and refused with CorruptObject when it does not match:
         a content-addressed object that rotted on disk is never served as valid.
+        With ``root`` (a real path), the file actually opened must lie beneath it,
+        checked on the open descriptor, so a symlink swapped in between the
+        resolve and the open cannot lead out either (OutsideRoot).
         """
         entry = self._entries.get(key)
         now = time.monotonic()
@@ -108,7 +111,7 @@ class OpenFileCache:
             self.hits += 1
         else:
             self.misses += 1
-            entry = self._open(key, str(path()), now, sha256)
+            entry = self._open(key, str(path()), now, sha256, root)
         entry.refs += 1
         return entry
 
@@ -132,9 +135,11 @@ class OpenFileCache:
             return False
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == entry.ident
 
-    def _open(self, key: str, path: str, now: float, sha256: str | None = None) -> OpenFile:
+    def _open(self, key: str, path: str, now: float, sha256: str | None = None, root: str | None = None) -> OpenFile:
         fd = os.open(path, self._flags)
         try:
+            if root is not None and not beneath(root, os.readlink(f"/proc/self/fd/{fd}")):
+                raise OutsideRoot(f"{path} leads outside {root}")
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise IsADirectoryError(f"{path} is not a regular file")
@@ -166,6 +171,29 @@ class OpenFileCache:
         entry.evicted = True
         if entry.refs <= 0:
             entry.file.close()
+
+
+class OutsideRoot(PermissionError):
+    """A requested name that resolves (through a symlink) to a file outside the configured root."""
+
+
+def beneath(root: str, real: str) -> bool:
+    """Is the real path ``real`` the root itself or inside it?"""
+    return real == root or real.startswith(root.rstrip("/") + "/")
+
+
+def resolve_beneath(root: str | os.PathLike[str], rel: str) -> tuple[str, str]:
+    """(real root, real path) of ``rel`` under ``root``; OutsideRoot if it leads out.
+
+    The one place HTTP and TFTP decide "inside the root": symlinks are followed only while they
+    stay beneath it (as openat2's RESOLVE_BENEATH would), and the open itself is checked again on
+    its descriptor (OpenFileCache.acquire's ``root``).
+    """
+    real_root = os.path.realpath(os.fspath(root))
+    real = os.path.realpath(os.path.join(real_root, rel.lstrip("/")))
+    if not beneath(real_root, real):
+        raise OutsideRoot(f"{rel!r} leads outside {real_root}")
+    return real_root, real
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:

@@ -51,7 +51,7 @@ from prometheus_client import CollectorRegistry
 
 from bootd.errors import BootdError, RemoteProtocolError
 from bootd.metrics import TftpMetrics
-from bootd.net.files import OpenFile, OpenFileCache
+from bootd.net.files import OpenFile, OpenFileCache, OutsideRoot, resolve_beneath
 from bootd.proto.tftp.packet import (
     ErrorCode,
     ErrorPacket,
@@ -580,13 +580,14 @@ class TftpServer:
             candidate = os.path.join(root, rel)
             if not os.path.lexists(candidate):
                 continue
-            real = os.path.realpath(candidate)
-            if real != root and not real.startswith(root.rstrip("/") + "/"):
+            try:
+                _, real = resolve_beneath(root, rel)
+            except OutsideRoot:
                 raise _Refusal(
                     ErrorCode.ACCESS_VIOLATION,
                     f"access violation: {name!r} is a symlink that leads outside the TFTP root",
                     "outside_root",
-                )
+                ) from None
             try:
                 st = os.stat(real)
             except FileNotFoundError:

@@ -136,3 +136,23 @@ async def test_bad_json_of_any_shape_is_a_400(served: Any) -> None:
     async with session.post(f"/api/v1/nodes/{name}", data=b"[" * 50_000 + b"]" * 50_000,
                             headers={"Authorization": f"Bearer {admin}"}) as r:
         assert r.status == 400
+
+
+async def test_symlinks_out_of_a_served_directory_are_refused(served: Any, tmp_path: Path) -> None:
+    """HTTP follows a link inside /stage1 or /nbp only while it stays inside (it served /etc/shadow before)."""
+    session, _, config = served
+    stage1 = config.boot.stage1_dir
+    stage1.mkdir(parents=True, exist_ok=True)
+    (stage1 / "initramfs.img").write_bytes(b"INITRD")
+    (stage1 / "inside").symlink_to("initramfs.img")
+    (stage1 / "shadow").symlink_to("/etc/shadow")
+    (stage1 / "token").symlink_to(config.server.state_dir / "admin-token")
+    (stage1 / "up").symlink_to("..")
+    async with session.get("/stage1/inside") as r:
+        assert r.status == 200 and await r.read() == b"INITRD"
+    for name in ("shadow", "token"):
+        async with session.get(f"/stage1/{name}") as r:
+            body = await r.text()
+            assert r.status == 403 and "leads outside" in body and "root:" not in body
+    async with session.get("/metrics") as r:
+        assert "bootd_http_outside_root_total 2.0" in await r.text()

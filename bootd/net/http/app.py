@@ -37,9 +37,11 @@ from bootd.net.files import (
     CorruptObject,
     OpenFile,
     OpenFileCache,
+    OutsideRoot,
     etag_matches,
     object_headers,
     parse_range,
+    resolve_beneath,
     response_head,
 )
 from bootd.net.http.chunkfast import ChunkFastPath, ChunkRequestHandler, ChunkSite
@@ -183,6 +185,7 @@ class HttpServer(NodeRoutes):
         immutable: bool,
         bulk: bool = False,
         verify: bool = False,
+        root: str | None = None,
     ) -> web.StreamResponse:
         """Answer GET/HEAD for one file with ETag, conditional GET, single Range, and sendfile.
 
@@ -190,7 +193,8 @@ class HttpServer(NodeRoutes):
         the file is checked against it when first opened.
         """
         try:
-            entry = self.sender.open(key, path, revalidate=not immutable, sha256=etag if verify else None)
+            entry = self.sender.open(key, path, revalidate=not immutable, sha256=etag if verify else None,
+                                     root=root)
         except CorruptObject as exc:
             self.metrics.corrupt.inc()
             log.error("event=corrupt-object key=%s error=%r (run `bootd capsule verify`)", key, str(exc))
@@ -200,6 +204,10 @@ class HttpServer(NodeRoutes):
             return refuse(404, f"no such object: {key}")
         except (IsADirectoryError, NotADirectoryError):
             return refuse(404, f"not a file: {key}")
+        except OutsideRoot:
+            self.metrics.outside_root.inc()
+            log.warning("event=outside-root key=%s (a symlink leads out of the served directory)", key)
+            return refuse(403, f"refused: {key} leads outside the directory bootd serves it from")
         except PermissionError:
             return refuse(403, f"bootd may not read {key}")
         try:
@@ -322,8 +330,14 @@ class HttpServer(NodeRoutes):
         name = request.match_info["file"]
         if _SAFE_NAME.fullmatch(name) is None or ".." in name:
             return refuse(400, f"refused file name {name!r}: one path component of letters, digits, . _ + -")
-        return await self._serve(request, route, f"{route}:{name}", lambda: root / name, etag=None,
-                                 immutable=False)
+        try:
+            real_root, real = resolve_beneath(root, name)
+        except OutsideRoot:
+            self.metrics.outside_root.inc()
+            log.warning("event=outside-root route=%s file=%r (a symlink leads out of %s)", route, name, root)
+            return refuse(403, f"refused: {name!r} leads outside the directory bootd serves it from")
+        return await self._serve(request, route, f"{route}:{name}", lambda: real, etag=None, immutable=False,
+                                 root=real_root)
 
     async def _stage1(self, request: web.Request) -> web.StreamResponse:
         return await self._plain_file(request, "/stage1/{file}", self.config.boot.stage1_dir)

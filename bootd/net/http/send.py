@@ -121,11 +121,11 @@ class Sender:
         self._bytes: dict[str, Any] = {}
 
     def open(self, key: str, path: Callable[[], Path | str], *, revalidate: bool = False,
-             sha256: str | None = None) -> OpenFile:
+             sha256: str | None = None, root: str | None = None) -> OpenFile:
         """The open-file cache's acquire, counted as a hit or a miss (a failed open is a miss)."""
         hits = self.files.hits
         try:
-            return self.files.acquire(key, path, revalidate=revalidate, sha256=sha256)
+            return self.files.acquire(key, path, revalidate=revalidate, sha256=sha256, root=root)
         finally:
             (self.metrics.cache_hit if self.files.hits != hits else self.metrics.cache_miss).inc()
 
