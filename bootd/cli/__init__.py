@@ -7,6 +7,7 @@ failed (the message says why), 2 the command line was wrong.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -86,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         config = _load_config(args)
-        return handler(args, config)
+        hand_over = _act_as_state_owner(args, config)
+        try:
+            return handler(args, config)
+        finally:
+            hand_over()
     except ConfigError as exc:
         print(f"bootd: configuration error: {exc}", file=sys.stderr)
         return 1
@@ -98,6 +103,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+# Commands that only read or write the registry: run as root, they become the state directory's owner.
+_REGISTRY_COMMANDS = ("node", "group", "lease")
+
+
+def _act_as_state_owner(args: Any, config: config_mod.Config) -> Callable[[], None]:
+    """Keep the files of a daemon that runs as its own user (systemd/bootd.service: User=bootd) its own.
+
+    Run as root with a state directory that belongs to another user, registry commands switch to that
+    user before they open anything, so SQLite's files (and its -wal) stay the daemon's.  Commands that
+    need root (capsule build/import/exec reads any file of an image and chroots) stay root and, when
+    they finish, give what they created under the daemon's directories to its owner.  Returns that
+    hand-over (a no-op otherwise).
+    """
+    if os.geteuid() != 0:
+        return lambda: None
+    dirs = [d for d in (config.server.state_dir, config.capsule.dir, config.boot.stage1_dir) if d.exists()]
+    try:
+        owner = config.server.state_dir.stat()
+    except FileNotFoundError:
+        return lambda: None
+    if owner.st_uid == 0:
+        return lambda: None
+    if getattr(args, "command", None) in _REGISTRY_COMMANDS:
+        os.setgid(owner.st_gid)
+        os.setuid(owner.st_uid)
+        return lambda: None
+
+    def hand_over() -> None:
+        for top in dirs:
+            for path in (top, *top.rglob("*")):
+                with contextlib.suppress(OSError):
+                    st = path.lstat()
+                    if st.st_uid == 0:
+                        os.lchown(path, owner.st_uid, owner.st_gid)
+
+    return hand_over
 
 
 def _load_config(args: Any) -> config_mod.Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -59,12 +60,20 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     unit = (ROOT / "systemd" / "bootd.service").read_text()
-    assert "Type=notify" in unit and "AF_PACKET" in unit and "AF_NETLINK" in unit
+    assert "Type=notify" in unit and "AF_NETLINK" in unit
+    # A dedicated user, private files, and no packet sockets (nothing in bootd opens one).
+    assert "User=bootd" in unit and "UMask=0077" in unit and "StateDirectoryMode=0700" in unit
+    assert "AF_PACKET" not in unit.split("RestrictAddressFamilies=")[1].splitlines()[0]
     # verify checks that ExecStart exists; point it at a binary that does.
     (tmp_path / "bootd.service").write_text(unit.replace("/usr/local/bin/bootd", "/bin/true"))
     proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "bootd.service")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+    score = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(tmp_path / "bootd.service")],
+                           capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for bootd.service: (\d+\.\d+)", score.stdout)
+    assert found is not None, score.stdout[-2000:] + score.stderr
+    assert float(found.group(1)) <= 1.5, score.stdout
 
 
 # -- one composition root, no cycles, transports and the CLI never hold a store -------------------------
