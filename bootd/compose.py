@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from bootd.capsule.store import CapsuleStore
 from bootd.config import Config
 from bootd.metrics import make_registry
+from bootd.service.audit import AuditLog
 from bootd.service.boot import BootService
 from bootd.service.credentials import Credentials
 from bootd.service.health import HealthMonitor
@@ -109,7 +110,7 @@ def services(config: Config, *, readonly: bool = False, metrics: CollectorRegist
     registry = RegistryService(store, config.registry)
     credentials = Credentials(store, config)
     boot = BootService(config, registry, lifecycle, capsules, credentials)
-    nodes = NodeAdmin(store, lifecycle, config.registry)
+    nodes = NodeAdmin(store, lifecycle, config.registry, AuditLog(config.server.state_dir / "audit.log"))
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
                            capsules=capsules, metrics=metrics)
 

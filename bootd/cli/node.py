@@ -24,6 +24,7 @@ from bootd.compose import open_services
 from bootd.config import Config
 from bootd.hostlist import compress
 from bootd.model import Node, State, node_json
+from bootd.service.audit import cli_user
 from bootd.service.nodes import Invalid
 from bootd.service.services import Services
 
@@ -133,7 +134,7 @@ def _vars(items: Iterable[str]) -> dict[str, str]:
 
 
 def node_add(args: argparse.Namespace, config: Config) -> int:
-    node = _run(config, lambda s: s.nodes.add(args.name, args.mac, _change(args)))
+    node = _run(config, lambda s: s.nodes.add(args.name, args.mac, _change(args), who=cli_user()))
     print(f"added {node.name} ({node.mac}) in group {node.group}")
     return 0
 
@@ -142,9 +143,9 @@ def node_set(args: argparse.Namespace, config: Config) -> int:
     body = _change(args)
 
     async def job(s: Services) -> list[Node]:
-        nodes = await s.nodes.change(args.nodes, body) if body or not args.state else []
+        nodes = await s.nodes.change(args.nodes, body, who=cli_user()) if body or not args.state else []
         if args.state:
-            nodes = await s.nodes.force_state(args.nodes, args.state)
+            nodes = await s.nodes.force_state(args.nodes, args.state, who=cli_user())
         return nodes
 
     nodes = _run(config, job)
@@ -153,13 +154,13 @@ def node_set(args: argparse.Namespace, config: Config) -> int:
 
 
 def node_approve(args: argparse.Namespace, config: Config) -> int:
-    nodes = _run(config, lambda s: s.nodes.approve(args.nodes))
+    nodes = _run(config, lambda s: s.nodes.approve(args.nodes, who=cli_user()))
     print(f"approved {compress([n.name for n in nodes])}")
     return 0
 
 
 def node_delete(args: argparse.Namespace, config: Config) -> int:
-    names = _run(config, lambda s: s.nodes.delete(args.nodes))
+    names = _run(config, lambda s: s.nodes.delete(args.nodes, who=cli_user()))
     print(f"deleted {compress(names)}")
     return 0
 
@@ -196,13 +197,13 @@ def group_put(args: argparse.Namespace, config: Config) -> int:
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
     create = args.command_name == "add"
-    group = _run(config, lambda s: s.nodes.put_group(args.name, body, create=create))
+    group = _run(config, lambda s: s.nodes.put_group(args.name, body, create=create, who=cli_user()))
     print(f"{'added' if create else 'updated'} group {group.name}")
     return 0
 
 
 def group_delete(args: argparse.Namespace, config: Config) -> int:
-    _run(config, lambda s: s.nodes.delete_group(args.name))
+    _run(config, lambda s: s.nodes.delete_group(args.name, who=cli_user()))
     print(f"deleted group {args.name}")
     return 0
 

@@ -21,6 +21,7 @@ from bootd.config import RegistryConfig
 from bootd.errors import BootdError, NotFound
 from bootd.hostlist import HostlistError, compress, expand
 from bootd.model import Group, Lease, Node, State, normalize_mac
+from bootd.service.audit import AuditLog
 from bootd.service.lifecycle import Actor, Lifecycle
 from bootd.store.base import Event, NodeStore
 
@@ -134,10 +135,11 @@ class NodeView:
 
 
 class NodeAdmin:
-    def __init__(self, store: NodeStore, lifecycle: Lifecycle, config: RegistryConfig) -> None:
+    def __init__(self, store: NodeStore, lifecycle: Lifecycle, config: RegistryConfig, audit: AuditLog) -> None:
         self.store = store
         self.lifecycle = lifecycle
         self.config = config
+        self.audit = audit
 
     def reload(self, config: RegistryConfig) -> None:
         self.config = config
@@ -164,7 +166,8 @@ class NodeAdmin:
         return NodeView(node, await self.store.events(name, events))
 
     # -- writes -------------------------------------------------------------------------
-    async def add(self, name: str, mac: str, body: Mapping[str, Any], now: float | None = None) -> Node:
+    async def add(self, name: str, mac: str, body: Mapping[str, Any], now: float | None = None, *,
+                  who: str) -> Node:
         _check_name("name", name)
         try:
             mac = normalize_mac(mac)
@@ -176,9 +179,11 @@ class NodeAdmin:
         node = await self.store.add_node(mac, name, group=group, now=time.time() if now is None else now, **fields)
         if change.values:
             node = await self.store.set_vars(node.name, change.values)
+        self.audit.record(who, "node.add", name, {"mac": mac, **_redacted(body)})
         return node
 
-    async def change(self, hostlist: str, body: Mapping[str, Any], now: float | None = None) -> list[Node]:
+    async def change(self, hostlist: str, body: Mapping[str, Any], now: float | None = None, *,
+                     who: str) -> list[Node]:
         """Apply one validated change to every node of the hostlist (all are checked to exist first)."""
         change = NodeChange.parse(body)
         if not change:
@@ -187,7 +192,9 @@ class NodeAdmin:
         if "mac" in change.fields and len(nodes) != 1:
             raise Invalid("mac: a MAC can be set on exactly one node")
         now = time.time() if now is None else now
-        return [await self._apply(node, change, now) for node in nodes]
+        done = [await self._apply(node, change, now) for node in nodes]
+        self.audit.record(who, "node.set", plural([n.name for n in nodes]), _redacted(body))
+        return done
 
     async def _apply(self, node: Node, change: NodeChange, now: float) -> Node:
         name = node.name
@@ -206,7 +213,7 @@ class NodeAdmin:
                                                now=now)
         return node
 
-    async def force_state(self, hostlist: str, state: str, now: float | None = None) -> list[Node]:
+    async def force_state(self, hostlist: str, state: str, now: float | None = None, *, who: str) -> list[Node]:
         """``bootd node set --state``: the administrator overrides the lifecycle (a CLI-only escape hatch:
         the admin API does not offer it, so a leaked API token cannot rewrite the cluster's states)."""
         try:
@@ -214,16 +221,20 @@ class NodeAdmin:
         except ValueError:
             raise Invalid(f"state: expected one of {STATES}, got {state!r}") from None
         now = time.time() if now is None else now
-        return [await self.lifecycle.change(n.name, new, "set by administrator", actor=Actor.ADMIN, now=now)
-                for n in await self.select(hostlist)]
+        nodes = await self.select(hostlist)
+        done = [await self.lifecycle.change(n.name, new, "set by administrator", actor=Actor.ADMIN, now=now)
+                for n in nodes]
+        self.audit.record(who, "node.state", plural([n.name for n in nodes]), {"state": new.value})
+        return done
 
-    async def approve(self, hostlist: str) -> list[Node]:
-        return await self.change(hostlist, {"approve": True})
+    async def approve(self, hostlist: str, *, who: str) -> list[Node]:
+        return await self.change(hostlist, {"approve": True}, who=who)
 
-    async def delete(self, hostlist: str) -> list[str]:
+    async def delete(self, hostlist: str, *, who: str) -> list[str]:
         nodes = await self.select(hostlist)
         for node in nodes:
             await self.store.delete_node(node.name)
+        self.audit.record(who, "node.delete", plural([n.name for n in nodes]))
         return [n.name for n in nodes]
 
     # -- groups and leases --------------------------------------------------------------
@@ -239,7 +250,7 @@ class NodeAdmin:
             raise NotFound(f"no group named {name!r}")
         return group, [n.name for n in await self.store.list_nodes() if n.group == name]
 
-    async def put_group(self, name: str, body: Mapping[str, Any], *, create: bool) -> Group:
+    async def put_group(self, name: str, body: Mapping[str, Any], *, create: bool, who: str) -> Group:
         """``create``: the group must not exist yet (``add``); else it must exist (``set``)."""
         _check_name("group", name)
         old = await self.store.get_group(name)
@@ -260,17 +271,28 @@ class NodeAdmin:
         for key in ("kernel_args", "description"):
             if key in body and not isinstance(body[key], str):
                 raise Invalid(f"{key}: expected a string, got {body[key]!r}")
-        return await self.store.put_group(Group(
+        group = await self.store.put_group(Group(
             name=name, capsule=capsule,
             kernel_args=body.get("kernel_args", base.kernel_args),
             description=body.get("description", base.description),
         ))
+        self.audit.record(who, "group.add" if create else "group.set", name, dict(body))
+        return group
 
-    async def delete_group(self, name: str) -> None:
+    async def delete_group(self, name: str, *, who: str) -> None:
         await self.store.delete_group(name)
+        self.audit.record(who, "group.delete", name)
 
     async def leases(self) -> list[Lease]:
         return await self.store.list_leases()
+
+
+def _redacted(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the audit log keeps of a change: variable values may be site secrets, so only their names."""
+    out = dict(body)
+    if isinstance(out.get("vars"), Mapping):
+        out["vars"] = sorted(out["vars"])
+    return out
 
 
 def names(expr: str) -> list[str]:

@@ -102,3 +102,13 @@ def test_same_change_same_result_same_error(served: Any) -> None:
     run_cli("node", "set", "c2", "--enable", config=config, check=True)
     assert _stored(config, "c1") == _stored(config, "c2")
     assert _stored(config, "c1")["state"] == "discovered"
+
+    # Every admin write is on record: who (the API caller's address, the CLI's user), what, when.
+    state = Path(str(config)).parent / "state"
+    audit = [json.loads(line) for line in (state / "audit.log").read_text().splitlines()]
+    assert (state / "audit.log").stat().st_mode & 0o777 == 0o600
+    api = [a for a in audit if a["who"].startswith("api:127.0.0.1") and a["target"] == "c1"]
+    cli = [a for a in audit if a["who"].startswith("cli:") and a["target"] == "c2"]
+    assert [a["action"] for a in api] == ["node.set", "node.set"] and api[0]["details"]["vars"] == ["role"]
+    assert [a["action"] for a in cli] == ["node.add", "node.set", "node.set"]
+    assert "worker" not in (state / "audit.log").read_text()  # variable values (secrets) are not logged

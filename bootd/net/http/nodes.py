@@ -156,7 +156,7 @@ class NodeRoutes:
         except (ValueError, UnicodeDecodeError, RecursionError):
             return refuse(400, "the body must be a JSON object")
         try:
-            [node] = await self.services.nodes.change(name, body, self.clock())
+            [node] = await self.services.nodes.change(name, body, self.clock(), who=f"api:{request.remote}")
         except NotFound as exc:
             return refuse(404, str(exc))
         except (Conflict, TransitionRefused) as exc:
