@@ -27,6 +27,19 @@ class Event:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """What /healthz and `bootd server list` say about the registry (the URL has no password)."""
+
+    backend: str
+    url: str
+    healthy: bool
+    failures: int = 0  # calls that found the database unreachable, since start
+    reconnects: int = 0  # times the database came back after being unreachable
+    down_since: float | None = None  # wall clock of the first failure of the current outage
+    last_error: str = ""
+
+
 class NodeStore(Protocol):
     async def get_node(self, name: str) -> Node | None: ...
     async def get_node_by_mac(self, mac: str) -> Node | None: ...
@@ -67,5 +80,9 @@ class NodeStore(Protocol):
     async def list_leases(self) -> list[Lease]: ...
     async def put_lease(self, lease: Lease) -> None: ...
     async def release_lease(self, ip: str) -> None: ...
+
+    def status(self) -> StoreStatus:
+        """Cheap and synchronous (no I/O): the state the last calls left behind, for /healthz."""
+        ...
 
     async def close(self) -> None: ...

@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from bootd.errors import Conflict, NotFound, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
-from bootd.store.base import NODE_FIELDS, Event
+from bootd.store.base import NODE_FIELDS, Event, StoreStatus
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -500,6 +500,10 @@ class SqliteNodeStore:
 
     async def release_lease(self, ip: str) -> None:
         await self._run(self.repo.release_lease, ip)
+
+    def status(self) -> StoreStatus:
+        # An embedded file has no connection to lose: a failing write raises StoreError per call.
+        return StoreStatus("sqlite", self.repo.path, healthy=not self._closed)
 
     async def close(self) -> None:
         if not self._closed:
