@@ -267,14 +267,16 @@ def _url(value: str) -> None:
         raise ValueError("expected an http:// or https:// URL")
 
 
-def _store_url(value: str) -> None:
+def _store_url_problem(value: str) -> str:
+    """Why ``value`` cannot be store.url ("" if it can); never quotes the value, which may hold a password."""
     if not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
-        raise ValueError("expected postgresql://USER@HOST/DB?sslmode=..., sqlite:///ABSOLUTE/PATH, "
-                         "or no url (SQLite in server.state_dir)")
+        return (f"scheme {value.partition(':')[0]!r} is not valid; expected postgresql://USER@HOST/DB?sslmode=..., "
+                "sqlite:///ABSOLUTE/PATH, or no url (SQLite in server.state_dir)")
     userinfo = value.partition("://")[2].partition("/")[0].rpartition("@")[0]
     if ":" in userinfo or "password=" in value.partition("?")[2]:
         # Config files get printed (check-config), copied and read by many: the password goes elsewhere.
-        raise ValueError("holds a password; put it in store.password_file or $PGPASSWORD/~/.pgpass instead")
+        return "holds a password; put it in store.password_file or $PGPASSWORD/~/.pgpass instead"
+    return ""
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
@@ -421,8 +423,11 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
 
     st = section("store")
     password_file = st.opt_text("password_file")
+    url = st.text("url", "")
+    if url and _store_url_problem(url):
+        raise st.error("url", _store_url_problem(url))
     store = StoreConfig(
-        url=st.text("url", "", _store_url),
+        url=url,
         password_file=Path(password_file) if password_file else None,
         pool_size=st.integer("pool_size", 10, 1, 1000),
         connect_timeout=st.number("connect_timeout", 10.0, 0.5, 600.0),
