@@ -335,7 +335,9 @@ class PostgresNodeStore:
             try:
                 async with self._pool.connection(timeout=max(0.1, deadline - time.monotonic())) as conn:
                     if write:
-                        async with conn.transaction():
+                        # Pipeline mode: statements whose results are not read yet travel together, so
+                        # BEGIN, the writes and COMMIT cost a few round trips instead of one each.
+                        async with conn.pipeline(), conn.transaction():
                             result = await fn(conn)
                     else:
                         result = await fn(conn)

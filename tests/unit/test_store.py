@@ -102,6 +102,16 @@ async def test_node_administration_and_its_refusals(node_store: NodeStore) -> No
     assert [g.name for g in await node_store.list_groups()] == ["default"]
 
 
+async def test_racing_lease_writes_leave_one_lease_per_address_and_per_mac(node_store: NodeStore) -> None:
+    # Forty writers fight over four addresses and four MACs at once (on PostgreSQL: over ten connections,
+    # so unique violations happen and are retried); the result is a consistent table, never an error.
+    await asyncio.gather(*(node_store.put_lease(Lease(f"10.0.0.{i % 4}", mac(i % 4 + (i // 4) % 2 * 4), float(i)))
+                           for i in range(40)))
+    leases = await node_store.list_leases()
+    assert len({x.ip for x in leases}) == len(leases) and len({x.mac for x in leases}) == len(leases)
+    assert leases and {x.ip for x in leases} <= {f"10.0.0.{i}" for i in range(4)}
+
+
 async def test_status_says_which_backend_and_that_it_is_healthy(store_target: StoreTarget) -> None:
     store = await store_target.open()
     status = store.status()
