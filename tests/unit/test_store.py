@@ -24,7 +24,8 @@ from bootd import config as config_mod
 from bootd.errors import Conflict, NotFound, StateChanged, StoreError
 from bootd.model import Group, Lease, State
 from bootd.store import migrate, postgres
-from bootd.store.base import NodeStore
+from bootd.store.base import NodeStore, StoreStatus
+from bootd.store.broken import BrokenStore
 from bootd.store.factory import open_store, open_url
 from bootd.store.sqlite import SqliteNodeStore
 from tests.conftest import ROOT, StoreTarget, run_cli, write_config
@@ -118,6 +119,17 @@ async def test_status_says_which_backend_and_that_it_is_healthy(store_target: St
     assert status.backend == store_target.backend and status.healthy and status.failures == 0
     await store.close()
     assert not store.status().healthy
+
+
+async def test_store_url_picks_the_backend_and_defaults_to_sqlite_in_the_state_dir(tmp_path: Path) -> None:
+    store = await open_store(config_mod.from_dict({"server": {"state_dir": str(tmp_path / "state")}}))
+    assert store.status() == StoreStatus("sqlite", str(tmp_path / "state" / "bootd.sqlite"), healthy=True)
+    assert BrokenStore(store, {"status"}).status().backend == "sqlite"  # no I/O, nothing to break
+    await store.close()
+    other = tmp_path / "elsewhere" / "r.sqlite"
+    store = await open_store(config_mod.from_dict({"store": {"url": f"sqlite://{other}"}}))
+    assert store.status().url == str(other) and other.exists()
+    await store.close()
 
 
 # -- PostgreSQL only --------------------------------------------------------------------------------------------
