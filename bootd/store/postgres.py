@@ -198,13 +198,13 @@ def _node(row: DictRow) -> Node:
     )
 
 
-async def _rows(conn: Conn, query: str, args: tuple[Any, ...] = ()) -> list[DictRow]:
+async def _rows(conn: Conn, query: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> list[DictRow]:
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query, args)
         return await cur.fetchall()
 
 
-async def _row(conn: Conn, query: str, args: tuple[Any, ...] = ()) -> DictRow | None:
+async def _row(conn: Conn, query: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> DictRow | None:
     rows = await _rows(conn, query, args)
     return rows[0] if rows else None
 
@@ -406,27 +406,35 @@ class PostgresNodeStore:
             return _node(row), False
 
         async def fn(conn: Conn) -> tuple[Node, bool]:
+            # In pipeline mode BEGIN, the lock and this lookup travel together: the lock is held for
+            # three round trips (this, the insert, COMMIT), which bounds the registration rate.
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (REGISTER_LOCK,))
-            found = await known(conn)  # another server or task may have registered it while we waited
-            if found is not None:
-                return found
-            await _ensure_group(conn, group)
-            top = await _row(conn, "SELECT max(idx) AS top FROM nodes")
-            index = first_index if top is None or top["top"] is None else max(first_index, top["top"] + 1)
-            # A manually added node may already carry a name from the pattern: skip over it.
-            while await _row(conn, "SELECT 1 AS one FROM nodes WHERE name = %s", (name_pattern.format(index=index),)):
+            seen = await _row(conn, "SELECT (SELECT id FROM nodes WHERE mac = %s) AS known,"
+                                    " EXISTS (SELECT 1 FROM groups WHERE name = %s) AS has_group,"
+                                    " (SELECT max(idx) FROM nodes) AS top", (mac, group))
+            assert seen is not None
+            if seen["known"] is not None:  # another server or task registered it while we waited
+                row = await _node_where(conn, "id", seen["known"])
+                assert row is not None
+                return _node(row), False
+            if not seen["has_group"]:
+                await _ensure_group(conn, group)  # raises the usual NotFound
+            index = first_index if seen["top"] is None else max(first_index, seen["top"] + 1)
+            while True:
+                # A manually added node may already carry a name from the pattern: skip over it.
+                created = await _row(
+                    conn,
+                    "WITH n AS (INSERT INTO nodes(mac, name, idx, grp, approved, state, state_since, first_contact,"
+                    " last_contact) VALUES (%(mac)s, %(name)s, %(idx)s, %(grp)s, %(approved)s, %(state)s, %(now)s,"
+                    " %(now)s, %(now)s) ON CONFLICT (name) DO NOTHING RETURNING *),"
+                    " e AS (INSERT INTO events(node_id, ts, state, reason) SELECT id, %(now)s, %(state)s,"
+                    " 'first contact' FROM n) SELECT n.*, '{}'::json AS vars FROM n",
+                    {"mac": mac, "name": name_pattern.format(index=index), "idx": index, "grp": group,
+                     "approved": approved, "state": State.DISCOVERED.value, "now": now},
+                )
+                if created is not None:
+                    return _node(created), True
                 index += 1
-            name = name_pattern.format(index=index)
-            created = await _row(
-                conn,
-                "INSERT INTO nodes(mac, name, idx, grp, approved, state, state_since, first_contact, last_contact)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                (mac, name, index, group, approved, State.DISCOVERED.value, now, now, now),
-            )
-            assert created is not None
-            await conn.execute("INSERT INTO events(node_id, ts, state, reason) VALUES (%s, %s, %s, %s)",
-                               (created["id"], now, State.DISCOVERED.value, "first contact"))
-            return _node(await _require(conn, name)), True
 
         # Known nodes (nearly every call) take the lock-free path: one lookup, at most one UPDATE, no BEGIN.
         found = await self._run(known, write=False)
