@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -58,6 +59,7 @@ class PgServer:
         self.password = secrets.token_urlsafe(16)
         self._names = itertools.count()
         self.running = False
+        self._admin: dict[str, Any] = {}
         if self.prefix:
             user = self.prefix[2]
             pw = pwd.getpwnam(user)
@@ -81,27 +83,30 @@ class PgServer:
             conf.write(f"\nlisten_addresses = ''\nunix_socket_directories = '{self.dir}'\n"
                        "max_connections = 200\nshared_buffers = 32MB\n")
         self.start()
-        self.psql(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{self.password}'")
-        self.psql(f"CREATE DATABASE {ROLE} OWNER {ROLE}")
+        self.admin(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{self.password}'")
+        self.admin(f"CREATE DATABASE {ROLE} OWNER {ROLE}")
 
     def start(self) -> None:
         self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
         self.running = True
 
     def stop(self, mode: str = "fast") -> None:
+        for conn in self._admin.values():
+            conn.close()
+        self._admin.clear()
         if self.running:
             self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
             self.running = False
 
-    def psql(self, sql: str, db: str = "postgres") -> str:
-        proc = subprocess.run(
-            [str(PG_BIN / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-             "-h", str(self.dir), "-U", "postgres", "-d", db, "-c", sql],
-            capture_output=True, text=True, timeout=60,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"psql {sql!r}: {proc.stderr.strip()}")
-        return proc.stdout.strip()
+    def admin(self, sql: str, db: str = "postgres") -> None:
+        """One statement as the superuser over a kept connection (a psql process costs ~0.2 s a call)."""
+        import psycopg
+
+        conn = self._admin.get(db)
+        if conn is None or conn.closed or conn.broken:
+            conn = self._admin[db] = psycopg.connect(host=str(self.dir), user="postgres", dbname=db,
+                                                     autocommit=True)
+        conn.execute(sql.encode())
 
     def url(self, db: str, **params: str) -> str:
         query = "&".join(f"{k}={quote(v)}" for k, v in {"host": str(self.dir), **params}.items())
@@ -110,7 +115,7 @@ class PgServer:
     def new_database(self) -> str:
         """A fresh empty database owned by the bootd role; its name (slower than new_schema_url)."""
         name = f"t{os.getpid()}_{next(self._names)}"
-        self.psql(f"CREATE DATABASE {name} OWNER {ROLE}")
+        self.admin(f"CREATE DATABASE {name} OWNER {ROLE}")
         return name
 
     def new_schema_url(self) -> str:
@@ -119,12 +124,12 @@ class PgServer:
         A schema per test costs milliseconds where CREATE DATABASE costs a third of a second.
         """
         name = f"t{os.getpid()}_{next(self._names)}"
-        self.psql(f"CREATE SCHEMA {name} AUTHORIZATION {ROLE}", db=ROLE)
+        self.admin(f"CREATE SCHEMA {name} AUTHORIZATION {ROLE}", db=ROLE)
         return self.url(ROLE, options=f"-csearch_path={name}")
 
     def cleanup(self) -> None:
         try:
-            self.stop()
+            self.stop("immediate")  # the directory goes next: no shutdown checkpoint needed
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
