@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from tests.pgserver import PgServer, postgres_server  # noqa: F401  (a session fixture, started on first use)
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
@@ -120,9 +122,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 # -- the node registry, on each backend --------------------------------------------------------------------
-from tests.pgserver import PgServer, postgres_server  # noqa: E402, F401  (a session fixture, started on first use)
-
-
 @dataclass
 class StoreTarget:
     """Where a test's registry lives; ``open()`` may be called again to simulate a restart."""

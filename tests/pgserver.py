@@ -28,7 +28,16 @@ from urllib.parse import quote
 
 import pytest
 
-PG_BIN = Path(os.environ.get("BOOTD_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """$BOOTD_PG_BIN, else the newest Debian server (/usr/lib/postgresql/N/bin; 15 on bookworm)."""
+    if os.environ.get("BOOTD_PG_BIN"):
+        return Path(os.environ["BOOTD_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 ROLE = "bootd"
 
 
