@@ -367,6 +367,18 @@ class PostgresNodeStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    async def probe(self, timeout: float = 2.0) -> StoreStatus:
+        """One ``SELECT 1`` now (bounded by ``timeout``), so /healthz is true even when no node is calling."""
+        try:
+            async with self._pool.connection(timeout=timeout) as conn:
+                await asyncio.wait_for(conn.execute("SELECT 1"), timeout)
+        except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError) or _lost(exc):
+                self.outage.failed(_clean(exc, self._password) or f"no answer within {timeout:g}s")
+        else:
+            self.outage.ok()
+        return self.status()
+
     def status(self) -> StoreStatus:
         o = self.outage
         return StoreStatus("postgresql", self.url, healthy=o.down_since is None and not self._closed,

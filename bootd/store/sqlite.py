@@ -501,6 +501,10 @@ class SqliteNodeStore:
     async def release_lease(self, ip: str) -> None:
         await self._run(self.repo.release_lease, ip)
 
+    async def probe(self, timeout: float = 2.0) -> StoreStatus:
+        await self._run(self.repo.db.execute, "SELECT 1")
+        return self.status()
+
     def status(self) -> StoreStatus:
         # An embedded file has no connection to lose: a failing write raises StoreError per call.
         return StoreStatus("sqlite", self.repo.path, healthy=not self._closed)

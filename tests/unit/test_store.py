@@ -115,7 +115,7 @@ async def test_racing_lease_writes_leave_one_lease_per_address_and_per_mac(node_
 
 async def test_status_says_which_backend_and_that_it_is_healthy(store_target: StoreTarget) -> None:
     store = await store_target.open()
-    status = store.status()
+    status = await store.probe()
     assert status.backend == store_target.backend and status.healthy and status.failures == 0
     await store.close()
     assert not store.status().healthy
@@ -255,7 +255,9 @@ async def test_lost_database_is_retried_counted_logged_once_and_reported(
     caplog.set_level(logging.INFO, logger="bootd.store")
     try:
         postgres_server.stop()
-        for _ in range(4):
+        assert store.status().healthy  # nobody has asked yet ...
+        assert not (await store.probe(timeout=1.0)).healthy  # ... a probe (what /healthz does) finds out
+        for _ in range(3):
             with pytest.raises(StoreError, match=r"is unreachable \(retried for 1s\)"):
                 await store.get_node(name)
         status = store.status()
@@ -276,6 +278,7 @@ async def test_lost_database_is_retried_counted_logged_once_and_reported(
     assert status.healthy and status.reconnects == 1
     assert metrics.get_sample_value("bootd_store_reconnects_total") == 1
     assert any("event=store_reconnected" in r.getMessage() for r in caplog.records)
+    assert (await store.probe()).healthy and store.status().reconnects == 1
     await store.close()
 
 
