@@ -10,9 +10,10 @@ Why it looks like this:
   call returns only after COMMIT was acknowledged (a lease is durable before
   the ACK that announces it, as with SQLite).
 - Registration takes a transaction-scoped advisory lock after the cheap
-  "already known?" lookup: new nodes are numbered one at a time across every
-  server sharing the database, and the UNIQUE constraints on mac, name and
-  index back that up. A unique violation or serialization failure from a race
+  "already known?" lookup: new nodes are numbered one batch at a time across
+  every server sharing the database (first contacts waiting in this process
+  share one transaction and one commit), and the UNIQUE constraints on mac,
+  name and index back that up. A unique violation or serialization failure from a race
   retries the whole transaction, whose re-check then sees the winner's row.
 - A lost connection (database restart, network cut) is retried for
   ``retry_for`` seconds with backoff, counted, and logged once per interval;
@@ -25,12 +26,14 @@ Why it looks like this:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -107,6 +110,7 @@ MIGRATE_LOCK = 0x626F6F7464_02
 # Connection exceptions (class 08) and server shutdown/startup: the database went away, retry.
 _LOST_STATES = ("57P01", "57P02", "57P03")
 CONTENTION_RETRIES = 10
+REGISTER_BATCH = 100
 
 SELECT_NODE = (
     "SELECT n.*, COALESCE((SELECT json_object_agg(v.key, v.value ORDER BY v.key) FROM node_vars v"
@@ -225,6 +229,91 @@ async def _ensure_group(conn: Conn, group: str) -> None:
         raise NotFound(f"no group named {group!r} (create it with `bootd group add {group}`)")
 
 
+@dataclass(slots=True)
+class _NewNode:
+    """A first contact waiting for the registrar."""
+
+    mac: str
+    name_pattern: str
+    first_index: int
+    group: str
+    approved: bool
+    now: float
+    result: asyncio.Future[tuple[Node, bool]]
+
+
+INSERT_NEW_NODE = (
+    "WITH n AS (INSERT INTO nodes(mac, name, idx, grp, approved, state, state_since, first_contact, last_contact)"
+    " VALUES (%(mac)s, %(name)s, %(idx)s, %(grp)s, %(approved)s, %(state)s, %(now)s, %(now)s, %(now)s)"
+    " ON CONFLICT (name) DO NOTHING RETURNING *),"
+    " e AS (INSERT INTO events(node_id, ts, state, reason) SELECT id, %(now)s, %(state)s, 'first contact' FROM n)"
+    " SELECT n.*, '{}'::json AS vars FROM n"
+)
+
+
+async def _register_batch(batch: list[_NewNode], conn: Conn) -> list[tuple[Node, bool] | Exception]:
+    """Number and insert ``batch`` under the registration lock, in the caller's transaction.
+
+    In pipeline mode a statement whose result is not read yet does not wait for it: BEGIN, the
+    lock and the lookups travel in one round trip, all the inserts in a second, COMMIT in a third.
+    """
+    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (REGISTER_LOCK,))
+    # Registered by another server (or add_node) since the lock-free lookup: those are not new.
+    known_cur = conn.cursor(row_factory=dict_row)
+    await known_cur.execute(f"{SELECT_NODE} WHERE n.mac = ANY(%s)", (sorted({i.mac for i in batch}),))
+    meta_cur = conn.cursor(row_factory=dict_row)
+    await meta_cur.execute("SELECT (SELECT max(idx) FROM nodes) AS top,"
+                           " ARRAY(SELECT name FROM groups WHERE name = ANY(%s)) AS groups",
+                           (sorted({i.group for i in batch}),))
+    known = {r["mac"]: _node(r) for r in await known_cur.fetchall()}
+    meta = await meta_cur.fetchone()
+    assert meta is not None
+    top: int | None = meta["top"]
+    groups = set(meta["groups"])
+
+    def next_index(item: _NewNode) -> int:
+        return item.first_index if top is None else max(item.first_index, top + 1)
+
+    def params(item: _NewNode, index: int) -> dict[str, Any]:
+        return {"mac": item.mac, "name": item.name_pattern.format(index=index), "idx": index, "grp": item.group,
+                "approved": item.approved, "state": State.DISCOVERED.value, "now": item.now}
+
+    issued: dict[str, tuple[int, psycopg.AsyncCursor[DictRow]]] = {}
+    for item in batch:
+        if item.mac in known or item.mac in issued or item.group not in groups:
+            continue
+        index = next_index(item)
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(INSERT_NEW_NODE, params(item, index))
+        issued[item.mac] = (index, cur)
+        top = index
+    made: dict[str, Node] = {}
+    skipped: list[_NewNode] = []
+    for item in batch:
+        if item.mac in issued and item.mac not in made:
+            row = await issued[item.mac][1].fetchone()
+            if row is None:
+                skipped.append(item)  # its name was taken by hand: number it again below
+            else:
+                made[item.mac] = _node(row)
+    for item in skipped:
+        index = next_index(item)
+        while (row := await _row(conn, INSERT_NEW_NODE, params(item, index))) is None:
+            index += 1
+        top = index
+        made[item.mac] = _node(row)
+    results: list[tuple[Node, bool] | Exception] = []
+    for item in batch:
+        if item.mac in known:
+            results.append((known[item.mac], False))
+        elif item.mac in made:
+            results.append((made[item.mac], True))
+            known[item.mac] = made[item.mac]  # a second call for the same MAC in this batch: not new
+        else:
+            results.append(NotFound(f"no group named {item.group!r} (create it with `bootd group add {item.group}`)"))
+    return results
+
+
 class _Outage:
     """Counts lost-database failures and logs them once per interval, not once per call."""
 
@@ -286,6 +375,9 @@ class PostgresNodeStore:
         self._password = password
         self.outage = _Outage(self.url, metrics, log_every)
         self._closed = False
+        self._new: list[_NewNode] = []
+        self._registrar: asyncio.Task[None] | None = None
+        self.register_batches = 0  # registration transactions so far (first contacts / this = batching)
 
     @classmethod
     async def open(cls, url: str, *, password: str | None = None, default_group: str = "default",
@@ -387,6 +479,8 @@ class PostgresNodeStore:
 
     async def close(self) -> None:
         if not self._closed:
+            if self._registrar is not None:
+                await self._registrar  # the batch under way commits; its callers get their nodes
             self._closed = True
             await self._pool.close()
 
@@ -417,40 +511,40 @@ class PostgresNodeStore:
                 await conn.execute("UPDATE nodes SET last_contact = %s WHERE id = %s", (now, row["id"]))
             return _node(row), False
 
-        async def fn(conn: Conn) -> tuple[Node, bool]:
-            # In pipeline mode BEGIN, the lock and this lookup travel together: the lock is held for
-            # three round trips (this, the insert, COMMIT), which bounds the registration rate.
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (REGISTER_LOCK,))
-            seen = await _row(conn, "SELECT (SELECT id FROM nodes WHERE mac = %s) AS known,"
-                                    " EXISTS (SELECT 1 FROM groups WHERE name = %s) AS has_group,"
-                                    " (SELECT max(idx) FROM nodes) AS top", (mac, group))
-            assert seen is not None
-            if seen["known"] is not None:  # another server or task registered it while we waited
-                row = await _node_where(conn, "id", seen["known"])
-                assert row is not None
-                return _node(row), False
-            if not seen["has_group"]:
-                await _ensure_group(conn, group)  # raises the usual NotFound
-            index = first_index if seen["top"] is None else max(first_index, seen["top"] + 1)
-            while True:
-                # A manually added node may already carry a name from the pattern: skip over it.
-                created = await _row(
-                    conn,
-                    "WITH n AS (INSERT INTO nodes(mac, name, idx, grp, approved, state, state_since, first_contact,"
-                    " last_contact) VALUES (%(mac)s, %(name)s, %(idx)s, %(grp)s, %(approved)s, %(state)s, %(now)s,"
-                    " %(now)s, %(now)s) ON CONFLICT (name) DO NOTHING RETURNING *),"
-                    " e AS (INSERT INTO events(node_id, ts, state, reason) SELECT id, %(now)s, %(state)s,"
-                    " 'first contact' FROM n) SELECT n.*, '{}'::json AS vars FROM n",
-                    {"mac": mac, "name": name_pattern.format(index=index), "idx": index, "grp": group,
-                     "approved": approved, "state": State.DISCOVERED.value, "now": now},
-                )
-                if created is not None:
-                    return _node(created), True
-                index += 1
-
         # Known nodes (nearly every call) take the lock-free path: one lookup, at most one UPDATE, no BEGIN.
         found = await self._run(known, write=False)
-        return found if found is not None else await self._run(fn)
+        if found is not None:
+            return found
+        # New ones queue for the registrar, which numbers everything waiting in one transaction.
+        item = _NewNode(mac, name_pattern, first_index, group, approved, now,
+                        asyncio.get_running_loop().create_future())
+        self._new.append(item)
+        if self._registrar is None or self._registrar.done():
+            self._registrar = asyncio.create_task(self._register_waiting(), name="bootd-store-registrar")
+        return await item.result
+
+    async def _register_waiting(self) -> None:
+        """Register queued first contacts, up to REGISTER_BATCH per transaction, until none wait.
+
+        Registration must be serialised (the advisory lock), and a serialised transaction per node
+        would pay a commit (an fsync) per node: 500 nodes powering on at once would queue behind 500
+        fsyncs. One transaction per batch pays one, and each caller still returns only after the
+        COMMIT that made its node durable.
+        """
+        while self._new:
+            batch, self._new = self._new[:REGISTER_BATCH], self._new[REGISTER_BATCH:]
+            self.register_batches += 1
+            try:
+                results = await self._run(functools.partial(_register_batch, batch))
+            except Exception as exc:  # the whole transaction failed: every caller in it hears why
+                results = [exc] * len(batch)
+            for item, result in zip(batch, results, strict=True):
+                if item.result.done():  # the caller gave up waiting; its node is registered anyway
+                    continue
+                if isinstance(result, BaseException):
+                    item.result.set_exception(result)
+                else:
+                    item.result.set_result(result)
 
     async def add_node(self, mac: str, name: str, *, group: str, now: float, **fields: Any) -> Node:
         mac = normalize_mac(mac)

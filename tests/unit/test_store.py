@@ -103,6 +103,33 @@ async def test_node_administration_and_its_refusals(node_store: NodeStore) -> No
     assert [g.name for g in await node_store.list_groups()] == ["default"]
 
 
+async def test_first_contacts_at_once_skip_hand_names_and_fail_alone(node_store: NodeStore) -> None:
+    # On PostgreSQL these land in one registration batch: one bad request must not sink the others,
+    # names taken by hand are skipped, and the same MAC twice is one node.
+    await node_store.add_node(mac(900), "n0001", group="default", now=0.0)
+    await node_store.add_node(mac(901), "n0003", group="default", now=0.0)
+
+    async def first_contact(i: int, group: str = "default") -> tuple[str, bool]:
+        node, created = await node_store.register(mac(i), name_pattern="n{index:04d}", first_index=0, group=group,
+                                                  approved=True, now=1.0)
+        return node.name, created
+
+    results = await asyncio.gather(*(first_contact(i) for i in range(10)), first_contact(4),
+                                   first_contact(50, group="nope"), return_exceptions=True)
+    assert isinstance(results[11], NotFound) and "bootd group add nope" in str(results[11])
+    made = results[:11]
+    assert all(isinstance(r, tuple) for r in made), made
+    names = [r[0] for r in made]  # type: ignore[index]
+    assert len(set(names[:10])) == 10 and names[10] == names[4]
+    assert not {"n0001", "n0003"} & set(names)
+    assert sorted([r[1] for r in made]) == [False] + [True] * 10  # type: ignore[index]
+    assert len(await node_store.list_nodes()) == 12 and await node_store.get_node_by_mac(mac(50)) is None
+    for name in names[:10]:
+        assert [e.reason for e in await node_store.events(name)] == ["first contact"]
+    if isinstance(node_store, postgres.PostgresNodeStore):
+        assert node_store.register_batches < 11  # some first contacts shared a transaction
+
+
 async def test_racing_lease_writes_leave_one_lease_per_address_and_per_mac(node_store: NodeStore) -> None:
     # Forty writers fight over four addresses and four MACs at once (on PostgreSQL: over ten connections,
     # so unique violations happen and are retried); the result is a consistent table, never an error.
