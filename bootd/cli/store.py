@@ -14,7 +14,7 @@ from bootd.config import Config
 def _migrate(args: argparse.Namespace, config: Config) -> int:
     from bootd.store import factory
     from bootd.store import migrate as store_migrate
-    from bootd.store.postgres import mask_url
+    from bootd.store.base import mask_url
 
     if not factory.is_postgres(args.to):
         print("bootd: error: --to must be a postgresql:// URL", file=sys.stderr)

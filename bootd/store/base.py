@@ -7,13 +7,28 @@ All methods are coroutines: a store must never block the event loop.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from bootd.model import Group, Lease, Node, State
 
 # Fields an administrator may change with update_node(); anything else is owned by bootd.
 NODE_FIELDS = ("name", "mac", "group", "capsule", "enabled", "approved", "kernel_args", "ip")
+
+
+def mask_url(url: str) -> str:
+    """The URL (or key=value conninfo) with any password replaced by ``***``, for logs and errors."""
+    if "://" in url:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        userinfo, at, hostport = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+        query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return re.sub(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", url)
 
 
 @dataclass(frozen=True, slots=True)

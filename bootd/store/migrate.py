@@ -25,6 +25,7 @@ import psycopg
 
 from bootd.errors import StoreError
 from bootd.store import postgres, sqlite
+from bootd.store.base import mask_url
 
 # Copy order respects the foreign keys; the columns are the same on both backends.
 TABLES: dict[str, tuple[str, ...]] = {
@@ -84,7 +85,7 @@ async def to_postgres(source: str | Path, url: str, *, password: str | None = No
     """Copy the SQLite registry at ``source`` into the PostgreSQL database at ``url``; nothing lost, or nothing done."""
     report = progress or (lambda table, done, total: None)
     rows = read_sqlite(source)
-    masked = postgres.mask_url(url)
+    masked = mask_url(url)
     conn = await postgres.connect(url, password=password, connect_timeout=connect_timeout)
     try:
         await postgres.migrate(conn, url)

@@ -30,12 +30,10 @@ import functools
 import logging
 import math
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -44,7 +42,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from bootd.errors import Conflict, NotFound, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
-from bootd.store.base import NODE_FIELDS, Event, StoreStatus
+from bootd.store.base import NODE_FIELDS, Event, StoreStatus, mask_url
 
 log = logging.getLogger("bootd.store")
 R = TypeVar("R")
@@ -116,19 +114,6 @@ SELECT_NODE = (
     "SELECT n.*, COALESCE((SELECT json_object_agg(v.key, v.value ORDER BY v.key) FROM node_vars v"
     " WHERE v.node_id = n.id), '{}'::json) AS vars FROM nodes n"
 )
-
-
-def mask_url(url: str) -> str:
-    """The URL (or key=value conninfo) with any password replaced by ``***``, for logs and errors."""
-    if "://" in url:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        userinfo, at, hostport = netloc.rpartition("@")
-        if at and ":" in userinfo:
-            netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
-        query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    return re.sub(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", url)
 
 
 def conninfo(url: str, *, password: str | None, connect_timeout: float) -> str:

@@ -24,7 +24,7 @@ from bootd import config as config_mod
 from bootd.errors import Conflict, NotFound, StateChanged, StoreError
 from bootd.model import Group, Lease, State
 from bootd.store import migrate, postgres
-from bootd.store.base import NodeStore, StoreStatus
+from bootd.store.base import NodeStore, StoreStatus, mask_url
 from bootd.store.broken import BrokenStore
 from bootd.store.factory import open_store, open_url
 from bootd.store.sqlite import SqliteNodeStore
@@ -187,6 +187,15 @@ async def test_postgres_refuses_a_newer_schema(postgres_server: PgServer) -> Non
     await conn.close()
     with pytest.raises(StoreError, match="schema version 99, newer than this bootd"):
         await open_url(url, password=postgres_server.password)
+
+
+def test_mask_url_hides_passwords_in_urls_and_conninfo_strings() -> None:
+    assert mask_url("postgresql://bootd:pa:ss@db:5432/x?sslmode=require") == \
+        "postgresql://bootd:***@db:5432/x?sslmode=require"
+    assert mask_url("postgresql://db/x?sslmode=require&password=pw&user=u") == \
+        "postgresql://db/x?sslmode=require&password=***&user=u"
+    assert mask_url("host=db password='a b' user=u") == "host=db password=*** user=u"
+    assert mask_url("postgresql://bootd@/x?host=/run/pg") == "postgresql://bootd@/x?host=/run/pg"
 
 
 def test_migrations_are_numbered_alike_on_both_backends() -> None:
