@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
 
 from bootd.capsule.store import CapsuleStore
 from bootd.config import Config
+from bootd.errors import StoreError
 from bootd.metrics import make_registry
 from bootd.service.audit import AuditLog
 from bootd.service.boot import BootService
@@ -29,7 +31,8 @@ from bootd.service.nodes import NodeAdmin
 from bootd.service.registry import RegistryService
 from bootd.service.services import Services
 from bootd.store.base import NodeStore
-from bootd.store.sqlite import SqliteNodeStore, state_dir_writable
+from bootd.store.factory import open_store
+from bootd.store.sqlite import state_dir_writable
 
 
 class Component(Protocol):
@@ -68,11 +71,6 @@ def secure_state_dir(config: Config) -> None:
             continue
 
 
-def open_store(config: Config, *, readonly: bool = False) -> NodeStore:
-    """The node registry the configuration names (SQLite in the state directory)."""
-    return SqliteNodeStore(config.db_path, default_group=config.registry.default_group, readonly=readonly)
-
-
 @dataclass
 class Built:
     """Everything ``bootd serve`` runs, typed (no dict of extras)."""
@@ -100,11 +98,10 @@ class Built:
         return restart
 
 
-def services(config: Config, *, readonly: bool = False, metrics: CollectorRegistry | None = None,
-             store: NodeStore | None = None) -> tuple[NodeStore, Services]:
-    """The store and the services over it; the caller owns the store (close it when done)."""
+def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | None = None,
+             ) -> tuple[NodeStore, Services]:
+    """The services over ``store``; the caller owns the store (close it when done)."""
     metrics = make_registry() if metrics is None else metrics
-    store = open_store(config, readonly=readonly) if store is None else store
     capsules = CapsuleStore(config.capsule.dir)
     lifecycle = Lifecycle(store, config.registry, metrics)
     registry = RegistryService(store, config.registry)
@@ -120,17 +117,22 @@ async def open_services(config: Config, *, readonly: bool = False) -> AsyncItera
     """The services for one CLI command: the same code path as the daemon's, store closed afterwards."""
     if not readonly:
         secure_state_dir(config)
-    store, svc = services(config, readonly=readonly)
+    elif not config.store.url and not config.db_path.exists():
+        readonly = False  # a first read on a new install creates the registry
+    store = await open_store(config, readonly=readonly)
+    _, svc = services(config, store=store)
     try:
         yield svc
     finally:
         await store.close()
 
 
-def build(config: Config) -> Built:
+async def build(config: Config) -> Built:
     """Construct the store, services and transports of ``bootd serve``; nothing listens yet."""
     secure_state_dir(config)
-    store, svc = services(config)
+    metrics = make_registry()
+    store = await open_store(config, metrics=metrics)
+    _, svc = services(config, store=store, metrics=metrics)
     capsules = svc.capsules
     assert isinstance(capsules, CapsuleStore)
     capsules.ensure_layout()
@@ -165,3 +167,18 @@ def build(config: Config) -> Built:
             interface=d.interface, queue_size=d.queue_size, registry=svc.metrics,
         )))
     return built
+
+
+async def migrate_store(config: Config, to: str, *, source: Path | None, password_file: Path | None, force: bool,
+                        progress: Callable[[str, int, int], None]) -> Any:
+    """``bootd store migrate``: copy the SQLite registry into PostgreSQL (the CLI never opens a store itself)."""
+    from bootd.store import factory
+    from bootd.store import migrate as store_migrate
+
+    if not factory.is_postgres(to):
+        raise StoreError("--to must be a postgresql:// URL")
+    password_file = password_file or config.store.password_file
+    password = factory.read_password(password_file) if password_file else None
+    return await store_migrate.to_postgres(
+        source or factory.sqlite_path(config), to, password=password, default_group=config.registry.default_group,
+        force=force, connect_timeout=config.store.connect_timeout, progress=progress)

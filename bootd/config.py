@@ -118,6 +118,17 @@ class CapsuleConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where the node registry lives: "" is SQLite at state_dir/bootd.sqlite (see bootd.store.factory)."""
+
+    url: str = ""
+    password_file: Path | None = None
+    pool_size: int = 10
+    connect_timeout: float = 10.0
+    retry_for: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: str = "<defaults>"
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -127,6 +138,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     boot: BootConfig = field(default_factory=BootConfig)
     capsule: CapsuleConfig = field(default_factory=CapsuleConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     @property
     def db_path(self) -> Path:
@@ -263,6 +275,18 @@ def _url(value: str) -> None:
         raise ValueError("expected an http:// or https:// URL")
 
 
+def _store_url_problem(value: str) -> str:
+    """Why ``value`` cannot be store.url ("" if it can); never quotes the value, which may hold a password."""
+    if not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
+        return (f"scheme {value.partition(':')[0]!r} is not valid; expected postgresql://USER@HOST/DB?sslmode=..., "
+                "sqlite:///ABSOLUTE/PATH, or no url (SQLite in server.state_dir)")
+    userinfo = value.partition("://")[2].partition("/")[0].rpartition("@")[0]
+    if ":" in userinfo or "password=" in value.partition("?")[2]:
+        # Config files get printed (check-config), copied and read by many: the password goes elsewhere.
+        return "holds a password; put it in store.password_file or $PGPASSWORD/~/.pgpass instead"
+    return ""
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate the configuration file.
 
@@ -284,7 +308,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
-    sections = ("server", "registry", "dhcp", "tftp", "http", "boot", "capsule")
+    sections = ("server", "registry", "dhcp", "tftp", "http", "boot", "capsule", "store")
     for name in data:
         if name not in sections:
             raise ConfigError(path, name, f"unknown section; valid sections are: {', '.join(sections)}")
@@ -419,5 +443,19 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
                       f"{capsule.chunk_avg} < {capsule.chunk_max}")
     c.finish()
 
+    st = section("store")
+    password_file = st.opt_text("password_file")
+    url = st.text("url", "")
+    if url and _store_url_problem(url):
+        raise st.error("url", _store_url_problem(url))
+    store = StoreConfig(
+        url=url,
+        password_file=Path(password_file) if password_file else None,
+        pool_size=st.integer("pool_size", 10, 1, 1000),
+        connect_timeout=st.number("connect_timeout", 10.0, 0.5, 600.0),
+        retry_for=st.number("retry_for", 30.0, 0.0, 3600.0),
+    )
+    st.finish()
+
     return Config(path=path, server=server, registry=registry, dhcp=dhcp, tftp=tftp, http=http,
-                  boot=boot, capsule=capsule)
+                  boot=boot, capsule=capsule, store=store)

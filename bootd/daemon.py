@@ -90,7 +90,7 @@ class Daemon:
 
     async def build(self) -> None:
         """Construct the store, services and transports (bootd.compose); nothing listens yet."""
-        self.built = build(self.config)
+        self.built = await build(self.config)
 
     async def start(self) -> None:
         started: list[tuple[str, Component]] = []

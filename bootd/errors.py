@@ -8,6 +8,9 @@ asked for something the protocol forbids (a bug, so it should surface loudly).
 
 from __future__ import annotations
 
+import re
+from urllib.parse import urlsplit, urlunsplit
+
 
 class BootdError(Exception):
     """Base of every error bootd raises on purpose; anything else is a bug."""
@@ -70,3 +73,16 @@ class StateChanged(Conflict):
 
 class CapsuleError(BootdError):
     """A capsule operation failed; the store is left as it was."""
+
+
+def mask_url(url: str) -> str:
+    """The URL (or key=value conninfo) with any password replaced by ``***``, for logs and errors."""
+    if "://" in url:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        userinfo, at, hostport = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+        query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return re.sub(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", url)

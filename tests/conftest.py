@@ -8,11 +8,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.pgserver import PgServer, postgres_server  # noqa: F401  (a session fixture, started on first use)
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -116,3 +119,35 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if not any(allowed in reason for allowed in ALLOWED_SKIPS):
         report.outcome = "failed"
         report.longrepr = f"skipped, but BOOTD_STRICT=1 runs everything: {reason}"
+
+
+# -- the node registry, on each backend --------------------------------------------------------------------
+@dataclass
+class StoreTarget:
+    """Where a test's registry lives; ``open()`` may be called again to simulate a restart."""
+
+    backend: str
+    url: str
+    password: str | None = None
+    server: PgServer | None = None
+
+    async def open(self, **kwargs: Any) -> Any:
+        from bootd.store.factory import open_url
+
+        return await open_url(self.url, password=self.password, **kwargs)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> StoreTarget:
+    """Every store test runs against SQLite and against a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return StoreTarget("sqlite", f"sqlite://{tmp_path / 'registry.sqlite'}")
+    server: PgServer = request.getfixturevalue("postgres_server")
+    return StoreTarget("postgresql", server.new_schema_url(), server.password, server)
+
+
+@pytest.fixture
+async def node_store(store_target: StoreTarget) -> AsyncIterator[Any]:
+    store = await store_target.open()
+    yield store
+    await store.close()

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bootd.errors import mask_url
 from bootd.model import Group, Lease, Node, State
+
+__all__ = ["mask_url"]
 
 # Fields an administrator may change with update_node(); anything else is owned by bootd.
 NODE_FIELDS = ("name", "mac", "group", "capsule", "enabled", "approved", "kernel_args", "ip")
@@ -36,6 +39,19 @@ class Credential:
     issued: float
     expires: float
     evidence: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """What /healthz and `bootd server list` say about the registry (the URL has no password)."""
+
+    backend: str
+    url: str
+    healthy: bool
+    failures: int = 0  # calls that found the database unreachable, since start
+    reconnects: int = 0  # times the database came back after being unreachable
+    down_since: float | None = None  # wall clock of the first failure of the current outage
+    last_error: str = ""
 
 
 class NodeStore(Protocol):
@@ -90,5 +106,13 @@ class NodeStore(Protocol):
     async def list_leases(self) -> list[Lease]: ...
     async def put_lease(self, lease: Lease) -> None: ...
     async def release_lease(self, ip: str) -> None: ...
+
+    async def probe(self, timeout: float = 2.0) -> StoreStatus:
+        """Ask the database now (one trivial query, bounded by ``timeout``), then return status()."""
+        ...
+
+    def status(self) -> StoreStatus:
+        """Cheap and synchronous (no I/O): the state the last calls left behind, for /healthz."""
+        ...
 
     async def close(self) -> None: ...

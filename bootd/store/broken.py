@@ -6,6 +6,7 @@ make the named methods raise, so a test can break exactly one step.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from bootd.errors import StoreError
@@ -20,8 +21,8 @@ class BrokenStore:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
-        if not callable(attr):
-            return attr
+        if not inspect.iscoroutinefunction(attr):
+            return attr  # plain attributes and status(), which does no I/O and so cannot fail this way
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             self.calls.append(name)

@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
-from bootd.store.base import NODE_FIELDS, Credential, Event
+from bootd.store.base import NODE_FIELDS, Credential, Event, StoreStatus
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -577,6 +577,14 @@ class SqliteNodeStore:
 
     async def release_lease(self, ip: str) -> None:
         await self._run(self.repo.release_lease, ip)
+
+    async def probe(self, timeout: float = 2.0) -> StoreStatus:
+        await self._run(self.repo.db.execute, "SELECT 1")
+        return self.status()
+
+    def status(self) -> StoreStatus:
+        # An embedded file has no connection to lose: a failing write raises StoreError per call.
+        return StoreStatus("sqlite", self.repo.path, healthy=not self._closed)
 
     async def close(self) -> None:
         if not self._closed:

@@ -58,6 +58,10 @@ def test_defaults_derive_paths_from_state_dir(tmp_path: Path) -> None:
         ('[dhcp]\ndns = ["1.1.1.1", 5]\n', "dhcp.dns", "IPv4"),
         ("[dhcpd]\n", "dhcpd", "unknown section"),
         ("[server]\ngraceful_timeout = true\n", "server.graceful_timeout", "expected a number"),
+        ('[store]\nurl = "mysql://db/bootd"\n', "store.url", "postgresql://"),
+        ('[store]\nurl = "postgresql://bootd:hunter2@db/bootd"\n', "store.url", "store.password_file"),
+        ('[store]\nurl = "postgresql://db/bootd?password=hunter2"\n', "store.url", "holds a password"),
+        ("[store]\npool_size = 0\n", "store.pool_size", "1 to 1000"),
     ],
 )
 def test_errors_name_file_key_and_valid_values(tmp_path: Path, text: str, key: str, fragment: str) -> None:
@@ -67,6 +71,7 @@ def test_errors_name_file_key_and_valid_values(tmp_path: Path, text: str, key: s
     assert message.startswith(str(tmp_path / "bootd.toml") + ": " + key + ": "), message
     assert fragment in message
     assert info.value.key == key
+    assert "hunter2" not in message
 
 
 def test_missing_file_and_bad_toml(tmp_path: Path) -> None:

@@ -1,4 +1,7 @@
-"""The node registry: migrations, race-free registration, restarts, groups, refusals."""
+"""The node registry: migrations, race-free registration, restarts, groups, refusals.
+
+Tests taking ``node_store`` or ``store_target`` run twice: on SQLite and on a real PostgreSQL server.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +18,21 @@ from bootd.model import Firmware, Group, Lease, Machine, State
 from bootd.service.lifecycle import Actor, Lifecycle
 from bootd.service.registry import RegistryService
 from bootd.store import sqlite as sqlite_store
+from bootd.store.base import NodeStore
 from bootd.store.broken import BrokenStore
-from bootd.store.memory import memory_store
-from bootd.store.sqlite import SqliteNodeStore, SqliteRepo
+from bootd.store.sqlite import SqliteRepo
+from tests.conftest import StoreTarget
 
 
 def mac(i: int) -> str:
     return f"52:54:00:{(i >> 16) & 0xff:02x}:{(i >> 8) & 0xff:02x}:{i & 0xff:02x}"
+
+
+async def dump(store: NodeStore) -> list[object]:
+    """Everything a restart must keep, backend-neutral, for before/after comparisons."""
+    nodes = await store.list_nodes()
+    return [nodes, await store.list_leases(), await store.list_groups(),
+            {n.name: await store.events(n.name) for n in nodes}]
 
 
 def test_migrations_upgrade_an_old_database_and_keep_its_rows(tmp_path: Path) -> None:
@@ -52,8 +63,8 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         SqliteRepo(path)
 
 
-async def test_500_concurrent_first_contacts_get_500_distinct_names(tmp_path: Path) -> None:
-    store = SqliteNodeStore(tmp_path / "r.sqlite")
+async def test_500_concurrent_first_contacts_get_500_distinct_names(store_target: StoreTarget) -> None:
+    store = await store_target.open()
     service = RegistryService(store, RegistryConfig())
     machines = [Machine(mac(i), firmware=Firmware.BIOS) for i in range(500)]
     nodes = await asyncio.gather(*(service.resolve(m, now=1.0) for m in machines))
@@ -67,19 +78,18 @@ async def test_500_concurrent_first_contacts_get_500_distinct_names(tmp_path: Pa
     await store.close()
 
 
-async def test_restart_keeps_every_node_and_lease(tmp_path: Path) -> None:
-    path = tmp_path / "r.sqlite"
-    store = SqliteNodeStore(path)
+async def test_restart_keeps_every_node_and_lease(store_target: StoreTarget) -> None:
+    store = await store_target.open()
     service = RegistryService(store, RegistryConfig(name_pattern="c{index:03d}", first_index=7))
     for i in range(20):
         await service.resolve(Machine(mac(i)), now=float(i))
     await store.put_lease(Lease("10.0.0.5", mac(3), expires=100.0))
     await store.set_vars("c010", {"role": "gpu"})
-    before = store.repo.dump()
+    before = await dump(store)
     await store.close()
 
-    store = SqliteNodeStore(path)
-    assert store.repo.dump() == before
+    store = await store_target.open()
+    assert await dump(store) == before
     node = await store.get_node_by_mac(mac(3))
     assert node is not None and node.name == "c010" and node.ip == "10.0.0.5" and node.vars == {"role": "gpu"}
     # Numbering continues after the highest index, never reusing a name.
@@ -89,8 +99,8 @@ async def test_restart_keeps_every_node_and_lease(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_pattern_skips_names_taken_by_hand() -> None:
-    store = memory_store()
+async def test_pattern_skips_names_taken_by_hand(node_store: NodeStore) -> None:
+    store = node_store
     await store.add_node(mac(1), "n0000", group="default", now=0.0)
     node, created = await store.register(mac(2), name_pattern="n{index:04d}", first_index=0, group="default",
                                          approved=True, now=1.0)
@@ -102,8 +112,8 @@ async def test_pattern_skips_names_taken_by_hand() -> None:
     await store.close()
 
 
-async def test_groups_give_defaults_that_nodes_override() -> None:
-    store = memory_store()
+async def test_groups_give_defaults_that_nodes_override(node_store: NodeStore) -> None:
+    store = node_store
     service = RegistryService(store, RegistryConfig())
     await store.put_group(Group("gpu", capsule="rocky9-gpu", kernel_args="nvidia.modeset=0"))
     await store.add_node(mac(1), "g001", group="gpu", now=0.0)
@@ -119,8 +129,8 @@ async def test_groups_give_defaults_that_nodes_override() -> None:
     await store.close()
 
 
-async def test_refusals_say_why() -> None:
-    store = memory_store()
+async def test_refusals_say_why(node_store: NodeStore) -> None:
+    store = node_store
     off = RegistryService(store, RegistryConfig(auto_register=False))
     result = await off.decide(Machine(mac(1)), now=0.0)
     assert result.node is None and "auto_register is off" in result.reason
@@ -138,8 +148,8 @@ async def test_refusals_say_why() -> None:
     await store.close()
 
 
-async def test_lifecycle_reports_and_heartbeats() -> None:
-    store = memory_store()
+async def test_lifecycle_reports_and_heartbeats(node_store: NodeStore) -> None:
+    store = node_store
     service = RegistryService(store, RegistryConfig())
     lifecycle = Lifecycle(store, RegistryConfig(), make_registry())
     node = await service.resolve(Machine(mac(1)), now=0.0)
@@ -156,8 +166,8 @@ async def test_lifecycle_reports_and_heartbeats() -> None:
     await store.close()
 
 
-async def test_store_faults_surface_as_store_errors() -> None:
-    inner = memory_store()
+async def test_store_faults_surface_as_store_errors(node_store: NodeStore) -> None:
+    inner = node_store
     store = BrokenStore(inner, fail={"register"})
     service = RegistryService(store, RegistryConfig())
     with pytest.raises(StoreError, match="injected"):
@@ -166,18 +176,20 @@ async def test_store_faults_surface_as_store_errors() -> None:
     await inner.close()
 
 
-def test_leases_one_per_mac_and_per_address(tmp_path: Path) -> None:
-    repo = SqliteRepo(tmp_path / "l.sqlite")
-    repo.put_lease(Lease("10.0.0.10", mac(1), 10.0))
-    repo.put_lease(Lease("10.0.0.11", mac(1), 20.0))
-    repo.put_lease(Lease("10.0.0.11", mac(2), 30.0))
-    assert [(x.ip, x.mac) for x in repo.list_leases()] == [("10.0.0.11", mac(2))]
-    repo.release_lease("10.0.0.11")
-    assert repo.list_leases() == []
+async def test_leases_one_per_mac_and_per_address(node_store: NodeStore) -> None:
+    store = node_store
+    await store.put_lease(Lease("10.0.0.10", mac(1), 10.0))
+    await store.put_lease(Lease("10.0.0.11", mac(1), 20.0))
+    await store.put_lease(Lease("10.0.0.11", mac(2), 30.0))
+    assert [(x.ip, x.mac) for x in await store.list_leases()] == [("10.0.0.11", mac(2))]
+    assert await store.get_lease_by_mac(mac(2)) == Lease("10.0.0.11", mac(2), 30.0)
+    assert await store.get_lease_by_ip("10.0.0.10") is None
+    await store.release_lease("10.0.0.11")
+    assert await store.list_leases() == []
 
 
-async def test_registration_rate_limit_refuses_with_a_reason_then_recovers() -> None:
-    store = memory_store()
+async def test_registration_rate_limit_refuses_with_a_reason_then_recovers(node_store: NodeStore) -> None:
+    store = node_store
     service = RegistryService(store, RegistryConfig(register_rate=2.0, register_burst=3))
     results = [await service.decide(Machine(mac(i)), now=100.0) for i in range(5)]
     assert [r.node is not None for r in results] == [True, True, True, False, False]
@@ -190,8 +202,8 @@ async def test_registration_rate_limit_refuses_with_a_reason_then_recovers() -> 
     await store.close()
 
 
-async def test_rate_limit_holds_under_concurrent_first_contacts() -> None:
-    store = memory_store()
+async def test_rate_limit_holds_under_concurrent_first_contacts(node_store: NodeStore) -> None:
+    store = node_store
     service = RegistryService(store, RegistryConfig(register_rate=1.0, register_burst=10))
     results = await asyncio.gather(*(service.decide(Machine(mac(i)), now=5.0) for i in range(100)))
     assert sum(r.node is not None for r in results) == 10

@@ -1,4 +1,4 @@
-"""DhcpService against the real (in-memory SQLite) store and registry, driven by golden client packets."""
+"""DhcpService against the real store (SQLite and PostgreSQL) and registry, driven by golden client packets."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from bootd.proto.dhcp.reply import BROADCAST, Reply
 from bootd.service.boot import BootPolicy
 from bootd.service.dhcp import DhcpService, Outcome
 from bootd.service.registry import RegistryService
-from bootd.store.memory import memory_store
 from bootd.store.sqlite import SqliteNodeStore
 
 from .conftest import golden_packet
@@ -29,10 +28,9 @@ NOW = 1_700_000_000.0
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[SqliteNodeStore]:
-    s = memory_store()
-    yield s
-    await s.close()
+async def store(node_store: SqliteNodeStore) -> AsyncIterator[SqliteNodeStore]:
+    """Each test runs on both backends (``node_store`` in tests/conftest.py)."""
+    yield node_store
 
 
 def service(store: SqliteNodeStore, settings: DhcpConfig = FULL, **registry: object) -> DhcpService:

@@ -1,0 +1,454 @@
+"""The NodeStore contract on both backends, and what only PostgreSQL has.
+
+Tests taking ``node_store`` or ``store_target`` run on SQLite and on a real PostgreSQL server
+(tests/pgserver.py); the others need the server for passwords, outages, schema upgrades and
+``bootd store migrate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from bootd import config as config_mod
+from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
+from bootd.model import Group, Lease, State
+from bootd.store import migrate, postgres
+from bootd.store.base import Credential, NodeStore, StoreStatus, mask_url
+from bootd.store.broken import BrokenStore
+from bootd.store.factory import open_store, open_url
+from bootd.store.sqlite import SqliteNodeStore
+from tests.conftest import ROOT, StoreTarget, run_cli, write_config
+from tests.pgserver import PgServer
+
+
+def mac(i: int) -> str:
+    return f"52:54:00:00:{(i >> 8) & 0xff:02x}:{i & 0xff:02x}"
+
+
+async def register(store: NodeStore, i: int, now: float = 1.0) -> str:
+    node, _ = await store.register(mac(i), name_pattern="n{index:04d}", first_index=0, group="default",
+                                   approved=True, now=now)
+    return node.name
+
+
+# -- the contract, on both backends ---------------------------------------------------------------------------
+async def test_set_state_is_a_compare_and_set(node_store: NodeStore) -> None:
+    name = await register(node_store, 1)
+    node = await node_store.set_state(name, State.PXE, now=2.0, expect=State.DISCOVERED)
+    assert node.state == State.PXE and node.state_since == 2.0
+    with pytest.raises(StateChanged, match="is pxe, not discovered"):
+        await node_store.set_state(name, State.STAGE1, now=3.0, expect=State.DISCOVERED)
+    # Twenty writers race for the same transition: exactly one wins, the others learn who did.
+    results = await asyncio.gather(
+        *(node_store.set_state(name, State.STAGE1, f"w{i}", now=4.0 + i, expect=State.PXE) for i in range(20)),
+        return_exceptions=True)
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    assert len(winners) == 1 and all(isinstance(r, StateChanged) for r in results if r not in winners)
+    assert [e.state for e in await node_store.events(name)] == ["discovered", "pxe", "stage1"]
+    with pytest.raises(NotFound):
+        await node_store.set_state("nobody", State.PXE, now=5.0)
+
+
+async def test_events_are_trimmed_per_node_to_the_newest(node_store: NodeStore) -> None:
+    busy, quiet = await register(node_store, 1), await register(node_store, 2)
+    for i in range(230):
+        await node_store.set_state(busy, State.STAGE1 if i % 2 else State.PXE, f"step {i}", now=10.0 + i)
+    await node_store.set_state(quiet, State.PXE, now=5.0)
+    events = await node_store.events(busy, limit=1000)
+    assert len(events) == 200
+    assert events[-1].reason == "step 229" and events[0].reason == "step 30"
+    assert [e.state for e in await node_store.events(quiet)] == ["discovered", "pxe"]
+    assert [e.reason for e in await node_store.events(busy, limit=2)] == ["step 228", "step 229"]
+
+
+async def test_node_administration_and_its_refusals(node_store: NodeStore) -> None:
+    await node_store.put_group(Group("gpu", capsule="rocky9", kernel_args="quiet", description="A100"))
+    assert await node_store.get_group("gpu") == Group("gpu", "rocky9", "quiet", "A100")
+    node = await node_store.add_node(mac(1), "g1", group="gpu", now=1.0, capsule="c1", kernel_args="debug")
+    assert (node.group, node.capsule, node.kernel_args, node.first_contact) == ("gpu", "c1", "debug", 0.0)
+    await node_store.add_node(mac(2), "g2", group="gpu", now=1.0)
+    node = await node_store.update_node("g1", mac="52-54-00-00-00-09", enabled=0, group="default")
+    assert (node.name, node.mac, node.enabled, node.group) == ("g1", mac(9), False, "default")
+    with pytest.raises(Conflict, match="already registered as g2"):
+        await node_store.update_node("g1", mac=mac(2))
+    with pytest.raises(Conflict, match="already exists"):
+        await node_store.add_node(mac(3), "g2", group="gpu", now=1.0)
+    with pytest.raises(StoreError, match="settable fields"):
+        await node_store.update_node("g1", state="ready")
+    node = await node_store.set_vars("g1", {"role": "io", "rack": "3"})
+    assert node.vars == {"rack": "3", "role": "io"}
+    node = await node_store.set_vars("g1", {"role": "gpu"}, unset=("rack",))
+    assert node.vars == {"role": "gpu"} and (await node_store.get_node_by_mac(mac(9))) == node
+    await node_store.put_lease(Lease("10.0.0.9", mac(9), 100.0, "g1"))
+    assert (await node_store.get_node("g1")).ip == "10.0.0.9"  # type: ignore[union-attr]
+    await node_store.delete_node("g1")
+    assert await node_store.get_node("g1") is None and await node_store.list_leases() == []
+    with pytest.raises(Conflict, match="default group"):
+        await node_store.delete_group("default")
+    with pytest.raises(NotFound):
+        await node_store.delete_group("nope")
+    await node_store.delete_node("g2")
+    await node_store.delete_group("gpu")
+    assert [g.name for g in await node_store.list_groups()] == ["default"]
+
+
+async def test_first_contacts_at_once_skip_hand_names_and_fail_alone(node_store: NodeStore) -> None:
+    # On PostgreSQL these land in one registration batch: one bad request must not sink the others,
+    # names taken by hand are skipped, and the same MAC twice is one node.
+    await node_store.add_node(mac(900), "n0001", group="default", now=0.0)
+    await node_store.add_node(mac(901), "n0003", group="default", now=0.0)
+
+    async def first_contact(i: int, group: str = "default") -> tuple[str, bool]:
+        node, created = await node_store.register(mac(i), name_pattern="n{index:04d}", first_index=0, group=group,
+                                                  approved=True, now=1.0)
+        return node.name, created
+
+    results = await asyncio.gather(*(first_contact(i) for i in range(10)), first_contact(4),
+                                   first_contact(50, group="nope"), return_exceptions=True)
+    assert isinstance(results[11], NotFound) and "bootd group add nope" in str(results[11])
+    made = results[:11]
+    assert all(isinstance(r, tuple) for r in made), made
+    names = [r[0] for r in made]  # type: ignore[index]
+    assert len(set(names[:10])) == 10 and names[10] == names[4]
+    assert not {"n0001", "n0003"} & set(names)
+    assert sorted([r[1] for r in made]) == [False] + [True] * 10  # type: ignore[index]
+    assert len(await node_store.list_nodes()) == 12 and await node_store.get_node_by_mac(mac(50)) is None
+    for name in names[:10]:
+        assert [e.reason for e in await node_store.events(name)] == ["first contact"]
+    if isinstance(node_store, postgres.PostgresNodeStore):
+        assert node_store.register_batches < 11  # some first contacts shared a transaction
+
+
+async def test_credentials_evidence_refusals_and_the_node_cap(node_store: NodeStore) -> None:
+    """What the trust layer keeps in the store, alike on both backends."""
+    node, _ = await node_store.register(mac(1), name_pattern="n{index:04d}", first_index=0, group="default",
+                                        approved=True, now=1.0)
+    assert await node_store.get_credential(node.name) is None
+    await node_store.put_credential(Credential(node.name, "aa" * 32, 1.0, 100.0, "lease:10.0.0.1"))
+    await node_store.put_credential(Credential(node.name, "bb" * 32, 2.0, 200.0, "lease:10.0.0.1"))  # a new boot
+    await node_store.extend_credential(node.name, "aa" * 32, 999.0)  # the replaced one cannot be extended
+    assert await node_store.get_credential(node.name) == Credential(node.name, "bb" * 32, 2.0, 200.0,
+                                                                    "lease:10.0.0.1")
+    await node_store.extend_credential(node.name, "bb" * 32, 300.0)
+    cred = await node_store.get_credential(node.name)
+    assert cred is not None and cred.expires == 300.0
+    await node_store.note_pxe(mac(1), 5.0, None)
+    await node_store.note_pxe(mac(1), 6.0, "10.0.0.1")
+    assert await node_store.pxe_seen(mac(1)) == (6.0, "10.0.0.1") and await node_store.pxe_seen(mac(2)) is None
+    await node_store.record_event(node.name, 7.0, "refused", "firmware asked ready -> pxe")
+    assert [e.state for e in await node_store.events(node.name)][-1] == "refused"
+    # Deleting the node drops its credential; the next node under the same name starts with none.
+    await node_store.delete_node(node.name)
+    again, created = await node_store.register(mac(2), name_pattern="n{index:04d}", first_index=0,
+                                               group="default", approved=True, now=8.0)
+    assert created and again.name == node.name and await node_store.get_credential(again.name) is None
+    with pytest.raises(RegistryFull, match="max_nodes = 1"):
+        await node_store.register(mac(3), name_pattern="n{index:04d}", first_index=0, group="default",
+                                  approved=True, now=9.0, max_nodes=1)
+
+
+async def test_racing_lease_writes_leave_one_lease_per_address_and_per_mac(node_store: NodeStore) -> None:
+    # Forty writers fight over four addresses and four MACs at once (on PostgreSQL: over ten connections,
+    # so unique violations happen and are retried); the result is a consistent table, never an error.
+    await asyncio.gather(*(node_store.put_lease(Lease(f"10.0.0.{i % 4}", mac(i % 4 + (i // 4) % 2 * 4), float(i)))
+                           for i in range(40)))
+    leases = await node_store.list_leases()
+    assert len({x.ip for x in leases}) == len(leases) and len({x.mac for x in leases}) == len(leases)
+    assert leases and {x.ip for x in leases} <= {f"10.0.0.{i}" for i in range(4)}
+
+
+async def test_status_says_which_backend_and_that_it_is_healthy(store_target: StoreTarget) -> None:
+    store = await store_target.open()
+    status = await store.probe()
+    assert status.backend == store_target.backend and status.healthy and status.failures == 0
+    await store.close()
+    assert not store.status().healthy
+
+
+async def test_store_url_picks_the_backend_and_defaults_to_sqlite_in_the_state_dir(tmp_path: Path) -> None:
+    store = await open_store(config_mod.from_dict({"server": {"state_dir": str(tmp_path / "state")}}))
+    assert store.status() == StoreStatus("sqlite", str(tmp_path / "state" / "bootd.sqlite"), healthy=True)
+    assert BrokenStore(store, {"status"}).status().backend == "sqlite"  # no I/O, nothing to break
+    await store.close()
+    other = tmp_path / "elsewhere" / "r.sqlite"
+    store = await open_store(config_mod.from_dict({"store": {"url": f"sqlite://{other}"}}))
+    assert store.status().url == str(other) and other.exists()
+    await store.close()
+
+
+# -- PostgreSQL only --------------------------------------------------------------------------------------------
+async def test_postgres_migrates_an_old_schema_and_keeps_its_rows(postgres_server: PgServer) -> None:
+    url = postgres_server.new_schema_url()
+    conn = await postgres.connect(url, password=postgres_server.password)
+    assert await postgres.migrate(conn, url, target=1) == 0
+    await conn.execute("INSERT INTO groups(name) VALUES ('default')")
+    await conn.execute("INSERT INTO nodes(mac, name, idx, grp, state, state_since, first_contact, last_contact)"
+                       " VALUES ('52:54:00:00:00:01', 'n0000', 0, 'default', 'ready', 1, 1, 1)")
+    await conn.close()
+    store = await open_url(url, password=postgres_server.password)
+    conn = await postgres.connect(url, password=postgres_server.password)
+    assert await postgres.schema_version(conn) == postgres.SCHEMA_VERSION == 3
+    await conn.close()
+    node = await store.get_node("n0000")
+    assert node is not None and node.state == State.READY
+    await store.set_state("n0000", State.STALE, "no heartbeat", now=5.0)
+    assert [e.state for e in await store.events("n0000")] == ["stale"]
+    await store.close()
+
+
+async def test_postgres_refuses_a_newer_schema(postgres_server: PgServer) -> None:
+    url = postgres_server.new_schema_url()
+    conn = await postgres.connect(url, password=postgres_server.password)
+    await conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    await conn.execute("INSERT INTO schema_version VALUES (99)")
+    await conn.close()
+    with pytest.raises(StoreError, match="schema version 99, newer than this bootd"):
+        await open_url(url, password=postgres_server.password)
+
+
+def test_mask_url_hides_passwords_in_urls_and_conninfo_strings() -> None:
+    assert mask_url("postgresql://bootd:pa:ss@db:5432/x?sslmode=require") == \
+        "postgresql://bootd:***@db:5432/x?sslmode=require"
+    assert mask_url("postgresql://db/x?sslmode=require&password=pw&user=u") == \
+        "postgresql://db/x?sslmode=require&password=***&user=u"
+    assert mask_url("host=db password='a b' user=u") == "host=db password=*** user=u"
+    assert mask_url("postgresql://bootd@/x?host=/run/pg") == "postgresql://bootd@/x?host=/run/pg"
+
+
+def test_migrations_are_numbered_alike_on_both_backends() -> None:
+    from bootd.store import sqlite
+
+    assert postgres.SCHEMA_VERSION == sqlite.SCHEMA_VERSION
+
+
+async def test_unreachable_database_at_start_names_the_url_and_hides_the_password(tmp_path: Path) -> None:
+    url = f"postgresql://bootd:s3cret-pw@/bootd?host={tmp_path}&sslmode=disable"
+    with pytest.raises(StoreError) as info:
+        await open_url(url, connect_timeout=2)
+    message = str(info.value)
+    assert "s3cret" not in message
+    assert f"cannot connect to the node registry at postgresql://bootd:***@/bootd?host={tmp_path}" in message
+    assert "No such file or directory" in message  # libpq's reason: no server socket there
+    # The CLI says the same and exits 1.
+    await SqliteNodeStore(tmp_path / "r.sqlite").close()
+    cfg = write_config(tmp_path / "bootd.toml", {"server": {"state_dir": str(tmp_path)}})
+    proc = run_cli("store", "migrate", "--to", url, "--from", str(tmp_path / "r.sqlite"), config=cfg)
+    assert proc.returncode == 1 and "s3cret" not in proc.stdout + proc.stderr
+    assert f"error: cannot connect to the node registry at postgresql://bootd:***@/bootd?host={tmp_path}" \
+        in proc.stderr
+
+
+async def test_password_comes_from_the_file_or_the_environment_and_is_never_printed(
+        postgres_server: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = postgres_server.new_schema_url()
+    secret = tmp_path / "db-password"
+    secret.write_text("not-the-password\n")
+    secret.chmod(0o600)
+    cfg = config_mod.from_dict({"server": {"state_dir": str(tmp_path)},
+                                "store": {"url": url, "password_file": str(secret), "connect_timeout": 2}})
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    with pytest.raises(StoreError, match='password authentication failed for user "bootd"') as info:
+        await open_store(cfg)
+    assert "not-the-password" not in str(info.value) and postgres_server.password not in str(info.value)
+    secret.write_text(postgres_server.password + "\n")
+    store = await open_store(cfg)
+    assert store.status().backend == "postgresql" and postgres_server.password not in store.status().url
+    await store.close()
+    # No password_file: libpq's own $PGPASSWORD.
+    monkeypatch.setenv("PGPASSWORD", postgres_server.password)
+    store = await open_store(config_mod.from_dict({"store": {"url": url}}))
+    await store.close()
+    secret.write_text("")
+    with pytest.raises(StoreError, match="is empty"):
+        await open_store(cfg)
+
+
+async def test_sslmode_is_passed_through_to_libpq(postgres_server: PgServer) -> None:
+    url = postgres_server.new_schema_url()
+    with pytest.raises(StoreError, match='invalid sslmode value: "sometimes"'):
+        await open_url(url + "&sslmode=sometimes", password=postgres_server.password)
+    store = await open_url(url + "&sslmode=disable", password=postgres_server.password)
+    await store.close()
+    # libpq never uses TLS on a Unix socket; over TCP, watch what it asks for. A loopback listener that
+    # answers libpq's SSLRequest with "N" (no TLS here): require must refuse, disable must not even ask.
+    first: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readexactly(8)
+        first.append(head)
+        if head == SSL_REQUEST:
+            writer.write(b"N")
+            await writer.drain()
+            await reader.read(8)
+        writer.close()
+
+    listener = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    tcp = f"postgresql://bootd@127.0.0.1:{port}/bootd?sslmode="
+    with pytest.raises(StoreError, match="server does not support SSL, but SSL was required"):
+        await open_url(tcp + "require", password="unused-here", connect_timeout=5)
+    assert first == [SSL_REQUEST]
+    with pytest.raises(StoreError, match=re.escape(f"cannot connect to the node registry at {tcp}disable: ")):
+        await open_url(tcp + "disable", password="unused-here", connect_timeout=5)
+    assert len(first) == 2 and first[1] != SSL_REQUEST  # a plain StartupMessage
+    listener.close()
+    await listener.wait_closed()
+
+
+# The 8-byte SSLRequest packet: length 8, then the code 80877103.
+SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
+
+
+async def test_lost_database_is_retried_counted_logged_once_and_reported(
+        postgres_server: PgServer, caplog: pytest.LogCaptureFixture) -> None:
+    metrics = CollectorRegistry()
+    store = await open_url(postgres_server.new_schema_url(), password=postgres_server.password,
+                           retry_for=1.0, metrics=metrics)
+    name = await register(store, 1)
+    caplog.set_level(logging.INFO, logger="bootd.store")
+    try:
+        postgres_server.stop()
+        assert store.status().healthy  # nobody has asked yet ...
+        assert not (await store.probe(timeout=1.0)).healthy  # ... a probe (what /healthz does) finds out
+        for _ in range(3):
+            with pytest.raises(StoreError, match=r"is unreachable \(retried for 1s\)"):
+                await store.get_node(name)
+        status = store.status()
+        assert not status.healthy and status.down_since is not None and status.failures >= 4
+        assert metrics.get_sample_value("bootd_store_unreachable_total") == status.failures
+        logged = [r for r in caplog.records if "event=store_unreachable" in r.getMessage()]
+        assert len(logged) == 1, [r.getMessage() for r in logged]  # once per interval, not once per call
+        # A call made while the database is down completes once it is back (bounded by retry_for).
+        store.retry_for = 60.0  # type: ignore[attr-defined]
+        pending = asyncio.create_task(store.put_lease(Lease("10.0.0.7", mac(1), 99.0)))
+        await asyncio.sleep(0.5)
+        assert not pending.done()
+    finally:
+        postgres_server.start()
+    await asyncio.wait_for(pending, 60)
+    assert (await store.get_lease_by_mac(mac(1))) == Lease("10.0.0.7", mac(1), 99.0)
+    status = store.status()
+    assert status.healthy and status.reconnects == 1
+    assert metrics.get_sample_value("bootd_store_reconnects_total") == 1
+    assert any("event=store_reconnected" in r.getMessage() for r in caplog.records)
+    assert (await store.probe()).healthy and store.status().reconnects == 1
+    await store.close()
+
+
+CLIENT = """
+import asyncio, sys
+from bootd.model import Lease
+from bootd.store.factory import open_url
+
+async def main():
+    store = await open_url(sys.argv[1], password=sys.argv[2])
+    await store.register("52:54:00:00:00:42", name_pattern="n{index:04d}", first_index=0, group="default",
+                         approved=True, now=1.0)
+    await store.put_lease(Lease("10.0.0.42", "52:54:00:00:00:42", 3600.0))
+    print("stored", flush=True)
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+async def test_lease_stored_before_the_call_returns_survives_kill_9_of_the_client(
+        postgres_server: PgServer) -> None:
+    url = postgres_server.new_schema_url()
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CLIENT), url, postgres_server.password],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+        assert line == "stored\n", proc.stderr.read() if proc.stderr else ""
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    assert proc.returncode == -signal.SIGKILL
+    store = await open_url(url, password=postgres_server.password)
+    assert await store.get_lease_by_ip("10.0.0.42") == Lease("10.0.0.42", "52:54:00:00:00:42", 3600.0)
+    node = await store.get_node("n0000")
+    assert node is not None and node.ip == "10.0.0.42"
+    await store.close()
+
+
+# -- bootd store migrate ------------------------------------------------------------------------------------
+async def fill_sqlite(path: Path) -> None:
+    """A registry with something in every table: registered and hand-added nodes, vars, groups, leases,
+    events (some trimmed), a disabled node, odd text."""
+    store = SqliteNodeStore(path)
+    await store.put_group(Group("gpu", capsule="rocky9-gpu", kernel_args="nvidia.modeset=0", description="ünï"))
+    for i in range(40):
+        await register(store, i, now=1000.0 + i / 7)
+    await store.add_node(mac(900), "login1", group="gpu", now=5.0, kernel_args="quiet 'x'", enabled=False)
+    await store.set_vars("n0003", {"role": "gpu", "rack": "r1\nr2"})
+    for i in range(205):
+        await store.set_state("n0001", State.PXE if i % 2 else State.STAGE1, f"s{i}", now=2000.0 + i, detail="d")
+    for i in range(0, 40, 3):
+        await store.put_lease(Lease(f"10.1.0.{i + 10}", mac(i), 5000.5 + i, f"n{i:04d}" if i % 2 else None))
+    await store.put_credential(Credential("n0002", "ab" * 32, 10.0, 99.0, "lease:10.1.0.12"))
+    await store.note_pxe(mac(7), 30.0, "10.1.0.17")
+    await store.delete_node("n0005")
+    await store.close()
+
+
+async def snapshot(store: NodeStore) -> list[object]:
+    nodes = await store.list_nodes()
+    return [nodes, await store.list_leases(), await store.list_groups(),
+            [await store.events(n.name, limit=1000) for n in nodes]]
+
+
+async def test_store_migrate_copies_every_row_and_refuses_a_full_target(
+        postgres_server: PgServer, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    cfg = write_config(tmp_path / "bootd.toml", {"server": {"state_dir": str(state)}})
+    await fill_sqlite(state / "bootd.sqlite")
+    url = postgres_server.url(postgres_server.new_database(), sslmode="disable")
+    env = {"PGPASSWORD": postgres_server.password}
+
+    proc = run_cli("store", "migrate", "--to", url, config=cfg, env=env)
+    assert proc.returncode == 0, proc.stderr
+    source = migrate.read_sqlite(state / "bootd.sqlite")
+    for table, rows in source.items():  # progress, table by table
+        assert f"store migrate: {table}: {len(rows)}/{len(rows)} rows" in proc.stderr
+    assert len(source["nodes"]) == 40 and len(source["events"]) == 238
+    assert "every row verified" in proc.stdout
+
+    # Every row of every table, compared raw (ids included) ...
+    conn = await postgres.connect(url, password=postgres_server.password)
+    assert await migrate.read_postgres(conn) == source
+    await conn.close()
+    assert all(source.values())  # something in every table
+    # ... and as the services see it.
+    sq = SqliteNodeStore(state / "bootd.sqlite")
+    pg = await open_url(url, password=postgres_server.password)
+    assert await snapshot(pg) == await snapshot(sq)
+    # New rows continue after the copied ids and names.
+    assert await register(pg, 500) == await register(sq, 500) == "n0040"
+    await pg.set_state("n0040", State.PXE, now=9.0)
+    await sq.close()
+    await pg.close()
+
+    proc = run_cli("store", "migrate", "--to", url, config=cfg, env=env)
+    assert proc.returncode == 1 and "already holds a node registry (41 nodes" in proc.stderr
+    assert "--force" in proc.stderr
+    proc = run_cli("store", "migrate", "--to", url, "--force", config=cfg, env=env)
+    assert proc.returncode == 0 and "replaced what was there" in proc.stdout, proc.stderr
+    conn = await postgres.connect(url, password=postgres_server.password)
+    assert await migrate.read_postgres(conn) == migrate.read_sqlite(state / "bootd.sqlite")
+    await conn.close()
