@@ -66,3 +66,20 @@ class StateChanged(Conflict):
 
 class CapsuleError(BootdError):
     """A capsule operation failed; the store is left as it was."""
+
+
+class OverlayError(BootdError):
+    """An overlay could not be stored, validated or rendered; what was stored is unchanged."""
+
+
+class TemplateError(OverlayError):
+    """A template is broken or failed to render; ``where`` is ``overlay:file:line`` for the admin to open."""
+
+    def __init__(self, message: str, *, overlay: str, file: str, line: int | None, node: str | None = None) -> None:
+        self.overlay = overlay
+        self.file = file
+        self.line = line
+        self.node = node
+        where = f"{overlay}:{file}" + (f":{line}" if line else "")
+        prefix = f"node {node}: " if node else ""
+        super().__init__(f"{prefix}overlay {where}: {message}")

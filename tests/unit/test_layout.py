@@ -16,6 +16,7 @@ IO_MODULES = {"asyncio", "socket", "aiohttp", "sqlite3", "selectors", "bootd.con
 RULES: list[tuple[str, set[str]]] = [
     ("bootd/proto", IO_MODULES | {"bootd.store", "bootd.service", "bootd.net", "bootd.capsule"}),
     ("bootd/capsule", IO_MODULES | {"bootd.store", "bootd.service", "bootd.net"}),
+    ("bootd/overlay", IO_MODULES | {"bootd.store", "bootd.service", "bootd.net", "bootd.capsule"}),
     ("bootd/model.py", IO_MODULES | {"bootd.store", "bootd.service", "bootd.net"}),
     ("bootd/service", {"bootd.net", "aiohttp", "bootd.store.sqlite"}),
     ("bootd/net", {"bootd.store"}),
