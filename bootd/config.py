@@ -110,6 +110,15 @@ class CapsuleConfig:
 
 
 @dataclass(frozen=True)
+class OverlayConfig:
+    dir: Path = Path("/var/lib/bootd/overlays")
+    uid_min: int = 1000
+    uid_max: int = 59999
+    password_hashes: bool = False
+    authorized_keys: Path = Path("/root/.ssh/authorized_keys")
+
+
+@dataclass(frozen=True)
 class Config:
     path: str = "<defaults>"
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -119,6 +128,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     boot: BootConfig = field(default_factory=BootConfig)
     capsule: CapsuleConfig = field(default_factory=CapsuleConfig)
+    overlay: OverlayConfig = field(default_factory=OverlayConfig)
 
     @property
     def db_path(self) -> Path:
@@ -276,7 +286,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
-    sections = ("server", "registry", "dhcp", "tftp", "http", "boot", "capsule")
+    sections = ("server", "registry", "dhcp", "tftp", "http", "boot", "capsule", "overlay")
     for name in data:
         if name not in sections:
             raise ConfigError(path, name, f"unknown section; valid sections are: {', '.join(sections)}")
@@ -397,5 +407,17 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
                       f"{capsule.chunk_avg} < {capsule.chunk_max}")
     c.finish()
 
+    o = section("overlay")
+    overlay = OverlayConfig(
+        dir=o.path("dir", state_dir / "overlays"),
+        uid_min=o.integer("uid_min", 1000, 0, 2**31 - 2),
+        uid_max=o.integer("uid_max", 59999, 0, 2**31 - 2),
+        password_hashes=o.flag("password_hashes", False),
+        authorized_keys=o.path("authorized_keys", OverlayConfig.authorized_keys),
+    )
+    if overlay.uid_max < overlay.uid_min:
+        raise o.error("uid_max", f"{overlay.uid_max} is below uid_min {overlay.uid_min}")
+    o.finish()
+
     return Config(path=path, server=server, registry=registry, dhcp=dhcp, tftp=tftp, http=http,
-                  boot=boot, capsule=capsule)
+                  boot=boot, capsule=capsule, overlay=overlay)

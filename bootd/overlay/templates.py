@@ -72,7 +72,7 @@ def compile_template(source: str, *, overlay: str, file: str) -> jinja2.Template
         tree = ENV.parse(source, name=file, filename=filename)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"syntax error: {exc.message}", overlay=overlay, file=file, line=exc.lineno) from None
-    unknown = sorted(jinja_meta.find_undeclared_variables(tree) - set(VARIABLES))
+    unknown = sorted(jinja_meta.find_undeclared_variables(tree) - set(VARIABLES) - set(ENV.globals))
     if unknown:
         line = next((n.lineno for n in tree.find_all(jinja2.nodes.Name) if n.name == unknown[0]), None)
         raise TemplateError(f"unknown variable {unknown[0]!r}; templates can use: {', '.join(VARIABLES)}",
@@ -82,7 +82,8 @@ def compile_template(source: str, *, overlay: str, file: str) -> jinja2.Template
 
 
 def used_variables(source: str) -> frozenset[str]:
-    return frozenset(jinja_meta.find_undeclared_variables(ENV.parse(source)))
+    """The context parts a template reads (Jinja's own globals such as range are not context)."""
+    return frozenset(jinja_meta.find_undeclared_variables(ENV.parse(source)) - set(ENV.globals))
 
 
 def compile_expression(source: str, *, overlay: str, where: str) -> Callable[..., Any]:
@@ -140,7 +141,7 @@ def compile_template_any(source: str, *, overlay: str, file: str, extra: Iterabl
         tree = ENV.parse(source)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"syntax error: {exc.message}", overlay=overlay, file=file, line=None) from None
-    unknown = sorted(jinja_meta.find_undeclared_variables(tree) - set(VARIABLES) - set(extra))
+    unknown = sorted(jinja_meta.find_undeclared_variables(tree) - set(VARIABLES) - set(ENV.globals) - set(extra))
     if unknown:
         raise TemplateError(f"unknown variable {unknown[0]!r}", overlay=overlay, file=file, line=None)
     return ENV.from_string(tree)
