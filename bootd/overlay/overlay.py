@@ -42,12 +42,15 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class CompiledDir:
+    """A directory spec; each field is its literal text, or a compiled template when it has ``{``."""
+
     spec: DirSpec
     each: Callable[..., Any] | None
-    path: jinja2.Template
-    mode: jinja2.Template
-    owner: jinja2.Template
-    group: jinja2.Template
+    path: jinja2.Template | str
+    mode: jinja2.Template | str
+    owner: jinja2.Template | str
+    group: jinja2.Template | str
+    shared: bool  # reads only cluster/master (and item): the same directories for every node of a batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,11 @@ class Overlay:
     entries: tuple[Entry, ...]
     dirs: tuple[CompiledDir, ...]
     digest: str  # sha256 over metadata and files: changes whenever what the overlay can render changes
+
+    @property
+    def shared(self) -> bool:
+        """Renders the same for every node of a batch (nothing reads ``node``, ``vars`` or ``group``)."""
+        return all(e.template is None or e.shared for e in self.entries) and all(d.shared for d in self.dirs)
 
     @property
     def kind(self) -> str:
@@ -92,14 +100,20 @@ def walk_files(root: Path) -> list[str]:
 def _compile_dir(name: str, i: int, spec: DirSpec) -> CompiledDir:
     where = f"{META_FILE}: directories[{i}]"
 
-    def t(field: str, value: str) -> jinja2.Template:
+    used: set[str] = set()
+
+    def t(field: str, value: str) -> jinja2.Template | str:
+        if "{" not in value:
+            return value
+        used.update(templates.used_variables(value))
         return templates.compile_template_any(value, overlay=name, file=f"{where}.{field}")
 
     each = None
     if spec.each is not None:
         each = templates.compile_expression(spec.each, overlay=name, where=f"{where}.each")
-    return CompiledDir(spec, each, t("path", spec.path), t("mode", spec.mode), t("owner", spec.owner),
-                       t("group", spec.group))
+        used.update(templates.used_variables("{{ " + spec.each + " }}"))
+    fields = t("path", spec.path), t("mode", spec.mode), t("owner", spec.owner), t("group", spec.group)
+    return CompiledDir(spec, each, *fields, shared=used <= SHARED | {"item"})
 
 
 def load_overlay(path: Path, name: str, source: str) -> Overlay:

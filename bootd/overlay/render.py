@@ -13,6 +13,7 @@ earlier one's at the same path (as Warewulf does).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from bootd.errors import OverlayError, TemplateError
 from bootd.overlay import templates
 from bootd.overlay.context import Context
 from bootd.overlay.meta import Owner, check_path, parse_mode, parse_owner
-from bootd.overlay.overlay import MAX_PATH, Overlay
+from bootd.overlay.overlay import MAX_PATH, CompiledDir, Overlay
 
 BLOCK = 512
 MAX_DIRS = 100_000  # directories one "each" spec may create
@@ -55,20 +56,26 @@ class RenderedOverlay:
 
 @dataclass
 class RenderCache:
-    """Templates that read only ``cluster``/``master`` rendered once per batch (the same objects)."""
+    """What reads only ``cluster``/``master`` rendered once per batch (while they are the same objects).
 
-    entries: dict[tuple[str, str, str], tuple[object, object, bytes]] = field(default_factory=dict)
+    Keys name an overlay version and a part of it (a template, a directory spec) or a whole set of
+    overlays that reads nothing per node (a runtime set of hosts, keys and users: one tar for all).
+    Entries are replaced, not added, when the cluster view changes, so the cache stays as small as
+    the overlay set.
+    """
+
+    entries: dict[tuple[str, ...], tuple[object, object, Any]] = field(default_factory=dict)
     hits: int = 0
 
-    def get(self, key: tuple[str, str, str], ctx: Context) -> bytes | None:
+    def get(self, key: tuple[str, ...], ctx: Context) -> Any:
         hit = self.entries.get(key)
         if hit is not None and hit[0] is ctx.cluster and hit[1] is ctx.master:
             self.hits += 1
             return hit[2]
         return None
 
-    def put(self, key: tuple[str, str, str], ctx: Context, data: bytes) -> None:
-        self.entries[key] = (ctx.cluster, ctx.master, data)
+    def put(self, key: tuple[str, ...], ctx: Context, value: Any) -> None:
+        self.entries[key] = (ctx.cluster, ctx.master, value)
 
 
 def _octal(value: int, width: int) -> bytes:
@@ -94,6 +101,7 @@ def _ids(owner: Owner) -> tuple[int, bytes]:
     return (0, owner.encode()) if owner != "root" else (0, b"root")
 
 
+@functools.lru_cache(maxsize=65536)  # the same file of the same size for 5,000 nodes: one header
 def tar_header(path: str, *, size: int, mode: int, owner: Owner, group: Owner, mtime: int, typeflag: bytes) -> bytes:
     name, prefix = _split_name(path)
     uid, uname = _ids(owner)
@@ -115,49 +123,75 @@ def tar_header(path: str, *, size: int, mode: int, owner: Owner, group: Owner, m
     return bytes(header)
 
 
-def _dir_entries(ov: Overlay, ctx: Context, variables: dict[str, Any]) -> Iterable[RenderedFile]:
-    node = ctx.node.name
+def _dir_entries(ov: Overlay, ctx: Context, variables: dict[str, Any],
+                 cache: RenderCache | None) -> list[RenderedFile]:
+    out: list[RenderedFile] = []
     for i, d in enumerate(ov.dirs):
-        where = f"overlay.json: directories[{i}]"
-        items: Sequence[Any] = [None]
-        if d.each is not None:
-            value = templates.render_value(d.each, variables, overlay=ov.name, where=f"{where}.each", node=node)
-            if isinstance(value, str) or not hasattr(value, "__iter__"):
-                raise TemplateError(f"each = {d.spec.each!r} is not a list", overlay=ov.name, file=where,
-                                    line=None, node=node)
-            items = list(value)[: MAX_DIRS + 1]
-            if len(items) > MAX_DIRS:
-                raise TemplateError(f"each = {d.spec.each!r} yields more than {MAX_DIRS} directories",
-                                    overlay=ov.name, file=where, line=None, node=node)
-        for item in items:
-            scope = variables if item is None else {**variables, "item": item}
+        key = (ov.name, ov.digest, f"dir{i}")
+        hit = cache.get(key, ctx) if cache is not None and d.shared else None
+        if hit is None:
+            hit = list(_dir_spec(ov, i, d, ctx, variables))
+            if cache is not None and d.shared:
+                cache.put(key, ctx, hit)
+        out.extend(hit)
+    return out
 
-            def field(t: Any, name: str, scope: dict[str, Any] = scope, where: str = where) -> str:
-                return templates.render_template(t, scope, overlay=ov.name, file=f"{where}.{name}",
-                                                 node=node).decode().strip()
 
-            try:
-                path = check_path(field(d.path, "path"), "directory path")
-                if len(path) > MAX_PATH:
-                    raise OverlayError(f"path longer than {MAX_PATH} characters")
-                mode = parse_mode(field(d.mode, "mode"), "mode")
-                owner = parse_owner(field(d.owner, "owner"), "owner")
-                group = parse_owner(field(d.group, "group"), "group")
-            except TemplateError:
-                raise
-            except OverlayError as exc:
-                raise TemplateError(str(exc), overlay=ov.name, file=where, line=None, node=node) from None
-            yield RenderedFile(path, "dir", mode, owner, group, 0, ov.name, d.each is not None)
+def _dir_spec(ov: Overlay, i: int, d: CompiledDir, ctx: Context, variables: dict[str, Any]) -> Iterable[RenderedFile]:
+    node = ctx.node.name
+    where = f"overlay.json: directories[{i}]"
+    items: Sequence[Any] = [None]
+    if d.each is not None:
+        value = templates.render_value(d.each, variables, overlay=ov.name, where=f"{where}.each", node=node)
+        if isinstance(value, str) or not hasattr(value, "__iter__"):
+            raise TemplateError(f"each = {d.spec.each!r} is not a list", overlay=ov.name, file=where,
+                                line=None, node=node)
+        items = list(value)[: MAX_DIRS + 1]
+        if len(items) > MAX_DIRS:
+            raise TemplateError(f"each = {d.spec.each!r} yields more than {MAX_DIRS} directories",
+                                overlay=ov.name, file=where, line=None, node=node)
+    for item in items:
+        scope = variables if item is None else {**variables, "item": item}
+
+        def field(t: Any, name: str, scope: dict[str, Any] = scope) -> str:
+            if isinstance(t, str):
+                return t
+            return templates.render_template(t, scope, overlay=ov.name, file=f"{where}.{name}",
+                                             node=node).decode().strip()
+
+        try:
+            path = check_path(field(d.path, "path"), "directory path")
+            if len(path) > MAX_PATH:
+                raise OverlayError(f"path longer than {MAX_PATH} characters")
+            mode = parse_mode(field(d.mode, "mode"), "mode")
+            owner = parse_owner(field(d.owner, "owner"), "owner")
+            group = parse_owner(field(d.group, "group"), "group")
+        except TemplateError:
+            raise
+        except OverlayError as exc:
+            raise TemplateError(str(exc), overlay=ov.name, file=where, line=None, node=node) from None
+        yield RenderedFile(path, "dir", mode, owner, group, 0, ov.name, d.each is not None)
 
 
 def render(overlays: Sequence[Overlay], context: Context, *, cache: RenderCache | None = None,
            mtime: int = 0) -> RenderedOverlay:
     """Render ``overlays`` for ``context.node``; errors name the node, overlay, file and line."""
+    whole = ("*", *(ov.digest for ov in overlays), str(mtime))
+    if cache is not None and all(ov.shared for ov in overlays):
+        hit = cache.get(whole, context)
+        if hit is None:
+            hit = _render(overlays, context, cache, mtime)
+            cache.put(whole, context, hit)
+        return hit  # type: ignore[no-any-return]
+    return _render(overlays, context, cache, mtime)
+
+
+def _render(overlays: Sequence[Overlay], context: Context, cache: RenderCache | None, mtime: int) -> RenderedOverlay:
     variables = context.variables()
     node = context.node.name
     chosen: dict[str, tuple[RenderedFile, bytes]] = {}
     for ov in overlays:
-        for d in _dir_entries(ov, context, variables):
+        for d in _dir_entries(ov, context, variables, cache):
             prev = chosen.get(d.path)
             if prev is not None and prev[0].kind != "dir":
                 raise OverlayError(f"node {node}: overlay {ov.name} makes /{d.path} a directory, but overlay "

@@ -41,7 +41,8 @@ def test_shipped_set_renders_every_file_with_its_mode(store: OverlayStore) -> No
     assert m["etc/bootd/users/passwd"][1] == (b"alice:x:1000:1000:Alice:/home/alice:/bin/bash\n"
                                               b"bob:x:1001:1001::/home/bob:/bin/sh\n")
     assert m["etc/bootd/users/group"][1] == b"alice:x:1000:alice\nhpc:x:1500:alice,bob\n"
-    assert m["etc/bootd/users/shadow"][1].startswith(b"alice:$6$salt$hash:") and m["etc/bootd/users/shadow"][0].mode == 0o600
+    shadow = m["etc/bootd/users/shadow"]
+    assert shadow[1].startswith(b"alice:$6$salt$hash:") and shadow[0].mode == 0o600
     home = m["home/alice"][0]
     assert home.isdir() and (home.mode, home.uid, home.gid) == (0o700, 1000, 1000)
     assert m["usr/lib/bootd/apply.d/50-users"][0].mode == 0o755
@@ -207,7 +208,8 @@ def test_users_hook_merges_accounts(store: OverlayStore, tmp_path: Path) -> None
     for shell in ("sh", "busybox"):
         root = tmp_path / f"root-{shell}"
         (root / "etc").mkdir(parents=True)
-        (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n_chrony:x:100:101::/run/chrony:/usr/sbin/nologin\n"
+        (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n"
+                                         "_chrony:x:100:101::/run/chrony:/usr/sbin/nologin\n"
                                          "olduser:x:1005:1005::/home/old:/bin/sh\nalice:x:2000:2000::/x:/bin/sh\n")
         (root / "etc/group").write_text("root:x:0:\nhpc:x:2500:\nstale:x:1400:\n")
         (root / "etc/shadow").write_text("root:*:19000:0:99999:7:::\nolduser:$6$old:1::::::\n")

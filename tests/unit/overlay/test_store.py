@@ -105,7 +105,7 @@ def test_import_refuses_unsafe_archives_and_trees(store: OverlayStore, tmp_path:
 
     up = tarfile.TarInfo("files/../../evil")
     up.size = 1
-    with pytest.raises(OverlayError, match="bad .*member"):
+    with pytest.raises(OverlayError, match=r"bad .*member"):
         store.import_tree("a", tar("up.tar", [up]))
     link = tarfile.TarInfo("files/etc/shadow")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/shadow"
