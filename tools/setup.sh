@@ -13,6 +13,7 @@ DEBS=(
   atftp tftp-hpa tftpd-hpa curl                                          # TFTP clients and the reference server
   nginx-light wrk                                                        # HTTP reference server and load client for bench/http
   iproute2 libcap2-bin procps python3-venv                               # netns/veth/tap, setcap, ps
+  openssh-client                                                         # ssh-keygen: per-node host keys (overlays)
 )
 
 missing=()
