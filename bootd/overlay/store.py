@@ -65,7 +65,7 @@ class OverlayStore:
     def __init__(self, root: Path, builtin: Path | None = BUILTIN_DIR) -> None:
         self.root = Path(root)
         self.builtin = builtin
-        self._cache: dict[tuple[str, str], Overlay] = {}
+        self._cache: dict[str, Overlay] = {}
 
     # -- reading ----------------------------------------------------------------------------
     def names(self) -> dict[str, str]:
@@ -91,11 +91,11 @@ class OverlayStore:
     def load(self, name: str) -> Overlay:
         """Load and compile, cached per published version (a change publishes a new directory)."""
         path, source = self.locate(name)
-        cached = self._cache.get((name, str(path)))
-        if cached is not None:
+        cached = self._cache.get(name)
+        if cached is not None and cached.path == path:
             return cached
         overlay = load_overlay(path, name, source)
-        self._cache[(name, str(path))] = overlay
+        self._cache[name] = overlay  # replaces the previous version's entry: one per name
         return overlay
 
     def load_many(self, names: Sequence[str]) -> list[Overlay]:

@@ -198,3 +198,28 @@ def test_shipped_overlays_all_load_and_are_documented(store: OverlayStore) -> No
     assert all(f"`{n}`" in readme for n in names)
     assert json.loads((store.builtin / "users/overlay.json").read_text())["kind"] == "runtime"  # type: ignore[operator]
     assert os.access(store.builtin / "users/files/usr/lib/bootd/apply.d/50-users", os.R_OK)  # type: ignore[operator]
+
+
+def test_store_reloads_only_a_changed_overlay(store: OverlayStore, tmp_path: Path) -> None:
+    make(store, "c", {"etc/c.j2": "{{ node.name }}\n"})
+    first = store.load("c")
+    assert store.load("c") is first
+    work = store.checkout("c", tmp_path)
+    (work / "files/etc/c.j2").write_text("{{ node.ip }}\n")
+    store.commit("c", work)
+    assert store.load("c") is not first and store.load("c").digest != first.digest
+
+
+def test_overlay_config_section(tmp_path: Path) -> None:
+    from bootd.config import from_dict
+    from bootd.errors import ConfigError
+
+    cfg = from_dict({"server": {"state_dir": str(tmp_path)}})
+    assert cfg.overlay.dir == tmp_path / "overlays" and (cfg.overlay.uid_min, cfg.overlay.uid_max) == (1000, 59999)
+    assert not cfg.overlay.password_hashes
+    cfg = from_dict({"overlay": {"dir": "/srv/ov", "password_hashes": True, "uid_min": 5000, "uid_max": 6000}})
+    assert cfg.overlay.dir == Path("/srv/ov") and cfg.overlay.password_hashes
+    with pytest.raises(ConfigError, match=r"overlay\.uid_max: 10 is below uid_min 1000"):
+        from_dict({"overlay": {"uid_max": 10}})
+    with pytest.raises(ConfigError, match=r"overlay\.colour: unknown key"):
+        from_dict({"overlay": {"colour": "blue"}})
