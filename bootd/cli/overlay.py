@@ -21,8 +21,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from bootd.cli.node import table
 from bootd.config import Config
@@ -125,19 +126,25 @@ def overlay_export(args: argparse.Namespace, config: Config) -> int:
         sys.stdout.flush()
         return 0
     dest = Path(args.dest)
+    n = _write_atomic(dest, lambda fh: store.export(args.name, fh))
+    print(f"exported overlay {args.name} to {dest} ({n} bytes)")
+    return 0
+
+
+def _write_atomic(dest: Path, write: Callable[[BinaryIO], int]) -> int:
+    """Private file, temp + fsync + rename: a reader never sees half a tar."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
-            n = store.export(args.name, fh)
+            n = write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    print(f"exported overlay {args.name} to {dest} ({n} bytes)")
-    return 0
+    return n
 
 
 def overlay_delete(args: argparse.Namespace, config: Config) -> int:
@@ -234,7 +241,7 @@ def overlay_render(args: argparse.Namespace, config: Config) -> int:
     result = render(overlays, node_context(config, args.node))
     if args.out:
         out = Path(args.out)
-        out.write_bytes(result.data)
+        _write_atomic(out, lambda fh: fh.write(result.data))
         print(f"wrote {out}: {len(result.data)} bytes, etag {result.etag}")
         return 0
     if args.json:

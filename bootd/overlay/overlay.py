@@ -161,6 +161,10 @@ def load_overlay(path: Path, name: str, source: str) -> Overlay:
                                 "set \"template\": false in overlay.json to copy it as is",
                                 overlay=name, file=rel, line=None) from None
         template = templates.compile_template(text, overlay=name, file=rel)
+        leaks = templates.secret_reads(text)
+        if leaks and not meta.secret:
+            raise TemplateError(f"reads {', '.join(sorted(leaks))}, which are secrets: set \"secret\": true in "
+                                f"{META_FILE} so only the node itself gets it", overlay=name, file=rel, line=None)
         shared = templates.used_variables(text) <= SHARED
         entries.append(Entry(rel, dest, fmeta, None, template, shared))
     dirs = tuple(_compile_dir(name, i, d) for i, d in enumerate(meta.directories))

@@ -50,11 +50,10 @@ def write_private(path: Path, data: bytes) -> None:
     """Write a file 0600 and fsync it (the caller renames or publishes the directory it is in)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data) if data else None
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _tree_bytes(root: Path) -> int:
@@ -117,6 +116,7 @@ class OverlayStore:
         versions.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = versions / f"{name}.{secrets.token_hex(6)}"
         path.mkdir(mode=0o700)
+        _fsync_dir(versions)
         return path
 
     def _publish(self, name: str, staged: Path) -> Overlay:

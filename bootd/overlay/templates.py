@@ -81,6 +81,20 @@ def compile_template(source: str, *, overlay: str, file: str) -> jinja2.Template
     return ENV.template_class.from_code(ENV, code, ENV.make_globals(None), None)
 
 
+# Attributes whose values are secrets: a template reading them must be in an overlay marked secret.
+SECRET_ATTRIBUTES = frozenset({"host_keys", "hash"})
+
+
+def secret_reads(source: str) -> frozenset[str]:
+    """Secret attributes a template names (``node.host_keys``, ``user.hash``): a guard against
+    mistakes (an overlay that leaks keys to every admin), not against a template built to hide it."""
+    tree = ENV.parse(source)
+    names = {n.attr for n in tree.find_all(jinja2.nodes.Getattr)}
+    names |= {n.arg.value for n in tree.find_all(jinja2.nodes.Getitem)
+              if isinstance(n.arg, jinja2.nodes.Const) and isinstance(n.arg.value, str)}
+    return frozenset(names & SECRET_ATTRIBUTES)
+
+
 def used_variables(source: str) -> frozenset[str]:
     """The context parts a template reads (Jinja's own globals such as range are not context)."""
     return frozenset(jinja_meta.find_undeclared_variables(ENV.parse(source)) - set(ENV.globals))

@@ -223,3 +223,11 @@ def test_overlay_config_section(tmp_path: Path) -> None:
         from_dict({"overlay": {"uid_max": 10}})
     with pytest.raises(ConfigError, match=r"overlay\.colour: unknown key"):
         from_dict({"overlay": {"colour": "blue"}})
+
+
+def test_an_overlay_reading_secrets_must_be_marked_secret(store: OverlayStore) -> None:
+    with pytest.raises(TemplateError, match="reads host_keys, which are secrets"):
+        make(store, "leak", {"etc/k.j2": "{{ node.host_keys.ed25519.private }}"})
+    with pytest.raises(TemplateError, match="reads hash"):
+        make(store, "leak2", {"etc/s.j2": "{% for u in master.users %}{{ u['hash'] }}{% endfor %}"})
+    assert make(store, "ok", {"etc/k.j2": "{{ node.host_keys.ed25519.public }}"}, secret=True).secret
