@@ -5,12 +5,17 @@ the render with its name rather than write an empty hostname to 5,000 nodes;
 no autoescape because the output is config files, not HTML; the sandbox
 because an overlay is data an admin imports from elsewhere and must not be
 able to reach Python (``''.__class__.__mro__``, ``os``, private attributes).
-The sandbox does not bound CPU, so the arithmetic that allocates (``*``,
-``**``) and the size of every rendered file are bounded here.
+The sandbox does not bound CPU or memory, so what allocates from a small
+expression (``'x' * n``, ``2 ** n``, ``'x'.ljust(n)``) and the size of every
+rendered file are bounded here. A template can still be slow (nested loops
+over ``range``): overlays are written by admins, and this guards against
+their mistakes and against imported overlays reaching Python, not against
+every way to waste CPU.
 """
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,9 +33,23 @@ MAX_REPEAT = 1024 * 1024  # longest string or list "x" * n may build
 
 
 class _Env(SandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Refuse a string method asked to build something huge (``'x'.ljust(10**9)``, ``'{:>999999999}'``)."""
+        owner = getattr(obj, "__self__", getattr(getattr(obj, "__wrapped__", None), "__self__", None))  # str.format
+        if isinstance(owner, str | bytes):
+            _check_widths(owner)
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_REPEAT:
+                    raise SecurityError(f"{getattr(obj, '__name__', 'a string method')}({value}) is too large")
+        return super().call(context, obj, *args, **kwargs)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "%":
+            if isinstance(left, str | bytes):
+                _check_widths(left)
+            return left % right
         if operator == "**":
             if isinstance(right, int) and abs(right) > 64:
                 raise SecurityError(f"exponent {right} is too large (at most 64)")
@@ -40,6 +59,16 @@ class _Env(SandboxedEnvironment):
         if isinstance(left, str | list | tuple) and isinstance(right, int) and len(left) * right > MAX_REPEAT:
             raise SecurityError(f"repeating a sequence {right} times is too large")
         return left * right
+
+
+def _check_widths(fmt: str | bytes) -> None:
+    """A format string with a 7-digit width or precision would allocate megabytes from a few characters."""
+    text = fmt.decode(errors="replace") if isinstance(fmt, bytes) else fmt
+    if ("%" in text or "{" in text) and _HUGE_WIDTH.search(text):
+        raise SecurityError("a format width or precision of a million or more is too large")
+
+
+_HUGE_WIDTH = re.compile(r"[%:][^%{}]*?\d{7,}")
 
 
 def _environment() -> _Env:

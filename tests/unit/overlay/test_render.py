@@ -121,6 +121,10 @@ def test_owners_and_modes_are_kept(store: OverlayStore) -> None:
     "{{ vars.__class__.__base__ }}",
     "{{ 'x' * 100000000 }}",
     "{{ 2 ** 100000 }}",
+    "{{ 'x'.ljust(1000000000) }}",
+    "{{ node.name.center(width=1000000000) }}",
+    "{{ '{:>1000000000}'.format(node.name) }}",
+    "{{ '%1000000000s' % node.name }}",
     "{% for i in range(100000000) %}{% endfor %}",
 ])
 def test_sandbox_escapes_are_refused(store: OverlayStore, expr: str) -> None:
