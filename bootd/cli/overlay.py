@@ -30,7 +30,7 @@ from bootd.config import Config
 from bootd.errors import BootdError, NotFound, OverlayError
 from bootd.overlay import RUNTIME_OVERLAYS, SYSTEM_OVERLAYS
 from bootd.overlay.accounts import read_accounts, read_authorized_keys
-from bootd.overlay.context import ClusterNode, ClusterView, Context, GroupInfo, HostKey, MasterInfo, Nic, NodeInfo
+from bootd.overlay.context import Context, GroupInfo, HostKey, MasterInfo, cluster_view, node_info
 from bootd.overlay.hostkeys import KEY_TYPES
 from bootd.overlay.meta import FILES_DIR, META_FILE, OverlayMeta, check_path
 from bootd.overlay.overlay import Overlay, load_overlay
@@ -223,10 +223,8 @@ def node_context(config: Config, name: str) -> Context:
         print(f"bootd: warning: {exc}; rendering without root's keys", file=sys.stderr)
         keys = ()
     fake = {t: HostKey(private=PLACEHOLDER, public=PLACEHOLDER) for t in KEY_TYPES}
-    info = NodeInfo(name=node.name, mac=node.mac, group=node.group, ip=node.ip, nic=Nic(mac=node.mac, ip=node.ip),
-                    vars=node.vars, machine_id=PLACEHOLDER, host_keys=fake)
-    cluster = ClusterView(tuple(ClusterNode(n.name, n.ip, n.group) for n in sorted(nodes, key=lambda n: n.name)),
-                          domain=config.dhcp.domain or "")
+    info = node_info(node, machine_id=PLACEHOLDER, host_keys=fake)
+    cluster = cluster_view(nodes, domain=config.dhcp.domain or "")
     master = MasterInfo(name=socket.gethostname().split(".")[0], address=config.server.address,
                         authorized_keys=keys, users=users, groups=groups, uid_min=o.uid_min, uid_max=o.uid_max)
     return Context(node=info, group=GroupInfo(node.group), cluster=cluster, master=master)

@@ -22,6 +22,8 @@ from bootd.overlay.context import (
     NodeInfo,
     User,
     UserGroup,
+    cluster_view,
+    node_info,
 )
 from bootd.overlay.meta import FileMeta, OverlayMeta
 from bootd.overlay.overlay import Overlay, load_overlay
@@ -55,6 +57,8 @@ __all__ = [
     "RenderedOverlay",
     "User",
     "UserGroup",
+    "cluster_view",
     "load_overlay",
+    "node_info",
     "render",
 ]

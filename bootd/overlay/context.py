@@ -11,10 +11,12 @@ makes ``/etc/hosts`` for 5,000 nodes cheap.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+from bootd.model import Node
 
 # Top-level names a template may use; anything else is refused when the overlay is stored.
 VARIABLES = ("node", "vars", "group", "cluster", "master")
@@ -140,3 +142,17 @@ class Context:
 
 
 SHARED = frozenset({"cluster", "master"})  # the parts of a Context that are the same for every node of a batch
+
+
+def node_info(node: Node, *, machine_id: str | None = None, host_keys: Mapping[str, HostKey] | None = None,
+              network: str = "", nic_name: str | None = None) -> NodeInfo:
+    """A registry node as templates see it; identity and what the node agent reported come from the caller."""
+    return NodeInfo(name=node.name, mac=node.mac, group=node.group, ip=node.ip,
+                    nic=Nic(mac=node.mac, ip=node.ip, name=nic_name), vars=node.vars, machine_id=machine_id,
+                    host_keys=host_keys or {}, network=network)
+
+
+def cluster_view(nodes: Iterable[Node], domain: str = "") -> ClusterView:
+    """Build once per registry change and reuse: the render cache keys on this object's identity."""
+    return ClusterView(tuple(ClusterNode(n.name, n.ip, n.group) for n in sorted(nodes, key=lambda n: n.name)),
+                       domain=domain)

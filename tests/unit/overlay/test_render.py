@@ -244,3 +244,24 @@ def test_a_master_without_users_renders_empty_fragments(store: OverlayStore) -> 
                                                                                        authorized_keys=())))
     m = members(out.data)
     assert m["etc/bootd/users/passwd"][1] == b"" and not any(p.startswith("home/") for p in m)
+
+
+def test_registry_nodes_become_template_values(store: OverlayStore) -> None:
+    from bootd.model import Node
+    from bootd.overlay import GroupInfo, node_info
+    from bootd.overlay.context import Context, cluster_view
+
+    nodes = [Node(mac="52:54:00:00:00:0b", name="n0011", group="gpu", ip="10.2.0.11", vars={"rack": "r2"}),
+             Node(mac="52:54:00:00:00:0a", name="n0010", group="default", ip=None)]
+    view = cluster_view(nodes, domain="lab")
+    assert [n.name for n in view.nodes] == ["n0010", "n0011"]
+    info = node_info(nodes[0], machine_id="ab" * 16, network="networkd", nic_name="enp1s0")
+    assert info.nic is not None and (info.nic.mac, info.nic.name, info.nic.ip) == ("52:54:00:00:00:0b", "enp1s0",
+                                                                                  "10.2.0.11")
+    ov = make(store, "v", {"etc/v.j2": "{{ node.name }} {{ vars.rack }} {{ node.nic.name }}\n"})
+    out = render([ov], Context(info, GroupInfo("gpu"), view, MASTER))
+    assert members(out.data)["etc/v"][1] == b"n0011 r2 enp1s0\n"
+    hosts = members(render(store.load_many(["hosts"]), Context(info, GroupInfo("gpu"), view, MASTER)).data)
+    assert b"n0010" not in hosts["etc/hosts"][1] and b"10.2.0.11\tn0011 n0011.lab" in hosts["etc/hosts"][1]
+    with pytest.raises(ValueError, match=r"node\.network"):
+        node_info(nodes[0], network="netplan")
