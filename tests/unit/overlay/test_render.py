@@ -265,3 +265,21 @@ def test_registry_nodes_become_template_values(store: OverlayStore) -> None:
     assert b"n0010" not in hosts["etc/hosts"][1] and b"10.2.0.11\tn0011 n0011.lab" in hosts["etc/hosts"][1]
     with pytest.raises(ValueError, match=r"node\.network"):
         node_info(nodes[0], network="netplan")
+
+
+def test_rendered_host_keys_are_keys_ssh_reads(store: OverlayStore, tmp_path: Path) -> None:
+    """Real keys from ssh-keygen, through the template and the tar, still load in ssh-keygen."""
+    from bootd.overlay.hostkeys import generate_host_keys
+
+    keys = generate_host_keys(tmp_path / "made", ["ed25519"], comment="root@n0001")
+    ctx = context(1)
+    ctx = replace(ctx, node=replace(ctx.node, host_keys=keys))
+    out = render(store.load_many(["ssh-host-keys"]), ctx, cache=None)
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["tar", "-xf", "-", "-C", str(root)], input=out.data, check=True, timeout=60)
+    private = root / "etc/ssh/ssh_host_ed25519_key"
+    assert private.read_text() == keys["ed25519"].private and private.stat().st_mode & 0o777 == 0o600
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(private)], capture_output=True, text=True, timeout=60,
+                             check=True).stdout.split()[:2]
+    assert derived == (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[:2]
