@@ -273,7 +273,7 @@ def test_rendered_host_keys_are_keys_ssh_reads(store: OverlayStore, tmp_path: Pa
 
     keys = generate_host_keys(tmp_path / "made", ["ed25519"], comment="root@n0001")
     ctx = context(1)
-    ctx = replace(ctx, node=replace(ctx.node, host_keys=keys))
+    ctx = replace(ctx, node=replace(ctx.node, host_keys={**ctx.node.host_keys, **keys}))  # rsa stays a fake
     out = render(store.load_many(["ssh-host-keys"]), ctx, cache=None)
     root = tmp_path / "root"
     root.mkdir()
