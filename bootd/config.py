@@ -129,6 +129,15 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class OverlayConfig:
+    dir: Path = Path("/var/lib/bootd/overlays")
+    uid_min: int = 1000
+    uid_max: int = 59999
+    password_hashes: bool = False
+    authorized_keys: Path = Path("/root/.ssh/authorized_keys")
+
+
+@dataclass(frozen=True)
 class Config:
     path: str = "<defaults>"
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -139,6 +148,7 @@ class Config:
     boot: BootConfig = field(default_factory=BootConfig)
     capsule: CapsuleConfig = field(default_factory=CapsuleConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    overlay: OverlayConfig = field(default_factory=OverlayConfig)
 
     @property
     def db_path(self) -> Path:
@@ -308,7 +318,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
-    sections = ("server", "registry", "dhcp", "tftp", "http", "boot", "capsule", "store")
+    sections = ("server", "registry", "dhcp", "tftp", "http", "boot", "capsule", "store", "overlay")
     for name in data:
         if name not in sections:
             raise ConfigError(path, name, f"unknown section; valid sections are: {', '.join(sections)}")
@@ -451,11 +461,23 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
     store = StoreConfig(
         url=url,
         password_file=Path(password_file) if password_file else None,
-        pool_size=st.integer("pool_size", 10, 1, 1000),
-        connect_timeout=st.number("connect_timeout", 10.0, 0.5, 600.0),
-        retry_for=st.number("retry_for", 30.0, 0.0, 3600.0),
+        pool_size=st.integer("pool_size", StoreConfig.pool_size, 1, 1000),
+        connect_timeout=st.number("connect_timeout", StoreConfig.connect_timeout, 0.5, 600.0),
+        retry_for=st.number("retry_for", StoreConfig.retry_for, 0.0, 3600.0),
     )
     st.finish()
 
+    o = section("overlay")
+    overlay = OverlayConfig(
+        dir=o.path("dir", state_dir / "overlays"),
+        uid_min=o.integer("uid_min", OverlayConfig.uid_min, 0, 2**31 - 2),
+        uid_max=o.integer("uid_max", OverlayConfig.uid_max, 0, 2**31 - 2),
+        password_hashes=o.flag("password_hashes", OverlayConfig.password_hashes),
+        authorized_keys=o.path("authorized_keys", OverlayConfig.authorized_keys),
+    )
+    if overlay.uid_max < overlay.uid_min:
+        raise o.error("uid_max", f"{overlay.uid_max} is below uid_min {overlay.uid_min}")
+    o.finish()
+
     return Config(path=path, server=server, registry=registry, dhcp=dhcp, tftp=tftp, http=http,
-                  boot=boot, capsule=capsule, store=store)
+                  boot=boot, capsule=capsule, store=store, overlay=overlay)

@@ -86,3 +86,20 @@ def mask_url(url: str) -> str:
         query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     return re.sub(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", url)
+
+
+class OverlayError(BootdError):
+    """An overlay could not be stored, validated or rendered; what was stored is unchanged."""
+
+
+class TemplateError(OverlayError):
+    """A template is broken or failed to render; ``where`` is ``overlay:file:line`` for the admin to open."""
+
+    def __init__(self, message: str, *, overlay: str, file: str, line: int | None, node: str | None = None) -> None:
+        self.overlay = overlay
+        self.file = file
+        self.line = line
+        self.node = node
+        where = f"{overlay}:{file}" + (f":{line}" if line else "")
+        prefix = f"node {node}: " if node else ""
+        super().__init__(f"{prefix}overlay {where}: {message}")

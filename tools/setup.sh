@@ -14,6 +14,7 @@ DEBS=(
   nginx-light wrk                                                        # HTTP reference server and load client for bench/http
   iproute2 libcap2-bin procps python3-venv                               # netns/veth/tap, setcap, ps
   postgresql libpq5                                                      # the PostgreSQL store (tests start a private server); psycopg's libpq
+  openssh-client                                                         # ssh-keygen: per-node host keys (overlays)
 )
 
 missing=()

@@ -95,12 +95,12 @@ async def to_postgres(source: str | Path, url: str, *, password: str | None = No
         async with conn.transaction():
             # Nobody registers or leases while we copy (a server already running on the target waits).
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (postgres.REGISTER_LOCK,))
-            await conn.execute("LOCK TABLE groups, nodes, node_vars, leases, events, credentials, pxe_seen IN EXCLUSIVE MODE")
+            await conn.execute(f"LOCK TABLE {', '.join(TABLES)} IN EXCLUSIVE MODE")
             held = await _occupied(conn, default_group)
             if held and not force:
                 raise StoreError(f"{masked} already holds a node registry ({held}); "
                                  "use --force to replace it with the copy")
-            await conn.execute("TRUNCATE credentials, pxe_seen, events, node_vars, leases, nodes, groups")
+            await conn.execute(f"TRUNCATE {', '.join(reversed(TABLES))}")
             for table, columns in TABLES.items():
                 total = len(rows[table])
                 report(table, 0, total)

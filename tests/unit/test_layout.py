@@ -17,6 +17,7 @@ IO_MODULES = {"asyncio", "socket", "aiohttp", "sqlite3", "selectors", "bootd.con
 RULES: list[tuple[str, set[str]]] = [
     ("bootd/proto", IO_MODULES | {"bootd.store", "bootd.service", "bootd.net", "bootd.capsule"}),
     ("bootd/capsule", IO_MODULES | {"bootd.store", "bootd.service", "bootd.net"}),
+    ("bootd/overlay", IO_MODULES | {"bootd.store", "bootd.service", "bootd.net", "bootd.capsule"}),
     ("bootd/model.py", IO_MODULES | {"bootd.store", "bootd.service", "bootd.net"}),
     ("bootd/service", {"bootd.net", "aiohttp", "bootd.store.sqlite", "bootd.compose", "bootd.daemon"}),
     ("bootd/net", {"bootd.store", "bootd.compose", "bootd.daemon"}),
@@ -88,16 +89,26 @@ def module_name(path: Path) -> str:
 
 
 def module_graph() -> dict[str, set[str]]:
-    """Every bootd module -> the bootd modules it imports (at any depth of the file: lazy imports count)."""
+    """Every bootd module -> the bootd modules it imports (at any depth of the file: lazy imports count).
+
+    ``from pkg import sub`` where ``sub`` is a module is an edge to ``pkg.sub`` only: the usual
+    package pattern (``pkg/__init__`` re-exporting from ``pkg.sub``, which imports a sibling through
+    ``from pkg import other``) is not a cycle.
+    """
     files = {module_name(f): f for f in PKG.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for mod, path in files.items():
         edges: set[str] = set()
-        for name in imports(path):
-            # `from bootd.a import b` names either module bootd.a.b or an attribute of bootd.a.
-            target = name if name in files else name.rpartition(".")[0]
-            if target in files and target != mod:
-                edges.add(target)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                subs = [f"{node.module}.{a.name}" for a in node.names]
+                targets = [t for t in subs if t in files] or [node.module]
+                if len(targets) < len(subs):
+                    targets.append(node.module)  # some names are attributes of the module itself
+            edges.update(t for t in targets if t in files and t != mod)
         graph[mod] = edges
     return graph
 
