@@ -164,7 +164,7 @@ async def build(config: Config) -> Built:
                            lifecycle=svc.lifecycle, credentials=svc.credentials)
         built.components.append(("dhcp", DhcpServer(
             dhcp, listen=d.listen, port=d.port, proxy_port=d.proxy_port if d.mode == "proxy" else None,
-            interface=d.interface, queue_size=d.queue_size, registry=svc.metrics,
+            interface=d.interface, queue_size=d.queue_size, metrics=svc.metrics,
         )))
     return built
 

@@ -54,7 +54,7 @@ RUNNER = textwrap.dedent("""
         svc = DhcpService.from_config(cfg, store, RegistryService(store, cfg.registry))
         metrics = CollectorRegistry()
         server = DhcpServer(svc, listen=cfg.dhcp.listen, port=cfg.dhcp.port, interface=cfg.dhcp.interface,
-                            queue_size=cfg.dhcp.queue_size, registry=metrics)
+                            queue_size=cfg.dhcp.queue_size, metrics=metrics)
         await server.start()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -153,7 +153,7 @@ class DhcpServer:
         queue_size: int = 1024,
         workers: int = 16,
         max_age: float = 1.0,
-        registry: CollectorRegistry | None = None,
+        metrics: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.service = service
@@ -165,8 +165,9 @@ class DhcpServer:
         self.max_age = max_age
         self.clock = clock
         self.queue = _Lanes(queue_size)
-        # The daemon passes its one registry (served on /metrics); a private one only for tests that do not scrape.
-        self.metrics = DhcpMetrics(registry if registry is not None else make_registry())
+        # The daemon passes its one collector registry (served on /metrics); a private one only for tests that do
+        # not scrape.  Named `metrics`, not `registry`: in bootd "registry" is the node registry.
+        self.metrics = DhcpMetrics(metrics if metrics is not None else make_registry())
         self.metrics.queue.set_function(lambda: float(self.queue.qsize()))
         self._endpoints: list[asyncio.DatagramTransport] = []
         self._tasks: list[asyncio.Task[None]] = []

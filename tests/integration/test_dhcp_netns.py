@@ -137,7 +137,7 @@ RUNNER = textwrap.dedent("""
         server = DhcpServer(svc, listen=cfg.dhcp.listen, port=cfg.dhcp.port,
                             proxy_port=cfg.dhcp.proxy_port if cfg.dhcp.mode == "proxy" else None,
                             interface=cfg.dhcp.interface or cfg.server.interface,
-                            queue_size=cfg.dhcp.queue_size, registry=CollectorRegistry())
+                            queue_size=cfg.dhcp.queue_size, metrics=CollectorRegistry())
         await server.start()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

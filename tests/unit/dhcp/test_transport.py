@@ -44,7 +44,7 @@ def make(store: SqliteNodeStore, relay_port: int, registry: CollectorRegistry, *
     svc = DhcpService(store, RegistryService(store, RegistryConfig()), BootPolicy("http://127.0.0.1:8080",
                                                                                   "127.0.0.1"), settings,
                       server_address="127.0.0.1")
-    return DhcpServer(svc, listen="127.0.0.1", port=0, registry=registry, **kw)  # type: ignore[arg-type]
+    return DhcpServer(svc, listen="127.0.0.1", port=0, metrics=registry, **kw)  # type: ignore[arg-type]
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -124,7 +124,7 @@ async def test_proxy_boot_server_port_answers_the_sender(store: SqliteNodeStore,
     svc = DhcpService(store, RegistryService(store, RegistryConfig()),
                       BootPolicy("http://127.0.0.1:8080", "127.0.0.1"), settings, server_address="127.0.0.1")
     registry = CollectorRegistry()
-    server = DhcpServer(svc, listen="127.0.0.1", port=port, proxy_port=proxy_port, registry=registry)
+    server = DhcpServer(svc, listen="127.0.0.1", port=port, proxy_port=proxy_port, metrics=registry)
     await server.start()
     try:
         assert server.bound_ports == [port, proxy_port]
@@ -205,7 +205,7 @@ async def test_port_in_use_fails_loudly(store: SqliteNodeStore, relay: socket.so
     settings = DhcpConfig(mode="proxy")
     svc = DhcpService(store, RegistryService(store, RegistryConfig()),
                       BootPolicy("http://127.0.0.1:8080", "127.0.0.1"), settings, server_address="127.0.0.1")
-    server = DhcpServer(svc, listen="127.0.0.1", port=taken, registry=CollectorRegistry())
+    server = DhcpServer(svc, listen="127.0.0.1", port=taken, metrics=CollectorRegistry())
     with pytest.raises(OSError, match="another DHCP server running"):
         await server.start()
     assert server.bound_ports == []
