@@ -28,6 +28,7 @@ from bootd.service.credentials import Credentials
 from bootd.service.health import HealthMonitor
 from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
+from bootd.service.overlays import OverlayService
 from bootd.service.registry import RegistryService
 from bootd.service.services import Services
 from bootd.store.base import NodeStore
@@ -109,7 +110,7 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     boot = BootService(config, registry, lifecycle, capsules, credentials)
     nodes = NodeAdmin(store, lifecycle, config.registry, AuditLog(config.server.state_dir / "audit.log"))
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
-                           capsules=capsules, metrics=metrics)
+                           capsules=capsules, metrics=metrics, overlays=OverlayService(store, config))
 
 
 @contextlib.asynccontextmanager

@@ -15,6 +15,7 @@ from bootd.service.boot import BootService, CapsuleReader
 from bootd.service.credentials import Credentials
 from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
+from bootd.service.overlays import OverlayService
 from bootd.service.registry import RegistryService
 
 
@@ -27,6 +28,7 @@ class Services:
     credentials: Credentials
     capsules: CapsuleReader
     metrics: CollectorRegistry
+    overlays: OverlayService
 
     def reload(self, config: Config) -> None:
         """Each service takes its own section; the next decision uses the new values."""
@@ -34,3 +36,4 @@ class Services:
         self.registry.reload(config.registry)
         self.nodes.reload(config.registry)
         self.boot.reload(config)
+        self.overlays.reload(config)

@@ -151,6 +151,7 @@ class HttpServer(NodeRoutes):
         r.add_post("/api/v1/nodes/{name}/events", self._event)
         r.add_post("/api/v1/nodes/{name}/heartbeat", self._heartbeat)
         r.add_get("/api/v1/nodes/{name}/env", self._env)
+        r.add_get("/api/v1/nodes/{name}/overlay/{kind}", self._overlay)
         r.add_get("/api/v1/nodes", self._list_nodes)
         r.add_get("/api/v1/nodes/{name}", self._get_node)
         r.add_post("/api/v1/nodes/{name}", self._set_node)

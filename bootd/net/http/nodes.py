@@ -17,9 +17,10 @@ from dataclasses import asdict
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from bootd.errors import Conflict, NotFound, StoreError
+from bootd.errors import Conflict, NotFound, OverlayError, StoreError
 from bootd.metrics import HttpMetrics, NodeStateGauge
 from bootd.model import State, node_json, normalize_mac
+from bootd.net.files import etag_matches
 from bootd.net.http.send import refuse
 from bootd.service.lifecycle import NODE_REPORTABLE, Actor, TransitionRefused
 from bootd.service.nodes import Invalid
@@ -129,6 +130,25 @@ class NodeRoutes:
             return refuse(401, "admin routes need 'Authorization: Bearer <contents of state_dir/admin-token>'",
                           {"WWW-Authenticate": "Bearer"})
         return None
+
+    async def _overlay(self, request: web.Request) -> web.StreamResponse:
+        """The node's rendered overlays of one kind (a tar), for its own credential only; 304 when unchanged."""
+        name = request.match_info["name"]
+        denied = await self._node_auth(request, name)
+        if denied is not None:
+            return denied
+        try:
+            rendered = await self.services.overlays.render(name, request.match_info["kind"], self.clock())
+        except NotFound as exc:
+            return refuse(404, str(exc))
+        except OverlayError as exc:
+            log.error("event=overlay-render-failed node=%s error=%r", name, str(exc))
+            return refuse(500, f"cannot render the overlays of {name}: {exc}")
+        headers = {"ETag": rendered.etag, "Cache-Control": "no-store"}
+        inm = request.headers.get("If-None-Match")
+        if inm is not None and etag_matches(inm, rendered.etag):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=rendered.data, content_type="application/x-tar", headers=headers)
 
     async def _list_nodes(self, request: web.Request) -> web.StreamResponse:
         if (denied := self._admin_auth(request)) is not None:
