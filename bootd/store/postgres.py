@@ -470,15 +470,25 @@ class PostgresNodeStore:
                 delay = min(delay * 2, 2.0)
 
     async def probe(self, timeout: float = 2.0) -> StoreStatus:
-        """One ``SELECT 1`` now (bounded by ``timeout``), so /healthz is true even when no node is calling."""
-        try:
-            async with self._pool.connection(timeout=timeout) as conn:
-                await asyncio.wait_for(conn.execute("SELECT 1"), timeout)
-        except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError) or _lost(exc):
-                self.outage.failed(_clean(exc, self._password) or f"no answer within {timeout:g}s")
-        else:
-            self.outage.ok()
+        """One ``SELECT 1`` now (bounded by ``timeout``), so /healthz is true even when no node is calling.
+
+        A pooled connection left over from before a database restart fails once; it is dropped
+        and the question asked again on a fresh one before the database is called unreachable.
+        """
+        for attempt in (1, 2):
+            try:
+                async with self._pool.connection(timeout=timeout) as conn:
+                    await asyncio.wait_for(conn.execute("SELECT 1"), timeout)
+            except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
+                stale = isinstance(exc, psycopg.OperationalError) and not isinstance(exc, PoolTimeout)
+                if attempt == 1 and stale and _lost(exc):
+                    await self._pool.check()
+                    continue
+                if isinstance(exc, TimeoutError) or _lost(exc):
+                    self.outage.failed(_clean(exc, self._password) or f"no answer within {timeout:g}s")
+            else:
+                self.outage.ok()
+            break
         return self.status()
 
     def status(self) -> StoreStatus:

@@ -343,6 +343,10 @@ async def test_lost_database_is_retried_counted_logged_once_and_reported(
     assert metrics.get_sample_value("bootd_store_reconnects_total") == 1
     assert any("event=store_reconnected" in r.getMessage() for r in caplog.records)
     assert (await store.probe()).healthy and store.status().reconnects == 1
+    # After a restart nobody noticed, the probe drops the dead pooled connections instead of failing.
+    postgres_server.stop()
+    postgres_server.start()
+    assert (await store.probe()).healthy and store.status().failures == status.failures
     await store.close()
 
 
