@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from bootd.config import RegistryConfig
 from bootd.errors import RegistryFull
 from bootd.model import Machine, Node
-from bootd.store.base import NodeStore
+from bootd.store.base import NodeStore, StoreStatus
 
 log = logging.getLogger("bootd.registry")
 
@@ -61,6 +61,10 @@ class RegistryService:
 
     def reload(self, config: RegistryConfig) -> None:
         self.config = config
+
+    async def store_health(self) -> StoreStatus:
+        """Is the registry's database reachable now (one bounded probe)? For /healthz."""
+        return await self.store.probe()
 
     async def decide(self, machine: Machine, now: float, *, netboot: bool = True) -> Resolution:
         """Resolve a machine to a node, registering it on first contact when allowed.

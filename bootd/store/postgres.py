@@ -42,6 +42,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
+from bootd.ratelog import LogLimiter
 from bootd.store.base import NODE_FIELDS, Credential, Event, StoreStatus, mask_url
 
 log = logging.getLogger("bootd.store")
@@ -239,8 +240,8 @@ class _NewNode:
     group: str
     approved: bool
     now: float
+    max_nodes: int
     result: asyncio.Future[tuple[Node, bool]]
-    max_nodes: int = 0
 
 
 INSERT_NEW_NODE = (
@@ -272,7 +273,7 @@ async def _register_batch(batch: list[_NewNode], conn: Conn) -> list[tuple[Node,
     top: int | None = meta["top"]
     count: int = meta["count"]
     groups = set(meta["groups"])
-    full: set[str] = set()
+    full: set[str] = set()  # MACs refused by registry.max_nodes
 
     def next_index(item: _NewNode) -> int:
         return item.first_index if top is None else max(item.first_index, top + 1)
@@ -324,6 +325,15 @@ async def _register_batch(batch: list[_NewNode], conn: Conn) -> list[tuple[Node,
     return results
 
 
+async def _event(conn: Conn, node_id: int, ts: float, state: str, reason: str, detail: str) -> None:
+    """Append to the node's timeline, keeping its newest EVENTS_KEPT_PER_NODE entries."""
+    await conn.execute("INSERT INTO events(node_id, ts, state, reason, detail) VALUES (%s, %s, %s, %s, %s)",
+                       (node_id, ts, state, reason, detail))
+    await conn.execute(
+        "DELETE FROM events WHERE node_id = %(id)s AND id < (SELECT id FROM events WHERE node_id = %(id)s"
+        " ORDER BY id DESC OFFSET %(keep)s LIMIT 1)", {"id": node_id, "keep": EVENTS_KEPT_PER_NODE - 1})
+
+
 class _Outage:
     """Counts lost-database failures and logs them once per interval, not once per call."""
 
@@ -334,8 +344,7 @@ class _Outage:
         self.reconnects = 0
         self.down_since: float | None = None
         self.last_error = ""
-        self._logged_at = -math.inf
-        self._logged_failures = 0
+        self._log = LogLimiter(log_every)
         self._failures_counter = self._reconnects_counter = None
         if metrics is not None:
             from prometheus_client import Counter
@@ -354,12 +363,10 @@ class _Outage:
             self._failures_counter.inc()
         if self.down_since is None:
             self.down_since = time.time()
-        now = time.monotonic()
-        if now - self._logged_at >= self.log_every:
+        held = self._log.allow()
+        if held is not None:
             log.warning("event=store_unreachable url=%s failures=%d since_last_log=%d error=%r",
-                        self.url, self.failures, self.failures - self._logged_failures, error)
-            self._logged_at = now
-            self._logged_failures = self.failures
+                        self.url, self.failures, held + 1, error)
 
     def ok(self) -> None:
         if self.down_since is None:
@@ -370,7 +377,7 @@ class _Outage:
         log.warning("event=store_reconnected url=%s down_for=%.1fs failures=%d",
                     self.url, time.time() - self.down_since, self.failures)
         self.down_since = None
-        self._logged_at = -math.inf
+        self._log = LogLimiter(self.log_every)  # the next outage is logged at once
 
 
 class PostgresNodeStore:
@@ -536,8 +543,8 @@ class PostgresNodeStore:
         if found is not None:
             return found
         # New ones queue for the registrar, which numbers everything waiting in one transaction.
-        item = _NewNode(mac, name_pattern, first_index, group, approved, now,
-                        asyncio.get_running_loop().create_future(), max_nodes)
+        item = _NewNode(mac, name_pattern, first_index, group, approved, now, max_nodes,
+                        asyncio.get_running_loop().create_future())
         self._new.append(item)
         if self._registrar is None or self._registrar.done():
             self._registrar = asyncio.create_task(self._register_waiting(), name="bootd-store-registrar")
@@ -656,11 +663,7 @@ class PostgresNodeStore:
                 " ELSE state_since END, state = %(s)s, reason = %(r)s, last_contact = %(now)s WHERE id = %(id)s",
                 {"s": state.value, "r": reason, "now": now, "id": row["id"]},
             )
-            await conn.execute("INSERT INTO events(node_id, ts, state, reason, detail) VALUES (%s, %s, %s, %s, %s)",
-                               (row["id"], now, state.value, reason, detail))
-            await conn.execute(
-                "DELETE FROM events WHERE node_id = %(id)s AND id < (SELECT id FROM events WHERE node_id = %(id)s"
-                " ORDER BY id DESC OFFSET %(keep)s LIMIT 1)", {"id": row["id"], "keep": EVENTS_KEPT_PER_NODE - 1})
+            await _event(conn, row["id"], now, state.value, reason, detail)
             new = await _node_where(conn, "id", row["id"])
             assert new is not None
             return _node(new)
@@ -676,35 +679,30 @@ class PostgresNodeStore:
     async def record_event(self, name: str, ts: float, state: str, reason: str = "", detail: str = "") -> None:
         async def fn(conn: Conn) -> None:
             row = await _require(conn, name)
-            await conn.execute("INSERT INTO events(node_id, ts, state, reason, detail) VALUES (%s, %s, %s, %s, %s)",
-                               (row["id"], ts, state, reason, detail))
-            await conn.execute(
-                "DELETE FROM events WHERE node_id = %(id)s AND id < (SELECT id FROM events WHERE node_id = %(id)s"
-                " ORDER BY id DESC OFFSET %(keep)s LIMIT 1)", {"id": row["id"], "keep": EVENTS_KEPT_PER_NODE - 1})
+            await _event(conn, row["id"], ts, state, reason, detail)
 
         await self._run(fn)
 
-    # -- credentials --------------------------------------------------------------
+    # -- credentials and PXE evidence --------------------------------------------
     async def put_credential(self, cred: Credential) -> None:
+        """Replace the node's credential (a new boot revokes the previous one)."""
         async def fn(conn: Conn) -> None:
-            row = await _require(conn, cred.node)
+            row = await _require(conn, cred.node, lock=True)
             await conn.execute(
                 "INSERT INTO credentials(node_id, digest, issued, expires, evidence) VALUES (%s, %s, %s, %s, %s)"
-                " ON CONFLICT (node_id) DO UPDATE SET digest = EXCLUDED.digest, issued = EXCLUDED.issued,"
-                " expires = EXCLUDED.expires, evidence = EXCLUDED.evidence",
+                " ON CONFLICT (node_id) DO UPDATE SET digest = excluded.digest, issued = excluded.issued,"
+                " expires = excluded.expires, evidence = excluded.evidence",
                 (row["id"], cred.digest, cred.issued, cred.expires, cred.evidence))
 
         await self._run(fn)
 
     async def get_credential(self, name: str) -> Credential | None:
-        async def fn(conn: Conn) -> DictRow | None:
-            return await _row(conn, "SELECT c.* FROM credentials c JOIN nodes n ON n.id = c.node_id WHERE n.name = %s",
-                              (name,))
-
-        r = await self._run(fn, write=False)
+        r = await self._run(lambda c: _row(c, "SELECT c.* FROM credentials c JOIN nodes n ON n.id = c.node_id"
+                                              " WHERE n.name = %s", (name,)), write=False)
         return None if r is None else Credential(name, r["digest"], r["issued"], r["expires"], r["evidence"])
 
     async def extend_credential(self, name: str, digest: str, expires: float) -> None:
+        """Slide the expiry of a credential still in use (only if it is still the current one)."""
         async def fn(conn: Conn) -> None:
             await conn.execute("UPDATE credentials SET expires = %s WHERE digest = %s AND node_id ="
                                " (SELECT id FROM nodes WHERE name = %s)", (expires, digest, name))
@@ -716,17 +714,14 @@ class PostgresNodeStore:
 
         async def fn(conn: Conn) -> None:
             await conn.execute("INSERT INTO pxe_seen(mac, ts, address) VALUES (%s, %s, %s) ON CONFLICT (mac)"
-                               " DO UPDATE SET ts = EXCLUDED.ts, address = EXCLUDED.address", (mac, ts, address))
+                               " DO UPDATE SET ts = excluded.ts, address = excluded.address", (mac, ts, address))
 
         await self._run(fn)
 
     async def pxe_seen(self, mac: str) -> tuple[float, str | None] | None:
         mac = normalize_mac(mac)
-
-        async def fn(conn: Conn) -> DictRow | None:
-            return await _row(conn, "SELECT ts, address FROM pxe_seen WHERE mac = %s", (mac,))
-
-        r = await self._run(fn, write=False)
+        r = await self._run(lambda c: _row(c, "SELECT ts, address FROM pxe_seen WHERE mac = %s", (mac,)),
+                            write=False)
         return None if r is None else (r["ts"], r["address"])
 
     async def events(self, name: str, limit: int = 100) -> list[Event]:

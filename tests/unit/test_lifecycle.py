@@ -22,19 +22,16 @@ from bootd.service.lifecycle import (
     timeout,
 )
 from bootd.service.registry import RegistryService
-from bootd.store.memory import memory_store
+from bootd.store.base import NodeStore
 
 S = State
 CFG = RegistryConfig(stale_after=90.0, dead_after=300.0, pxe_timeout=120.0)
 
 
 @pytest.fixture
-async def life() -> AsyncIterator[Lifecycle]:
-    store = memory_store()
-    try:
-        yield Lifecycle(store, CFG, make_registry())
-    finally:
-        await store.close()
+async def life(node_store: NodeStore) -> AsyncIterator[Lifecycle]:
+    """On both backends (``node_store``: SQLite and a real PostgreSQL)."""
+    yield Lifecycle(node_store, CFG, make_registry())
 
 
 async def new_node(life: Lifecycle, index: int) -> str:

@@ -15,6 +15,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,7 @@ from bootd.store.base import Credential, NodeStore, StoreStatus, mask_url
 from bootd.store.broken import BrokenStore
 from bootd.store.factory import open_store, open_url
 from bootd.store.sqlite import SqliteNodeStore
-from tests.conftest import ROOT, StoreTarget, run_cli, write_config
+from tests.conftest import ROOT, StoreTarget, free_port, run_cli, write_config
 from tests.pgserver import PgServer
 
 
@@ -456,3 +459,81 @@ async def test_store_migrate_copies_every_row_and_refuses_a_full_target(
     conn = await postgres.connect(url, password=postgres_server.password)
     assert await migrate.read_postgres(conn) == migrate.read_sqlite(state / "bootd.sqlite")
     await conn.close()
+
+
+async def test_max_nodes_caps_first_contacts_even_at_once(node_store: NodeStore) -> None:
+    results = await asyncio.gather(*(node_store.register(mac(i), name_pattern="n{index:04d}", first_index=0,
+                                                         group="default", approved=True, now=1.0, max_nodes=3)
+                                     for i in range(6)), return_exceptions=True)
+    assert sum(isinstance(r, tuple) for r in results) == 3
+    assert all(isinstance(r, RegistryFull) and "registry.max_nodes = 3" in str(r)
+               for r in results if not isinstance(r, tuple))
+    assert len(await node_store.list_nodes()) == 3
+    known = next(r for r in results if isinstance(r, tuple))[0]
+    again, created = await node_store.register(known.mac, name_pattern="n{index:04d}", first_index=0,
+                                               group="default", approved=True, now=2.0, max_nodes=3)
+    assert again.name == known.name and not created  # a known node is never refused
+
+
+async def test_cli_and_serve_use_the_configured_postgresql(postgres_server: PgServer, tmp_path: Path) -> None:
+    secret = tmp_path / "db-password"
+    secret.write_text(postgres_server.password + "\n")
+    url = postgres_server.new_schema_url()
+    cfg = write_config(tmp_path / "bootd.toml", {"server": {"state_dir": str(tmp_path / "state")},
+                                                 "store": {"url": url, "password_file": str(secret)}})
+    run_cli("node", "add", "pg1", "--mac", mac(7), config=cfg, check=True)
+    proc = run_cli("node", "list", "--json", config=cfg, check=True)
+    assert "pg1" in proc.stdout
+    store = await open_url(url, password=postgres_server.password)
+    node = await store.get_node("pg1")
+    assert node is not None and node.mac == mac(7)  # in PostgreSQL, not in a SQLite file
+    await store.close()
+    assert not (tmp_path / "state" / "bootd.sqlite").exists()
+
+    # /healthz of a running `bootd serve` says when the database goes away, and when it is back.
+    port = free_port()
+    served = write_config(tmp_path / "serve.toml", {
+        "server": {"state_dir": str(tmp_path / "state"), "address": "127.0.0.1"},
+        "http": {"listen": "127.0.0.1", "port": port},
+        "store": {"url": url, "password_file": str(secret), "retry_for": 1}})
+    log = (tmp_path / "serve.log").open("w+")
+    daemon = subprocess.Popen([sys.executable, "-m", "bootd", "-c", str(served), "serve"], cwd=ROOT,
+                              stdout=log, stderr=subprocess.STDOUT)
+
+    def healthz() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                answer = await asyncio.to_thread(healthz)
+                break
+            except OSError:
+                await asyncio.sleep(0.2)
+        assert answer == (200, "ok\n"), Path(log.name).read_text()
+        postgres_server.stop()
+        try:
+            code, text = await asyncio.to_thread(healthz)
+            assert code == 503 and f"registry unreachable: {url}" in text, text
+        finally:
+            postgres_server.start()
+        assert await asyncio.to_thread(healthz) == (200, "ok\n")
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+        log.close()
+    assert "event=store_unreachable" in Path(log.name).read_text()
+
+    # A database that cannot be reached stops `bootd serve` at once, naming the URL.
+    gone = f"postgresql://bootd@/bootd?host={tmp_path}/nowhere"
+    cfg = write_config(tmp_path / "gone.toml", {"server": {"state_dir": str(tmp_path / "state")},
+                                                "http": {"listen": "127.0.0.1", "port": 0},
+                                                "store": {"url": gone, "connect_timeout": 2}})
+    proc = run_cli("serve", config=cfg)
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot connect to the node registry at {gone}" in proc.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -192,4 +193,9 @@ class NodeRoutes:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        status = await self.services.registry.store_health()
+        if not status.healthy:
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(status.down_since or time.time()))
+            return web.Response(status=503, text=f"registry unreachable: {status.url} since {since} "
+                                                 f"({status.failures} failures): {status.last_error}\n")
         return web.Response(text="ok\n")
