@@ -152,9 +152,12 @@ async def build(config: Config) -> Built:
         )))
 
     if config.http.enabled:
+        from bootd.net.http.admin import AdminServer
         from bootd.net.http.app import HttpServer
 
-        built.components.append(("http", HttpServer(config, svc)))
+        http = HttpServer(config, svc)
+        built.components.append(("http", http))
+        built.components.append(("admin", AdminServer(config, svc, http.metrics)))
 
     if config.dhcp.enabled:
         from bootd.net.dhcp import DhcpServer

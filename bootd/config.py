@@ -100,6 +100,14 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    listen: str = "127.0.0.1"
+    port: int = 8081
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass(frozen=True)
 class BootConfig:
     bios_nbp: str = "undionly.kpxe"
     uefi_nbp: str = "snponly.efi"
@@ -145,6 +153,7 @@ class Config:
     dhcp: DhcpConfig = field(default_factory=DhcpConfig)
     tftp: TftpConfig = field(default_factory=TftpConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     boot: BootConfig = field(default_factory=BootConfig)
     capsule: CapsuleConfig = field(default_factory=CapsuleConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -318,7 +327,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
-    sections = ("server", "registry", "dhcp", "tftp", "http", "boot", "capsule", "store", "overlay")
+    sections = ("server", "registry", "dhcp", "tftp", "http", "admin", "boot", "capsule", "store", "overlay")
     for name in data:
         if name not in sections:
             raise ConfigError(path, name, f"unknown section; valid sections are: {', '.join(sections)}")
@@ -430,6 +439,19 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
     )
     h.finish()
 
+    a = section("admin")
+    cert, key = a.opt_text("tls_cert"), a.opt_text("tls_key")
+    if (cert is None) != (key is None):
+        raise a.error("tls_cert" if cert is None else "tls_key",
+                      "tls_cert and tls_key go together: set both or neither")
+    admin = AdminConfig(
+        listen=a.text("listen", AdminConfig.listen, _ipv4),
+        port=a.port("port", AdminConfig.port),
+        tls_cert=Path(cert) if cert else None,
+        tls_key=Path(key) if key else None,
+    )
+    a.finish()
+
     b = section("boot")
     boot = BootConfig(
         bios_nbp=b.text("bios_nbp", BootConfig.bios_nbp),
@@ -479,5 +501,5 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         raise o.error("uid_max", f"{overlay.uid_max} is below uid_min {overlay.uid_min}")
     o.finish()
 
-    return Config(path=path, server=server, registry=registry, dhcp=dhcp, tftp=tftp, http=http,
+    return Config(path=path, server=server, registry=registry, dhcp=dhcp, tftp=tftp, http=http, admin=admin,
                   boot=boot, capsule=capsule, store=store, overlay=overlay)

@@ -54,6 +54,10 @@ def recv_until(sock: socket.socket, needle: str, timeout: float) -> str:
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """Write a bootd.toml.  A config that runs a server gets its own admin port (the default, 8081,
+    would collide between servers started side by side on one machine)."""
+    if "server" in sections and "admin" not in sections:
+        sections = {**sections, "admin": {"port": free_port()}}
     lines: list[str] = []
     for name, values in sections.items():
         lines.append(f"[{name}]")

@@ -120,10 +120,9 @@ def _act_as_state_owner(args: Any, config: config_mod.Config) -> Callable[[], No
     """
     if os.geteuid() != 0:
         return lambda: None
-    dirs = [d for d in (config.server.state_dir, config.capsule.dir, config.boot.stage1_dir) if d.exists()]
     try:
         owner = config.server.state_dir.stat()
-    except FileNotFoundError:
+    except OSError:  # not there yet, or not a directory: the command itself says what is wrong
         return lambda: None
     if owner.st_uid == 0:
         return lambda: None
@@ -133,7 +132,9 @@ def _act_as_state_owner(args: Any, config: config_mod.Config) -> Callable[[], No
         return lambda: None
 
     def hand_over() -> None:
-        for top in dirs:
+        for top in (config.server.state_dir, config.capsule.dir, config.boot.stage1_dir):
+            if not top.is_dir():
+                continue
             for path in (top, *top.rglob("*")):
                 with contextlib.suppress(OSError):
                     st = path.lstat()

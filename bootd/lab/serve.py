@@ -24,6 +24,9 @@ class ServeError(LabError):
     """bootd serve did not come up as the lab needs; the message says which part is missing."""
 
 
+ADMIN_PORT = 8081  # inside the lab's own network namespace: nothing else listens there
+
+
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -69,6 +72,8 @@ class BootdServer:
                      "pool_end": lab.host_ip(199), "netmask": lab.netmask, "lease_time": 3600},
             "tftp": {"enabled": True, "root": str(self.state_dir / "tftp")},
             "http": {"enabled": True, "listen": lab.server_ip, "port": self.http_port},
+            # The admin API stays on the namespace's loopback; http_get reaches it there.
+            "admin": {"listen": "127.0.0.1", "port": ADMIN_PORT},
             "boot": {"kernel_args": self.kernel_args, "stage1_dir": str(self.stage1_dir)},
             "capsule": {"dir": str(self.state_dir / "capsules")},
         }
@@ -184,11 +189,15 @@ class BootdServer:
     def http_get(self, path: str) -> tuple[int, bytes]:
         """GET from inside the namespace (the host cannot reach the lab network)."""
         auth: list[str] = []
+        base = self.base_url
         token_file = self.state_dir / "admin-token"
-        if path.startswith("/api/v1/nodes") and token_file.exists():  # admin reads need the admin token
-            auth = ["-H", f"Authorization: Bearer {token_file.read_text().strip()}"]
+        if path.startswith("/api/v1/nodes") and not path.endswith(("/events", "/heartbeat", "/env")):
+            # The admin API: its own listener (localhost in the lab's namespace) and the admin token.
+            base = f"http://127.0.0.1:{ADMIN_PORT}"
+            if token_file.exists():
+                auth = ["-H", f"Authorization: Bearer {token_file.read_text().strip()}"]
         res = subprocess.run(
-            self.lab.ns_cmd(["curl", "-s", *auth, "-o", "-", "-w", "\n%{http_code}", f"{self.base_url}{path}"]),
+            self.lab.ns_cmd(["curl", "-s", *auth, "-o", "-", "-w", "\n%{http_code}", f"{base}{path}"]),
             capture_output=True, timeout=30, check=False,
         )
         body, _, code = res.stdout.rpartition(b"\n")

@@ -21,6 +21,7 @@ from bootd.capsule.importer import ImportOptions, import_capsule
 from bootd.capsule.store import CapsuleStore
 from bootd.config import from_dict
 from bootd.model import Group, Lease
+from bootd.net.http.admin import AdminServer
 from bootd.net.http.app import HttpServer
 from bootd.store.sqlite import SqliteNodeStore
 
@@ -37,6 +38,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Any]:
         "server": {"state_dir": str(state), "address": "127.0.0.1"},
         "registry": {"evidence": "lease"},
         "http": {"listen": "127.0.0.1", "port": 0},
+        "admin": {"port": 0},
         "capsule": {"dir": str(tmp_path / "capsules")},
     })
     await asyncio.to_thread(import_capsule, CapsuleStore(config.capsule.dir), "tiny", root,
@@ -46,10 +48,13 @@ async def served(tmp_path: Path) -> AsyncIterator[Any]:
     _, services = compose.services(config, store=store)
     server = HttpServer(config, services)
     await server.start()
+    admin = AdminServer(config, services, server.metrics)
+    await admin.start()
     async with aiohttp.ClientSession(f"http://127.0.0.1:{server.port}") as session:
         try:
-            yield session, store, config
+            yield session, store, config, admin.base_url
         finally:
+            await admin.close()
             await server.close()
             await store.close()
 
@@ -69,7 +74,7 @@ async def post(session: aiohttp.ClientSession, path: str, token: str | None, bod
 
 
 async def test_no_credential_without_evidence_and_none_that_outlives_its_node(served: Any) -> None:
-    session, store, config = served
+    session, store, config, _ = served
     now = time.time()
     # The victim booted: bootd leased it 10.9.9.9.  An attacker on 127.0.0.1 asks for its script.
     token, _, text = await script(session, VICTIM)
@@ -108,7 +113,7 @@ async def test_no_credential_without_evidence_and_none_that_outlives_its_node(se
 
 
 async def test_disabled_node_gets_nothing_but_the_wait_script(served: Any) -> None:
-    session, store, _ = served
+    session, store, _, _ = served
     await script(session, VICTIM)
     node = await store.get_node_by_mac(VICTIM)
     assert node is not None
@@ -124,7 +129,7 @@ async def test_disabled_node_gets_nothing_but_the_wait_script(served: Any) -> No
 
 
 async def test_bad_json_of_any_shape_is_a_400(served: Any) -> None:
-    session, store, config = served
+    session, store, config, admin_base = served
     await store.put_lease(Lease("127.0.0.1", VICTIM, time.time() + 600))
     await script(session, VICTIM)
     token, name, _ = await script(session, VICTIM)
@@ -133,14 +138,14 @@ async def test_bad_json_of_any_shape_is_a_400(served: Any) -> None:
                             headers={"X-Bootd-Token": token or "", "Content-Type": "application/json"}) as r:
         assert r.status in (400, 413)
     admin = (config.server.state_dir / "admin-token").read_text().strip()
-    async with session.post(f"/api/v1/nodes/{name}", data=b"[" * 50_000 + b"]" * 50_000,
+    async with session.post(f"{admin_base}/api/v1/nodes/{name}", data=b"[" * 50_000 + b"]" * 50_000,
                             headers={"Authorization": f"Bearer {admin}"}) as r:
         assert r.status == 400
 
 
 async def test_symlinks_out_of_a_served_directory_are_refused(served: Any, tmp_path: Path) -> None:
     """HTTP follows a link inside /stage1 or /nbp only while it stays inside (it served /etc/shadow before)."""
-    session, _, config = served
+    session, _, config, _ = served
     stage1 = config.boot.stage1_dir
     stage1.mkdir(parents=True, exist_ok=True)
     (stage1 / "initramfs.img").write_bytes(b"INITRD")

@@ -25,6 +25,7 @@ from bootd.capsule.importer import ImportOptions, import_capsule
 from bootd.capsule.store import CapsuleStore
 from bootd.config import Config, from_dict
 from bootd.model import Group, Node, State
+from bootd.net.http.admin import AdminServer
 from bootd.net.http.app import HttpServer
 from bootd.service.credentials import Issued
 from bootd.store.sqlite import SqliteNodeStore
@@ -47,6 +48,10 @@ class Env:
         return self.base + path
 
     tokens: dict[str, str]
+    admin: AdminServer
+
+    def admin_url(self, path: str) -> str:
+        return self.admin.base_url + path
 
     def token(self, name: str) -> str:
         """The credential the node's last script carried (recorded as it was issued), or a made-up one."""
@@ -100,6 +105,7 @@ async def start_env(tmp_path: Path, **http: Any) -> tuple[Env, SqliteNodeStore]:
     config = from_dict({
         "server": {"state_dir": str(state), "address": "127.0.0.1"},
         "http": {"listen": "127.0.0.1", "port": 0, **http},
+        "admin": {"port": 0},
         "boot": {"stage1_dir": str(stage1)},
         "tftp": {"nbp_dir": str(nbp)},
         "capsule": {"dir": str(tmp_path / "capsules")},
@@ -122,8 +128,10 @@ async def start_env(tmp_path: Path, **http: Any) -> tuple[Env, SqliteNodeStore]:
     services.credentials.issue = recording_issue  # type: ignore[method-assign]
     server = HttpServer(config, services)
     await server.start()
+    admin = AdminServer(config, services, server.metrics)
+    await admin.start()
     env = Env(server, store, capsules, config, result.version, f"http://127.0.0.1:{server.port}", tmp_path,
-              tokens)
+              tokens, admin)
     return env, store
 
 
@@ -133,6 +141,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     try:
         yield e
     finally:
+        await e.admin.close()
         await e.server.close()
         await store.close()
 
@@ -499,20 +508,24 @@ async def test_admin_reads_and_token_guarded_writes(env: Env, session: aiohttp.C
     name = await _register(env, session, "52-54-00-00-00-0c")
     admin = (env.config.server.state_dir / "admin-token").read_text().strip()
     auth = {"Authorization": f"Bearer {admin}"}
+    # The admin API is not on the node-facing listener at all: it says where it is.
+    for path in ("/api/v1/nodes", f"/api/v1/nodes/{name}"):
+        async with session.get(env.url(path), headers=auth) as r:
+            assert r.status == 404 and "[admin]" in await r.text()
     # Reads are admin routes too: node variables hold site secrets, and MACs are what a spoofer needs.
     for path in ("/api/v1/nodes", f"/api/v1/nodes/{name}"):
-        async with session.get(env.url(path)) as r:
+        async with session.get(env.admin_url(path)) as r:
             assert r.status == 401 and "admin-token" in await r.text()
-    async with session.get(env.url("/api/v1/nodes"), headers=auth) as r:
+    async with session.get(env.admin_url("/api/v1/nodes"), headers=auth) as r:
         data = await r.json()
     assert [n["name"] for n in data["nodes"]] == [name]
     assert data["nodes"][0]["state"] == "pxe" and data["nodes"][0]["mac"] == "52:54:00:00:00:0c"
-    status, body, _ = await curl("-H", f"Authorization: Bearer {admin}", env.url(f"/api/v1/nodes/{name}"))
+    status, body, _ = await curl("-H", f"Authorization: Bearer {admin}", env.admin_url(f"/api/v1/nodes/{name}"))
     one = json.loads(body)
     assert status == 200 and one["name"] == name and [e["state"] for e in one["events"]][:1] == ["discovered"]
-    async with session.get(env.url("/api/v1/nodes/ghost"), headers=auth) as r:
+    async with session.get(env.admin_url("/api/v1/nodes/ghost"), headers=auth) as r:
         assert r.status == 404
-    url = env.url(f"/api/v1/nodes/{name}")
+    url = env.admin_url(f"/api/v1/nodes/{name}")
     async with session.post(url, json={"capsule": "other"}) as r:
         assert r.status == 401
     async with session.post(url, json={"capsule": "other"}, headers={"Authorization": "Bearer wrong"}) as r:

@@ -33,11 +33,12 @@ def _call(url: str, body: Any | None = None, token: str | None = None) -> tuple[
 
 @pytest.fixture
 def served(tmp_path: Path) -> Any:
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     state = tmp_path / "state"
     config = write_config(tmp_path / "bootd.toml", {
         "server": {"state_dir": str(state), "address": "127.0.0.1", "graceful_timeout": 3},
         "http": {"listen": "127.0.0.1", "port": port},
+        "admin": {"port": admin_port},
     })
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([PYTHON, "-m", "bootd", "-c", str(config), "serve"], cwd=ROOT, stdout=log,
@@ -53,7 +54,8 @@ def served(tmp_path: Path) -> Any:
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
         time.sleep(0.1)
     try:
-        yield config, base, (state / "admin-token").read_text().strip()
+        # The admin API listens on its own port ([admin]), on localhost.
+        yield config, f"http://127.0.0.1:{admin_port}", (state / "admin-token").read_text().strip()
     finally:
         proc.terminate()
         proc.wait(timeout=15)

@@ -44,6 +44,7 @@ from bootd.net.files import (
     resolve_beneath,
     response_head,
 )
+from bootd.net.http.admin import ADMIN_ROUTES, elsewhere
 from bootd.net.http.chunkfast import ChunkFastPath, ChunkRequestHandler, ChunkSite
 from bootd.net.http.nodes import NodeRoutes
 from bootd.net.http.send import ROUTE_CHUNK, Sender, SentResponse, refuse
@@ -152,9 +153,9 @@ class HttpServer(NodeRoutes):
         r.add_post("/api/v1/nodes/{name}/heartbeat", self._heartbeat)
         r.add_get("/api/v1/nodes/{name}/env", self._env)
         r.add_get("/api/v1/nodes/{name}/overlay/{kind}", self._overlay)
-        r.add_get("/api/v1/nodes", self._list_nodes)
-        r.add_get("/api/v1/nodes/{name}", self._get_node)
-        r.add_post("/api/v1/nodes/{name}", self._set_node)
+        refuse_here = elsewhere(self.config)  # the admin API has its own listener (bootd/net/http/admin.py)
+        for path in ADMIN_ROUTES:
+            r.add_route("*", path, refuse_here)
         r.add_get("/metrics", self._metrics)
         r.add_get("/healthz", self._healthz)
         return app
