@@ -110,7 +110,7 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     boot = BootService(config, registry, lifecycle, capsules, credentials)
     nodes = NodeAdmin(store, lifecycle, config.registry, AuditLog(config.server.state_dir / "audit.log"))
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
-                           capsules=capsules, metrics=metrics, overlays=OverlayService(store, config))
+                           capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry))
 
 
 @contextlib.asynccontextmanager

@@ -75,6 +75,7 @@ class Group:
     capsule: str | None = None
     kernel_args: str = ""
     description: str = ""
+    vars: dict[str, str] = field(default_factory=dict)  # inherited by the group's nodes (a node's own win)
 
 
 @dataclass(frozen=True, slots=True)

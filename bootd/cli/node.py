@@ -83,11 +83,16 @@ def node_show(args: argparse.Namespace, config: Config) -> int:
 
     views = _run(config, job, write=False)
     if args.json:
-        _print_json([node_json(v.node) | {"events": [dataclasses.asdict(e) for e in v.events]} for v in views])
+        _print_json([node_json(v.node) | {"events": [dataclasses.asdict(e) for e in v.events],
+                                           "inherited": {k: {"value": val, "from": src}
+                                                         for k, (val, src) in v.inherited.items()}}
+                     for v in views])
         return 0
     for v in views:
         for key, value in node_json(v.node).items():
             print(f"{key:14} {value}")
+        for key, (value, source) in v.inherited.items():
+            print(f"{key:14} {value}   (from {source})")
         if v.events:
             t0 = v.events[0].ts
             print("timeline:")
@@ -116,8 +121,10 @@ def _change(args: argparse.Namespace) -> dict[str, Any]:
         body["approve"] = True
     if getattr(args, "mac", None) and args.node_command == "set":
         body["mac"] = args.mac
-    if getattr(args, "var", None):
-        body["vars"] = _vars(args.var)
+    if getattr(args, "var", None) or getattr(args, "overlay", None):
+        body["vars"] = _vars(args.var or [])
+        if getattr(args, "overlay", None):
+            body["vars"]["overlays"] = ",".join(args.overlay)
     if getattr(args, "unset", None):
         body["unset"] = list(args.unset)
     return body
@@ -196,6 +203,12 @@ def group_put(args: argparse.Namespace, config: Config) -> int:
     for key in ("kernel_args", "description"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
+    if args.var or args.overlay:
+        body["vars"] = _vars(args.var or [])
+        if args.overlay:
+            body["vars"]["overlays"] = ",".join(args.overlay)
+    if args.unset:
+        body["unset"] = list(args.unset)
     create = args.command_name == "add"
     group = _run(config, lambda s: s.nodes.put_group(args.name, body, create=create, who=cli_user()))
     print(f"{'added' if create else 'updated'} group {group.name}")
@@ -242,6 +255,8 @@ def add_parser(sub: Any) -> None:
         p.add_argument("--capsule", help="capsule name (overrides the group's)")
         p.add_argument("--kernel-args", help="extra kernel command line arguments")
         p.add_argument("--var", action="append", metavar="KEY=VALUE", help="per-node key/value (repeatable)")
+        p.add_argument("--overlay", action="append", metavar="NAME",
+                       help="the node's overlays, in order (repeatable; overrides the group's)")
 
     p = nsub.add_parser("add", help="register a node by hand")
     p.add_argument("name")
@@ -285,6 +300,11 @@ def add_parser(sub: Any) -> None:
         p.add_argument("--no-capsule", action="store_true", help="clear the default capsule")
         p.add_argument("--kernel-args", help="kernel arguments for the group's nodes")
         p.add_argument("--description")
+        p.add_argument("--var", action="append", metavar="KEY=VALUE",
+                       help="a variable the group's nodes inherit (a node's own wins; repeatable)")
+        p.add_argument("--unset", action="append", metavar="KEY", help="remove a group variable (repeatable)")
+        p.add_argument("--overlay", action="append", metavar="NAME",
+                       help="the overlays of the group's nodes, in order (repeatable; default: the shipped set)")
         p.set_defaults(handler=group_put, command_name=action)
     p = gsub.add_parser("delete", help="delete an empty group")
     p.add_argument("name")

@@ -159,6 +159,7 @@ class BootService:
             raise NotFound(f"no node named {name!r}")
         if not node.enabled:
             raise NotFound(f"node {name!r} is disabled")
+        node = await self.registry.effective(node)
         lines = [f"{k}={v.replace(chr(10), ' ')}" for k, v in sorted(node.vars.items()) if _SHELL_NAME.fullmatch(k)]
         return "".join(line + "\n" for line in lines)
 

@@ -132,6 +132,8 @@ def _check_var(key: Any) -> None:
 class NodeView:
     node: Node
     events: list[Event]
+    # What the node inherits from its group (it sets none of these itself): name -> (value, "group G").
+    inherited: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 class NodeAdmin:
@@ -163,7 +165,18 @@ class NodeAdmin:
         node = await self.store.get_node(name)
         if node is None:
             raise NotFound(f"no node named {name!r}")
-        return NodeView(node, await self.store.events(name, events))
+        group = await self.store.get_group(node.group)
+        inherited: dict[str, tuple[str, str]] = {}
+        if group is not None:
+            source = f"group {group.name}"
+            if node.capsule is None and group.capsule is not None:
+                inherited["capsule"] = (group.capsule, source)
+            if group.kernel_args:
+                inherited["kernel_args"] = (group.kernel_args, source + " (before the node's own)")
+            for key, value in group.vars.items():
+                if key not in node.vars:
+                    inherited[f"vars.{key}"] = (value, source)
+        return NodeView(node, await self.store.events(name, events), inherited)
 
     # -- writes -------------------------------------------------------------------------
     async def add(self, name: str, mac: str, body: Mapping[str, Any], now: float | None = None, *,
@@ -258,7 +271,8 @@ class NodeAdmin:
             raise Invalid(f"group {name!r} already exists (use `bootd group set`)")
         if not create and old is None:
             raise NotFound(f"no group named {name!r} (use `bootd group add`)")
-        allowed = {"capsule": "a capsule name, or null", "kernel_args": "a string", "description": "a string"}
+        allowed = {"capsule": "a capsule name, or null", "kernel_args": "a string", "description": "a string",
+                   "vars": "an object of string values", "unset": "a list of variable names"}
         unknown = sorted(set(body) - set(allowed))
         if unknown:
             raise Invalid(f"cannot set {', '.join(unknown)} on a group; settable: {', '.join(allowed)}")
@@ -271,12 +285,16 @@ class NodeAdmin:
         for key in ("kernel_args", "description"):
             if key in body and not isinstance(body[key], str):
                 raise Invalid(f"{key}: expected a string, got {body[key]!r}")
+        # Variables are validated exactly as a node's are.
+        change = NodeChange.parse({k: body[k] for k in ("vars", "unset") if k in body})
+        values = {k: v for k, v in {**base.vars, **change.values}.items() if k not in change.unset}
         group = await self.store.put_group(Group(
             name=name, capsule=capsule,
             kernel_args=body.get("kernel_args", base.kernel_args),
             description=body.get("description", base.description),
+            vars=values,
         ))
-        self.audit.record(who, "group.add" if create else "group.set", name, dict(body))
+        self.audit.record(who, "group.add" if create else "group.set", name, _redacted(body))
         return group
 
     async def delete_group(self, name: str, *, who: str) -> None:

@@ -40,6 +40,7 @@ from bootd.overlay import (
 )
 from bootd.overlay.accounts import read_accounts, read_authorized_keys
 from bootd.overlay.hostkeys import KEY_TYPES, generate_host_keys, needed_host_keys, new_machine_id
+from bootd.service.registry import RegistryService
 from bootd.store.base import NodeStore
 
 log = logging.getLogger("bootd.overlays")
@@ -50,8 +51,9 @@ MASTER_TTL = 30.0  # seconds the master's accounts and keys are reused
 
 
 class OverlayService:
-    def __init__(self, store: NodeStore, config: Config) -> None:
+    def __init__(self, store: NodeStore, config: Config, registry: RegistryService) -> None:
         self.store = store
+        self.registry = registry
         self.reload(config)
         self._cache = RenderCache()
         self._view: tuple[float, ClusterView] | None = None
@@ -86,10 +88,13 @@ class OverlayService:
         node = await self.store.get_node(name)
         if node is None:
             raise NotFound(f"no node named {name!r}")
+        node = await self.registry.effective(node)
         now = time.time() if now is None else now
         overlays = self.overlays.load_many(self.assigned(node, kind))
         machine_id, keys = await self._identity(node) if kind == "system" else (None, {})
-        ctx = Context(node=node_info(node, machine_id=machine_id, host_keys=keys), group=GroupInfo(node.group),
+        group = await self.store.get_group(node.group)
+        ctx = Context(node=node_info(node, machine_id=machine_id, host_keys=keys),
+                      group=GroupInfo(node.group, vars=group.vars if group else {}),
                       cluster=await self._cluster(now), master=self._master_info(now))
         return render(overlays, ctx, cache=self._cache)
 

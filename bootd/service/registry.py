@@ -8,6 +8,7 @@ the lifecycle table's (``bootd.service.lifecycle``).  Registration itself is mad
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -110,6 +111,7 @@ class RegistryService:
                                         "reached; it will register on a later attempt")
             if now - node.last_contact >= 1.0:
                 await self.store.touch(node.name, now)
+        node = await self.effective(node)
         if not node.enabled:
             return Resolution(None, f"node {node.name} is disabled", created)
         if not node.approved:
@@ -123,6 +125,13 @@ class RegistryService:
             # Debug only: refusals come at packet rate from a flood; the DHCP server counts them.
             log.debug("event=refused mac=%s reason=%r", machine.mac, result.reason)
         return result.node
+
+    async def effective(self, node: Node) -> Node:
+        """The node with its group's variables under its own (a node's own value wins)."""
+        group = await self.store.get_group(node.group)
+        if group is None or not group.vars:
+            return node
+        return dataclasses.replace(node, vars={**group.vars, **node.vars})
 
     async def boot_target(self, node: Node) -> tuple[str | None, str]:
         """The capsule and extra kernel arguments for a node: its own values, else its group's."""

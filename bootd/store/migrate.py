@@ -37,9 +37,10 @@ TABLES: dict[str, tuple[str, ...]] = {
     "events": ("id", "node_id", "ts", "state", "reason", "detail"),
     "credentials": ("node_id", "digest", "issued", "expires", "evidence"),
     "pxe_seen": ("mac", "ts", "address"),
+    "group_vars": ("grp", "key", "value"),
 }
 ORDER = {"groups": "name", "nodes": "id", "node_vars": "node_id, key", "leases": "ip", "events": "id",
-         "credentials": "node_id", "pxe_seen": "mac"}
+         "credentials": "node_id", "pxe_seen": "mac", "group_vars": "grp, key"}
 BOOLEANS = {"enabled", "approved"}
 Progress = Callable[[str, int, int], None]
 Rows = dict[str, list[tuple[Any, ...]]]

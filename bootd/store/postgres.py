@@ -115,6 +115,15 @@ MIGRATIONS: tuple[str, ...] = (
         address TEXT
     );
     """,
+    # 4: group variables, inherited by the group's nodes
+    """
+    CREATE TABLE group_vars (
+        grp TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (grp, key)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 EVENTS_KEPT_PER_NODE = 200
@@ -332,6 +341,14 @@ async def _event(conn: Conn, node_id: int, ts: float, state: str, reason: str, d
     await conn.execute(
         "DELETE FROM events WHERE node_id = %(id)s AND id < (SELECT id FROM events WHERE node_id = %(id)s"
         " ORDER BY id DESC OFFSET %(keep)s LIMIT 1)", {"id": node_id, "keep": EVENTS_KEPT_PER_NODE - 1})
+
+
+GROUPS = ("SELECT g.*, COALESCE((SELECT json_object_agg(key, value) FROM group_vars v WHERE v.grp = g.name),"
+          " '{}'::json) AS vars FROM groups g")
+
+
+def _group(r: DictRow) -> Group:
+    return Group(r["name"], r["capsule"], r["kernel_args"], r["description"], dict(r["vars"] or {}))
 
 
 class _Outage:
@@ -735,12 +752,12 @@ class PostgresNodeStore:
 
     # -- groups -------------------------------------------------------------------
     async def list_groups(self) -> list[Group]:
-        rows = await self._run(lambda c: _rows(c, "SELECT * FROM groups ORDER BY name"), write=False)
-        return [Group(r["name"], r["capsule"], r["kernel_args"], r["description"]) for r in rows]
+        rows = await self._run(lambda c: _rows(c, GROUPS + " ORDER BY g.name"), write=False)
+        return [_group(r) for r in rows]
 
     async def get_group(self, name: str) -> Group | None:
-        r = await self._run(lambda c: _row(c, "SELECT * FROM groups WHERE name = %s", (name,)), write=False)
-        return None if r is None else Group(r["name"], r["capsule"], r["kernel_args"], r["description"])
+        r = await self._run(lambda c: _row(c, GROUPS + " WHERE g.name = %s", (name,)), write=False)
+        return None if r is None else _group(r)
 
     async def put_group(self, group: Group) -> Group:
         async def fn(conn: Conn) -> None:
@@ -750,6 +767,10 @@ class PostgresNodeStore:
                 "kernel_args = excluded.kernel_args, description = excluded.description",
                 (group.name, group.capsule, group.kernel_args, group.description),
             )
+            await conn.execute("DELETE FROM group_vars WHERE grp = %s", (group.name,))
+            for key, value in group.vars.items():
+                await conn.execute("INSERT INTO group_vars(grp, key, value) VALUES (%s, %s, %s)",
+                                   (group.name, key, value))
 
         await self._run(fn)
         return group

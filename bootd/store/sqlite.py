@@ -95,6 +95,15 @@ MIGRATIONS: tuple[str, ...] = (
         address TEXT
     );
     """,
+    # 4: group variables, inherited by the group's nodes
+    """
+    CREATE TABLE group_vars (
+        grp TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (grp, key)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 EVENTS_KEPT_PER_NODE = 200
@@ -415,15 +424,26 @@ class SqliteRepo:
         return [Event(name, r["ts"], r["state"], r["reason"], r["detail"]) for r in rows]
 
     # -- groups -------------------------------------------------------------------
+    def _group_vars(self, name: str | None = None) -> dict[str, dict[str, str]]:
+        query = "SELECT grp, key, value FROM group_vars" + (" WHERE grp = ?" if name else "") + " ORDER BY key"
+        out: dict[str, dict[str, str]] = {}
+        for r in self.db.execute(query, (name,) if name else ()):
+            out.setdefault(r["grp"], {})[r["key"]] = r["value"]
+        return out
+
     def list_groups(self) -> list[Group]:
-        rows = self.db.execute("SELECT * FROM groups ORDER BY name")
-        return [Group(r["name"], r["capsule"], r["kernel_args"], r["description"]) for r in rows]
+        rows = self.db.execute("SELECT * FROM groups ORDER BY name").fetchall()
+        gv = self._group_vars()
+        return [Group(r["name"], r["capsule"], r["kernel_args"], r["description"], gv.get(r["name"], {}))
+                for r in rows]
 
     def get_group(self, name: str) -> Group | None:
         r = self.db.execute("SELECT * FROM groups WHERE name = ?", (name,)).fetchone()
-        return None if r is None else Group(r["name"], r["capsule"], r["kernel_args"], r["description"])
+        return None if r is None else Group(r["name"], r["capsule"], r["kernel_args"], r["description"],
+                                            self._group_vars(name).get(name, {}))
 
     def put_group(self, group: Group) -> Group:
+        """Create or replace a group, its variables included (in one transaction)."""
         with self.write() as db:
             db.execute(
                 "INSERT INTO groups(name, capsule, kernel_args, description) VALUES (?, ?, ?, ?) "
@@ -431,6 +451,9 @@ class SqliteRepo:
                 "kernel_args = excluded.kernel_args, description = excluded.description",
                 (group.name, group.capsule, group.kernel_args, group.description),
             )
+            db.execute("DELETE FROM group_vars WHERE grp = ?", (group.name,))
+            db.executemany("INSERT INTO group_vars(grp, key, value) VALUES (?, ?, ?)",
+                           [(group.name, k, v) for k, v in group.vars.items()])
         return group
 
     def delete_group(self, name: str) -> None:

@@ -50,3 +50,22 @@ def test_exit_codes_and_messages(loopback_config: Path, tmp_path: Path) -> None:
 
     ok = run_cli("check-config", "--json", config=loopback_config, check=True)
     assert json.loads(ok.stdout)["registry"]["name_pattern"] == "n{index:04d}"
+
+
+def test_group_variables_are_inherited_and_shown_with_their_source(loopback_config: Path) -> None:
+    run_cli("group", "add", "gpu", "--var", "role=gpu", "--var", "rack=r1", "--overlay", "hostname",
+            "--overlay", "hosts", config=loopback_config, check=True)
+    run_cli("node", "add", "g1", "--mac", "52:54:00:00:0d:01", "--group", "gpu", "--var", "rack=r9",
+            config=loopback_config, check=True)
+    [shown] = json.loads(run_cli("node", "show", "g1", "--json", config=loopback_config, check=True).stdout)
+    assert shown["vars"] == {"rack": "r9"}  # the node's own
+    assert shown["inherited"]["vars.role"] == {"value": "gpu", "from": "group gpu"}
+    assert shown["inherited"]["vars.overlays"]["value"] == "hostname,hosts"
+    assert "vars.rack" not in shown["inherited"]  # the node's own value wins, so nothing is inherited
+    text = run_cli("node", "show", "g1", config=loopback_config, check=True).stdout
+    assert "(from group gpu)" in text
+    run_cli("group", "set", "gpu", "--unset", "role", config=loopback_config, check=True)
+    group = json.loads(run_cli("group", "show", "gpu", "--json", config=loopback_config, check=True).stdout)
+    assert group["vars"] == {"rack": "r1", "overlays": "hostname,hosts"}
+    bad = run_cli("group", "set", "gpu", "--var", "bad key=1", config=loopback_config)
+    assert bad.returncode == 1 and "not a valid variable name" in bad.stderr

@@ -201,7 +201,7 @@ async def test_postgres_migrates_an_old_schema_and_keeps_its_rows(postgres_serve
     await conn.close()
     store = await open_url(url, password=postgres_server.password)
     conn = await postgres.connect(url, password=postgres_server.password)
-    assert await postgres.schema_version(conn) == postgres.SCHEMA_VERSION == 3
+    assert await postgres.schema_version(conn) == postgres.SCHEMA_VERSION == 4
     await conn.close()
     node = await store.get_node("n0000")
     assert node is not None and node.state == State.READY
@@ -399,7 +399,8 @@ async def fill_sqlite(path: Path) -> None:
     """A registry with something in every table: registered and hand-added nodes, vars, groups, leases,
     events (some trimmed), a disabled node, odd text."""
     store = SqliteNodeStore(path)
-    await store.put_group(Group("gpu", capsule="rocky9-gpu", kernel_args="nvidia.modeset=0", description="ünï"))
+    await store.put_group(Group("gpu", capsule="rocky9-gpu", kernel_args="nvidia.modeset=0", description="ünï",
+                                vars={"role": "gpu", "overlays": "hostname,hosts"}))
     for i in range(40):
         await register(store, i, now=1000.0 + i / 7)
     await store.add_node(mac(900), "login1", group="gpu", now=5.0, kernel_args="quiet 'x'", enabled=False)
