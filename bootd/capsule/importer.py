@@ -48,7 +48,7 @@ from bootd.capsule.manifest import (
     encode_manifest,
     version_id,
 )
-from bootd.capsule.store import CapsuleStore, Staging, _describe_oserror, check_name
+from bootd.capsule.store import CapsuleStore, Staging, check_name, describe_oserror
 from bootd.capsule.workers import (
     ChunkWriter,
     Stage,
@@ -277,7 +277,7 @@ def import_capsule(
             store.publish(staging, name, vid, decode_manifest(data), manifest_file,
                           staging.dir / "kernel" if kref else None)
         except OSError as exc:
-            raise _describe_oserror(exc, f"importing {source} as {name}") from exc
+            raise describe_oserror(exc, f"importing {source} as {name}") from exc
     finally:
         sys.setswitchinterval(old_interval)
         if tar is not None:
