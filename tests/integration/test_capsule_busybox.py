@@ -1,4 +1,4 @@
-"""The busybox capsule build script (capsules/busybox/build.sh) builds, imports deterministically, and its report functions speak the API."""
+"""capsules/busybox/build.sh builds, imports deterministically, and its report functions speak the API."""
 
 from __future__ import annotations
 
