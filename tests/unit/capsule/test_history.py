@@ -11,8 +11,7 @@ from bootd.capsule.importer import ImportOptions, import_capsule
 from bootd.capsule.store import CapsuleStore
 from bootd.capsule.verify import verify_version
 from bootd.errors import CapsuleError
-from tests.unit.capsule.test_import import SMALL
-from tests.unit.capsule.trees import make_tree
+from tests.unit.capsule.trees import SMALL, make_tree
 
 
 def versions(store: CapsuleStore, tree: Path, n: int, opts: ImportOptions = SMALL) -> list[str]:
