@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from bootd.capsule.chroot import remove_tree
 from bootd.capsule.hygiene import HygieneReport, transform
 from bootd.capsule.importer import ImportOptions, ImportResult, import_capsule
 from bootd.capsule.recipe import Recipe
@@ -186,7 +187,8 @@ def build_capsule(
 ) -> BuildResult:
     """mmdebstrap the recipe into a tar, then import it with hygiene as a new version of ``name``."""
     check_name(name)
-    with tempfile.TemporaryDirectory(prefix="bootd-build-", dir=workdir or "/var/tmp") as tmp:
+    tmp = tempfile.mkdtemp(prefix="bootd-build-", dir=workdir or "/var/tmp")
+    try:
         out = Path(tmp) / f"{name}.tar"
         t0 = time.monotonic()
         log.write(f"{MARK} mmdebstrap {recipe.suite} ({recipe.variant}, {len(recipe.packages)} packages)\n")
@@ -201,3 +203,5 @@ def build_capsule(
         except CapsuleError as exc:
             raise BuildError(name, "import", str(exc)) from exc
         return BuildResult(result, report, t1 - t0, time.monotonic() - t1, out.stat().st_size)
+    finally:
+        remove_tree(Path(tmp))  # refuses if a killed mmdebstrap left its /dev or /proc mounts behind

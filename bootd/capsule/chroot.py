@@ -64,8 +64,12 @@ class ExecResult:
     hygiene: HygieneReport
 
 
-def _mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path`` in this (the host's) mount namespace."""
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` in this (the host's) mount namespace.
+
+    Checked before a work tree is removed: a recursive delete through a bind mount
+    of /dev would delete the master's device nodes.
+    """
     prefix = str(path.resolve())
     out = []
     with open("/proc/self/mountinfo") as f:
@@ -142,7 +146,7 @@ def run_in_tree(tree: Path, argv: Sequence[str], interactive: bool = False) -> i
         proc = subprocess.run(["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
                                "/bin/sh", "-c", _INNER, "bootd-exec", str(tree), *argv],
                               env=env, stdin=None if interactive else subprocess.DEVNULL, check=False)
-    left = _mounts_under(tree)
+    left = mounts_under(tree)
     if left:  # never reached with a private namespace; if it were, removing the tree would reach into /dev
         raise CapsuleError(f"mounts left under {tree} after the command: {', '.join(left)}; not removing it")
     return proc.returncode
@@ -183,5 +187,12 @@ def exec_in_capsule(
                                 origin="exec", detail=detail or " ".join(argv))
         return ExecResult(name, vid, code, result, report)
     finally:
-        if not _mounts_under(Path(base)):
-            shutil.rmtree(base, ignore_errors=True)
+        remove_tree(Path(base))
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a work tree unless something is still mounted in it (then say so and leave it)."""
+    left = mounts_under(path)
+    if left:
+        raise CapsuleError(f"not removing {path}: still mounted there: {', '.join(left)} (umount them, then remove it)")
+    shutil.rmtree(path, ignore_errors=True)
