@@ -43,7 +43,9 @@ def test_good_recipe_and_its_mmdebstrap_command(tmp_path: Path) -> None:
     assert hooks[0].startswith("--customize-hook=sync-out /var/cache/apt/archives")
     assert any("upload" in h and "/usr/local/bin/hello" in h for h in hooks)
     assert any("chmod 755 /usr/local/bin/hello" in h for h in hooks)
-    assert "echo ok > /etc/ok" in hooks[-1] and "bootd-step: command 1" in hooks[-1]
+    assert "echo ok > /etc/ok" in hooks[-2] and "bootd-step: command 1" in hooks[-2]
+    assert hooks[-1].endswith("rm -f \"$1\"/etc/dpkg/dpkg.cfg.d/99mmdebstrap")  # no force-unsafe-io left behind
+    assert "--dpkgopt=force-unsafe-io" in cmd
 
 
 def test_shipped_debian_hpc_recipe_loads() -> None:
