@@ -2,9 +2,12 @@
 
 The current version is unpacked (verified chunk by chunk, export.py) into a
 private directory and the command runs there in new mount and PID namespaces
-(``unshare --mount --pid --fork``) chrooted into the tree, with /proc mounted,
-/dev bound from the master and the master's resolv.conf bound over the tree's,
-so ``apt-get`` can resolve the mirror. Everything mounted lives only in that
+(``unshare --mount --pid --fork``) chrooted into the tree, with /proc mounted
+and a read-only copy of the master's resolv.conf bound over the tree's, so
+``apt-get`` can resolve the mirror without being able to change the master's.
+/dev is a private tmpfs with the master's null, zero, full, random, urandom and tty bound in
+one by one and its own devpts, not a bind of the master's whole /dev: a maintainer script that
+removes or recreates a device node must not reach the master's. Everything mounted lives only in that
 mount namespace: it is unmounted when the command ends, and the host never
 sees it (checked before the tree is removed). Services a package starts are
 kept from starting by a policy-rc.d for the duration, and any process the
@@ -42,14 +45,23 @@ _INNER = r"""
 set -u
 root=$1; shift
 mount -t proc proc "$root/proc" || exit 125
-mount --rbind /dev "$root/dev" || exit 125
-mount --make-rslave "$root/dev"
-if [ -e "$root/etc/resolv.conf" ] && [ -r /etc/resolv.conf ]; then
-    mount --bind /etc/resolv.conf "$root/etc/resolv.conf" || exit 125
-fi
+# A private /dev: the master's harmless nodes bound in one by one (a bound file cannot be removed,
+# so 'rm /dev/null' in a maintainer script cannot reach the master's), its own devpts and shm.
+mount -t tmpfs -o mode=0755,nosuid,size=16m bootd-dev "$root/dev" || exit 125
+for n in null zero full random urandom tty; do
+    : > "$root/dev/$n" && mount --bind "/dev/$n" "$root/dev/$n" || exit 125
+done
+mkdir -p "$root/dev/pts" "$root/dev/shm"
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$root/dev/pts" || exit 125
+mount -t tmpfs -o nosuid,nodev,size=64m shm "$root/dev/shm" || exit 125
+ln -s pts/ptmx "$root/dev/ptmx"
+ln -s /proc/self/fd "$root/dev/fd"
+for i in 0:stdin 1:stdout 2:stderr; do ln -s "/proc/self/fd/${i%%:*}" "$root/dev/${i#*:}"; done
+# A read-only copy of the master's resolv.conf: the command can resolve names, not change the master's.
+mount --bind "$BOOTD_RESOLV" "$root/etc/resolv.conf" && mount -o remount,bind,ro "$root/etc/resolv.conf" || exit 125
 chroot "$root" "$@"
 rc=$?
-umount "$root/etc/resolv.conf" 2>/dev/null
+umount "$root/etc/resolv.conf"
 umount -R "$root/dev" "$root/proc"
 exit $rc
 """
@@ -102,9 +114,16 @@ def unpack(store: CapsuleStore, vid: str, dest: Path, progress: Callable[[int], 
 
 @contextlib.contextmanager
 def _prepared(tree: Path) -> Iterator[None]:
-    """What the command needs for the run, and nothing of it after: mount points, resolv.conf, policy-rc.d."""
-    for d in ("proc", "dev", "etc", "usr/sbin"):
-        (tree / d).mkdir(parents=True, exist_ok=True)
+    """What the command needs for the run, and nothing of it after: mount points, resolv.conf, policy-rc.d.
+
+    Directories this touches get their listing and mtime back if the command did not
+    change them either, so a command that changes nothing publishes the same version.
+    """
+    touched = [tree, tree / "etc", tree / "usr", tree / "usr" / "sbin"]
+    before = {d: (set(os.listdir(d)), os.stat(d)) for d in touched if d.is_dir() and not d.is_symlink()}
+    made_dirs = [tree / d for d in ("proc", "dev", "etc", "usr", "usr/sbin") if not (tree / d).exists()]
+    for d in made_dirs:
+        d.mkdir(parents=True, exist_ok=True)
     resolv = tree / "etc" / "resolv.conf"
     saved = tree / "etc" / _SAVED
     made_resolv = False
@@ -129,6 +148,13 @@ def _prepared(tree: Path) -> Iterator[None]:
                 resolv.unlink()
         if saved.is_symlink() or saved.exists():
             os.replace(saved, resolv)
+        for d in reversed(made_dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if the command left it empty
+        for d, (names, st) in before.items():
+            with contextlib.suppress(OSError):
+                if set(os.listdir(d)) == names:
+                    os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 def run_in_tree(tree: Path, argv: Sequence[str], interactive: bool = False) -> int:
@@ -138,8 +164,13 @@ def run_in_tree(tree: Path, argv: Sequence[str], interactive: bool = False) -> i
     for tool in ("unshare", "chroot", "mount"):
         if shutil.which(tool) is None:
             raise CapsuleError(f"{tool} is not installed (util-linux, coreutils)")
+    resolv = tree.parent / "resolv.conf"
+    try:
+        shutil.copyfile("/etc/resolv.conf", resolv)
+    except OSError:
+        resolv.write_bytes(b"")
     env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb"),
-           "SHELL": "/bin/sh"}
+           "SHELL": "/bin/sh", "BOOTD_RESOLV": str(resolv)}
     if not interactive:
         env["DEBIAN_FRONTEND"] = "noninteractive"
     with _prepared(tree):

@@ -59,7 +59,7 @@ def test_exec_publishes_on_success_only_and_history_and_rollback(tmp_path: Path,
     # The command sees /proc (its own PID namespace: it is a low PID), /dev from the master and
     # the master's resolv.conf; it writes a file and leaves a process behind.
     script = ("echo changed > /etc/motd; cat /etc/resolv.conf > /root/resolv.seen; "
-              "test -c /dev/null && ls /proc/1/ >/dev/null && echo $$ > /root/pid; sleep 300 &")
+              "test -c /dev/null && cat /proc/1/cmdline > /root/pid1; sleep 300 &")
     r = run_cli("capsule", "exec", "bb", "--", "/bin/sh", "-c", script, config=cfg)
     assert r.returncode == 0, r.stderr
     v2 = store.resolve("bb")
@@ -67,7 +67,7 @@ def test_exec_publishes_on_success_only_and_history_and_rollback(tmp_path: Path,
     files = files_of(store, str(v2))
     assert files["etc/motd"] == b"changed\n"
     assert files["root/resolv.seen"] == Path("/etc/resolv.conf").read_bytes()
-    assert int(files["root/pid"] or b"0") < 10
+    assert b"bootd-exec" in (files["root/pid1"] or b"")  # PID 1 of its PID namespace is exec's own shell
     assert "etc/resolv.conf" not in files  # made for the bind mount, gone again
     assert "usr/sbin/policy-rc.d" not in files
     mounts = Path("/proc/self/mountinfo").read_text()
@@ -75,6 +75,17 @@ def test_exec_publishes_on_success_only_and_history_and_rollback(tmp_path: Path,
     assert exec_dirs() == before_dirs
     leftover = subprocess.run(["pgrep", "-f", "^sleep 300$"], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", "a process left by the command outlived its PID namespace"
+
+    # A command that changes nothing publishes nothing new (the mount points and files exec
+    # needs are gone again, with the directories' mtimes).
+    r = run_cli("capsule", "exec", "bb", "--", "true", config=cfg, check=True)
+    assert "unchanged" in r.stdout and store.resolve("bb") == v2
+
+    # The command cannot change the master: its resolv.conf is a read-only copy, /dev nodes are bound singly.
+    r = run_cli("capsule", "exec", "bb", "--", "/bin/sh", "-c",
+                "rm -f /dev/null || echo kept-null; echo x >> /etc/resolv.conf || echo kept-resolv", config=cfg)
+    assert "kept-null" in r.stdout + r.stderr and "kept-resolv" in r.stdout + r.stderr
+    assert Path("/dev/null").is_char_device()
 
     # A failing command publishes nothing and says so.
     r = run_cli("capsule", "exec", "bb", "--", "/bin/sh", "-c", "echo x > /etc/motd; exit 3", config=cfg)
