@@ -130,11 +130,15 @@ _UNREACHABLE = re.compile(r"Failed to fetch|Could not connect|Could not resolve|
 def _diagnose(lines: list[str], recipe: Recipe) -> tuple[str, str]:
     """(step, reason) from mmdebstrap's output: the last step it announced and the error that ended it."""
     step = "mmdebstrap"
+    failed = False
     for line in lines:
-        if line.startswith(MARK):
+        failed = failed or line.startswith("E: ") or line.startswith("Err:")
+        if failed:
+            pass  # what mmdebstrap does after the error (cleanup) is not the step that failed
+        elif line.startswith(MARK):
             step = line[len(MARK):].strip()
         elif line.startswith("I: ") and not line.startswith(("I: running --", "I: running special", "I: skipping")):
-            step = line[3:].rstrip(".").strip()
+            step = line[3:].strip().rstrip(".")
         m = _NOT_FOUND.search(line)
         if m:
             return step, f"package not found: {m.group(1) or m.group(2)} (suite {recipe.suite})"

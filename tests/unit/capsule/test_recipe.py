@@ -112,7 +112,7 @@ def test_failures_are_named_by_step(tmp_path: Path) -> None:
     log = ["I: running apt-get update...", "I: downloading packages with apt...",
            "E: Unable to locate package bootd-nope", "E: apt-get --yes install failed"]
     assert _diagnose(log, r) == ("downloading packages with apt", "package not found: bootd-nope (suite bookworm)")
-    log = ["I: running apt-get update...", "Err:1 http://127.0.0.1:9/debian bookworm InRelease",
+    log = ["I: running apt-get update...\n", "Err:1 http://127.0.0.1:9/debian bookworm InRelease",
            "  Could not connect to 127.0.0.1:9 (127.0.0.1). - connect (111: Connection refused)",
            "E: apt-get update failed"]
     step, reason = _diagnose(log, r)
