@@ -128,14 +128,14 @@ def test_rebuild_unchanged_gives_the_same_version(built: Built) -> None:
 
 
 def test_adding_one_package_stores_only_the_changed_chunks(built: Built) -> None:
-    r = cli(built.cfg, "capsule", "build", "mini", "--recipe", str(built.recipe("mini", '"hello"')), "--json")
+    r = cli(built.cfg, "capsule", "build", "mini", "--recipe", str(built.recipe("mini", '"tree"')), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     plus = json.loads(r.stdout)
     assert plus["version"] != built.first["version"]
-    assert "usr/bin/hello" in built.tree(plus["version"])
+    assert "usr/bin/tree" in built.tree(plus["version"])
     last = built.store.history("mini")[-1]
     share = last.new_bytes / last.stored_bytes
-    print(f"\n+hello: {last.new_bytes} new bytes of {last.stored_bytes} stored ({100 * share:.2f}%), "
+    print(f"\n+tree: {last.new_bytes} new bytes of {last.stored_bytes} stored ({100 * share:.2f}%), "
           f"{plus['new_chunks']} of {plus['chunks']} chunks")
     assert last.new_bytes > 0 and share < 0.15 and plus["new_chunks"] < plus["chunks"] / 4
     # Back to the first version for the tests that follow.
