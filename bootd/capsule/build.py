@@ -151,6 +151,45 @@ def _diagnose(lines: list[str], recipe: Recipe) -> tuple[str, str]:
     return step, errors[-1] if errors else (lines[-1].strip() if lines else "mmdebstrap failed without output")
 
 
+def _lists_for(recipe: Recipe, cache: Path, arch: str) -> list[Path] | None:
+    """The cached Packages files of every source and component, or None if any is missing."""
+    files = []
+    for line in recipe.sources:
+        _, uri, suite, *components = line.split()
+        prefix = uri.split("://", 1)[-1].rstrip("/").replace("/", "_")
+        for comp in components:
+            f = cache / "lists" / f"{prefix}_dists_{suite}_{comp.replace('/', '_')}_binary-{arch}_Packages"
+            if not f.is_file():
+                return None
+            files.append(f)
+    return files
+
+
+def check_packages(name: str, recipe: Recipe, cache: Path, arch: str = "amd64") -> None:
+    """Refuse a package no cached list knows, in a second instead of after the essential install.
+
+    The lists are the ones the last build fetched (they are refreshed by every build);
+    without a complete set for the recipe's sources nothing is checked here and apt
+    decides. A stable suite does not gain packages between builds, so a miss here is
+    a typo, not a stale list.
+    """
+    files = _lists_for(recipe, cache, arch)
+    if files is None:
+        return
+    lists = [b"\n" + f.read_bytes() for f in files]
+    for pkg in (*recipe.packages, *recipe.build_packages):
+        base = re.split(r"[=/:]", pkg, maxsplit=1)[0].encode()
+        if any(b"\nPackage: " + base + b"\n" in data for data in lists):
+            continue
+        provided = re.compile(rb"^Provides:.*(?<![\w.+-])" + re.escape(base) + rb"(?![\w.+-])", re.M)
+        if any(provided.search(data) for data in lists):
+            continue
+        mirrors = ", ".join(dict.fromkeys(s.split()[1] for s in recipe.sources))
+        raise BuildError(name, "check packages", f"package not found: {base.decode()} (suite {recipe.suite}; "
+                         f"not in the package lists of {mirrors} "
+                         f"cached in {cache / 'lists'} by the last build)")
+
+
 def run_mmdebstrap(name: str, recipe: Recipe, out: Path, cache: Path, log: TextIO) -> None:
     """Run mmdebstrap, passing its output on to ``log`` as it comes; BuildError names the failing step."""
     if shutil.which("mmdebstrap") is None:
@@ -159,6 +198,7 @@ def run_mmdebstrap(name: str, recipe: Recipe, out: Path, cache: Path, log: TextI
            "LC_ALL": "C.UTF-8", "TMPDIR": str(out.parent)}  # mmdebstrap's tree next to its tar
     tail: collections.deque[str] = collections.deque(maxlen=400)
     with _cache_lock(cache):
+        check_packages(name, recipe, cache)
         proc = subprocess.Popen(mmdebstrap_command(recipe, out, cache), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                                 env=env, start_new_session=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bootd.capsule.build import _diagnose, mmdebstrap_command
+from bootd.capsule.build import BuildError, _diagnose, check_packages, mmdebstrap_command
 from bootd.capsule.recipe import RecipeError, load_recipe, machine_sources
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -121,3 +121,16 @@ def test_failures_are_named_by_step(tmp_path: Path) -> None:
     log = ["I: installing remaining packages inside the chroot...", "bootd-step: command 1: exit 7",
            "E: command failed: ..."]
     assert _diagnose(log, r) == ("command 1: exit 7", "the command exited with an error (its output is above)")
+
+
+def test_unknown_packages_are_refused_from_the_cached_lists(tmp_path: Path) -> None:
+    r = load_recipe(write(tmp_path, GOOD))  # bash, hello=2.10-3 from deb.example.org
+    cache = tmp_path / "cache"
+    (cache / "lists").mkdir(parents=True)
+    check_packages("x", r, cache)  # no lists for these sources: apt decides later
+    lists = cache / "lists" / "deb.example.org_debian_dists_bookworm_main_binary-amd64_Packages"
+    lists.write_text("Package: bash\nVersion: 5\n\nPackage: mawk\nProvides: awk, hello (= 1)\n")
+    check_packages("x", r, cache)  # bash by name, hello as a virtual package
+    lists.write_text("Package: bash\nVersion: 5\n\nPackage: hello-traditional\n")
+    with pytest.raises(BuildError, match=r"at step 'check packages': package not found: hello \(suite bookworm"):
+        check_packages("x", r, cache)
