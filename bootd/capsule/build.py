@@ -127,7 +127,7 @@ _UNREACHABLE = re.compile(r"Failed to fetch|Could not connect|Could not resolve|
                           r"Connection refused|Temporary failure resolving|No route to host|timed out")
 
 
-def _diagnose(lines: list[str], recipe: Recipe) -> tuple[str, str]:
+def diagnose(lines: list[str], recipe: Recipe) -> tuple[str, str]:
     """(step, reason) from mmdebstrap's output: the last step it announced and the error that ended it."""
     step = "mmdebstrap"
     failed = False
@@ -211,7 +211,7 @@ def run_mmdebstrap(name: str, recipe: Recipe, out: Path, cache: Path, log: TextI
         finally:
             rc = proc.wait()
     if rc != 0:
-        step, reason = _diagnose(list(tail), recipe)
+        step, reason = diagnose(list(tail), recipe)
         raise BuildError(name, step, f"{reason} (mmdebstrap exit {rc})")
     if not out.is_file():
         raise BuildError(name, "mmdebstrap", f"mmdebstrap succeeded but wrote no {out}")

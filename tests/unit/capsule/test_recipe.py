@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bootd.capsule.build import BuildError, _diagnose, check_packages, mmdebstrap_command
+from bootd.capsule.build import BuildError, check_packages, diagnose, mmdebstrap_command
 from bootd.capsule.recipe import RecipeError, load_recipe, machine_sources
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -111,16 +111,16 @@ def test_failures_are_named_by_step(tmp_path: Path) -> None:
     r = load_recipe(write(tmp_path, GOOD))
     log = ["I: running apt-get update...", "I: downloading packages with apt...",
            "E: Unable to locate package bootd-nope", "E: apt-get --yes install failed"]
-    assert _diagnose(log, r) == ("downloading packages with apt", "package not found: bootd-nope (suite bookworm)")
+    assert diagnose(log, r) == ("downloading packages with apt", "package not found: bootd-nope (suite bookworm)")
     log = ["I: running apt-get update...\n", "Err:1 http://127.0.0.1:9/debian bookworm InRelease",
            "  Could not connect to 127.0.0.1:9 (127.0.0.1). - connect (111: Connection refused)",
            "E: apt-get update failed"]
-    step, reason = _diagnose(log, r)
+    step, reason = diagnose(log, r)
     assert step == "running apt-get update"
     assert reason.startswith("mirror unreachable (http://deb.example.org/debian)")
     log = ["I: installing remaining packages inside the chroot...", "bootd-step: command 1: exit 7",
            "E: command failed: ..."]
-    assert _diagnose(log, r) == ("command 1: exit 7", "the command exited with an error (its output is above)")
+    assert diagnose(log, r) == ("command 1: exit 7", "the command exited with an error (its output is above)")
 
 
 def test_unknown_packages_are_refused_from_the_cached_lists(tmp_path: Path) -> None:
