@@ -2,7 +2,8 @@
 
 The current version is unpacked (verified chunk by chunk, export.py) into a
 private directory and the command runs there in new mount and PID namespaces
-(``unshare --mount --pid --fork``) chrooted into the tree, with /proc mounted
+(``unshare --mount --pid --fork``) chrooted into the tree, with /proc (and a
+read-only /sys) mounted
 and a read-only copy of the master's resolv.conf bound over the tree's, so
 ``apt-get`` can resolve the mirror without being able to change the master's.
 /dev is a private tmpfs with the master's null, zero, full, random, urandom and tty bound in
@@ -45,6 +46,7 @@ _INNER = r"""
 set -u
 root=$1; shift
 mount -t proc proc "$root/proc" || exit 125
+mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$root/sys" || exit 125  # read-only: hwloc, udevadm look
 # A private /dev: the master's harmless nodes bound in one by one (a bound file cannot be removed,
 # so 'rm /dev/null' in a maintainer script cannot reach the master's), its own devpts and shm.
 mount -t tmpfs -o mode=0755,nosuid,size=16m bootd-dev "$root/dev" || exit 125
@@ -62,7 +64,7 @@ mount --bind "$BOOTD_RESOLV" "$root/etc/resolv.conf" && mount -o remount,bind,ro
 chroot "$root" "$@"
 rc=$?
 umount "$root/etc/resolv.conf"
-umount -R "$root/dev" "$root/proc"
+umount -R "$root/dev" "$root/proc" "$root/sys"
 exit $rc
 """
 
@@ -121,7 +123,7 @@ def _prepared(tree: Path) -> Iterator[None]:
     """
     touched = [tree, tree / "etc", tree / "usr", tree / "usr" / "sbin"]
     before = {d: (set(os.listdir(d)), os.stat(d)) for d in touched if d.is_dir() and not d.is_symlink()}
-    made_dirs = [tree / d for d in ("proc", "dev", "etc", "usr", "usr/sbin") if not (tree / d).exists()]
+    made_dirs = [tree / d for d in ("proc", "sys", "dev", "etc", "usr", "usr/sbin") if not (tree / d).exists()]
     for d in made_dirs:
         d.mkdir(parents=True, exist_ok=True)
     resolv = tree / "etc" / "resolv.conf"
