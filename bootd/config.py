@@ -123,6 +123,8 @@ class CapsuleConfig:
     chunk_min: int = 256 * 1024
     chunk_avg: int = 1024 * 1024
     chunk_max: int = 4 * 1024 * 1024
+    keep_versions: int = 5
+    build_cache: Path = Path("/var/lib/bootd/build-cache")
 
 
 @dataclass(frozen=True)
@@ -469,6 +471,8 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         chunk_min=c.integer("chunk_min", CapsuleConfig.chunk_min, 64, 64 * 1024 * 1024),
         chunk_avg=c.integer("chunk_avg", CapsuleConfig.chunk_avg, 256, 64 * 1024 * 1024),
         chunk_max=c.integer("chunk_max", CapsuleConfig.chunk_max, 1024, 256 * 1024 * 1024),
+        keep_versions=c.integer("keep_versions", CapsuleConfig.keep_versions, 1, 10_000),
+        build_cache=c.path("build_cache", state_dir / "build-cache"),
     )
     if not capsule.chunk_min < capsule.chunk_avg < capsule.chunk_max:
         raise c.error("chunk_avg", f"need chunk_min < chunk_avg < chunk_max, got {capsule.chunk_min} < "

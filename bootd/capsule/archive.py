@@ -405,34 +405,63 @@ def _xattrs_from_pax(pax: dict[str, str]) -> dict[bytes, bytes]:
     return out
 
 
+Member = tuple[tarfile.TarFile, tarfile.TarInfo]
+
+
+def open_tar(path: Path) -> tuple[tarfile.TarFile, list[tarfile.TarInfo]]:
+    """An uncompressed tar file and its members, or a CapsuleError that names it."""
+    try:
+        tf = tarfile.open(path, "r:", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise CapsuleError(f"cannot read tar archive {path}: {exc}") from exc
+    try:
+        return tf, tf.getmembers()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        tf.close()
+        raise CapsuleError(f"cannot read tar archive {path}: {exc}") from exc
+
+
 class TarSource:
-    """Members of an uncompressed tar file, normalised and sorted like ``walk_directory``."""
+    """Members of uncompressed tar files, normalised and sorted like ``walk_directory``.
+
+    One archive (``TarSource(path)``), or the merged members of several (container
+    image layers, ``TarSource.merged``), each read from the archive it came from.
+    """
 
     def __init__(self, path: Path) -> None:
-        try:
-            self._tf = tarfile.open(path, "r:", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
-            members = self._tf.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise CapsuleError(f"cannot read tar archive {path}: {exc}") from exc
+        tf, members = open_tar(path)
         self.path = path
-        by_name: dict[bytes, tarfile.TarInfo] = {}
+        self._tfs = [tf]
+        by_name: dict[bytes, Member] = {}
         for m in members:
-            by_name[normalize_member_name(m.name)] = m  # a later duplicate wins, as on extraction
+            by_name[normalize_member_name(m.name)] = (tf, m)  # a later duplicate wins, as on extraction
         self._members = by_name
 
-    def close(self) -> None:
-        self._tf.close()
+    @classmethod
+    def merged(cls, path: Path, tfs: list[tarfile.TarFile], members: dict[bytes, Member]) -> TarSource:
+        """A source over ``members`` already merged from ``tfs`` (which it closes)."""
+        self = cls.__new__(cls)
+        self.path = path
+        self._tfs = list(tfs)
+        self._members = members
+        return self
 
-    def _opener(self, m: tarfile.TarInfo) -> Callable[[], BinaryIO]:
+    def close(self) -> None:
+        for tf in self._tfs:
+            tf.close()
+
+    def _opener(self, member: Member) -> Callable[[], BinaryIO]:
+        tf, m = member
+
         def open_() -> BinaryIO:
-            f: IO[bytes] | None = self._tf.extractfile(m)
+            f: IO[bytes] | None = tf.extractfile(m)
             if f is None:
                 raise CapsuleError(f"cannot read tar member {m.name!r}")
             return cast(BinaryIO, f)
         return open_
 
     def entries(self) -> list[Entry]:
-        members = self._members
+        members = {path: m for path, (_, m) in self._members.items()}
         # Resolve hardlink groups: the sorted-first name carries the content, the rest link to it.
         group_of: dict[bytes, bytes] = {}
         for path, m in members.items():
@@ -457,6 +486,7 @@ class TarSource:
             m = members[path]
             target = group_of.get(path, path)
             src = members[target]
+            src_member = self._members[target]
             first = first_of.get(target, path)
             mode, uid, gid, mtime = src.mode & 0o7777, src.uid, src.gid, int(src.mtime)
             if path != first:
@@ -465,7 +495,7 @@ class TarSource:
             xattrs = _xattrs_from_pax(dict(src.pax_headers))
             if src.isreg():
                 out.append(Entry(path, REG, mode, uid, gid, mtime, size=src.size, xattrs=xattrs,
-                                 opener=self._opener(src)))
+                                 opener=self._opener(src_member)))
             elif src.isdir():
                 out.append(Entry(path, DIR, mode, uid, gid, mtime, xattrs=xattrs))
             elif src.issym():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sys
 from collections.abc import Callable
@@ -12,7 +11,8 @@ from typing import BinaryIO
 
 import zstandard
 
-from bootd.capsule.store import CapsuleStore, _describe_oserror
+from bootd.capsule.store import CapsuleStore, describe_oserror
+from bootd.capsule.verify import BadChunk, read_chunk
 from bootd.errors import CapsuleError
 
 
@@ -29,14 +29,10 @@ def write_archive(
     total = 0
     for ref in manifest.chunks:
         try:
-            data = store.chunk_path(ref.sha256).read_bytes()
-        except FileNotFoundError:
-            raise CapsuleError(f"chunk {ref.sha256} of {vid} is missing; run verify") from None
-        if hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise CapsuleError(f"chunk {ref.sha256} of {vid} is corrupt (sha256 mismatch); run verify")
-        raw = d.decompress(data, max_output_size=max(ref.raw_size, 1))
-        if len(raw) != ref.raw_size:
-            raise CapsuleError(f"chunk {ref.sha256} of {vid} has raw size {len(raw)}, expected {ref.raw_size}")
+            raw = read_chunk(store, ref, d)
+        except BadChunk as exc:
+            what = "missing" if exc.problem == "missing" else f"corrupt ({exc.problem})"
+            raise CapsuleError(f"chunk {ref.sha256} of {vid} is {what}; run verify") from None
         out.write(raw)
         total += len(raw)
         if progress is not None:
@@ -61,7 +57,7 @@ def export_version(
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise _describe_oserror(exc, f"exporting {vid[:12]} to {dest}") from exc
+        raise describe_oserror(exc, f"exporting {vid[:12]} to {dest}") from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

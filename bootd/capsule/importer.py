@@ -48,7 +48,8 @@ from bootd.capsule.manifest import (
     encode_manifest,
     version_id,
 )
-from bootd.capsule.store import CapsuleStore, Staging, _describe_oserror, check_name, fsync_path
+from bootd.capsule.oci import open_image
+from bootd.capsule.store import CapsuleStore, Staging, check_name, describe_oserror
 from bootd.capsule.workers import (
     ChunkWriter,
     Stage,
@@ -58,6 +59,7 @@ from bootd.capsule.workers import (
     run_process_pool,
     worth_direct,
 )
+from bootd.durable import fsync_path
 from bootd.errors import CapsuleError
 
 Progress = Callable[[int], None]
@@ -219,8 +221,17 @@ def import_capsule(
     options: ImportOptions | None = None,
     progress: Progress | None = None,
     on_total: Callable[[int], None] | None = None,
+    transform: Callable[[list[Entry]], list[Entry]] | None = None,
+    origin: str = "import",
+    detail: str = "",
 ) -> ImportResult:
-    """Import ``source`` as capsule ``name``; the old version stays visible until this one is complete."""
+    """Import ``source`` as capsule ``name``; the old version stays visible until this one is complete.
+
+    ``source`` is a directory, a tar archive, an OCI image layout (directory or
+    tar) or a docker-save archive (oci.py). ``transform`` may drop or replace
+    entries before they are archived (image hygiene); ``origin`` and ``detail``
+    go into the name's history.
+    """
     check_name(name)
     opts = options or ImportOptions()
     opts.chunk.validate()
@@ -243,7 +254,10 @@ def import_capsule(
     tar: TarSource | None = None
     try:
         try:
-            if source.is_dir():
+            tar = open_image(source, staging.dir)
+            if tar is not None:
+                entries = tar.entries()
+            elif source.is_dir():
                 entries = walk_directory(source)
             else:
                 kind = compression_of(source)
@@ -253,6 +267,8 @@ def import_capsule(
                     decompress_to(source, plain, kind)
                 tar = TarSource(plain)
                 entries = tar.entries()
+            if transform is not None:
+                entries = transform(entries)
             if on_total is not None:
                 on_total(sum(512 + e.size for e in entries if e.kind == REG))
             kref = _stage_kernel(staging, entries, kernel, opts.durable)
@@ -267,9 +283,9 @@ def import_capsule(
                 if opts.durable:
                     os.fsync(f.fileno())
             store.publish(staging, name, vid, decode_manifest(data), manifest_file,
-                          staging.dir / "kernel" if kref else None)
+                          staging.dir / "kernel" if kref else None, origin=origin, detail=detail or str(source))
         except OSError as exc:
-            raise _describe_oserror(exc, f"importing {source} as {name}") from exc
+            raise describe_oserror(exc, f"importing {source} as {name}") from exc
     finally:
         sys.setswitchinterval(old_interval)
         if tar is not None:

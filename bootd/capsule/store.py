@@ -6,13 +6,16 @@ Layout (contract; the HTTP server and the stage one read it)::
     <root>/kernels/<sha256>       raw kernel image
     <root>/manifests/<vid>        manifest bytes, vid = sha256(manifest)
     <root>/refs/<name>            "<vid>\\n", replaced by rename
+    <root>/history/<name>         one JSON line per version the name was given (0600), replaced by rename
     <root>/tmp/<import>/          staging of one import, flocked (``lock``) while it lives
     <root>/.lock                  flock: publish, delete and gc exclude each other
 
 Why it is crash safe: an import writes only into its own staging directory.
 Publishing hard-links the staged files into place (a name appears complete or
 not at all), fsyncs the directories, and only then renames the ref; a ref is
-the only thing that makes a version visible. Whatever a crash leaves behind is
+the only thing that makes a version visible. The history is written after the
+ref (so a crash can lose a history line, never show a version that is not
+there); the current version always comes from the ref. Whatever a crash leaves behind is
 unreferenced and ``gc`` removes it. Chunks an import reuses are hard-linked into
 its staging directory when found, so a concurrent ``gc`` cannot pull them away
 from under it.
@@ -24,6 +27,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -31,8 +35,10 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bootd.capsule.manifest import Manifest, decode_manifest, is_hex_digest
+from bootd.durable import fsync_path
 from bootd.errors import CapsuleError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -46,16 +52,8 @@ def check_name(name: str) -> str:
     return name
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory by name (a directory's entries are durable only once it is synced)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _describe_oserror(exc: OSError, action: str) -> CapsuleError:
+def describe_oserror(exc: OSError, action: str) -> CapsuleError:
+    """An OSError as the CapsuleError an operator can act on (full disk, quota, the path that failed)."""
     if exc.errno == errno.ENOSPC:
         return CapsuleError(f"no space left on device while {action}; nothing was published")
     if exc.errno == errno.EDQUOT:
@@ -73,6 +71,33 @@ class GcReport:
     freed_bytes: int = 0
     kept_versions: list[str] = field(default_factory=list)
     live_imports: int = 0
+    dropped_history: int = 0  # history lines of versions the retention rule let go
+
+
+ORIGINS = ("import", "build", "exec", "rollback")
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    """One version a name was given: when, by what, and what it cost the store."""
+
+    time: float
+    version: str
+    origin: str  # one of ORIGINS
+    stored_bytes: int  # the version's stored size (every chunk it lists, once per listing)
+    new_bytes: int  # bytes this publish added to the store (chunks and kernel that were not there)
+    detail: str = ""  # the source, recipe or command; for a rollback the version it replaced
+
+    def to_json(self) -> dict[str, Any]:
+        return {"time": self.time, "version": self.version, "origin": self.origin,
+                "stored_bytes": self.stored_bytes, "new_bytes": self.new_bytes, "detail": self.detail}
+
+    @classmethod
+    def from_json(cls, data: Any) -> HistoryRecord:
+        if not isinstance(data, dict) or not is_hex_digest(str(data.get("version", ""))):
+            raise ValueError("not a history record")
+        return cls(float(data["time"]), str(data["version"]), str(data["origin"]), int(data["stored_bytes"]),
+                   int(data["new_bytes"]), str(data.get("detail", "")))
 
 
 class Staging:
@@ -91,7 +116,7 @@ class Staging:
                 self.lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError as exc:
                 shutil.rmtree(self.dir, ignore_errors=True)
-                raise _describe_oserror(exc, f"creating staging directory {self.dir}") from exc
+                raise describe_oserror(exc, f"creating staging directory {self.dir}") from exc
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
 
     def staged_chunk(self, hexhash: str) -> Path:
@@ -130,6 +155,7 @@ class CapsuleStore:
         self.kernels_dir = self.root / "kernels"
         self.manifests_dir = self.root / "manifests"
         self.refs_dir = self.root / "refs"
+        self.history_dir = self.root / "history"
         self.tmp_dir = self.root / "tmp"
 
     # ------------------------------------------------------------ read API (contract)
@@ -194,6 +220,26 @@ class CapsuleStore:
                 out[name] = vid
         return out
 
+    def history(self, name: str) -> list[HistoryRecord]:
+        """Every recorded version of ``name``, oldest first (empty for a store older than history)."""
+        check_name(name)
+        path = self.history_dir / name
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise CapsuleError(f"cannot read history {path}: {exc.strerror}") from exc
+        out: list[HistoryRecord] = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(HistoryRecord.from_json(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CapsuleError(f"history {path} line {lineno} is corrupt ({exc}): {line[:80]!r}") from None
+        return out
+
     # ------------------------------------------------------------ helpers
 
     def find_version(self, name_or_vid: str) -> tuple[str | None, str]:
@@ -222,10 +268,11 @@ class CapsuleStore:
         try:
             for d in (self.chunks_dir, self.kernels_dir, self.manifests_dir, self.refs_dir, self.tmp_dir):
                 d.mkdir(parents=True, exist_ok=True)
+            self.history_dir.mkdir(mode=0o700, exist_ok=True)
             for i in range(256):
                 (self.chunks_dir / f"{i:02x}").mkdir(exist_ok=True)
         except OSError as exc:
-            raise _describe_oserror(exc, f"creating capsule store in {self.root}") from exc
+            raise describe_oserror(exc, f"creating capsule store in {self.root}") from exc
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -252,48 +299,148 @@ class CapsuleStore:
         manifest: Manifest,
         manifest_file: Path,
         kernel_file: Path | None,
-    ) -> None:
-        """Make a staged version visible as ``name``; on failure undo what was linked."""
+        origin: str = "import",
+        detail: str = "",
+    ) -> int:
+        """Make a staged version visible as ``name``; on failure undo what was linked.
+
+        Returns the bytes this publish added to the store: the chunks and kernel it
+        linked that were not there yet. A new version of the name is recorded in its
+        history with ``origin`` (one of ORIGINS) and ``detail``.
+        """
         check_name(name)
+        if origin not in ORIGINS:
+            raise CapsuleError(f"unknown version origin {origin!r}; expected one of: {', '.join(ORIGINS)}")
         created: list[Path] = []
         dirs: set[Path] = set()
+        new_bytes = 0
 
-        def place(src: Path, dest: Path) -> None:
+        def place(src: Path, dest: Path, size: int = 0) -> None:
+            nonlocal new_bytes
             try:
                 os.link(src, dest)
             except FileExistsError:
                 return
             created.append(dest)
             dirs.add(dest.parent)
+            new_bytes += size
 
         with self.locked():
+            previous = self.resolve(name)
             try:
                 for c in manifest.chunks:
-                    place(staging.staged_chunk(c.sha256), self.chunk_path(c.sha256))
+                    place(staging.staged_chunk(c.sha256), self.chunk_path(c.sha256), c.stored_size)
                 kernel = manifest.kernel
                 if kernel is not None:
                     if kernel_file is None:
                         raise CapsuleError("manifest names a kernel but none was staged")
-                    place(kernel_file, self.kernel_path(kernel.sha256))
+                    place(kernel_file, self.kernel_path(kernel.sha256), kernel.size)
                 place(manifest_file, self.manifest_path(vid))
                 for d in sorted(dirs):
                     fsync_path(d)
-                tmp_ref = self.refs_dir / f".{name}.{os.getpid()}.tmp"
-                with open(tmp_ref, "w") as f:
-                    f.write(vid + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.rename(tmp_ref, self.refs_dir / name)
-                fsync_path(self.refs_dir)
+                self._write_ref(name, vid)
             except BaseException as exc:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.refs_dir / f".{name}.{os.getpid()}.tmp")
                 for p in created:
                     with contextlib.suppress(OSError):
                         os.unlink(p)
                 if isinstance(exc, OSError):
-                    raise _describe_oserror(exc, f"publishing capsule {name}") from exc
+                    raise describe_oserror(exc, f"publishing capsule {name}") from exc
                 raise
+            if previous != vid:
+                self._append_history(name, HistoryRecord(time.time(), vid, origin, manifest.stored_size,
+                                                         new_bytes, detail))
+        return new_bytes
+
+    def _write_ref(self, name: str, vid: str) -> None:
+        """Point ``name`` at ``vid`` by rename (caller holds the store lock)."""
+        tmp_ref = self.refs_dir / f".{name}.{os.getpid()}.tmp"
+        try:
+            with open(tmp_ref, "w") as f:
+                f.write(vid + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp_ref, self.refs_dir / name)
+            fsync_path(self.refs_dir)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_ref)
+            raise
+
+    def _write_history(self, name: str, records: list[HistoryRecord]) -> None:
+        """Replace ``name``'s history atomically (caller holds the store lock)."""
+        path = self.history_dir / name
+        if not records:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return
+        self.history_dir.mkdir(mode=0o700, exist_ok=True)
+        tmp = self.history_dir / f".{name}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(fd, "w") as f:
+                for r in records:
+                    f.write(json.dumps(r.to_json(), sort_keys=True, separators=(",", ":")) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+            fsync_path(self.history_dir)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def _append_history(self, name: str, record: HistoryRecord) -> None:
+        try:
+            self._write_history(name, [*self.history(name), record])
+        except OSError as exc:
+            # The version is published (the ref moved); only its history line is lost.
+            raise describe_oserror(exc, f"recording the history of {name} (version {record.version} "
+                                        "is published)") from exc
+
+    def rollback(self, name: str, version: str | None = None) -> HistoryRecord:
+        """Make an older version of ``name`` current again (default: the one before the current).
+
+        ``version`` is a full id or a unique prefix of a version in the name's
+        history whose manifest is still stored (gc has not dropped it).
+        """
+        check_name(name)
+        with self.locked():
+            current = self.resolve(name)
+            if current is None:
+                raise CapsuleError(f"no capsule named {name!r}")
+            records = self.history(name)
+            known = list(dict.fromkeys(r.version for r in reversed(records)))  # newest first
+            stored = [v for v in known if self.manifest_path(v).exists()]
+            if version is None:
+                older = [v for v in stored if v != current]
+                if not older:
+                    raise CapsuleError(f"{name} has no older version to roll back to "
+                                       f"(history: {len(known)} version(s), gc keeps capsule.keep_versions)")
+                target = older[0]
+            else:
+                matches = [v for v in known if v.startswith(version.lower())] if version else []
+                if len(matches) != 1:
+                    listed = ", ".join(v[:12] for v in stored) or "none"
+                    why = "is ambiguous" if matches else "is not in its history"
+                    raise CapsuleError(f"version {version!r} of {name} {why}; versions kept: {listed}")
+                target = matches[0]
+                if target not in stored:
+                    raise CapsuleError(f"version {target[:12]} of {name} was removed by gc; "
+                                       f"versions kept: {', '.join(v[:12] for v in stored) or 'none'}")
+            if target == current:
+                raise CapsuleError(f"version {target[:12]} is already the current version of {name}")
+            manifest = self.load_manifest(target)  # refuses a corrupt manifest
+            missing = [c.sha256 for c in manifest.chunks if not self.chunk_path(c.sha256).exists()]
+            if missing:
+                raise CapsuleError(f"version {target[:12]} of {name} misses {len(missing)} chunk(s) "
+                                   f"(first {missing[0]}); not rolled back")
+            record = HistoryRecord(time.time(), target, "rollback", manifest.stored_size, 0, current)
+            try:
+                self._write_ref(name, target)
+            except OSError as exc:
+                raise describe_oserror(exc, f"rolling back {name}") from exc
+            self._append_history(name, record)
+        return record
 
     def delete(self, name: str) -> str:
         """Remove a ref; its chunks stay until ``gc`` (a booting node may still need them)."""
@@ -305,16 +452,22 @@ class CapsuleStore:
             try:
                 os.unlink(self.refs_dir / name)
                 fsync_path(self.refs_dir)
+                self._write_history(name, [])
             except OSError as exc:
-                raise _describe_oserror(exc, f"deleting capsule {name}") from exc
+                raise describe_oserror(exc, f"deleting capsule {name}") from exc
         return vid
 
-    def gc(self, in_use: Iterable[str] = ()) -> GcReport:
-        """Remove what no ref and no ``in_use`` version needs, and dead imports' staging.
+    def gc(self, in_use: Iterable[str] = (), keep_versions: int = 1) -> GcReport:
+        """Remove what no ref, no retained version and no ``in_use`` version needs, and dead imports' staging.
 
-        ``in_use`` lets the daemon protect versions that nodes are booting right
-        now even if their ref has since moved on.
+        Retention: for every name, its current version and the versions it had
+        most recently, ``keep_versions`` distinct ones in all (1: the current one
+        only); history lines of the others are dropped with them. ``in_use`` lets
+        the daemon protect versions that nodes are booting right now even if their
+        ref has since moved on.
         """
+        if keep_versions < 1:
+            raise CapsuleError(f"keep_versions must be at least 1 (the current version), got {keep_versions}")
         report = GcReport()
         self.ensure_layout()
         with self.locked():
@@ -328,20 +481,22 @@ class CapsuleStore:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 report.removed_staging += 1
-            keep_versions = set(self.names().values())
+            refs = self.names()
+            keep = set(refs.values())
+            keep.update(self._retain_history(refs, keep_versions, report))
             for v in in_use:
                 if is_hex_digest(v) and self.manifest_path(v).exists():
-                    keep_versions.add(v)
+                    keep.add(v)
             keep_chunks: set[str] = set()
             keep_kernels: set[str] = set()
-            for vid in sorted(keep_versions):
+            for vid in sorted(keep):
                 m = self.load_manifest(vid)  # raises on a corrupt manifest: better stop than guess
                 keep_chunks.update(c.sha256 for c in m.chunks)
                 if m.kernel is not None:
                     keep_kernels.add(m.kernel.sha256)
-            report.kept_versions = sorted(keep_versions)
+            report.kept_versions = sorted(keep)
             for vid in self.versions():
-                if vid not in keep_versions:
+                if vid not in keep:
                     report.freed_bytes += _unlink(self.manifest_path(vid))
                     report.removed_manifests += 1
             for k in sorted(os.listdir(self.kernels_dir)):
@@ -357,6 +512,30 @@ class CapsuleStore:
                         report.freed_bytes += _unlink(subdir / h)
                         report.removed_chunks += 1
         return report
+
+    def _retain_history(self, refs: dict[str, str], keep_versions: int, report: GcReport) -> set[str]:
+        """Apply the retention rule to every history (caller holds the lock); the versions it keeps."""
+        kept: set[str] = set()
+        try:
+            names = sorted(n for n in os.listdir(self.history_dir) if NAME_RE.fullmatch(n))
+        except FileNotFoundError:
+            return kept
+        for name in names:
+            records = self.history(name)
+            current = refs.get(name)
+            if current is None:  # a name deleted before history was removed with it
+                report.dropped_history += len(records)
+                self._write_history(name, [])
+                continue
+            newest_first = [current, *(r.version for r in reversed(records))]
+            retained = set(list(dict.fromkeys(newest_first))[:keep_versions])
+            retained = {v for v in retained if self.manifest_path(v).exists()}
+            left = [r for r in records if r.version in retained]
+            if len(left) != len(records):
+                report.dropped_history += len(records) - len(left)
+                self._write_history(name, left)
+            kept |= retained
+        return kept
 
 
 def _unlink(path: Path) -> int:

@@ -38,27 +38,50 @@ class VerifyReport:
                 "checked_bytes": self.checked_bytes, "bad": self.bad}
 
 
-def _check_chunk(store: CapsuleStore, ref: ChunkRef, local: threading.local) -> str | None:
+class BadChunk(CapsuleError):
+    """A stored chunk that does not match its manifest record; ``problem`` says how."""
+
+    def __init__(self, sha256: str, problem: str) -> None:
+        self.sha256 = sha256
+        self.problem = problem
+        super().__init__(f"chunk {sha256} is bad: {problem}")
+
+
+def read_chunk(store: CapsuleStore, ref: ChunkRef, dctx: zstandard.ZstdDecompressor) -> bytes:
+    """The raw bytes of one stored chunk, checked against its manifest record.
+
+    The one place that decides whether a chunk is good (verify lists the bad
+    ones, export refuses them): stored size, sha256 of the stored bytes, that
+    it decompresses, and its raw size. Raises BadChunk.
+    """
     path = store.chunk_path(ref.sha256)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return "missing"
+        raise BadChunk(ref.sha256, "missing") from None
     except OSError as exc:
-        return f"unreadable: {exc.strerror}"
+        raise BadChunk(ref.sha256, f"unreadable: {exc.strerror}") from None
     if len(data) != ref.stored_size:
-        return f"stored size {len(data)} != {ref.stored_size} in manifest"
+        raise BadChunk(ref.sha256, f"stored size {len(data)} != {ref.stored_size} in manifest")
     if hashlib.sha256(data).hexdigest() != ref.sha256:
-        return "sha256 mismatch"
+        raise BadChunk(ref.sha256, "sha256 mismatch")
+    try:
+        raw = dctx.decompress(data, max_output_size=max(ref.raw_size, 1))
+    except zstandard.ZstdError as exc:
+        raise BadChunk(ref.sha256, f"does not decompress: {exc}") from None
+    if len(raw) != ref.raw_size:
+        raise BadChunk(ref.sha256, f"raw size {len(raw)} != {ref.raw_size} in manifest")
+    return raw
+
+
+def _check_chunk(store: CapsuleStore, ref: ChunkRef, local: threading.local) -> str | None:
     d = getattr(local, "d", None)
     if d is None:
         d = local.d = zstandard.ZstdDecompressor()
     try:
-        raw = d.decompress(data, max_output_size=max(ref.raw_size, 1))
-    except zstandard.ZstdError as exc:
-        return f"does not decompress: {exc}"
-    if len(raw) != ref.raw_size:
-        return f"raw size {len(raw)} != {ref.raw_size} in manifest"
+        read_chunk(store, ref, d)
+    except BadChunk as exc:
+        return exc.problem
     return None
 
 

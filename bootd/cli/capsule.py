@@ -1,4 +1,4 @@
-"""``bootd capsule``: import, inspect, check, export and clean capsules from the shell.
+"""``bootd capsule``: build, import, change, inspect, check, export, roll back and clean capsules.
 
 The CLI works on the store directly (``Config.capsule.dir``). That is safe next
 to a running daemon: publishing is a rename, and gc/delete/publish take the
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,9 +18,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from bootd.capsule.build import build_capsule
+from bootd.capsule.chroot import exec_in_capsule
 from bootd.capsule.chunker import ChunkParams
 from bootd.capsule.export import export_version
-from bootd.capsule.importer import ImportOptions, import_capsule
+from bootd.capsule.hygiene import HygieneReport, transform
+from bootd.capsule.importer import ImportOptions, ImportResult, import_capsule
+from bootd.capsule.recipe import load_recipe
 from bootd.capsule.store import CapsuleStore
 from bootd.capsule.verify import verify_version
 from bootd.config import Config
@@ -64,19 +69,20 @@ def _bar(desc: str, total: int | None) -> Iterator[tuple[Callable[[int], None], 
         yield update, set_total
 
 
-def capsule_import(args: argparse.Namespace, config: Config) -> int:
+def _options(config: Config) -> ImportOptions:
     c = config.capsule
-    opts = ImportOptions(chunk=ChunkParams(c.chunk_min, c.chunk_avg, c.chunk_max), zstd_level=c.zstd_level)
-    with _bar(f"import {args.name}", None) as (update, set_total):
-        result = import_capsule(_store(config), args.name, Path(args.source),
-                                kernel=Path(args.kernel) if args.kernel else None, options=opts,
-                                progress=update, on_total=set_total)
-    if args.json:
-        _print_json(result.to_json())
-        return 0
+    return ImportOptions(chunk=ChunkParams(c.chunk_min, c.chunk_avg, c.chunk_max), zstd_level=c.zstd_level)
+
+
+def _print_hygiene(report: HygieneReport) -> None:
+    lines = report.summary()
+    print("  hygiene: " + ("; ".join(lines) if lines else "nothing to remove"))
+
+
+def _print_result(result: ImportResult, what: str = "imported") -> None:
     share = 100.0 * result.new_bytes / result.stored_size if result.stored_size else 0.0
     rate = result.raw_size / result.seconds / 1e6 if result.seconds > 0 else 0.0
-    print(f"imported {result.name}: version {result.version}")
+    print(f"{what} {result.name}: version {result.version}")
     print(f"  {result.entries} entries, archive {_size(result.raw_size)}, stored {_size(result.stored_size)} "
           f"in {result.chunks} chunks; new {_size(result.new_bytes)} ({share:.1f}%) in {result.new_chunks} chunks")
     print(f"  kernel: {result.kernel.path + ' ' + result.kernel.sha256[:12] if result.kernel else 'none'}")
@@ -85,6 +91,106 @@ def capsule_import(args: argparse.Namespace, config: Config) -> int:
     elif result.previous == result.version:
         print("  unchanged (same tree as the current version)")
     print(f"  {result.seconds:.1f} s, {rate:.0f} MB/s")
+
+
+def capsule_import(args: argparse.Namespace, config: Config) -> int:
+    report = HygieneReport()
+    with _bar(f"import {args.name}", None) as (update, set_total):
+        result = import_capsule(_store(config), args.name, Path(args.source),
+                                kernel=Path(args.kernel) if args.kernel else None, options=_options(config),
+                                progress=update, on_total=set_total,
+                                transform=None if args.no_hygiene else transform(report))
+    if args.json:
+        _print_json({**result.to_json(), "hygiene": None if args.no_hygiene else report.to_json()})
+        return 0
+    _print_result(result)
+    if not args.no_hygiene:
+        _print_hygiene(report)
+    return 0
+
+
+def capsule_build(args: argparse.Namespace, config: Config) -> int:
+    recipe = load_recipe(args.recipe)
+    cache = Path(args.cache) if args.cache else config.capsule.build_cache
+    with _bar(f"import {args.name}", None) as (update, set_total):
+        built = build_capsule(_store(config), args.name, recipe, cache, options=_options(config),
+                              progress=update, on_total=set_total)
+    if args.json:
+        _print_json({**built.result.to_json(), "hygiene": built.hygiene.to_json(),
+                     "mmdebstrap_seconds": round(built.mmdebstrap_seconds, 3),
+                     "import_seconds": round(built.import_seconds, 3), "tar_bytes": built.tar_bytes})
+        return 0
+    _print_result(built.result, "built")
+    _print_hygiene(built.hygiene)
+    print(f"  mmdebstrap {built.mmdebstrap_seconds:.1f} s (tar {_size(built.tar_bytes)}), "
+          f"import {built.import_seconds:.1f} s; package cache {cache}")
+    return 0
+
+
+def _exec(args: argparse.Namespace, config: Config, argv: list[str], interactive: bool) -> int:
+    with _bar(f"import {args.name}", None) as (update, _):
+        out = exec_in_capsule(_store(config), args.name, argv, interactive=interactive, options=_options(config),
+                              progress=update)
+    if out.result is None:
+        print(f"bootd: error: {' '.join(argv)} exited with status {out.exit_code} in {args.name}; "
+              f"nothing was published ({args.name} stays at {out.previous[:12]})", file=sys.stderr)
+        return 1
+    _print_result(out.result, "published")
+    _print_hygiene(out.hygiene)
+    return 0
+
+
+def capsule_exec(args: argparse.Namespace, config: Config) -> int:
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("bootd: error: no command given: bootd capsule exec NAME -- CMD [ARG...]", file=sys.stderr)
+        return 2
+    return _exec(args, config, argv, interactive=False)
+
+
+def capsule_shell(args: argparse.Namespace, config: Config) -> int:
+    print(f"bootd: shell in {args.name}; exit 0 publishes a new version, any other status discards the changes",
+          file=sys.stderr)
+    return _exec(args, config, ["/bin/sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"],
+                 interactive=True)
+
+
+def capsule_history(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    current = store.resolve(args.name)
+    records = store.history(args.name)
+    if current is None and not records:
+        raise CapsuleError(f"no capsule named {args.name!r}")
+    rows = [dict(r.to_json(), current=r.version == current and i == len(records) - 1,
+                 stored=store.manifest_path(r.version).exists()) for i, r in enumerate(records)]
+    if current is not None and (not records or records[-1].version != current):
+        rows.append({"time": None, "version": current, "origin": "?", "stored_bytes": None, "new_bytes": None,
+                     "detail": "(made before history was kept)", "current": True, "stored": True})
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(_table([("*" if r["current"] else "", i,
+                   time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])) if r["time"] else "?",
+                   r["version"][:12], r["origin"],
+                   _size(r["stored_bytes"]) if r["stored_bytes"] is not None else "?",
+                   _size(r["new_bytes"]) if r["new_bytes"] is not None else "?",
+                   _detail(r))
+                  for i, r in enumerate(rows, 1)],
+                 ("", "#", "TIME", "VERSION", "MADE BY", "STORED", "NEW", "DETAIL")))
+    return 0
+
+
+def _detail(row: dict[str, Any]) -> str:
+    text = f"from {row['detail'][:12]}" if row["origin"] == "rollback" else str(row["detail"])
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return text if row["stored"] else f"{text} (removed by gc)"
+
+
+def capsule_rollback(args: argparse.Namespace, config: Config) -> int:
+    record = _store(config).rollback(args.name, args.version)
+    print(f"rolled back {args.name} to version {record.version} (was {record.detail})")
     return 0
 
 
@@ -174,13 +280,15 @@ def capsule_export(args: argparse.Namespace, config: Config) -> int:
 
 
 def capsule_gc(args: argparse.Namespace, config: Config) -> int:
-    report = _store(config).gc(in_use=args.keep or ())
+    keep_versions = config.capsule.keep_versions if args.keep_versions is None else args.keep_versions
+    report = _store(config).gc(in_use=args.keep or (), keep_versions=keep_versions)
     if args.json:
         _print_json(vars(report))
         return 0
     print(f"removed {report.removed_chunks} chunks, {report.removed_kernels} kernels, "
           f"{report.removed_manifests} manifests, {report.removed_staging} dead imports; "
-          f"freed {_size(report.freed_bytes)}; kept {len(report.kept_versions)} versions"
+          f"freed {_size(report.freed_bytes)}; kept {len(report.kept_versions)} versions "
+          f"(up to {keep_versions} per capsule)"
           + (f"; {report.live_imports} import(s) in progress left alone" if report.live_imports else ""))
     return 0
 
@@ -189,12 +297,41 @@ def add_parser(sub: Any) -> None:
     cap = sub.add_parser("capsule", help="manage VNFS capsules (root filesystems nodes boot)")
     csub = cap.add_subparsers(dest="capsule_command", metavar="SUBCOMMAND", required=True)
 
-    p = csub.add_parser("import", help="import a directory or tar archive (plain/gz/xz/bz2/zst) as NAME")
+    p = csub.add_parser("import", help="import a directory, tar archive (plain/gz/xz/bz2/zst), OCI image "
+                        "layout (directory or tar) or docker-save archive as NAME")
     p.add_argument("name")
-    p.add_argument("source", help="root tree directory or tar archive")
+    p.add_argument("source", help="root tree directory, tar archive, OCI layout or docker-save tar")
     p.add_argument("--kernel", help="kernel image to boot (default: newest /boot/vmlinuz* in the tree)")
+    p.add_argument("--no-hygiene", action="store_true",
+                   help="keep ssh host keys, machine-id, apt lists/caches and the master's resolv.conf")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=capsule_import)
+
+    p = csub.add_parser("build", help="build NAME from a recipe (TOML) with mmdebstrap and import it")
+    p.add_argument("name")
+    p.add_argument("--recipe", required=True, metavar="FILE", help="recipe file, e.g. capsules/debian-hpc/recipe.toml")
+    p.add_argument("--cache", metavar="DIR", help="package cache (default: capsule.build_cache)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=capsule_build)
+
+    p = csub.add_parser("exec", help="run a command in NAME's tree; exit 0 publishes a new version")
+    p.add_argument("name")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    p.set_defaults(handler=capsule_exec)
+
+    p = csub.add_parser("shell", help="interactive shell in NAME's tree; exit 0 publishes a new version")
+    p.add_argument("name")
+    p.set_defaults(handler=capsule_shell)
+
+    p = csub.add_parser("history", help="every kept version of NAME: time, id, sizes, what made it")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=capsule_history)
+
+    p = csub.add_parser("rollback", help="make an older version of NAME current (default: the one before)")
+    p.add_argument("name")
+    p.add_argument("version", nargs="?", help="version id or unique prefix from 'bootd capsule history NAME'")
+    p.set_defaults(handler=capsule_rollback)
 
     p = csub.add_parser("list", help="list capsules")
     p.add_argument("--json", action="store_true")
@@ -221,5 +358,7 @@ def add_parser(sub: Any) -> None:
 
     p = csub.add_parser("gc", help="remove chunks, kernels and manifests no capsule needs")
     p.add_argument("--keep", action="append", metavar="VERSION", help="also keep this version id")
+    p.add_argument("--keep-versions", type=int, metavar="N",
+                   help="versions to keep per capsule (default: capsule.keep_versions)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=capsule_gc)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bootd.lab.netns import Lab, LabError, lab_available
 from bootd.lab.qemu import QemuError, QemuNode, qemu_available
-from bootd.lab.sample import build_recipe_capsule, make_busybox_root
+from bootd.lab.sample import build_busybox_capsule, make_busybox_root
 from bootd.lab.serve import BootdServer
 from bootd.stage1.build import Stage1Error, build
 
@@ -77,7 +77,7 @@ def run_demo(*, nodes: int = 1, firmware: str = "bios", workdir: Path | None = N
         say(f"building the stage one into {work / 'stage1'} (kernel .deb cached in ~/.cache/bootd)")
         s1 = build(work / "stage1", log=lambda m: say(f"  {m}"))
         say(f"stage one ready: kernel {s1.kernel.kver}, initramfs {s1.initramfs.stat().st_size // 1024} KiB")
-        source = build_recipe_capsule(work / "capsule", kernel=s1.vmlinuz)
+        source = build_busybox_capsule(work / "capsule", kernel=s1.vmlinuz)
         if source is None:  # not a source checkout: the built-in sample root (no kernel of its own)
             source = make_busybox_root(work / "sample-root")
         with Lab(workdir=work / "lab", prefix="bd-demo") as lab:

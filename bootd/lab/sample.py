@@ -61,24 +61,24 @@ def make_busybox_root(root: Path, *, filler_bytes: int = 0, seed: bytes = b"boot
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RECIPE = REPO_ROOT / "capsules" / "busybox" / "build.sh"
+BUSYBOX_BUILD = REPO_ROOT / "capsules" / "busybox" / "build.sh"
 
 
-def build_recipe_capsule(out: Path, kernel: Path | None = None) -> Path | None:
-    """Build the repository's busybox capsule recipe (capsules/busybox) and return its tarball.
+def build_busybox_capsule(out: Path, kernel: Path | None = None) -> Path | None:
+    """Run the repository's busybox capsule build script (capsules/busybox/build.sh) and return its tarball.
 
     ``kernel`` is put into the capsule's /boot, so nodes boot the capsule's own kernel through
     /capsules/<vid>/kernel; passing the stage one's kernel keeps the stage one's modules matching.
-    None when this is not a source checkout with the recipe.
+    None when this is not a source checkout with the script.
     """
-    if not RECIPE.exists():
+    if not BUSYBOX_BUILD.exists():
         return None
-    cmd = [str(RECIPE), str(out)]
+    cmd = [str(BUSYBOX_BUILD), str(out)]
     cmd += ["--kernel", str(kernel)] if kernel is not None else ["--no-kernel"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
     if proc.returncode != 0:
-        raise RuntimeError(f"{RECIPE} failed (exit {proc.returncode}): {proc.stderr.strip()[-1000:]}")
+        raise RuntimeError(f"{BUSYBOX_BUILD} failed (exit {proc.returncode}): {proc.stderr.strip()[-1000:]}")
     tarball = out / "busybox.tar"
     if not tarball.exists():
-        raise RuntimeError(f"{RECIPE} did not produce {tarball}")
+        raise RuntimeError(f"{BUSYBOX_BUILD} did not produce {tarball}")
     return tarball

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from bootd.durable import fsync_path
 from bootd.errors import NotFound, OverlayError
 from bootd.overlay.meta import FILES_DIR, META_FILE, FileMeta, OverlayMeta, check_name, check_path, parse_meta
 from bootd.overlay.overlay import MAX_BYTES, MAX_FILES, Overlay, load_overlay, walk_files
@@ -36,14 +37,6 @@ from bootd.overlay.render import BLOCK, tar_header
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 VERSIONS = ".v"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -116,7 +109,7 @@ class OverlayStore:
         versions.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = versions / f"{name}.{secrets.token_hex(6)}"
         path.mkdir(mode=0o700)
-        _fsync_dir(versions)
+        fsync_path(versions)
         return path
 
     def _publish(self, name: str, staged: Path) -> Overlay:
@@ -127,13 +120,13 @@ class OverlayStore:
             shutil.rmtree(staged, ignore_errors=True)
             raise
         for dirpath, _dirs, _files in os.walk(staged):
-            _fsync_dir(Path(dirpath))
+            fsync_path(Path(dirpath))
         link = self.root / name
         old = link.resolve() if link.is_symlink() else None
         tmp_link = self.root / f".{name}.{secrets.token_hex(6)}.lnk"
         os.symlink(staged.relative_to(self.root), tmp_link)
         os.replace(tmp_link, link)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         if old is not None and old != staged.resolve():
             shutil.rmtree(old, ignore_errors=True)
         return overlay
@@ -219,7 +212,7 @@ class OverlayStore:
                 raise NotFound(f"no overlay {name!r}")
             target = link.resolve()
             link.unlink()
-            _fsync_dir(self.root)
+            fsync_path(self.root)
             shutil.rmtree(target, ignore_errors=True)
 
     def export(self, name: str, out: BinaryIO) -> int:

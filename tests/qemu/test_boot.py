@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bootd.lab import Lab, QemuNode, lab_available, qemu_available
-from bootd.lab.sample import build_recipe_capsule, make_busybox_root
+from bootd.lab.sample import build_busybox_capsule, make_busybox_root
 from bootd.lab.serve import BootdServer, ServeError
 from bootd.stage1.build import BuildResult
 from tests.qemu import standin
@@ -64,7 +64,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, stage1: BuildResult,
             busybox = bootd.import_capsule("busybox", sample_capsule.root)
             corrupt = bootd.import_capsule("corrupt", _capsule_tree(work, "corrupt", 1_500_000, b"corrupt"))
             big = bootd.import_capsule("big", _capsule_tree(work, "big", 12_000_000, b"big"))
-            tarball = build_recipe_capsule(work / "recipe", kernel=stage1.vmlinuz)
+            tarball = build_busybox_capsule(work / "recipe", kernel=stage1.vmlinuz)
             recipe = bootd.import_capsule("recipe", tarball) if tarball is not None else None
             bootd.cli("group", "set", "default", "--capsule", "busybox", check=False)
             if bootd.cli("group", "show", "default", "--json", check=False).returncode != 0:
@@ -130,8 +130,8 @@ def test_bios_ipxe_rom(served: Served) -> None:
 
 
 def test_recipe_capsule_boots_its_own_kernel(served: Served) -> None:
-    """The capsules/busybox recipe with a kernel in /boot: iPXE loads /capsules/<vid>/kernel, and the
-    recipe's init (not the test's) reports ready."""
+    """The capsule of capsules/busybox/build.sh with a kernel in /boot: iPXE loads /capsules/<vid>/kernel,
+    and the capsule's own init (not the test's) reports ready."""
     if served.recipe_vid is None:
         pytest.skip("capsules/busybox/build.sh is not in this checkout")
     mac = "52:54:00:77:02:08"

@@ -1,4 +1,4 @@
-"""The busybox capsule recipe builds, imports deterministically, and its report functions speak the API."""
+"""capsules/busybox/build.sh builds, imports deterministically, and its report functions speak the API."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def build(out: Path, *extra: str) -> Path:
     return out
 
 
-def test_recipe_builds_a_deterministic_runnable_tree(tmp_path: Path) -> None:
+def test_build_script_makes_a_deterministic_runnable_tree(tmp_path: Path) -> None:
     a = build(tmp_path / "a")
     kernel = tmp_path / "vmlinuz-9.9.9-test"
     kernel.write_bytes(b"not really a kernel")
