@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 DEBS=(
   qemu-system-x86 ipxe-qemu ovmf seabios ipxe pxelinux syslinux-common  # QEMU nodes and their firmware/NBPs
   busybox-static cpio zstd tar                                           # stage one and capsule recipes
+  mmdebstrap                                                             # the Debian capsule of the real-distribution boot test
   gcc libc6-dev libssl-dev                                               # stage one's bootd-fetch (static, libcrypto.a)
   dnsmasq-base isc-dhcp-client udhcpc kea-admin                          # DHCP peers (reference, clients, perfdhcp)
   atftp tftp-hpa tftpd-hpa curl                                          # TFTP clients and the reference server

@@ -35,10 +35,13 @@ from bootd.errors import BootdError
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
-# NIC drivers for the machines bootd boots in QEMU and on common hardware, then storage (not loaded by
-# the agent, shipped so that a capsule's init can use local scratch disks).
-NIC_MODULES = ("virtio_net", "e1000", "e1000e", "igb", "ixgbe", "vmxnet3")
-STORAGE_MODULES = ("virtio_blk", "virtio_scsi")
+# NIC drivers for the machines bootd boots in QEMU and on common server hardware (a kernel flavour that
+# lacks some, such as Debian's cloud kernel, simply ships fewer), then storage (not loaded by the agent,
+# shipped so that a capsule's init can use local scratch disks). Some need firmware files the image does
+# not carry (bnx2; ice runs in safe mode without its DDP package).
+NIC_MODULES = ("virtio_net", "e1000", "e1000e", "igb", "ixgbe", "i40e", "ice", "mlx4_en", "mlx5_core", "bnx2",
+               "bnxt_en", "tg3", "vmxnet3")
+STORAGE_MODULES = ("virtio_blk", "virtio_scsi", "nvme", "ahci", "sd_mod")
 LOAD_FIRST = ("virtio_pci",)  # virtio_net binds only once the PCI transport is there
 FIXED_MTIME = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
 FETCH_SRC = HERE / "fetch.c"
@@ -416,6 +419,7 @@ def initramfs_entries(
         add_file("usr/bin/bootd-fetch", fetcher)
     add_file("init", (HERE / "init.sh").read_bytes())
     add_file("bootd/agent.sh", (HERE / "agent.sh").read_bytes())
+    add_file("bootd/node-agent.sh", (HERE / "node-agent.sh").read_bytes())
     add_file("bootd/udhcpc.script", (HERE / "udhcpc.sh").read_bytes())
     add_file("etc/bootd-stage1.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode(), 0o644)
     # One module set per kernel; the agent loads the set matching `uname -r`, so one stage one serves
@@ -502,6 +506,7 @@ def build(
     with tempfile.TemporaryDirectory(prefix="bootd-stage1-") as tmp:
         fetcher = compile_fetcher(Path(tmp) / "bootd-fetch").read_bytes()
     agent_sha = hashlib.sha256((HERE / "agent.sh").read_bytes()).hexdigest()
+    node_agent_sha = hashlib.sha256((HERE / "node-agent.sh").read_bytes()).hexdigest()
     info: dict[str, object] = {
         "kernel": {"package": kernel.package, "version": kernel.version, "release": kernel.kver},
         "module_sets": {k.kver: {"package": k.package, "version": k.version, "load_order": list(o)}
@@ -510,6 +515,8 @@ def build(
         "packages": _dpkg_versions(("busybox-static", "tar", "zstd", "libc6", "gcc", "libc6-dev", "libssl-dev",
                                     *(("openssl",) if with_openssl else ()))),
         "agent_sha256": agent_sha,
+        "node_agent_sha256": node_agent_sha,
+        "nic_drivers": [m for m in NIC_MODULES if m in order],
         "fetch_sha256": hashlib.sha256(fetcher).hexdigest(),
     }
     cpio = write_cpio(initramfs_entries(sets, info, with_openssl, fetcher))
@@ -526,7 +533,9 @@ def build(
     }
     _atomic_write(out_dir / "stage1.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
     log(f"stage one: {out_dir / 'initramfs.img'} {len(image)} bytes sha256={init_sha[:16]}…; "
-        f"kernel {kernel.kver} -> {out_dir / 'vmlinuz'}; modules: {' '.join(order)}")
+        f"kernel {kernel.kver} -> {out_dir / 'vmlinuz'}; NIC drivers: "
+        f"{' '.join(m for m in NIC_MODULES if m in order)} (missing: "
+        f"{' '.join(m for m in NIC_MODULES if m not in order) or 'none'}); modules: {' '.join(order)}")
     return BuildResult(out_dir=out_dir, initramfs=out_dir / "initramfs.img", vmlinuz=out_dir / "vmlinuz",
                        initramfs_sha256=init_sha, vmlinuz_sha256=kern_sha, kernel=kernel, load_order=order,
                        info=info)
