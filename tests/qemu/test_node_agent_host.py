@@ -85,7 +85,7 @@ def test_node_agent_without_fetcher_uses_wget_and_says_why_a_report_failed(
         server.wait_event("ready", timeout=20)
     finally:
         stop(proc)
-    assert [e["token_ok"] for e in server.event_lines()][0] is False
+    assert server.event_lines()[0]["token_ok"] is False
 
 
 def test_fetcher_post_mode_refuses_bad_use(tmp_path: Path, fetcher: Path) -> None:  # noqa: F811
