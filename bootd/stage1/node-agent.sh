@@ -120,7 +120,8 @@ while :; do
         if event ready "$reason"; then
             reported=$v
             echo "$v" > "$STATE_DIR/verdict"
-            say "ready node=$BOOTD_NODE ${reason:-running}"
+            addrs=$(ip -4 -o addr show scope global 2>/dev/null | awk '{ sub("/.*", "", $4); printf "%s,", $4 }')
+            say "ready node=$BOOTD_NODE hostname=$(hostname 2>/dev/null) ip=${addrs%,} ${reason:-running}"
             if [ "$announced" = 0 ]; then
                 echo "BOOTD-READY $BOOTD_NODE"
                 touch "$STATE_DIR/ready"

@@ -5,6 +5,7 @@ compiled fetcher. The QEMU boot of a Debian capsule (test_debian_boot.py) shows 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -68,7 +69,8 @@ def test_node_agent_reports_ready_then_heartbeats_with_usage(
     for e in (ready[0], beats[-1]):
         assert int(e["mem_total_kb"]) > int(e["mem_used_kb"]) > 0
         assert int(e["root_size_kb"]) >= int(e["root_used_kb"]) > 0
-    assert "BOOTD-READY n0042" in out and "BOOTD-AGENT ready node=n0042 running" in out
+    assert "BOOTD-READY n0042" in out
+    assert re.search(r"BOOTD-AGENT ready node=n0042 hostname=\S+ ip=\S* running", out), out
 
 
 def test_node_agent_without_fetcher_uses_wget_and_says_why_a_report_failed(
