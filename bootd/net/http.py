@@ -734,12 +734,12 @@ class HttpServer:
             return self._ipxe(render_wait_script(mac, self.base_url, result.reason))
         capsule, node_args = await self.registry.boot_target(node)
         vid: str | None = None
-        has_kernel = False
+        kernel: KernelRef | None = None
         if capsule is not None:
             try:
                 vid = self.capsules.resolve(capsule)
                 if vid is not None:
-                    has_kernel = self._kernel_of(vid) is not None
+                    kernel = self._kernel_of(vid)
             except (BootdError, OSError) as exc:
                 reason = f"capsule {capsule!r} of node {node.name} cannot be read: {exc}"
                 log.error("event=script-failed node=%s reason=%r", node.name, reason)
@@ -752,7 +752,8 @@ class HttpServer:
             # iPXE is running and about to load the stage one; the stage one itself reports `stage1`.
             await self.registry.report(node.name, State.PXE, "iPXE fetched its boot script", now=now)
         script = render_boot_script(BootScript(
-            node=node, base_url=self.base_url, version_id=vid, has_kernel=has_kernel,
+            node=node, base_url=self.base_url, version_id=vid, has_kernel=kernel is not None,
+            modules=kernel.modules if kernel is not None else None,
             boot_args=self.config.boot.kernel_args, node_args=node_args,
             token=node_token(self.secret, node.name),
         ))

@@ -3,6 +3,7 @@ session (the kernel .deb is cached across sessions in ~/.cache/bootd), a lab per
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -15,10 +16,13 @@ from pathlib import Path
 import pytest
 
 from bootd.lab import Lab, lab_available, qemu_available
-from bootd.stage1.build import BuildResult, Stage1Error, build
+from bootd.stage1.build import DEFAULT_KERNEL_PACKAGE, BuildResult, Stage1Error, build
 from tests.qemu import standin
 
 STANDIN = Path(standin.__file__).resolve()
+# The stage one the QEMU tests boot: bootd's default (the generic kernel, real NIC drivers) unless
+# BOOTD_TEST_KERNEL_PACKAGE names another, e.g. linux-image-cloud-amd64 (LZ4: faster boots under TCG).
+STAGE1_KERNEL = os.environ.get("BOOTD_TEST_KERNEL_PACKAGE") or DEFAULT_KERNEL_PACKAGE
 
 
 def need_host_tools() -> None:
@@ -39,7 +43,7 @@ def stage1(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         pytest.skip("stage one build needs apt-get and dpkg-deb (Debian)")
     try:
-        return build(tmp_path_factory.mktemp("stage1"), log=lambda msg: None)
+        return build(tmp_path_factory.mktemp("stage1"), log=lambda msg: None, kernel_package=STAGE1_KERNEL)
     except Stage1Error as exc:
         pytest.skip(f"cannot build the stage one here: {exc}")
 
