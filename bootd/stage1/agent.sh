@@ -420,7 +420,9 @@ NET
         [ -e "$TARGET$sysd/system/systemd-networkd.socket" ] && \
             ln -sfn "$sysd/system/systemd-networkd.socket" "$wants/sockets.target.wants/systemd-networkd.socket"
         say "network: $IFACE ($mac) handed to systemd-networkd (DHCP)"
-    elif [ -x "$TARGET/sbin/ifup" ] || [ -x "$TARGET/usr/sbin/ifup" ]; then
+    elif [ -e "$TARGET/etc/network/interfaces" ] && { [ -f "$TARGET/sbin/ifup" ] && [ ! -L "$TARGET/sbin/ifup" ] ||
+            [ -f "$TARGET/usr/sbin/ifup" ] && [ ! -L "$TARGET/usr/sbin/ifup" ]; }; then
+        # Debian's ifupdown (a regular file; busybox's ifup applet is a link and nothing runs it here).
         if ! grep -qs -e "iface $IFACE " "$TARGET/etc/network/interfaces" "$TARGET/etc/network/interfaces.d"/* 2>/dev/null; then
             mkdir -p "$TARGET/etc/network/interfaces.d"
             printf '# Written by the bootd stage one: DHCP on the boot NIC.\nauto %s\niface %s inet dhcp\n' \

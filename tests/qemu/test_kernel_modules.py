@@ -169,8 +169,11 @@ def test_capsule_kernel_boots_with_its_own_modules(served: Served, other_kernel:
     assert other_kernel.kver not in sets, "the stage one must not carry this kernel's modules itself"  # type: ignore[operator]
     t0 = time.monotonic()
     node = boot(served, "ownk", "52:54:00:77:06:02", "ownkernel")
-    console = re.sub(r"\r?\n", "", node.console())
-    assert "modules.img" in console, "iPXE should have loaded the capsule kernel's module archive"
+    store = CapsuleStore(served.bootd.state_dir / "capsules")
+    kernel = store.load_manifest(served.bootd.capsule_vid("ownkernel")).kernel
+    assert kernel is not None and kernel.modules is not None and kernel.release == other_kernel.kver
+    console = re.sub(r"\r?\n", "", node.console())  # iPXE wraps long URLs at 80 columns
+    assert f"/chunks/{kernel.modules}... ok" in console, "iPXE should have loaded the kernel's module archive"
     assert f"BOOTD-STAGE1 start kernel={other_kernel.kver}" in node.console()
     assert "no NIC modules for kernel" not in node.console()
     assert time.monotonic() - t0 < READY_TIMEOUT + 30
