@@ -46,13 +46,11 @@ export BOOTD_TOKEN
 
 json_str() { printf '%s' "$1" | tr -d '"\\' | tr -d '\000-\037'; }
 
-usage_fields() {
-    mem_total=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)
-    mem_avail=$(sed -n 's/^MemAvailable: *\([0-9]*\) kB/\1/p' /proc/meminfo)
-    # df -P -k /: "Filesystem 1024-blocks Used Available Capacity Mounted-on"; tmpfs roots count here.
-    set -- $(df -P -k / 2>/dev/null | sed -n 2p)
-    printf '"mem_used_kb":%s,"mem_total_kb":%s,"root_size_kb":%s,"root_used_kb":%s' \
-        "$(( ${mem_total:-0} - ${mem_avail:-0} ))" "${mem_total:-0}" "${2:-0}" "${3:-0}"
+usage_fields() { # two processes per report: the agent's own cost is what a heartbeat adds to a node
+    mem=$(awk '/^MemTotal:/ { t = $2 } /^MemAvailable:/ { a = $2 } END { printf "%d %d", t - a, t }' /proc/meminfo)
+    # df -P -k /: "Filesystem 1024-blocks Used Available Capacity Mounted-on"; a tmpfs root counts here.
+    set -- ${mem:-0 0} $(df -P -k / 2>/dev/null | awk 'NR == 2 { print $2, $3 }')
+    printf '"mem_used_kb":%s,"mem_total_kb":%s,"root_size_kb":%s,"root_used_kb":%s' "$1" "$2" "${3:-0}" "${4:-0}"
 }
 
 post() { # WHAT JSON -> status 0 on a 2xx answer
