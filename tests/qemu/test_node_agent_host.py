@@ -143,3 +143,31 @@ def test_stage_one_installs_the_agent_and_hands_over_the_network(
     resolv = (target / "etc/resolv.conf").read_text()
     assert "search cluster" in resolv and "nameserver 10.0.0.1\nnameserver 10.0.0.2" in resolv
     assert "bootd-agent.service enabled" in proc.stderr and "handed to systemd-networkd" in proc.stderr
+
+
+@pytest.mark.parametrize("ifup", ["ifupdown", "busybox-applet"])
+def test_stage_one_hands_the_nic_to_ifupdown_only_in_an_ifupdown_image(
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, fetcher: Path,  # noqa: F811
+        ifup: str) -> None:
+    """No networkd: Debian's ifupdown (a regular /sbin/ifup and /etc/network/interfaces) gets a DHCP
+    stanza for the boot NIC; busybox's ifup applet (a link nothing runs) gets nothing."""
+    server = loopback_standin()
+    env, target = agent_env(tmp_path, server, sample_capsule.vid, str(fetcher))
+    env |= {"BOOTD_NODE_AGENT": str(NODE_AGENT), "BOOTD_TEST_IFACE": "eth3"}
+    (target / "etc/network").mkdir(parents=True)
+    (target / "etc/network/interfaces").write_text("auto lo\niface lo inet loopback\n")
+    # The busybox capsule unpacked on top brings /sbin/ifup -> /bin/busybox; ifupdown's is a regular file.
+    if ifup == "ifupdown":
+        (target / "usr/sbin").mkdir(parents=True)
+        (target / "usr/sbin/ifup").write_text("#!/bin/sh\n")
+    proc = subprocess.run(["busybox", "sh", str(STAGE1_SRC / "agent.sh")], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    stanza = target / "etc/network/interfaces.d/bootd-eth3"
+    if ifup == "ifupdown":
+        assert stanza.read_text().endswith("auto eth3\niface eth3 inet dhcp\n")
+        assert "source /etc/network/interfaces.d/*" in (target / "etc/network/interfaces").read_text()
+        assert "handed to ifupdown" in proc.stderr
+    else:
+        assert not stanza.exists()
+        assert "keeps the stage one's address" in proc.stderr
