@@ -123,7 +123,9 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, stage1: BuildResult, other_kernel: Kernel) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory, stage1_default: BuildResult, other_kernel: Kernel
+           ) -> Iterator[Served]:
+    stage1 = stage1_default
     reason = lab_available() or qemu_available("bios")
     if reason:
         pytest.skip(reason)
