@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.netns]
 
 SUITE = "bookworm"
 PACKAGES = ("systemd-sysv", "udev", "iproute2")
-READY_TIMEOUT = 300.0
+READY_TIMEOUT = 480.0  # about 4 min here at load average 7-8; TCG nodes slow down a lot more under load
 LEASE_TIME = 60  # bootd's minimum: the capsule's DHCP client renews after 30 s
 STALE_AFTER = 20.0  # heartbeats every 3 s, but a loaded 2-core machine delays TCG nodes
 HEARTBEAT = 3
@@ -51,6 +51,7 @@ TEST_UNITS = {
     "bootd-test-stop.service": (
         "[Service]\nExecStart=/bin/sh -c 'until grep -qs degraded /run/bootd/verdict; do sleep 1; done; "
         "echo BOOTD-TEST $$(systemd-analyze time | head -n 1); "  # $$: a literal $ for the shell, not systemd
+        "echo BOOTD-TEST slowest: $$(systemd-analyze blame | head -n 4); "
         "echo BOOTD-TEST $$(systemctl show bootd-agent.service -p MemoryCurrent -p CPUUsageNSec "
         "-p ActiveEnterTimestampMonotonic); "
         "sleep 6; systemctl stop bootd-agent.service'\n"
@@ -63,6 +64,7 @@ def debian_tarball() -> Path:
     """The mmdebstrap tarball, built once per package list and kept in the cache."""
     if shutil.which("mmdebstrap") is None:
         pytest.skip("mmdebstrap missing (apt-get install mmdebstrap)")
+    options = [f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("man", "doc", "locale", "info")]
     key = hashlib.sha256(json.dumps([SUITE, PACKAGES]).encode()).hexdigest()[:12]
     cache = default_cache_dir() / "debian"
     tarball = cache / f"{SUITE}-minbase-{key}.tar"
@@ -71,8 +73,7 @@ def debian_tarball() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = tarball.with_name(f".{tarball.name}.tmp")
     cmd = ["mmdebstrap", "--quiet", "--format=tar", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-           *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("man", "doc", "locale", "info")),
-           SUITE, str(tmp)]
+           *options, SUITE, str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -86,6 +87,9 @@ def debian_tree(base: Path) -> Path:
     root.mkdir()
     subprocess.run(["tar", "-C", str(root), "--numeric-owner", "-xpf", str(debian_tarball())], check=True,
                    timeout=300)
+    # udev's hardware database (17 MB) only names devices: less to fetch under TCG, nothing lost here.
+    shutil.rmtree(root / "usr/lib/udev/hwdb.d", ignore_errors=True)
+    (root / "usr/lib/udev/hwdb.bin").unlink(missing_ok=True)
     units = root / "etc/systemd/system"
     for name, text in TEST_UNITS.items():
         (units / name).write_text(text)
@@ -129,7 +133,7 @@ def lease_expiry(bootd: BootdServer, mac: str) -> float:
     return max((float(x["expires"]) for x in leases if x["mac"] == mac), default=0.0)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_debian_systemd_capsule_reaches_ready_from_its_agent(served: Served) -> None:
     bootd = served.bootd
     mac = "52:54:00:77:05:01"
@@ -176,7 +180,7 @@ def test_debian_systemd_capsule_reaches_ready_from_its_agent(served: Served) -> 
 
         # Stopping the agent: silence, so bootd marks the node stale.
         stopped = node.wait_for(r"BOOTD-TEST .*MemoryCurrent", timeout=60)
-        print(f"\n{node.first('BOOTD-TEST Startup')}\n{stopped}")
+        print(f"\n{node.first('BOOTD-TEST Startup')}\n{node.first('BOOTD-TEST slowest')}\n{stopped}")
         stale = bootd.wait_state(mac, ("stale",), timeout=8 + STALE_AFTER + 40)
         assert "no contact" in str(stale["reason"])
         assert node.proc is not None and node.proc.alive(), "the node itself still runs"
