@@ -11,7 +11,7 @@
 #     until then it reports `booted` ("systemd: starting") at each heartbeat interval, so a slow start-up
 #     is not mistaken for a silent node; without systemd it reports `ready` at once;
 #   * then heartbeats every BOOTD_HEARTBEAT seconds (default 30), and reports `ready` again whenever
-#     systemd's verdict (running, or the set of failed units) changes;
+#     systemd's verdict (running, or the set of failed units) changes (asked at most every 10 s);
 #   * every report carries memory in use and the root filesystem's size and use (optional JSON fields:
 #     mem_used_kb, mem_total_kb, root_used_kb, root_size_kb).
 # Where bootd is and who this node is: /etc/bootd/node.env (written by the stage one), else the kernel
@@ -112,8 +112,14 @@ done
 reported=""
 announced=0
 n=0
+since=$WAIT  # seconds since systemd was last asked: at most every WAIT (10 s) once ready, as above
 while :; do
-    v=$(verdict)
+    if [ -z "$reported" ] || [ "$since" -ge "$WAIT" ]; then
+        v=$(verdict)
+        since=0
+    else
+        v=$reported
+    fi
     case $v in starting:*) v=$reported ;; esac  # e.g. a unit restarting: keep the last verdict
     if [ "$v" != "$reported" ]; then
         reason=""
@@ -141,4 +147,5 @@ while :; do
         n=0
     fi
     sleep "$BEAT"
+    since=$((since + BEAT))
 done
