@@ -21,9 +21,9 @@ from tests.qemu import standin
 
 STANDIN = Path(standin.__file__).resolve()
 # The stage one most QEMU tests boot: Debian's cloud kernel (LZ4) unless BOOTD_TEST_KERNEL_PACKAGE names
-# another. Measured here (bench/boot/kernels.py, TCG on a loaded 2-core machine) the generic kernel that
-# bootd builds by default took about 14 s longer from initramfs loaded to /init and 20 s longer to
-# `ready`, per boot; the tests that need the default stage one (real NIC drivers) use `stage1_default`.
+# another. Measured here (bench/boot/kernels.py, TCG) the generic kernel that bootd builds by default
+# takes 6 s longer from initramfs loaded to /init and 7.4 s longer to `ready` per boot (16 s under heavy
+# load); the tests that need the default stage one (real NIC drivers) use `stage1_default`.
 STAGE1_KERNEL = os.environ.get("BOOTD_TEST_KERNEL_PACKAGE") or "linux-image-cloud-amd64"
 
 
