@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -61,6 +62,7 @@ from bootd.capsule.workers import (
 )
 from bootd.durable import fsync_path
 from bootd.errors import CapsuleError
+from bootd.stage1.kmods import ModuleError, is_module_file, mod_name, module_initramfs, plain_module
 
 Progress = Callable[[int], None]
 
@@ -97,8 +99,7 @@ class ImportResult:
             "name": self.name, "version": self.version, "previous": self.previous,
             "raw_size": self.raw_size, "stored_size": self.stored_size, "chunks": self.chunks,
             "new_chunks": self.new_chunks, "new_bytes": self.new_bytes, "entries": self.entries,
-            "kernel": None if self.kernel is None else
-            {"sha256": self.kernel.sha256, "size": self.kernel.size, "path": self.kernel.path},
+            "kernel": None if self.kernel is None else self.kernel.as_meta(),
             "seconds": round(self.seconds, 3),
         }
 
@@ -283,7 +284,8 @@ def import_capsule(
                 if opts.durable:
                     os.fsync(f.fileno())
             store.publish(staging, name, vid, decode_manifest(data), manifest_file,
-                          staging.dir / "kernel" if kref else None, origin=origin, detail=detail or str(source))
+                          staging.dir / "kernel" if kref else None, origin=origin, detail=detail or str(source),
+                          modules_file=staging.dir / "modules" if kref and kref.modules else None)
         except OSError as exc:
             raise describe_oserror(exc, f"importing {source} as {name}") from exc
     finally:
@@ -310,7 +312,46 @@ def _stage_kernel(staging: Staging, entries: list[Entry], kernel: Path | None, d
         return None
     with contextlib.closing(found.opener()) as f:
         digest, size = _copy_hashing(f, dest, durable)
-    return KernelRef(digest, size, "/" + found.path.decode("utf-8", "surrogateescape"))
+    path = "/" + found.path.decode("utf-8", "surrogateescape")
+    modules = _stage_modules(staging, entries, path.rsplit("vmlinuz-", 1)[1] if "vmlinuz-" in path else "",
+                             durable)
+    return KernelRef(digest, size, path, modules=modules, release=modules and path.rsplit("vmlinuz-", 1)[1])
+
+
+def _stage_modules(staging: Staging, entries: list[Entry], release: str, durable: bool) -> str | None:
+    """The NIC/storage modules of the capsule's own kernel, from its /lib/modules/<release>, as a small
+    second initramfs (see KernelRef.modules); None when the tree has no modules for that release (the
+    stage one's own module sets must then match the kernel)."""
+    if not release or "/" in release:
+        return None
+    prefixes = tuple(f"{base}lib/modules/{release}/".encode() for base in ("", "usr/"))
+    readers: dict[str, Callable[[], bytes]] = {}
+    for e in entries:
+        if e.kind != REG or e.opener is None or not e.path.startswith(prefixes):
+            continue
+        filename = e.path.rsplit(b"/", 1)[1].decode("utf-8", "surrogateescape")
+        if is_module_file(filename):
+            readers.setdefault(mod_name(filename), partial(_read_module, e, filename))
+    if not readers:
+        return None
+    try:
+        mods = module_initramfs(release, readers, f"the capsule's /lib/modules/{release}")
+    except ModuleError as exc:
+        raise CapsuleError(f"cannot take the NIC modules of the capsule's kernel {release}: {exc}") from exc
+    if mods is None:
+        return None
+    digest = hashlib.sha256(mods.image).hexdigest()
+    with open(staging.dir / "modules", "wb") as out:
+        out.write(mods.image)
+        if durable:
+            os.fsync(out.fileno())
+    return digest
+
+
+def _read_module(e: Entry, filename: str) -> bytes:
+    assert e.opener is not None
+    with contextlib.closing(e.opener()) as f:
+        return plain_module(filename, f.read())
 
 
 def _stage_chunks(

@@ -79,6 +79,19 @@ class KernelRef:
     sha256: str
     size: int
     path: str
+    # The NIC/storage modules of this kernel, taken from the capsule's own /lib/modules/<release> at
+    # import: a zstd newc archive stored as chunks/<modules>, which iPXE loads as a second initrd so the
+    # stage one drives the NIC with modules that match the kernel by construction.
+    modules: str | None = None
+    release: str | None = None
+
+    def as_meta(self) -> dict[str, Any]:
+        """The manifest's ``kernel`` object; the module keys only when there are modules, so manifests
+        of capsules without them keep their bytes (and version ids)."""
+        meta: dict[str, Any] = {"sha256": self.sha256, "size": self.size, "path": self.path}
+        if self.modules is not None:
+            meta |= {"modules": self.modules, "release": self.release}
+        return meta
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,12 @@ class Manifest:
         k = self.meta.get("kernel")
         if not k:
             return None
-        return KernelRef(sha256=str(k["sha256"]), size=int(k["size"]), path=str(k["path"]))
+        modules = k.get("modules")
+        if modules is not None and not is_hex_digest(str(modules)):
+            raise CapsuleError(f"manifest kernel modules {modules!r} is not a sha256 hex digest")
+        return KernelRef(sha256=str(k["sha256"]), size=int(k["size"]), path=str(k["path"]),
+                         modules=None if modules is None else str(modules),
+                         release=None if k.get("release") is None else str(k["release"]))
 
     @property
     def raw_size(self) -> int:
@@ -128,9 +146,7 @@ def build_meta(
             "format": FORMAT_VERSION,
             "compression": "zstd",
             "archive": "pax",
-            "kernel": (
-                {"sha256": kernel.sha256, "size": kernel.size, "path": kernel.path} if kernel else None
-            ),
+            "kernel": kernel.as_meta() if kernel else None,
             "raw_size": sum(c.raw_size for c in chunk_list),
             "stored_size": sum(c.stored_size for c in chunk_list),
             "chunks": len(chunk_list),

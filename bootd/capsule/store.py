@@ -301,6 +301,7 @@ class CapsuleStore:
         kernel_file: Path | None,
         origin: str = "import",
         detail: str = "",
+        modules_file: Path | None = None,
     ) -> int:
         """Make a staged version visible as ``name``; on failure undo what was linked.
 
@@ -335,6 +336,12 @@ class CapsuleStore:
                     if kernel_file is None:
                         raise CapsuleError("manifest names a kernel but none was staged")
                     place(kernel_file, self.kernel_path(kernel.sha256), kernel.size)
+                    if kernel.modules is not None:
+                        # Stored as a chunk: GET /chunks/<hash> serves (and verifies) it with no new route.
+                        if modules_file is None:
+                            raise CapsuleError("manifest names kernel modules but none were staged")
+                        self.chunk_path(kernel.modules).parent.mkdir(exist_ok=True)
+                        place(modules_file, self.chunk_path(kernel.modules), modules_file.stat().st_size)
                 place(manifest_file, self.manifest_path(vid))
                 for d in sorted(dirs):
                     fsync_path(d)
@@ -494,6 +501,8 @@ class CapsuleStore:
                 keep_chunks.update(c.sha256 for c in m.chunks)
                 if m.kernel is not None:
                     keep_kernels.add(m.kernel.sha256)
+                    if m.kernel.modules is not None:
+                        keep_chunks.add(m.kernel.modules)
             report.kept_versions = sorted(keep)
             for vid in self.versions():
                 if vid not in keep:

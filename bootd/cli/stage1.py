@@ -42,7 +42,8 @@ def add_parser(sub: Any) -> None:
     p = ssub.add_parser("build", help="build initramfs.img + vmlinuz into boot.stage1_dir, reproducibly")
     p.add_argument("--output", type=Path, help="directory (default: boot.stage1_dir)")
     p.add_argument("--kernel-package", help="Debian linux-image package or metapackage "
-                                            "(default: linux-image-cloud-amd64)")
+                                            "(default: linux-image-amd64, the generic kernel with real "
+                                            "server NIC drivers; linux-image-cloud-amd64 boots faster in VMs)")
     p.add_argument("--kernel-deb", type=Path, help="use this linux-image .deb instead of apt-get download")
     p.add_argument("--also-kernel-package", action="append", metavar="PACKAGE",
                    help="also ship NIC modules for this kernel (capsules whose /boot has it); repeatable")

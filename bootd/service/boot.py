@@ -193,12 +193,12 @@ class BootService:
             return ScriptAnswer(render_asset_script(mac, base_url), node, result.created)
         capsule, node_args = await self.registry.boot_target(node)
         vid: str | None = None
-        has_kernel = False
+        kernel: KernelRef | None = None
         if capsule is not None:
             try:
                 vid = self.capsules.resolve(capsule)
                 if vid is not None:
-                    has_kernel = self.kernel_of(vid) is not None
+                    kernel = self.kernel_of(vid)
             except (BootdError, OSError) as exc:
                 reason = f"capsule {capsule!r} of node {node.name} cannot be read: {exc}"
                 log.error("event=script-failed node=%s reason=%r", node.name, reason)
@@ -217,7 +217,8 @@ class BootService:
         # iPXE is running and about to load the stage one; the stage one itself reports `stage1`.
         node = await self.firmware_contact(node, "iPXE fetched its boot script", now)
         text = render_boot_script(BootScript(
-            node=node, base_url=base_url, version_id=vid, has_kernel=has_kernel, boot_args=self.kernel_args,
+            node=node, base_url=base_url, version_id=vid, has_kernel=kernel is not None,
+            modules=kernel.modules if kernel is not None else None, boot_args=self.kernel_args,
             node_args=node_args, token=issued.token,
         ))
         return ScriptAnswer(text, node, result.created)

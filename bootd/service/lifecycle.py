@@ -77,7 +77,9 @@ TABLE: dict[tuple[Actor, State], frozenset[State]] = {
     (Actor.NODE, S.STAGE1): ALL - {S.DISABLED},
     (Actor.NODE, S.FETCHING): _up_to(S.FETCHING),
     (Actor.NODE, S.VERIFIED): _up_to(S.VERIFIED),
-    (Actor.NODE, S.BOOTED): _up_to(S.BOOTED),
+    # A systemd image reports `booted` while it starts (the node agent), which can outlast stale_after
+    # under emulation: a node still starting up is booted again, not lost.
+    (Actor.NODE, S.BOOTED): _up_to(S.BOOTED) | {S.STALE, S.DEAD},
     (Actor.NODE, S.READY): _up_to(S.READY) | {S.STALE, S.DEAD},
     (Actor.NODE, S.FAILED): ALL - {S.DISABLED},
     (Actor.MONITOR, S.STALE): BOOTING | {S.READY},

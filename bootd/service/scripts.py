@@ -74,6 +74,9 @@ class BootScript:
     boot_args: str
     node_args: str
     token: str
+    # sha256 of the capsule kernel's own NIC modules (an initramfs stored as a chunk), loaded after the
+    # stage one's initramfs so the two archives are unpacked in turn and /lib/modules/<release> matches.
+    modules: str | None = None
 
 
 def render_boot_script(s: BootScript) -> str:
@@ -86,6 +89,7 @@ def render_boot_script(s: BootScript) -> str:
     kernel_url = f"{base}/capsules/{s.version_id}/kernel" if s.has_kernel else f"{base}/stage1/vmlinuz"
     args = [
         "initrd=initramfs.img",
+        "initrd=modules.img" if s.modules else "",  # the EFI stub loads each initrd= it is given, in turn
         ipxe_safe(s.boot_args),
         ipxe_safe(s.node_args),
         f"bootd.url={base}",
@@ -101,7 +105,8 @@ def render_boot_script(s: BootScript) -> str:
         f"echo bootd: booting {s.node.name}\n"
         f"kernel {kernel_url} {cmdline} || goto failed\n"
         f"initrd {base}/stage1/initramfs.img || goto failed\n"
-        "boot || goto failed\n"
+        + (f"initrd --name modules.img {base}/chunks/{s.modules} || goto failed\n" if s.modules else "")
+        + "boot || goto failed\n"
         ":failed\n"
         "echo bootd: loading the stage one failed, retrying in 10 s\n"
         f"{_sleep(10)}\n"

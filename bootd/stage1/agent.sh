@@ -208,14 +208,28 @@ find_iface() {
     return 1
 }
 
+# Why no interface appeared, for the console: the PCI network controllers (vendor:device) and what this
+# stage one has drivers for. It cannot reach bootd without a network: it says so here, retries the whole
+# boot (reboot after bootd.retry_delay), and bootd's lifecycle timeout marks a node that never comes back.
+nic_diagnosis() {
+    ids=""
+    for d in /sys/bus/pci/devices/*; do
+        case $(cat "$d/class" 2>/dev/null) in
+            0x02*) ids="$ids $(sed 's/^0x//' "$d/vendor"):$(sed 's/^0x//' "$d/device")" ;;
+        esac
+    done
+    have=$(cat "/lib/modules/$(uname -r)/load-order" 2>/dev/null | tr '\n' ' ')
+    echo "kernel $(uname -r) has no driver here for PCI NIC(s)${ids:- (none found)}; NIC modules here: ${have:-none (built for: $(ls /lib/modules 2>/dev/null | tr '\n' ' '))}"
+}
+
 bring_up_network() {
     load_modules
-    IFACE=$(find_iface) || fail "no network interface appeared (NIC driver missing for kernel $(uname -r)?)"
+    IFACE=$(find_iface) || fail "no network interface appeared: $(nic_diagnosis)"
     ip link set lo up
     ip link set "$IFACE" up
     n=0
     while [ "$n" -lt 5 ]; do
-        if udhcpc -i "$IFACE" -s /bootd/udhcpc.script -n -q -t 6 -T 2 -A 1 >/dev/null 2>&1; then
+        if BOOTD_LEASE=$WORK/lease udhcpc -i "$IFACE" -s /bootd/udhcpc.script -n -q -t 6 -T 2 -A 1 >/dev/null 2>&1; then
             IP=$(ip -4 -o addr show dev "$IFACE" | sed -n 's/.* inet \([0-9.]*\).*/\1/p' | head -n 1)
             say "net $IFACE ip=$IP"
             return 0
@@ -329,6 +343,106 @@ write_node_config() {
     chmod 0600 "$env_file"
 }
 
+# The node agent (node-agent.sh + bootd-fetch) goes into the capsule, so a real distribution reports
+# `ready` and heartbeats without bootd in its image: started by a systemd unit written and enabled here
+# when the capsule runs systemd, else by the capsule's own init (the busybox capsule's does).
+install_node_agent() {
+    lib=$TARGET/usr/lib/bootd
+    mkdir -p "$lib" || { say "note: cannot create $lib: no node agent"; return 1; }
+    cp "${BOOTD_NODE_AGENT:-/bootd/node-agent.sh}" "$lib/node-agent" && chmod 0755 "$lib/node-agent" || \
+        { say "note: cannot install the node agent into $lib"; return 1; }
+    [ -x "$FETCH" ] && cp "$FETCH" "$lib/bootd-fetch" && chmod 0755 "$lib/bootd-fetch"
+    systemd_dir=""
+    for d in lib/systemd/system usr/lib/systemd/system; do
+        [ -e "$TARGET/$d/systemd-journald.service" ] && { systemd_dir=/$d; break; }
+    done
+    [ -n "$systemd_dir" ] || return 0
+    units=$TARGET/etc/systemd/system
+    mkdir -p "$units/multi-user.target.wants"
+    cat > "$units/bootd-agent.service" <<UNIT
+# Written by the bootd stage one: reports this node's state to bootd and heartbeats.
+[Unit]
+Description=bootd node agent (reports ready, heartbeats)
+After=network.target
+
+[Service]
+Type=simple
+ExecStart=/usr/lib/bootd/node-agent
+Restart=on-failure
+RestartSec=5
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    ln -sfn ../bootd-agent.service "$units/multi-user.target.wants/bootd-agent.service"
+    say "node agent: bootd-agent.service enabled in the capsule ($systemd_dir)"
+}
+
+# After switch_root the capsule must keep a working address: hand the boot NIC to the capsule's own DHCP
+# client (systemd-networkd, else ifupdown), matched by MAC; pin the NIC's name so udev keeps the name the
+# stage one used; write resolv.conf from the DHCP reply. An image that configures its network itself
+# (a .network or interfaces file naming this MAC or interface) is left alone.
+hand_over_network() {
+    [ -n "$IFACE" ] || return 0
+    mac=$(cat "/sys/class/net/$IFACE/address" 2>/dev/null || echo "$MAC" | tr 'A-F-' 'a-f:')
+    LEASE_DNS=""; LEASE_DOMAIN=""
+    [ -r "$WORK/lease" ] && . "$WORK/lease"
+    net=$TARGET/etc/systemd/network
+    sysd=""
+    for d in lib/systemd usr/lib/systemd; do [ -x "$TARGET/$d/systemd-networkd" ] && sysd=/$d; done
+    if [ -d "$TARGET/etc/systemd" ]; then
+        mkdir -p "$net"
+        printf '# Written by the bootd stage one: the boot NIC keeps its name.\n[Match]\nMACAddress=%s\n\n[Link]\nNamePolicy=\nName=%s\n' \
+            "$mac" "$IFACE" > "$net/10-bootd-boot.link"
+    fi
+    if [ -n "$sysd" ]; then
+        if ! grep -qsi -e "$mac" -e "Name=$IFACE\$" "$net"/*.network "$TARGET$sysd/network"/*.network 2>/dev/null \
+            || [ -e "$net/10-bootd-boot.network" ]; then
+            cat > "$net/10-bootd-boot.network" <<NET
+# Written by the bootd stage one: DHCP on the NIC the node booted from, so its lease is renewed.
+[Match]
+MACAddress=$mac
+
+[Network]
+DHCP=ipv4
+KeepConfiguration=yes
+
+[DHCPv4]
+ClientIdentifier=mac
+UseHostname=no
+NET
+        fi
+        wants=$TARGET/etc/systemd/system
+        mkdir -p "$wants/multi-user.target.wants" "$wants/sockets.target.wants"
+        ln -sfn "$sysd/system/systemd-networkd.service" "$wants/multi-user.target.wants/systemd-networkd.service"
+        [ -e "$TARGET$sysd/system/systemd-networkd.socket" ] && \
+            ln -sfn "$sysd/system/systemd-networkd.socket" "$wants/sockets.target.wants/systemd-networkd.socket"
+        say "network: $IFACE ($mac) handed to systemd-networkd (DHCP)"
+    elif [ -e "$TARGET/etc/network/interfaces" ] && { [ -f "$TARGET/sbin/ifup" ] && [ ! -L "$TARGET/sbin/ifup" ] ||
+            [ -f "$TARGET/usr/sbin/ifup" ] && [ ! -L "$TARGET/usr/sbin/ifup" ]; }; then
+        # Debian's ifupdown (a regular file; busybox's ifup applet is a link and nothing runs it here).
+        if ! grep -qs -e "iface $IFACE " "$TARGET/etc/network/interfaces" "$TARGET/etc/network/interfaces.d"/* 2>/dev/null; then
+            mkdir -p "$TARGET/etc/network/interfaces.d"
+            printf '# Written by the bootd stage one: DHCP on the boot NIC.\nauto %s\niface %s inet dhcp\n' \
+                "$IFACE" "$IFACE" > "$TARGET/etc/network/interfaces.d/bootd-$IFACE"
+            grep -qs '^source.*interfaces\.d' "$TARGET/etc/network/interfaces" || \
+                echo "source /etc/network/interfaces.d/*" >> "$TARGET/etc/network/interfaces"
+        fi
+        say "network: $IFACE handed to ifupdown (DHCP)"
+    else
+        say "network: $IFACE keeps the stage one's address; the capsule has no DHCP client (networkd, ifupdown)"
+    fi
+    if [ -n "$LEASE_DNS" ] && [ ! -L "$TARGET/etc/resolv.conf" ]; then
+        {
+            echo "# Written by the bootd stage one from the DHCP reply."
+            [ -n "$LEASE_DOMAIN" ] && echo "search $LEASE_DOMAIN"
+            for d in $LEASE_DNS; do echo "nameserver $d"; done
+        } > "$TARGET/etc/resolv.conf"
+    fi
+}
+
 # The fallback when the stage one has no bootd-fetch: shell workers and consume().
 fetch_with_workers() {
     rm -f "$WORK"/table.*
@@ -369,6 +483,8 @@ main() {
 
     if [ "$HOST_MODE" != 1 ]; then
         bring_up_network
+    else
+        IFACE=${BOOTD_TEST_IFACE:-}  # host mode: the interface the network hand-over is written for
     fi
     post_event stage1 "" 0 0 3
 
@@ -444,6 +560,8 @@ main() {
     post_event verified "" "$COUNT" "$COUNT" 3
 
     write_node_config
+    install_node_agent
+    hand_over_network
     if [ "$HOST_MODE" = 1 ]; then
         say "booted (host mode: no switch_root) total_ms=$(( $(now_ms) - T0 ))"
         post_event booted "" "$COUNT" "$COUNT" 3

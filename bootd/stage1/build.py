@@ -29,18 +29,34 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from bootd.errors import BootdError
+from bootd.stage1.kmods import (
+    LOAD_FIRST,
+    NIC_MODULES,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFLNK,
+    S_IFREG,
+    STORAGE_MODULES,
+    Entry,
+    ModuleError,
+    closure,
+    is_module_file,
+    mod_name,
+    module_set_entries,
+    plain_module,
+    write_cpio,
+)
+from bootd.stage1.kmods import load_order as _load_order
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
-# NIC drivers for the machines bootd boots in QEMU and on common hardware, then storage (not loaded by
-# the agent, shipped so that a capsule's init can use local scratch disks).
-NIC_MODULES = ("virtio_net", "e1000", "e1000e", "igb", "ixgbe", "vmxnet3")
-STORAGE_MODULES = ("virtio_blk", "virtio_scsi")
-LOAD_FIRST = ("virtio_pci",)  # virtio_net binds only once the PCI transport is there
-FIXED_MTIME = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
+# Debian's generic kernel: it has the drivers of real server NICs (e1000e, igb, ixgbe, i40e, ice, mlx4/mlx5,
+# bnx2/bnxt, tg3). The cloud kernel (LZ4, boots faster under QEMU TCG) has virtio and vmxnet3 only; choose
+# it with --kernel-package linux-image-cloud-amd64 for virtual machines.
+DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"
 FETCH_SRC = HERE / "fetch.c"
 FETCH_CFLAGS = ("-O2", "-std=gnu11", "-static", "-s", "-pthread", "-Wall", "-Wextra")
 
@@ -89,22 +105,6 @@ def _run(cmd: list[str], *, cwd: Path | None = None) -> str:
     if proc.returncode != 0:
         raise Stage1Error(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
     return proc.stdout
-
-
-def _mod_name(filename: str) -> str:
-    name = filename
-    for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name.replace("-", "_")
-
-
-def _modinfo_depends(data: bytes) -> tuple[str, ...]:
-    match = re.search(rb"(?:^|\x00)depends=([^\x00]*)", data)
-    if not match or not match.group(1):
-        return ()
-    return tuple(d.decode().replace("-", "_") for d in match.group(1).split(b",") if d)
 
 
 def resolve_kernel_package(package: str) -> str:
@@ -165,8 +165,7 @@ def unpack_kernel(deb: Path, cache_dir: Path, wanted: Iterable[str], log: Log) -
     (dest / "modules").mkdir(parents=True)
     proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
     assert proc.stdout is not None
-    blobs: dict[str, bytes] = {}
-    depends: dict[str, tuple[str, ...]] = {}
+    all_blobs: dict[str, bytes] = {}
     kver = ""
     vmlinuz_found = False
     with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
@@ -180,34 +179,25 @@ def unpack_kernel(deb: Path, cache_dir: Path, wanted: Iterable[str], log: Log) -
                 (dest / "vmlinuz").write_bytes(fh.read())
                 kver = name.split("vmlinuz-", 1)[1]
                 vmlinuz_found = True
-            elif "/lib/modules/" in name and name.endswith(".ko"):
+            elif "/lib/modules/" in name and is_module_file(name):
                 fh = tar.extractfile(member)
                 assert fh is not None
-                data = fh.read()
-                mod = _mod_name(name.rsplit("/", 1)[1])
-                blobs[mod] = data
-                depends[mod] = _modinfo_depends(data)
+                filename = name.rsplit("/", 1)[1]
+                all_blobs[mod_name(filename)] = plain_module(filename, fh.read())
     if proc.wait() != 0:
         raise Stage1Error(f"dpkg-deb --fsys-tarfile {deb} failed")
     if not vmlinuz_found:
         raise Stage1Error(f"{deb.name} contains no /boot/vmlinuz-*")
-    closure: set[str] = set()
-    stack = [m for m in wanted if m in blobs]
-    while stack:
-        mod = stack.pop()
-        if mod in closure:
-            continue
-        closure.add(mod)
-        for dep in depends.get(mod, ()):
-            if dep not in blobs:
-                raise Stage1Error(f"module {mod} depends on {dep}, which {deb.name} does not contain")
-            stack.append(dep)
-    for mod in sorted(closure):
+    try:
+        blobs, kept_depends = closure({m: partial(all_blobs.__getitem__, m) for m in all_blobs}, wanted, deb.name)
+    except ModuleError as exc:
+        raise Stage1Error(str(exc)) from exc
+    for mod in sorted(blobs):
         (dest / "modules" / f"{mod}.ko").write_bytes(blobs[mod])
-    kept_depends = {m: depends[m] for m in sorted(closure)}
+    kept_depends = dict(sorted(kept_depends.items()))
     stamp.write_text(
         json.dumps(
-            {"kver": kver, "wanted": list(wanted), "modules": sorted(closure), "depends": kept_depends},
+            {"kver": kver, "wanted": list(wanted), "modules": sorted(blobs), "depends": kept_depends},
             indent=1,
             sort_keys=True,
         )
@@ -217,7 +207,7 @@ def unpack_kernel(deb: Path, cache_dir: Path, wanted: Iterable[str], log: Log) -
         version=version,
         kver=kver,
         vmlinuz=dest / "vmlinuz",
-        modules={m: dest / "modules" / f"{m}.ko" for m in sorted(closure)},
+        modules={m: dest / "modules" / f"{m}.ko" for m in sorted(blobs)},
         depends=kept_depends,
     )
 
@@ -244,52 +234,7 @@ def fetch_kernel(
 
 def load_order(kernel: Kernel, roots: Iterable[str]) -> tuple[str, ...]:
     """Dependencies before dependants (the order insmod needs without modules.dep)."""
-    order: list[str] = []
-    seen: set[str] = set()
-
-    def visit(mod: str) -> None:
-        if mod in seen or mod not in kernel.modules:
-            return
-        seen.add(mod)
-        for dep in kernel.depends.get(mod, ()):
-            visit(dep)
-        order.append(mod)
-
-    for mod in (*LOAD_FIRST, *roots):
-        visit(mod)
-    return tuple(order)
-
-
-# cpio (newc) -------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Entry:
-    mode: int
-    data: bytes = b""
-    rdev: tuple[int, int] = (0, 0)
-
-
-S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR = 0o040000, 0o100000, 0o120000, 0o020000
-
-
-def write_cpio(entries: dict[str, Entry]) -> bytes:
-    """A newc archive with deterministic metadata, parents before children."""
-    out = io.BytesIO()
-
-    def header(ino: int, name: str, entry: Entry) -> None:
-        name_b = name.encode() + b"\x00"
-        fields = (ino, entry.mode, 0, 0, 2 if entry.mode & S_IFDIR == S_IFDIR else 1, FIXED_MTIME,
-                  len(entry.data), 0, 0, entry.rdev[0], entry.rdev[1], len(name_b), 0)
-        out.write(b"070701" + b"".join(f"{v:08x}".encode() for v in fields))
-        out.write(name_b)
-        out.write(b"\x00" * (-(110 + len(name_b)) % 4))
-        out.write(entry.data)
-        out.write(b"\x00" * (-len(entry.data) % 4))
-
-    for ino, name in enumerate(sorted(entries), start=1):
-        header(ino, name, entries[name])
-    header(0, "TRAILER!!!", Entry(mode=0))
-    out.write(b"\x00" * (-out.tell() % 512))
-    return out.getvalue()
+    return _load_order(kernel.depends, roots)
 
 
 def _ldd(binary: str) -> list[str]:
@@ -416,16 +361,14 @@ def initramfs_entries(
         add_file("usr/bin/bootd-fetch", fetcher)
     add_file("init", (HERE / "init.sh").read_bytes())
     add_file("bootd/agent.sh", (HERE / "agent.sh").read_bytes())
+    add_file("bootd/node-agent.sh", (HERE / "node-agent.sh").read_bytes())
     add_file("bootd/udhcpc.script", (HERE / "udhcpc.sh").read_bytes())
     add_file("etc/bootd-stage1.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode(), 0o644)
     # One module set per kernel; the agent loads the set matching `uname -r`, so one stage one serves
     # capsules that bring different kernels.
     for kernel, order in kernels:
-        moddir = f"lib/modules/{kernel.kver}"
-        add_dir(moddir)
-        for mod, ko in sorted(kernel.modules.items()):
-            add_file(f"{moddir}/{mod}.ko", ko.read_bytes(), 0o644)
-        add_file(f"{moddir}/load-order", ("\n".join(order) + "\n").encode(), 0o644)
+        entries.update(module_set_entries(kernel.kver, {m: ko.read_bytes() for m, ko in kernel.modules.items()},
+                                          order))
     return entries
 
 
@@ -502,6 +445,7 @@ def build(
     with tempfile.TemporaryDirectory(prefix="bootd-stage1-") as tmp:
         fetcher = compile_fetcher(Path(tmp) / "bootd-fetch").read_bytes()
     agent_sha = hashlib.sha256((HERE / "agent.sh").read_bytes()).hexdigest()
+    node_agent_sha = hashlib.sha256((HERE / "node-agent.sh").read_bytes()).hexdigest()
     info: dict[str, object] = {
         "kernel": {"package": kernel.package, "version": kernel.version, "release": kernel.kver},
         "module_sets": {k.kver: {"package": k.package, "version": k.version, "load_order": list(o)}
@@ -510,6 +454,8 @@ def build(
         "packages": _dpkg_versions(("busybox-static", "tar", "zstd", "libc6", "gcc", "libc6-dev", "libssl-dev",
                                     *(("openssl",) if with_openssl else ()))),
         "agent_sha256": agent_sha,
+        "node_agent_sha256": node_agent_sha,
+        "nic_drivers": [m for m in NIC_MODULES if m in order],
         "fetch_sha256": hashlib.sha256(fetcher).hexdigest(),
     }
     cpio = write_cpio(initramfs_entries(sets, info, with_openssl, fetcher))
@@ -526,7 +472,9 @@ def build(
     }
     _atomic_write(out_dir / "stage1.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
     log(f"stage one: {out_dir / 'initramfs.img'} {len(image)} bytes sha256={init_sha[:16]}…; "
-        f"kernel {kernel.kver} -> {out_dir / 'vmlinuz'}; modules: {' '.join(order)}")
+        f"kernel {kernel.kver} -> {out_dir / 'vmlinuz'}; NIC drivers: "
+        f"{' '.join(m for m in NIC_MODULES if m in order)} (missing: "
+        f"{' '.join(m for m in NIC_MODULES if m not in order) or 'none'}); modules: {' '.join(order)}")
     return BuildResult(out_dir=out_dir, initramfs=out_dir / "initramfs.img", vmlinuz=out_dir / "vmlinuz",
                        initramfs_sha256=init_sha, vmlinuz_sha256=kern_sha, kernel=kernel, load_order=order,
                        info=info)

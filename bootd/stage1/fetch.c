@@ -4,6 +4,10 @@
  *   bootd-fetch -u http://A.B.C.D[:PORT][/PREFIX] [-w WORKERS] [-W WINDOW] [-r RETRIES] [-t TIMEOUT]
  *               [-n NODE] [-f FAILFILE] TABLE        (BOOTD_TOKEN in the environment: progress events)
  *   bootd-fetch -c -u URL                            (exit 0 when this URL can be used)
+ *   bootd-fetch -p WHAT -u URL -n NODE [-t TIMEOUT]  (BOOTD_TOKEN in the environment)
+ *       POSTs the JSON body read from stdin (at most 2 KiB) to URL/api/v1/nodes/NODE/WHAT (WHAT: events or
+ *       heartbeat) once; exit 0 on a 2xx reply, 1 otherwise with the status line or the reason on stderr.
+ *       The node agent (node-agent.sh) uses it: a real distribution's root may have no HTTP client.
  *
  * TABLE has one line per chunk, in capsule order: "<sha256 hex> <stored size hex> <raw size hex>".
  * WORKERS threads each keep one HTTP/1.1 keep-alive connection to bootd and claim chunks in order,
@@ -672,31 +676,46 @@ static void *worker(void *arg) {
 
 /* ---- progress --------------------------------------------------------------------------------- */
 
-static void post_fetching(int done) {
-    if (!cfg.node || !cfg.token)
-        return;
-    char body[160], req[1024], err[256];
-    int bl = snprintf(body, sizeof body, "{\"event\":\"fetching\",\"reason\":\"\",\"done\":%d,\"total\":%d}", done,
-                      count);
+/* POSTs a JSON body to PREFIX/api/v1/nodes/NODE/WHAT with the node's token; the reply's status, or -1
+ * with the reason in err when no reply came. One connection per POST: they are seconds apart. */
+static int post_json(const char *what, const char *body, char *err, size_t errlen) {
+    char req[4096];
     int n = snprintf(req, sizeof req,
-                     "POST %s/api/v1/nodes/%s/events HTTP/1.1\r\nHost: %s\r\nUser-Agent: bootd-fetch\r\n"
-                     "X-Bootd-Token: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                     "POST %s/api/v1/nodes/%s/%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bootd-fetch\r\n"
+                     "X-Bootd-Token: %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
                      "Connection: close\r\n\r\n%s",
-                     cfg.prefix, cfg.node, cfg.hostport, cfg.token, bl, body);
-    if (n <= 0 || n >= (int)sizeof req)
-        return;
+                     cfg.prefix, cfg.node, what, cfg.hostport, cfg.token, strlen(body), body);
+    if (n <= 0 || n >= (int)sizeof req) {
+        snprintf(err, errlen, "request too long");
+        return -1;
+    }
     struct conn *c = malloc(sizeof *c);
-    if (!c)
-        return;
+    if (!c) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
     c->fd = -1;
     c->deadline = now_ms() + (long long)cfg.timeout * 1000;
-    if (conn_open(c, err, sizeof err) == 0 && send_all(c, req, (size_t)n, err, sizeof err) == 0) {
+    int status = -1;
+    if (conn_open(c, err, errlen) == 0 && send_all(c, req, (size_t)n, err, errlen) == 0) {
         struct reply r;
         int any;
-        (void)read_head(c, &r, &any, err, sizeof err); /* best effort, as the agent's was */
+        if (read_head(c, &r, &any, err, errlen) == 0) {
+            status = r.status;
+            snprintf(err, errlen, "%s", r.status_line);
+        }
     }
     conn_close(c);
     free(c);
+    return status;
+}
+
+static void post_fetching(int done) {
+    if (!cfg.node || !cfg.token)
+        return;
+    char body[160], err[256];
+    snprintf(body, sizeof body, "{\"event\":\"fetching\",\"reason\":\"\",\"done\":%d,\"total\":%d}", done, count);
+    (void)post_json("events", body, err, sizeof err); /* best effort, as the agent's was */
 }
 
 /* At most once a second: a console line and the `fetching` event. The main thread never waits for this
@@ -813,9 +832,38 @@ static void report_failure(void) {
     fprintf(stderr, "%s\n", fail_reason);
 }
 
+static int post_once(const char *what) {
+    if (strcmp(what, "events") && strcmp(what, "heartbeat")) {
+        fprintf(stderr, "bootd-fetch: -p takes events or heartbeat, not %s\n", what);
+        return 2;
+    }
+    if (!cfg.node || !cfg.token) {
+        fprintf(stderr, "bootd-fetch: -p needs -n NODE and BOOTD_TOKEN (a name without / ? # %% or spaces)\n");
+        return 2;
+    }
+    char body[2048], err[256];
+    size_t n = fread(body, 1, sizeof body - 1, stdin);
+    if (!feof(stdin) || ferror(stdin)) {
+        fprintf(stderr, "bootd-fetch: the JSON body on stdin is over %zu bytes or unreadable\n", sizeof body - 1);
+        return 2;
+    }
+    body[n] = 0;
+    if (strlen(body) != n) {
+        fprintf(stderr, "bootd-fetch: the JSON body contains a NUL byte\n");
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    int status = post_json(what, body, err, sizeof err);
+    if (status >= 200 && status < 300)
+        return 0;
+    fprintf(stderr, "bootd-fetch: POST %s: %s\n", what, err);
+    return 1;
+}
+
 static int usage(void) {
     fprintf(stderr, "usage: bootd-fetch -u http://A.B.C.D[:PORT] [-w N] [-W N] [-r N] [-t S] [-n NODE] "
-                    "[-f FAILFILE] TABLE\n       bootd-fetch -c -u URL\n");
+                    "[-f FAILFILE] TABLE\n       bootd-fetch -c -u URL\n"
+                    "       bootd-fetch -p events|heartbeat -u URL -n NODE [-t S] < JSON\n");
     return 2;
 }
 
@@ -829,11 +877,12 @@ static int positive(const char *s, int *out) {
 }
 
 int main(int argc, char **argv) {
-    const char *url = NULL;
+    const char *url = NULL, *post = NULL;
     int check = 0, opt;
-    while ((opt = getopt(argc, argv, "cu:w:W:r:t:n:f:")) != -1) {
+    while ((opt = getopt(argc, argv, "cp:u:w:W:r:t:n:f:")) != -1) {
         switch (opt) {
         case 'c': check = 1; break;
+        case 'p': post = optarg; break;
         case 'u': url = optarg; break;
         case 'w': if (positive(optarg, &cfg.workers)) return usage(); break;
         case 'W': if (positive(optarg, &cfg.window)) return usage(); break;
@@ -853,13 +902,15 @@ int main(int argc, char **argv) {
     }
     if (check)
         return 0;
-    if (optind != argc - 1)
-        return usage();
     cfg.token = getenv("BOOTD_TOKEN");
     if (cfg.node && (!*cfg.node || strpbrk(cfg.node, "/ \r\n?#%")))
         cfg.node = NULL;
     if (cfg.token && (!*cfg.token || strpbrk(cfg.token, "\r\n")))
         cfg.token = NULL;
+    if (post)
+        return post_once(post);
+    if (optind != argc - 1)
+        return usage();
     int lt = load_table(argv[optind]);
     if (lt < 0) {
         snprintf(fail_reason, sizeof fail_reason, "bootd-fetch: chunk table %s is %s", argv[optind],

@@ -28,6 +28,7 @@ from bootd.service.nodes import Invalid
 from bootd.service.services import Services
 
 log = logging.getLogger("bootd.http")
+REPORTED = ("done", "total", "mem_used_kb", "mem_total_kb", "root_size_kb", "root_used_kb")
 
 
 class NodeRoutes:
@@ -86,7 +87,8 @@ class NodeRoutes:
             return refuse(400, f"event {body.get('event')!r} is not one a node may report; use one of {allowed}")
         assert state is not None
         reason = str(body.get("reason", ""))[:500]
-        detail = {k: body[k] for k in ("done", "total") if isinstance(body.get(k), int)}
+        # Progress (done, total) and what the node agent measures (memory in use, its root) go to the timeline.
+        detail = {k: body[k] for k in REPORTED if isinstance(body.get(k), int) and not isinstance(body.get(k), bool)}
         try:
             node = await self.services.lifecycle.change(
                 name, state, reason, actor=Actor.NODE, now=self.clock(), detail=json.dumps(detail) if detail else ""

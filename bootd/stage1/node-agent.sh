@@ -1,0 +1,151 @@
+#!/bin/sh
+# bootd node agent: runs on the booted node, after the stage one's switch_root.
+#
+# The stage one copies it (with bootd-fetch) into the capsule's /usr/lib/bootd/ and, when the capsule runs
+# systemd, writes and enables bootd-agent.service; the busybox capsule's init starts it directly. So an
+# image needs nothing from bootd. POSIX sh only (dash, bash or busybox sh): no Python on a node.
+#
+# What it does:
+#   * under systemd, waits for start-up to finish (`systemctl is-system-running --wait`) and reports
+#     `ready` when the answer is `running`, or `ready` with reason "degraded: <failed units>";
+#     until then it reports `booted` ("systemd: starting") at each heartbeat interval, so a slow start-up
+#     is not mistaken for a silent node; without systemd it reports `ready` at once;
+#   * then heartbeats every BOOTD_HEARTBEAT seconds (default 30), and reports `ready` again whenever
+#     systemd's verdict (running, or the set of failed units) changes (asked at most every 10 s);
+#   * every report carries memory in use and the root filesystem's size and use (optional JSON fields:
+#     mem_used_kb, mem_total_kb, root_used_kb, root_size_kb).
+# Where bootd is and who this node is: /etc/bootd/node.env (written by the stage one), else the kernel
+# command line (bootd.url=, bootd.node=, bootd.token=), as the stage one found them.
+# Console lines start with "BOOTD-AGENT "; "BOOTD-READY <name>" follows the first accepted `ready`.
+
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+LIB=${BOOTD_AGENT_LIB:-/usr/lib/bootd}
+STATE_DIR=${BOOTD_AGENT_STATE:-/run/bootd}
+
+say() { echo "BOOTD-AGENT $*"; }
+
+for word in $(cat /proc/cmdline 2>/dev/null); do
+    case $word in
+        bootd.url=*) BOOTD_URL=${word#bootd.url=} ;;
+        bootd.node=*) BOOTD_NODE=${word#bootd.node=} ;;
+        bootd.token=*) BOOTD_TOKEN=${word#bootd.token=} ;;
+    esac
+done
+if [ -r /etc/bootd/node.env ]; then
+    # Shell assignments with quoted values (the stage one wrote them so): sourcing runs nothing.
+    . /etc/bootd/node.env
+fi
+BEAT=${BOOTD_HEARTBEAT:-30}
+case $BEAT in ""|*[!0-9]*|0) BEAT=30 ;; esac
+if [ -z "${BOOTD_URL:-}" ] || [ -z "${BOOTD_NODE:-}" ]; then
+    say "no bootd.url/bootd.node (neither /etc/bootd/node.env nor the kernel command line): nothing to report to"
+    exit 0  # not a failure to restart: this node was not booted by bootd
+fi
+export BOOTD_TOKEN
+
+json_str() { printf '%s' "$1" | tr -d '"\\' | tr -d '\000-\037'; }
+
+usage_fields() { # two processes per report: the agent's own cost is what a heartbeat adds to a node
+    mem=$(awk '/^MemTotal:/ { t = $2 } /^MemAvailable:/ { a = $2 } END { printf "%d %d", t - a, t }' /proc/meminfo)
+    # df -P -k /: "Filesystem 1024-blocks Used Available Capacity Mounted-on"; a tmpfs root counts here.
+    set -- ${mem:-0 0} $(df -P -k / 2>/dev/null | awk 'NR == 2 { print $2, $3 }')
+    printf '"mem_used_kb":%s,"mem_total_kb":%s,"root_size_kb":%s,"root_used_kb":%s' "$1" "$2" "${3:-0}" "${4:-0}"
+}
+
+post() { # WHAT JSON -> status 0 on a 2xx answer
+    if [ -x "$LIB/bootd-fetch" ]; then
+        printf '%s' "$2" | "$LIB/bootd-fetch" -p "$1" -u "$BOOTD_URL" -n "$BOOTD_NODE" -t 10 2>"$STATE_DIR/post.err"
+    elif command -v wget >/dev/null 2>&1; then
+        timeout 10 wget -q -O /dev/null --header "X-Bootd-Token: ${BOOTD_TOKEN:-}" \
+            --header "Content-Type: application/json" --post-data "$2" \
+            "$BOOTD_URL/api/v1/nodes/$BOOTD_NODE/$1" 2>"$STATE_DIR/post.err"
+    elif command -v curl >/dev/null 2>&1; then
+        curl -fsS -m 10 -o /dev/null -H "X-Bootd-Token: ${BOOTD_TOKEN:-}" -H "Content-Type: application/json" \
+            --data-binary "$2" "$BOOTD_URL/api/v1/nodes/$BOOTD_NODE/$1" 2>"$STATE_DIR/post.err"
+    else
+        echo "no HTTP client: neither $LIB/bootd-fetch nor wget nor curl" > "$STATE_DIR/post.err"
+        return 1
+    fi
+}
+
+event() { # STATE REASON
+    post events "{\"event\":\"$1\",\"reason\":\"$(json_str "$2")\",$(usage_fields)}"
+}
+
+# systemd's verdict as "running", "degraded: a.service b.service", or "starting: <state>".
+verdict() {
+    if [ ! -d /run/systemd/system ] || ! command -v systemctl >/dev/null 2>&1; then
+        echo running
+        return
+    fi
+    st=$(systemctl is-system-running 2>/dev/null)
+    case $st in
+        running) echo running ;;
+        degraded)
+            failed=$(systemctl list-units --state=failed --no-legend --plain 2>/dev/null | \
+                     awk '{ printf "%s ", $1 }')
+            failed=${failed% }
+            echo "degraded: ${failed:-unknown units}" ;;
+        *) echo "starting: ${st:-unknown}" ;;
+    esac
+}
+
+mkdir -p "$STATE_DIR"
+say "start node=$BOOTD_NODE bootd=$BOOTD_URL heartbeat=${BEAT}s"
+
+# Wait for start-up, telling bootd the node is alive meanwhile: at most every 10 s, since each round
+# starts systemctl, which costs a slow machine (QEMU TCG) CPU that start-up itself needs.
+WAIT=$BEAT
+[ "$WAIT" -lt 10 ] && WAIT=10
+while :; do
+    v=$(verdict)
+    case $v in starting:*) ;; *) break ;; esac
+    event booted "systemd: ${v#starting: }" || say "note: could not report to $BOOTD_URL: $(cat "$STATE_DIR/post.err" 2>/dev/null)"
+    if command -v timeout >/dev/null 2>&1; then
+        timeout "$WAIT" systemctl is-system-running --wait >/dev/null 2>&1
+    else
+        sleep "$WAIT"
+    fi
+done
+
+reported=""
+announced=0
+n=0
+since=$WAIT  # seconds since systemd was last asked: at most every WAIT (10 s) once ready, as above
+while :; do
+    if [ -z "$reported" ] || [ "$since" -ge "$WAIT" ]; then
+        v=$(verdict)
+        since=0
+    else
+        v=$reported
+    fi
+    case $v in starting:*) v=$reported ;; esac  # e.g. a unit restarting: keep the last verdict
+    if [ "$v" != "$reported" ]; then
+        reason=""
+        [ "$v" = running ] || reason=$v
+        if event ready "$reason"; then
+            reported=$v
+            echo "$v" > "$STATE_DIR/verdict"
+            addrs=$(ip -4 -o addr show scope global 2>/dev/null | awk '{ sub("/.*", "", $4); printf "%s,", $4 }')
+            say "ready node=$BOOTD_NODE hostname=$(hostname 2>/dev/null) ip=${addrs%,} ${reason:-running}"
+            if [ "$announced" = 0 ]; then
+                echo "BOOTD-READY $BOOTD_NODE"
+                touch "$STATE_DIR/ready"
+                announced=1
+            fi
+            n=0
+        else
+            say "note: ready not accepted by $BOOTD_URL: $(cat "$STATE_DIR/post.err" 2>/dev/null)"
+            [ -z "$reported" ] && { sleep 2; continue; }  # the first ready is worth a quick retry
+        fi
+    elif ! post heartbeat "{$(usage_fields)}"; then
+        n=$((n + 1))
+        # Said once, then every 10th failure: a long outage must not flood the console.
+        [ $((n % 10)) = 1 ] && say "note: heartbeat to $BOOTD_URL failed: $(cat "$STATE_DIR/post.err" 2>/dev/null)"
+    else
+        n=0
+    fi
+    sleep "$BEAT"
+    since=$((since + BEAT))
+done
