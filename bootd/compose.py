@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
 
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from bootd.config import Config
 from bootd.errors import StoreError
 from bootd.metrics import make_registry

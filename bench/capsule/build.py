@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bootd.capsule.build import build_capsule
+from bootd.capsule.objects import CapsuleStore
 from bootd.capsule.recipe import load_recipe
-from bootd.capsule.store import CapsuleStore
 
 MiB = 1 << 20
 

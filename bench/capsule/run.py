@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bootd.capsule.importer import ImportOptions, import_capsule
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 
 MiB = 1 << 20
 WORDS = [

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from bootd.capsule.chunker import ChunkParams  # noqa: E402
 from bootd.capsule.importer import ImportOptions, import_capsule  # noqa: E402
-from bootd.capsule.store import CapsuleStore  # noqa: E402
+from bootd.capsule.objects import CapsuleStore  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 

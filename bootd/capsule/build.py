@@ -40,8 +40,8 @@ from typing import TextIO
 from bootd.capsule.chroot import remove_tree
 from bootd.capsule.hygiene import HygieneReport, transform
 from bootd.capsule.importer import ImportOptions, ImportResult, import_capsule
+from bootd.capsule.objects import CapsuleStore, check_name
 from bootd.capsule.recipe import Recipe
-from bootd.capsule.store import CapsuleStore, check_name
 from bootd.errors import CapsuleError
 
 MARK = "bootd-step:"

@@ -34,7 +34,7 @@ from typing import BinaryIO, cast
 from bootd.capsule.export import write_archive
 from bootd.capsule.hygiene import HygieneReport, transform
 from bootd.capsule.importer import ImportOptions, ImportResult, import_capsule
-from bootd.capsule.store import CapsuleStore, check_name
+from bootd.capsule.objects import CapsuleStore, check_name
 from bootd.errors import CapsuleError
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

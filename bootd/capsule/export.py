@@ -11,7 +11,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from bootd.capsule.store import CapsuleStore, describe_oserror
+from bootd.capsule.objects import CapsuleStore, describe_oserror
 from bootd.capsule.verify import BadChunk, read_chunk
 from bootd.errors import CapsuleError
 

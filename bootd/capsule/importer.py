@@ -49,8 +49,8 @@ from bootd.capsule.manifest import (
     encode_manifest,
     version_id,
 )
+from bootd.capsule.objects import CapsuleStore, Staging, check_name, describe_oserror
 from bootd.capsule.oci import open_image
-from bootd.capsule.store import CapsuleStore, Staging, check_name, describe_oserror
 from bootd.capsule.workers import (
     ChunkWriter,
     Stage,

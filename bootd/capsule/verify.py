@@ -18,7 +18,7 @@ from typing import Any
 import zstandard
 
 from bootd.capsule.manifest import ChunkRef
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from bootd.errors import CapsuleError
 
 

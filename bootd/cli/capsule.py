@@ -24,8 +24,8 @@ from bootd.capsule.chunker import ChunkParams
 from bootd.capsule.export import export_version
 from bootd.capsule.hygiene import HygieneReport, transform
 from bootd.capsule.importer import ImportOptions, ImportResult, import_capsule
+from bootd.capsule.objects import CapsuleStore
 from bootd.capsule.recipe import load_recipe
-from bootd.capsule.store import CapsuleStore
 from bootd.capsule.verify import verify_version
 from bootd.config import Config
 from bootd.errors import CapsuleError

@@ -93,7 +93,7 @@ class BootPolicy:
 
 
 class CapsuleReader(Protocol):
-    """The part of bootd.capsule.store.CapsuleStore the daemon reads (decisions and file serving)."""
+    """The part of bootd.capsule.objects.CapsuleStore the daemon reads (decisions and file serving)."""
 
     def resolve(self, name: str) -> str | None: ...
     def load_manifest(self, vid: str) -> Any: ...

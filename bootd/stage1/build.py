@@ -41,7 +41,7 @@ from bootd.stage1.kmods import (
     S_IFLNK,
     S_IFREG,
     STORAGE_MODULES,
-    Entry,
+    CpioEntry,
     ModuleError,
     closure,
     is_module_file,
@@ -313,30 +313,30 @@ def compile_fetcher(out: Path, *, cc: str = "gcc", extra_flags: Iterable[str] = 
 def initramfs_entries(
     kernels: list[tuple[Kernel, tuple[str, ...]]], info: dict[str, object], with_openssl: bool = True,
     fetcher: bytes | None = None,
-) -> dict[str, Entry]:
-    entries: dict[str, Entry] = {}
+) -> dict[str, CpioEntry]:
+    entries: dict[str, CpioEntry] = {}
 
     def add_dir(path: str) -> None:
         parts = path.strip("/").split("/")
         for i in range(1, len(parts) + 1):
-            entries.setdefault("/".join(parts[:i]), Entry(S_IFDIR | 0o755))
+            entries.setdefault("/".join(parts[:i]), CpioEntry(S_IFDIR | 0o755))
 
     def add_file(path: str, data: bytes, mode: int = 0o755) -> None:
         path = path.strip("/")
         if "/" in path:
             add_dir(path.rsplit("/", 1)[0])
-        entries[path] = Entry(S_IFREG | mode, data)
+        entries[path] = CpioEntry(S_IFREG | mode, data)
 
     def add_link(path: str, target: str) -> None:
         path = path.strip("/")
         if "/" in path:
             add_dir(path.rsplit("/", 1)[0])
-        entries[path] = Entry(S_IFLNK | 0o777, target.encode())
+        entries[path] = CpioEntry(S_IFLNK | 0o777, target.encode())
 
     for d in ("dev", "proc", "sys", "run", "tmp", "newroot", "etc", "root", "usr/sbin", "sbin", "lib64"):
         add_dir(d)
-    entries["dev/console"] = Entry(S_IFCHR | 0o600, rdev=(5, 1))  # the kernel opens it before /init
-    entries["dev/null"] = Entry(S_IFCHR | 0o666, rdev=(1, 3))
+    entries["dev/console"] = CpioEntry(S_IFCHR | 0o600, rdev=(5, 1))  # the kernel opens it before /init
+    entries["dev/null"] = CpioEntry(S_IFCHR | 0o666, rdev=(1, 3))
 
     busybox = Path(_which("busybox", "busybox-static"))
     if not _is_static(busybox):

@@ -103,7 +103,7 @@ def load_order(depends: Mapping[str, tuple[str, ...]], roots: Iterable[str]) -> 
 
 # cpio (newc) -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Entry:
+class CpioEntry:
     mode: int
     data: bytes = b""
     rdev: tuple[int, int] = (0, 0)
@@ -112,12 +112,12 @@ class Entry:
 S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR = 0o040000, 0o100000, 0o120000, 0o020000
 
 
-def write_cpio(entries: Mapping[str, Entry]) -> bytes:
+def write_cpio(entries: Mapping[str, CpioEntry]) -> bytes:
     """A newc archive with deterministic metadata (uid/gid 0, fixed mtime and inodes), parents before
     children, so the same inputs always give the same bytes."""
     out = io.BytesIO()
 
-    def header(ino: int, name: str, entry: Entry) -> None:
+    def header(ino: int, name: str, entry: CpioEntry) -> None:
         name_b = name.encode() + b"\x00"
         fields = (ino, entry.mode, 0, 0, 2 if entry.mode & S_IFDIR == S_IFDIR else 1, FIXED_MTIME,
                   len(entry.data), 0, 0, entry.rdev[0], entry.rdev[1], len(name_b), 0)
@@ -129,18 +129,18 @@ def write_cpio(entries: Mapping[str, Entry]) -> bytes:
 
     for ino, name in enumerate(sorted(entries), start=1):
         header(ino, name, entries[name])
-    header(0, "TRAILER!!!", Entry(mode=0))
+    header(0, "TRAILER!!!", CpioEntry(mode=0))
     out.write(b"\x00" * (-out.tell() % 512))
     return out.getvalue()
 
 
-def module_set_entries(kver: str, blobs: Mapping[str, bytes], order: Iterable[str]) -> dict[str, Entry]:
+def module_set_entries(kver: str, blobs: Mapping[str, bytes], order: Iterable[str]) -> dict[str, CpioEntry]:
     """lib/modules/KVER/<name>.ko plus the load-order file the stage one's agent reads."""
     moddir = f"lib/modules/{kver}"
-    entries = {"lib": Entry(S_IFDIR | 0o755), "lib/modules": Entry(S_IFDIR | 0o755), moddir: Entry(S_IFDIR | 0o755)}
+    entries = {d: CpioEntry(S_IFDIR | 0o755) for d in ("lib", "lib/modules", moddir)}
     for mod, data in sorted(blobs.items()):
-        entries[f"{moddir}/{mod}.ko"] = Entry(S_IFREG | 0o644, data)
-    entries[f"{moddir}/load-order"] = Entry(S_IFREG | 0o644, ("\n".join(order) + "\n").encode())
+        entries[f"{moddir}/{mod}.ko"] = CpioEntry(S_IFREG | 0o644, data)
+    entries[f"{moddir}/load-order"] = CpioEntry(S_IFREG | 0o644, ("\n".join(order) + "\n").encode())
     return entries
 
 

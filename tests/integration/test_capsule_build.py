@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from bootd.capsule.export import write_archive
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from tests.conftest import PYTHON, ROOT, write_config
 
 CACHE = Path(os.environ.get("BOOTD_BUILD_CACHE", "/var/tmp/bootd-build-cache"))

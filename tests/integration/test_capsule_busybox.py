@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from bootd.capsule.importer import import_capsule
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from tests.conftest import ROOT
 
 BUILD = ROOT / "capsules" / "busybox" / "build.sh"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from tests.conftest import run_cli, write_config
 from tests.unit.capsule.trees import make_tree
 

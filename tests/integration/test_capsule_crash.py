@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bootd.capsule.importer import import_capsule
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from bootd.capsule.verify import verify_version
 from tests.conftest import ROOT
 from tests.unit.capsule.trees import SMALL, fix_times, make_tree
@@ -24,7 +24,7 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     from bootd.capsule.chunker import ChunkParams
     from bootd.capsule.importer import ImportOptions, import_capsule
-    from bootd.capsule.store import CapsuleStore
+    from bootd.capsule.objects import CapsuleStore
 
     store_dir, tree, mode = sys.argv[1:4]
     processes = len(sys.argv) > 4 and sys.argv[4] == "processes"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bootd.capsule.export import write_archive
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from bootd.lab.sample import make_busybox_root
 from tests.conftest import PYTHON, ROOT, run_cli, write_config
 from tests.unit.capsule.images import EXPECTED, LAYERS, docker_files, oci_files, write_tar

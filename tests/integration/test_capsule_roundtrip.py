@@ -12,7 +12,7 @@ import pytest
 
 from bootd.capsule.export import export_version
 from bootd.capsule.importer import import_capsule
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from tests.unit.capsule.trees import SMALL, fix_times, make_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (device nodes, owners, xattrs)")

@@ -22,7 +22,7 @@ import pytest
 
 from bootd import compose
 from bootd.capsule.importer import ImportOptions, import_capsule
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from bootd.config import Config, from_dict
 from bootd.model import Group, Node, State
 from bootd.net.http.admin import AdminServer

@@ -15,7 +15,7 @@ import pytest
 
 from bootd import compose
 from bootd.capsule.importer import ImportOptions, import_capsule
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from bootd.config import from_dict
 from bootd.model import Group, Lease
 from bootd.net.http.app import HttpServer

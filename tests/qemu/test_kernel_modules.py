@@ -20,7 +20,7 @@ import pytest
 import zstandard
 
 from bootd.capsule.importer import import_capsule
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from bootd.lab import Lab, QemuNode, lab_available, qemu_available
 from bootd.lab.sample import make_busybox_root
 from bootd.lab.serve import BootdServer, ServeError

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from bootd.stage1.build import BuildResult, Entry, Stage1Error, build, compile_fetcher, write_cpio
+from bootd.stage1.build import BuildResult, CpioEntry, Stage1Error, build, compile_fetcher, write_cpio
 
 
 def test_two_builds_are_byte_identical(stage1: BuildResult, tmp_path: Path) -> None:
@@ -66,10 +66,10 @@ def test_image_contents_run_on_their_own(stage1: BuildResult, tmp_path: Path) ->
 
 def test_cpio_writer_round_trips_through_gnu_cpio(tmp_path: Path) -> None:
     entries = {
-        "a": Entry(0o040755),
-        "a/file": Entry(0o100644, b"hello\n"),
-        "a/link": Entry(0o120777, b"file"),
-        "odd name": Entry(0o100600, b"x" * 1001),
+        "a": CpioEntry(0o040755),
+        "a/file": CpioEntry(0o100644, b"hello\n"),
+        "a/link": CpioEntry(0o120777, b"file"),
+        "odd name": CpioEntry(0o100600, b"x" * 1001),
     }
     listing = subprocess.run(["cpio", "-it", "--quiet"], input=write_cpio(entries), capture_output=True,
                              check=True).stdout.decode().split("\n")

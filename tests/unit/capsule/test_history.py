@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bootd.capsule.importer import ImportOptions, import_capsule
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from bootd.capsule.verify import verify_version
 from bootd.errors import CapsuleError
 from tests.unit.capsule.trees import SMALL, make_tree

@@ -11,7 +11,7 @@ from bootd.capsule.archive import LNK, REG, walk_directory
 from bootd.capsule.export import write_archive
 from bootd.capsule.hygiene import HygieneReport, clean_entries, transform
 from bootd.capsule.importer import import_capsule
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 
 MASTER = {b"etc/resolv.conf": b"nameserver 10.9.8.7\n", b"etc/hostname": b"master\n"}
 

@@ -12,7 +12,7 @@ import zstandard
 
 from bootd.capsule.export import export_version, write_archive
 from bootd.capsule.importer import ImportOptions, import_capsule
-from bootd.capsule.store import CapsuleStore
+from bootd.capsule.objects import CapsuleStore
 from bootd.capsule.verify import verify_version
 from bootd.errors import CapsuleError
 from tests.unit.capsule.trees import SMALL, fix_times, make_tree

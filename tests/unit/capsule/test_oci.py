@@ -14,8 +14,8 @@ import pytest
 
 from bootd.capsule.export import write_archive
 from bootd.capsule.importer import ImportResult, import_capsule
+from bootd.capsule.objects import CapsuleStore
 from bootd.capsule.oci import image_kind
-from bootd.capsule.store import CapsuleStore
 from bootd.errors import CapsuleError
 from tests.unit.capsule.images import EXPECTED, LAYERS, M, docker_files, oci_files, write_dir, write_tar
 
