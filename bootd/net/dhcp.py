@@ -47,6 +47,7 @@ from prometheus_client import CollectorRegistry
 from bootd.errors import RemoteProtocolError, StoreError
 from bootd.metrics import DhcpMetrics, make_registry
 from bootd.proto.dhcp.packet import DhcpPacket
+from bootd.ratelog import LogLimiter
 from bootd.service.dhcp import DhcpService
 
 if TYPE_CHECKING:
@@ -171,7 +172,7 @@ class DhcpServer:
         self.metrics.queue.set_function(lambda: float(self.queue.qsize()))
         self._endpoints: list[asyncio.DatagramTransport] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed since)
+        self._drop_log = LogLimiter(LOG_EVERY)  # one line per reason per LOG_EVERY seconds
         self.bound_ports: list[int] = []
         self._reply_counters: dict[int, Any] = {}
 
@@ -272,14 +273,10 @@ class DhcpServer:
     def drop(self, reason: str, detail: str = "", *, count: bool = True) -> None:
         if count:
             self.metrics.dropped.labels(reason=reason).inc()
-        now = time.monotonic()
-        last, suppressed = self._logged.get(reason, (0.0, 0))
-        if now - last >= LOG_EVERY:
-            more = f" (+{suppressed} more since last report)" if suppressed else ""
+        held = self._drop_log.allow(reason)
+        if held is not None:
+            more = f" (+{held} more since last report)" if held else ""
             log.info("event=dhcp-drop reason=%s detail=%r%s", reason, detail, more)
-            self._logged[reason] = (now, 0)
-        else:
-            self._logged[reason] = (last, suppressed + 1)
 
     async def _worker(self) -> None:
         queue = self.queue
