@@ -78,6 +78,9 @@ class ImportOptions:
     # the workers. bench/capsule measures both; on the 2-core test machine threads are now
     # clearly faster (0.94x vs 0.79x of tar | zstd), and they need no fork inside a daemon.
     processes: bool = False
+    # Kernel releases the stage one has NIC modules for (its stage1.json "module_sets"); None: unknown.
+    # A capsule whose kernel has no modules of its own must match one of them, or it is refused.
+    stage1_releases: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,7 @@ def import_capsule(
                 entries = transform(entries)
             if on_total is not None:
                 on_total(sum(512 + e.size for e in entries if e.kind == REG))
-            kref = _stage_kernel(staging, entries, kernel, opts.durable)
+            kref = _stage_kernel(staging, entries, kernel, opts.durable, opts.stage1_releases)
             refs, new = _stage_chunks(staging, entries, opts, progress)
             extra = {"chunker": opts.chunk.as_meta(), "zstd_level": opts.zstd_level, "entries": len(entries)}
             meta = build_meta(refs, kref, extra)
@@ -301,7 +304,8 @@ def import_capsule(
     )
 
 
-def _stage_kernel(staging: Staging, entries: list[Entry], kernel: Path | None, durable: bool) -> KernelRef | None:
+def _stage_kernel(staging: Staging, entries: list[Entry], kernel: Path | None, durable: bool,
+                  releases: frozenset[str] | None = None) -> KernelRef | None:
     dest = staging.dir / "kernel"
     if kernel is not None:
         with open(kernel, "rb") as f:
@@ -313,8 +317,14 @@ def _stage_kernel(staging: Staging, entries: list[Entry], kernel: Path | None, d
     with contextlib.closing(found.opener()) as f:
         digest, size = _copy_hashing(f, dest, durable)
     path = "/" + found.path.decode("utf-8", "surrogateescape")
-    modules = _stage_modules(staging, entries, path.rsplit("vmlinuz-", 1)[1] if "vmlinuz-" in path else "",
-                             durable)
+    release = path.rsplit("vmlinuz-", 1)[1] if "vmlinuz-" in path else ""
+    modules = _stage_modules(staging, entries, release, durable)
+    if modules is None and releases is not None and release not in releases:
+        raise CapsuleError(
+            f"the capsule's kernel {path} has no /lib/modules/{release or '?'} in the image, and the stage one "
+            f"has NIC modules only for {', '.join(sorted(releases)) or 'no kernel'}: it would boot without a "
+            f"network. Install the kernel's modules in the image (e.g. the full linux-image package), remove "
+            f"the kernel to boot the stage one's, or rebuild the stage one with --also-kernel-package for it")
     return KernelRef(digest, size, path, modules=modules, release=modules and path.rsplit("vmlinuz-", 1)[1])
 
 

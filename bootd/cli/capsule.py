@@ -71,7 +71,18 @@ def _bar(desc: str, total: int | None) -> Iterator[tuple[Callable[[int], None], 
 
 def _options(config: Config) -> ImportOptions:
     c = config.capsule
-    return ImportOptions(chunk=ChunkParams(c.chunk_min, c.chunk_avg, c.chunk_max), zstd_level=c.zstd_level)
+    return ImportOptions(chunk=ChunkParams(c.chunk_min, c.chunk_avg, c.chunk_max), zstd_level=c.zstd_level,
+                         stage1_releases=stage1_releases(config))
+
+
+def stage1_releases(config: Config) -> frozenset[str] | None:
+    """The kernel releases the built stage one has NIC modules for (None before `bootd stage1 build`)."""
+    try:
+        info = json.loads((config.boot.stage1_dir / "stage1.json").read_text())
+    except (OSError, ValueError):
+        return None
+    sets = info.get("module_sets")
+    return frozenset(sets) if isinstance(sets, dict) else None
 
 
 def _print_hygiene(report: HygieneReport) -> None:

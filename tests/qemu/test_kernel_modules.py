@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from bootd.capsule.importer import import_capsule
+from bootd.capsule.importer import ImportOptions, import_capsule
 from bootd.capsule.objects import CapsuleStore
+from bootd.errors import CapsuleError
 from bootd.lab import Lab, QemuNode, lab_available, qemu_available
 from bootd.lab.sample import make_busybox_root
 from bootd.lab.serve import BootdServer, ServeError
@@ -112,6 +113,12 @@ def test_a_kernel_without_modules_in_the_tree_gets_none(tmp_path: Path, other_ke
     result = import_capsule(store, "bare", root)
     meta = store.load_manifest(result.version).meta
     assert meta["kernel"] is not None and set(meta["kernel"]) == {"sha256", "size", "path"}
+    # A stage one with modules for this release boots it; one without is a mismatch, refused at import.
+    matching = ImportOptions(stage1_releases=frozenset({other_kernel.kver}))
+    assert import_capsule(store, "bare2", root, options=matching).version == result.version
+    with pytest.raises(CapsuleError, match="would boot without a network") as refused:
+        import_capsule(store, "bare3", root, options=ImportOptions(stage1_releases=frozenset({"6.1.0-1-other"})))
+    assert f"/lib/modules/{other_kernel.kver}" in str(refused.value) and store.resolve("bare3") is None
 
 
 # QEMU -----------------------------------------------------------------------------------------------
