@@ -23,14 +23,16 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from aiohttp import web
 
-from bootd.metrics import HttpMetrics
+from bootd.metrics import HttpBoundsMetrics, HttpMetrics
 from bootd.net.files import OpenFile, OpenFileCache
+from bootd.ratelog import LogLimiter
 
 log = logging.getLogger("bootd.http")
 
@@ -102,9 +104,125 @@ def send_start(transport: asyncio.Transport, sock: socket.socket | None, head: b
     return sendfile_now(transport, sock.fileno(), file, offset, count) if count else 0
 
 
-async def send_rest(transport: asyncio.Transport, file: IO[bytes], offset: int, count: int) -> None:
-    """What :func:`send_start` could not send at once; reading pauses until it is out."""
-    await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+class SendStalled(TimeoutError):
+    """The client took no bytes for ``send_timeout`` seconds: the send is cut and its slot freed."""
+
+
+class SendWatch:
+    """The writability wait of one in-flight send: the protocol ends it when the connection goes.
+
+    The writer callback is registered on the socket's descriptor for the whole send; it must be
+    removed while that descriptor is still this socket's (a closed descriptor's number is soon
+    another connection's), so ``connection_lost`` calls :meth:`lost` before the socket closes.
+    """
+
+    __slots__ = ("armed", "fd", "fut", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.fut: asyncio.Future[None] | None = None
+        self.armed = False
+
+    def arm(self) -> None:
+        self.loop._add_writer(self.fd, self.wake)  # type: ignore[attr-defined]
+        self.armed = True
+
+    def disarm(self) -> None:
+        if self.armed:
+            self.armed = False
+            self.loop._remove_writer(self.fd)  # type: ignore[attr-defined]
+
+    def wake(self) -> None:
+        fut = self.fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def expire(self, timeout: float) -> None:
+        fut = self.fut
+        if fut is not None and not fut.done():
+            fut.set_exception(SendStalled(f"the client read nothing for {timeout:g} s"))
+
+    def lost(self) -> None:
+        self.disarm()
+        fut = self.fut
+        if fut is not None and not fut.done():
+            fut.set_exception(ConnectionResetError("the connection closed during the send"))
+
+
+async def send_rest(transport: asyncio.Transport, sock: socket.socket | None, file: IO[bytes], offset: int,
+                    count: int, timeout: float) -> None:
+    """What :func:`send_start` could not send at once, aborted when no byte leaves for ``timeout`` s.
+
+    nginx's ``send_timeout``: the timer runs between two successful writes, so a slow but
+    live client is served and one that never reads loses its slot.  asyncio's
+    ``loop.sendfile`` has no such timer and cannot be watched from outside, so this is its
+    loop with one: reading pauses, the transport's buffer (headers that did not fit) drains
+    first, then sendfile(2) runs until EAGAIN, waiting for writability with a deadline.
+    """
+    loop = asyncio.get_running_loop()
+    protocol = transport.get_protocol()
+    if sock is None or not hasattr(loop, "_add_writer") or not hasattr(protocol, "send_watch"):
+        # Not a selector loop (or no socket): asyncio's sendfile, the whole send bounded instead.
+        await asyncio.wait_for(loop.sendfile(transport, file, offset, count), timeout + count / 65536)
+        return
+    resume = transport.is_reading()
+    transport.pause_reading()
+    try:
+        if transport.get_write_buffer_size():
+            await _drained(transport, timeout)
+        if transport.is_closing():
+            raise ConnectionResetError("the connection closed during the send")
+        fd = sock.fileno()
+        src = file.fileno()
+        watch = SendWatch(loop, fd)
+        watch.arm()
+        protocol.send_watch = watch
+        try:
+            while count > 0:
+                try:
+                    n = os.sendfile(fd, src, offset, count)
+                except (BlockingIOError, InterruptedError):
+                    watch.fut = loop.create_future()
+                    timer = loop.call_later(timeout, watch.expire, timeout)
+                    try:
+                        await watch.fut
+                    finally:
+                        timer.cancel()
+                        watch.fut = None
+                    continue
+                if n == 0:
+                    raise RuntimeError(f"the file ended {count} bytes early (truncated on disk?)")
+                offset += n
+                count -= n
+        finally:
+            watch.disarm()
+            protocol.send_watch = None
+    finally:
+        if resume and not transport.is_closing():
+            transport.resume_reading()
+
+
+async def _drained(transport: asyncio.Transport, timeout: float) -> None:
+    """Wait until the transport has written everything it holds, with the same no-progress deadline."""
+    make = getattr(transport, "_make_empty_waiter", None)
+    reset = getattr(transport, "_reset_empty_waiter", None)
+    if make is not None and reset is not None:
+        try:
+            await asyncio.wait_for(make(), timeout)
+        except TimeoutError:
+            raise SendStalled(f"the client read nothing for {timeout:g} s") from None
+        finally:
+            reset()
+        return
+    left, last = transport.get_write_buffer_size(), time.monotonic()
+    while left:
+        await asyncio.sleep(0.01)
+        now_left = transport.get_write_buffer_size()
+        if now_left < left:
+            left, last = now_left, time.monotonic()
+        elif time.monotonic() - last > timeout:
+            raise SendStalled(f"the client read nothing for {timeout:g} s")
 
 
 class Sender:
@@ -114,9 +232,14 @@ class Sender:
     takes a lock and builds a tuple on every call, which shows on the hot path.
     """
 
-    def __init__(self, metrics: HttpMetrics, files: OpenFileCache) -> None:
+    def __init__(self, metrics: HttpMetrics, files: OpenFileCache, *, send_timeout: float = 30.0,
+                 bounds: HttpBoundsMetrics | None = None, inline: bool = True) -> None:
         self.metrics = metrics
         self.files = files
+        self.send_timeout = send_timeout
+        self.bounds = bounds
+        self.inline = inline  # False (bench --plain): headers through the transport, no sendfile at once
+        self._stall_log = LogLimiter(1.0)
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._bytes: dict[str, Any] = {}
 
@@ -134,14 +257,26 @@ class Sender:
         """The whole response: :func:`send_start`, then :func:`send_rest`; raises OSError/RuntimeError if cut."""
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away before the response was sent")
-        sent = send_start(transport, sock, head, entry.file, offset, count)
+        sent = send_start(transport, sock if self.inline else None, head, entry.file, offset, count)
         if sent < count:
-            await send_rest(transport, entry.file, offset + sent, count - sent)
+            await self.send_rest(transport, sock, entry.file, offset + sent, count - sent)
+
+    async def send_rest(self, transport: asyncio.Transport, sock: socket.socket | None, file: IO[bytes],
+                        offset: int, count: int) -> None:
+        await send_rest(transport, sock, file, offset, count, self.send_timeout)
 
     def abort(self, transport: asyncio.BaseTransport | None, key: str, exc: BaseException) -> None:
         """Headers promised the whole body: a short one must end the connection."""
-        log.debug("event=send-aborted object=%s reason=%r", key, str(exc))
         self.metrics.aborted.inc()
+        if isinstance(exc, SendStalled):
+            if self.bounds is not None:
+                self.bounds.closed.labels(reason="send-timeout").inc()
+            held = self._stall_log.allow()
+            if held is not None:
+                log.warning("event=http-connection-closed reason=send-timeout object=%s error=%r held_back=%d",
+                            key, str(exc), held)
+        else:
+            log.debug("event=send-aborted object=%s reason=%r", key, str(exc))
         if transport is not None:
             transport.close()
 
