@@ -269,7 +269,7 @@ async def test_request_repeated_after_progress_restarts_the_transfer(server: Tft
 async def test_300_concurrent_transfers_all_complete_with_shared_files(root: Path) -> None:
     files = {"ipxe.efi": (root / "ipxe.efi").read_bytes(), "undionly.kpxe": (root / "undionly.kpxe").read_bytes()}
     limit = 300  # exactly at the limit: nobody may be refused
-    server = TftpServer(HOST, 0, [root], max_sessions=limit, timeout=1.0, retries=5)
+    server = TftpServer(HOST, 0, [root], max_sessions=limit, max_sessions_per_source=limit, timeout=1.0, retries=5)
     await server.start()
     peak = {"active": 0, "files": 0}
     stop = asyncio.Event()
@@ -303,7 +303,7 @@ async def test_300_concurrent_transfers_all_complete_with_shared_files(root: Pat
 
 
 async def test_busy_refusal_above_the_limit_is_immediate(root: Path) -> None:
-    server = TftpServer(HOST, 0, [root], max_sessions=3, timeout=5.0, retries=1)
+    server = TftpServer(HOST, 0, [root], max_sessions=3, max_sessions_per_source=3, timeout=5.0, retries=1)
     await server.start()
     try:
         clients = [await Client(server.port).__aenter__() for _ in range(4)]
