@@ -234,8 +234,9 @@ class ChunkRequestHandler(RequestHandler):
             transport.close()
 
     def _process_keepalive(self) -> None:
+        was_closing = self._force_close
         super()._process_keepalive()
-        if self._force_close:
+        if self._force_close and not was_closing:
             self._bounds.closed("idle-timeout", self.source)
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
