@@ -51,7 +51,7 @@ _MAX_REQUEST = 4096
 AIOHTTP_PRIVATES: dict[str, tuple[str, ...]] = {
     "web_protocol.RequestHandler": (
         "_waiter", "_messages", "_current_request", "_payload_parser", "_upgraded", "_force_close", "_close",
-        "_next_keepalive_close_time", "_loop", "_keepalive_timeout",
+        "_next_keepalive_close_time", "_loop", "_keepalive_timeout", "_process_keepalive",
     ),
     "web_server.Server": ("_kwargs",),
     "web_runner.BaseRunner": ("_reg_site",),
