@@ -2,13 +2,16 @@
 
 One send path: the header block (bootd.net.files.response_head, a few string
 joins instead of aiohttp's CIMultiDict serialisation), then one sendfile(2)
-straight away, and ``loop.sendfile`` only for the part the socket could not
-take at once.  aiohttp's own prepare() + ``loop.sendfile`` always pauses
+straight away, and :func:`send_rest` (a sendfile loop with a no-progress
+deadline, ``http.send_timeout``) only for the part the socket could not take
+at once.  aiohttp's own prepare() + ``loop.sendfile`` always pauses
 reading, waits on a future for the write buffer to drain and re-arms the
 selector, even when the socket can take the whole chunk at once, which it
 usually can (bench/http: this halves the Python CPU per request).  The header
 block goes out with MSG_MORE so it leaves in the same segment as the body (what
-nginx's ``tcp_nopush`` does with two more system calls).
+nginx's ``tcp_nopush`` does with two more system calls); it is sent on the
+transport's own socket object, not a dup() of it, so a connection costs one
+descriptor.
 
 One abort path: the headers promised the whole body, so a body cut short must
 end the connection; a client that hangs up mid-transfer is routine (a node
@@ -82,7 +85,7 @@ def send_start(transport: asyncio.Transport, sock: socket.socket | None, head: b
                offset: int, count: int) -> int:
     """The header block, then as much of the body as the socket takes now; returns the body bytes sent.
 
-    ``sock`` is a plain socket on the transport's descriptor (asyncio's TransportSocket has no
+    ``sock`` is the transport's own socket object (asyncio's TransportSocket wrapper has no
     send()); without one the headers go through the transport and the body is all left to
     :func:`send_rest`.  While the transport still holds bytes of an earlier answer, the headers
     queue behind them (a direct send would overtake them).  Raises OSError when the connection
