@@ -112,45 +112,75 @@ class SendStalled(TimeoutError):
 
 
 class SendWatch:
-    """The writability wait of one in-flight send: the protocol ends it when the connection goes.
+    """One in-flight sendfile loop, driven from the writer callback like asyncio's own, with a deadline.
 
-    The writer callback is registered on the socket's descriptor for the whole send; it must be
-    removed while that descriptor is still this socket's (a closed descriptor's number is soon
-    another connection's), so ``connection_lost`` calls :meth:`lost` before the socket closes.
+    sendfile(2) runs in the writability callback itself (no task hop per EAGAIN), ``last``
+    records the last write that moved bytes, and one timer checks it: nginx's
+    ``send_timeout``.  The callback is registered on the socket's descriptor for the whole
+    send; it must go while that descriptor is still this socket's (a closed descriptor's
+    number is soon another connection's), so ``connection_lost`` calls :meth:`lost` before
+    the socket closes.
     """
 
-    __slots__ = ("armed", "fd", "fut", "loop")
+    __slots__ = ("armed", "count", "fd", "fut", "last", "loop", "offset", "src", "timeout", "timer")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, src: int, offset: int, count: int,
+                 timeout: float) -> None:
         self.loop = loop
         self.fd = fd
-        self.fut: asyncio.Future[None] | None = None
-        self.armed = False
-
-    def arm(self) -> None:
-        self.loop._add_writer(self.fd, self.wake)  # type: ignore[attr-defined]
+        self.src = src
+        self.offset = offset
+        self.count = count
+        self.timeout = timeout
+        self.fut: asyncio.Future[None] = loop.create_future()
+        self.last = loop.time()
         self.armed = True
+        loop._add_writer(fd, self.on_writable)  # type: ignore[attr-defined]
+        self.timer: asyncio.TimerHandle | None = loop.call_at(self.last + timeout, self.on_timer)
 
-    def disarm(self) -> None:
+    def on_writable(self) -> None:
+        try:
+            n = os.sendfile(self.fd, self.src, self.offset, self.count)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.finish(exc)
+            return
+        if n == 0:
+            self.finish(RuntimeError(f"the file ended {self.count} bytes early (truncated on disk?)"))
+            return
+        self.offset += n
+        self.count -= n
+        if self.count <= 0:
+            self.finish(None)
+        else:
+            self.last = self.loop.time()
+
+    def on_timer(self) -> None:
+        self.timer = None
+        if not self.armed:
+            return
+        due = self.last + self.timeout
+        if self.loop.time() >= due:
+            self.finish(SendStalled(f"the client read nothing for {self.timeout:g} s"))
+        else:
+            self.timer = self.loop.call_at(due, self.on_timer)
+
+    def finish(self, error: BaseException | None) -> None:
         if self.armed:
             self.armed = False
             self.loop._remove_writer(self.fd)  # type: ignore[attr-defined]
-
-    def wake(self) -> None:
-        fut = self.fut
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    def expire(self, timeout: float) -> None:
-        fut = self.fut
-        if fut is not None and not fut.done():
-            fut.set_exception(SendStalled(f"the client read nothing for {timeout:g} s"))
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.fut.done():
+            if error is None:
+                self.fut.set_result(None)
+            else:
+                self.fut.set_exception(error)
 
     def lost(self) -> None:
-        self.disarm()
-        fut = self.fut
-        if fut is not None and not fut.done():
-            fut.set_exception(ConnectionResetError("the connection closed during the send"))
+        self.finish(ConnectionResetError("the connection closed during the send"))
 
 
 async def send_rest(transport: asyncio.Transport, sock: socket.socket | None, file: IO[bytes], offset: int,
@@ -160,8 +190,8 @@ async def send_rest(transport: asyncio.Transport, sock: socket.socket | None, fi
     nginx's ``send_timeout``: the timer runs between two successful writes, so a slow but
     live client is served and one that never reads loses its slot.  asyncio's
     ``loop.sendfile`` has no such timer and cannot be watched from outside, so this is its
-    loop with one: reading pauses, the transport's buffer (headers that did not fit) drains
-    first, then sendfile(2) runs until EAGAIN, waiting for writability with a deadline.
+    loop with one (:class:`SendWatch`): reading pauses, the transport's buffer (headers that
+    did not fit) drains first, then sendfile(2) runs from the writability callback.
     """
     loop = asyncio.get_running_loop()
     protocol = transport.get_protocol()
@@ -176,30 +206,12 @@ async def send_rest(transport: asyncio.Transport, sock: socket.socket | None, fi
             await _drained(transport, timeout)
         if transport.is_closing():
             raise ConnectionResetError("the connection closed during the send")
-        fd = sock.fileno()
-        src = file.fileno()
-        watch = SendWatch(loop, fd)
-        watch.arm()
+        watch = SendWatch(loop, sock.fileno(), file.fileno(), offset, count, timeout)
         protocol.send_watch = watch
         try:
-            while count > 0:
-                try:
-                    n = os.sendfile(fd, src, offset, count)
-                except (BlockingIOError, InterruptedError):
-                    watch.fut = loop.create_future()
-                    timer = loop.call_later(timeout, watch.expire, timeout)
-                    try:
-                        await watch.fut
-                    finally:
-                        timer.cancel()
-                        watch.fut = None
-                    continue
-                if n == 0:
-                    raise RuntimeError(f"the file ended {count} bytes early (truncated on disk?)")
-                offset += n
-                count -= n
+            await watch.fut
         finally:
-            watch.disarm()
+            watch.finish(None)  # cancelled: the callback and timer must not outlive the send
             protocol.send_watch = None
     finally:
         if resume and not transport.is_closing():
