@@ -207,6 +207,7 @@ async def send_rest(transport: asyncio.Transport, sock: socket.socket | None, fi
         if transport.is_closing():
             raise ConnectionResetError("the connection closed during the send")
         watch = SendWatch(loop, sock.fileno(), file.fileno(), offset, count, timeout)
+        watch.on_writable()  # the client may have read since send_start: try at once, as asyncio does
         protocol.send_watch = watch
         try:
             await watch.fut
