@@ -312,9 +312,9 @@ def test_connection_floods_are_closed_and_leave_memory_and_descriptors_bounded(t
 def test_descriptor_limit_is_never_reached_and_refusals_do_not_flood_the_log(tmp_path: Path) -> None:
     """Before: at the descriptor limit bootd logged 69,633 lines (35 MB) in 5 s."""
     _raise_nofile(8192)
-    with bootd(tmp_path, nofile=1536) as server, ExitStack() as stack:
+    with bootd(tmp_path, nofile=3072) as server, ExitStack() as stack:
         held = []
-        for src in _sources("127.0.6", 40):
+        for src in _sources("127.0.6", 60):
             for _ in range(50):
                 try:
                     held.append(stack.enter_context(connect_from(src, server.port)))
@@ -325,8 +325,9 @@ def test_descriptor_limit_is_never_reached_and_refusals_do_not_flood_the_log(tmp
             s.close()
         time.sleep(0.5)
         m = server.metrics()
-        # The cap kept 1024 descriptors in reserve under the limit of 1536: 512 connections at most.
-        assert metric(m, "bootd_http_connections_refused_total", reason="max-connections") >= 1400
+        # The cap keeps two accept bursts (2 x the backlog of 1024) and 256 more in reserve under the
+        # limit of 3072: 768 connections at most, and accept() never runs out of descriptors.
+        assert metric(m, "bootd_http_connections_refused_total", reason="max-connections") >= 3000 - 768 - 50
         log = server.log.read_text()
         assert "out of system resource" not in log and "Too many open files" not in log
         assert server.log_size() < LOG_LIMIT

@@ -44,7 +44,7 @@ from bootd.net.files import (
     resolve_beneath,
     response_head,
 )
-from bootd.net.http.bounds import ConnectionBounds, descriptor_budget
+from bootd.net.http.bounds import BACKLOG, ConnectionBounds, descriptor_budget
 from bootd.net.http.chunkfast import ChunkFastPath, ChunkRequestHandler, ChunkSite
 from bootd.net.http.nodes import NodeRoutes
 from bootd.net.http.send import ROUTE_CHUNK, Sender, SentResponse, refuse
@@ -128,7 +128,7 @@ class HttpServer(NodeRoutes):
         await runner.setup()
         if self.fast_sendfile:
             self.fast_path = ChunkFastPath(self.sender, self.capsules, self.admission)
-        site = ChunkSite(runner, h.listen, h.port, fast=self.fast_path, bounds=self.bounds, backlog=1024,
+        site = ChunkSite(runner, h.listen, h.port, fast=self.fast_path, bounds=self.bounds, backlog=BACKLOG,
                          reuse_address=True)
         try:
             await site.start()

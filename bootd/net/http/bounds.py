@@ -29,8 +29,12 @@ from bootd.service.admission import ConnectionLimits, TrustedNetworks
 
 log = logging.getLogger("bootd.http")
 
-#: Descriptors kept back from the connection cap for everything else (files, TFTP, the database).
-_RESERVED_FDS = 1024
+#: Descriptors kept back from the connection cap for everything else (open files, the database, logs).
+_RESERVED_FDS = 256
+#: The listen backlog: asyncio accepts up to this many connections per wakeup, and a refused one is
+#: closed an event-loop iteration or two later, so up to twice this many descriptors may be in use
+#: beyond the cap for a moment.
+BACKLOG = 1024
 
 
 class Bounded(Protocol):
@@ -59,9 +63,9 @@ def descriptor_budget(config: Config) -> int:
     """Raise the soft descriptor limit toward what the connection cap needs; return the cap it allows.
 
     Each connection is one descriptor; running out of them makes accept() fail in a loop, so the
-    cap stays below the limit with room for files, TFTP sessions and the database.
+    cap stays below the limit with room for one accept burst, files, TFTP sessions and the database.
     """
-    reserve = _RESERVED_FDS + (config.tftp.max_sessions if config.tftp.enabled else 0)
+    reserve = 2 * BACKLOG + _RESERVED_FDS + (config.tftp.max_sessions if config.tftp.enabled else 0)
     want = config.http.max_connections + reserve
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < want:
