@@ -144,12 +144,7 @@ async def build(config: Config) -> Built:
         from bootd.net.tftp import TftpServer
 
         config.tftp.root.mkdir(parents=True, exist_ok=True)
-        t = config.tftp
-        built.components.append(("tftp", TftpServer(
-            host=t.listen, port=t.port, roots=[t.root, t.nbp_dir], max_sessions=t.max_sessions, timeout=t.timeout,
-            retries=t.retries, max_blksize=t.max_blksize, max_windowsize=t.max_windowsize,
-            listen_interface=config.server.interface, registry=svc.metrics,
-        )))
+        built.components.append(("tftp", TftpServer.from_config(config, svc.metrics)))
 
     if config.http.enabled:
         from bootd.net.http.admin import AdminServer

@@ -86,6 +86,9 @@ class TftpConfig:
     retries: int = 5
     max_blksize: int = 65464
     max_windowsize: int = 64
+    max_client_timeout: float = 5.0
+    max_session_time: float = 120.0
+    max_sessions_per_source: int = 8
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,15 @@ class HttpConfig:
     max_bulk_streams: int = 64
     bulk_queue: int = 256
     retry_after: float = 2.0
+    send_timeout: float = 30.0
+    bulk_per_source: int = 8
+    bulk_queue_per_source: int = 16
+    trusted: tuple[str, ...] = ()
+    max_connections: int = 8192
+    max_connections_per_source: int = 64
+    header_timeout: float = 10.0
+    idle_timeout: float = 75.0
+    max_header_bytes: int = 32768
 
 
 @dataclass(frozen=True)
@@ -308,6 +320,21 @@ def _store_url_problem(value: str) -> str:
     return ""
 
 
+def _networks(section: _Section, key: str) -> tuple[str, ...]:
+    """A list of addresses or CIDR networks, each checked, in canonical form (e.g. 10.0.0.0/8)."""
+    what = "a list of IP addresses or networks such as [\"10.0.0.5\", \"10.1.0.0/16\"]"
+    items = section.get(key, list, [], what)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise section.error(key, f"{item!r} is not valid; expected {what}")
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError as exc:
+            raise section.error(key, f"{item!r} is not valid; {exc}") from None
+    return tuple(out)
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate the configuration file.
 
@@ -424,6 +451,10 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         retries=t.integer("retries", TftpConfig.retries, 1, 100),
         max_blksize=t.integer("max_blksize", TftpConfig.max_blksize, 512, 65464),
         max_windowsize=t.integer("max_windowsize", TftpConfig.max_windowsize, 1, 65535),
+        max_client_timeout=t.number("max_client_timeout", TftpConfig.max_client_timeout, 1.0, 255.0),
+        max_session_time=t.number("max_session_time", TftpConfig.max_session_time, 1.0, 86400.0),
+        max_sessions_per_source=t.integer("max_sessions_per_source", TftpConfig.max_sessions_per_source, 1,
+                                          100_000),
     )
     t.finish()
 
@@ -438,6 +469,16 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         max_bulk_streams=h.integer("max_bulk_streams", HttpConfig.max_bulk_streams, 1, 100_000),
         bulk_queue=h.integer("bulk_queue", HttpConfig.bulk_queue, 0, 1_000_000),
         retry_after=h.number("retry_after", HttpConfig.retry_after, 0.1, 3600.0),
+        send_timeout=h.number("send_timeout", HttpConfig.send_timeout, 0.1, 3600.0),
+        bulk_per_source=h.integer("bulk_per_source", HttpConfig.bulk_per_source, 1, 100_000),
+        bulk_queue_per_source=h.integer("bulk_queue_per_source", HttpConfig.bulk_queue_per_source, 0, 1_000_000),
+        trusted=_networks(h, "trusted"),
+        max_connections=h.integer("max_connections", HttpConfig.max_connections, 1, 1_000_000),
+        max_connections_per_source=h.integer("max_connections_per_source", HttpConfig.max_connections_per_source,
+                                             1, 1_000_000),
+        header_timeout=h.number("header_timeout", HttpConfig.header_timeout, 0.1, 3600.0),
+        idle_timeout=h.number("idle_timeout", HttpConfig.idle_timeout, 0.1, 86400.0),
+        max_header_bytes=h.integer("max_header_bytes", HttpConfig.max_header_bytes, 1024, 1 << 20),
     )
     h.finish()
 

@@ -162,3 +162,32 @@ class DhcpMetrics:
         self.send_errors = Counter("bootd_dhcp_send_errors", "DHCP replies the kernel refused to send",
                                    registry=registry)
         self.queue = Gauge("bootd_dhcp_queue_depth", "DHCP datagrams waiting for a worker", registry=registry)
+
+
+class HttpBoundsMetrics:
+    """What the HTTP connection bounds refuse or close, by reason, and the connections open now.
+
+    Reasons: ``max-connections``, ``max-connections-per-source`` (refused at accept),
+    ``header-timeout``, ``header-too-large``, ``idle-timeout``, ``send-timeout`` (closed later).
+    """
+
+    def __init__(self, registry: CollectorRegistry, open_now: Callable[[], int]) -> None:
+        self.refused = Counter(
+            "bootd_http_connections_refused", "HTTP connections refused at accept, by reason", ["reason"],
+            registry=registry,
+        )
+        self.closed = Counter(
+            "bootd_http_connections_closed", "HTTP connections closed by a bound (timeout, size), by reason",
+            ["reason"], registry=registry,
+        )
+        self.malformed = Counter(
+            "bootd_http_malformed", "Malformed HTTP requests answered 400 and closed, by reason", ["reason"],
+            registry=registry,
+        )
+        self.bulk_refused = Counter(
+            "bootd_http_bulk_refused", "Bulk requests refused with 503, by which limit was full", ["reason"],
+            registry=registry,
+        )
+        Gauge("bootd_http_connections", "HTTP connections open", registry=registry).set_function(
+            lambda: float(open_now())
+        )

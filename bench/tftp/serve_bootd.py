@@ -29,6 +29,7 @@ async def main() -> None:
         args.port,
         [args.root],
         max_sessions=args.max_sessions,
+        max_sessions_per_source=args.max_sessions,  # every benchmark client is 127.0.0.1
         max_window_bytes=args.max_window_bytes,
         use_gso=not args.no_gso,
     )

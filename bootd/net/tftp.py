@@ -15,7 +15,12 @@ Choices, and why:
   of retrying into the void.
 * Over ``max_sessions`` a request is refused at once with an ERROR from the
   listener socket (no new socket, no file opened): a client told "busy" retries,
-  a client left waiting stalls the whole boot wave (dnsmasq's cliff).
+  a client left waiting stalls the whole boot wave (dnsmasq's cliff).  One
+  source address holds at most ``max_sessions_per_source`` of them.  Spoofed
+  UDP defeats a per-source cap, so what bounds a flood of requests that are
+  never ACKed is the total plus the lifetimes: a client's ``timeout`` option
+  above ``max_client_timeout`` is refused (the server's timeout applies) and no
+  transfer outlives ``max_session_time``.
 * Open files are shared by all transfers of the same file through HTTP's
   open-file cache (bootd/net/files.py; a replaced file gets a fresh
   descriptor) because a boot wave means hundreds of transfers of the same NBP,
@@ -49,6 +54,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from bootd.config import Config, TftpConfig
 from bootd.errors import BootdError, RemoteProtocolError
 from bootd.metrics import TftpMetrics
 from bootd.net.files import OpenFile, OpenFileCache, OutsideRoot, resolve_beneath
@@ -300,16 +306,20 @@ class TftpServer:
         port: int,
         roots: Sequence[str | os.PathLike[str]],
         *,
-        max_sessions: int = 1000,
-        timeout: float = 1.0,
-        retries: int = 5,
-        max_blksize: int = 65464,
-        max_windowsize: int = 64,
+        max_sessions: int = TftpConfig.max_sessions,
+        timeout: float = TftpConfig.timeout,
+        retries: int = TftpConfig.retries,
+        max_blksize: int = TftpConfig.max_blksize,
+        max_windowsize: int = TftpConfig.max_windowsize,
         max_window_bytes: int = 65536,
+        max_client_timeout: float = TftpConfig.max_client_timeout,
+        max_session_time: float = TftpConfig.max_session_time,
+        max_sessions_per_source: int = TftpConfig.max_sessions_per_source,
         listen_interface: str | None = None,
-        registry: CollectorRegistry | None = None,
+        metrics: CollectorRegistry | None = None,
         use_gso: bool = True,
     ) -> None:
+        """Defaults are [tftp]'s (bootd.config.TftpConfig); ``from_config`` passes a whole section."""
         if not roots:
             raise BootdError("TFTP: at least one root directory is needed")
         self._host = host
@@ -323,10 +333,14 @@ class TftpServer:
             max_blksize=max_blksize,
             max_windowsize=max_windowsize,
             max_window_bytes=max_window_bytes,
+            max_client_timeout=max_client_timeout,
+            max_lifetime=max_session_time,
         )
+        self.max_sessions_per_source = max_sessions_per_source
+        self._per_source: collections.Counter[str] = collections.Counter()
         self._interface = listen_interface
-        # Without a registry (tests, bench/tftp) the counters still count, on a registry of their own.
-        self.metrics = TftpMetrics(registry if registry is not None else CollectorRegistry())
+        # Without a collector registry (tests, bench/tftp) the counters still count, on one of their own.
+        self.metrics = TftpMetrics(metrics if metrics is not None else CollectorRegistry())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._family = socket.AF_INET
@@ -335,6 +349,7 @@ class TftpServer:
         self._files = OpenFileCache(keep_unused=False, follow_symlinks=False)
         self._gso_usable = use_gso
         self._busy_log = LogLimiter()
+        self._failed_log = LogLimiter()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -360,6 +375,16 @@ class TftpServer:
         if self._loop is None:
             raise BootdError("TFTP server is not started")
         return self._loop
+
+    @classmethod
+    def from_config(cls, config: Config, metrics: CollectorRegistry | None = None) -> TftpServer:
+        """The server of the [tftp] section: its root, then the NBP directory."""
+        t = config.tftp
+        return cls(t.listen, t.port, [t.root, t.nbp_dir], max_sessions=t.max_sessions, timeout=t.timeout,
+                   retries=t.retries, max_blksize=t.max_blksize, max_windowsize=t.max_windowsize,
+                   max_client_timeout=t.max_client_timeout, max_session_time=t.max_session_time,
+                   max_sessions_per_source=t.max_sessions_per_source, listen_interface=config.server.interface,
+                   metrics=metrics)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -483,6 +508,10 @@ class TftpServer:
         if len(self._transfers) >= self.max_sessions:
             self._refuse_busy(addr, f"server busy: {len(self._transfers)} transfers in progress, try again", "busy")
             return
+        if self._per_source[addr[0]] >= self.max_sessions_per_source:
+            self._refuse_busy(addr, f"server busy: {self.max_sessions_per_source} transfers from {addr[0]} in "
+                                    "progress already, try again", "per_source")
+            return
         try:
             real, st = self._resolve(pkt.filename)
             shared = self._open(real, st)
@@ -515,6 +544,7 @@ class TftpServer:
         gso = self._gso_segment(session)
         transfer = _Transfer(self, session, sock, shared, addr, key, gso)
         self._transfers[key] = transfer
+        self._per_source[addr[0]] += 1
         self.metrics.started.inc()
         self.metrics.active.inc()
         log.debug(
@@ -630,6 +660,12 @@ class TftpServer:
     def _transfer_done(self, t: _Transfer, reason: str, message: str) -> None:
         if self._transfers.get(t.key) is t:
             del self._transfers[t.key]
+            source = t.peer[0]
+            left = self._per_source[source] - 1
+            if left > 0:
+                self._per_source[source] = left
+            else:
+                del self._per_source[source]
         self._files.release(t.file)
         s = t.session
         now = _monotonic()
@@ -660,11 +696,15 @@ class TftpServer:
             reason = reason or s.reason or "unknown"
             message = message or s.message
             m.failed.labels(reason).inc()
-            log.warning(
-                "event=tftp_failed peer=%s file=%r reason=%s bytes=%d detail=%r",
-                who,
-                s.filename,
-                reason,
-                s.bytes_sent,
-                message,
-            )
+            # Spoofed requests all fail alike (timeout, lifetime): one line per reason a second.
+            held = self._failed_log.allow(reason)
+            if held is not None:
+                log.warning(
+                    "event=tftp_failed peer=%s file=%r reason=%s bytes=%d detail=%r suppressed=%d",
+                    who,
+                    s.filename,
+                    reason,
+                    s.bytes_sent,
+                    message,
+                    held,
+                )

@@ -104,7 +104,9 @@ async def start_env(tmp_path: Path, **http: Any) -> tuple[Env, SqliteNodeStore]:
     (tmp_path / "secret.txt").write_bytes(SECRET_TEXT)
     config = from_dict({
         "server": {"state_dir": str(state), "address": "127.0.0.1"},
-        "http": {"listen": "127.0.0.1", "port": 0, **http},
+        # Every simulated node connects from 127.0.0.1: trusted, as a replica would be, so the per-source
+        # caps (tests/integration/test_bounds.py) do not count them as one host.
+        "http": {"listen": "127.0.0.1", "port": 0, "trusted": ["127.0.0.1"], **http},
         "admin": {"port": 0},
         "boot": {"stage1_dir": str(stage1)},
         "tftp": {"nbp_dir": str(nbp)},

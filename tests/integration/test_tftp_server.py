@@ -135,7 +135,7 @@ async def server(root: Path, tmp_path: Path) -> AsyncIterator[TftpServer]:
     nbp.mkdir()
     (nbp / "snponly.efi").write_bytes(b"nbp" * 1000)
     (nbp / "small").write_bytes(b"from the second root")
-    s = TftpServer(HOST, 0, [root, nbp], timeout=0.5, retries=2, registry=CollectorRegistry())
+    s = TftpServer(HOST, 0, [root, nbp], timeout=0.5, retries=2, metrics=CollectorRegistry())
     await s.start()
     try:
         yield s
@@ -269,7 +269,7 @@ async def test_request_repeated_after_progress_restarts_the_transfer(server: Tft
 async def test_300_concurrent_transfers_all_complete_with_shared_files(root: Path) -> None:
     files = {"ipxe.efi": (root / "ipxe.efi").read_bytes(), "undionly.kpxe": (root / "undionly.kpxe").read_bytes()}
     limit = 300  # exactly at the limit: nobody may be refused
-    server = TftpServer(HOST, 0, [root], max_sessions=limit, timeout=1.0, retries=5)
+    server = TftpServer(HOST, 0, [root], max_sessions=limit, max_sessions_per_source=limit, timeout=1.0, retries=5)
     await server.start()
     peak = {"active": 0, "files": 0}
     stop = asyncio.Event()
@@ -303,7 +303,7 @@ async def test_300_concurrent_transfers_all_complete_with_shared_files(root: Pat
 
 
 async def test_busy_refusal_above_the_limit_is_immediate(root: Path) -> None:
-    server = TftpServer(HOST, 0, [root], max_sessions=3, timeout=5.0, retries=1)
+    server = TftpServer(HOST, 0, [root], max_sessions=3, max_sessions_per_source=3, timeout=5.0, retries=1)
     await server.start()
     try:
         clients = [await Client(server.port).__aenter__() for _ in range(4)]
@@ -335,7 +335,7 @@ async def test_busy_refusal_above_the_limit_is_immediate(root: Path) -> None:
 
 async def test_metrics_are_exported(server: TftpServer, root: Path) -> None:
     registry = CollectorRegistry()
-    s = TftpServer(HOST, 0, [root], registry=registry)
+    s = TftpServer(HOST, 0, [root], metrics=registry)
     await s.start()
     try:
         async with Client(s.port) as c:

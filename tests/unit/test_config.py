@@ -62,6 +62,13 @@ def test_defaults_derive_paths_from_state_dir(tmp_path: Path) -> None:
         ('[store]\nurl = "postgresql://bootd:hunter2@db/bootd"\n', "store.url", "store.password_file"),
         ('[store]\nurl = "postgresql://db/bootd?password=hunter2"\n', "store.url", "holds a password"),
         ("[store]\npool_size = 0\n", "store.pool_size", "1 to 1000"),
+        ('[http]\ntrusted = ["10.0.0.0/33"]\n', "http.trusted", "10.0.0.0/33"),
+        ('[http]\ntrusted = "10.0.0.1"\n', "http.trusted", "a list of IP addresses or networks"),
+        ("[http]\nheader_timeout = 0\n", "http.header_timeout", "number from 0.1 to 3600"),
+        ("[http]\nmax_connections_per_source = 0\n", "http.max_connections_per_source", "integer from 1"),
+        ("[http]\nmax_header_bytes = 100\n", "http.max_header_bytes", "integer from 1024"),
+        ("[tftp]\nmax_client_timeout = 0.5\n", "tftp.max_client_timeout", "number from 1 to 255"),
+        ("[tftp]\nmax_sessions_per_source = 0\n", "tftp.max_sessions_per_source", "integer from 1"),
     ],
 )
 def test_errors_name_file_key_and_valid_values(tmp_path: Path, text: str, key: str, fragment: str) -> None:

@@ -31,7 +31,7 @@ from aiohttp import web
 from bootd.capsule.manifest import HEX64
 from bootd.config import Config
 from bootd.errors import CapsuleError
-from bootd.metrics import HttpMetrics, NodeStateGauge
+from bootd.metrics import HttpBoundsMetrics, HttpMetrics, NodeStateGauge
 from bootd.net.files import (
     OCTET,
     CorruptObject,
@@ -45,6 +45,7 @@ from bootd.net.files import (
     response_head,
 )
 from bootd.net.http.admin import ADMIN_ROUTES, elsewhere
+from bootd.net.http.bounds import BACKLOG, ConnectionBounds, descriptor_budget
 from bootd.net.http.chunkfast import ChunkFastPath, ChunkRequestHandler, ChunkSite
 from bootd.net.http.nodes import NodeRoutes
 from bootd.net.http.send import ROUTE_CHUNK, Sender, SentResponse, refuse
@@ -91,10 +92,15 @@ class HttpServer(NodeRoutes):
         self.metrics = HttpMetrics(services.metrics)
         self.node_gauge = NodeStateGauge(services.metrics)
         h = config.http
-        self.admission = AdmissionControl(h.max_bulk_streams, h.bulk_queue, h.retry_after)
+        self.bounds_metrics = HttpBoundsMetrics(services.metrics, lambda: self.bounds.limits.open)
+        self.bounds = ConnectionBounds(config, self.bounds_metrics)
+        self.admission = AdmissionControl(h.max_bulk_streams, h.bulk_queue, h.retry_after,
+                                          per_source=h.bulk_per_source, queue_per_source=h.bulk_queue_per_source,
+                                          trusted=self.bounds.trusted)
         self.metrics.bulk_gauges(services.metrics, lambda: self.admission.active, lambda: self.admission.queued)
         self.files = OpenFileCache()
-        self.sender = Sender(self.metrics, self.files)
+        self.sender = Sender(self.metrics, self.files, send_timeout=h.send_timeout, bounds=self.bounds_metrics,
+                             inline=fast_sendfile)
         self._runner: web.AppRunner | None = None
         self.fast_path: ChunkFastPath | None = None
         self._port = 0
@@ -112,18 +118,19 @@ class HttpServer(NodeRoutes):
 
     async def start(self) -> None:
         self.services.credentials.load()
+        h = self.config.http
+        self.bounds = ConnectionBounds(self.config, self.bounds_metrics, max_connections=descriptor_budget(self.config))
+        # aiohttp's parser bounds a request line and each header; max_header_bytes (bounds.py) the whole block.
         runner = web.AppRunner(
             self.app, access_log=None, handle_signals=False,
-            shutdown_timeout=self.config.server.graceful_timeout,
+            shutdown_timeout=self.config.server.graceful_timeout, keepalive_timeout=h.idle_timeout,
+            max_line_size=8190, max_field_size=8190, max_headers=100,
         )
         await runner.setup()
-        h = self.config.http
-        site: web.TCPSite
         if self.fast_sendfile:
             self.fast_path = ChunkFastPath(self.sender, self.capsules, self.admission)
-            site = ChunkSite(runner, h.listen, h.port, fast=self.fast_path, backlog=1024, reuse_address=True)
-        else:
-            site = web.TCPSite(runner, h.listen, h.port, backlog=1024, reuse_address=True)
+        site = ChunkSite(runner, h.listen, h.port, fast=self.fast_path, bounds=self.bounds, backlog=BACKLOG,
+                         reuse_address=True)
         try:
             await site.start()
         except BaseException:
@@ -235,25 +242,28 @@ class HttpServer(NodeRoutes):
                         headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
             if not bulk or count == 0:
                 return await self._send(request, route, entry, offset, count, status, headers)
+            protocol = request.protocol
+            source = protocol.source if isinstance(protocol, ChunkRequestHandler) else (request.remote or "")
             if request.method == "HEAD":
                 # HEAD takes no slot, but reports the 503 a GET would get now: the stage one's busybox
                 # wget hides an error reply's headers, so it asks with a HEAD to learn Retry-After.
-                if self.admission.would_reject():
+                if self.admission.would_reject(source):
                     return self._busy(Overloaded(self.admission.retry_delay(), self.admission.active,
                                                  self.admission.queued))
                 return await self._send(request, route, entry, offset, count, status, headers)
-            if not self.admission.try_acquire():
+            if not self.admission.try_acquire(source):
                 started = time.monotonic()
                 try:
-                    await self.admission.acquire()
+                    await self.admission.acquire(source)
                 except Overloaded as exc:
                     self.metrics.rejected.inc()
+                    self.bounds_metrics.bulk_refused.labels(reason=exc.reason).inc()
                     return self._busy(exc)
                 self.metrics.queue_wait.observe(time.monotonic() - started)
             try:
                 return await self._send(request, route, entry, offset, count, status, headers)
             finally:
-                self.admission.release()
+                self.admission.release(source)
         finally:
             self.files.release(entry)
 

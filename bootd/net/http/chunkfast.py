@@ -23,7 +23,6 @@ so on).  The answer here is the same bytes aiohttp's route would send.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 from typing import Any
 
@@ -32,7 +31,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from bootd.capsule.manifest import HEX64
 from bootd.net.files import OpenFile, chunk_headers
-from bootd.net.http.send import ROUTE_CHUNK, Sender, send_rest, send_start
+from bootd.net.http.bounds import ConnectionBounds, reply
+from bootd.net.http.send import ROUTE_CHUNK, Sender, SendWatch, send_start
 from bootd.service.admission import AdmissionControl
 from bootd.service.boot import CapsuleReader
 
@@ -51,7 +51,7 @@ _MAX_REQUEST = 4096
 AIOHTTP_PRIVATES: dict[str, tuple[str, ...]] = {
     "web_protocol.RequestHandler": (
         "_waiter", "_messages", "_current_request", "_payload_parser", "_upgraded", "_force_close", "_close",
-        "_next_keepalive_close_time", "_loop", "_keepalive_timeout",
+        "_next_keepalive_close_time", "_loop", "_keepalive_timeout", "_process_keepalive",
     ),
     "web_server.Server": ("_kwargs",),
     "web_runner.BaseRunner": ("_reg_site",),
@@ -108,17 +108,18 @@ class ChunkFastPath:
         transport = proto.transport
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
             return False
-        if not self._admission.try_acquire():
+        source = proto.source
+        if not self._admission.try_acquire(source):
             return False  # queue or refuse: aiohttp's route does that, fairly
         try:
             entry = self._sender.open(name, lambda: self._capsules.chunk_path(name), sha256=name)
         except Exception:
-            self._admission.release()
+            self._admission.release(source)
             return False
         size = entry.size
         if not size:
             self._sender.files.release(entry)
-            self._admission.release()
+            self._admission.release(source)
             return False
         try:
             sent = send_start(transport, proto.raw_socket, chunk_headers(name, size), entry.file, 0, size)
@@ -140,7 +141,7 @@ class ChunkFastPath:
                          sent: int) -> None:
         error: BaseException | None = None
         try:
-            await send_rest(transport, entry.file, sent, entry.size - sent)
+            await self._sender.send_rest(transport, proto.raw_socket, entry.file, sent, entry.size - sent)
         except (OSError, RuntimeError, asyncio.CancelledError) as exc:
             error = exc
         self._finish(proto, transport, entry, error)
@@ -150,7 +151,7 @@ class ChunkFastPath:
                 error: BaseException | None) -> None:
         sender = self._sender
         sender.files.release(entry)
-        self._admission.release()
+        self._admission.release(proto.source)
         if error is not None:
             sender.abort(transport, entry.key, error)
             return
@@ -167,58 +168,145 @@ class ChunkFastPath:
 
 
 class ChunkRequestHandler(RequestHandler):
-    """aiohttp's connection protocol with :class:`ChunkFastPath` in front of its parser.
+    """aiohttp's connection protocol with :class:`ChunkFastPath` in front of its parser, and the bounds.
 
     The fast path is used only while aiohttp is idle on the connection (waiting for the
     next request, nothing parsed or queued) and only while every byte aiohttp has been
     given ended on a request boundary; once a request with a body, or a partial one,
     reaches aiohttp, the connection stays with aiohttp for good, so the two never
-    interleave inside one request.
+    interleave inside one request.  ``fast=None`` (bench/http ``--plain``) keeps the
+    bounds and leaves every request to aiohttp.
+
+    The bounds (bounds.py): the connection is counted in or refused at once, each
+    request's headers must arrive in time and within a byte budget, and a malformed
+    request is counted by reason and logged at debug instead of as an ERROR traceback.
     """
 
-    def __init__(self, manager: Any, *, fast: ChunkFastPath, **kwargs: Any) -> None:
+    def __init__(self, manager: Any, *, fast: ChunkFastPath | None, bounds: ConnectionBounds,
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._fast = fast
-        self._fast_ok = True
+        self._fast_ok = fast is not None
         self.fast_busy = False
         self._fast_pending = b""
+        self._bounds = bounds
+        self._refused = False
+        self._header_bytes = 0
+        self._head_tail = b""  # the last bytes of an unfinished header block (its end may be split)
+        self._expect_head = True  # False from a request's end of headers until its response is finished
+        self._quiet_errors = False
+        self.source = ""
         self.raw_socket: socket.socket | None = None
+        self.send_watch: SendWatch | None = None  # set by send.send_rest while it waits on the socket
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self.source = str(peer[0]) if peer else ""
+        reason = self._bounds.admit(self.source)
+        if reason is not None:
+            self._refused = True
+            assert isinstance(transport, asyncio.Transport)
+            transport.write(reply(503, f"too many connections ({reason}); retry later", "Retry-After: 5\r\n"))
+            transport.close()
+            return
         super().connection_made(transport)
-        # asyncio hands out a TransportSocket without send(); a duplicate descriptor of the same
-        # socket gives send(..., MSG_MORE) and sendfile(2) without touching the transport's own.
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            self.raw_socket = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
-            self.raw_socket.setblocking(False)
+        # asyncio hands out a TransportSocket without send(); the socket object inside it is the
+        # transport's own (one descriptor per connection), used only while the transport's write
+        # buffer is empty, so the two never interleave bytes.
+        sock = getattr(transport.get_extra_info("socket"), "_sock", None)
+        self.raw_socket = sock if isinstance(sock, socket.socket) else None
+        self._bounds.headers_started(self, self._loop.time())
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self.raw_socket is not None:
-            self.raw_socket.close()
-            self.raw_socket = None
+        if self._refused:
+            return
+        if self.send_watch is not None:
+            self.send_watch.lost()  # before the socket closes: its writer callback must go first
+        self.raw_socket = None
+        self._bounds.release(self)
         super().connection_lost(exc)
+
+    def close_with(self, status: int, message: str) -> None:
+        """End the connection now, telling the client why if the socket takes it."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and not transport.get_write_buffer_size():
+            transport.write(reply(status, message))
+        self.force_close()
+        if transport is not None:
+            transport.close()
+
+    def _process_keepalive(self) -> None:
+        was_closing = self._force_close
+        super()._process_keepalive()
+        if self._force_close and not was_closing:
+            self._bounds.closed("idle-timeout", self.source)
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status == 400:
+            self._bounds.malformed(type(exc).__name__ if exc is not None else "unknown", self.source)
+            self._quiet_errors = True
+        try:
+            return super().handle_error(request, status, exc, message)
+        finally:
+            self._quiet_errors = False
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        if self._quiet_errors:
+            self.logger.debug(*args, **kw)
+        else:
+            super().log_exception(*args, **kw)
 
     def data_received(self, data: bytes) -> None:
         if self.fast_busy:
             self._fast_pending += data
+            if len(self._fast_pending) > self._bounds.max_header_bytes:
+                self._bounds.too_large(self)
             return
+        idle = self._current_request is None and not self._messages and self._payload_parser is None
         if (
-            self._fast_ok
+            idle
+            and self._fast_ok
             and self._waiter is not None
-            and not self._messages
-            and self._current_request is None
-            and self._payload_parser is None
             and not self._upgraded
             and not self._force_close
             and not self._close
+            and self._fast is not None
             and self._fast.try_serve(self, data)
         ):
+            if self._header_bytes:
+                self._header_bytes = 0
+            self._bounds.headers_done(self)
             return
         if self._fast_ok and not (data.endswith(_HEAD_END) and not any(
                 bad in data.lower() for bad in (b"content-length:", b"transfer-encoding:", b"upgrade:"))):
             self._fast_ok = False
+        head_done = False
+        idle = idle and self._expect_head  # a body still arriving after its headers is not a new request
+        if idle:
+            # Only the bytes up to the end of the header block count against max_header_bytes: a body
+            # that arrives with its headers is the body's business (client_max_size bounds it).
+            seen = self._head_tail + data
+            end = seen.find(_HEAD_END)
+            head_done = end >= 0
+            self._header_bytes += (end + len(_HEAD_END) - len(self._head_tail)) if head_done else len(data)
+            self._head_tail = b"" if head_done else seen[-(len(_HEAD_END) - 1):]
+            self._bounds.headers_started(self, self._loop.time())
         super().data_received(data)
+        if idle:
+            if head_done or self._messages or self._current_request is not None:
+                self._header_bytes = 0
+                self._head_tail = b""
+                self._expect_head = False
+                self._bounds.headers_done(self)
+            elif self._header_bytes > self._bounds.max_header_bytes:
+                self._bounds.too_large(self)
+
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        """A response through aiohttp is done: the next bytes begin a new request (its headers count)."""
+        self._expect_head = True
+        return await super().finish_response(request, resp, start_time)
 
     def fast_answered(self) -> None:
         """A response went out here: keep aiohttp's idle timer counting from now, as after its own."""
@@ -236,9 +324,10 @@ class ChunkSite(web.TCPSite):
     """aiohttp's TCPSite whose connections get :class:`ChunkRequestHandler` as their protocol."""
 
     def __init__(self, runner: web.BaseRunner, host: str | None, port: int | None, *,
-                 fast: ChunkFastPath, **kwargs: Any) -> None:
+                 fast: ChunkFastPath | None, bounds: ConnectionBounds, **kwargs: Any) -> None:
         super().__init__(runner, host, port, **kwargs)
         self._fast = fast
+        self._bounds = bounds
 
     async def start(self) -> None:
         self._runner._reg_site(self)  # what BaseSite.start does; TCPSite.start would pass aiohttp's factory
@@ -247,9 +336,10 @@ class ChunkSite(web.TCPSite):
         assert server is not None
         kwargs = server._kwargs
         fast = self._fast
+        bounds = self._bounds
 
         def factory() -> ChunkRequestHandler:
-            return ChunkRequestHandler(server, loop=loop, fast=fast, **kwargs)
+            return ChunkRequestHandler(server, loop=loop, fast=fast, bounds=bounds, **kwargs)
 
         self._server = await loop.create_server(
             factory, self._host, self._port, backlog=self._backlog, reuse_address=self._reuse_address,
@@ -257,7 +347,10 @@ class ChunkSite(web.TCPSite):
         )
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+        bounds.start()
 
     async def stop(self) -> None:
         await super().stop()
-        await self._fast.close()
+        await self._bounds.stop()
+        if self._fast is not None:
+            await self._fast.close()

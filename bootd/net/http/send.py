@@ -2,13 +2,16 @@
 
 One send path: the header block (bootd.net.files.response_head, a few string
 joins instead of aiohttp's CIMultiDict serialisation), then one sendfile(2)
-straight away, and ``loop.sendfile`` only for the part the socket could not
-take at once.  aiohttp's own prepare() + ``loop.sendfile`` always pauses
+straight away, and :func:`send_rest` (a sendfile loop with a no-progress
+deadline, ``http.send_timeout``) only for the part the socket could not take
+at once.  aiohttp's own prepare() + ``loop.sendfile`` always pauses
 reading, waits on a future for the write buffer to drain and re-arms the
 selector, even when the socket can take the whole chunk at once, which it
 usually can (bench/http: this halves the Python CPU per request).  The header
 block goes out with MSG_MORE so it leaves in the same segment as the body (what
-nginx's ``tcp_nopush`` does with two more system calls).
+nginx's ``tcp_nopush`` does with two more system calls); it is sent on the
+transport's own socket object, not a dup() of it, so a connection costs one
+descriptor.
 
 One abort path: the headers promised the whole body, so a body cut short must
 end the connection; a client that hangs up mid-transfer is routine (a node
@@ -23,14 +26,16 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from aiohttp import web
 
-from bootd.metrics import HttpMetrics
+from bootd.metrics import HttpBoundsMetrics, HttpMetrics
 from bootd.net.files import OpenFile, OpenFileCache
+from bootd.ratelog import LogLimiter
 
 log = logging.getLogger("bootd.http")
 
@@ -80,7 +85,7 @@ def send_start(transport: asyncio.Transport, sock: socket.socket | None, head: b
                offset: int, count: int) -> int:
     """The header block, then as much of the body as the socket takes now; returns the body bytes sent.
 
-    ``sock`` is a plain socket on the transport's descriptor (asyncio's TransportSocket has no
+    ``sock`` is the transport's own socket object (asyncio's TransportSocket wrapper has no
     send()); without one the headers go through the transport and the body is all left to
     :func:`send_rest`.  While the transport still holds bytes of an earlier answer, the headers
     queue behind them (a direct send would overtake them).  Raises OSError when the connection
@@ -102,9 +107,138 @@ def send_start(transport: asyncio.Transport, sock: socket.socket | None, head: b
     return sendfile_now(transport, sock.fileno(), file, offset, count) if count else 0
 
 
-async def send_rest(transport: asyncio.Transport, file: IO[bytes], offset: int, count: int) -> None:
-    """What :func:`send_start` could not send at once; reading pauses until it is out."""
-    await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+class SendStalled(TimeoutError):
+    """The client took no bytes for ``send_timeout`` seconds: the send is cut and its slot freed."""
+
+
+class SendWatch:
+    """One in-flight sendfile loop, driven from the writer callback like asyncio's own, with a deadline.
+
+    sendfile(2) runs in the writability callback itself (no task hop per EAGAIN), ``last``
+    records the last write that moved bytes, and one timer checks it: nginx's
+    ``send_timeout``.  The callback is registered on the socket's descriptor for the whole
+    send; it must go while that descriptor is still this socket's (a closed descriptor's
+    number is soon another connection's), so ``connection_lost`` calls :meth:`lost` before
+    the socket closes.
+    """
+
+    __slots__ = ("armed", "count", "fd", "fut", "last", "loop", "offset", "src", "timeout", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, src: int, offset: int, count: int,
+                 timeout: float) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.src = src
+        self.offset = offset
+        self.count = count
+        self.timeout = timeout
+        self.fut: asyncio.Future[None] = loop.create_future()
+        self.last = loop.time()
+        self.armed = True
+        loop._add_writer(fd, self.on_writable)  # type: ignore[attr-defined]
+        self.timer: asyncio.TimerHandle | None = loop.call_at(self.last + timeout, self.on_timer)
+
+    def on_writable(self) -> None:
+        try:
+            n = os.sendfile(self.fd, self.src, self.offset, self.count)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.finish(exc)
+            return
+        if n == 0:
+            self.finish(RuntimeError(f"the file ended {self.count} bytes early (truncated on disk?)"))
+            return
+        self.offset += n
+        self.count -= n
+        if self.count <= 0:
+            self.finish(None)
+        else:
+            self.last = self.loop.time()
+
+    def on_timer(self) -> None:
+        self.timer = None
+        if not self.armed:
+            return
+        due = self.last + self.timeout
+        if self.loop.time() >= due:
+            self.finish(SendStalled(f"the client read nothing for {self.timeout:g} s"))
+        else:
+            self.timer = self.loop.call_at(due, self.on_timer)
+
+    def finish(self, error: BaseException | None) -> None:
+        if self.armed:
+            self.armed = False
+            self.loop._remove_writer(self.fd)  # type: ignore[attr-defined]
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.fut.done():
+            if error is None:
+                self.fut.set_result(None)
+            else:
+                self.fut.set_exception(error)
+
+    def lost(self) -> None:
+        self.finish(ConnectionResetError("the connection closed during the send"))
+
+
+async def send_rest(transport: asyncio.Transport, sock: socket.socket | None, file: IO[bytes], offset: int,
+                    count: int, timeout: float) -> None:
+    """What :func:`send_start` could not send at once, aborted when no byte leaves for ``timeout`` s.
+
+    nginx's ``send_timeout``: the timer runs between two successful writes, so a slow but
+    live client is served and one that never reads loses its slot.  asyncio's
+    ``loop.sendfile`` has no such timer and cannot be watched from outside, so this is its
+    loop with one (:class:`SendWatch`): reading pauses, the transport's buffer (headers that
+    did not fit) drains first, then sendfile(2) runs from the writability callback.
+    """
+    loop = asyncio.get_running_loop()
+    protocol = transport.get_protocol()
+    if sock is None or not hasattr(loop, "_add_writer") or not hasattr(protocol, "send_watch"):
+        # Not a selector loop (or no socket): asyncio's sendfile, the whole send bounded instead.
+        await asyncio.wait_for(loop.sendfile(transport, file, offset, count), timeout + count / 65536)
+        return
+    resume = transport.is_reading()
+    transport.pause_reading()
+    try:
+        if transport.get_write_buffer_size():
+            await _drained(transport, timeout)
+        if transport.is_closing():
+            raise ConnectionResetError("the connection closed during the send")
+        watch = SendWatch(loop, sock.fileno(), file.fileno(), offset, count, timeout)
+        watch.on_writable()  # the client may have read since send_start: try at once, as asyncio does
+        protocol.send_watch = watch
+        try:
+            await watch.fut
+        finally:
+            watch.finish(None)  # cancelled: the callback and timer must not outlive the send
+            protocol.send_watch = None
+    finally:
+        if resume and not transport.is_closing():
+            transport.resume_reading()
+
+
+async def _drained(transport: asyncio.Transport, timeout: float) -> None:
+    """Wait until the transport has written everything it holds, with the same no-progress deadline."""
+    make = getattr(transport, "_make_empty_waiter", None)
+    reset = getattr(transport, "_reset_empty_waiter", None)
+    if make is not None and reset is not None:
+        try:
+            await asyncio.wait_for(make(), timeout)
+        except TimeoutError:
+            raise SendStalled(f"the client read nothing for {timeout:g} s") from None
+        finally:
+            reset()
+        return
+    left, last = transport.get_write_buffer_size(), time.monotonic()
+    while left:
+        await asyncio.sleep(0.01)
+        now_left = transport.get_write_buffer_size()
+        if now_left < left:
+            left, last = now_left, time.monotonic()
+        elif time.monotonic() - last > timeout:
+            raise SendStalled(f"the client read nothing for {timeout:g} s")
 
 
 class Sender:
@@ -114,9 +248,14 @@ class Sender:
     takes a lock and builds a tuple on every call, which shows on the hot path.
     """
 
-    def __init__(self, metrics: HttpMetrics, files: OpenFileCache) -> None:
+    def __init__(self, metrics: HttpMetrics, files: OpenFileCache, *, send_timeout: float = 30.0,
+                 bounds: HttpBoundsMetrics | None = None, inline: bool = True) -> None:
         self.metrics = metrics
         self.files = files
+        self.send_timeout = send_timeout
+        self.bounds = bounds
+        self.inline = inline  # False (bench --plain): headers through the transport, no sendfile at once
+        self._stall_log = LogLimiter(1.0)
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._bytes: dict[str, Any] = {}
 
@@ -134,14 +273,26 @@ class Sender:
         """The whole response: :func:`send_start`, then :func:`send_rest`; raises OSError/RuntimeError if cut."""
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away before the response was sent")
-        sent = send_start(transport, sock, head, entry.file, offset, count)
+        sent = send_start(transport, sock if self.inline else None, head, entry.file, offset, count)
         if sent < count:
-            await send_rest(transport, entry.file, offset + sent, count - sent)
+            await self.send_rest(transport, sock, entry.file, offset + sent, count - sent)
+
+    async def send_rest(self, transport: asyncio.Transport, sock: socket.socket | None, file: IO[bytes],
+                        offset: int, count: int) -> None:
+        await send_rest(transport, sock, file, offset, count, self.send_timeout)
 
     def abort(self, transport: asyncio.BaseTransport | None, key: str, exc: BaseException) -> None:
         """Headers promised the whole body: a short one must end the connection."""
-        log.debug("event=send-aborted object=%s reason=%r", key, str(exc))
         self.metrics.aborted.inc()
+        if isinstance(exc, SendStalled):
+            if self.bounds is not None:
+                self.bounds.closed.labels(reason="send-timeout").inc()
+            held = self._stall_log.allow()
+            if held is not None:
+                log.warning("event=http-connection-closed reason=send-timeout object=%s error=%r held_back=%d",
+                            key, str(exc), held)
+        else:
+            log.debug("event=send-aborted object=%s reason=%r", key, str(exc))
         if transport is not None:
             transport.close()
 

@@ -226,6 +226,7 @@ def negotiate(
     max_blksize: int = MAX_BLKSIZE,
     max_windowsize: int = 64,
     max_window_bytes: int = 0,
+    max_timeout: float = MAX_TIMEOUT,
 ) -> Negotiated:
     """Choose transfer parameters from the client's options (RFC 2347-2349, 7440).
 
@@ -238,6 +239,11 @@ def negotiate(
     ``max_window_bytes`` (0: no limit) caps windowsize * blksize: a window is sent
     as one burst, and a burst larger than the client's socket buffer loses its
     tail, which only a timeout recovers (RFC 7440 lets the server answer smaller).
+
+    A ``timeout`` above ``max_timeout`` is refused (left out of the OACK, so the server's own
+    timeout applies): RFC 2349 says the acknowledged value must be the client's, so it cannot
+    be lowered, and a client asking for 255 s would otherwise hold its session for 255 s per
+    retry, a cheap way to fill every session slot.
     """
     blksize, windowsize, timeout = DEFAULT_BLKSIZE, 1, default_timeout
     oack: dict[str, str] = {}
@@ -256,7 +262,7 @@ def negotiate(
             if size is not None:
                 oack[name] = str(size)
         elif name == "timeout":
-            if MIN_TIMEOUT <= value <= MAX_TIMEOUT:
+            if MIN_TIMEOUT <= value <= min(MAX_TIMEOUT, max_timeout):
                 timeout = float(value)
                 oack[name] = str(value)
         elif name == "windowsize" and value >= 1:

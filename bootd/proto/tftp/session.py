@@ -21,6 +21,7 @@ Retransmission policy, and why:
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass
 from typing import Protocol
@@ -92,6 +93,8 @@ class SessionLimits:
     max_blksize: int = MAX_BLKSIZE
     max_windowsize: int = 64
     max_window_bytes: int = 65536  # cap on windowsize * blksize, 0: none (see negotiate())
+    max_client_timeout: float = 255.0  # a client's timeout option above this is refused (see negotiate())
+    max_lifetime: float = 0.0  # a transfer still running after this many seconds fails; 0: no limit
 
 
 class _SourceChanged(Exception):
@@ -210,6 +213,7 @@ class ReadSession:
             max_blksize=limits.max_blksize,
             max_windowsize=limits.max_windowsize,
             max_window_bytes=limits.max_window_bytes,
+            max_timeout=limits.max_client_timeout,
         )
         self.blksize = nego.blksize
         self.windowsize = nego.windowsize
@@ -246,6 +250,9 @@ class ReadSession:
         self._pending: list[bytes] = []
         self._want_window = self.state is State.SENDING
         self._deadline: float | None = now + self.timeout
+        # Whatever the client does (ACK once every timeout - 1 s, forever), the session ends by then.
+        self._expires = now + limits.max_lifetime if limits.max_lifetime > 0 else math.inf
+        self._lifetime = limits.max_lifetime
         if nego.oack:
             self._oack_packet = encode_oack(nego.oack)
             self._pending.append(self._oack_packet)
@@ -258,7 +265,7 @@ class ReadSession:
 
     # ------------------------------------------------------------------ input
     def receive_datagram(self, data: bytes, now: float) -> None:
-        if self.finished:
+        if self.finished or (now >= self._expires and self._expired(now)):
             return
         if len(data) >= 4 and data[1] == 4 and data[0] == 0:  # ACK: the hot path, skip the codec
             self._on_ack((data[2] << 8) | data[3], now)
@@ -336,10 +343,22 @@ class ReadSession:
 
     # ------------------------------------------------------------------ timer
     def get_timer(self) -> float | None:
-        return self._deadline
+        deadline = self._deadline
+        if deadline is None or deadline < self._expires:
+            return deadline
+        return self._expires
+
+    def _expired(self, now: float) -> bool:
+        if now < self._expires:
+            return False
+        self._fail(f"transfer took longer than the server allows ({self._lifetime:g} s)", "lifetime",
+                   ErrorCode.NOT_DEFINED, now)
+        return True
 
     def handle_timer(self, now: float) -> None:
-        if self._deadline is None or now < self._deadline or self.finished:
+        if self.finished or self._expired(now):
+            return
+        if self._deadline is None or now < self._deadline:
             return
         if self._tries >= self._retries:
             waiting = "ACK of the OACK" if self.state is State.NEGOTIATING else f"ACK of block {self._base}"

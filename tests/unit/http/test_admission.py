@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bootd.service.admission import AdmissionControl, Overloaded
+from bootd.service.admission import AdmissionControl, ConnectionLimits, Overloaded, TrustedNetworks
 
 
 async def test_fifo_order_and_no_barging() -> None:
@@ -98,3 +98,60 @@ async def test_release_without_acquire_is_a_bug() -> None:
     async with adm.slot():
         assert adm.active == 1
     assert adm.active == 0
+
+
+async def test_one_source_holds_at_most_per_source_slots_and_queue_places() -> None:
+    adm = AdmissionControl(limit=10, queue=100, retry_after=2.0, per_source=2, queue_per_source=1)
+    assert adm.try_acquire("a") and adm.try_acquire("a")
+    assert not adm.try_acquire("a")  # slots are free, but not for "a"
+    assert adm.try_acquire("b")
+    waiting = asyncio.create_task(adm.acquire("a"))
+    await asyncio.sleep(0)
+    assert adm.queued == 1
+    with pytest.raises(Overloaded) as refused:
+        await adm.acquire("a")
+    assert refused.value.reason == "per-source" and "for a" in str(refused.value)
+    adm.release("a")  # "a"'s own release lets its waiter in
+    await waiting
+    assert adm.active_from("a") == 2 and adm.active == 3
+
+
+async def test_freed_slots_go_round_robin_across_sources() -> None:
+    adm = AdmissionControl(limit=1, queue=100, retry_after=2.0, per_source=1, queue_per_source=100)
+    assert adm.try_acquire("a")
+    order: list[str] = []
+
+    async def worker(src: str) -> None:
+        await adm.acquire(src)
+        order.append(src)
+        await asyncio.sleep(0)
+        adm.release(src)
+
+    tasks = [asyncio.create_task(worker(s)) for s in ("a", "a", "a", "b", "c")]
+    await asyncio.sleep(0.01)
+    adm.release("a")
+    await asyncio.gather(*tasks)
+    # "a" queued three first, yet "b" and "c" are not served after all of them.
+    assert order == ["a", "b", "c", "a", "a"]
+    assert adm.active == 0 and adm.queued == 0
+
+
+async def test_trusted_sources_skip_the_per_source_caps_not_the_total() -> None:
+    trusted = TrustedNetworks(("10.1.0.0/16",))
+    adm = AdmissionControl(limit=3, queue=0, retry_after=2.0, per_source=1, queue_per_source=0, trusted=trusted)
+    assert adm.try_acquire("10.1.2.3") and adm.try_acquire("10.1.2.3") and adm.try_acquire("10.1.2.3")
+    assert not adm.try_acquire("10.1.2.3")
+    with pytest.raises(Overloaded) as refused:
+        await adm.acquire("10.1.2.3")
+    assert refused.value.reason == "total"
+    assert trusted("10.1.255.1") and not trusted("10.2.0.1") and not trusted("not an address")
+
+
+def test_connection_limits_per_source_total_and_trusted() -> None:
+    limits = ConnectionLimits(total=3, per_source=1, trusted=TrustedNetworks(("192.0.2.7",)))
+    assert limits.admit("a") is None
+    assert limits.admit("a") == "max-connections-per-source"
+    assert limits.admit("192.0.2.7") is None and limits.admit("192.0.2.7") is None
+    assert limits.admit("b") == "max-connections"
+    limits.release("a")
+    assert limits.admit("b") is None and limits.open == 3

@@ -8,6 +8,7 @@ would land in the subclass's __dict__ and silently do nothing.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import aiohttp
 from aiohttp import web
@@ -53,3 +54,22 @@ async def test_every_private_aiohttp_attribute_the_fast_path_uses_exists() -> No
 
 def test_a_missing_attribute_is_named() -> None:
     assert _missing(web.StreamResponse(), ("_keep_alive", "_no_such_attribute")) == ["_no_such_attribute"]
+
+
+async def test_the_asyncio_privates_the_send_path_uses_exist() -> None:
+    """send.py waits on the socket itself (send_timeout) and sends on the transport's own socket
+    (one descriptor per connection); without these it falls back to slower, coarser paths."""
+    loop = asyncio.get_running_loop()
+    assert hasattr(loop, "_add_writer") and hasattr(loop, "_remove_writer")
+    server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        try:
+            assert hasattr(transport, "_make_empty_waiter") and hasattr(transport, "_reset_empty_waiter")
+            assert isinstance(getattr(transport.get_extra_info("socket"), "_sock", None), socket.socket)
+        finally:
+            transport.close()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -396,3 +396,26 @@ def test_a_file_that_shrinks_during_the_transfer_fails_cleanly() -> None:
     assert s.state is State.FAILED and s.reason == "file_changed"
     assert rx.error is not None and "changed" in rx.error.message
     assert len(rx.data) == 65536  # everything before the change arrived intact
+
+
+def test_a_client_timeout_above_the_servers_limit_is_refused_not_acknowledged() -> None:
+    s = session(blob(10_000), {"timeout": "255", "blksize": "1024"}, max_client_timeout=5.0, timeout=1.0)
+    assert s.oack == {"blksize": "1024"} and s.timeout == 1.0
+    s = session(blob(10_000), {"timeout": "3"}, max_client_timeout=5.0, timeout=1.0)
+    assert s.oack == {"timeout": "3"} and s.timeout == 3.0
+
+
+def test_a_transfer_ends_at_its_lifetime_even_if_the_client_keeps_acking() -> None:
+    s = session(blob(10 * 512), {}, timeout=5.0, max_lifetime=10.0)
+    s.datagrams_to_send(0.0)
+    now = 0.0
+    for block in range(1, 3):  # one ACK every 4.9 s: never a timeout, always progress
+        now += 4.9
+        s.receive_datagram(encode_ack(block), now)
+        s.datagrams_to_send(now)
+    assert not s.finished
+    assert s.get_timer() == 10.0  # the lifetime, before the retransmission deadline
+    s.handle_timer(10.0)
+    assert s.finished and s.state is State.FAILED and s.reason == "lifetime"
+    out = s.datagrams_to_send(10.0)
+    assert parse_packet(out[-1]) == ErrorPacket(0, "transfer took longer than the server allows (10 s)")
