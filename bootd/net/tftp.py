@@ -66,7 +66,7 @@ from bootd.proto.tftp.packet import (
     encode_error,
     parse_packet,
 )
-from bootd.proto.tftp.session import ReadSession, SessionLimits, State
+from bootd.proto.tftp.session import ReadSession, SessionLimits, SessionState
 from bootd.ratelog import LogLimiter
 
 __all__ = ["TftpServer"]
@@ -675,7 +675,7 @@ class TftpServer:
         m.bytes.inc(s.bytes_sent)
         m.retransmits.inc(s.retransmits)
         who = f"{t.peer[0]}:{t.peer[1]}"
-        if not reason and s.state is State.COMPLETE:
+        if not reason and s.state is SessionState.COMPLETE:
             m.completed.labels("complete").inc()
             log.info(
                 "event=tftp_sent peer=%s file=%r bytes=%d seconds=%.3f mb_per_s=%.1f blksize=%d windowsize=%d "
@@ -689,7 +689,7 @@ class TftpServer:
                 s.windowsize,
                 s.retransmits,
             )
-        elif not reason and s.state is State.SIZE_PROBE:
+        elif not reason and s.state is SessionState.SIZE_PROBE:
             m.completed.labels("size_probe").inc()
             log.info("event=tftp_size_probe peer=%s file=%r detail=%r", who, s.filename, s.message)
         else:

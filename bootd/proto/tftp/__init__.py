@@ -4,7 +4,7 @@ Read-only by design: a boot server has no business accepting uploads.
 """
 
 from bootd.proto.tftp.packet import ErrorCode, Opcode, Request, parse_packet
-from bootd.proto.tftp.session import FileSource, MemorySource, ReadSession, SessionLimits, State
+from bootd.proto.tftp.session import FileSource, MemorySource, ReadSession, SessionLimits, SessionState
 
 __all__ = [
     "ErrorCode",
@@ -14,6 +14,6 @@ __all__ = [
     "ReadSession",
     "Request",
     "SessionLimits",
-    "State",
+    "SessionState",
     "parse_packet",
 ]

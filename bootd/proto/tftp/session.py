@@ -43,7 +43,7 @@ from bootd.proto.tftp.packet import (
     parse_packet,
 )
 
-__all__ = ["FileSource", "MemorySource", "ReadSession", "SessionLimits", "State"]
+__all__ = ["FileSource", "MemorySource", "ReadSession", "SessionLimits", "SessionState"]
 
 _pack_hdr = struct.Struct("!HH").pack
 
@@ -73,7 +73,7 @@ class MemorySource:
         return self._data[offset : offset + n]
 
 
-class State(enum.Enum):
+class SessionState(enum.Enum):
     NEGOTIATING = "negotiating"  # OACK sent, waiting for ACK 0
     SENDING = "sending"
     COMPLETE = "complete"
@@ -81,7 +81,7 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
-_NEGOTIATING = State.NEGOTIATING  # module constants: enum attribute access is slow on the hot path
+_NEGOTIATING = SessionState.NEGOTIATING  # module constants: enum attribute access is slow on the hot path
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +226,7 @@ class ReadSession:
             _NetasciiBlocks(source, self.blksize) if netascii else _OctetBlocks(source, self.blksize)
         )
 
-        self.state = State.NEGOTIATING if nego.oack else State.SENDING
+        self.state = SessionState.NEGOTIATING if nego.oack else SessionState.SENDING
         #: True once the transfer is over (complete, size probe or failed); a plain attribute
         #: rather than a property because the transport reads it for every datagram.
         self.finished = False
@@ -248,7 +248,7 @@ class ReadSession:
         self._highest_sent = 0
         self._tries = 0
         self._pending: list[bytes] = []
-        self._want_window = self.state is State.SENDING
+        self._want_window = self.state is SessionState.SENDING
         self._deadline: float | None = now + self.timeout
         # Whatever the client does (ACK once every timeout - 1 s, forever), the session ends by then.
         self._expires = now + limits.max_lifetime if limits.max_lifetime > 0 else math.inf
@@ -261,7 +261,7 @@ class ReadSession:
     @property
     def ok(self) -> bool:
         """True when the transfer ended the way the client wanted (complete or size probe)."""
-        return self.state is State.COMPLETE or self.state is State.SIZE_PROBE
+        return self.state is SessionState.COMPLETE or self.state is SessionState.SIZE_PROBE
 
     # ------------------------------------------------------------------ input
     def receive_datagram(self, data: bytes, now: float) -> None:
@@ -292,7 +292,7 @@ class ReadSession:
         self.acks_received += 1
         if self.state is _NEGOTIATING:
             if block == 0:
-                self.state = State.SENDING
+                self.state = SessionState.SENDING
                 self._tries = 0
                 self._want_window = True
             else:
@@ -314,7 +314,7 @@ class ReadSession:
             self._blocks.release_below(self._base)
         last = self._blocks.last
         if last is not None and idx >= last:
-            self.state = State.COMPLETE
+            self.state = SessionState.COMPLETE
             self.finished = True
             self.message = f"sent {self.bytes_sent} bytes"
             self.finished_at = now
@@ -324,17 +324,17 @@ class ReadSession:
             self._want_window = True
 
     def _on_error(self, pkt: ErrorPacket, now: float) -> None:
-        negotiating = self.state is State.NEGOTIATING
+        negotiating = self.state is SessionState.NEGOTIATING
         self._want_window = False
         self._deadline = None
         self.finished_at = now
         self.finished = True
         if negotiating and pkt.code == ErrorCode.OPTION_REFUSED and "tsize" in self.oack:
-            self.state = State.SIZE_PROBE
+            self.state = SessionState.SIZE_PROBE
             self.reason = "size_probe"
             self.message = f"client read the size ({self.file_size} bytes) and ended: {pkt.message!r}"
             return
-        self.state = State.FAILED
+        self.state = SessionState.FAILED
         if negotiating and pkt.code == ErrorCode.OPTION_REFUSED:
             self.reason = "options_refused"
         else:
@@ -361,7 +361,7 @@ class ReadSession:
         if self._deadline is None or now < self._deadline:
             return
         if self._tries >= self._retries:
-            waiting = "ACK of the OACK" if self.state is State.NEGOTIATING else f"ACK of block {self._base}"
+            waiting = "ACK of the OACK" if self.state is SessionState.NEGOTIATING else f"ACK of block {self._base}"
             self._fail(
                 f"timed out: no {waiting} after {self._retries} retransmissions",
                 "timeout",
@@ -371,7 +371,7 @@ class ReadSession:
             return
         self._tries += 1
         self.timeouts += 1
-        if self.state is State.NEGOTIATING:
+        if self.state is SessionState.NEGOTIATING:
             self._pending.append(self._oack_packet)
             self.retransmits += 1
         else:
@@ -416,7 +416,7 @@ class ReadSession:
 
     def _fail(self, message: str, reason: str, code: int, now: float) -> None:
         """End the transfer and tell the client why (every refusal says why)."""
-        self.state = State.FAILED
+        self.state = SessionState.FAILED
         self.finished = True
         self.reason = reason
         self.message = message

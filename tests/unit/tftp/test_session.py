@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from bootd.errors import LocalProtocolError, RemoteProtocolError
 from bootd.proto.tftp.packet import ErrorPacket, OAck, Opcode, Request, encode_ack, encode_error, parse_packet
-from bootd.proto.tftp.session import MemorySource, ReadSession, SessionLimits, State
+from bootd.proto.tftp.session import MemorySource, ReadSession, SessionLimits, SessionState
 
 from .helpers import Receiver, drive
 
@@ -45,7 +45,7 @@ def test_file_sizes_arrive_intact_with_no_retransmission(blksize: int, windowsiz
     s = session(data, opts)
     rx = Receiver()
     trace = drive(s, rx)
-    assert s.state is State.COMPLETE and s.ok and s.finished
+    assert s.state is SessionState.COMPLETE and s.ok and s.finished
     assert hashlib.sha256(rx.data).digest() == hashlib.sha256(data).digest()
     nblocks = size // blksize + 1  # a multiple of blksize ends with an empty block
     assert trace.data_blocks() == list(range(1, nblocks + 1))
@@ -58,7 +58,7 @@ def test_without_options_there_is_no_oack_and_data_starts_at_block_1() -> None:
     s = session(b"hello")
     out = s.datagrams_to_send(0.0)
     assert out == [b"\x00\x03\x00\x01hello"]
-    assert s.state is State.SENDING
+    assert s.state is SessionState.SENDING
     s.receive_datagram(encode_ack(1), 0.1)
     assert s.finished and s.ok and s.datagrams_to_send(0.1) == []
 
@@ -76,7 +76,7 @@ def test_oack_carries_negotiated_values_and_ack_0_starts_the_data() -> None:
     assert len(out) == 1
     pkt = parse_packet(out[0])
     assert pkt == OAck({"tsize": "5000", "blksize": "2048", "timeout": "3", "windowsize": "8"})
-    assert s.state is State.NEGOTIATING
+    assert s.state is SessionState.NEGOTIATING
     assert s.get_timer() == 13.0  # the client's timeout option is honoured
     s.receive_datagram(encode_ack(0), 10.5)
     window = s.datagrams_to_send(10.5)
@@ -112,7 +112,7 @@ def test_more_than_65535_blocks_wrap_to_zero(windowsize: int) -> None:
     s = session(data, {"blksize": "8", "windowsize": str(windowsize)})
     rx = Receiver()
     trace = drive(s, rx)
-    assert s.state is State.COMPLETE
+    assert s.state is SessionState.COMPLETE
     assert bytes(rx.data) == data
     blocks = trace.data_blocks()
     assert len(blocks) == 70_001 and s.retransmits == 0
@@ -134,7 +134,7 @@ def test_wrap_around_survives_loss_at_the_wrap() -> None:
         return False
 
     drive(s, rx, drop_data=drop)
-    assert bytes(rx.data) == data and s.state is State.COMPLETE and s.retransmits > 0
+    assert bytes(rx.data) == data and s.state is SessionState.COMPLETE and s.retransmits > 0
 
 
 # ---------------------------------------------------------------- netascii
@@ -174,7 +174,7 @@ def test_lost_data_is_retransmitted_on_timeout(windowsize: int) -> None:
     s = session(data, {"windowsize": str(windowsize)})
     rx = Receiver()
     trace = drive(s, rx, drop_data=lambda _dg, n: n % 7 == 0)
-    assert bytes(rx.data) == data and s.state is State.COMPLETE
+    assert bytes(rx.data) == data and s.state is SessionState.COMPLETE
     assert s.retransmits > 0 and s.bytes_sent == len(data)
     assert trace.timeouts > 0
 
@@ -191,7 +191,7 @@ def test_lost_acks_are_recovered_by_the_timer() -> None:
         return n % 5 == 0
 
     drive(s, rx, drop_ack=drop)
-    assert bytes(rx.data) == data and s.state is State.COMPLETE
+    assert bytes(rx.data) == data and s.state is SessionState.COMPLETE
     assert dropped >= 10 and s.timeouts == dropped  # exactly one retransmission per lost ACK
     assert s.retransmits == dropped
 
@@ -263,7 +263,7 @@ def test_ack_for_a_block_never_sent_is_ignored() -> None:
     s = session(blob(10 * 512))
     s.datagrams_to_send(0.0)
     s.receive_datagram(encode_ack(9), 0.0)
-    assert s.datagrams_to_send(0.0) == [] and s.stale_acks == 1 and s.state is State.SENDING
+    assert s.datagrams_to_send(0.0) == [] and s.stale_acks == 1 and s.state is SessionState.SENDING
 
 
 @settings(max_examples=60, deadline=None)
@@ -282,10 +282,10 @@ def test_random_loss_always_delivers_the_exact_file_or_times_out(
     s = session(data, {"blksize": str(blksize), "windowsize": str(windowsize)}, retries=50)
     rx = Receiver()
     drive(s, rx, drop_data=lambda _d, _n: rnd.random() < loss, drop_ack=lambda _a, _n: rnd.random() < loss)
-    if s.state is State.COMPLETE:
+    if s.state is SessionState.COMPLETE:
         assert bytes(rx.data) == data
     else:
-        assert s.state is State.FAILED and s.reason == "timeout"
+        assert s.state is SessionState.FAILED and s.reason == "timeout"
     # no storm: at most one window per event (first send, timeout or partial ACK)
     assert s.retransmits <= (s.timeouts + s.acks_received + 1) * windowsize
 
@@ -308,7 +308,7 @@ def test_silent_client_gets_retries_then_an_error() -> None:
     now = s.get_timer() or 0.0
     s.handle_timer(now)
     out = s.datagrams_to_send(now)
-    assert s.state is State.FAILED and s.reason == "timeout" and not s.ok
+    assert s.state is SessionState.FAILED and s.reason == "timeout" and not s.ok
     err = parse_packet(out[0])
     assert isinstance(err, ErrorPacket) and err.code == 0 and "block 1" in err.message and "3" in err.message
     assert s.get_timer() is None and s.retransmits == 3 and s.timeouts == 3
@@ -330,7 +330,7 @@ def test_progress_resets_the_retry_budget() -> None:
     rx = Receiver()
     # every block needs exactly one retransmission; with a per-block budget of 1 that still completes
     trace = drive(s, rx, drop_data=lambda _d, n: n % 2 == 1)
-    assert s.state is State.COMPLETE and bytes(rx.data) == data and trace.timeouts == 21
+    assert s.state is SessionState.COMPLETE and bytes(rx.data) == data and trace.timeouts == 21
 
 
 # ---------------------------------------------------------------- errors from the client
@@ -341,7 +341,7 @@ def test_error_8_after_a_tsize_oack_is_a_normal_size_probe() -> None:
     s = session(blob(1234), {"tsize": "0", "blksize": "1468"})
     s.datagrams_to_send(0.0)
     s.receive_datagram(encode_error(8, "User aborted"), 0.1)
-    assert s.state is State.SIZE_PROBE and s.ok and s.finished and s.reason == "size_probe"
+    assert s.state is SessionState.SIZE_PROBE and s.ok and s.finished and s.reason == "size_probe"
     assert "1234" in s.message
     assert s.datagrams_to_send(0.1) == [] and s.get_timer() is None
 
@@ -350,7 +350,7 @@ def test_error_8_without_tsize_means_the_client_refused_our_options() -> None:
     s = session(blob(10), {"blksize": "1468"})
     s.datagrams_to_send(0.0)
     s.receive_datagram(encode_error(8, "bad blksize"), 0.1)
-    assert s.state is State.FAILED and s.reason == "options_refused" and "bad blksize" in s.message
+    assert s.state is SessionState.FAILED and s.reason == "options_refused" and "bad blksize" in s.message
 
 
 def test_client_error_mid_transfer_ends_it_without_a_reply() -> None:
@@ -358,7 +358,7 @@ def test_client_error_mid_transfer_ends_it_without_a_reply() -> None:
     s.datagrams_to_send(0.0)
     s.receive_datagram(encode_ack(1), 0.0)
     s.receive_datagram(encode_error(0, "disk full"), 0.0)
-    assert s.state is State.FAILED and s.reason == "client_error"
+    assert s.state is SessionState.FAILED and s.reason == "client_error"
     assert s.datagrams_to_send(0.0) == []  # never answer an ERROR
     s.receive_datagram(encode_ack(2), 0.0)  # nothing after the end
     assert s.datagrams_to_send(0.0) == []
@@ -378,7 +378,7 @@ def test_unexpected_packets_end_the_transfer_with_error_4(dg: bytes, reason: str
     s.receive_datagram(dg, 0.0)
     err = parse_packet(s.datagrams_to_send(0.0)[0])
     assert isinstance(err, ErrorPacket) and err.code == 4 and err.message
-    assert s.state is State.FAILED and s.reason == reason
+    assert s.state is SessionState.FAILED and s.reason == reason
 
 
 class ShrinkingSource(MemorySource):
@@ -393,7 +393,7 @@ def test_a_file_that_shrinks_during_the_transfer_fails_cleanly() -> None:
     s = ReadSession(rrq(), ShrinkingSource(blob(200_000)), now=0.0)
     rx = Receiver()
     drive(s, rx)
-    assert s.state is State.FAILED and s.reason == "file_changed"
+    assert s.state is SessionState.FAILED and s.reason == "file_changed"
     assert rx.error is not None and "changed" in rx.error.message
     assert len(rx.data) == 65536  # everything before the change arrived intact
 
@@ -416,6 +416,6 @@ def test_a_transfer_ends_at_its_lifetime_even_if_the_client_keeps_acking() -> No
     assert not s.finished
     assert s.get_timer() == 10.0  # the lifetime, before the retransmission deadline
     s.handle_timer(10.0)
-    assert s.finished and s.state is State.FAILED and s.reason == "lifetime"
+    assert s.finished and s.state is SessionState.FAILED and s.reason == "lifetime"
     out = s.datagrams_to_send(10.0)
     assert parse_packet(out[-1]) == ErrorPacket(0, "transfer took longer than the server allows (10 s)")
