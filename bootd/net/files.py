@@ -135,7 +135,17 @@ class OpenFileCache:
             return False
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == entry.ident
 
-    def _open(self, key: str, path: str, now: float, sha256: str | None = None, root: str | None = None) -> OpenFile:
+    def fresh(self, key: str) -> bool:
+        """Is ``key`` open and trusted without a check now (an immutable object inside ``valid``)?"""
+        entry = self._entries.get(key)
+        return entry is not None and time.monotonic() - entry.checked <= self.valid
+
+    def prepare(self, key: str, path: str, sha256: str | None = None, root: str | None = None) -> OpenFile:
+        """Open (and hash) a file without touching the cache: safe on a worker thread.
+
+        Hashing a 16 MiB chunk takes tens of milliseconds; the HTTP server does it off the event
+        loop, then hands the result to ``adopt`` on the loop's thread.
+        """
         fd = os.open(path, self._flags)
         try:
             if root is not None and not beneath(root, os.readlink(f"/proc/self/fd/{fd}")):
@@ -152,14 +162,21 @@ class OpenFileCache:
             if got != sha256:
                 file.close()
                 raise CorruptObject(f"{path} is corrupt on the server: its sha256 is {got}")
-        entry = OpenFile(key, path, file, st, now)
-        old = self._entries.get(key)
+        return OpenFile(key, path, file, st, time.monotonic())
+
+    def adopt(self, entry: OpenFile) -> None:
+        """Put a prepared entry in the cache (replacing an older one of the same key)."""
+        old = self._entries.get(entry.key)
         if old is not None:
             self._drop(old)
-        self._entries[key] = entry
+        self._entries[entry.key] = entry
         while len(self._entries) > self.max_entries:
             _, oldest = self._entries.popitem(last=False)
             self._retire(oldest)
+
+    def _open(self, key: str, path: str, now: float, sha256: str | None = None, root: str | None = None) -> OpenFile:
+        entry = self.prepare(key, path, sha256, root)
+        self.adopt(entry)
         return entry
 
     def _drop(self, entry: OpenFile) -> None:

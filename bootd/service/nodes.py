@@ -161,6 +161,11 @@ class NodeAdmin:
             nodes = [n for n in nodes if n.state.value == state]
         return nodes
 
+    async def page(self, after: str, limit: int) -> list[Node]:
+        """Nodes by name after ``after`` (exclusive), at most ``limit``: the admin API's pages."""
+        nodes = await self.store.list_nodes()  # read on the store's own thread, in name order
+        return [n for n in nodes if n.name > after][:limit]
+
     async def show(self, name: str, events: int = 50) -> NodeView:
         node = await self.store.get_node(name)
         if node is None:

@@ -642,3 +642,21 @@ async def test_corrupt_chunk_on_disk_is_never_served(env: Env, session: aiohttp.
     assert status == 500
     async with session.get(env.url("/metrics")) as r:
         assert "bootd_http_corrupt_objects_total 2.0" in await r.text()
+
+
+async def test_node_list_is_paged(env: Env, session: aiohttp.ClientSession) -> None:
+    for i in range(25):
+        await _register(env, session, f"52-54-00-00-1e-{i:02x}")
+    auth = {"Authorization": f"Bearer {(env.config.server.state_dir / 'admin-token').read_text().strip()}"}
+    seen: list[str] = []
+    after = ""
+    while True:
+        async with session.get(env.admin_url(f"/api/v1/nodes?limit=10&after={after}"), headers=auth) as r:
+            page = await r.json()
+        seen += [n["name"] for n in page["nodes"]]
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert seen == sorted(seen) and len(seen) == len(set(seen)) == 25
+    async with session.get(env.admin_url("/api/v1/nodes?limit=0"), headers=auth) as r:
+        assert r.status == 400 and "limit" in await r.text()

@@ -202,8 +202,8 @@ class HttpServer(NodeRoutes):
         the file is checked against it when first opened.
         """
         try:
-            entry = self.sender.open(key, path, revalidate=not immutable, sha256=etag if verify else None,
-                                     root=root)
+            entry = await self.sender.open_verified(key, path, revalidate=not immutable,
+                                                    sha256=etag if verify else None, root=root)
         except CorruptObject as exc:
             self.metrics.corrupt.inc()
             log.error("event=corrupt-object key=%s error=%r (run `bootd capsule verify`)", key, str(exc))

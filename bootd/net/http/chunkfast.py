@@ -108,6 +108,8 @@ class ChunkFastPath:
         transport = proto.transport
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
             return False
+        if not self._sender.files.fresh(name):
+            return False  # not open yet: the route hashes it off the event loop first
         source = proto.source
         if not self._admission.try_acquire(source):
             return False  # queue or refuse: aiohttp's route does that, fairly

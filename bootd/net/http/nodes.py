@@ -28,6 +28,7 @@ from bootd.service.nodes import Invalid
 from bootd.service.services import Services
 
 log = logging.getLogger("bootd.http")
+PAGE, MAX_PAGE = 1000, 10_000  # nodes per page of GET /api/v1/nodes (?limit=, ?after=NAME)
 REPORTED = ("done", "total", "mem_used_kb", "mem_total_kb", "root_size_kb", "root_used_kb")
 
 
@@ -156,8 +157,17 @@ class NodeRoutes:
     async def _list_nodes(self, request: web.Request) -> web.StreamResponse:
         if (denied := self._admin_auth(request)) is not None:
             return denied
-        nodes = await self.services.nodes.select()
-        return web.json_response({"nodes": [node_json(n) for n in nodes]})
+        # Paged, so a 10,000-node registry never means one huge answer built on the event loop.
+        try:
+            limit = int(request.query.get("limit", PAGE))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_PAGE:
+            return refuse(400, f"limit: expected an integer from 1 to {MAX_PAGE}")
+        after = request.query.get("after", "")
+        page = await self.services.nodes.page(after, limit)
+        return web.json_response({"nodes": [node_json(n) for n in page],
+                                  "next": page[-1].name if len(page) == limit else None})
 
     async def _get_node(self, request: web.Request) -> web.StreamResponse:
         if (denied := self._admin_auth(request)) is not None:

@@ -268,6 +268,16 @@ class Sender:
         finally:
             (self.metrics.cache_hit if self.files.hits != hits else self.metrics.cache_miss).inc()
 
+    async def open_verified(self, key: str, path: Callable[[], Path | str], *, revalidate: bool = False,
+                            sha256: str | None = None, root: str | None = None) -> OpenFile:
+        """``open``, but a content-addressed file not open yet is read and hashed off the event loop."""
+        if sha256 is not None and not self.files.fresh(key):
+            entry = await asyncio.to_thread(self.files.prepare, key, str(path()), sha256, root)
+            self.files.adopt(entry)
+            self.metrics.cache_miss.inc()
+            return self.files.acquire(key, path, revalidate=revalidate, sha256=sha256, root=root)
+        return self.open(key, path, revalidate=revalidate, sha256=sha256, root=root)
+
     async def send(self, transport: asyncio.Transport | None, sock: socket.socket | None, head: bytes,
                    entry: OpenFile, offset: int, count: int) -> None:
         """The whole response: :func:`send_start`, then :func:`send_rest`; raises OSError/RuntimeError if cut."""
