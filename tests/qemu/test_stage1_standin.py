@@ -6,6 +6,7 @@ lab or the stage one, not at the daemon."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def test_bios_node_boots_sample_capsule_from_standins(lab: Lab, stage1: BuildRes
     node = QemuNode(lab, "bios", "52:54:00:77:01:10", firmware="bios").start()
     try:
         node.wait_for(r"BOOTD-IPXE node=n0110 platform=pcbios", timeout=120)
-        start = node.wait_for(r"BOOTD-STAGE1 start", timeout=120)
+        # The whole line (wait_for may return a line before its end has arrived): the stage one names its kernel.
+        start = node.wait_for(rf"BOOTD-STAGE1 start kernel={re.escape(stage1.kernel.kver)} ", timeout=120)
         assert stage1.kernel.kver in start.text
         node.wait_for(r"BOOTD-STAGE1 net eth0 ip=10\.77\.", timeout=90)
         count = len(standin.chunk_hashes(sample_capsule.store, sample_capsule.vid))
