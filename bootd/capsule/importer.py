@@ -319,9 +319,10 @@ def _stage_kernel(staging: Staging, entries: list[Entry], kernel: Path | None, d
     path = "/" + found.path.decode("utf-8", "surrogateescape")
     release = path.rsplit("vmlinuz-", 1)[1] if "vmlinuz-" in path else ""
     modules = _stage_modules(staging, entries, release, durable)
-    if modules is None and releases is not None and release not in releases:
+    # A kernel named without its release (/boot/vmlinuz) cannot be matched: the stage one's is assumed.
+    if modules is None and releases is not None and release and release not in releases:
         raise CapsuleError(
-            f"the capsule's kernel {path} has no /lib/modules/{release or '?'} in the image, and the stage one "
+            f"the capsule's kernel {path} has no /lib/modules/{release} in the image, and the stage one "
             f"has NIC modules only for {', '.join(sorted(releases)) or 'no kernel'}: it would boot without a "
             f"network. Install the kernel's modules in the image (e.g. the full linux-image package), remove "
             f"the kernel to boot the stage one's, or rebuild the stage one with --also-kernel-package for it")
