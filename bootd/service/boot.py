@@ -159,7 +159,7 @@ class BootService:
             raise NotFound(f"no node named {name!r}")
         if not node.enabled:
             raise NotFound(f"node {name!r} is disabled")
-        node = await self.registry.effective(node)
+        node, _ = await self.registry.with_group(node)
         lines = [f"{k}={v.replace(chr(10), ' ')}" for k, v in sorted(node.vars.items()) if _SHELL_NAME.fullmatch(k)]
         return "".join(line + "\n" for line in lines)
 
@@ -191,7 +191,7 @@ class BootService:
         if "asset_tag" in node.vars and asset is None:
             # Ask iPXE for the machine's SMBIOS asset tag: one more round trip, then the real script.
             return ScriptAnswer(render_asset_script(mac, base_url), node, result.created)
-        capsule, node_args = await self.registry.boot_target(node)
+        capsule, node_args = self.registry.boot_target(node, result.group)
         vid: str | None = None
         kernel: KernelRef | None = None
         if capsule is not None:

@@ -88,11 +88,10 @@ class OverlayService:
         node = await self.store.get_node(name)
         if node is None:
             raise NotFound(f"no node named {name!r}")
-        node = await self.registry.effective(node)
+        node, group = await self.registry.with_group(node)
         now = time.time() if now is None else now
         overlays = self.overlays.load_many(self.assigned(node, kind))
         machine_id, keys = await self._identity(node) if kind == "system" else (None, {})
-        group = await self.store.get_group(node.group)
         ctx = Context(node=node_info(node, machine_id=machine_id, host_keys=keys),
                       group=GroupInfo(node.group, vars=group.vars if group else {}),
                       cluster=await self._cluster(now), master=self._master_info(now))

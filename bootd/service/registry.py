@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from bootd.config import RegistryConfig
 from bootd.errors import RegistryFull
-from bootd.model import Machine, Node
+from bootd.model import Group, Machine, Node
 from bootd.store.base import NodeStore, StoreStatus
 
 log = logging.getLogger("bootd.registry")
@@ -25,6 +25,7 @@ class Resolution:
     node: Node | None
     reason: str = ""
     created: bool = False
+    group: Group | None = None  # the node's group, read once with it (its variables are already in node.vars)
 
 
 class _TokenBucket:
@@ -111,13 +112,13 @@ class RegistryService:
                                         "reached; it will register on a later attempt")
             if now - node.last_contact >= 1.0:
                 await self.store.touch(node.name, now)
-        node = await self.effective(node)
+        node, group = await self.with_group(node)
         if not node.enabled:
             return Resolution(None, f"node {node.name} is disabled", created)
         if not node.approved:
             return Resolution(None, f"node {node.name} waits for approval (bootd node approve {node.name})",
                               created)
-        return Resolution(node, "", created)
+        return Resolution(node, "", created, group)
 
     async def resolve(self, machine: Machine, now: float, *, netboot: bool = True) -> Node | None:
         result = await self.decide(machine, now, netboot=netboot)
@@ -126,16 +127,17 @@ class RegistryService:
             log.debug("event=refused mac=%s reason=%r", machine.mac, result.reason)
         return result.node
 
-    async def effective(self, node: Node) -> Node:
-        """The node with its group's variables under its own (a node's own value wins)."""
+    async def with_group(self, node: Node) -> tuple[Node, Group | None]:
+        """The node with its group's variables under its own (a node's own value wins), and the group:
+        one read of the group serves the variables, the boot target and the overlays."""
         group = await self.store.get_group(node.group)
         if group is None or not group.vars:
-            return node
-        return dataclasses.replace(node, vars={**group.vars, **node.vars})
+            return node, group
+        return dataclasses.replace(node, vars={**group.vars, **node.vars}), group
 
-    async def boot_target(self, node: Node) -> tuple[str | None, str]:
+    @staticmethod
+    def boot_target(node: Node, group: Group | None) -> tuple[str | None, str]:
         """The capsule and extra kernel arguments for a node: its own values, else its group's."""
-        group = await self.store.get_group(node.group)
         capsule = node.capsule or (group.capsule if group else None)
         args = " ".join(a for a in ((group.kernel_args if group else ""), node.kernel_args) if a)
         return capsule, args

@@ -120,8 +120,9 @@ async def test_groups_give_defaults_that_nodes_override(node_store: NodeStore) -
     await store.add_node(mac(2), "g002", group="gpu", now=0.0, capsule="rocky9-test", kernel_args="debug")
     n1, n2 = await store.get_node("g001"), await store.get_node("g002")
     assert n1 is not None and n2 is not None
-    assert await service.boot_target(n1) == ("rocky9-gpu", "nvidia.modeset=0")
-    assert await service.boot_target(n2) == ("rocky9-test", "nvidia.modeset=0 debug")
+    gpu = await store.get_group("gpu")  # read once with the node by decide(); passed in here
+    assert service.boot_target(n1, gpu) == ("rocky9-gpu", "nvidia.modeset=0")
+    assert service.boot_target(n2, gpu) == ("rocky9-test", "nvidia.modeset=0 debug")
     with pytest.raises(Conflict, match="still has 2 node"):
         await store.delete_group("gpu")
     with pytest.raises(NotFound, match="bootd group add"):
