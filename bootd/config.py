@@ -137,6 +137,8 @@ class CapsuleConfig:
     chunk_max: int = 4 * 1024 * 1024
     keep_versions: int = 5
     build_cache: Path = Path("/var/lib/bootd/build-cache")
+    # Where the admin API may import from and read recipes in (absolute directories); none: refused.
+    import_dirs: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,15 @@ def _networks(section: _Section, key: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _dirs(section: _Section, key: str) -> tuple[Path, ...]:
+    what = "a list of absolute directories such as [\"/srv/images\"]"
+    items = section.get(key, list, [], what)
+    for item in items:
+        if not isinstance(item, str) or not item.startswith("/"):
+            raise section.error(key, f"{item!r} is not valid; expected {what}")
+    return tuple(Path(item) for item in items)
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate the configuration file.
 
@@ -514,6 +525,7 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         chunk_max=c.integer("chunk_max", CapsuleConfig.chunk_max, 1024, 256 * 1024 * 1024),
         keep_versions=c.integer("keep_versions", CapsuleConfig.keep_versions, 1, 10_000),
         build_cache=c.path("build_cache", state_dir / "build-cache"),
+        import_dirs=_dirs(c, "import_dirs"),
     )
     if not capsule.chunk_min < capsule.chunk_avg < capsule.chunk_max:
         raise c.error("chunk_avg", f"need chunk_min < chunk_avg < chunk_max, got {capsule.chunk_min} < "

@@ -24,7 +24,7 @@ from bootd.errors import BootdError, ConfigError
 Handler = Callable[[argparse.Namespace, config_mod.Config], int]
 
 # Command groups that live in their own modules; each has add_parser(subparsers).
-_PLUGINS = ("bootd.cli.capsule", "bootd.cli.stage1", "bootd.cli.store", "bootd.cli.overlay")
+_PLUGINS = ("bootd.cli.capsule", "bootd.cli.stage1", "bootd.cli.store", "bootd.cli.overlay", "bootd.cli.helper")
 
 
 def _serve(args: argparse.Namespace, config: config_mod.Config) -> int:
@@ -131,17 +131,19 @@ def _act_as_state_owner(args: Any, config: config_mod.Config) -> Callable[[], No
         os.setuid(owner.st_uid)
         return lambda: None
 
-    def hand_over() -> None:
-        for top in (config.server.state_dir, config.capsule.dir, config.boot.stage1_dir):
-            if not top.is_dir():
-                continue
-            for path in (top, *top.rglob("*")):
-                with contextlib.suppress(OSError):
-                    st = path.lstat()
-                    if st.st_uid == 0:
-                        os.lchown(path, owner.st_uid, owner.st_gid)
+    return lambda: hand_over(config, owner.st_uid, owner.st_gid)
 
-    return hand_over
+
+def hand_over(config: config_mod.Config, uid: int, gid: int) -> None:
+    """Give what root created under the daemon's directories to the daemon's user."""
+    for top in (config.server.state_dir, config.capsule.dir, config.boot.stage1_dir):
+        if not top.is_dir():
+            continue
+        for path in (top, *top.rglob("*")):
+            with contextlib.suppress(OSError):
+                st = path.lstat()
+                if st.st_uid == 0:
+                    os.lchown(path, uid, gid)
 
 
 def _load_config(args: Any) -> config_mod.Config:

@@ -25,7 +25,7 @@ from bootd.config import Config
 from bootd.hostlist import compress
 from bootd.model import Node, State, node_json
 from bootd.service.audit import cli_user
-from bootd.service.nodes import Invalid
+from bootd.service.checks import Invalid
 from bootd.service.services import Services
 
 T = TypeVar("T")

@@ -11,22 +11,21 @@ it starts it over at ``discovered``", applied through the lifecycle table.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bootd.config import RegistryConfig
-from bootd.errors import BootdError, NotFound
+from bootd.errors import NotFound
 from bootd.hostlist import HostlistError, compress, expand
 from bootd.model import Group, Lease, Node, State, normalize_mac
 from bootd.service.audit import AuditLog
+from bootd.service.bulk import parse_bulk
+from bootd.service.checks import Invalid, check_name, check_var
 from bootd.service.lifecycle import Actor, Lifecycle
 from bootd.store.base import Event, NodeStore
 
-_VAR_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 STATES = ", ".join(s.value for s in State)
 
 # Field -> what it must be, in the words of the error message.  Everything else is refused.
@@ -43,19 +42,9 @@ SETTABLE: dict[str, str] = {
 }
 
 
-class Invalid(BootdError):
-    """An administrator's request that is malformed: nothing of it was applied."""
-
-
 def _want(ok: bool, key: str, value: Any) -> None:
     if not ok:
         raise Invalid(f"{key}: expected {SETTABLE[key]}, got {value!r}")
-
-
-def _check_name(kind: str, value: str) -> None:
-    if not _NAME.fullmatch(value):
-        raise Invalid(f"{kind}: {value!r} is not a valid name (letters, digits, '.', '_', '-'; up to 63 characters, "
-                      "starting with a letter or digit)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +77,12 @@ class NodeChange:
                 fields["approved"] = True
             elif key == "group":
                 _want(isinstance(value, str) and value != "", key, value)
-                _check_name("group", value)
+                check_name("group", value)
                 fields["group"] = value
             elif key == "capsule":
                 _want(value is None or (isinstance(value, str) and value != ""), key, value)
                 if value is not None:
-                    _check_name("capsule", value)
+                    check_name("capsule", value)
                 fields["capsule"] = value
             elif key == "kernel_args":
                 _want(isinstance(value, str) and "\n" not in value, key, value)
@@ -107,25 +96,19 @@ class NodeChange:
             elif key == "vars":
                 _want(isinstance(value, Mapping) and all(isinstance(v, str) for v in value.values()), key, value)
                 for k, v in value.items():
-                    _check_var(k)
+                    check_var(k)
                     if "\n" in v or "\0" in v:
                         raise Invalid(f"vars: the value of {k!r} must be one line")
                     values[k] = v
             elif key == "unset":
                 _want(isinstance(value, list | tuple) and all(isinstance(v, str) for v in value), key, value)
                 for k in value:
-                    _check_var(k)
+                    check_var(k)
                 unset = tuple(value)
         return cls(fields, values, unset, state)
 
     def __bool__(self) -> bool:
         return bool(self.fields or self.values or self.unset or self.state)
-
-
-def _check_var(key: Any) -> None:
-    if not isinstance(key, str) or not _VAR_KEY.fullmatch(key):
-        raise Invalid(f"vars: {key!r} is not a valid variable name (a letter or '_', then letters, digits, "
-                      "'_', '.', '-')")
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +169,7 @@ class NodeAdmin:
     # -- writes -------------------------------------------------------------------------
     async def add(self, name: str, mac: str, body: Mapping[str, Any], now: float | None = None, *,
                   who: str) -> Node:
-        _check_name("name", name)
+        check_name("name", name)
         try:
             mac = normalize_mac(mac)
         except ValueError as exc:
@@ -199,6 +182,18 @@ class NodeAdmin:
             node = await self.store.set_vars(node.name, change.values)
         self.audit.record(who, "node.add", name, {"mac": mac, **_redacted(body)})
         return node
+
+    async def add_many(self, body: str | list[Any], now: float | None = None, *, who: str) -> list[str]:
+        """A bulk definition (bootd.service.bulk): every line checked, then all written in one transaction."""
+        nodes = parse_bulk(body, self.config.default_group)
+        groups = {g.name for g in await self.store.list_groups()}
+        for n in nodes:
+            if n.group not in groups:
+                raise Invalid(f"line {n.line}: no group named {n.group!r} (create it with `bootd group add {n.group}`)")
+        await self.store.add_nodes(nodes, now=time.time() if now is None else now)
+        added = [n.name for n in nodes]
+        self.audit.record(who, "node.add", plural(added), {"count": len(added)})
+        return added
 
     async def change(self, hostlist: str, body: Mapping[str, Any], now: float | None = None, *,
                      who: str) -> list[Node]:
@@ -270,7 +265,7 @@ class NodeAdmin:
 
     async def put_group(self, name: str, body: Mapping[str, Any], *, create: bool, who: str) -> Group:
         """``create``: the group must not exist yet (``add``); else it must exist (``set``)."""
-        _check_name("group", name)
+        check_name("group", name)
         old = await self.store.get_group(name)
         if create and old is not None:
             raise Invalid(f"group {name!r} already exists (use `bootd group set`)")
@@ -286,7 +281,7 @@ class NodeAdmin:
         if capsule is not None:
             if not isinstance(capsule, str) or not capsule:
                 raise Invalid(f"capsule: expected {allowed['capsule']}, got {capsule!r}")
-            _check_name("capsule", capsule)
+            check_name("capsule", capsule)
         for key in ("kernel_args", "description"):
             if key in body and not isinstance(body[key], str):
                 raise Invalid(f"{key}: expected a string, got {body[key]!r}")

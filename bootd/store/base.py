@@ -7,7 +7,7 @@ All methods are coroutines: a store must never block the event loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bootd.errors import mask_url
@@ -17,6 +17,24 @@ __all__ = ["mask_url"]
 
 # Fields an administrator may change with update_node(); anything else is owned by bootd.
 NODE_FIELDS = ("name", "mac", "group", "capsule", "enabled", "approved", "kernel_args", "ip")
+
+
+@dataclass(frozen=True, slots=True)
+class NewNode:
+    """One line of a bulk creation: checked by the service, written by :meth:`NodeStore.add_nodes`.
+
+    ``line`` is where it came from, so a conflict found inside the transaction
+    can still name the line of the administrator's file.
+    """
+
+    line: int
+    name: str
+    mac: str
+    group: str
+    capsule: str | None = None
+    ip: str | None = None
+    kernel_args: str = ""
+    vars: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +90,10 @@ class NodeStore(Protocol):
         """The node of ``mac``, registering it on first contact (RegistryFull past ``max_nodes``)."""
         ...
     async def add_node(self, mac: str, name: str, *, group: str, now: float, **fields: Any) -> Node: ...
+    async def add_nodes(self, nodes: list[NewNode], *, now: float) -> int:
+        """All of ``nodes`` in one transaction, or none (a Conflict names the line)."""
+        ...
+
     async def update_node(self, name: str, **fields: Any) -> Node: ...
     async def set_vars(self, name: str, values: dict[str, str], unset: tuple[str, ...] = ()) -> Node: ...
     async def delete_node(self, name: str) -> None: ...

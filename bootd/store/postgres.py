@@ -43,7 +43,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
 from bootd.ratelog import LogLimiter
-from bootd.store.base import NODE_FIELDS, Credential, Event, StoreStatus, mask_url
+from bootd.store.base import NODE_FIELDS, Credential, Event, NewNode, StoreStatus, mask_url
 
 log = logging.getLogger("bootd.store")
 R = TypeVar("R")
@@ -612,6 +612,33 @@ class PostgresNodeStore:
 
         node = await self._run(fn)
         return await self.update_node(name, **fields) if fields else node
+
+    async def add_nodes(self, nodes: list[NewNode], *, now: float) -> int:
+        async def fn(conn: Conn) -> int:
+            for group in sorted({n.group for n in nodes}):
+                await _ensure_group(conn, group)
+            for n in nodes:
+                other = await _node_where(conn, "mac", n.mac)
+                if other is not None:
+                    raise Conflict(f"line {n.line}: MAC {n.mac} is already registered as {other['name']}")
+                if await _node_where(conn, "name", n.name) is not None:
+                    raise Conflict(f"line {n.line}: a node named {n.name!r} already exists")
+                if n.ip is not None and (other := await _node_where(conn, "ip", n.ip)) is not None:
+                    raise Conflict(f"line {n.line}: address {n.ip} is already {other['name']}'s")
+                cur = await conn.execute(
+                    "INSERT INTO nodes(mac, name, grp, capsule, ip, kernel_args, state, state_since,"
+                    " first_contact, last_contact) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    (n.mac, n.name, n.group, n.capsule, n.ip, n.kernel_args, State.DISCOVERED.value, now, 0.0, 0.0),
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                node_id = row["id"] if isinstance(row, dict) else row[0]
+                for key, value in n.vars.items():
+                    await conn.execute("INSERT INTO node_vars(node_id, key, value) VALUES (%s, %s, %s)",
+                                       (node_id, key, value))
+            return len(nodes)
+
+        return await self._run(fn)
 
     async def update_node(self, name: str, **fields: Any) -> Node:
         for key in fields:

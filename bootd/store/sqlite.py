@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
-from bootd.store.base import NODE_FIELDS, Credential, Event, StoreStatus
+from bootd.store.base import NODE_FIELDS, Credential, Event, NewNode, StoreStatus
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -312,6 +312,27 @@ class SqliteRepo:
             )
         return self.update_node(name, **fields) if fields else self._load(self._require(name))
 
+    def add_nodes(self, nodes: list[NewNode], *, now: float) -> int:
+        with self.write() as db:
+            for group in sorted({n.group for n in nodes}):
+                self._ensure_group(group)
+            for n in nodes:
+                other = self._row("mac", n.mac)
+                if other is not None:
+                    raise Conflict(f"line {n.line}: MAC {n.mac} is already registered as {other['name']}")
+                if self._row("name", n.name) is not None:
+                    raise Conflict(f"line {n.line}: a node named {n.name!r} already exists")
+                if n.ip is not None and (other := self._row("ip", n.ip)) is not None:
+                    raise Conflict(f"line {n.line}: address {n.ip} is already {other['name']}'s")
+                cur = db.execute(
+                    "INSERT INTO nodes(mac, name, grp, capsule, ip, kernel_args, state, state_since,"
+                    " first_contact, last_contact) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (n.mac, n.name, n.group, n.capsule, n.ip, n.kernel_args, State.DISCOVERED.value, now, 0.0, 0.0),
+                )
+                db.executemany("INSERT INTO node_vars(node_id, key, value) VALUES (?, ?, ?)",
+                               [(cur.lastrowid, k, v) for k, v in n.vars.items()])
+        return len(nodes)
+
     def update_node(self, name: str, **fields: Any) -> Node:
         for key in fields:
             if key not in NODE_FIELDS:
@@ -536,6 +557,9 @@ class SqliteNodeStore:
 
     async def add_node(self, mac: str, name: str, *, group: str, now: float, **fields: Any) -> Node:
         return await self._run(self.repo.add_node, mac, name, group=group, now=now, **fields)
+
+    async def add_nodes(self, nodes: list[NewNode], *, now: float) -> int:
+        return await self._run(self.repo.add_nodes, nodes, now=now)
 
     async def update_node(self, name: str, **fields: Any) -> Node:
         return await self._run(self.repo.update_node, name, **fields)

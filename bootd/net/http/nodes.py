@@ -23,8 +23,8 @@ from bootd.metrics import HttpMetrics, NodeStateGauge
 from bootd.model import State, node_json, normalize_mac
 from bootd.net.files import etag_matches
 from bootd.net.http.send import refuse
+from bootd.service.checks import Invalid
 from bootd.service.lifecycle import NODE_REPORTABLE, Actor, TransitionRefused
-from bootd.service.nodes import Invalid
 from bootd.service.services import Services
 
 log = logging.getLogger("bootd.http")
