@@ -29,6 +29,7 @@ from bootd.capsule.recipe import load_recipe
 from bootd.capsule.verify import verify_version
 from bootd.config import Config
 from bootd.errors import CapsuleError
+from bootd.service.catalog import capsule_detail, capsule_rows
 
 
 def _store(config: Config) -> CapsuleStore:
@@ -206,17 +207,7 @@ def capsule_rollback(args: argparse.Namespace, config: Config) -> int:
 
 
 def capsule_list(args: argparse.Namespace, config: Config) -> int:
-    store = _store(config)
-    rows: list[dict[str, Any]] = []
-    for name, vid in store.names().items():
-        try:
-            m = store.load_manifest(vid)
-        except CapsuleError as exc:
-            rows.append({"name": name, "version": vid, "error": str(exc)})
-            continue
-        k = m.kernel
-        rows.append({"name": name, "version": vid, "raw_size": m.raw_size, "stored_size": m.stored_size,
-                     "chunks": len(m.chunks), "kernel": k.path if k else None})
+    rows = capsule_rows(_store(config))
     if args.json:
         _print_json(rows)
         return 0
@@ -232,13 +223,11 @@ def capsule_list(args: argparse.Namespace, config: Config) -> int:
 
 def capsule_show(args: argparse.Namespace, config: Config) -> int:
     store = _store(config)
+    if args.json:
+        _print_json(capsule_detail(store, args.capsule, with_chunks=True))
+        return 0
     name, vid = store.find_version(args.capsule)
     m = store.load_manifest(vid)
-    if args.json:
-        data = m.to_json(vid, with_chunks=True)
-        data["name"] = name
-        _print_json(data)
-        return 0
     k = m.kernel
     ratio = m.raw_size / m.stored_size if m.stored_size else 0.0
     print(f"name:        {name or '-'}")
