@@ -24,6 +24,7 @@ from bootd.errors import StoreError
 from bootd.metrics import make_registry
 from bootd.service.audit import AuditLog
 from bootd.service.boot import BootService
+from bootd.service.catalog import Catalog
 from bootd.service.credentials import Credentials
 from bootd.service.health import HealthMonitor
 from bootd.service.lifecycle import Lifecycle
@@ -108,9 +109,11 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     registry = RegistryService(store, config.registry)
     credentials = Credentials(store, config)
     boot = BootService(config, registry, lifecycle, capsules, credentials)
-    nodes = NodeAdmin(store, lifecycle, config.registry, AuditLog(config.server.state_dir / "audit.log"))
+    audit = AuditLog(config.server.state_dir / "audit.log")
+    nodes = NodeAdmin(store, lifecycle, config.registry, audit)
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
-                           capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry))
+                           capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry),
+                           catalog=Catalog(config, audit))
 
 
 @contextlib.asynccontextmanager

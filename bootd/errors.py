@@ -103,3 +103,7 @@ class TemplateError(OverlayError):
         where = f"{overlay}:{file}" + (f":{line}" if line else "")
         prefix = f"node {node}: " if node else ""
         super().__init__(f"{prefix}overlay {where}: {message}")
+
+
+class CapsuleNotFound(CapsuleError, NotFound):
+    """No capsule by that name or version: a 404 through the API, an error line in the CLI."""

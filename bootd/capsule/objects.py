@@ -39,7 +39,7 @@ from typing import Any
 
 from bootd.capsule.manifest import Manifest, decode_manifest, is_hex_digest
 from bootd.durable import fsync_path
-from bootd.errors import CapsuleError
+from bootd.errors import CapsuleError, CapsuleNotFound
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
@@ -255,7 +255,7 @@ class CapsuleStore:
                 return None, matches[0]
             if len(matches) > 1:
                 raise CapsuleError(f"version prefix {name_or_vid} is ambiguous ({len(matches)} versions)")
-        raise CapsuleError(f"no capsule named {name_or_vid!r} (and no version with that id)")
+        raise CapsuleNotFound(f"no capsule named {name_or_vid!r} (and no version with that id)")
 
     def versions(self) -> list[str]:
         try:
@@ -455,7 +455,7 @@ class CapsuleStore:
         with self.locked():
             vid = self.resolve(name)
             if vid is None:
-                raise CapsuleError(f"no capsule named {name!r}")
+                raise CapsuleNotFound(f"no capsule named {name!r}")
             try:
                 os.unlink(self.refs_dir / name)
                 fsync_path(self.refs_dir)

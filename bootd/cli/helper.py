@@ -33,6 +33,10 @@ from bootd.errors import BootdError
 from bootd.service.jobs import Job, JobSpool, check_source
 
 log = logging.getLogger("bootd.helper")
+
+
+class Stopped(BaseException):
+    """SIGTERM while a job runs: the job ends as failed, and imports publish nothing half done."""
 REPORT_EVERY = 0.5  # seconds between progress writes of one job
 
 
@@ -93,6 +97,11 @@ def run_job(config: Config, jobs: JobSpool, job: Job) -> None:
         else:
             raise BootdError(f"unknown job kind {job.kind!r}")
         job.state = "done"
+    except Stopped:
+        job.state, job.error, job.finished = "failed", "bootd helper was stopped during the job; nothing was " \
+                                                       "published", time.time()
+        jobs.write(job)
+        raise
     except BootdError as exc:
         job.state, job.error = "failed", str(exc)
     except Exception as exc:  # a bug, not the job's input: say so, keep serving the queue
@@ -131,9 +140,14 @@ def helper_cmd(args: argparse.Namespace, config: Config) -> int:
     def on_term(*_: Any) -> None:
         nonlocal stopping
         stopping = True
+        raise Stopped
 
     signal.signal(signal.SIGTERM, on_term)
-    return serve(config, once=args.once, poll=args.poll, stop=lambda: stopping)
+    try:
+        return serve(config, once=args.once, poll=args.poll, stop=lambda: stopping)
+    except Stopped:
+        log.info("event=stopped")
+        return 0
 
 
 def add_parser(sub: Any) -> None:

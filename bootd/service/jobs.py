@@ -36,7 +36,11 @@ MAX_KEPT = 200
 
 
 class JobRefused(BootdError):
-    """A job the spool will not take (too many pending, an unknown kind): nothing was queued."""
+    """A job the spool will not take (an unknown kind, a path outside the import directories)."""
+
+
+class JobQueueFull(JobRefused):
+    """MAX_PENDING jobs are queued or running: try again when one finishes."""
 
 
 @dataclass
@@ -139,7 +143,7 @@ class JobSpool:
             jobs = self.all()
             pending = [j for j in jobs if j.state in ("queued", "running")]
             if len(pending) >= MAX_PENDING:
-                raise JobRefused(f"{len(pending)} jobs are already queued or running (at most {MAX_PENDING}); "
+                raise JobQueueFull(f"{len(pending)} jobs are already queued or running (at most {MAX_PENDING}); "
                                  f"wait for one to finish: GET /api/v1/jobs")
             finished = [j for j in jobs if j.state in ("done", "failed")]
             for old in finished[: max(0, len(finished) - MAX_KEPT + 1)]:

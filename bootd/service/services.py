@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from bootd.config import Config
 from bootd.service.boot import BootService, CapsuleReader
+from bootd.service.catalog import Catalog
 from bootd.service.credentials import Credentials
 from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
@@ -29,6 +30,7 @@ class Services:
     capsules: CapsuleReader
     metrics: CollectorRegistry
     overlays: OverlayService
+    catalog: Catalog
 
     def reload(self, config: Config) -> None:
         """Each service takes its own section; the next decision uses the new values."""
@@ -37,3 +39,4 @@ class Services:
         self.nodes.reload(config.registry)
         self.boot.reload(config)
         self.overlays.reload(config)
+        self.catalog.reload(config)

@@ -18,15 +18,21 @@ from aiohttp import web
 
 from bootd.config import Config
 from bootd.metrics import HttpMetrics
+from bootd.net.http.api import ApiRoutes
 from bootd.net.http.nodes import NodeRoutes
 from bootd.service.services import Services
 
 log = logging.getLogger("bootd.http")
 
-ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}")
+# Answered on the public listener with where the admin API is (tests/integration/test_api.py checks
+# that this names every admin route).
+ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}", "/api/v1/groups", "/api/v1/groups/{name}",
+                "/api/v1/capsules", "/api/v1/capsules/{name}", "/api/v1/capsules/{name}/import",
+                "/api/v1/capsules/{name}/build", "/api/v1/gc", "/api/v1/jobs", "/api/v1/jobs/{id}",
+                "/api/v1/overlays", "/api/v1/overlays/{name}", "/api/v1/openapi.json")
 
 
-class AdminServer(NodeRoutes):
+class AdminServer(NodeRoutes, ApiRoutes):
     def __init__(self, config: Config, services: Services, metrics: HttpMetrics, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
@@ -36,10 +42,11 @@ class AdminServer(NodeRoutes):
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.base_url = ""
-        app = web.Application(client_max_size=256 * 1024)
+        app = web.Application(client_max_size=256 * 1024)  # bulk node definitions read their own body
         app.router.add_get("/api/v1/nodes", self._list_nodes)
         app.router.add_get("/api/v1/nodes/{name}", self._get_node)
         app.router.add_post("/api/v1/nodes/{name}", self._set_node)
+        self.add_api_routes(app)
         self.app = app
 
     def reload(self, config: Config) -> None:
