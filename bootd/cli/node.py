@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from bootd.compose import open_services
@@ -146,6 +147,18 @@ def node_add(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def node_import(args: argparse.Namespace, config: Config) -> int:
+    """A bulk definition file (bootd.service.bulk): all of it, or nothing and the line that is wrong."""
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"bootd: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 1
+    added = _run(config, lambda s: s.nodes.add_many(text, who=cli_user()))
+    print(f"added {len(added)} nodes: {compress(added)}")
+    return 0
+
+
 def node_set(args: argparse.Namespace, config: Config) -> int:
     body = _change(args)
 
@@ -263,6 +276,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--mac", required=True, help="MAC address, e.g. 52:54:00:12:34:56")
     common(p)
     p.set_defaults(handler=node_add)
+
+    p = nsub.add_parser("import", help="define many nodes from a file: NAME MAC [ip=A] [group=G] [capsule=C] "
+                                       "[bmc=ADDR] [KEY=VALUE...] per line; all or nothing")
+    p.add_argument("file", metavar="FILE", help="the definition ('-' for stdin)")
+    p.set_defaults(handler=node_import)
 
     p = nsub.add_parser("set", help="change nodes")
     p.add_argument("nodes", help=hostlist_help)

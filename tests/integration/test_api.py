@@ -290,3 +290,16 @@ def test_capsule_build_job_followed_to_completion(api: Api) -> None:
     assert "mini" in {c["name"] for c in api.call("GET", "/api/v1/capsules")[1]}
     # Files the root helper wrote under the daemon's directories stay readable by the daemon's user.
     assert all(p.stat().st_uid == api.state.stat().st_uid for p in (api.state / "jobs").iterdir())
+
+
+def test_cli_import_uses_the_same_definition_rules(api: Api, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_text("c1 52:54:00:0c:00:01\nc2 52:54:00:0c:00:01\n")
+    r = run_cli("node", "import", str(bad), config=api.config)
+    assert r.returncode == 1 and "line 2" in r.stderr and "line 1" in r.stderr, r.stderr
+    good = tmp_path / "good.txt"
+    good.write_text("c1 52:54:00:0c:00:01\nc2 52:54:00:0c:00:02 ip=10.12.0.2\n")
+    r = run_cli("node", "import", str(good), config=api.config, check=True)
+    assert "added 2 nodes: c[1-2]" in r.stdout
+    assert api.call("GET", "/api/v1/nodes/c2")[1]["ip"] == "10.12.0.2"
+    assert api.call("DELETE", "/api/v1/nodes/c[1-2]")[0] == 200

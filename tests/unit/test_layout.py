@@ -77,6 +77,20 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert float(found.group(1)) <= 1.5, score.stdout
 
 
+def test_helper_unit_verifies(tmp_path: Path) -> None:
+    """The root helper that runs the API's capsule jobs (systemd/bootd-helper.service) is a valid unit."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = (ROOT / "systemd" / "bootd-helper.service").read_text()
+    assert " helper" in unit and "KillMode=control-group" in unit and "UMask=0077" in unit
+    (tmp_path / "bootd-helper.service").write_text(unit.replace("/usr/local/bin/bootd", "/bin/true"))
+    (tmp_path / "bootd.service").write_text((ROOT / "systemd" / "bootd.service").read_text()
+                                            .replace("/usr/local/bin/bootd", "/bin/true"))
+    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "bootd-helper.service")],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
 # -- one composition root, no cycles, transports and the CLI never hold a store -------------------------
 
 

@@ -27,7 +27,7 @@ from bootd import config as config_mod
 from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
 from bootd.model import Group, Lease, State
 from bootd.store import migrate, postgres
-from bootd.store.base import Credential, NodeStore, StoreStatus, mask_url
+from bootd.store.base import Credential, NewNode, NodeStore, StoreStatus, mask_url
 from bootd.store.broken import BrokenStore
 from bootd.store.factory import open_store, open_url
 from bootd.store.sqlite import SqliteNodeStore
@@ -538,3 +538,18 @@ async def test_cli_and_serve_use_the_configured_postgresql(postgres_server: PgSe
     proc = run_cli("serve", config=cfg)
     assert proc.returncode == 1, proc.stderr
     assert f"cannot connect to the node registry at {gone}" in proc.stderr
+
+
+async def test_bulk_add_is_one_transaction_and_names_the_conflicting_line(node_store: NodeStore) -> None:
+    await node_store.add_node(mac(900), "taken", group="default", now=1.0)
+    batch = [NewNode(line=i + 1, name=f"b{i}", mac=mac(i), group="default", ip=f"10.9.0.{i + 1}",
+                     vars={"rack": "r9"}) for i in range(300)]
+    clash = [*batch[:150], NewNode(line=151, name="taken", mac=mac(901), group="default"), *batch[150:]]
+    with pytest.raises(Conflict, match="line 151"):
+        await node_store.add_nodes(clash, now=2.0)
+    assert [n.name for n in await node_store.list_nodes()] == ["taken"]  # nothing of the batch
+    assert await node_store.add_nodes(batch, now=2.0) == 300
+    got = await node_store.get_node("b7")
+    assert got is not None and got.ip == "10.9.0.8" and got.vars == {"rack": "r9"}
+    with pytest.raises(Conflict, match=r"line 1: address 10\.9\.0\.1"):
+        await node_store.add_nodes([NewNode(line=1, name="x", mac=mac(950), group="default", ip="10.9.0.1")], now=3)
