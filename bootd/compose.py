@@ -27,6 +27,7 @@ from bootd.service.boot import BootService
 from bootd.service.catalog import Catalog
 from bootd.service.credentials import Credentials
 from bootd.service.health import HealthMonitor
+from bootd.service.inventory import InventoryStore
 from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
@@ -110,10 +111,11 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     credentials = Credentials(store, config)
     boot = BootService(config, registry, lifecycle, capsules, credentials)
     audit = AuditLog(config.server.state_dir / "audit.log")
-    nodes = NodeAdmin(store, lifecycle, config.registry, audit)
+    inventory = InventoryStore(config.server.state_dir / "inventory")
+    nodes = NodeAdmin(store, lifecycle, config.registry, audit, inventory)
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
                            capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry),
-                           catalog=Catalog(config, audit))
+                           catalog=Catalog(config, audit), inventory=inventory)
 
 
 @contextlib.asynccontextmanager

@@ -86,7 +86,8 @@ def node_show(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         _print_json([node_json(v.node) | {"events": [dataclasses.asdict(e) for e in v.events],
                                            "inherited": {k: {"value": val, "from": src}
-                                                         for k, (val, src) in v.inherited.items()}}
+                                                         for k, (val, src) in v.inherited.items()},
+                                           "inventory": v.inventory}
                      for v in views])
         return 0
     for v in views:
@@ -94,6 +95,8 @@ def node_show(args: argparse.Namespace, config: Config) -> int:
             print(f"{key:14} {value}")
         for key, (value, source) in v.inherited.items():
             print(f"{key:14} {value}   (from {source})")
+        for line in hardware_lines(v.inventory):
+            print(line)
         if v.events:
             t0 = v.events[0].ts
             print("timeline:")
@@ -102,6 +105,39 @@ def node_show(args: argparse.Namespace, config: Config) -> int:
                 extra = " ".join(x for x in (e.reason, e.detail) if x)
                 print(f"  {stamp}  +{e.ts - t0:7.1f}s  {e.state:10} {extra}".rstrip())
         print()
+    return 0
+
+
+def hardware_lines(inv: dict[str, Any] | None) -> list[str]:
+    """The commissioning report as `node show` prints it: one line per kind of part."""
+    if not inv:
+        return []
+    dmi = inv.get("dmi") or {}
+    out = [f"{'hardware':14} " + " ".join(f"{k}={dmi[k]}" for k in ("vendor", "product", "serial", "asset_tag")
+                                            if dmi.get(k))]
+    mem = inv.get("memory_kb")
+    out.append(f"{'cpus':14} {inv.get('cpus') or '?'} x {inv.get('cpu_model') or '?'}; memory "
+               f"{(mem or 0) // 1024} MiB")
+    for nic in inv.get("nics") or []:
+        speed = f" {nic['speed_mbps']} Mb/s" if nic.get("speed_mbps") else ""
+        out.append(f"{'nic':14} {nic.get('name')} {nic.get('mac')} link={nic.get('link')}{speed}")
+    for disk in inv.get("disks") or []:
+        size = (disk.get("size_bytes") or 0) / 1e9
+        out.append(f"{'disk':14} {disk.get('name')} {size:.1f} GB {disk.get('model') or ''}".rstrip())
+    return out
+
+
+def node_rename(args: argparse.Namespace, config: Config) -> int:
+    try:
+        text = sys.stdin.read() if args.map == "-" else Path(args.map).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"bootd: cannot read {args.map}: {exc}", file=sys.stderr)
+        return 1
+    plan = _run(config, lambda s: s.nodes.rename_map(text, who=cli_user()))
+    for old, new in plan:
+        print(f"renamed {old} -> {new}")
+    if not plan:
+        print("nothing to rename (every node already has its name)")
     return 0
 
 
@@ -281,6 +317,11 @@ def add_parser(sub: Any) -> None:
                                        "[bmc=ADDR] [KEY=VALUE...] per line; all or nothing")
     p.add_argument("file", metavar="FILE", help="the definition ('-' for stdin)")
     p.set_defaults(handler=node_import)
+
+    p = nsub.add_parser("rename", help="rename nodes by MAC, serial or asset tag (from commissioning)")
+    p.add_argument("--map", required=True, metavar="FILE",
+                   help="lines of 'MAC|SERIAL|ASSET-TAG NEW-NAME' ('-' for stdin); all checked before any rename")
+    p.set_defaults(handler=node_rename)
 
     p = nsub.add_parser("set", help="change nodes")
     p.add_argument("nodes", help=hostlist_help)

@@ -23,6 +23,7 @@ from bootd.model import Group, Lease, Node, State, normalize_mac
 from bootd.service.audit import AuditLog
 from bootd.service.bulk import parse_bulk
 from bootd.service.checks import Invalid, check_name, check_var
+from bootd.service.inventory import InventoryStore
 from bootd.service.lifecycle import Actor, Lifecycle
 from bootd.store.base import Event, NodeStore
 
@@ -117,10 +118,14 @@ class NodeView:
     events: list[Event]
     # What the node inherits from its group (it sets none of these itself): name -> (value, "group G").
     inherited: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # The stage one's commissioning report of its last boot (bootd.service.inventory), if any.
+    inventory: dict[str, Any] | None = None
 
 
 class NodeAdmin:
-    def __init__(self, store: NodeStore, lifecycle: Lifecycle, config: RegistryConfig, audit: AuditLog) -> None:
+    def __init__(self, store: NodeStore, lifecycle: Lifecycle, config: RegistryConfig, audit: AuditLog,
+                 inventory: InventoryStore | None = None) -> None:
+        self.inventory = inventory
         self.store = store
         self.lifecycle = lifecycle
         self.config = config
@@ -164,7 +169,8 @@ class NodeAdmin:
             for key, value in group.vars.items():
                 if key not in node.vars:
                     inherited[f"vars.{key}"] = (value, source)
-        return NodeView(node, await self.store.events(name, events), inherited)
+        inventory = await self.inventory.get(node.mac) if self.inventory is not None else None
+        return NodeView(node, await self.store.events(name, events), inherited, inventory)
 
     # -- writes -------------------------------------------------------------------------
     async def add(self, name: str, mac: str, body: Mapping[str, Any], now: float | None = None, *,
@@ -194,6 +200,66 @@ class NodeAdmin:
         added = [n.name for n in nodes]
         self.audit.record(who, "node.add", plural(added), {"count": len(added)})
         return added
+
+    async def rename_map(self, text: str, *, who: str) -> list[tuple[str, str]]:
+        """``bootd node rename --map``: lines of 'MAC|SERIAL|ASSET-TAG NEW-NAME'; all checked, then applied.
+
+        Racks are labelled by serial number or MAC, not by the n0042 a node got at
+        first contact; the serial and asset tag come from the node's commissioning
+        report (bootd.service.inventory).
+        """
+        wanted: list[tuple[int, str, str]] = []
+        for number, raw in enumerate(text.splitlines(), start=1):
+            line = raw.split("#", 1)[0].split()
+            if not line:
+                continue
+            if len(line) != 2:
+                raise Invalid(f"line {number}: expected 'MAC|SERIAL|ASSET-TAG NEW-NAME'")
+            try:
+                check_name("name", line[1])
+            except Invalid as exc:
+                raise Invalid(f"line {number}: {exc}") from None
+            wanted.append((number, line[0], line[1]))
+        if not wanted:
+            raise Invalid("no renames in the map; expected lines of 'MAC|SERIAL|ASSET-TAG NEW-NAME'")
+        nodes = await self.store.list_nodes()
+        index: dict[str, list[Node]] = {}
+        for node in nodes:
+            index.setdefault(node.mac, []).append(node)
+            report = await self.inventory.get(node.mac) if self.inventory is not None else None
+            for key in ("serial", "asset_tag"):
+                value = ((report or {}).get("dmi") or {}).get(key)
+                if value:
+                    index.setdefault(str(value), []).append(node)
+        names_now = {n.name for n in nodes}
+        plan: list[tuple[str, str]] = []
+        seen_new: dict[str, int] = {}
+        seen_old: dict[str, int] = {}
+        for number, key, new in wanted:
+            try:
+                key = normalize_mac(key)
+            except ValueError:
+                pass
+            found = index.get(key, [])
+            if not found:
+                raise Invalid(f"line {number}: no node has MAC, serial or asset tag {key!r}")
+            if len(found) > 1:
+                raise Invalid(f"line {number}: {key!r} matches {plural([n.name for n in found])}; use the MAC")
+            old = found[0].name
+            for kind, value, seen in (("name", new, seen_new), ("node", old, seen_old)):
+                first = seen.setdefault(value, number)
+                if first != number:
+                    raise Invalid(f"line {number}: {kind} {value} is already on line {first}")
+            if new != old and new in names_now:
+                raise Invalid(f"line {number}: a node named {new!r} already exists (to swap names, rename "
+                              "through a temporary name)")
+            if new != old:
+                plan.append((old, new))
+        for old, new in plan:
+            await self.store.rename_node(old, new)
+        if plan:
+            self.audit.record(who, "node.rename", plural([o for o, _ in plan]), {"to": plural([n for _, n in plan])})
+        return plan
 
     async def change(self, hostlist: str, body: Mapping[str, Any], now: float | None = None, *,
                      who: str) -> list[Node]:

@@ -14,6 +14,7 @@ from bootd.config import Config
 from bootd.service.boot import BootService, CapsuleReader
 from bootd.service.catalog import Catalog
 from bootd.service.credentials import Credentials
+from bootd.service.inventory import InventoryStore
 from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
@@ -31,6 +32,7 @@ class Services:
     metrics: CollectorRegistry
     overlays: OverlayService
     catalog: Catalog
+    inventory: InventoryStore
 
     def reload(self, config: Config) -> None:
         """Each service takes its own section; the next decision uses the new values."""

@@ -72,6 +72,13 @@ post_event() { # event reason done total tries
     return 1
 }
 
+report_inventory() { # commissioning, once per boot: what this machine is (bootd/service/inventory.py)
+    sh "${0%/*}/inventory.sh" > "$WORK/inventory.json" 2>/dev/null || return 0
+    timeout 10 wget -q -O /dev/null --header "X-Bootd-Token: $TOKEN" --header "Content-Type: application/json" \
+        --post-file "$WORK/inventory.json" "$URL/api/v1/nodes/$NODE/inventory" 2>/dev/null ||
+        say "note: could not report the inventory to $URL (continuing)"
+}
+
 fail() {
     say "FAILED $1"
     touch "$WORK/abort" 2>/dev/null
@@ -487,6 +494,7 @@ main() {
         IFACE=${BOOTD_TEST_IFACE:-}  # host mode: the interface the network hand-over is written for
     fi
     post_event stage1 "" 0 0 3
+    report_inventory &
 
     M=$WORK/manifest
     fetch "$URL/capsules/$VID/manifest" "$M" || fail "manifest could not be fetched: $FETCH_ERR"

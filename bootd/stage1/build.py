@@ -361,6 +361,7 @@ def initramfs_entries(
         add_file("usr/bin/bootd-fetch", fetcher)
     add_file("init", (HERE / "init.sh").read_bytes())
     add_file("bootd/agent.sh", (HERE / "agent.sh").read_bytes())
+    add_file("bootd/inventory.sh", (HERE / "inventory.sh").read_bytes())
     add_file("bootd/node-agent.sh", (HERE / "node-agent.sh").read_bytes())
     add_file("bootd/udhcpc.script", (HERE / "udhcpc.sh").read_bytes())
     add_file("etc/bootd-stage1.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode(), 0o644)

@@ -640,6 +640,16 @@ class PostgresNodeStore:
 
         return await self._run(fn)
 
+    async def rename_node(self, name: str, new: str) -> Node:
+        async def fn(conn: Conn) -> Node:
+            row = await _require(conn, name, lock=True)
+            if await _node_where(conn, "name", new) is not None:
+                raise Conflict(f"a node named {new!r} already exists")
+            await conn.execute("UPDATE nodes SET name = %s WHERE id = %s", (new, row["id"]))
+            return _node(await _require(conn, new))
+
+        return await self._run(fn)
+
     async def update_node(self, name: str, **fields: Any) -> Node:
         for key in fields:
             if key not in NODE_FIELDS:

@@ -361,6 +361,14 @@ class SqliteRepo:
             new = db.execute("SELECT * FROM nodes WHERE id = ?", (row["id"],)).fetchone()
             return self._load(new)
 
+    def rename_node(self, name: str, new: str) -> Node:
+        with self.write() as db:
+            row = self._require(name)
+            if self._row("name", new) is not None:
+                raise Conflict(f"a node named {new!r} already exists")
+            db.execute("UPDATE nodes SET name = ? WHERE id = ?", (new, row["id"]))
+            return self._load(db.execute("SELECT * FROM nodes WHERE id = ?", (row["id"],)).fetchone())
+
     def set_vars(self, name: str, values: dict[str, str], unset: tuple[str, ...] = ()) -> Node:
         with self.write() as db:
             row = self._require(name)
@@ -563,6 +571,9 @@ class SqliteNodeStore:
 
     async def update_node(self, name: str, **fields: Any) -> Node:
         return await self._run(self.repo.update_node, name, **fields)
+
+    async def rename_node(self, name: str, new: str) -> Node:
+        return await self._run(self.repo.rename_node, name, new)
 
     async def set_vars(self, name: str, values: dict[str, str], unset: tuple[str, ...] = ()) -> Node:
         return await self._run(self.repo.set_vars, name, values, unset)

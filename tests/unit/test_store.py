@@ -553,3 +553,7 @@ async def test_bulk_add_is_one_transaction_and_names_the_conflicting_line(node_s
     assert got is not None and got.ip == "10.9.0.8" and got.vars == {"rack": "r9"}
     with pytest.raises(Conflict, match=r"line 1: address 10\.9\.0\.1"):
         await node_store.add_nodes([NewNode(line=1, name="x", mac=mac(950), group="default", ip="10.9.0.1")], now=3)
+    renamed = await node_store.rename_node("b7", "rack9-u07")
+    assert renamed.name == "rack9-u07" and renamed.vars == {"rack": "r9"} and await node_store.get_node("b7") is None
+    with pytest.raises(Conflict, match="already exists"):
+        await node_store.rename_node("b8", "rack9-u07")

@@ -26,7 +26,7 @@ log = logging.getLogger("bootd.http")
 
 # Answered on the public listener with where the admin API is (tests/integration/test_api.py checks
 # that this names every admin route).
-ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}", "/api/v1/groups", "/api/v1/groups/{name}",
+ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}", "/api/v1/rename", "/api/v1/groups", "/api/v1/groups/{name}",
                 "/api/v1/capsules", "/api/v1/capsules/{name}", "/api/v1/capsules/{name}/import",
                 "/api/v1/capsules/{name}/build", "/api/v1/gc", "/api/v1/jobs", "/api/v1/jobs/{id}",
                 "/api/v1/overlays", "/api/v1/overlays/{name}", "/api/v1/openapi.json")

@@ -79,6 +79,7 @@ class ApiRoutes:
         r = app.router
         r.add_post("/api/v1/nodes", self._api(self._nodes_create, 201))
         r.add_delete("/api/v1/nodes/{name}", self._api(self._nodes_delete))
+        r.add_post("/api/v1/rename", self._api(self._rename))
         r.add_get("/api/v1/groups", self._api(self._groups))
         r.add_get("/api/v1/groups/{name}", self._api(self._group))
         r.add_put("/api/v1/groups/{name}", self._api(self._group_put))
@@ -126,6 +127,18 @@ class ApiRoutes:
     async def _nodes_delete(self, request: web.Request) -> dict[str, Any]:
         deleted = await self.services.nodes.delete(request.match_info["name"], who=self._who(request))
         return {"deleted": compress(deleted)}
+
+    async def _rename(self, request: web.Request) -> dict[str, Any]:
+        """A rename map (text: 'MAC|SERIAL|ASSET-TAG NEW-NAME' per line); all checked before any is applied."""
+        raw = await request.content.read(BULK_MAX_BYTES + 1)
+        if len(raw) > BULK_MAX_BYTES:
+            raise Invalid(f"the map is over {BULK_MAX_BYTES} bytes")
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            raise Invalid("the map must be UTF-8 text") from None
+        plan = await self.services.nodes.rename_map(text, who=self._who(request))
+        return {"renamed": [{"from": old, "to": new} for old, new in plan]}
 
     # -- groups -----------------------------------------------------------------------------
     async def _groups(self, request: web.Request) -> list[dict[str, Any]]:

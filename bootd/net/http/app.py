@@ -159,6 +159,7 @@ class HttpServer(NodeRoutes):
         r.add_post("/api/v1/nodes/{name}/events", self._event)
         r.add_post("/api/v1/nodes/{name}/heartbeat", self._heartbeat)
         r.add_get("/api/v1/nodes/{name}/env", self._env)
+        r.add_post("/api/v1/nodes/{name}/inventory", self._inventory)
         r.add_get("/api/v1/nodes/{name}/overlay/{kind}", self._overlay)
         refuse_here = elsewhere(self.config)  # the admin API has its own listener (bootd/net/http/admin.py)
         for path in ADMIN_ROUTES:

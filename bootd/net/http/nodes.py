@@ -24,6 +24,8 @@ from bootd.model import State, node_json, normalize_mac
 from bootd.net.files import etag_matches
 from bootd.net.http.send import refuse
 from bootd.service.checks import Invalid
+from bootd.service.inventory import MAX_BYTES as MAX_INVENTORY
+from bootd.service.inventory import BadInventory
 from bootd.service.lifecycle import NODE_REPORTABLE, Actor, TransitionRefused
 from bootd.service.services import Services
 
@@ -115,6 +117,22 @@ class NodeRoutes:
         self.metrics.node_events.labels(event="heartbeat").inc()
         return web.json_response({"node": node.name, "state": node.state.value})
 
+    async def _inventory(self, request: web.Request) -> web.StreamResponse:
+        """The stage one's commissioning report (inventory.sh), with the node's own credential."""
+        name = request.match_info["name"]
+        denied = await self._node_auth(request, name)
+        if denied is not None:
+            return denied
+        raw = await request.content.read(MAX_INVENTORY + 1)
+        try:
+            view = await self.services.nodes.show(name, events=0)
+            data = await self.services.inventory.put(view.node.mac, raw, self.clock())
+        except NotFound as exc:
+            return refuse(404, str(exc))
+        except BadInventory as exc:
+            return refuse(400, f"inventory: {exc}")
+        return web.json_response({"node": name, "nics": len(data["nics"]), "disks": len(data["disks"])})
+
     async def _env(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         denied = await self._node_auth(request, name)
@@ -178,6 +196,7 @@ class NodeRoutes:
             return refuse(404, str(exc))
         out = node_json(view.node)
         out["events"] = [asdict(e) for e in view.events]
+        out["inventory"] = view.inventory
         return web.json_response(out)
 
     async def _set_node(self, request: web.Request) -> web.StreamResponse:
