@@ -188,6 +188,19 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several bootd servers on one registry (PostgreSQL): this server's id and the heartbeat timing.
+
+    ``id`` "" means server.address. A server whose heartbeat is older than ``takeover_after`` seconds
+    is dead: the live servers split its clients among themselves.
+    """
+
+    id: str = ""
+    heartbeat: float = 2.0
+    takeover_after: float = 10.0
+
+
+@dataclass(frozen=True)
 class OverlayConfig:
     dir: Path = Path("/var/lib/bootd/overlays")
     uid_min: int = 1000
@@ -209,6 +222,7 @@ class Config:
     capsule: CapsuleConfig = field(default_factory=CapsuleConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def db_path(self) -> Path:
@@ -412,6 +426,11 @@ def _cidr(value: str) -> None:
         raise ValueError("expected an IPv4 network with its prefix length, such as 10.78.1.0/24")
 
 
+def _server_id(value: str) -> None:
+    if not value or len(value) > 64 or not all(c.isalnum() or c in "-_." for c in value):
+        raise ValueError("expected 1 to 64 letters, digits, '-', '_' or '.', e.g. boot1")
+
+
 def _name_pattern(value: str) -> None:
     try:
         a, b = value.format(index=0), value.format(index=1)
@@ -474,7 +493,8 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
-    sections = ("server", "registry", "dhcp", "tftp", "http", "admin", "boot", "capsule", "store", "overlay")
+    sections = ("server", "registry", "dhcp", "tftp", "http", "admin", "boot", "capsule", "store", "overlay",
+                "cluster")
     for name in data:
         if name not in sections:
             raise ConfigError(path, name, f"unknown section; valid sections are: {', '.join(sections)}")
@@ -665,5 +685,16 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         raise o.error("uid_max", f"{overlay.uid_max} is below uid_min {overlay.uid_min}")
     o.finish()
 
+    cl = section("cluster")
+    cluster = ClusterConfig(
+        id=cl.text("id", server.address, _server_id),
+        heartbeat=cl.number("heartbeat", ClusterConfig.heartbeat, 0.1, 60.0),
+        takeover_after=cl.number("takeover_after", ClusterConfig.takeover_after, 0.5, 3600.0),
+    )
+    if cluster.takeover_after < 2 * cluster.heartbeat:
+        raise cl.error("takeover_after", f"{cluster.takeover_after:g} must be at least twice heartbeat "
+                       f"({cluster.heartbeat:g}): one late heartbeat must not look like a dead server")
+    cl.finish()
+
     return Config(path=path, server=server, registry=registry, dhcp=dhcp, tftp=tftp, http=http, admin=admin,
-                  boot=boot, capsule=capsule, store=store, overlay=overlay)
+                  boot=boot, capsule=capsule, store=store, overlay=overlay, cluster=cluster)
