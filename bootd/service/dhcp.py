@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from bootd.errors import StoreError
+from bootd.errors import Conflict, StoreError
 from bootd.model import BootPlan, Lease, Node, State
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.client_state import ClientState, request_state
 from bootd.proto.dhcp.leases import SERVER, LeasePool, int_ip, ip_int
+from bootd.proto.dhcp.loadbalance import bucket
 from bootd.proto.dhcp.packet import ZERO_IP, DhcpPacket
 from bootd.proto.dhcp.pxe import Client, Ignore, classify
 from bootd.proto.dhcp.reply import Reply, boot_options, build_reply, destination, lease_options, nak
@@ -48,6 +49,7 @@ from bootd.store.base import NodeStore
 if TYPE_CHECKING:
     from bootd.config import Config, DhcpConfig, SubnetConfig
     from bootd.service.registry import RegistryService
+    from bootd.service.servers import Cluster
 
 log = logging.getLogger("bootd.dhcp")
 
@@ -55,6 +57,11 @@ MT = o.MessageType
 MAX_HOPS = 16  # RFC 1542 4.1.1 suggests relays discard beyond this; so do we
 NODE_CACHE_TTL = 10.0  # DISCOVER->REQUEST reuses the registry answer for this long (seconds)
 NODE_RELOAD_EVERY = 60.0  # re-read node addresses: the CLI (another process) may delete nodes or set an ip
+CONFLICT_RELOAD_AFTER = 1.0  # another server leased an address we thought free: re-read the leases this soon
+# Kea's HA load-balancing filters these; OFFER/ACK/NAK come from servers, not clients.
+SPLIT_TYPES = frozenset((o.MessageType.DISCOVER, o.MessageType.REQUEST, o.MessageType.DECLINE,
+                         o.MessageType.RELEASE, o.MessageType.INFORM))
+OTHER = "another-server"  # the sticky owner of an address another server leased (until the next reload)
 
 
 @dataclass(slots=True)
@@ -122,7 +129,7 @@ class DhcpService:
 
     def __init__(self, store: NodeStore, registry: RegistryService, boot: BootPlanner, config: DhcpConfig,
                  *, server_address: str, clock: Callable[[], float] = time.time, lifecycle: Lifecycle | None = None,
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials | None = None, cluster: Cluster | None = None) -> None:
         if config.mode not in ("full", "proxy"):
             raise ValueError(f"dhcp mode {config.mode!r} is neither 'full' nor 'proxy'")
         self.store = store
@@ -147,6 +154,11 @@ class DhcpService:
         self._next_reload = math.inf  # set by load()
         self._armed = math.inf  # when run() wakes up next
         self._wake = asyncio.Event()
+        # Several servers on one registry: answer only our share of the clients (cluster.owns, no I/O).
+        self.cluster = cluster
+        if cluster is not None:
+            cluster.on_change(self._servers_changed)
+            self._servers_changed()
 
     @classmethod
     def from_config(cls, config: Config, store: NodeStore, registry: RegistryService,
@@ -156,6 +168,18 @@ class DhcpService:
                   lifecycle=lifecycle)
         svc._owns_boot = True
         return svc
+
+    def _servers_changed(self) -> None:
+        """The live servers changed: re-read the leases now (a dead server's clients are ours from now on,
+        and it leased addresses we never saw), and start allocating in our own part of each pool, so live
+        servers rarely pick the same free address (the database refuses the second anyway)."""
+        assert self.cluster is not None
+        index, count = self.cluster.position
+        for sub in self.subnets:
+            pool = sub.pool
+            pool.cursor = pool.start + (pool.end - pool.start + 1) * index // count
+        self._next_reload = 0.0
+        self._poke(0.0)
 
     @property
     def pool(self) -> LeasePool | None:
@@ -329,6 +353,12 @@ class DhcpService:
             return _ignore(c.reason, c.detail)
         if packet.hops > MAX_HOPS:
             return _ignore("too-many-hops", f"hops {packet.hops}")
+        cluster = self.cluster
+        if cluster is not None and c.msg_type in SPLIT_TYPES and port != self.config.proxy_port:
+            share = bucket(packet)
+            if not cluster.owns(share):
+                return _ignore("peer-share", f"{c.machine.mac} hashes to bucket {share}, server "
+                                             f"{cluster.owner(share).id}'s")
         if not self._loaded:
             await self.load(now)
         cfg = self.config
@@ -463,7 +493,8 @@ class DhcpService:
         if isinstance(req, Ignore):
             return _ignore(req.reason, req.detail)
         sub = self.subnet_for(packet)
-        if req.state is ClientState.SELECTING and req.server_id != self.server_id:
+        if req.state is ClientState.SELECTING and req.server_id != self.server_id and not self._took_over(
+                req.server_id):
             # The client chose another server: our offer is free again.
             if sub is not None:
                 sub.pool.drop_offer(mac)
@@ -491,7 +522,15 @@ class DhcpService:
         # (RFC 2131 4.3.1: the binding is committed before the reply), undo on failure.
         pool.bind(ip, mac, expires)
         try:
-            await self.store.put_lease(Lease(int_ip(ip), mac, expires, o.hostname(packet)))
+            await self.store.put_lease(Lease(int_ip(ip), mac, expires, o.hostname(packet)), now=now,
+                                       server=self.cluster.id if self.cluster is not None else None)
+        except Conflict as exc:
+            # Another server (sharing the registry) holds it: the database said no. Keep away from it until
+            # the leases are re-read, and send the client back to DISCOVER for another address.
+            pool.unbind(ip)
+            pool.stick(ip, OTHER)
+            self._reload_soon(now)
+            return self._nak(packet, f"{int_ip(ip)} is not available: {exc}")
         except BaseException:
             pool.unbind(ip)
             raise
@@ -503,8 +542,19 @@ class DhcpService:
         return Outcome([self._send(packet, MT.ACK, yiaddr=int_ip(ip), siaddr=boot.siaddr, options=opts,
                                    file=boot.file)])
 
+    def _took_over(self, server_id: str | None) -> bool:
+        """RFC 2131 4.3.2: a REQUEST naming another server is that server's, unless that server is dead and its
+        share is ours now (the caller checked the share): then we answer in its place."""
+        return server_id is not None and self.cluster is not None and self.cluster.is_dead(server_id)
+
+    def _reload_soon(self, now: float) -> None:
+        due = now + CONFLICT_RELOAD_AFTER
+        if due < self._next_reload:
+            self._next_reload = due
+            self._poke(due)
+
     async def _decline(self, packet: DhcpPacket, c: Client, now: float) -> Outcome:
-        if o.server_id(packet) not in (None, self.server_id):
+        if o.server_id(packet) not in (None, self.server_id) and not self._took_over(o.server_id(packet)):
             return _ignore("other-server", "DECLINE for another server")
         wanted = o.requested_ip(packet)
         if wanted is None:
@@ -524,7 +574,7 @@ class DhcpService:
         return Outcome()
 
     async def _release(self, packet: DhcpPacket, c: Client, now: float) -> Outcome:
-        if o.server_id(packet) not in (None, self.server_id):
+        if o.server_id(packet) not in (None, self.server_id) and not self._took_over(o.server_id(packet)):
             return _ignore("other-server", "RELEASE for another server")
         if packet.ciaddr == ZERO_IP:
             return _ignore("no-ciaddr", "RELEASE without ciaddr")

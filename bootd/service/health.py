@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from bootd.config import RegistryConfig
 from bootd.service.lifecycle import Lifecycle, Timeout
@@ -21,10 +21,13 @@ log = logging.getLogger("bootd.health")
 
 
 class HealthMonitor:
-    def __init__(self, lifecycle: Lifecycle, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, lifecycle: Lifecycle, *, clock: Callable[[], float] = time.time,
+                 lead: Callable[[str, float, float], Awaitable[bool]] | None = None) -> None:
         self.lifecycle = lifecycle
         self.clock = clock
         self.started = clock()
+        # Several servers on one registry: only the holder of the "sweep" lock sweeps (bootd.service.servers).
+        self.lead = lead
 
     @property
     def config(self) -> RegistryConfig:
@@ -43,8 +46,13 @@ class HealthMonitor:
     async def run(self) -> None:
         """Sweep forever (cancel to stop); a failed sweep is logged and retried on the next tick."""
         while True:
-            await asyncio.sleep(self.interval())
+            interval = self.interval()
+            await asyncio.sleep(interval)
             try:
-                await self.check(self.clock())
+                now = self.clock()
+                # Held a few intervals, renewed by every sweep of its holder: a dead sweeper is replaced soon.
+                if self.lead is not None and not await self.lead("sweep", now, max(3 * interval, 10.0)):
+                    continue
+                await self.check(now)
             except Exception:
                 log.exception("event=health-sweep-failed")

@@ -15,11 +15,13 @@ Lifecycle timeout sweeps need one sweeper at a time: ``lead()`` holds a lock row
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from bootd.config import Config
 from bootd.errors import StoreError
@@ -27,7 +29,7 @@ from bootd.proto.dhcp.loadbalance import BUCKETS, owner_index
 from bootd.ratelog import LogLimiter
 from bootd.store.base import NodeStore, ServerRecord
 
-__all__ = ["Cluster", "live_servers", "split"]
+__all__ = ["Cluster", "ServerAdmin", "ServerView", "live_servers", "split"]
 
 log = logging.getLogger("bootd.servers")
 
@@ -71,6 +73,7 @@ class Cluster:
         self._dead_addresses: frozenset[str] = frozenset()
         self._listeners: list[Callable[[], None]] = []
         self._log = LogLimiter(60.0)
+        self._task: asyncio.Task[None] | None = None
         self._apply([self.me])  # alone until the first heartbeat: every bucket is ours
 
     # -- the hot path (no I/O) ---------------------------------------------------------------
@@ -149,13 +152,29 @@ class Cluster:
     async def run(self) -> None:
         """Heartbeat until cancelled; a failed heartbeat is logged (once a minute) and retried next tick."""
         while True:
+            await asyncio.sleep(self.every)
             try:
                 await self.beat()
             except StoreError as exc:
                 held = self._log.allow("beat")
                 if held is not None:
                     log.warning("event=cluster-heartbeat-failed error=%r retry_in=%ss", str(exc), self.every)
-            await asyncio.sleep(self.every)
+
+    # -- as a daemon component: started before DHCP answers (the split is known), stopped after it ------
+    async def start(self) -> None:
+        await self.beat()
+        log.info("event=cluster-joined id=%s live=%s my_buckets=%d", self.id, ",".join(r.id for r in self.live),
+                 sum(self._mine))
+        self._task = asyncio.create_task(self.run(), name="cluster-heartbeat")
+
+    async def close(self) -> None:
+        task = self._task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self._task = None
+            await self.leave()
 
     async def leave(self) -> None:
         """A clean stop: our row goes, so the peers take our share at their next heartbeat."""
@@ -168,3 +187,48 @@ class Cluster:
     async def lead(self, name: str, now: float, ttl: float) -> bool:
         """Hold the cluster-wide lock ``name`` for ``ttl`` seconds (renewed by each call while held)."""
         return await self.store.take_lock(name, self.id, now, ttl)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerView:
+    """One row of `bootd server list` (and GET /api/v1/servers): a server, whether it is alive, its share."""
+
+    id: str
+    addresses: tuple[str, ...]
+    public_url: str
+    admin_url: str
+    pid: int
+    started: float
+    heartbeat: float
+    age: float  # seconds since its last heartbeat, by this reader's clock
+    alive: bool
+    load: float
+    nodes: int
+    buckets: int  # of the 256 hash buckets: its share of the clients (0 when dead)
+
+    def as_json(self) -> dict[str, object]:
+        out = {f: getattr(self, f) for f in self.__slots__}  # type: ignore[attr-defined]
+        out["addresses"] = list(self.addresses)
+        out["share"] = round(self.buckets / BUCKETS, 4)
+        return out
+
+
+class ServerAdmin:
+    """The servers as an operator sees them, read from the registry (the CLI and the admin API)."""
+
+    def __init__(self, store: NodeStore, config: Config) -> None:
+        self.store = store
+        self.reload(config)
+
+    def reload(self, config: Config) -> None:
+        self.takeover_after = config.cluster.takeover_after
+
+    async def list(self, now: float) -> list[ServerView]:
+        rows = await self.store.list_servers()
+        live = live_servers(rows, "", now, self.takeover_after)
+        ids = [r.id for r in live]
+        owners = split(ids)
+        share = {sid: owners.count(i) for i, sid in enumerate(ids)}
+        return [ServerView(r.id, r.addresses, r.public_url, r.admin_url, r.pid, r.started, r.heartbeat,
+                           round(now - r.heartbeat, 1), r.id in share, r.load, r.nodes, share.get(r.id, 0))
+                for r in rows]
