@@ -37,7 +37,7 @@ from bootd.model import BootPlan, Lease, Node, State
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.client_state import ClientState, request_state
 from bootd.proto.dhcp.leases import SERVER, LeasePool, int_ip, ip_int
-from bootd.proto.dhcp.loadbalance import bucket
+from bootd.proto.dhcp.loadbalance import client_key, lb_hash
 from bootd.proto.dhcp.packet import ZERO_IP, DhcpPacket
 from bootd.proto.dhcp.pxe import Client, Ignore, classify
 from bootd.proto.dhcp.reply import Reply, boot_options, build_reply, destination, lease_options, nak
@@ -61,6 +61,7 @@ CONFLICT_RELOAD_AFTER = 1.0  # another server leased an address we thought free:
 # Kea's HA load-balancing filters these; OFFER/ACK/NAK come from servers, not clients.
 SPLIT_TYPES = frozenset((o.MessageType.DISCOVER, o.MessageType.REQUEST, o.MessageType.DECLINE,
                          o.MessageType.RELEASE, o.MessageType.INFORM))
+BUCKET_CACHE = 65536  # client keys remembered with their hash bucket (cleared when full: forged keys only refill it)
 OTHER = "another-server"  # the sticky owner of an address another server leased (until the next reload)
 
 
@@ -156,6 +157,7 @@ class DhcpService:
         self._wake = asyncio.Event()
         # Several servers on one registry: answer only our share of the clients (cluster.owns, no I/O).
         self.cluster = cluster
+        self._buckets: dict[bytes, int] = {}
         if cluster is not None:
             cluster.on_change(self._servers_changed)
             self._servers_changed()
@@ -354,8 +356,13 @@ class DhcpService:
         if packet.hops > MAX_HOPS:
             return _ignore("too-many-hops", f"hops {packet.hops}")
         cluster = self.cluster
-        if cluster is not None and c.msg_type in SPLIT_TYPES and port != self.config.proxy_port:
-            share = bucket(packet)
+        if cluster is not None and cluster.shared and c.msg_type in SPLIT_TYPES and port != self.config.proxy_port:
+            key = client_key(packet)
+            share = self._buckets.get(key)
+            if share is None:
+                if len(self._buckets) >= BUCKET_CACHE:
+                    self._buckets.clear()
+                share = self._buckets[key] = lb_hash(key)
             if not cluster.owns(share):
                 return _ignore("peer-share", f"{c.machine.mac} hashes to bucket {share}, server "
                                              f"{cluster.owner(share).id}'s")

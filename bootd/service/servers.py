@@ -77,6 +77,11 @@ class Cluster:
         self._apply([self.me])  # alone until the first heartbeat: every bucket is ours
 
     # -- the hot path (no I/O) ---------------------------------------------------------------
+    @property
+    def shared(self) -> bool:
+        """More than one live server: only then is a client's bucket worth computing."""
+        return len(self.live) > 1
+
     def owns(self, bucket: int) -> bool:
         return self._mine[bucket] != 0
 
