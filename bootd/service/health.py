@@ -43,16 +43,21 @@ class HealthMonitor:
         spans = [c.stale_after, c.dead_after - c.stale_after] + ([c.pxe_timeout] if c.pxe_timeout > 0 else [])
         return max(1.0, min(spans) / 10)
 
+    async def tick(self, now: float) -> list[Timeout] | None:
+        """One timer tick: sweep if this server holds the sweep lock (or runs alone); None when another sweeps.
+
+        The lock is held a few intervals and renewed by every sweep of its holder, so a dead sweeper's
+        place is taken within that time.
+        """
+        if self.lead is not None and not await self.lead("sweep", now, max(3 * self.interval(), 10.0)):
+            return None
+        return await self.check(now)
+
     async def run(self) -> None:
         """Sweep forever (cancel to stop); a failed sweep is logged and retried on the next tick."""
         while True:
-            interval = self.interval()
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.interval())
             try:
-                now = self.clock()
-                # Held a few intervals, renewed by every sweep of its holder: a dead sweeper is replaced soon.
-                if self.lead is not None and not await self.lead("sweep", now, max(3 * interval, 10.0)):
-                    continue
-                await self.check(now)
+                await self.tick(self.clock())
             except Exception:
                 log.exception("event=health-sweep-failed")
