@@ -17,7 +17,7 @@ from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
 from bootd.service.registry import RegistryService
-from bootd.service.servers import ServerAdmin
+from bootd.service.servers import Cluster, ServerAdmin
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,8 @@ class Services:
     metrics: CollectorRegistry
     overlays: OverlayService
     servers: ServerAdmin
+    # This server among those sharing the registry: cluster.live_urls() names every live server's public URL.
+    cluster: Cluster
 
     def reload(self, config: Config) -> None:
         """Each service takes its own section; the next decision uses the new values."""
