@@ -11,6 +11,7 @@ import cycle (tests/unit/test_layout.py checks).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
 from bootd.service.registry import RegistryService
+from bootd.service.servers import Cluster, ServerAdmin
 from bootd.service.services import Services
 from bootd.store.base import NodeStore
 from bootd.store.factory import open_store
@@ -115,7 +117,12 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     nodes = NodeAdmin(store, lifecycle, config.registry, audit, inventory)
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
                            capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry),
-                           catalog=Catalog(config, audit), inventory=inventory)
+                           catalog=Catalog(config, audit), inventory=inventory,
+                           servers=ServerAdmin(store, config),
+                           # Does nothing until started (bootd serve): the CLI's copy never heartbeats.
+                           cluster=Cluster(store, config, load=functools.partial(_answered, metrics),
+                                           addresses=[sc.next_server for sc in config.dhcp.subnets
+                                                      if sc.next_server]))
 
 
 @contextlib.asynccontextmanager
@@ -142,8 +149,12 @@ async def build(config: Config) -> Built:
     capsules = svc.capsules
     assert isinstance(capsules, CapsuleStore)
     capsules.ensure_layout()
-    health = HealthMonitor(svc.lifecycle)
+    # Every server heartbeats into the registry (bootd server list); with several on one PostgreSQL they
+    # split the DHCP clients and one at a time sweeps the lifecycle timeouts.
+    cluster = svc.cluster
+    health = HealthMonitor(svc.lifecycle, lead=cluster.lead)
     built = Built(config, store, svc, health, background=[health.run])
+    built.components.append(("cluster", cluster))
 
     if config.tftp.enabled:
         from bootd.net.tftp import TftpServer
@@ -165,12 +176,21 @@ async def build(config: Config) -> Built:
 
         d = config.dhcp
         dhcp = DhcpService(store, svc.registry, svc.boot, d, server_address=config.server.address,
-                           lifecycle=svc.lifecycle, credentials=svc.credentials)
+                           lifecycle=svc.lifecycle, credentials=svc.credentials, cluster=cluster)
         built.components.append(("dhcp", DhcpServer(
             dhcp, listen=d.listen, port=d.port, proxy_port=d.proxy_port if d.mode == "proxy" else None,
             interface=d.interface, queue_size=d.queue_size, metrics=svc.metrics,
         )))
     return built
+
+
+ANSWERED = ("bootd_dhcp_replies", "bootd_http_requests")  # what a server's load counts
+
+
+def _answered(metrics: CollectorRegistry) -> float:
+    """Requests answered so far (DHCP replies and HTTP requests): the heartbeat reports its rate as the load."""
+    return sum(sample.value for metric in metrics.collect() if metric.name in ANSWERED
+               for sample in metric.samples if sample.name.endswith("_total"))
 
 
 async def migrate_store(config: Config, to: str, *, source: Path | None, password_file: Path | None, force: bool,

@@ -44,7 +44,8 @@ _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 class BootPlanner(Protocol):
     """What DHCP (and TFTP) ask: the boot plan for a machine (BootPolicy, or the BootService around it)."""
 
-    def plan(self, machine: Machine, node: Node | None, *, pxe: bool) -> BootPlan | None: ...
+    def plan(self, machine: Machine, node: Node | None, *, pxe: bool, public_url: str | None = None,
+             next_server: str | None = None) -> BootPlan | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,33 +62,38 @@ class BootPolicy:
         return cls(public_url=config.http.public_url, next_server=config.server.address, bios_nbp=b.bios_nbp,
                    uefi_nbp=b.uefi_nbp, uefi_arm64_nbp=b.uefi_arm64_nbp)
 
-    def ipxe_url(self, mac: str) -> str:
-        return f"{self.public_url.rstrip('/')}/boot/{mac.replace(':', '-')}.ipxe"
+    def ipxe_url(self, mac: str, public_url: str | None = None) -> str:
+        return f"{(public_url or self.public_url).rstrip('/')}/boot/{mac.replace(':', '-')}.ipxe"
 
-    def plan(self, machine: Machine, node: Node | None, *, pxe: bool) -> BootPlan | None:
+    def plan(self, machine: Machine, node: Node | None, *, pxe: bool, public_url: str | None = None,
+             next_server: str | None = None) -> BootPlan | None:
         """The boot plan, or None when no network boot program fits this firmware.
 
         ``pxe`` is False for plain DHCP clients (an OS's dhclient, stage one's
         udhcpc); they get the BIOS NBP in the BOOTP ``file`` field, as dnsmasq
         and ISC dhcpd do with a global filename, which they ignore.
+        ``public_url`` and ``next_server`` replace this server's own for a DHCP subnet that reaches
+        it by another address (a relayed rack).
         """
         v = node.vars if node is not None else {}
+        base = (public_url or self.public_url).rstrip("/")
+        nxt = next_server or self.next_server
         if machine.ipxe:
-            url = v.get("boot.ipxe_url") or self.ipxe_url(machine.mac)
-            return BootPlan(url, self.next_server, ipxe_no_proxydhcp=True)
+            url = v.get("boot.ipxe_url") or self.ipxe_url(machine.mac, base)
+            return BootPlan(url, nxt, ipxe_no_proxydhcp=True)
         if "boot.file" in v:
-            return BootPlan(v["boot.file"], self.next_server)
+            return BootPlan(v["boot.file"], nxt)
         fw = machine.firmware
         if fw is Firmware.UEFI_HTTP:
             arm = machine.arch in ARM64_ARCHES
             nbp = v.get("boot.uefi_arm64_nbp", self.uefi_arm64_nbp) if arm else v.get("boot.uefi_nbp", self.uefi_nbp)
-            return BootPlan(f"{self.public_url.rstrip('/')}/nbp/{nbp}", self.next_server)
+            return BootPlan(f"{base}/nbp/{nbp}", nxt)
         if fw is Firmware.BIOS or (fw is Firmware.UNKNOWN and not pxe):
-            return BootPlan(v.get("boot.bios_nbp", self.bios_nbp), self.next_server)
+            return BootPlan(v.get("boot.bios_nbp", self.bios_nbp), nxt)
         if fw is Firmware.UEFI_X64:
-            return BootPlan(v.get("boot.uefi_nbp", self.uefi_nbp), self.next_server)
+            return BootPlan(v.get("boot.uefi_nbp", self.uefi_nbp), nxt)
         if fw is Firmware.UEFI_ARM64:
-            return BootPlan(v.get("boot.uefi_arm64_nbp", self.uefi_arm64_nbp), self.next_server)
+            return BootPlan(v.get("boot.uefi_arm64_nbp", self.uefi_arm64_nbp), nxt)
         # uefi-ia32 (Debian ships no ia32 iPXE) or an architecture we do not know.
         return None
 
@@ -128,8 +134,9 @@ class BootService:
         self.kernel_args = config.boot.kernel_args
 
     # -- firmware (DHCP, TFTP) ------------------------------------------------------------
-    def plan(self, machine: Machine, node: Node | None, *, pxe: bool) -> BootPlan | None:
-        return self.policy.plan(machine, node, pxe=pxe)
+    def plan(self, machine: Machine, node: Node | None, *, pxe: bool, public_url: str | None = None,
+             next_server: str | None = None) -> BootPlan | None:
+        return self.policy.plan(machine, node, pxe=pxe, public_url=public_url, next_server=next_server)
 
     async def firmware_contact(self, node: Node, reason: str, now: float) -> Node:
         """A boot firmware got its boot program or script: ``pxe``, if the table lets the firmware say so.

@@ -19,6 +19,7 @@ from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
 from bootd.service.registry import RegistryService
+from bootd.service.servers import Cluster, ServerAdmin
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,9 @@ class Services:
     overlays: OverlayService
     catalog: Catalog
     inventory: InventoryStore
+    servers: ServerAdmin
+    # This server among those sharing the registry: cluster.live_urls() names every live server's public URL.
+    cluster: Cluster
 
     def reload(self, config: Config) -> None:
         """Each service takes its own section; the next decision uses the new values."""
@@ -42,3 +46,4 @@ class Services:
         self.boot.reload(config)
         self.overlays.reload(config)
         self.catalog.reload(config)
+        self.servers.reload(config)

@@ -29,7 +29,8 @@ log = logging.getLogger("bootd.http")
 ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}", "/api/v1/rename", "/api/v1/groups", "/api/v1/groups/{name}",
                 "/api/v1/capsules", "/api/v1/capsules/{name}", "/api/v1/capsules/{name}/import",
                 "/api/v1/capsules/{name}/build", "/api/v1/gc", "/api/v1/jobs", "/api/v1/jobs/{id}",
-                "/api/v1/overlays", "/api/v1/overlays/{name}", "/api/v1/openapi.json")
+                "/api/v1/overlays", "/api/v1/overlays/{name}", "/api/v1/openapi.json",
+                "/api/v1/servers")
 
 
 class AdminServer(NodeRoutes, ApiRoutes):
@@ -46,8 +47,16 @@ class AdminServer(NodeRoutes, ApiRoutes):
         app.router.add_get("/api/v1/nodes", self._list_nodes)
         app.router.add_get("/api/v1/nodes/{name}", self._get_node)
         app.router.add_post("/api/v1/nodes/{name}", self._set_node)
+        app.router.add_get("/api/v1/servers", self._list_servers)
         self.add_api_routes(app)
         self.app = app
+
+    async def _list_servers(self, request: web.Request) -> web.StreamResponse:
+        """The servers sharing this registry, alive or not, with their share of the clients (bootd server list)."""
+        if (denied := self._admin_auth(request)) is not None:
+            return denied
+        views = await self.services.servers.list(self.clock())
+        return web.json_response({"servers": [v.as_json() for v in views]})
 
     def reload(self, config: Config) -> None:
         self.config = config
