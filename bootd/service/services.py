@@ -17,6 +17,7 @@ from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
 from bootd.service.registry import RegistryService
+from bootd.service.replica import Replica
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class Services:
     capsules: CapsuleReader
     metrics: CollectorRegistry
     overlays: OverlayService
+    replica: Replica | None = None  # capsule.upstream: missing objects come from another bootd
 
     def reload(self, config: Config) -> None:
         """Each service takes its own section; the next decision uses the new values."""
