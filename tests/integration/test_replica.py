@@ -29,6 +29,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from bootd.capsule.objects import CapsuleStore
 from tests.conftest import PYTHON, ROOT, free_port, run_cli, write_config
 
 CHUNKS = {"chunk_min": 65536, "chunk_avg": 131072, "chunk_max": 262144}
@@ -76,11 +77,15 @@ def config_for(tmp: Path, name: str, port: int, **capsule: object) -> tuple[Path
     return cfg, state
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[object]:
-    procs: list[Serve] = []
+class Servers:
+    """`bootd serve` processes started by a test (or a module), stopped with SIGTERM at its end."""
 
-    def start(name: str, **capsule: object) -> Serve:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Serve] = []
+
+    def __call__(self, name: str, **capsule: object) -> Serve:
+        tmp_path = self.tmp
         port = free_port()
         cfg, state = config_for(tmp_path, name, port, **capsule)
         log = tmp_path / f"{name}.log"
@@ -88,7 +93,7 @@ def serve(tmp_path: Path) -> Iterator[object]:
             proc = subprocess.Popen([PYTHON, "-m", "bootd", "-c", str(cfg), "serve"], cwd=ROOT, stdout=fh,
                                     stderr=subprocess.STDOUT)
         s = Serve(proc, f"http://127.0.0.1:{port}", state, cfg, log)
-        procs.append(s)
+        self.procs.append(s)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()
@@ -98,15 +103,22 @@ def serve(tmp_path: Path) -> Iterator[object]:
             time.sleep(0.05)
         raise AssertionError(f"bootd serve {name} did not listen: {log.read_text()}")
 
-    yield start
-    for s in procs:
-        if s.proc.poll() is None:
-            s.proc.send_signal(signal.SIGTERM)
-            try:
-                s.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                s.proc.kill()
-                s.proc.wait()
+    def stop(self) -> None:
+        for s in self.procs:
+            if s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGTERM)
+                try:
+                    s.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    s.proc.kill()
+                    s.proc.wait()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Servers]:
+    servers = Servers(tmp_path)
+    yield servers
+    servers.stop()
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +133,26 @@ def capsule_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def primary_with_capsule(serve: object, tree: Path) -> tuple[Serve, str, list[str]]:
-    primary: Serve = serve("primary")  # type: ignore[operator]
-    run_cli("capsule", "import", "demo", str(tree), "--no-hygiene", config=primary.config, check=True)
-    from bootd.capsule.objects import CapsuleStore
+@dataclass
+class Primary:
+    serve: Serve
+    vid: str
+    chunks: list[str]
 
-    store = CapsuleStore(primary.store)
-    vid = store.resolve("demo")
-    assert vid is not None
-    return primary, vid, [c.sha256 for c in store.load_manifest(vid).chunks]
+
+@pytest.fixture(scope="module")
+def primary(tmp_path_factory: pytest.TempPathFactory, capsule_tree: Path) -> Iterator[Primary]:
+    """The first `bootd serve`, with capsule demo imported; shared by the module's tests (never stopped by one)."""
+    servers = Servers(tmp_path_factory.mktemp("primary"))
+    try:
+        first = servers("primary")
+        run_cli("capsule", "import", "demo", str(capsule_tree), "--no-hygiene", config=first.config, check=True)
+        store = CapsuleStore(first.store)
+        vid = store.resolve("demo")
+        assert vid is not None
+        yield Primary(first, vid, [c.sha256 for c in store.load_manifest(vid).chunks])
+    finally:
+        servers.stop()
 
 
 def sha(data: bytes) -> str:
@@ -192,6 +215,7 @@ class Proxy:
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
+            self._loop = None
         if self._thread is not None:
             self._thread.join(10)
 
@@ -206,9 +230,9 @@ def proxies() -> Iterator[list[Proxy]]:
 
 # ---- tests --------------------------------------------------------------------------------------------
 
-def test_replica_fetches_verifies_stores_and_serves(serve: object, capsule_tree: Path) -> None:
-    primary, vid, chunks = primary_with_capsule(serve, capsule_tree)
-    replica: Serve = serve("replica", upstream=primary.url)  # type: ignore[operator]
+def test_replica_fetches_verifies_stores_and_serves(serve: Servers, primary: Primary) -> None:
+    vid, chunks = primary.vid, primary.chunks
+    replica = serve("replica", upstream=primary.serve.url)
     assert not (replica.store / "manifests" / vid).exists()
 
     status, manifest = get(f"{replica.url}/capsules/{vid}/manifest")
@@ -223,11 +247,9 @@ def test_replica_fetches_verifies_stores_and_serves(serve: object, capsule_tree:
     assert replica.metric("bootd_upstream_fetches", kind="chunk", result="fetched") == unique
     assert replica.metric("bootd_upstream_fetches", kind="manifest", result="fetched") == 1
     assert replica.metric("bootd_upstream_bytes", kind="chunk") == sum(
-        (primary.store / "chunks" / h[:2] / h).stat().st_size for h in set(chunks))
+        (primary.serve.store / "chunks" / h[:2] / h).stat().st_size for h in set(chunks))
 
-    # Warm now: served from its own store, nothing more asked of the upstream, even with the upstream gone.
-    primary.proc.send_signal(signal.SIGTERM)
-    primary.proc.wait(timeout=10)
+    # Warm now: served from its own store, nothing more asked of the upstream.
     for h in chunks[:3]:
         status, body = get(f"{replica.url}/chunks/{h}")
         assert status == 200 and sha(body) == h
@@ -236,19 +258,16 @@ def test_replica_fetches_verifies_stores_and_serves(serve: object, capsule_tree:
     # A name no held manifest lists is not asked of the upstream at all.
     status, body = get(f"{replica.url}/chunks/{'ab' * 32}")
     assert status == 404 and b"no capsule manifest this replica holds names it" in body
-    # An unknown version while the upstream is down: 502 naming the upstream, nothing stored.
-    other = "cd" * 32
-    status, body = get(f"{replica.url}/capsules/{other}/manifest")
-    assert status == 502 and primary.url.encode() in body and b"could not be fetched" in body
-    assert not (replica.store / "manifests" / other).exists()
-    assert replica.metric("bootd_upstream_fetches", kind="manifest", result="failed") == 1
+    # A version the upstream does not have either: 404, saying so.
+    status, body = get(f"{replica.url}/capsules/{'cd' * 32}/manifest")
+    assert status == 404 and b"neither here nor on the upstream" in body
 
 
-def test_concurrent_misses_fetch_once(serve: object, capsule_tree: Path, proxies: list[Proxy]) -> None:
-    primary, vid, chunks = primary_with_capsule(serve, capsule_tree)
-    slow = Proxy(primary.url, delay=0.5).start()
+def test_concurrent_misses_fetch_once(serve: Servers, primary: Primary, proxies: list[Proxy]) -> None:
+    vid, chunks = primary.vid, primary.chunks
+    slow = Proxy(primary.serve.url, delay=0.5).start()
     proxies.append(slow)
-    replica: Serve = serve("replica", upstream=slow.url)  # type: ignore[operator]
+    replica = serve("replica", upstream=slow.url)
     assert get(f"{replica.url}/capsules/{vid}/manifest")[0] == 200
     h = chunks[0]
     with ThreadPoolExecutor(16) as pool:
@@ -259,12 +278,12 @@ def test_concurrent_misses_fetch_once(serve: object, capsule_tree: Path, proxies
     assert replica.metric("bootd_upstream_shared_waits") >= 1
 
 
-def test_corrupt_upstream_is_refused_and_nothing_stored(serve: object, capsule_tree: Path,
-                                                         proxies: list[Proxy]) -> None:
-    primary, vid, chunks = primary_with_capsule(serve, capsule_tree)
-    liar = Proxy(primary.url, corrupt=True).start()
+def test_corrupt_or_gone_upstream_is_refused_and_nothing_stored(serve: Servers, primary: Primary,
+                                                                 proxies: list[Proxy]) -> None:
+    vid, chunks = primary.vid, primary.chunks
+    liar = Proxy(primary.serve.url, corrupt=True).start()
     proxies.append(liar)
-    replica: Serve = serve("replica", upstream=liar.url)  # type: ignore[operator]
+    replica = serve("replica", upstream=liar.url)
     assert get(f"{replica.url}/capsules/{vid}/manifest")[0] == 200  # the manifest is passed on unchanged
     h = chunks[1]
     for _ in range(2):  # asked again, fetched again (a bad copy is never kept), refused again
@@ -277,11 +296,18 @@ def test_corrupt_upstream_is_refused_and_nothing_stored(serve: object, capsule_t
     leftovers = [p for p in (replica.store / "tmp").rglob("*") if p.is_file() and p.name != "lock"]
     assert leftovers == []
 
+    # The upstream gone: 502 naming it, nothing stored, counted.
+    liar.stop()
+    status, body = get(f"{replica.url}/chunks/{chunks[2]}")
+    assert status == 502 and liar.url.encode() in body and b"could not be fetched from the upstream" in body
+    assert not (replica.store / "chunks" / chunks[2][:2] / chunks[2]).exists()
+    assert replica.metric("bootd_upstream_fetches", kind="chunk", result="failed") == 1
 
-def test_sync_is_resumable_after_kill_and_idempotent(serve: object, capsule_tree: Path, proxies: list[Proxy],
+
+def test_sync_is_resumable_after_kill_and_idempotent(primary: Primary, proxies: list[Proxy],
                                                      tmp_path: Path) -> None:
-    primary, vid, chunks = primary_with_capsule(serve, capsule_tree)
-    slow = Proxy(primary.url, delay=0.3).start()
+    vid, chunks = primary.vid, primary.chunks
+    slow = Proxy(primary.serve.url, delay=0.3).start()
     proxies.append(slow)
     cfg, state = config_for(tmp_path, "warm", free_port(), upstream_connections=2)
     store = state / "capsules"
@@ -307,7 +333,7 @@ def test_sync_is_resumable_after_kill_and_idempotent(serve: object, capsule_tree
     for h in partial:
         assert sha((store / "chunks" / h[:2] / h).read_bytes()) == h
 
-    r = run_cli("capsule", "sync", "demo", "--from", primary.url, "--json", config=cfg, check=True)
+    r = run_cli("capsule", "sync", "demo", "--from", primary.serve.url, "--json", config=cfg, check=True)
     import json
 
     (report,) = json.loads(r.stdout)
@@ -317,12 +343,12 @@ def test_sync_is_resumable_after_kill_and_idempotent(serve: object, capsule_tree
     assert "sync demo:" in r.stderr and f"{len(set(chunks))}/{len(set(chunks))} objects" in r.stderr
     assert run_cli("capsule", "verify", "demo", config=cfg).returncode == 0
     history = run_cli("capsule", "history", "demo", "--json", config=cfg, check=True).stdout
-    assert '"sync"' in history and primary.url in history
+    assert '"sync"' in history and primary.serve.url in history
 
-    again = run_cli("capsule", "sync", "--from", primary.url, config=cfg, check=True)
+    again = run_cli("capsule", "sync", "--from", primary.serve.url, config=cfg, check=True)
     assert re.search(r"synced demo \w+ from .*: 0 object\(s\) fetched .* already current", again.stdout), again.stdout
 
-    missing = run_cli("capsule", "sync", "nosuch", "--from", primary.url, config=cfg)
+    missing = run_cli("capsule", "sync", "nosuch", "--from", primary.serve.url, config=cfg)
     assert missing.returncode != 0 and "has no capsule named 'nosuch' (it has: demo)" in missing.stderr
     down = run_cli("capsule", "sync", "demo", "--from", f"http://127.0.0.1:{free_port()}", config=cfg)
     assert down.returncode != 0 and "ClientConnectorError" in down.stderr
