@@ -167,6 +167,38 @@ def test_missing_chunk_is_fatal_at_once_and_named(tmp_path: Path, loopback_stand
     assert not (target / "data.bin").exists() or (target / "data.bin").stat().st_size < 600_000
 
 
+def test_sources_on_the_command_line_take_over_bad_bytes_and_a_dead_server(
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, fetch_mode: str) -> None:
+    """bootd.sources: the node's server sends one chunk wrong, and later it is gone (before the node
+    reports `verified`); the chunk comes right from the second source, and the events go there too."""
+    bad = standin.chunk_hashes(sample_capsule.store, sample_capsule.vid)[1]
+    first = loopback_standin("--corrupt", bad)
+    second = loopback_standin()
+    env, target = agent_env(tmp_path, first, sample_capsule.vid, fetch_mode, extra=f"bootd.sources={second.base}")
+    agent = subprocess.Popen(["busybox", "sh", str(AGENT)], env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        assert agent.stderr is not None
+        for line in agent.stderr:
+            lines.append(line)
+            if "failed verification" in line:
+                break
+        first.proc.kill()  # kill -9 of the node's server mid-boot
+        first.proc.wait(timeout=10)
+        lines.extend(agent.stderr)
+        assert agent.wait(timeout=90) == 0, "".join(lines)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    err = "".join(lines)
+    assert same_tree(sample_capsule.root, target)
+    assert f"chunk {bad} failed verification" in err, err
+    got = [e["event"] for e in second.event_lines()]
+    assert got[-2:] == ["verified", "booted"], (got, err)
+    assert f"BOOTD_URL='{second.base}'" in (target / "etc/bootd/node.env").read_text()
+
+
 def test_server_restarted_mid_fetch_is_retried_until_it_is_back(
         tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, stage1_or_none: Path,
         fetcher: Path) -> None:
