@@ -127,6 +127,7 @@ class BootService:
         self.policy = BootPolicy.from_config(config)
         self.credentials.reload(config)
         self.kernel_args = config.boot.kernel_args
+        self.sources = config.boot.sources
 
     # -- firmware (DHCP, TFTP) ------------------------------------------------------------
     def plan(self, machine: Machine, node: Node | None, *, pxe: bool) -> BootPlan | None:
@@ -163,6 +164,12 @@ class BootService:
         node, _ = await self.registry.with_group(node)
         lines = [f"{k}={v.replace(chr(10), ' ')}" for k, v in sorted(node.vars.items()) if _SHELL_NAME.fullmatch(k)]
         return "".join(line + "\n" for line in lines)
+
+    async def other_sources(self, base_url: str) -> tuple[str, ...]:
+        """Where else the node may load from, in order, after ``base_url``: ``boot.sources`` (replicas,
+        plain HTTP copies).  Nodes verify every object, so a source needs no trust, only the same paths."""
+        base = base_url.rstrip("/")
+        return tuple(u for u in self.sources if u != base)
 
     # -- iPXE ----------------------------------------------------------------------------
     def kernel_of(self, vid: str) -> KernelRef | None:
@@ -220,6 +227,6 @@ class BootService:
         text = render_boot_script(BootScript(
             node=node, base_url=base_url, version_id=vid, has_kernel=kernel is not None,
             modules=kernel.modules if kernel is not None else None, boot_args=self.kernel_args,
-            node_args=node_args, token=issued.token,
+            node_args=node_args, token=issued.token, sources=await self.other_sources(base_url),
         ))
         return ScriptAnswer(text, node, result.created)

@@ -38,6 +38,28 @@ def test_boot_script_without_kernel_or_capsule() -> None:
     assert "kernel " not in text and "no capsule assigned" in text
 
 
+def test_boot_script_names_every_source_in_order() -> None:
+    """A node whose server dies mid-boot goes on from the next source: iPXE for its files, the stage one
+    (bootd.sources) for its manifest and chunks; this server first, each other source once."""
+    text = render_boot_script(BootScript(NODE, "http://a:8080", VID, True, "", "", "tok", modules="cd" * 32,
+                                         sources=("http://b:8080/", "http://a:8080", "http://c")))
+    lines = text.splitlines()
+    kernel = next(line for line in lines if line.startswith("kernel "))
+    alternatives = kernel.removesuffix(" || goto failed").split(" || ")
+    assert [a.split()[1] for a in alternatives] == [f"{u}/capsules/{VID}/kernel"
+                                                    for u in ("http://a:8080", "http://b:8080", "http://c")]
+    assert len({a.split(" ", 2)[2] for a in alternatives}) == 1  # the same command line from each source
+    assert " bootd.url=http://a:8080 " in kernel and " bootd.sources=http://b:8080,http://c " in kernel + " "
+    assert ("initrd http://a:8080/stage1/initramfs.img || initrd http://b:8080/stage1/initramfs.img || "
+            "initrd http://c/stage1/initramfs.img || goto failed") in lines
+    assert (f"initrd --name modules.img http://a:8080/chunks/{'cd' * 32} || initrd --name modules.img "
+            f"http://b:8080/chunks/{'cd' * 32} || initrd --name modules.img http://c/chunks/{'cd' * 32} || "
+            "goto failed") in lines
+    # One server: no bootd.sources, one URL per line (the contract above).
+    assert "bootd.sources" not in render_boot_script(BootScript(NODE, "http://a", VID, True, "", "", "t",
+                                                                sources=("http://a/",)))
+
+
 def test_wait_script_loops_back() -> None:
     text = render_wait_script("52:54:00:12:34:56", "http://h", "waits for approval\n#evil", delay=5)
     assert "sleep 5 || prompt --timeout 5000 || echo" in text
