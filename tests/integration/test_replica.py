@@ -130,6 +130,8 @@ def capsule_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "etc/hostname").write_text("replica-test\n")
     for i in range(6):
         (root / f"data{i}.bin").write_bytes(rnd.randbytes(512 * 1024))
+    (root / "boot").mkdir()
+    (root / "boot/vmlinuz-6.1.0-1").write_bytes(rnd.randbytes(300_000))
     return root
 
 
@@ -230,7 +232,7 @@ def proxies() -> Iterator[list[Proxy]]:
 
 # ---- tests --------------------------------------------------------------------------------------------
 
-def test_replica_fetches_verifies_stores_and_serves(serve: Servers, primary: Primary) -> None:
+def test_replica_fetches_verifies_stores_and_serves(serve: Servers, primary: Primary, capsule_tree: Path) -> None:
     vid, chunks = primary.vid, primary.chunks
     replica = serve("replica", upstream=primary.serve.url)
     assert not (replica.store / "manifests" / vid).exists()
@@ -246,6 +248,10 @@ def test_replica_fetches_verifies_stores_and_serves(serve: Servers, primary: Pri
     unique = len(set(chunks))
     assert replica.metric("bootd_upstream_fetches", kind="chunk", result="fetched") == unique
     assert replica.metric("bootd_upstream_fetches", kind="manifest", result="fetched") == 1
+    # The kernel too (iPXE asks for it before the stage one asks for anything).
+    status, kernel = get(f"{replica.url}/capsules/{vid}/kernel")
+    assert status == 200 and kernel == (capsule_tree / "boot/vmlinuz-6.1.0-1").read_bytes()
+    assert replica.metric("bootd_upstream_fetches", kind="kernel", result="fetched") == 1
     assert replica.metric("bootd_upstream_bytes", kind="chunk") == sum(
         (primary.serve.store / "chunks" / h[:2] / h).stat().st_size for h in set(chunks))
 
@@ -328,6 +334,7 @@ def test_sync_is_resumable_after_kill_and_idempotent(primary: Primary, proxies: 
             proc.wait()
     partial = {p.name for p in (store / "chunks").rglob("*") if p.is_file()}
     assert 4 <= len(partial) < len(set(chunks))
+    kernel_there = any((store / "kernels").iterdir())
     # Nothing half visible: no name, and what is there is whole and verified.
     assert "no capsules" in run_cli("capsule", "list", config=cfg, check=True).stdout
     for h in partial:
@@ -338,9 +345,11 @@ def test_sync_is_resumable_after_kill_and_idempotent(primary: Primary, proxies: 
 
     (report,) = json.loads(r.stdout)
     assert report["published"] and report["version"] == vid
-    assert report["present"] >= len(partial) + 1  # the chunks and the manifest the killed run stored
-    assert report["fetched"] == len(set(chunks)) - len(partial)
-    assert "sync demo:" in r.stderr and f"{len(set(chunks))}/{len(set(chunks))} objects" in r.stderr
+    # What the killed run stored (chunks, the manifest, perhaps the kernel) is reused, the rest fetched.
+    assert report["present"] == len(partial) + 1 + kernel_there
+    assert report["fetched"] == len(set(chunks)) - len(partial) + (not kernel_there)
+    objects = len(set(chunks)) + 1
+    assert "sync demo:" in r.stderr and f"{objects}/{objects} objects" in r.stderr
     assert run_cli("capsule", "verify", "demo", config=cfg).returncode == 0
     history = run_cli("capsule", "history", "demo", "--json", config=cfg, check=True).stdout
     assert '"sync"' in history and primary.serve.url in history
