@@ -30,6 +30,7 @@ import pytest
 from aiohttp import web
 
 from bootd.capsule.objects import CapsuleStore
+from bootd.lab.netns import kill_pid
 from tests.conftest import PYTHON, ROOT, free_port, run_cli, write_config
 
 CHUNKS = {"chunk_min": 65536, "chunk_avg": 131072, "chunk_max": 262144}
@@ -105,13 +106,8 @@ class Servers:
 
     def stop(self) -> None:
         for s in self.procs:
-            if s.proc.poll() is None:
-                s.proc.send_signal(signal.SIGTERM)
-                try:
-                    s.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    s.proc.kill()
-                    s.proc.wait()
+            kill_pid(s.proc.pid, grace=10)
+            s.proc.wait()
 
 
 @pytest.fixture
