@@ -11,6 +11,7 @@ import cycle (tests/unit/test_layout.py checks).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
 from bootd.service.registry import RegistryService
 from bootd.service.replica import Replica, SyncReport
+from bootd.service.servers import Cluster, ServerAdmin
 from bootd.service.services import Services
 from bootd.store.base import NodeStore
 from bootd.store.factory import open_store
@@ -83,6 +85,7 @@ class Built:
     health: HealthMonitor
     components: list[tuple[str, Component]] = field(default_factory=list)
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    cluster: Cluster | None = None
 
     def reload(self, config: Config) -> list[str]:
         """Hand every component its new configuration; each takes what it can apply live.
@@ -113,7 +116,7 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     replica = make_replica(config, config.capsule.upstream, metrics=metrics) if config.capsule.upstream else None
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
                            capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry),
-                           replica=replica)
+                           servers=ServerAdmin(store, config), replica=replica)
 
 
 def make_replica(config: Config, url: str, *, metrics: CollectorRegistry | None = None) -> Replica:
@@ -149,8 +152,16 @@ async def build(config: Config) -> Built:
     capsules = svc.capsules
     assert isinstance(capsules, CapsuleStore)
     capsules.ensure_layout()
-    health = HealthMonitor(svc.lifecycle)
-    built = Built(config, store, svc, health, background=[health.run])
+    # Every server heartbeats into the registry (bootd server list); with several on one PostgreSQL they
+    # split the DHCP clients and one at a time sweeps the lifecycle timeouts.
+    cluster = Cluster(store, config, load=functools.partial(_answered, metrics),
+                      addresses=[sc.next_server for sc in config.dhcp.subnets if sc.next_server])
+    health = HealthMonitor(svc.lifecycle, lead=cluster.lead)
+    built = Built(config, store, svc, health, background=[health.run], cluster=cluster)
+    built.components.append(("cluster", cluster))
+    # The iPXE script names every live server after this one (then boot.sources), so a node whose server
+    # dies mid-boot continues from the next.
+    svc.boot.peers = cluster.live_urls
     if svc.replica is not None:
         built.components.append(("replica", svc.replica))
 
@@ -174,12 +185,21 @@ async def build(config: Config) -> Built:
 
         d = config.dhcp
         dhcp = DhcpService(store, svc.registry, svc.boot, d, server_address=config.server.address,
-                           lifecycle=svc.lifecycle, credentials=svc.credentials)
+                           lifecycle=svc.lifecycle, credentials=svc.credentials, cluster=cluster)
         built.components.append(("dhcp", DhcpServer(
             dhcp, listen=d.listen, port=d.port, proxy_port=d.proxy_port if d.mode == "proxy" else None,
             interface=d.interface, queue_size=d.queue_size, metrics=svc.metrics,
         )))
     return built
+
+
+ANSWERED = ("bootd_dhcp_replies", "bootd_http_requests")  # what a server's load counts
+
+
+def _answered(metrics: CollectorRegistry) -> float:
+    """Requests answered so far (DHCP replies and HTTP requests): the heartbeat reports its rate as the load."""
+    return sum(sample.value for metric in metrics.collect() if metric.name in ANSWERED
+               for sample in metric.samples if sample.name.endswith("_total"))
 
 
 async def migrate_store(config: Config, to: str, *, source: Path | None, password_file: Path | None, force: bool,

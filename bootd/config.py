@@ -55,6 +55,30 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class SubnetConfig:
+    """One subnet of full-mode DHCP (Kea's ``subnet4``): its pool and what its clients are told.
+
+    ``next_server`` and ``public_url`` None mean this server's own (server.address, http.public_url):
+    a relayed rack may reach the boot server by another address than the local segment does.
+    """
+
+    subnet: str  # CIDR, e.g. 10.78.1.0/24
+    pool_start: str
+    pool_end: str
+    router: str | None = None
+    dns: tuple[str, ...] = ()
+    domain: str | None = None
+    lease_time: int = 3600
+    next_server: str | None = None
+    public_url: str | None = None
+    interface: str | None = None  # clients on this interface, unrelayed, get this subnet
+
+    @property
+    def netmask(self) -> str:
+        return str(ipaddress.IPv4Network(self.subnet).netmask)
+
+
+@dataclass(frozen=True)
 class DhcpConfig:
     enabled: bool = False
     mode: str = "full"
@@ -73,6 +97,19 @@ class DhcpConfig:
     queue_size: int = 1024
     offer_hold: float = 30.0  # seconds an offered address stays reserved for its client
     decline_hold: float = 600.0  # seconds a DECLINEd address (in use by someone unknown) is skipped
+    subnets: tuple[SubnetConfig, ...] = ()  # [[dhcp.subnets]]: more subnets, reached through relays
+
+    def all_subnets(self) -> tuple[SubnetConfig, ...]:
+        """Every subnet served: the [dhcp] pool keys (if set) as the first, then [[dhcp.subnets]].
+
+        The first one keeps the old single-pool meaning: the local segment (dhcp.interface).
+        """
+        if not self.pool_start or not self.pool_end:
+            return self.subnets
+        net = ipaddress.IPv4Network(f"{self.pool_start}/{self.netmask}", strict=False)
+        first = SubnetConfig(subnet=str(net), pool_start=self.pool_start, pool_end=self.pool_end, router=self.router,
+                             dns=self.dns, domain=self.domain, lease_time=self.lease_time)
+        return (first, *self.subnets)
 
 
 @dataclass(frozen=True)
@@ -158,6 +195,19 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several bootd servers on one registry (PostgreSQL): this server's id and the heartbeat timing.
+
+    ``id`` "" means server.address. A server whose heartbeat is older than ``takeover_after`` seconds
+    is dead: the live servers split its clients among themselves.
+    """
+
+    id: str = ""
+    heartbeat: float = 2.0
+    takeover_after: float = 10.0
+
+
+@dataclass(frozen=True)
 class OverlayConfig:
     dir: Path = Path("/var/lib/bootd/overlays")
     uid_min: int = 1000
@@ -179,6 +229,7 @@ class Config:
     capsule: CapsuleConfig = field(default_factory=CapsuleConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def db_path(self) -> Path:
@@ -301,6 +352,92 @@ def _netmask(value: str) -> None:
         raise ValueError("expected a netmask such as 255.255.255.0") from None
 
 
+def _addresses(section: _Section, key: str) -> tuple[str, ...]:
+    """A list of IPv4 addresses (dns servers), each checked."""
+    items = section.get(key, list, [], "a list of IPv4 addresses")
+    for item in items:
+        if not isinstance(item, str):
+            raise section.error(key, f"{item!r} is not valid; expected a list of IPv4 addresses")
+        try:
+            _ipv4(item)
+        except ValueError as exc:
+            raise section.error(key, f"{item!r} is not valid; {exc}") from None
+    return tuple(items)
+
+
+def _subnets(d: _Section, *, dns: tuple[str, ...], domain: str | None, lease_time: int,
+             ) -> tuple[SubnetConfig, ...]:
+    """[[dhcp.subnets]]: each a table; dns, domain and lease_time default to the [dhcp] values (as Kea's
+    global parameters do). Errors name the entry, e.g. dhcp.subnets[1].pool_end."""
+    items = d.get("subnets", list, [], "a list of tables ([[dhcp.subnets]] with subnet, pool_start, pool_end, ...)")
+    out = []
+    for i, item in enumerate(items):
+        s = _Section(d.file, f"{d.name}.subnets[{i}]", item)
+        cidr = s.text("subnet", "", _cidr)
+        if not cidr:
+            raise s.error("subnet", "is required; expected a network such as \"10.78.1.0/24\"")
+        net = ipaddress.IPv4Network(cidr, strict=False)
+        start, end = s.opt_text("pool_start", _ipv4), s.opt_text("pool_end", _ipv4)
+        for key, value in (("pool_start", start), ("pool_end", end)):
+            if value is None:
+                raise s.error(key, f"is required; expected an IPv4 address in {net}")
+            if ipaddress.IPv4Address(value) not in net:
+                raise s.error(key, f"{value!r} is not in the subnet {net}")
+        assert start is not None and end is not None
+        if ipaddress.IPv4Address(start) > ipaddress.IPv4Address(end):
+            raise s.error("pool_end", f"{end!r} is below pool_start {start!r}")
+        router = s.opt_text("router", _ipv4)
+        if router is not None and ipaddress.IPv4Address(router) not in net:
+            raise s.error("router", f"{router!r} is not in the subnet {net}: clients could not reach it")
+        public_url = s.opt_text("public_url", _url)
+        s.used.update(("dns", "domain"))
+        out.append(SubnetConfig(
+            subnet=str(net), pool_start=start, pool_end=end, router=router,
+            dns=_addresses(s, "dns") if "dns" in s.data else dns,
+            domain=s.opt_text("domain") if "domain" in s.data else domain,
+            lease_time=s.integer("lease_time", lease_time, 60, 86400 * 365),
+            next_server=s.opt_text("next_server", _ipv4),
+            public_url=public_url.rstrip("/") if public_url else None,
+            interface=s.opt_text("interface"),
+        ))
+        s.finish()
+    return tuple(out)
+
+
+def _no_overlap(d: _Section, subnets: tuple[SubnetConfig, ...]) -> None:
+    """Two subnets that overlap would make the choice by giaddr ambiguous: refuse, naming both."""
+    nets = [ipaddress.IPv4Network(s.subnet) for s in subnets]
+    offset = 1 if d.data.get("pool_start") is not None else 0
+    for i, a in enumerate(nets):
+        for j in range(i):
+            if a.overlaps(nets[j]):
+                where = "subnets" if i >= offset else "pool_start"
+                other = f"subnets[{j - offset}]" if j >= offset else "pool_start/netmask"
+                raise d.error(where + (f"[{i - offset}].subnet" if i >= offset else ""),
+                              f"{a} overlaps {nets[j]} ({d.name}.{other}); each subnet must be distinct")
+    seen: dict[str, int] = {}
+    for i, s in enumerate(subnets):
+        if s.interface is not None:
+            if s.interface in seen:
+                raise d.error(f"subnets[{i - offset}].interface", f"{s.interface!r} is already the interface of "
+                              f"another subnet; an interface has one local subnet")
+            seen[s.interface] = i
+
+
+def _cidr(value: str) -> None:
+    try:
+        ipaddress.IPv4Network(value, strict=False)
+    except ValueError:
+        raise ValueError("expected an IPv4 network such as 10.78.1.0/24") from None
+    if "/" not in value:
+        raise ValueError("expected an IPv4 network with its prefix length, such as 10.78.1.0/24")
+
+
+def _server_id(value: str) -> None:
+    if not value or len(value) > 64 or not all(c.isalnum() or c in "-_." for c in value):
+        raise ValueError("expected 1 to 64 letters, digits, '-', '_' or '.', e.g. boot1")
+
+
 def _name_pattern(value: str) -> None:
     try:
         a, b = value.format(index=0), value.format(index=1)
@@ -389,7 +526,8 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
-    sections = ("server", "registry", "dhcp", "tftp", "http", "admin", "boot", "capsule", "store", "overlay")
+    sections = ("server", "registry", "dhcp", "tftp", "http", "admin", "boot", "capsule", "store", "overlay",
+                "cluster")
     for name in data:
         if name not in sections:
             raise ConfigError(path, name, f"unknown section; valid sections are: {', '.join(sections)}")
@@ -433,15 +571,10 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
     r.finish()
 
     d = section("dhcp")
-    dns = d.get("dns", list, [], "a list of IPv4 addresses")
-    for item in dns:
-        if not isinstance(item, str):
-            raise d.error("dns", f"{item!r} is not valid; expected a list of IPv4 addresses")
-        try:
-            _ipv4(item)
-        except ValueError as exc:
-            raise d.error("dns", f"{item!r} is not valid; {exc}") from None
+    dns = _addresses(d, "dns")
     D = DhcpConfig
+    lease_time = d.integer("lease_time", D.lease_time, 60, 86400 * 365)
+    domain = d.opt_text("domain")
     dhcp = DhcpConfig(
         enabled=d.flag("enabled", D.enabled),
         mode=d.choice("mode", D.mode, ("full", "proxy")),
@@ -454,22 +587,28 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         pool_end=d.opt_text("pool_end", _ipv4),
         netmask=d.text("netmask", D.netmask, _netmask),
         router=d.opt_text("router", _ipv4),
-        dns=tuple(dns),
-        domain=d.opt_text("domain"),
-        lease_time=d.integer("lease_time", D.lease_time, 60, 86400 * 365),
+        dns=dns,
+        domain=domain,
+        lease_time=lease_time,
         queue_size=d.integer("queue_size", D.queue_size, 1, 1_000_000),
         offer_hold=d.number("offer_hold", D.offer_hold, 1.0, 3600.0),
         decline_hold=d.number("decline_hold", D.decline_hold, 0.0, 86400.0 * 30),
+        subnets=_subnets(d, dns=dns, domain=domain, lease_time=lease_time),
     )
-    if dhcp.enabled and dhcp.mode == "full":
-        if dhcp.pool_start is None or dhcp.pool_end is None:
-            raise d.error("pool_start", "full mode needs pool_start and pool_end (or set mode = \"proxy\")")
+    if (dhcp.pool_start is None) != (dhcp.pool_end is None):
+        missing = "pool_end" if dhcp.pool_end is None else "pool_start"
+        raise d.error(missing, "pool_start and pool_end go together: set both (the local subnet's pool) or neither")
+    if dhcp.pool_start is not None and dhcp.pool_end is not None:
         if ipaddress.IPv4Address(dhcp.pool_start) > ipaddress.IPv4Address(dhcp.pool_end):
             raise d.error("pool_end", f"{dhcp.pool_end!r} is below pool_start {dhcp.pool_start!r}")
         net = ipaddress.IPv4Network(f"{dhcp.pool_start}/{dhcp.netmask}", strict=False)
         if ipaddress.IPv4Address(dhcp.pool_end) not in net:
             raise d.error("pool_end", f"{dhcp.pool_end!r} is not in pool_start's subnet {net} (netmask "
                           f"{dhcp.netmask}): the pool must be one range in one subnet")
+    if dhcp.enabled and dhcp.mode == "full" and not dhcp.all_subnets():
+        raise d.error("pool_start", "full mode needs pool_start and pool_end, or [[dhcp.subnets]] "
+                      "(or set mode = \"proxy\")")
+    _no_overlap(d, dhcp.all_subnets())
     d.finish()
 
     t = section("tftp")
@@ -583,5 +722,16 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         raise o.error("uid_max", f"{overlay.uid_max} is below uid_min {overlay.uid_min}")
     o.finish()
 
+    cl = section("cluster")
+    cluster = ClusterConfig(
+        id=cl.text("id", server.address, _server_id),
+        heartbeat=cl.number("heartbeat", ClusterConfig.heartbeat, 0.1, 60.0),
+        takeover_after=cl.number("takeover_after", ClusterConfig.takeover_after, 0.5, 3600.0),
+    )
+    if cluster.takeover_after < 2 * cluster.heartbeat:
+        raise cl.error("takeover_after", f"{cluster.takeover_after:g} must be at least twice heartbeat "
+                       f"({cluster.heartbeat:g}): one late heartbeat must not look like a dead server")
+    cl.finish()
+
     return Config(path=path, server=server, registry=registry, dhcp=dhcp, tftp=tftp, http=http, admin=admin,
-                  boot=boot, capsule=capsule, store=store, overlay=overlay)
+                  boot=boot, capsule=capsule, store=store, overlay=overlay, cluster=cluster)

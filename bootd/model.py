@@ -94,6 +94,7 @@ class Node:
     last_contact: float = 0.0
     kernel_args: str = ""
     vars: dict[str, str] = field(default_factory=dict)
+    server: str | None = None  # the bootd server that last gave it its address (several servers, one registry)
 
 
 def node_json(node: Node) -> dict[str, Any]:

@@ -10,7 +10,7 @@ DEBS=(
   busybox-static cpio zstd tar                                           # stage one and capsule build scripts
   mmdebstrap umoci                                                       # capsule recipes (build), OCI images (tests)
   gcc libc6-dev libssl-dev                                               # stage one's bootd-fetch (static, libcrypto.a)
-  dnsmasq-base isc-dhcp-client udhcpc kea-admin                          # DHCP peers (reference, clients, perfdhcp)
+  dnsmasq-base isc-dhcp-client isc-dhcp-relay udhcpc kea-admin           # DHCP peers (reference, clients, relay, perfdhcp)
   atftp tftp-hpa tftpd-hpa curl                                          # TFTP clients and the reference server
   nginx-light wrk                                                        # HTTP reference server and load client for bench/http
   iproute2 libcap2-bin procps python3-venv                               # netns/veth/tap, setcap, ps

@@ -24,7 +24,7 @@ from bootd.errors import BootdError, ConfigError
 Handler = Callable[[argparse.Namespace, config_mod.Config], int]
 
 # Command groups that live in their own modules; each has add_parser(subparsers).
-_PLUGINS = ("bootd.cli.capsule", "bootd.cli.stage1", "bootd.cli.store", "bootd.cli.overlay")
+_PLUGINS = ("bootd.cli.capsule", "bootd.cli.stage1", "bootd.cli.store", "bootd.cli.overlay", "bootd.cli.server")
 
 
 def _serve(args: argparse.Namespace, config: config_mod.Config) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -44,7 +45,8 @@ _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 class BootPlanner(Protocol):
     """What DHCP (and TFTP) ask: the boot plan for a machine (BootPolicy, or the BootService around it)."""
 
-    def plan(self, machine: Machine, node: Node | None, *, pxe: bool) -> BootPlan | None: ...
+    def plan(self, machine: Machine, node: Node | None, *, pxe: bool, public_url: str | None = None,
+             next_server: str | None = None) -> BootPlan | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,33 +63,38 @@ class BootPolicy:
         return cls(public_url=config.http.public_url, next_server=config.server.address, bios_nbp=b.bios_nbp,
                    uefi_nbp=b.uefi_nbp, uefi_arm64_nbp=b.uefi_arm64_nbp)
 
-    def ipxe_url(self, mac: str) -> str:
-        return f"{self.public_url.rstrip('/')}/boot/{mac.replace(':', '-')}.ipxe"
+    def ipxe_url(self, mac: str, public_url: str | None = None) -> str:
+        return f"{(public_url or self.public_url).rstrip('/')}/boot/{mac.replace(':', '-')}.ipxe"
 
-    def plan(self, machine: Machine, node: Node | None, *, pxe: bool) -> BootPlan | None:
+    def plan(self, machine: Machine, node: Node | None, *, pxe: bool, public_url: str | None = None,
+             next_server: str | None = None) -> BootPlan | None:
         """The boot plan, or None when no network boot program fits this firmware.
 
         ``pxe`` is False for plain DHCP clients (an OS's dhclient, stage one's
         udhcpc); they get the BIOS NBP in the BOOTP ``file`` field, as dnsmasq
         and ISC dhcpd do with a global filename, which they ignore.
+        ``public_url`` and ``next_server`` replace this server's own for a DHCP subnet that reaches
+        it by another address (a relayed rack).
         """
         v = node.vars if node is not None else {}
+        base = (public_url or self.public_url).rstrip("/")
+        nxt = next_server or self.next_server
         if machine.ipxe:
-            url = v.get("boot.ipxe_url") or self.ipxe_url(machine.mac)
-            return BootPlan(url, self.next_server, ipxe_no_proxydhcp=True)
+            url = v.get("boot.ipxe_url") or self.ipxe_url(machine.mac, base)
+            return BootPlan(url, nxt, ipxe_no_proxydhcp=True)
         if "boot.file" in v:
-            return BootPlan(v["boot.file"], self.next_server)
+            return BootPlan(v["boot.file"], nxt)
         fw = machine.firmware
         if fw is Firmware.UEFI_HTTP:
             arm = machine.arch in ARM64_ARCHES
             nbp = v.get("boot.uefi_arm64_nbp", self.uefi_arm64_nbp) if arm else v.get("boot.uefi_nbp", self.uefi_nbp)
-            return BootPlan(f"{self.public_url.rstrip('/')}/nbp/{nbp}", self.next_server)
+            return BootPlan(f"{base}/nbp/{nbp}", nxt)
         if fw is Firmware.BIOS or (fw is Firmware.UNKNOWN and not pxe):
-            return BootPlan(v.get("boot.bios_nbp", self.bios_nbp), self.next_server)
+            return BootPlan(v.get("boot.bios_nbp", self.bios_nbp), nxt)
         if fw is Firmware.UEFI_X64:
-            return BootPlan(v.get("boot.uefi_nbp", self.uefi_nbp), self.next_server)
+            return BootPlan(v.get("boot.uefi_nbp", self.uefi_nbp), nxt)
         if fw is Firmware.UEFI_ARM64:
-            return BootPlan(v.get("boot.uefi_arm64_nbp", self.uefi_arm64_nbp), self.next_server)
+            return BootPlan(v.get("boot.uefi_arm64_nbp", self.uefi_arm64_nbp), nxt)
         # uefi-ia32 (Debian ships no ia32 iPXE) or an architecture we do not know.
         return None
 
@@ -121,6 +128,7 @@ class BootService:
         self.capsules = capsules
         self.credentials = credentials
         self._kernels: OrderedDict[str, KernelRef | None] = OrderedDict()
+        self.peers: Callable[[], Sequence[str]] | None = None  # the live servers' URLs, set by the composition root
         self.reload(config)
 
     def reload(self, config: Config) -> None:
@@ -130,8 +138,9 @@ class BootService:
         self.sources = config.boot.sources
 
     # -- firmware (DHCP, TFTP) ------------------------------------------------------------
-    def plan(self, machine: Machine, node: Node | None, *, pxe: bool) -> BootPlan | None:
-        return self.policy.plan(machine, node, pxe=pxe)
+    def plan(self, machine: Machine, node: Node | None, *, pxe: bool, public_url: str | None = None,
+             next_server: str | None = None) -> BootPlan | None:
+        return self.policy.plan(machine, node, pxe=pxe, public_url=public_url, next_server=next_server)
 
     async def firmware_contact(self, node: Node, reason: str, now: float) -> Node:
         """A boot firmware got its boot program or script: ``pxe``, if the table lets the firmware say so.
@@ -165,11 +174,14 @@ class BootService:
         lines = [f"{k}={v.replace(chr(10), ' ')}" for k, v in sorted(node.vars.items()) if _SHELL_NAME.fullmatch(k)]
         return "".join(line + "\n" for line in lines)
 
-    async def other_sources(self, base_url: str) -> tuple[str, ...]:
-        """Where else the node may load from, in order, after ``base_url``: ``boot.sources`` (replicas,
-        plain HTTP copies).  Nodes verify every object, so a source needs no trust, only the same paths."""
+    def other_sources(self, base_url: str) -> tuple[str, ...]:
+        """Where else the node may load from, in order, after ``base_url``: the other live servers (``peers``,
+        this server's first, as Cluster.live_urls gives them), then ``boot.sources`` (replicas, plain HTTP
+        copies).  Nodes verify every object, so a source needs no trust, only the same paths."""
         base = base_url.rstrip("/")
-        return tuple(u for u in self.sources if u != base)
+        others = list(self.peers()[1:]) if self.peers is not None else []
+        urls = dict.fromkeys(u.rstrip("/") for u in [*others, *self.sources])
+        return tuple(u for u in urls if u and u != base)
 
     # -- iPXE ----------------------------------------------------------------------------
     def kernel_of(self, vid: str) -> KernelRef | None:
@@ -227,6 +239,6 @@ class BootService:
         text = render_boot_script(BootScript(
             node=node, base_url=base_url, version_id=vid, has_kernel=kernel is not None,
             modules=kernel.modules if kernel is not None else None, boot_args=self.kernel_args,
-            node_args=node_args, token=issued.token, sources=await self.other_sources(base_url),
+            node_args=node_args, token=issued.token, sources=self.other_sources(base_url),
         ))
         return ScriptAnswer(text, node, result.created)

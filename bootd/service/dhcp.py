@@ -1,7 +1,9 @@
 """The DHCP server's decisions: who gets which address and which boot file.
 
-Full mode is an RFC 2131 server for one pool (DISCOVER/OFFER/REQUEST/ACK/NAK,
-DECLINE, RELEASE, INFORM, relays via giaddr). Proxy mode (PXE spec 2.1,
+Full mode is an RFC 2131 server for one pool per subnet (DISCOVER/OFFER/REQUEST/ACK/NAK,
+DECLINE, RELEASE, INFORM). The subnet is chosen as Kea chooses from its ``subnet4`` list: by the
+relay's giaddr, else by ciaddr (a client renewing by unicast), else the local segment's subnet; a
+relayed request from a subnet we do not serve is refused and counted (``foreign-subnet``). Proxy mode (PXE spec 2.1,
 "ProxyDHCP") gives PXE clients only boot information, on port 67 and on the
 boot-server port 4011, so bootd can sit next to an existing DHCP server.
 
@@ -30,11 +32,12 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from bootd.errors import StoreError
+from bootd.errors import Conflict, StoreError
 from bootd.model import BootPlan, Lease, Node, State
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.client_state import ClientState, request_state
 from bootd.proto.dhcp.leases import SERVER, LeasePool, int_ip, ip_int
+from bootd.proto.dhcp.loadbalance import client_key, lb_hash
 from bootd.proto.dhcp.packet import ZERO_IP, DhcpPacket
 from bootd.proto.dhcp.pxe import Client, Ignore, classify
 from bootd.proto.dhcp.reply import Reply, boot_options, build_reply, destination, lease_options, nak
@@ -44,8 +47,9 @@ from bootd.service.lifecycle import Actor, Lifecycle, TransitionRefused
 from bootd.store.base import NodeStore
 
 if TYPE_CHECKING:
-    from bootd.config import Config, DhcpConfig
+    from bootd.config import Config, DhcpConfig, SubnetConfig
     from bootd.service.registry import RegistryService
+    from bootd.service.servers import Cluster
 
 log = logging.getLogger("bootd.dhcp")
 
@@ -53,6 +57,12 @@ MT = o.MessageType
 MAX_HOPS = 16  # RFC 1542 4.1.1 suggests relays discard beyond this; so do we
 NODE_CACHE_TTL = 10.0  # DISCOVER->REQUEST reuses the registry answer for this long (seconds)
 NODE_RELOAD_EVERY = 60.0  # re-read node addresses: the CLI (another process) may delete nodes or set an ip
+CONFLICT_RELOAD_AFTER = 1.0  # another server leased an address we thought free: re-read the leases this soon
+# Kea's HA load-balancing filters these; OFFER/ACK/NAK come from servers, not clients.
+SPLIT_TYPES = frozenset((o.MessageType.DISCOVER, o.MessageType.REQUEST, o.MessageType.DECLINE,
+                         o.MessageType.RELEASE, o.MessageType.INFORM))
+BUCKET_CACHE = 65536  # client keys remembered with their hash bucket (cleared when full: forged keys only refill it)
+OTHER = "another-server"  # the sticky owner of an address another server leased (until the next reload)
 
 
 @dataclass(slots=True)
@@ -83,7 +93,35 @@ class BootAnswer:
 # sockets (address, ports, device) are bound once, the mode decides which sockets exist, and the
 # server address is the identifier every client's lease names. queue_size is the transport's (live).
 LIVE = ("pool_start", "pool_end", "netmask", "router", "dns", "domain", "lease_time", "offer_hold",
-        "decline_hold")
+        "decline_hold", "subnets")
+GIADDR_CACHE = 1024  # relay addresses remembered with their subnet (a forged-giaddr flood only refills it)
+
+
+@dataclass(slots=True)
+class Subnet:
+    """One served subnet at run time: its pool index and the options its clients get."""
+
+    config: SubnetConfig
+    pool: LeasePool
+    options: dict[int, bytes]
+
+    @classmethod
+    def build(cls, config: SubnetConfig, server_address: str) -> Subnet:
+        pool = LeasePool.for_range(config.pool_start, config.pool_end, config.netmask)
+        # The server's own address is never handed out, even when inside the pool range.
+        pool.stick(ip_int(server_address), SERVER)
+        return cls(config, pool, _options(config))
+
+    def update(self, config: SubnetConfig) -> None:
+        """A reload: move the range in place (every claim kept), new options."""
+        self.pool.set_range(config.pool_start, config.pool_end, config.netmask)  # ValueError: nothing changed
+        self.config = config
+        self.options = _options(config)
+
+
+def _options(config: SubnetConfig) -> dict[int, bytes]:
+    return lease_options(lease_time=config.lease_time, netmask=config.netmask, router=config.router,
+                         dns=config.dns, domain=config.domain)
 RESTART = ("enabled", "mode", "listen", "interface", "port", "client_port", "proxy_port")
 
 
@@ -92,7 +130,7 @@ class DhcpService:
 
     def __init__(self, store: NodeStore, registry: RegistryService, boot: BootPlanner, config: DhcpConfig,
                  *, server_address: str, clock: Callable[[], float] = time.time, lifecycle: Lifecycle | None = None,
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials | None = None, cluster: Cluster | None = None) -> None:
         if config.mode not in ("full", "proxy"):
             raise ValueError(f"dhcp mode {config.mode!r} is neither 'full' nor 'proxy'")
         self.store = store
@@ -101,14 +139,12 @@ class DhcpService:
         self.config = config
         self.server_id = server_address
         self.clock = clock
-        self.pool: LeasePool | None = None
+        self.subnets: list[Subnet] = []
         if config.mode == "full":
-            if not config.pool_start or not config.pool_end:
-                raise ValueError("full DHCP mode needs dhcp.pool_start and dhcp.pool_end")
-            self.pool = LeasePool.for_range(config.pool_start, config.pool_end, config.netmask)
-            # The server's own address is never handed out, even when inside the pool range.
-            self.pool.stick(ip_int(server_address), SERVER)
-        self._net_opts = self._lease_options(config)
+            if not config.all_subnets():
+                raise ValueError("full DHCP mode needs dhcp.pool_start and dhcp.pool_end (or [[dhcp.subnets]])")
+            self.subnets = [Subnet.build(sc, server_address) for sc in config.all_subnets()]
+        self._set_local()
         self._owns_boot = False  # True when from_config built the planner: reload() rebuilds it then
         # Tests build the service alone; the daemon passes the one lifecycle every transport shares.
         self.lifecycle = lifecycle or Lifecycle(store, registry.config, CollectorRegistry())
@@ -119,6 +155,12 @@ class DhcpService:
         self._next_reload = math.inf  # set by load()
         self._armed = math.inf  # when run() wakes up next
         self._wake = asyncio.Event()
+        # Several servers on one registry: answer only our share of the clients (cluster.owns, no I/O).
+        self.cluster = cluster
+        self._buckets: dict[bytes, int] = {}
+        if cluster is not None:
+            cluster.on_change(self._servers_changed)
+            self._servers_changed()
 
     @classmethod
     def from_config(cls, config: Config, store: NodeStore, registry: RegistryService,
@@ -129,10 +171,69 @@ class DhcpService:
         svc._owns_boot = True
         return svc
 
+    def _servers_changed(self) -> None:
+        """The live servers changed: re-read the leases now (a dead server's clients are ours from now on,
+        and it leased addresses we never saw), and start allocating in our own part of each pool, so live
+        servers rarely pick the same free address (the database refuses the second anyway)."""
+        assert self.cluster is not None
+        index, count = self.cluster.position
+        for sub in self.subnets:
+            pool = sub.pool
+            pool.cursor = pool.start + (pool.end - pool.start + 1) * index // count
+        self._next_reload = 0.0
+        self._poke(0.0)
+
+    @property
+    def pool(self) -> LeasePool | None:
+        """The local subnet's pool (the only one before [[dhcp.subnets]]), or None in proxy mode."""
+        return self.local.pool if self.local is not None else (self.subnets[0].pool if self.subnets else None)
+
+    def _set_local(self) -> None:
+        """Which subnet unrelayed clients get: the one bound to dhcp.interface, else the [dhcp] pool's,
+        else the one holding the server's address (None: unrelayed clients are refused, and counted)."""
+        self._by_giaddr: dict[str, Subnet | None] = {}
+        self.local: Subnet | None = None
+        iface = self.config.interface
+        server = ip_int(self.server_id)
+        for sub in self.subnets:
+            if iface and sub.config.interface == iface:
+                self.local = sub
+                return
+        if self.subnets and self.config.pool_start:
+            self.local = self.subnets[0]
+            return
+        self.local = next((x for x in self.subnets if x.config.interface is None and x.pool.in_subnet(server)), None)
+
+    def subnet_for(self, packet: DhcpPacket) -> Subnet | None:
+        """The subnet a request comes from: giaddr (relayed), else ciaddr (a renewing client's unicast,
+        possibly from a relayed subnet), else the local segment. No I/O, one dict hit per relayed packet."""
+        if packet.giaddr != ZERO_IP:
+            hit = self._by_giaddr.get(packet.giaddr, False)
+            if hit is not False:
+                return hit  # type: ignore[return-value]
+            found = self._containing(ip_int(packet.giaddr))
+            if len(self._by_giaddr) >= GIADDR_CACHE:
+                self._by_giaddr.clear()
+            self._by_giaddr[packet.giaddr] = found
+            return found
+        if packet.ciaddr != ZERO_IP:
+            found = self._containing(ip_int(packet.ciaddr))
+            if found is not None:
+                return found
+        return self.local
+
+    def _containing(self, ip: int) -> Subnet | None:
+        for sub in self.subnets:
+            if sub.pool.in_subnet(ip):
+                return sub
+        return None
+
     @staticmethod
-    def _lease_options(config: DhcpConfig) -> dict[int, bytes]:
-        return lease_options(lease_time=config.lease_time, netmask=config.netmask, router=config.router,
-                             dns=config.dns, domain=config.domain)
+    def _no_subnet(packet: DhcpPacket) -> Outcome:
+        if packet.giaddr != ZERO_IP:
+            return _ignore("foreign-subnet", f"giaddr {packet.giaddr} is in no subnet this server serves")
+        return _ignore("no-local-subnet", "an unrelayed client, and no subnet is this segment's (set dhcp.pool_start "
+                                          "or a subnet's interface)")
 
     def reload(self, config: Config) -> list[str]:
         """Apply every [dhcp] setting that can change live (and [boot] when this service owns its planner).
@@ -145,13 +246,22 @@ class DhcpService:
         if config.server.address != self.server_id:
             restart.append("server.address")
         live = dataclasses.replace(old, **{k: getattr(new, k) for k in LIVE})
-        if self.pool is not None and (live.pool_start, live.pool_end, live.netmask) != (
-                old.pool_start, old.pool_end, old.netmask):
-            if not live.pool_start or not live.pool_end:
-                raise ValueError("full DHCP mode needs dhcp.pool_start and dhcp.pool_end")
-            self.pool.set_range(live.pool_start, live.pool_end, live.netmask)  # ValueError: nothing changed
+        if self.subnets:
+            wanted = live.all_subnets()
+            if not wanted:
+                raise ValueError("full DHCP mode needs dhcp.pool_start and dhcp.pool_end (or [[dhcp.subnets]])")
+            if len(wanted) != len(self.subnets):
+                # A new subnet's pool must first be indexed from the store (its leases): only at start.
+                restart.append("dhcp.subnets")
+                live = dataclasses.replace(live, pool_start=old.pool_start, pool_end=old.pool_end,
+                                           netmask=old.netmask, subnets=old.subnets)
+                wanted = old.all_subnets()
+            for sc in wanted:  # check every range first: a refused reload changes nothing
+                LeasePool.for_range(sc.pool_start, sc.pool_end, sc.netmask)
+            for sub, sc in zip(self.subnets, wanted, strict=True):
+                sub.update(sc)
         self.config = live
-        self._net_opts = self._lease_options(live)
+        self._set_local()
         if self._owns_boot:
             self.boot = BootPolicy.from_config(config)
         return restart
@@ -159,10 +269,11 @@ class DhcpService:
     async def load(self, now: float | None = None) -> None:
         """Index the stored leases and node addresses (once; a restart keeps every lease)."""
         async with self._load_lock:
-            if not self._loaded and self.pool is not None:
+            if not self._loaded and self.subnets:
                 await self._reload()
-                log.info("event=dhcp-loaded leases=%d node_addresses=%d", len(self.pool.leases),
-                         len(self.pool.sticky) - 1)
+                log.info("event=dhcp-loaded subnets=%d leases=%d node_addresses=%d", len(self.subnets),
+                         sum(len(x.pool.leases) for x in self.subnets),
+                         sum(len(x.pool.sticky) - 1 for x in self.subnets))
                 self._next_reload = (self.clock() if now is None else now) + NODE_RELOAD_EVERY
             self._loaded = True
 
@@ -173,17 +284,21 @@ class DhcpService:
         node (and its lease) or give it an address. Addresses bound or freed here while the store was
         being read are tracked and re-applied, so the reload never forgets a decision made meanwhile.
         """
-        pool = self.pool
-        assert pool is not None
-        pool.begin_reload()
+        pools = [x.pool for x in self.subnets]
+        for pool in pools:
+            pool.begin_reload()
         try:
             leases = await self.store.list_leases()
             nodes = await self.store.list_nodes()
         except BaseException:
-            pool.abort_reload()
+            for pool in pools:
+                pool.abort_reload()
             raise
-        pool.finish_reload(((ip_int(x.ip), x.mac, x.expires) for x in leases),
-                           ((ip_int(n.ip), n.mac) for n in nodes if n.ip), ip_int(self.server_id))
+        held = [(ip_int(x.ip), x.mac, x.expires) for x in leases]
+        owned = [(ip_int(n.ip), n.mac) for n in nodes if n.ip]
+        for pool in pools:
+            pool.finish_reload((x for x in held if pool.in_subnet(x[0])), (x for x in owned if pool.in_subnet(x[0])),
+                               ip_int(self.server_id))
 
     # -- timers ------------------------------------------------------------------------
     # Why a loop in the service and not loop.call_at in the transport: the periodic reload awaits the
@@ -192,21 +307,22 @@ class DhcpService:
     def next_timer(self, now: float) -> float:
         """When on_timer has work next: the pool's timer, the node-cache expiry, the periodic reload."""
         deadline = now + (NODE_CACHE_TTL if self._nodes else NODE_RELOAD_EVERY)
-        if self.pool is not None:
-            pool_timer = self.pool.get_timer()
+        for sub in self.subnets:
+            pool_timer = sub.pool.get_timer()
             if pool_timer is not None:
                 deadline = min(deadline, pool_timer)
+        if self.subnets:
             deadline = min(deadline, self._next_reload)
         return deadline
 
     async def on_timer(self, now: float) -> None:
         """Expire offers, DECLINE holds, leases and cached registry answers; re-read node addresses when due."""
-        if self.pool is not None:
-            self.pool.handle_timer(now)
+        for sub in self.subnets:
+            sub.pool.handle_timer(now)
         for mac, (_, at) in list(self._nodes.items()):
             if now - at > NODE_CACHE_TTL:
                 del self._nodes[mac]
-        if self.pool is not None and self._loaded and now >= self._next_reload:
+        if self.subnets and self._loaded and now >= self._next_reload:
             self._next_reload = now + NODE_RELOAD_EVERY  # before the await: one reload at a time
             await self._reload()
 
@@ -239,12 +355,23 @@ class DhcpService:
             return _ignore(c.reason, c.detail)
         if packet.hops > MAX_HOPS:
             return _ignore("too-many-hops", f"hops {packet.hops}")
+        cluster = self.cluster
+        if cluster is not None and cluster.shared and c.msg_type in SPLIT_TYPES and port != self.config.proxy_port:
+            key = client_key(packet)
+            share = self._buckets.get(key)
+            if share is None:
+                if len(self._buckets) >= BUCKET_CACHE:
+                    self._buckets.clear()
+                share = self._buckets[key] = lb_hash(key)
+            if not cluster.owns(share):
+                return _ignore("peer-share", f"{c.machine.mac} hashes to bucket {share}, server "
+                                             f"{cluster.owner(share).id}'s")
         if not self._loaded:
             await self.load(now)
         cfg = self.config
         if port == cfg.proxy_port and port != cfg.port:
             return await self._boot_server(packet, c, now, source)
-        if self.pool is None:
+        if not self.subnets:
             return await self._proxy(packet, c, now)
         mt = c.msg_type
         if mt is MT.DISCOVER:
@@ -274,8 +401,12 @@ class DhcpService:
             self._nodes.pop(mac, None)
         return node
 
-    def _boot(self, packet: DhcpPacket, c: Client, node: Node | None) -> BootAnswer:
-        plan = self.boot.plan(c.machine, node, pxe=c.pxe)
+    def _boot(self, packet: DhcpPacket, c: Client, node: Node | None, subnet: Subnet | None = None) -> BootAnswer:
+        if subnet is not None and (subnet.config.public_url or subnet.config.next_server):
+            plan = self.boot.plan(c.machine, node, pxe=c.pxe, public_url=subnet.config.public_url,
+                                  next_server=subnet.config.next_server)
+        else:
+            plan = self.boot.plan(c.machine, node, pxe=c.pxe)
         if plan is None:
             log.info("event=dhcp-no-nbp mac=%s firmware=%s arch=%s reason=%r", c.machine.mac,
                      c.machine.firmware.value, c.machine.arch, "no network boot program for this firmware")
@@ -323,15 +454,10 @@ class DhcpService:
         return Outcome([nak(packet, server_id=self.server_id, message=why, server_port=self.config.port,
                             client_port=self.config.client_port)])
 
-    def _relay_ok(self, packet: DhcpPacket) -> bool:
-        assert self.pool is not None
-        return packet.giaddr == ZERO_IP or self.pool.in_subnet(ip_int(packet.giaddr))
-
     # -- full mode -----------------------------------------------------------------------
-    def _choose(self, c: Client, node: Node, packet: DhcpPacket, now: float) -> int | None:
+    @staticmethod
+    def _choose(pool: LeasePool, c: Client, node: Node, packet: DhcpPacket, now: float) -> int | None:
         """RFC 2131 4.3.1 order: the node's own address, its current lease or offer, the requested one, any free."""
-        pool = self.pool
-        assert pool is not None
         mac = c.machine.mac
         candidates: list[int] = []
         if node.ip:
@@ -350,38 +476,40 @@ class DhcpService:
         return pool.free(mac, now)
 
     async def _discover(self, packet: DhcpPacket, c: Client, now: float) -> Outcome:
-        if not self._relay_ok(packet):
-            return _ignore("foreign-subnet", f"giaddr {packet.giaddr} is not on the pool's subnet")
+        sub = self.subnet_for(packet)
+        if sub is None:
+            return self._no_subnet(packet)
         node = await self._node(c, now, fresh=True)
         if node is None:
             return _ignore("refused", f"registry refused {c.machine.mac}")
-        ip = self._choose(c, node, packet, now)
+        ip = self._choose(sub.pool, c, node, packet, now)
         if ip is None:
-            log.warning("event=dhcp-pool-exhausted mac=%s", c.machine.mac)
-            return _ignore("pool-exhausted", f"no free address for {c.machine.mac}")
-        assert self.pool is not None
+            log.warning("event=dhcp-pool-exhausted mac=%s subnet=%s", c.machine.mac, sub.config.subnet)
+            return _ignore("pool-exhausted", f"no free address in {sub.config.subnet} for {c.machine.mac}")
         until = now + self.config.offer_hold
-        self.pool.offer(ip, c.machine.mac, until)
+        sub.pool.offer(ip, c.machine.mac, until)
         self._poke(until)
-        boot = self._boot(packet, c, node)
-        opts = {**self._net_opts, **boot.options}
+        boot = self._boot(packet, c, node, sub)
+        opts = {**sub.options, **boot.options}
         return Outcome([self._send(packet, MT.OFFER, yiaddr=int_ip(ip), siaddr=boot.siaddr, options=opts,
                                    file=boot.file)])
 
     async def _request(self, packet: DhcpPacket, c: Client, now: float) -> Outcome:
-        pool = self.pool
-        assert pool is not None
         mac = c.machine.mac
         req = request_state(packet)
         if isinstance(req, Ignore):
             return _ignore(req.reason, req.detail)
-        if req.state is ClientState.SELECTING and req.server_id != self.server_id:
+        sub = self.subnet_for(packet)
+        if req.state is ClientState.SELECTING and req.server_id != self.server_id and not self._took_over(
+                req.server_id):
             # The client chose another server: our offer is free again.
-            pool.drop_offer(mac)
+            if sub is not None:
+                sub.pool.drop_offer(mac)
             return _ignore("other-server", f"{mac} selected server {req.server_id}")
+        if sub is None:
+            return self._no_subnet(packet)
+        pool = sub.pool
         ip = ip_int(req.address)
-        if not self._relay_ok(packet):
-            return _ignore("foreign-subnet", f"giaddr {packet.giaddr} is not on the pool's subnet")
         if not pool.in_subnet(ip):
             if req.configured:
                 # RFC 2131 4.3.2: a REBINDING client on another network is not ours to refuse.
@@ -396,35 +524,54 @@ class DhcpService:
         if node.ip and not own and pool.in_subnet(ip_int(node.ip)) and pool.available(ip_int(node.ip), mac, now):
             # The node keeps its address: steer it back there instead of granting another one.
             return self._nak(packet, f"{mac} is assigned {node.ip}")
-        expires = now + self.config.lease_time
+        expires = now + sub.config.lease_time
         # Bind in memory first (no await between the check and the claim), persist before the ACK
         # (RFC 2131 4.3.1: the binding is committed before the reply), undo on failure.
         pool.bind(ip, mac, expires)
         try:
-            await self.store.put_lease(Lease(int_ip(ip), mac, expires, o.hostname(packet)))
+            await self.store.put_lease(Lease(int_ip(ip), mac, expires, o.hostname(packet)), now=now,
+                                       server=self.cluster.id if self.cluster is not None else None)
+        except Conflict as exc:
+            # Another server (sharing the registry) holds it: the database said no. Keep away from it until
+            # the leases are re-read, and send the client back to DISCOVER for another address.
+            pool.unbind(ip)
+            pool.stick(ip, OTHER)
+            self._reload_soon(now)
+            return self._nak(packet, f"{int_ip(ip)} is not available: {exc}")
         except BaseException:
             pool.unbind(ip)
             raise
         self._poke(expires)
-        boot = self._boot(packet, c, node)
+        boot = self._boot(packet, c, node, sub)
         await self._mark_pxe(node, c, boot.plan, now)
-        opts = {**self._net_opts, **boot.options}
+        opts = {**sub.options, **boot.options}
         log.debug("event=dhcp-ack mac=%s ip=%s node=%s file=%r", mac, int_ip(ip), node.name, boot.file)
         return Outcome([self._send(packet, MT.ACK, yiaddr=int_ip(ip), siaddr=boot.siaddr, options=opts,
                                    file=boot.file)])
 
+    def _took_over(self, server_id: str | None) -> bool:
+        """RFC 2131 4.3.2: a REQUEST naming another server is that server's, unless that server is dead and its
+        share is ours now (the caller checked the share): then we answer in its place."""
+        return server_id is not None and self.cluster is not None and self.cluster.is_dead(server_id)
+
+    def _reload_soon(self, now: float) -> None:
+        due = now + CONFLICT_RELOAD_AFTER
+        if due < self._next_reload:
+            self._next_reload = due
+            self._poke(due)
+
     async def _decline(self, packet: DhcpPacket, c: Client, now: float) -> Outcome:
-        pool = self.pool
-        assert pool is not None
-        if o.server_id(packet) not in (None, self.server_id):
+        if o.server_id(packet) not in (None, self.server_id) and not self._took_over(o.server_id(packet)):
             return _ignore("other-server", "DECLINE for another server")
         wanted = o.requested_ip(packet)
         if wanted is None:
             return _ignore("no-requested-ip", "DECLINE without option 50")
         ip = ip_int(wanted)
-        held = pool.leases.get(ip)
-        if held is None or held[0] != c.machine.mac:
+        sub = self._containing(ip)
+        held = sub.pool.leases.get(ip) if sub is not None else None
+        if sub is None or held is None or held[0] != c.machine.mac:
             return _ignore("not-holder", f"{c.machine.mac} declines {wanted}, which it does not hold")
+        pool = sub.pool
         # Someone else answers ARP for it: park the address and let the client DISCOVER again.
         log.warning("event=dhcp-decline mac=%s ip=%s reason=%r", c.machine.mac, wanted, "address in use on the wire")
         until = now + self.config.decline_hold
@@ -434,17 +581,16 @@ class DhcpService:
         return Outcome()
 
     async def _release(self, packet: DhcpPacket, c: Client, now: float) -> Outcome:
-        pool = self.pool
-        assert pool is not None
-        if o.server_id(packet) not in (None, self.server_id):
+        if o.server_id(packet) not in (None, self.server_id) and not self._took_over(o.server_id(packet)):
             return _ignore("other-server", "RELEASE for another server")
         if packet.ciaddr == ZERO_IP:
             return _ignore("no-ciaddr", "RELEASE without ciaddr")
         ip = ip_int(packet.ciaddr)
-        held = pool.leases.get(ip)
-        if held is None or held[0] != c.machine.mac:
+        sub = self._containing(ip)
+        held = sub.pool.leases.get(ip) if sub is not None else None
+        if sub is None or held is None or held[0] != c.machine.mac:
             return _ignore("not-holder", f"{c.machine.mac} releases {packet.ciaddr}, which it does not hold")
-        pool.unbind(ip)  # the node keeps it as its sticky address: nobody else gets it
+        sub.pool.unbind(ip)  # the node keeps it as its sticky address: nobody else gets it
         await self.store.release_lease(packet.ciaddr)
         log.info("event=dhcp-release mac=%s ip=%s", c.machine.mac, packet.ciaddr)
         return Outcome()
@@ -455,9 +601,12 @@ class DhcpService:
         node = await self._node(c, now, fresh=False)
         if node is None:
             return _ignore("refused", f"registry refused {c.machine.mac}")
-        boot = self._boot(packet, c, node)
+        sub = self.subnet_for(packet)
+        if sub is None:
+            return self._no_subnet(packet)
+        boot = self._boot(packet, c, node, sub)
         # RFC 2131 3.4: no lease time and no yiaddr in the ACK to an INFORM.
-        net = {k: v for k, v in self._net_opts.items() if k not in (o.LEASE_TIME, o.RENEWAL_TIME, o.REBINDING_TIME)}
+        net = {k: v for k, v in sub.options.items() if k not in (o.LEASE_TIME, o.RENEWAL_TIME, o.REBINDING_TIME)}
         return Outcome([self._send(packet, MT.ACK, yiaddr=ZERO_IP, siaddr=boot.siaddr,
                                    options={**net, **boot.options}, file=boot.file)])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from bootd.config import RegistryConfig
 from bootd.service.lifecycle import Lifecycle, Timeout
@@ -21,10 +21,13 @@ log = logging.getLogger("bootd.health")
 
 
 class HealthMonitor:
-    def __init__(self, lifecycle: Lifecycle, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, lifecycle: Lifecycle, *, clock: Callable[[], float] = time.time,
+                 lead: Callable[[str, float, float], Awaitable[bool]] | None = None) -> None:
         self.lifecycle = lifecycle
         self.clock = clock
         self.started = clock()
+        # Several servers on one registry: only the holder of the "sweep" lock sweeps (bootd.service.servers).
+        self.lead = lead
 
     @property
     def config(self) -> RegistryConfig:
@@ -40,11 +43,21 @@ class HealthMonitor:
         spans = [c.stale_after, c.dead_after - c.stale_after] + ([c.pxe_timeout] if c.pxe_timeout > 0 else [])
         return max(1.0, min(spans) / 10)
 
+    async def tick(self, now: float) -> list[Timeout] | None:
+        """One timer tick: sweep if this server holds the sweep lock (or runs alone); None when another sweeps.
+
+        The lock is held a few intervals and renewed by every sweep of its holder, so a dead sweeper's
+        place is taken within that time.
+        """
+        if self.lead is not None and not await self.lead("sweep", now, max(3 * self.interval(), 10.0)):
+            return None
+        return await self.check(now)
+
     async def run(self) -> None:
         """Sweep forever (cancel to stop); a failed sweep is logged and retried on the next tick."""
         while True:
             await asyncio.sleep(self.interval())
             try:
-                await self.check(self.clock())
+                await self.tick(self.clock())
             except Exception:
                 log.exception("event=health-sweep-failed")

@@ -18,6 +18,7 @@ from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
 from bootd.service.registry import RegistryService
 from bootd.service.replica import Replica
+from bootd.service.servers import ServerAdmin
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,7 @@ class Services:
     capsules: CapsuleReader
     metrics: CollectorRegistry
     overlays: OverlayService
+    servers: ServerAdmin
     replica: Replica | None = None  # capsule.upstream: missing objects come from another bootd
 
     def reload(self, config: Config) -> None:
@@ -39,3 +41,4 @@ class Services:
         self.nodes.reload(config.registry)
         self.boot.reload(config)
         self.overlays.reload(config)
+        self.servers.reload(config)

@@ -54,6 +54,22 @@ class StoreStatus:
     last_error: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ServerRecord:
+    """One bootd server sharing this registry (a row of ``servers``): who, where, when it was last alive,
+    how busy. ``heartbeat`` is the server's own clock (the servers' clocks must agree, e.g. NTP)."""
+
+    id: str
+    addresses: tuple[str, ...] = ()  # its DHCP server identifiers (server.address, subnets' next_server)
+    public_url: str = ""
+    admin_url: str = ""
+    pid: int = 0
+    started: float = 0.0
+    heartbeat: float = 0.0
+    load: float = 0.0  # requests answered per second over its last heartbeat interval
+    nodes: int = 0  # nodes it booted (filled by list_servers only)
+
+
 class NodeStore(Protocol):
     async def get_node(self, name: str) -> Node | None: ...
     async def get_node_by_mac(self, mac: str) -> Node | None: ...
@@ -104,8 +120,18 @@ class NodeStore(Protocol):
     async def get_lease_by_mac(self, mac: str) -> Lease | None: ...
     async def get_lease_by_ip(self, ip: str) -> Lease | None: ...
     async def list_leases(self) -> list[Lease]: ...
-    async def put_lease(self, lease: Lease) -> None: ...
+    async def put_lease(self, lease: Lease, *, now: float | None = None, server: str | None = None) -> None:
+        """Store a lease (before its ACK). Conflict when the address is another MAC's live lease or another
+        node's own address: across servers, the database decides, not each server's memory."""
     async def release_lease(self, ip: str) -> None: ...
+
+    async def beat(self, server: ServerRecord) -> list[ServerRecord]:
+        """Write this server's row (its heartbeat) and return every server's, in one transaction."""
+    async def list_servers(self) -> list[ServerRecord]: ...
+    async def drop_server(self, server_id: str) -> None:
+        """A clean stop: the row (and any lock it holds) goes, so peers take over at once."""
+    async def take_lock(self, name: str, holder: str, now: float, ttl: float) -> bool:
+        """Hold the named cluster lock until now + ttl (renewing it if ours); False while another holds it."""
 
     async def probe(self, timeout: float = 2.0) -> StoreStatus:
         """Ask the database now (one trivial query, bounded by ``timeout``), then return status()."""

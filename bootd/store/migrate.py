@@ -31,7 +31,7 @@ from bootd.store.base import mask_url
 TABLES: dict[str, tuple[str, ...]] = {
     "groups": ("name", "capsule", "kernel_args", "description"),
     "nodes": ("id", "mac", "name", "idx", "grp", "capsule", "enabled", "approved", "state", "reason",
-              "state_since", "ip", "first_contact", "last_contact", "kernel_args"),
+              "state_since", "ip", "first_contact", "last_contact", "kernel_args", "server"),
     "node_vars": ("node_id", "key", "value"),
     "leases": ("ip", "mac", "expires", "hostname"),
     "events": ("id", "node_id", "ts", "state", "reason", "detail"),

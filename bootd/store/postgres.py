@@ -43,7 +43,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
 from bootd.ratelog import LogLimiter
-from bootd.store.base import NODE_FIELDS, Credential, Event, StoreStatus, mask_url
+from bootd.store.base import NODE_FIELDS, Credential, Event, ServerRecord, StoreStatus, mask_url
 
 log = logging.getLogger("bootd.store")
 R = TypeVar("R")
@@ -123,6 +123,29 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL,
         PRIMARY KEY (grp, key)
     );
+    """,
+    # 5: several servers on one registry (SQLite's migration 5): who is alive, which server booted a node,
+    # one sweeper at a time, and a node's own address unique across servers (old duplicates cleared first)
+    """
+    CREATE TABLE servers (
+        id TEXT PRIMARY KEY,
+        addresses TEXT NOT NULL DEFAULT '',
+        public_url TEXT NOT NULL DEFAULT '',
+        admin_url TEXT NOT NULL DEFAULT '',
+        pid INTEGER NOT NULL DEFAULT 0,
+        started DOUBLE PRECISION NOT NULL,
+        heartbeat DOUBLE PRECISION NOT NULL,
+        load DOUBLE PRECISION NOT NULL DEFAULT 0
+    );
+    CREATE TABLE cluster_locks (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires DOUBLE PRECISION NOT NULL
+    );
+    ALTER TABLE nodes ADD COLUMN server TEXT;
+    UPDATE nodes SET ip = NULL WHERE ip IS NOT NULL
+        AND id <> (SELECT MIN(o.id) FROM nodes o WHERE o.ip = nodes.ip);
+    CREATE UNIQUE INDEX nodes_ip ON nodes(ip) WHERE ip IS NOT NULL;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -208,8 +231,14 @@ def _node(row: DictRow) -> Node:
         enabled=row["enabled"], approved=row["approved"], state=State(row["state"]),
         reason=row["reason"], state_since=row["state_since"], ip=row["ip"],
         first_contact=row["first_contact"], last_contact=row["last_contact"],
-        kernel_args=row["kernel_args"], vars=dict(row["vars"]),
+        kernel_args=row["kernel_args"], vars=dict(row["vars"]), server=row["server"],
     )
+
+
+def _server(row: DictRow) -> ServerRecord:
+    return ServerRecord(id=row["id"], addresses=tuple(x for x in row["addresses"].split(",") if x),
+                        public_url=row["public_url"], admin_url=row["admin_url"], pid=row["pid"],
+                        started=row["started"], heartbeat=row["heartbeat"], load=row["load"], nodes=row["nodes"])
 
 
 async def _rows(conn: Conn, query: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> list[DictRow]:
@@ -633,6 +662,10 @@ class PostgresNodeStore:
                 other = await _node_where(conn, "name", values["name"])
                 if other is not None and other["id"] != row["id"]:
                     raise Conflict(f"a node named {values['name']!r} already exists")
+            if values.get("ip") is not None:
+                other = await _node_where(conn, "ip", values["ip"])
+                if other is not None and other["id"] != row["id"]:
+                    raise Conflict(f"address {values['ip']} is already node {other['name']}'s")
             for key in ("enabled", "approved"):
                 if key in values:
                     values[key] = bool(values[key])
@@ -806,18 +839,73 @@ class PostgresNodeStore:
         rows = await self._run(lambda c: _rows(c, "SELECT * FROM leases ORDER BY ip"), write=False)
         return [Lease(r["ip"], r["mac"], r["expires"], r["hostname"]) for r in rows]
 
-    async def put_lease(self, lease: Lease) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None, server: str | None = None) -> None:
         mac = normalize_mac(lease.mac)
+        now = time.time() if now is None else now
 
         async def fn(conn: Conn) -> None:
-            # One lease per MAC and one MAC per address: replace whatever either held before.
-            await conn.execute("DELETE FROM leases WHERE mac = %s OR ip = %s", (mac, lease.ip))
+            # One lease per MAC (its previous one goes) and one MAC per address: an expired lease of another MAC
+            # is taken over, a live one or another node's own address is a Conflict. Two servers racing for one
+            # address both pass the checks; the primary key on leases.ip (or the unique index on nodes.ip)
+            # makes the second INSERT fail, _run retries it, and the retry's check names the winner.
+            await conn.execute("DELETE FROM leases WHERE mac = %s OR (ip = %s AND expires <= %s)",
+                               (mac, lease.ip, now))
+            held = await _row(conn, "SELECT mac FROM leases WHERE ip = %s AND expires > %s", (lease.ip, now))
+            if held is not None:
+                raise Conflict(f"address {lease.ip} is leased to {held['mac']}")
+            owner = await _row(conn, "SELECT name FROM nodes WHERE ip = %s AND mac <> %s", (lease.ip, mac))
+            if owner is not None:
+                raise Conflict(f"address {lease.ip} is node {owner['name']}'s own address")
             await conn.execute("INSERT INTO leases(ip, mac, expires, hostname) VALUES (%s, %s, %s, %s)",
                                (lease.ip, mac, lease.expires, lease.hostname))
-            await conn.execute("UPDATE nodes SET ip = %s WHERE mac = %s", (lease.ip, mac))
+            if server is None:
+                await conn.execute("UPDATE nodes SET ip = %s WHERE mac = %s", (lease.ip, mac))
+            else:
+                await conn.execute("UPDATE nodes SET ip = %s, server = %s WHERE mac = %s", (lease.ip, server, mac))
 
         # Returns after COMMIT was acknowledged: the lease is in the database before any ACK names it.
         await self._run(fn)
+
+    # -- servers sharing this registry ---------------------------------------------
+    async def beat(self, server: ServerRecord) -> list[ServerRecord]:
+        async def fn(conn: Conn) -> list[ServerRecord]:
+            await conn.execute(
+                "INSERT INTO servers(id, addresses, public_url, admin_url, pid, started, heartbeat, load)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET"
+                " addresses = excluded.addresses, public_url = excluded.public_url, admin_url = excluded.admin_url,"
+                " pid = excluded.pid, started = excluded.started, heartbeat = excluded.heartbeat,"
+                " load = excluded.load",
+                (server.id, ",".join(server.addresses), server.public_url, server.admin_url, server.pid,
+                 server.started, server.heartbeat, server.load))
+            return [_server(r) for r in await _rows(conn, "SELECT *, 0 AS nodes FROM servers ORDER BY id")]
+
+        return await self._run(fn)
+
+    async def list_servers(self) -> list[ServerRecord]:
+        async def fn(conn: Conn) -> list[ServerRecord]:
+            rows = await _rows(conn, "SELECT s.*, (SELECT COUNT(*) FROM nodes n WHERE n.server = s.id) AS nodes"
+                                     " FROM servers s ORDER BY s.id")
+            return [_server(r) for r in rows]
+
+        return await self._run(fn, write=False)
+
+    async def drop_server(self, server_id: str) -> None:
+        async def fn(conn: Conn) -> None:
+            await conn.execute("DELETE FROM servers WHERE id = %s", (server_id,))
+            await conn.execute("DELETE FROM cluster_locks WHERE holder = %s", (server_id,))
+
+        await self._run(fn)
+
+    async def take_lock(self, name: str, holder: str, now: float, ttl: float) -> bool:
+        async def fn(conn: Conn) -> bool:
+            row = await _row(
+                conn, "INSERT INTO cluster_locks(name, holder, expires) VALUES (%s, %s, %s) ON CONFLICT (name)"
+                      " DO UPDATE SET holder = excluded.holder, expires = excluded.expires"
+                      " WHERE cluster_locks.holder = excluded.holder OR cluster_locks.expires <= %s"
+                      " RETURNING holder", (name, holder, now + ttl, now))
+            return row is not None
+
+        return await self._run(fn)
 
     async def release_lease(self, ip: str) -> None:
         async def fn(conn: Conn) -> None:

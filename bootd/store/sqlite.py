@@ -18,13 +18,14 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
-from bootd.store.base import NODE_FIELDS, Credential, Event, StoreStatus
+from bootd.store.base import NODE_FIELDS, Credential, Event, ServerRecord, StoreStatus
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -104,6 +105,29 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (grp, key)
     );
     """,
+    # 5: several servers on one registry: who is alive, which server booted a node, one sweeper at a time,
+    # and a node's own address unique across servers (a duplicate left by an older bootd is cleared first)
+    """
+    CREATE TABLE servers (
+        id TEXT PRIMARY KEY,
+        addresses TEXT NOT NULL DEFAULT '',
+        public_url TEXT NOT NULL DEFAULT '',
+        admin_url TEXT NOT NULL DEFAULT '',
+        pid INTEGER NOT NULL DEFAULT 0,
+        started REAL NOT NULL,
+        heartbeat REAL NOT NULL,
+        load REAL NOT NULL DEFAULT 0
+    );
+    CREATE TABLE cluster_locks (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires REAL NOT NULL
+    );
+    ALTER TABLE nodes ADD COLUMN server TEXT;
+    UPDATE nodes SET ip = NULL WHERE ip IS NOT NULL
+        AND id <> (SELECT MIN(o.id) FROM nodes o WHERE o.ip = nodes.ip);
+    CREATE UNIQUE INDEX nodes_ip ON nodes(ip) WHERE ip IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 EVENTS_KEPT_PER_NODE = 200
@@ -115,8 +139,14 @@ def _node(row: sqlite3.Row, vars_: dict[str, str]) -> Node:
         enabled=bool(row["enabled"]), approved=bool(row["approved"]), state=State(row["state"]),
         reason=row["reason"], state_since=row["state_since"], ip=row["ip"],
         first_contact=row["first_contact"], last_contact=row["last_contact"],
-        kernel_args=row["kernel_args"], vars=vars_,
+        kernel_args=row["kernel_args"], vars=vars_, server=row["server"],
     )
+
+
+def _server(row: sqlite3.Row) -> ServerRecord:
+    return ServerRecord(id=row["id"], addresses=tuple(x for x in row["addresses"].split(",") if x),
+                        public_url=row["public_url"], admin_url=row["admin_url"], pid=row["pid"],
+                        started=row["started"], heartbeat=row["heartbeat"], load=row["load"], nodes=row["nodes"])
 
 
 def diagnose(path: str | Path) -> str:
@@ -331,6 +361,10 @@ class SqliteRepo:
                 other = self._row("name", values["name"])
                 if other is not None and other["id"] != row["id"]:
                     raise Conflict(f"a node named {values['name']!r} already exists")
+            if values.get("ip") is not None:
+                other = self._row("ip", values["ip"])
+                if other is not None and other["id"] != row["id"]:
+                    raise Conflict(f"address {values['ip']} is already node {other['name']}'s")
             for key in ("enabled", "approved"):
                 if key in values:
                     values[key] = int(bool(values[key]))
@@ -482,14 +516,58 @@ class SqliteRepo:
         rows = self.db.execute("SELECT * FROM leases ORDER BY ip").fetchall()
         return [Lease(r["ip"], r["mac"], r["expires"], r["hostname"]) for r in rows]
 
-    def put_lease(self, lease: Lease) -> None:
+    def put_lease(self, lease: Lease, *, now: float | None = None, server: str | None = None) -> None:
         mac = normalize_mac(lease.mac)
+        now = time.time() if now is None else now
         with self.write() as db:
-            # One lease per MAC and one MAC per address: replace whatever either held before.
-            db.execute("DELETE FROM leases WHERE mac = ? OR ip = ?", (mac, lease.ip))
+            # One lease per MAC (its previous one goes) and one MAC per address: an expired lease of another
+            # MAC is taken over, a live one or another node's own address is a Conflict. The primary key on
+            # leases.ip and the unique index on nodes.ip hold even if these checks had a bug.
+            db.execute("DELETE FROM leases WHERE mac = ? OR (ip = ? AND expires <= ?)", (mac, lease.ip, now))
+            held = db.execute("SELECT mac FROM leases WHERE ip = ? AND expires > ?", (lease.ip, now)).fetchone()
+            if held is not None:
+                raise Conflict(f"address {lease.ip} is leased to {held['mac']}")
+            owner = db.execute("SELECT name FROM nodes WHERE ip = ? AND mac <> ?", (lease.ip, mac)).fetchone()
+            if owner is not None:
+                raise Conflict(f"address {lease.ip} is node {owner['name']}'s own address")
             db.execute("INSERT INTO leases(ip, mac, expires, hostname) VALUES (?, ?, ?, ?)",
                        (lease.ip, mac, lease.expires, lease.hostname))
-            db.execute("UPDATE nodes SET ip = ? WHERE mac = ?", (lease.ip, mac))
+            if server is None:
+                db.execute("UPDATE nodes SET ip = ? WHERE mac = ?", (lease.ip, mac))
+            else:
+                db.execute("UPDATE nodes SET ip = ?, server = ? WHERE mac = ?", (lease.ip, server, mac))
+
+    # -- servers sharing this registry ---------------------------------------------
+    def beat(self, server: ServerRecord) -> list[ServerRecord]:
+        with self.write() as db:
+            db.execute(
+                "INSERT INTO servers(id, addresses, public_url, admin_url, pid, started, heartbeat, load)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET addresses = excluded.addresses,"
+                " public_url = excluded.public_url, admin_url = excluded.admin_url, pid = excluded.pid,"
+                " started = excluded.started, heartbeat = excluded.heartbeat, load = excluded.load",
+                (server.id, ",".join(server.addresses), server.public_url, server.admin_url, server.pid,
+                 server.started, server.heartbeat, server.load))
+            return [_server(r) for r in db.execute("SELECT *, 0 AS nodes FROM servers ORDER BY id")]
+
+    def list_servers(self) -> list[ServerRecord]:
+        rows = self.db.execute("SELECT s.*, (SELECT COUNT(*) FROM nodes n WHERE n.server = s.id) AS nodes"
+                               " FROM servers s ORDER BY s.id")
+        return [_server(r) for r in rows]
+
+    def drop_server(self, server_id: str) -> None:
+        with self.write() as db:
+            db.execute("DELETE FROM servers WHERE id = ?", (server_id,))
+            db.execute("DELETE FROM cluster_locks WHERE holder = ?", (server_id,))
+
+    def take_lock(self, name: str, holder: str, now: float, ttl: float) -> bool:
+        with self.write() as db:
+            db.execute(
+                "INSERT INTO cluster_locks(name, holder, expires) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE"
+                " SET holder = excluded.holder, expires = excluded.expires"
+                " WHERE cluster_locks.holder = excluded.holder OR cluster_locks.expires <= ?",
+                (name, holder, now + ttl, now))
+            row = db.execute("SELECT holder FROM cluster_locks WHERE name = ?", (name,)).fetchone()
+            return row is not None and row["holder"] == holder
 
     def release_lease(self, ip: str) -> None:
         with self.write() as db:
@@ -595,8 +673,20 @@ class SqliteNodeStore:
     async def list_leases(self) -> list[Lease]:
         return await self._run(self.repo.list_leases)
 
-    async def put_lease(self, lease: Lease) -> None:
-        await self._run(self.repo.put_lease, lease)
+    async def put_lease(self, lease: Lease, *, now: float | None = None, server: str | None = None) -> None:
+        await self._run(self.repo.put_lease, lease, now=now, server=server)
+
+    async def beat(self, server: ServerRecord) -> list[ServerRecord]:
+        return await self._run(self.repo.beat, server)
+
+    async def list_servers(self) -> list[ServerRecord]:
+        return await self._run(self.repo.list_servers)
+
+    async def drop_server(self, server_id: str) -> None:
+        await self._run(self.repo.drop_server, server_id)
+
+    async def take_lock(self, name: str, holder: str, now: float, ttl: float) -> bool:
+        return await self._run(self.repo.take_lock, name, holder, now, ttl)
 
     async def release_lease(self, ip: str) -> None:
         await self._run(self.repo.release_lease, ip)

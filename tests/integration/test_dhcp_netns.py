@@ -337,6 +337,63 @@ async def test_relayed_request_goes_back_to_relay(net: Net) -> None:
     assert lease is not None and lease.ip == "10.77.9.100"
 
 
+async def test_isc_dhcrelay_brings_a_client_its_second_subnets_address(net: Net) -> None:
+    """client ns -- relay ns (ISC dhcrelay) -- server ns: a real client gets the second subnet's pool and options,
+    while a giaddr in no subnet is refused (counted by reason)."""
+    need_tool("dhcrelay")
+    srv, rly, cli = net.ns("srv"), net.ns("rly"), net.ns("cli")
+    net.veth(srv, "rly0", rly, "up0")
+    net.veth(rly, "down0", cli, "eth0")
+    sh("ip", "-n", srv, "addr", "add", "10.78.0.1/30", "dev", "rly0")
+    sh("ip", "-n", rly, "addr", "add", "10.78.0.2/30", "dev", "up0")
+    sh("ip", "-n", rly, "addr", "add", "10.78.1.1/24", "dev", "down0")
+    sh("ip", "-n", cli, "link", "set", "eth0", "address", CLI_MAC)
+    sh("ip", "-n", srv, "route", "add", "10.78.1.0/24", "via", "10.78.0.2")
+    # The local pool (first subnet) is 10.77.0.0/24; the rack behind the relay is the second subnet.
+    cfg = start_bootd(net, srv, address="10.78.0.1", interface=None, dhcp={
+        **FULL, "subnets": [{"subnet": "10.78.1.0/24", "pool_start": "10.78.1.60", "pool_end": "10.78.1.70",
+                             "router": "10.78.1.1", "dns": ["10.78.1.53"], "lease_time": 900,
+                             "next_server": "10.78.0.1"}]})
+    net.spawn(rly, ["dhcrelay", "-d", "-4", "-pf", str(net.workdir / "dhcrelay.pid"), "-id", "down0", "-iu", "up0",
+                    "10.78.0.1"], "dhcrelay.log")
+    dump = script(net, "udhcpc.sh", f'env > {net.workdir}/udhcpc-"$1".env')
+    for _ in range(50):  # dhcrelay opens its sockets a moment after it starts
+        if "down0" in (net.workdir / "dhcrelay.log").read_text():
+            break
+        time.sleep(0.1)
+    net.run(cli, ["busybox", "udhcpc", "-f", "-q", "-n", "-t", "8", "-T", "1", "-i", "eth0", "-s", str(dump),
+                  "-V", PXE_VC, "-x", "0x5d:0000"], timeout=60)
+    env = env_file(net.workdir / "udhcpc-bound.env")
+    assert env["ip"] == "10.78.1.60" and env["subnet"] == "255.255.255.0" and env["router"] == "10.78.1.1"
+    assert env["dns"].split() == ["10.78.1.53"] and env["lease"] == "900" and env["serverid"] == "10.78.0.1"
+    assert env["siaddr"] == "10.78.0.1" and env["boot_file"] == "undionly.kpxe"
+    node, lease = await node_record(cfg, CLI_MAC)
+    assert node is not None and node.ip == "10.78.1.60" and node.state is State.PXE
+    assert lease is not None and lease.ip == "10.78.1.60"
+
+    # A relay on a subnet bootd does not serve: refused, and the reason counted in /metrics.
+    net.run(srv, [sys.executable, "-c", FOREIGN, str(DATA / "edk2-pxe-c2s-discover-1.bin")])
+    counted = 'bootd_dhcp_dropped_total{reason="foreign-subnet"} 1.0'
+    for _ in range(50):
+        metrics = net.run(srv, ["curl", "-s", "http://127.0.0.1:8080/metrics"]).stdout
+        if counted in metrics:
+            break
+        time.sleep(0.1)
+    assert counted in metrics, metrics[-2000:]
+    assert "giaddr 10.99.0.1 is in no subnet" in (net.workdir / "bootd.log").read_text()
+    node, _ = await node_record(cfg, "52:54:00:77:20:09")
+    assert node is None
+
+
+FOREIGN = textwrap.dedent("""
+    import socket, sys
+    from bootd.proto.dhcp.packet import DhcpPacket
+    discover = DhcpPacket.parse(open(sys.argv[1], "rb").read())
+    discover.chaddr, discover.giaddr, discover.hops = bytes.fromhex("525400772009") + bytes(10), "10.99.0.1", 1
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(discover.encode(), ("10.78.0.1", 67))
+""")
+
+
 PXE_CLIENT = CLIENT + textwrap.dedent("""
     ifname, my_ip, mac = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3].replace(":", ""))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -8,6 +8,7 @@ Tests taking ``node_store`` or ``store_target`` run on SQLite and on a real Post
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ from bootd import config as config_mod
 from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
 from bootd.model import Group, Lease, State
 from bootd.store import migrate, postgres
-from bootd.store.base import Credential, NodeStore, StoreStatus, mask_url
+from bootd.store.base import Credential, NodeStore, ServerRecord, StoreStatus, mask_url
 from bootd.store.broken import BrokenStore
 from bootd.store.factory import open_store, open_url
 from bootd.store.sqlite import SqliteNodeStore
@@ -171,6 +172,80 @@ async def test_racing_lease_writes_leave_one_lease_per_address_and_per_mac(node_
     assert leases and {x.ip for x in leases} <= {f"10.0.0.{i}" for i in range(4)}
 
 
+async def test_an_address_is_never_leased_twice_whoever_writes_it(node_store: NodeStore) -> None:
+    # Two servers with stale memories both think 10.0.0.7 is free: the database, not luck, refuses the second.
+    for i in (1, 2, 3):
+        await node_store.add_node(mac(i), f"m{i}", group="default", now=0.0)
+    await node_store.put_lease(Lease("10.0.0.7", mac(1), 1000.0), now=100.0, server="a")
+    with pytest.raises(Conflict, match=re.escape("10.0.0.7 is leased to 52:54:00:00:00:01")):
+        await node_store.put_lease(Lease("10.0.0.7", mac(2), 1100.0), now=101.0, server="b")
+    node = await node_store.get_node("m1")
+    assert node is not None and node.ip == "10.0.0.7" and node.server == "a"  # shown with the server that booted it
+    # Expired, the lease is free, but the address stays m1's own (its node keeps it): still refused.
+    with pytest.raises(Conflict, match="node m1's own address"):
+        await node_store.put_lease(Lease("10.0.0.7", mac(2), 3000.0), now=2000.0, server="b")
+    # The node itself renews through any server, and moves its own address with it.
+    await node_store.put_lease(Lease("10.0.0.7", mac(1), 3000.0), now=2000.0, server="b")
+    await node_store.put_lease(Lease("10.0.0.8", mac(1), 3000.0), now=2001.0, server="b")
+    await node_store.put_lease(Lease("10.0.0.7", mac(2), 3000.0), now=2002.0, server="a")
+    assert {(x.ip, x.mac) for x in await node_store.list_leases()} == {("10.0.0.8", mac(1)), ("10.0.0.7", mac(2))}
+    with pytest.raises(Conflict, match=re.escape("10.0.0.8 is already node m1's")):
+        await node_store.update_node("m3", ip="10.0.0.8")
+
+
+async def test_servers_heartbeat_list_and_leave(node_store: NodeStore) -> None:
+    a = ServerRecord("a", ("10.0.0.1",), "http://10.0.0.1:8080", pid=11, started=1.0, heartbeat=5.0, load=2.5)
+    rows = await node_store.beat(a)
+    assert rows == [a]
+    b = ServerRecord("b", ("10.0.0.2", "10.1.0.2"), "http://10.0.0.2:8080", pid=12, started=2.0, heartbeat=6.0)
+    assert [r.id for r in await node_store.beat(b)] == ["a", "b"]
+    assert (await node_store.beat(dataclasses.replace(a, heartbeat=9.0)))[0].heartbeat == 9.0
+    await node_store.add_node(mac(5), "m5", group="default", now=0.0)
+    await node_store.put_lease(Lease("10.0.0.50", mac(5), 100.0), now=1.0, server="b")
+    listed = await node_store.list_servers()
+    assert [(r.id, r.addresses, r.nodes) for r in listed] == [("a", ("10.0.0.1",), 0),
+                                                            ("b", ("10.0.0.2", "10.1.0.2"), 1)]
+    await node_store.drop_server("a")
+    assert [r.id for r in await node_store.list_servers()] == ["b"]
+
+
+async def test_one_holder_of_a_cluster_lock_at_a_time(node_store: NodeStore) -> None:
+    assert await node_store.take_lock("sweep", "a", now=100.0, ttl=10.0)
+    assert not await node_store.take_lock("sweep", "b", now=105.0, ttl=10.0)
+    assert await node_store.take_lock("sweep", "a", now=108.0, ttl=10.0)  # the holder renews
+    assert not await node_store.take_lock("sweep", "b", now=117.0, ttl=10.0)
+    assert await node_store.take_lock("sweep", "b", now=118.0, ttl=10.0)  # expired: taken over
+    assert not await node_store.take_lock("sweep", "a", now=119.0, ttl=10.0)
+    results = await asyncio.gather(*(node_store.take_lock("race", f"s{i}", now=200.0, ttl=10.0) for i in range(8)))
+    assert sum(results) == 1
+    await node_store.drop_server("b")  # a stopping server lets go of its locks
+    assert await node_store.take_lock("sweep", "a", now=120.0, ttl=10.0)
+
+
+def test_sqlite_migration_5_keeps_one_node_per_address(tmp_path: Path) -> None:
+    import sqlite3
+
+    from bootd.store import sqlite
+
+    path = tmp_path / "old.sqlite"
+    repo = sqlite.SqliteRepo(path)
+    repo.migrate()
+    repo.close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 4")
+    db.executescript("DROP INDEX nodes_ip; DROP TABLE servers; DROP TABLE cluster_locks;"
+                     "ALTER TABLE nodes DROP COLUMN server;")
+    for i, name in enumerate(("x1", "x2")):
+        db.execute("INSERT INTO nodes(mac, name, grp, state, state_since, first_contact, last_contact, ip)"
+                   " VALUES (?, ?, 'default', 'ready', 1, 1, 1, '10.0.0.9')", (mac(i), name))
+    db.commit()
+    db.close()
+    repo = sqlite.SqliteRepo(path)
+    assert repo.schema_version() == 5
+    assert [(n.name, n.ip) for n in repo.list_nodes()] == [("x1", "10.0.0.9"), ("x2", None)]
+    repo.close()
+
+
 async def test_status_says_which_backend_and_that_it_is_healthy(store_target: StoreTarget) -> None:
     store = await store_target.open()
     status = await store.probe()
@@ -201,7 +276,7 @@ async def test_postgres_migrates_an_old_schema_and_keeps_its_rows(postgres_serve
     await conn.close()
     store = await open_url(url, password=postgres_server.password)
     conn = await postgres.connect(url, password=postgres_server.password)
-    assert await postgres.schema_version(conn) == postgres.SCHEMA_VERSION == 4
+    assert await postgres.schema_version(conn) == postgres.SCHEMA_VERSION == 5
     await conn.close()
     node = await store.get_node("n0000")
     assert node is not None and node.state == State.READY

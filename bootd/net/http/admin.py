@@ -23,7 +23,7 @@ from bootd.service.services import Services
 
 log = logging.getLogger("bootd.http")
 
-ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}")
+ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}", "/api/v1/servers")
 
 
 class AdminServer(NodeRoutes):
@@ -40,7 +40,15 @@ class AdminServer(NodeRoutes):
         app.router.add_get("/api/v1/nodes", self._list_nodes)
         app.router.add_get("/api/v1/nodes/{name}", self._get_node)
         app.router.add_post("/api/v1/nodes/{name}", self._set_node)
+        app.router.add_get("/api/v1/servers", self._list_servers)
         self.app = app
+
+    async def _list_servers(self, request: web.Request) -> web.StreamResponse:
+        """The servers sharing this registry, alive or not, with their share of the clients (bootd server list)."""
+        if (denied := self._admin_auth(request)) is not None:
+            return denied
+        views = await self.services.servers.list(self.clock())
+        return web.json_response({"servers": [v.as_json() for v in views]})
 
     def reload(self, config: Config) -> None:
         self.config = config

@@ -88,3 +88,25 @@ async def test_heartbeat_between_list_and_write_wins(registry: Registry) -> None
     assert await mon.check(100.0) == []
     n = await registry.store.get_node(node.name)
     assert n is not None and n.state is State.READY
+
+
+async def test_one_server_at_a_time_sweeps_a_shared_registry(registry: Registry) -> None:
+    """Two servers' monitors on one registry: the holder of the sweep lock sweeps; when it stops renewing
+    (dead), the other takes the lock once it has expired."""
+    from bootd import config as config_mod
+    from bootd.service.servers import Cluster
+
+    node = await registry.resolve(Machine("52:54:00:00:00:05"), 1000.0)
+    assert node is not None
+    await registry.report(node.name, State.READY, now=1000.0)
+    clusters = [Cluster(registry.store, config_mod.from_dict({"cluster": {"id": ident}})) for ident in ("a", "b")]
+    a, b = (HealthMonitor(registry.lifecycle, clock=lambda: 0.0, lead=c.lead) for c in clusters)
+    a.started = b.started = 0.0
+    assert await a.tick(1050.0) == []  # a holds the lock: it swept (nothing due yet)
+    assert await b.tick(1051.0) is None  # b does not sweep while a holds it
+    [t] = await a.tick(1095.0)
+    assert t.new is State.STALE
+    assert await b.tick(1096.0) is None
+    # a dies: its lock (held max(3 x interval, 10 s) = 27 s) expires, and b sweeps from then on.
+    assert await b.tick(1095.0 + 27.5) is not None
+    assert await a.tick(1125.0) is None

@@ -86,3 +86,18 @@ def test_secret_created_once_0600_even_by_racing_processes(tmp_path: Path) -> No
     assert got == {path.read_bytes()} and len(path.read_bytes()) == 64
     assert [p.name for p in path.parent.iterdir()] == ["secret"]
     assert load_or_create_secret(path) == got.pop()
+
+
+def test_other_sources_are_the_live_servers_then_the_configured_ones() -> None:
+    """The iPXE script's sources: the other live servers (Cluster.live_urls, this server's first), then
+    boot.sources, each once, never the URL the node already uses."""
+    from types import SimpleNamespace
+
+    from bootd.service.boot import BootService
+
+    boot = SimpleNamespace(peers=lambda: ["http://me:8080", "http://b:8080", "http://c:8080"],
+                           sources=("http://r:8080", "http://b:8080/"))
+    assert BootService.other_sources(boot, "http://me:8080/") == (  # type: ignore[arg-type]
+        "http://b:8080", "http://c:8080", "http://r:8080")
+    alone = SimpleNamespace(peers=None, sources=())
+    assert BootService.other_sources(alone, "http://me:8080") == ()  # type: ignore[arg-type]
