@@ -85,6 +85,7 @@ static struct source srcs[MAX_SOURCES];
 static int nsrc;
 
 static struct {
+    const char *hostport, *prefix; /* the first source's: progress events and other single requests */
     int workers, window, retries, timeout;
     const char *node, *token, *failfile;
 } cfg = {.workers = 4, .window = 16, .retries = 10, .timeout = 60};
@@ -210,7 +211,7 @@ static int wait_fd(int fd, short events, long long deadline) {
     }
 }
 
-static int conn_open(struct conn *c, int src, char *err, size_t errlen) {
+static int conn_open_src(struct conn *c, int src, char *err, size_t errlen) {
     conn_close(c);
     c->src = src;
     const struct source *s = &srcs[src];
@@ -246,6 +247,9 @@ static int conn_open(struct conn *c, int src, char *err, size_t errlen) {
     c->len = c->off = 0;
     return 0;
 }
+
+/* A connection to the first source (the node's own server). */
+static int conn_open(struct conn *c, char *err, size_t errlen) { return conn_open_src(c, 0, err, errlen); }
 
 /* An idle keep-alive connection must have nothing to read: bytes there are either the server's close or
  * bytes it sent beyond a reply (a body longer than announced), which must never be taken as the reply to
@@ -510,7 +514,7 @@ static int try_once(struct conn *c, struct job *j, int src) {
     for (;;) {
         if (c->fd >= 0 && (c->src != src || !conn_idle_clean(c)))
             conn_close(c);
-        if (c->fd < 0 && conn_open(c, src, j->err, sizeof j->err) < 0)
+        if (c->fd < 0 && conn_open_src(c, src, j->err, sizeof j->err) < 0)
             return TRY_RETRY;
         reused = c->uses > 0;
         int n;
@@ -738,7 +742,7 @@ static void *worker(void *arg) {
 
 /* ---- progress --------------------------------------------------------------------------------- */
 
-/* POSTs a JSON body to the first source's PREFIX/api/v1/nodes/NODE/WHAT with the node's token; the reply's status, or -1
+/* POSTs a JSON body to PREFIX/api/v1/nodes/NODE/WHAT (the first source's) with the node's token; the reply's status, or -1
  * with the reason in err when no reply came. One connection per POST: they are seconds apart. */
 static int post_json(const char *what, const char *body, char *err, size_t errlen) {
     char req[4096];
@@ -746,7 +750,7 @@ static int post_json(const char *what, const char *body, char *err, size_t errle
                      "POST %s/api/v1/nodes/%s/%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bootd-fetch\r\n"
                      "X-Bootd-Token: %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
                      "Connection: close\r\n\r\n%s",
-                     srcs[0].prefix, cfg.node, what, srcs[0].hostport, cfg.token, strlen(body), body);
+                     cfg.prefix, cfg.node, what, cfg.hostport, cfg.token, strlen(body), body);
     if (n <= 0 || n >= (int)sizeof req) {
         snprintf(err, errlen, "request too long");
         return -1;
@@ -759,7 +763,7 @@ static int post_json(const char *what, const char *body, char *err, size_t errle
     c->fd = -1;
     c->deadline = now_ms() + (long long)cfg.timeout * 1000;
     int status = -1;
-    if (conn_open(c, 0, err, errlen) == 0 && send_all(c, req, (size_t)n, err, errlen) == 0) {
+    if (conn_open(c, err, errlen) == 0 && send_all(c, req, (size_t)n, err, errlen) == 0) {
         struct reply r;
         int any;
         if (read_head(c, &r, &any, err, errlen) == 0) {
@@ -978,6 +982,10 @@ int main(int argc, char **argv) {
     }
     if (!url)
         return usage();
+    if (nsrc) {
+        cfg.hostport = srcs[0].hostport;
+        cfg.prefix = srcs[0].prefix;
+    }
     if (bad_url) {
         if (!check)
             fprintf(stderr, "bootd-fetch: cannot use %s (only http://IPv4[:port][/prefix], at most %d sources)\n",
