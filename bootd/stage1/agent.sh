@@ -54,12 +54,6 @@ RETRIES=$(arg bootd.retries || echo 10)
 FAIL_DELAY=$(arg bootd.retry_delay || echo 15)
 WINDOW=$(arg bootd.window || echo 16)
 TIMEOUT=$(arg bootd.timeout || echo 60)
-# Where chunks and the manifest may come from, in order: this node's server, then bootd.sources
-# (comma-separated base URLs: the other live servers, replicas, plain HTTP copies). Every object is
-# verified whichever source sent it; events go to the first server that takes them.
-SOURCE_LIST=$(echo "$URL,$(arg bootd.sources)" | tr ',' ' ' | sed 's/ *$//')
-# The sources with $URL (the server that last took an event) first, each once.
-sources() { echo "$URL"; for s in $SOURCE_LIST; do [ "$s" = "$URL" ] || echo "$s"; done; }
 
 post_event() { # event reason done total tries
     body="{\"event\":\"$1\",\"reason\":\"$(json_esc "$2")\",\"done\":${3:-0},\"total\":${4:-0}}"
@@ -161,6 +155,13 @@ fetch() {
         esac
     done
 }
+
+# Where chunks and the manifest may come from, in order: this node's server, then bootd.sources
+# (comma-separated base URLs: the other live servers, replicas, plain HTTP copies). Every object is
+# verified whichever source sent it; events go to the first server that takes them.
+set_sources() { SOURCE_LIST=$(echo "$URL,$(arg bootd.sources)" | tr ',' ' ' | sed 's/ *$//'); }
+# The sources with $URL (the server that last took an event) first, each once.
+sources() { echo "$URL"; for s in $SOURCE_LIST; do [ "$s" = "$URL" ] || echo "$s"; done; }
 
 # fetch_src PATH DEST [expected_size]: fetch() from each source in turn, in SOURCE_LIST's order.
 fetch_src() {
@@ -509,6 +510,7 @@ main() {
     post_event stage1 "" 0 0 3
 
     M=$WORK/manifest
+    set_sources
     fetch_src "capsules/$VID/manifest" "$M" || fail "manifest could not be fetched: $FETCH_ERR"
     hash_file "$M"
     [ "$GOT" = "$VID" ] || fail "manifest failed verification: sha256 $GOT is not the version id $VID"
