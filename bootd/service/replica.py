@@ -105,14 +105,16 @@ class Replica:
         self._staging: Staging | None = None
         self._sizes: dict[str, int | None] = {}  # chunk -> declared size (None: a kernel's modules archive)
         self._indexed: set[str] = set()
+        self._indexed_mtime = -1  # of the manifests directory when it was last read (a new manifest changes it)
 
     @property
     def url(self) -> str:
         return self.upstream.url
 
     async def start(self) -> None:
-        """Nothing listens; the store's layout must exist (the HTTP server serves from it)."""
-        await asyncio.to_thread(self.store.ensure_layout)
+        """Nothing listens; the store's layout and this process's staging directory are made here, off the
+        event loop (the staging directory is created under the store lock, which a gc may hold a while)."""
+        await asyncio.to_thread(self._staging_dir)
 
     async def close(self) -> None:
         for task in list(self._flights.values()):
@@ -171,7 +173,14 @@ class Replica:
         self._indexed.add(vid)
 
     def _index_all(self) -> None:
-        """Read the manifests not indexed yet (blocking: called off the event loop)."""
+        """Read the manifests not indexed yet (blocking: called off the event loop); one stat when none is new."""
+        try:
+            mtime = os.stat(self.store.manifests_dir).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == self._indexed_mtime:
+            return
+        self._indexed_mtime = mtime
         for vid in self.store.versions():
             if vid not in self._indexed:
                 try:
@@ -194,10 +203,10 @@ class Replica:
         # A node that hangs up must not cancel the fetch the other nodes are waiting for.
         return await asyncio.shield(task)
 
-    def _writer(self, kind: str, name: str, limit: int, size: int | None) -> ObjectWriter:
+    def _staging_dir(self) -> Staging:
         if self._staging is None:
             self._staging = self.store.begin_import()
-        return ObjectWriter(self._staging, kind, name, limit, size)
+        return self._staging
 
     async def _fetch_once(self, kind: str, name: str, path: str, size: int | None, limit: int) -> int:
         where = f"{self.upstream.url}{path}"
@@ -205,7 +214,8 @@ class Replica:
         async with self._slots:
             if os.path.exists(self.store.object_path(kind, name)):
                 return 0  # placed meanwhile (a sync, or another server process on this store)
-            writer = self._writer(kind, name, limit, size)
+            staging = self._staging if self._staging is not None else await asyncio.to_thread(self._staging_dir)
+            writer = ObjectWriter(staging, kind, name, limit, size)
             started = time.monotonic()
             try:
                 await self.upstream.get(path, writer.write, limit=writer.limit, timeout=self.timeout)
