@@ -852,12 +852,17 @@ static int add_source(const char *url, size_t len) {
     return 0;
 }
 
-/* A -u argument: one base URL or a comma-separated list of them. */
+/* A -u argument: one base URL or a comma-separated list of them. The first must be usable; a later one
+ * that is not (a host name, https, too many) is skipped with a note, so the others still serve. */
 static int parse_url(const char *url) {
     for (;;) {
         size_t n = strcspn(url, ",");
-        if (add_source(url, n) < 0)
-            return -1;
+        if (n && add_source(url, n) < 0) {
+            if (!nsrc)
+                return -1;
+            say("note: source %.*s skipped (only http://IPv4[:port][/prefix], at most %d)", (int)(n > 200 ? 200 : n),
+                url, MAX_SOURCES);
+        }
         if (!url[n])
             return 0;
         url += n + 1;
@@ -986,10 +991,10 @@ int main(int argc, char **argv) {
         cfg.hostport = srcs[0].hostport;
         cfg.prefix = srcs[0].prefix;
     }
-    if (bad_url) {
+    if (bad_url || !nsrc) {
         if (!check)
             fprintf(stderr, "bootd-fetch: cannot use %s (only http://IPv4[:port][/prefix], at most %d sources)\n",
-                    bad_url, MAX_SOURCES);
+                    bad_url ? bad_url : url, MAX_SOURCES);
         return 2;
     }
     if (check)

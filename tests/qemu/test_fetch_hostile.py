@@ -543,6 +543,10 @@ def test_unreachable_first_source_and_a_404_move_on(san_fetcher: Path, tmp_path:
     # third, and the next chunks went back to the second (a 404 is about one chunk, not the source's health).
     assert [r.hash for r in full.requests] == [missing]
     assert [r.hash for r in plain.requests] == [sha(c) for c in SOURCED]
+    # A source bootd-fetch cannot use (a host name) is skipped with a note; the others serve.
+    run = run_fetch(san_fetcher, tmp_path / "named", f"{plain.url},http://replica.example:8080,{full.url}",
+                    SOURCED, "-r", "5")
+    assert run.rc == 0 and "source http://replica.example:8080 skipped" in run.err, run.err
     # A 404 at every source is fatal for the chunk, with the last source's answer.
     run = run_fetch(san_fetcher, tmp_path / "nowhere", plain.url, SOURCED, "-u", plain.url, "-r", "5")
     assert run.rc == 1 and missing in run.reason and "404" in run.reason
