@@ -85,7 +85,6 @@ class Built:
     health: HealthMonitor
     components: list[tuple[str, Component]] = field(default_factory=list)
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
-    cluster: Cluster | None = None
 
     def reload(self, config: Config) -> list[str]:
         """Hand every component its new configuration; each takes what it can apply live.
@@ -114,9 +113,15 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     boot = BootService(config, registry, lifecycle, capsules, credentials)
     nodes = NodeAdmin(store, lifecycle, config.registry, AuditLog(config.server.state_dir / "audit.log"))
     replica = make_replica(config, config.capsule.upstream, metrics=metrics) if config.capsule.upstream else None
+    # Does nothing until started (bootd serve): the CLI's copy never heartbeats.
+    cluster = Cluster(store, config, load=functools.partial(_answered, metrics),
+                      addresses=[sc.next_server for sc in config.dhcp.subnets if sc.next_server])
+    # The iPXE script names every live server after this one (then boot.sources), so a node whose server
+    # dies mid-boot continues from the next.
+    boot.peers = cluster.live_urls
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
                            capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry),
-                           servers=ServerAdmin(store, config), replica=replica)
+                           servers=ServerAdmin(store, config), cluster=cluster, replica=replica)
 
 
 def make_replica(config: Config, url: str, *, metrics: CollectorRegistry | None = None) -> Replica:
@@ -154,14 +159,10 @@ async def build(config: Config) -> Built:
     capsules.ensure_layout()
     # Every server heartbeats into the registry (bootd server list); with several on one PostgreSQL they
     # split the DHCP clients and one at a time sweeps the lifecycle timeouts.
-    cluster = Cluster(store, config, load=functools.partial(_answered, metrics),
-                      addresses=[sc.next_server for sc in config.dhcp.subnets if sc.next_server])
+    cluster = svc.cluster
     health = HealthMonitor(svc.lifecycle, lead=cluster.lead)
-    built = Built(config, store, svc, health, background=[health.run], cluster=cluster)
+    built = Built(config, store, svc, health, background=[health.run])
     built.components.append(("cluster", cluster))
-    # The iPXE script names every live server after this one (then boot.sources), so a node whose server
-    # dies mid-boot continues from the next.
-    svc.boot.peers = cluster.live_urls
     if svc.replica is not None:
         built.components.append(("replica", svc.replica))
 

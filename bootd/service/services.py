@@ -18,7 +18,7 @@ from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
 from bootd.service.registry import RegistryService
 from bootd.service.replica import Replica
-from bootd.service.servers import ServerAdmin
+from bootd.service.servers import Cluster, ServerAdmin
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,8 @@ class Services:
     metrics: CollectorRegistry
     overlays: OverlayService
     servers: ServerAdmin
+    # This server among those sharing the registry: cluster.live_urls() names every live server's public URL.
+    cluster: Cluster
     replica: Replica | None = None  # capsule.upstream: missing objects come from another bootd
 
     def reload(self, config: Config) -> None:

@@ -80,7 +80,8 @@ def start(net: Net, ns: str, ident: str, url: str, secret: Path) -> subprocess.P
 def udhcpc(net: Net, cli: str, iface: str, *extra: str) -> dict[str, str]:
     out = net.workdir / f"udhcpc-{iface}-bound.env"
     out.unlink(missing_ok=True)
-    net.run(cli, ["busybox", "udhcpc", "-f", "-q", "-n", "-t", "6", "-T", "1", "-i", iface, "-s",
+    # -T 3: a retransmission only after 3 s, so a loaded machine does not make a client ask (and get) twice.
+    net.run(cli, ["busybox", "udhcpc", "-f", "-q", "-n", "-t", "5", "-T", "3", "-i", iface, "-s",
                   str(net.workdir / "dump.sh"), "-V", PXE_VC, "-x", "0x5d:0000", *extra], timeout=60)
     return env_file(out)
 

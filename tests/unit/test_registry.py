@@ -46,7 +46,7 @@ def test_migrations_upgrade_an_old_database_and_keep_its_rows(tmp_path: Path) ->
     db.commit()
     db.close()
     repo = SqliteRepo(path)
-    assert repo.schema_version() == sqlite_store.SCHEMA_VERSION == 4
+    assert repo.schema_version() == sqlite_store.SCHEMA_VERSION == 5
     node = repo.get_node("n0000")
     assert node is not None and node.state == State.READY
     repo.set_state("n0000", State.STALE, "no heartbeat", now=5.0)

@@ -191,3 +191,17 @@ async def test_an_address_another_server_leased_gets_a_nak_and_is_avoided(store:
     assert again.yiaddr != offer.yiaddr
     lease = await store.get_lease_by_ip(offer.yiaddr)
     assert lease is not None and lease.mac == "52:54:00:99:99:99"
+
+
+async def test_a_credential_issued_by_one_server_is_accepted_by_another(store: SqliteNodeStore,
+                                                                        tmp_path: object) -> None:
+    """One registry: the digest another server stored is what this one checks (no per-server copy)."""
+    from bootd.service.credentials import Credentials
+
+    one, two = (Credentials(store, config_mod.from_dict({"server": {"state_dir": f"{tmp_path}/{x}"}}))
+                for x in ("a", "b"))
+    node = await store.add_node("52:54:00:44:01:01", "m1", group="default", now=T0)
+    issued = await one.issue(node, "10.77.0.50", T0)
+    assert issued.token is not None
+    assert await two.check_node("m1", issued.token, T0 + 5)
+    assert not await two.check_node("m1", "0" * len(issued.token), T0 + 5)
