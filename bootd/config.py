@@ -352,17 +352,22 @@ def _netmask(value: str) -> None:
         raise ValueError("expected a netmask such as 255.255.255.0") from None
 
 
-def _addresses(section: _Section, key: str) -> tuple[str, ...]:
-    """A list of IPv4 addresses (dns servers), each checked."""
-    items = section.get(key, list, [], "a list of IPv4 addresses")
+def _strings(section: _Section, key: str, what: str, check: Callable[[str], None]) -> list[str]:
+    """A list of strings, each passed through ``check`` (its ValueError says why one is not valid)."""
+    items = section.get(key, list, [], what)
     for item in items:
         if not isinstance(item, str):
-            raise section.error(key, f"{item!r} is not valid; expected a list of IPv4 addresses")
+            raise section.error(key, f"{item!r} is not valid; expected {what}")
         try:
-            _ipv4(item)
+            check(item)
         except ValueError as exc:
             raise section.error(key, f"{item!r} is not valid; {exc}") from None
-    return tuple(items)
+    return items
+
+
+def _addresses(section: _Section, key: str) -> tuple[str, ...]:
+    """A list of IPv4 addresses (dns servers), each checked."""
+    return tuple(_strings(section, key, "a list of IPv4 addresses", _ipv4))
 
 
 def _subnets(d: _Section, *, dns: tuple[str, ...], domain: str | None, lease_time: int,
@@ -465,17 +470,8 @@ def _http_url(value: str) -> None:
 
 def _sources(section: _Section, key: str) -> tuple[str, ...]:
     """An ordered list of base URLs, each checked."""
-    what = "a list of base URLs such as [\"http://10.0.0.2:8080\"]"
-    out = []
-    for item in section.get(key, list, [], what):
-        if not isinstance(item, str):
-            raise section.error(key, f"{item!r} is not valid; expected {what}")
-        try:
-            _http_url(item)
-        except ValueError as exc:
-            raise section.error(key, f"{item!r} is not valid; {exc}") from None
-        out.append(item.rstrip("/"))
-    return tuple(dict.fromkeys(out))
+    urls = _strings(section, key, "a list of base URLs such as [\"http://10.0.0.2:8080\"]", _http_url)
+    return tuple(dict.fromkeys(u.rstrip("/") for u in urls))
 
 
 def _store_url_problem(value: str) -> str:
