@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from bootd.capsule.objects import CapsuleStore
 from bootd.config import Config
-from bootd.errors import StoreError
+from bootd.errors import CapsuleError, StoreError
 from bootd.metrics import make_registry
 from bootd.service.audit import AuditLog
 from bootd.service.boot import BootService
@@ -33,6 +33,7 @@ from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
 from bootd.service.registry import RegistryService
+from bootd.service.replica import Replica, SyncReport
 from bootd.service.servers import Cluster, ServerAdmin
 from bootd.service.services import Services
 from bootd.store.base import NodeStore
@@ -115,14 +116,26 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     audit = AuditLog(config.server.state_dir / "audit.log")
     inventory = InventoryStore(config.server.state_dir / "inventory")
     nodes = NodeAdmin(store, lifecycle, config.registry, audit, inventory)
+    replica = make_replica(config, config.capsule.upstream, metrics=metrics) if config.capsule.upstream else None
+    # Does nothing until started (bootd serve): the CLI's copy never heartbeats.
+    cluster = Cluster(store, config, load=functools.partial(_answered, metrics),
+                      addresses=[sc.next_server for sc in config.dhcp.subnets if sc.next_server])
+    # The iPXE script names every live server after this one (then boot.sources), so a node whose server
+    # dies mid-boot continues from the next.
+    boot.peers = cluster.live_urls
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
                            capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry),
-                           catalog=Catalog(config, audit), inventory=inventory,
-                           servers=ServerAdmin(store, config),
-                           # Does nothing until started (bootd serve): the CLI's copy never heartbeats.
-                           cluster=Cluster(store, config, load=functools.partial(_answered, metrics),
-                                           addresses=[sc.next_server for sc in config.dhcp.subnets
-                                                      if sc.next_server]))
+                           servers=ServerAdmin(store, config), cluster=cluster, replica=replica,
+                           catalog=Catalog(config, audit), inventory=inventory)
+
+
+def make_replica(config: Config, url: str, *, metrics: CollectorRegistry | None = None) -> Replica:
+    """Fetch-on-miss from the bootd at ``url`` into this configuration's capsule store (serve and sync)."""
+    from bootd.net.upstream import HttpUpstream
+
+    c = config.capsule
+    return Replica(CapsuleStore(c.dir), HttpUpstream(url, connections=c.upstream_connections),
+                   connections=c.upstream_connections, timeout=c.upstream_timeout, metrics=metrics)
 
 
 @contextlib.asynccontextmanager
@@ -155,6 +168,8 @@ async def build(config: Config) -> Built:
     health = HealthMonitor(svc.lifecycle, lead=cluster.lead)
     built = Built(config, store, svc, health, background=[health.run])
     built.components.append(("cluster", cluster))
+    if svc.replica is not None:
+        built.components.append(("replica", svc.replica))
 
     if config.tftp.enabled:
         from bootd.net.tftp import TftpServer
@@ -206,3 +221,20 @@ async def migrate_store(config: Config, to: str, *, source: Path | None, passwor
     return await store_migrate.to_postgres(
         source or factory.sqlite_path(config), to, password=password, default_group=config.registry.default_group,
         force=force, connect_timeout=config.store.connect_timeout, progress=progress)
+
+
+async def sync_capsules(config: Config, url: str, names: list[str],
+                        progress: Callable[[SyncReport, int, int], None] | None = None) -> list[SyncReport]:
+    """``bootd capsule sync``: whole capsules from the bootd at ``url`` into this store, published by name."""
+    replica = make_replica(config, url)
+    try:
+        await replica.start()
+        refs = await replica.peer_refs()
+        wanted = list(dict.fromkeys(names)) or sorted(refs)
+        unknown = [n for n in wanted if n not in refs]
+        if unknown:
+            have = ", ".join(sorted(refs)) or "none"
+            raise CapsuleError(f"{url} has no capsule named {unknown[0]!r} (it has: {have})")
+        return [await replica.sync(name, refs[name], progress) for name in wanted]
+    finally:
+        await replica.close()

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from bootd.errors import ConfigError
 
@@ -163,6 +164,9 @@ class BootConfig:
     uefi_arm64_nbp: str = "snponly-arm64.efi"
     kernel_args: str = "console=ttyS0"
     stage1_dir: Path = Path("/var/lib/bootd/stage1")
+    # Where else a node may fetch its boot files and chunks, in order, after this server: replicas'
+    # public URLs, or plain HTTP servers with the same object routes (nodes verify every object anyway).
+    sources: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,9 @@ class CapsuleConfig:
     build_cache: Path = Path("/var/lib/bootd/build-cache")
     # Where the admin API may import from and read recipes in (absolute directories); none: refused.
     import_dirs: tuple[Path, ...] = ()
+    upstream: str = ""  # another bootd to fetch missing manifests and chunks from ("": none)
+    upstream_connections: int = 8
+    upstream_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -347,17 +354,22 @@ def _netmask(value: str) -> None:
         raise ValueError("expected a netmask such as 255.255.255.0") from None
 
 
-def _addresses(section: _Section, key: str) -> tuple[str, ...]:
-    """A list of IPv4 addresses (dns servers), each checked."""
-    items = section.get(key, list, [], "a list of IPv4 addresses")
+def _strings(section: _Section, key: str, what: str, check: Callable[[str], None]) -> list[str]:
+    """A list of strings, each passed through ``check`` (its ValueError says why one is not valid)."""
+    items = section.get(key, list, [], what)
     for item in items:
         if not isinstance(item, str):
-            raise section.error(key, f"{item!r} is not valid; expected a list of IPv4 addresses")
+            raise section.error(key, f"{item!r} is not valid; expected {what}")
         try:
-            _ipv4(item)
+            check(item)
         except ValueError as exc:
             raise section.error(key, f"{item!r} is not valid; {exc}") from None
-    return tuple(items)
+    return items
+
+
+def _addresses(section: _Section, key: str) -> tuple[str, ...]:
+    """A list of IPv4 addresses (dns servers), each checked."""
+    return tuple(_strings(section, key, "a list of IPv4 addresses", _ipv4))
 
 
 def _subnets(d: _Section, *, dns: tuple[str, ...], domain: str | None, lease_time: int,
@@ -445,6 +457,23 @@ def _name_pattern(value: str) -> None:
 def _url(value: str) -> None:
     if not value.startswith(("http://", "https://")):
         raise ValueError("expected an http:// or https:// URL")
+
+
+def _http_url(value: str) -> None:
+    """A peer's base URL: http://HOST[:PORT][/PREFIX], nothing after the path."""
+    parts = urlsplit(value)
+    if parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError("expected a base URL such as http://10.0.0.1:8080 (http, a host, no query)")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port ({exc})") from None
+
+
+def _sources(section: _Section, key: str) -> tuple[str, ...]:
+    """An ordered list of base URLs, each checked."""
+    urls = _strings(section, key, "a list of base URLs such as [\"http://10.0.0.2:8080\"]", _http_url)
+    return tuple(dict.fromkeys(u.rstrip("/") for u in urls))
 
 
 def _store_url_problem(value: str) -> str:
@@ -652,6 +681,7 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         uefi_arm64_nbp=b.text("uefi_arm64_nbp", BootConfig.uefi_arm64_nbp),
         kernel_args=b.text("kernel_args", BootConfig.kernel_args),
         stage1_dir=b.path("stage1_dir", state_dir / "stage1"),
+        sources=_sources(b, "sources"),
     )
     b.finish()
 
@@ -665,6 +695,9 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         keep_versions=c.integer("keep_versions", CapsuleConfig.keep_versions, 1, 10_000),
         build_cache=c.path("build_cache", state_dir / "build-cache"),
         import_dirs=_dirs(c, "import_dirs"),
+        upstream=c.text("upstream", CapsuleConfig.upstream, lambda v: _http_url(v) if v else None).rstrip("/"),
+        upstream_connections=c.integer("upstream_connections", CapsuleConfig.upstream_connections, 1, 1000),
+        upstream_timeout=c.number("upstream_timeout", CapsuleConfig.upstream_timeout, 1.0, 3600.0),
     )
     if not capsule.chunk_min < capsule.chunk_avg < capsule.chunk_max:
         raise c.error("chunk_avg", f"need chunk_min < chunk_avg < chunk_max, got {capsule.chunk_min} < "

@@ -74,7 +74,7 @@ class GcReport:
     dropped_history: int = 0  # history lines of versions the retention rule let go
 
 
-ORIGINS = ("import", "build", "exec", "rollback")
+ORIGINS = ("import", "build", "exec", "rollback", "sync")
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,93 @@ class Staging:
         self.close()
 
 
+OBJECT_KINDS = ("chunk", "kernel", "manifest")
+
+
+class ObjectWriter:
+    """One object received from another server, written beside the store until it proves itself.
+
+    Every object is named by the sha256 of its bytes (a chunk, a kernel, a manifest whose name is its
+    version id), so a copy from anywhere is as good as the original once it hashes to its name.  The
+    bytes go to a private file in a flocked staging directory (gc leaves it alone while we live and
+    removes it after a crash) and are hashed as they come; ``commit`` refuses them unless the hash and
+    the declared size match, fsyncs the file, hard-links it into place under the store lock (a name
+    appears complete or not at all, and gc cannot take it between link and use) and fsyncs the directory.
+    """
+
+    def __init__(self, staging: Staging, kind: str, name: str, limit: int, size: int | None = None) -> None:
+        if kind not in OBJECT_KINDS or not is_hex_digest(name):
+            raise CapsuleError(f"cannot receive {kind} {name!r}: expected one of {', '.join(OBJECT_KINDS)} "
+                               "named by 64 lowercase hex digits")
+        self.staging = staging
+        self.kind = kind
+        self.name = name
+        self.size = size  # the declared size (a manifest's chunk table), when known
+        self.limit = size if size is not None else limit
+        self.received = 0
+        self._hash = hashlib.sha256()
+        self.tmp = staging.dir / f"{kind}-{name}-{time.time_ns():x}"
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    def write(self, data: bytes) -> None:
+        """Take the next bytes; more than the declared size (or the limit) is refused at once."""
+        if self._fd is None:
+            raise CapsuleError(f"{self.kind} {self.name}: write after commit or abort")
+        self.received += len(data)
+        if self.received > self.limit:
+            what = "its declared size" if self.size is not None else "the limit"
+            raise CapsuleError(f"{self.kind} {self.name} is longer than {what} of {self.limit} bytes; not stored")
+        self._hash.update(data)
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    def check(self) -> None:
+        """Raise unless the bytes so far are the whole object (size and sha256)."""
+        if self.size is not None and self.received != self.size:
+            raise CapsuleError(f"{self.kind} {self.name} has {self.received} bytes where the manifest says "
+                               f"{self.size}; not stored")
+        got = self._hash.hexdigest()
+        if got != self.name:
+            raise CapsuleError(f"{self.kind} {self.name} arrived with sha256 {got}: the bytes are not the "
+                               "object; not stored")
+
+    def commit(self) -> bool:
+        """Verify, make durable and place the object; True if it was new (False: it was there already).
+
+        Blocking (fsync, the store lock): the daemon calls it off the event loop.
+        """
+        try:
+            self.check()
+            assert self._fd is not None
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            store = self.staging.store
+            dest = store.object_path(self.kind, self.name)
+            with store.locked():
+                try:
+                    os.link(self.tmp, dest)
+                except FileExistsError:
+                    return False
+                fsync_path(dest.parent)
+            return True
+        except OSError as exc:
+            raise describe_oserror(exc, f"storing {self.kind} {self.name}") from exc
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the temporary file (nothing of it was ever visible in the store)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
 class CapsuleStore:
     """Read API used by the HTTP server, plus the writer side used by import/delete/gc."""
 
@@ -188,6 +275,16 @@ class CapsuleStore:
         if not is_hex_digest(hexhash):
             raise CapsuleError(f"invalid kernel id {hexhash!r}: expected 64 lowercase hex digits")
         return self.kernels_dir / hexhash
+
+    def object_path(self, kind: str, hexhash: str) -> Path:
+        """Where an object of ``kind`` (one of OBJECT_KINDS) named ``hexhash`` lives."""
+        if kind == "chunk":
+            return self.chunk_path(hexhash)
+        if kind == "kernel":
+            return self.kernel_path(hexhash)
+        if kind == "manifest":
+            return self.manifest_path(hexhash)
+        raise CapsuleError(f"unknown object kind {kind!r}; expected one of {', '.join(OBJECT_KINDS)}")
 
     def load_manifest(self, vid: str) -> Manifest:
         """Parse a manifest after checking its bytes hash to ``vid`` (so it is trusted)."""

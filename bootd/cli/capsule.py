@@ -8,6 +8,7 @@ store's lock file.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -27,9 +28,11 @@ from bootd.capsule.importer import ImportOptions, ImportResult, import_capsule
 from bootd.capsule.objects import CapsuleStore
 from bootd.capsule.recipe import load_recipe
 from bootd.capsule.verify import verify_version
+from bootd.compose import sync_capsules
 from bootd.config import Config
 from bootd.errors import CapsuleError
 from bootd.service.catalog import capsule_detail, capsule_rows
+from bootd.service.replica import SyncReport
 
 
 def _store(config: Config) -> CapsuleStore:
@@ -293,6 +296,35 @@ def capsule_gc(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def capsule_sync(args: argparse.Namespace, config: Config) -> int:
+    """Warm this store from a peer bootd: progress on stderr about once a second, a summary per capsule."""
+    last = [0.0]
+
+    def progress(report: SyncReport, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= 1.0:
+            last[0] = now
+            print(f"sync {report.name}: {done}/{total} objects, {report.fetched} fetched "
+                  f"({_size(report.fetched_bytes)}), {report.present} already here", file=sys.stderr, flush=True)
+
+    reports = asyncio.run(sync_capsules(config, args.source, list(args.names), progress))
+    rows = []
+    for r in reports:
+        rate = r.fetched_bytes / r.seconds / 1048576 if r.seconds > 0 else 0.0
+        state = "published" if r.published else "already current"
+        rows.append({"name": r.name, "version": r.version, "chunks": r.chunks, "fetched": r.fetched,
+                     "present": r.present, "fetched_bytes": r.fetched_bytes, "seconds": round(r.seconds, 3),
+                     "published": r.published})
+        if not args.json:
+            print(f"synced {r.name} {r.version[:12]} from {args.source}: {r.fetched} object(s) fetched "
+                  f"({_size(r.fetched_bytes)}, {rate:.1f} MiB/s), {r.present} already here; {state}")
+    if args.json:
+        _print_json(rows)
+    elif not reports:
+        print(f"{args.source} has no capsules; nothing to sync")
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     cap = sub.add_parser("capsule", help="manage VNFS capsules (root filesystems nodes boot)")
     csub = cap.add_subparsers(dest="capsule_command", metavar="SUBCOMMAND", required=True)
@@ -355,6 +387,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("capsule", metavar="NAME|VERSION")
     p.add_argument("dest", metavar="DEST.tar")
     p.set_defaults(handler=capsule_export)
+
+    p = csub.add_parser("sync", help="fetch whole capsules (default: all) from a peer bootd and publish them "
+                                     "here (resumable; warms a replica before a boot storm)")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--from", dest="source", required=True, metavar="URL", help="the peer's public URL, e.g. "
+                   "http://10.77.0.1:8080")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=capsule_sync)
 
     p = csub.add_parser("gc", help="remove chunks, kernels and manifests no capsule needs")
     p.add_argument("--keep", action="append", metavar="VERSION", help="also keep this version id")

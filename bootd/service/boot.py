@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -102,6 +103,7 @@ class CapsuleReader(Protocol):
     """The part of bootd.capsule.objects.CapsuleStore the daemon reads (decisions and file serving)."""
 
     def resolve(self, name: str) -> str | None: ...
+    def names(self) -> dict[str, str]: ...
     def load_manifest(self, vid: str) -> Any: ...
     def manifest_path(self, vid: str) -> Path: ...
     def chunk_path(self, hexhash: str) -> Path: ...
@@ -126,12 +128,14 @@ class BootService:
         self.capsules = capsules
         self.credentials = credentials
         self._kernels: OrderedDict[str, KernelRef | None] = OrderedDict()
+        self.peers: Callable[[], Sequence[str]] | None = None  # the live servers' URLs, set by the composition root
         self.reload(config)
 
     def reload(self, config: Config) -> None:
         self.policy = BootPolicy.from_config(config)
         self.credentials.reload(config)
         self.kernel_args = config.boot.kernel_args
+        self.sources = config.boot.sources
 
     # -- firmware (DHCP, TFTP) ------------------------------------------------------------
     def plan(self, machine: Machine, node: Node | None, *, pxe: bool, public_url: str | None = None,
@@ -169,6 +173,15 @@ class BootService:
         node, _ = await self.registry.with_group(node)
         lines = [f"{k}={v.replace(chr(10), ' ')}" for k, v in sorted(node.vars.items()) if _SHELL_NAME.fullmatch(k)]
         return "".join(line + "\n" for line in lines)
+
+    def other_sources(self, base_url: str) -> tuple[str, ...]:
+        """Where else the node may load from, in order, after ``base_url``: the other live servers (``peers``,
+        this server's first, as Cluster.live_urls gives them), then ``boot.sources`` (replicas, plain HTTP
+        copies).  Nodes verify every object, so a source needs no trust, only the same paths."""
+        base = base_url.rstrip("/")
+        others = list(self.peers()[1:]) if self.peers is not None else []
+        urls = dict.fromkeys(u.rstrip("/") for u in [*others, *self.sources])
+        return tuple(u for u in urls if u and u != base)
 
     # -- iPXE ----------------------------------------------------------------------------
     def kernel_of(self, vid: str) -> KernelRef | None:
@@ -226,6 +239,6 @@ class BootService:
         text = render_boot_script(BootScript(
             node=node, base_url=base_url, version_id=vid, has_kernel=kernel is not None,
             modules=kernel.modules if kernel is not None else None, boot_args=self.kernel_args,
-            node_args=node_args, token=issued.token,
+            node_args=node_args, token=issued.token, sources=self.other_sources(base_url),
         ))
         return ScriptAnswer(text, node, result.created)

@@ -77,6 +77,9 @@ class BootScript:
     # sha256 of the capsule kernel's own NIC modules (an initramfs stored as a chunk), loaded after the
     # stage one's initramfs so the two archives are unpacked in turn and /lib/modules/<release> matches.
     modules: str | None = None
+    # Other base URLs the node may load from, in order, when this server fails it (other live servers,
+    # replicas): iPXE tries each for the kernel and initrds, the stage one for the manifest and chunks.
+    sources: tuple[str, ...] = ()
 
 
 def render_boot_script(s: BootScript) -> str:
@@ -86,7 +89,8 @@ def render_boot_script(s: BootScript) -> str:
         return render_wait_script(
             s.node.mac, base, f"node {s.node.name} has no capsule assigned (set one with bootd node set)"
         )
-    kernel_url = f"{base}/capsules/{s.version_id}/kernel" if s.has_kernel else f"{base}/stage1/vmlinuz"
+    kernel_path = f"/capsules/{s.version_id}/kernel" if s.has_kernel else "/stage1/vmlinuz"
+    others = tuple(u.rstrip("/") for u in s.sources if u.rstrip("/") != base)
     args = [
         "initrd=initramfs.img",
         "initrd=modules.img" if s.modules else "",  # the EFI stub loads each initrd= it is given, in turn
@@ -97,15 +101,21 @@ def render_boot_script(s: BootScript) -> str:
         f"bootd.capsule={s.version_id}",
         f"bootd.token={s.token}",
         f"bootd.mac={s.node.mac}",
+        f"bootd.sources={','.join(others)}" if others else "",
     ]
     cmdline = " ".join(a for a in args if a)
+
+    def load(command: str, path: str, args: str = "") -> str:
+        """One line: the command from each source in turn, as long as one fails (iPXE's ``||``)."""
+        return " || ".join(f"{command} {url}{path}{args}" for url in (base, *others)) + " || goto failed\n"
+
     return (
         "#!ipxe\n"
         f"# bootd: node {s.node.name} ({s.node.mac}), capsule version {s.version_id}\n"
         f"echo bootd: booting {s.node.name}\n"
-        f"kernel {kernel_url} {cmdline} || goto failed\n"
-        f"initrd {base}/stage1/initramfs.img || goto failed\n"
-        + (f"initrd --name modules.img {base}/chunks/{s.modules} || goto failed\n" if s.modules else "")
+        + load("kernel", kernel_path, f" {cmdline}")
+        + load("initrd", "/stage1/initramfs.img")
+        + (load("initrd --name modules.img", f"/chunks/{s.modules}") if s.modules else "")
         + "boot || goto failed\n"
         ":failed\n"
         "echo bootd: loading the stage one failed, retrying in 10 s\n"

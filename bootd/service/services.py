@@ -19,6 +19,7 @@ from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
 from bootd.service.registry import RegistryService
+from bootd.service.replica import Replica
 from bootd.service.servers import Cluster, ServerAdmin
 
 
@@ -37,6 +38,7 @@ class Services:
     servers: ServerAdmin
     # This server among those sharing the registry: cluster.live_urls() names every live server's public URL.
     cluster: Cluster
+    replica: Replica | None = None  # capsule.upstream: missing objects come from another bootd
 
     def reload(self, config: Config) -> None:
         """Each service takes its own section; the next decision uses the new values."""

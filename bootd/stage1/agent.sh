@@ -60,11 +60,15 @@ post_event() { # event reason done total tries
     tries=${5:-3}
     n=0
     while [ "$n" -lt "$tries" ]; do
-        if timeout 10 wget -q -O /dev/null --header "X-Bootd-Token: $TOKEN" \
-            --header "Content-Type: application/json" --post-data "$body" \
-            "$URL/api/v1/nodes/$NODE/events" 2>/dev/null; then
-            return 0
-        fi
+        for base in $(sources); do  # a server that died mid-boot: the next one that takes it
+            if timeout 10 wget -q -O /dev/null --header "X-Bootd-Token: $TOKEN" \
+                --header "Content-Type: application/json" --post-data "$body" \
+                "$base/api/v1/nodes/$NODE/events" 2>/dev/null; then
+                URL=$base
+                return 0
+            fi
+            [ "$1" = fetching ] && break  # progress is not worth a wait on every source
+        done
         n=$((n + 1))
         [ "$n" -lt "$tries" ] && sleep 1
     done
@@ -157,6 +161,22 @@ fetch() {
             *) say "retry $url (attempt $attempt: ${err:-timeout})"; backoff_sleep "$attempt" ;;
         esac
     done
+}
+
+# Where chunks and the manifest may come from, in order: this node's server, then bootd.sources
+# (comma-separated base URLs: the other live servers, replicas, plain HTTP copies). Every object is
+# verified whichever source sent it; events go to the first server that takes them.
+set_sources() { SOURCE_LIST=$(echo "$URL,$(arg bootd.sources)" | tr ',' ' ' | sed 's/ *$//'); }
+# The sources with $URL (the server that last took an event) first, each once.
+sources() { echo "$URL"; for s in $SOURCE_LIST; do [ "$s" = "$URL" ] || echo "$s"; done; }
+
+# fetch_src PATH DEST [expected_size]: fetch() from each source in turn, in SOURCE_LIST's order.
+fetch_src() {
+    for base in $SOURCE_LIST; do
+        fetch "$base/$1" "$2" "$3" && return 0
+        say "no $1 from $base: $FETCH_ERR"
+    done
+    return 1
 }
 
 # OpenSSL's SHA-256 (hand-written assembly, SHA-NI where the CPU has it) is several times faster than
@@ -262,7 +282,7 @@ worker() { # worker_index
         part=$WORK/chunks/$i.part
         tries=0
         while :; do
-            if ! fetch "$URL/chunks/$hash" "$part" "$size"; then
+            if ! fetch_src "chunks/$hash" "$part" "$size"; then
                 echo "chunk $hash could not be fetched: $FETCH_ERR" > "$WORK/fail.$i"
                 touch "$WORK/abort"
                 echo abort > "$WORK/done.fifo"
@@ -279,6 +299,7 @@ worker() { # worker_index
                 exit 1
             fi
             say "chunk $hash failed verification, fetching it again"
+            case "$SOURCE_LIST" in *" "*) SOURCE_LIST="${SOURCE_LIST#* } ${SOURCE_LIST%% *}" ;; esac  # next source first
         done
         mv "$part" "$WORK/chunks/$i.ok"
         echo "$i" > "$WORK/done.fifo"
@@ -497,7 +518,8 @@ main() {
     report_inventory &
 
     M=$WORK/manifest
-    fetch "$URL/capsules/$VID/manifest" "$M" || fail "manifest could not be fetched: $FETCH_ERR"
+    set_sources
+    fetch_src "capsules/$VID/manifest" "$M" || fail "manifest could not be fetched: $FETCH_ERR"
     hash_file "$M"
     [ "$GOT" = "$VID" ] || fail "manifest failed verification: sha256 $GOT is not the version id $VID"
     [ "$(head -c 8 "$M")" = "BDCAPS01" ] || fail "manifest has no BDCAPS01 magic"
@@ -539,13 +561,15 @@ main() {
         mkdir -p "$TARGET"
     fi
 
-    if [ -x "$FETCH" ] && "$FETCH" -c -u "$URL" 2>/dev/null; then
+    SOURCES=$(sources | tr '\n' ',')
+    SOURCES=${SOURCES%,}
+    if [ -x "$FETCH" ] && "$FETCH" -c -u "$SOURCES" 2>/dev/null; then
         say "fetch with bootd-fetch workers=$WORKERS window=$WINDOW"
         # One process: WORKERS keep-alive connections, chunks verified and written in order, progress
         # lines and `fetching` events, a reason naming the chunk in fail.fetch on failure.
         T1=$(now_ms)
         set -o pipefail
-        { BOOTD_TOKEN=$TOKEN "$FETCH" -u "$URL" -n "$NODE" -w "$WORKERS" -W "$WINDOW" -r "$RETRIES" \
+        { BOOTD_TOKEN=$TOKEN "$FETCH" -u "$SOURCES" -n "$NODE" -w "$WORKERS" -W "$WINDOW" -r "$RETRIES" \
               -t "$TIMEOUT" -f "$WORK/fail.fetch" "$WORK/table"
           echo $? > "$WORK/consume.rc"; } | "$ZSTD" -dcq | \
             "$TAR" -C "$TARGET" --xattrs --xattrs-include='*' --numeric-owner -xpf - 2> "$WORK/tar.err"

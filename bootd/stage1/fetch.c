@@ -1,9 +1,9 @@
 /* bootd-fetch: the stage-one agent's chunk fetcher (see agent.sh, which falls back to shell workers
  * when this binary is absent).
  *
- *   bootd-fetch -u http://A.B.C.D[:PORT][/PREFIX] [-w WORKERS] [-W WINDOW] [-r RETRIES] [-t TIMEOUT]
- *               [-n NODE] [-f FAILFILE] TABLE        (BOOTD_TOKEN in the environment: progress events)
- *   bootd-fetch -c -u URL                            (exit 0 when this URL can be used)
+ *   bootd-fetch -u http://A.B.C.D[:PORT][/PREFIX] [-u URL2 ...] [-w WORKERS] [-W WINDOW] [-r RETRIES]
+ *               [-t TIMEOUT] [-n NODE] [-f FAILFILE] TABLE  (BOOTD_TOKEN in the environment: progress events)
+ *   bootd-fetch -c -u URL [-u URL2 ...]              (exit 0 when these URLs can be used)
  *   bootd-fetch -p WHAT -u URL -n NODE [-t TIMEOUT]  (BOOTD_TOKEN in the environment)
  *       POSTs the JSON body read from stdin (at most 2 KiB) to URL/api/v1/nodes/NODE/WHAT (WHAT: events or
  *       heartbeat) once; exit 0 on a 2xx reply, 1 otherwise with the status line or the reason on stderr.
@@ -20,6 +20,15 @@
  * capped at 30 s and at TIMEOUT), 404/403/410/500 are fatal for the chunk (bootd answers 500 for a chunk
  * it found corrupt on disk), a hash mismatch is fetched once more and then fatal; RETRIES attempts per
  * chunk, each given TIMEOUT seconds in all (connect, request, reply headers and body).
+ *
+ * Sources: each -u (or a comma-separated list in one -u) is a base URL serving the same immutable
+ * chunks, in order of preference: the node's own bootd first, then other servers, replicas or plain
+ * HTTP servers. A worker stays on the source that last served it; a connection failure, timeout, bad
+ * framing or 503 moves the chunk to the next source at once (a partial chunk is resumed there with
+ * Range: the bytes are the same everywhere), and only a full round of failed sources costs a backoff;
+ * a hash mismatch is fetched from the next source (fatal after max(2, sources) mismatches); a
+ * 404/403/410/500 from one source is fatal only once every source said so. Progress events go to
+ * the first source. Every chunk is verified whichever source sent it.
  * Every byte of a reply is untrusted: a head longer than 16 KiB, without CRLF line ends or with control
  * bytes, a malformed, conflicting or absent Content-Length, any Transfer-Encoding, a 206 that does not
  * answer the Range asked, or more body bytes than announced are refused (the connection is dropped),
@@ -64,10 +73,19 @@ struct chunk {
     int ready;
 };
 
-static struct {
+#define MAX_SOURCES 8
+
+struct source {
     struct sockaddr_in addr;
     char hostport[64];
     char prefix[256];
+};
+
+static struct source srcs[MAX_SOURCES];
+static int nsrc;
+
+static struct {
+    const char *hostport, *prefix; /* the first source's: progress events and other single requests */
     int workers, window, retries, timeout;
     const char *node, *token, *failfile;
 } cfg = {.workers = 4, .window = 16, .retries = 10, .timeout = 60};
@@ -160,6 +178,7 @@ static long long now_ms(void) {
 
 struct conn {
     int fd;
+    int src; /* the source (index in srcs) fd is connected to */
     int uses; /* requests answered on this connection */
     long long deadline; /* now_ms() by which the current request must be done */
     size_t len, off; /* buffered bytes in buf[off..len) */
@@ -192,14 +211,16 @@ static int wait_fd(int fd, short events, long long deadline) {
     }
 }
 
-static int conn_open(struct conn *c, char *err, size_t errlen) {
+static int conn_open_src(struct conn *c, int src, char *err, size_t errlen) {
     conn_close(c);
+    c->src = src;
+    const struct source *s = &srcs[src];
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {
         snprintf(err, errlen, "socket: %s", strerror(errno));
         return -1;
     }
-    if (connect(fd, (struct sockaddr *)&cfg.addr, sizeof cfg.addr) < 0) {
+    if (connect(fd, (const struct sockaddr *)&s->addr, sizeof s->addr) < 0) {
         if (errno != EINPROGRESS) {
             snprintf(err, errlen, "connect: %s", strerror(errno));
             close(fd);
@@ -226,6 +247,9 @@ static int conn_open(struct conn *c, char *err, size_t errlen) {
     c->len = c->off = 0;
     return 0;
 }
+
+/* A connection to the first source (the node's own server). */
+static int conn_open(struct conn *c, char *err, size_t errlen) { return conn_open_src(c, 0, err, errlen); }
 
 /* An idle keep-alive connection must have nothing to read: bytes there are either the server's close or
  * bytes it sent beyond a reply (a body longer than announced), which must never be taken as the reply to
@@ -480,15 +504,17 @@ struct job {
     long retry_after;
 };
 
-/* One request on c; the chunk's bytes accumulate in j->buf (j->have of them so far). */
-static int try_once(struct conn *c, struct job *j) {
+/* One request to source src on c; the chunk's bytes accumulate in j->buf (j->have of them so far). */
+static int try_once(struct conn *c, struct job *j, int src) {
     char req[768];
     int reused = 0;
+    const struct source *s = &srcs[src];
+    snprintf(j->url, sizeof j->url, "http://%s%s/chunks/%s", s->hostport, s->prefix, j->ch->hash);
     c->deadline = now_ms() + (long long)cfg.timeout * 1000;
     for (;;) {
-        if (c->fd >= 0 && !conn_idle_clean(c))
+        if (c->fd >= 0 && (c->src != src || !conn_idle_clean(c)))
             conn_close(c);
-        if (c->fd < 0 && conn_open(c, j->err, sizeof j->err) < 0)
+        if (c->fd < 0 && conn_open_src(c, src, j->err, sizeof j->err) < 0)
             return TRY_RETRY;
         reused = c->uses > 0;
         int n;
@@ -496,10 +522,10 @@ static int try_once(struct conn *c, struct job *j) {
             n = snprintf(req, sizeof req,
                          "GET %s/chunks/%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bootd-fetch\r\n"
                          "Range: bytes=%zu-\r\n\r\n",
-                         cfg.prefix, j->ch->hash, cfg.hostport, j->have);
+                         s->prefix, j->ch->hash, s->hostport, j->have);
         else
             n = snprintf(req, sizeof req, "GET %s/chunks/%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bootd-fetch\r\n\r\n",
-                         cfg.prefix, j->ch->hash, cfg.hostport);
+                         s->prefix, j->ch->hash, s->hostport);
         struct reply r;
         int got_any = 0;
         if (send_all(c, req, (size_t)n, j->err, sizeof j->err) < 0 ||
@@ -580,21 +606,34 @@ static void hex(const unsigned char *d, size_t n, char *out) {
     out[2 * n] = 0;
 }
 
-/* Fetch and verify one chunk; returns its bytes, or NULL after fatal(). */
-static unsigned char *fetch_chunk(struct conn *c, struct chunk *ch, unsigned *seed) {
+/* The source after s that has not refused this chunk for good (fatal_at), or -1 when none is left. */
+static int next_source(int s, unsigned fatal_at) {
+    for (int k = 1; k <= nsrc; k++) {
+        int t = (s + k) % nsrc;
+        if (!(fatal_at & (1u << t)))
+            return t;
+    }
+    return -1;
+}
+
+/* Fetch and verify one chunk, starting at source *src, the worker's current one; returns its bytes, or NULL
+ * after fatal(). A source left for a fault (no connection, timeout, bad framing, 503, bad bytes) is left
+ * for the worker's next chunks too; one left because it lacks this chunk (404) is not. */
+static unsigned char *fetch_chunk(struct conn *c, struct chunk *ch, unsigned *seed, int *src) {
     struct job j;
     memset(&j, 0, sizeof j);
     j.ch = ch;
-    snprintf(j.url, sizeof j.url, "http://%s%s/chunks/%s", cfg.hostport, cfg.prefix, ch->hash);
     j.buf = malloc(ch->size ? ch->size : 1);
     if (!j.buf) {
         fatal("chunk %s could not be fetched: out of memory for %u bytes", ch->hash, ch->size);
         return NULL;
     }
-    int attempt = 0, verify_tries = 0;
+    int s = *src, pref = *src, attempt = 0, verify_tries = 0, failed_round = 0;
+    int max_verify = nsrc > 2 ? nsrc : 2;
+    unsigned fatal_at = 0; /* sources that answered 404/403/410/500 for this chunk */
     while (!is_aborted()) {
         j.retry_after = -1;
-        int rc = ch->size && j.have == ch->size ? TRY_OK : try_once(c, &j);
+        int rc = ch->size && j.have == ch->size ? TRY_OK : try_once(c, &j, s);
         if (rc == TRY_OK) {
             unsigned char md[SHA256_DIGEST_LENGTH];
             char got[65];
@@ -603,30 +642,54 @@ static unsigned char *fetch_chunk(struct conn *c, struct chunk *ch, unsigned *se
             SHA256_Update(&sha, j.buf, j.have);
             SHA256_Final(md, &sha);
             hex(md, sizeof md, got);
-            if (!strcmp(got, ch->hash))
+            if (!strcmp(got, ch->hash)) {
+                *src = pref;
                 return j.buf;
+            }
             j.have = 0;
             rc = TRY_RESTART;
             snprintf(j.err, sizeof j.err, "got sha256 %s", got);
         }
         if (rc == TRY_RESTART) {
             j.have = 0;
-            if (++verify_tries >= 2) {
+            if (++verify_tries >= max_verify) {
                 fatal("chunk %s failed verification (%s)", ch->hash, j.err);
                 break;
             }
-            say("chunk %s failed verification, fetching it again", ch->hash);
+            int t = nsrc > 1 ? next_source(s, fatal_at) : s;
+            if (t >= 0 && t != s) {
+                say("chunk %s failed verification from %s, fetching it from %s", ch->hash, srcs[s].hostport,
+                    srcs[t].hostport);
+                s = pref = t;
+            } else
+                say("chunk %s failed verification, fetching it again", ch->hash);
             j.err[0] = 0;
             continue;
         }
         if (rc == TRY_FATAL) {
-            fatal("chunk %s could not be fetched: %s: %s", ch->hash, j.url, j.err);
-            break;
+            fatal_at |= 1u << s;
+            int t = next_source(s, fatal_at);
+            if (t < 0) {
+                fatal("chunk %s could not be fetched: %s: %s", ch->hash, j.url, j.err);
+                break;
+            }
+            say("chunk %s from %s: %s; trying %s", ch->hash, srcs[s].hostport, j.err, srcs[t].hostport);
+            s = t;
+            j.have = 0;
+            continue;
         }
         if (++attempt >= cfg.retries) {
             fatal("chunk %s could not be fetched: %s: %s (after %d attempts)", ch->hash, j.url, j.err, attempt);
             break;
         }
+        /* Another source first; a backoff only once every source failed since the last one. */
+        int t = next_source(s, fatal_at);
+        if (t >= 0 && t != s && ++failed_round < nsrc - __builtin_popcount(fatal_at)) {
+            say("retry %s from %s (attempt %d: %s)", j.url, srcs[t].hostport, attempt, j.err);
+            s = pref = t;
+            continue;
+        }
+        failed_round = 0;
         if (j.retry_after > retry_after_cap())
             j.retry_after = retry_after_cap();
         if (j.retry_after >= 0)
@@ -636,6 +699,8 @@ static unsigned char *fetch_chunk(struct conn *c, struct chunk *ch, unsigned *se
         else
             say("retry %s (attempt %d: %s)", j.url, attempt, j.err);
         backoff(attempt, j.retry_after >= 0 ? j.retry_after : -1, seed);
+        if (t >= 0)
+            s = pref = t;
     }
     free(j.buf);
     return NULL;
@@ -650,6 +715,7 @@ static void *worker(void *arg) {
     }
     c->fd = -1;
     conn_close(c);
+    int src = 0; /* the node's own server first */
     for (;;) {
         pthread_mutex_lock(&mu);
         while (!aborted && next_claim < count && next_claim - written >= cfg.window)
@@ -660,7 +726,7 @@ static void *worker(void *arg) {
         }
         int i = next_claim++;
         pthread_mutex_unlock(&mu);
-        unsigned char *data = fetch_chunk(c, &chunks[i], &seed);
+        unsigned char *data = fetch_chunk(c, &chunks[i], &seed, &src);
         if (!data)
             break;
         pthread_mutex_lock(&mu);
@@ -676,7 +742,7 @@ static void *worker(void *arg) {
 
 /* ---- progress --------------------------------------------------------------------------------- */
 
-/* POSTs a JSON body to PREFIX/api/v1/nodes/NODE/WHAT with the node's token; the reply's status, or -1
+/* POSTs a JSON body to PREFIX/api/v1/nodes/NODE/WHAT (the first source's) with the node's token; the reply's status, or -1
  * with the reason in err when no reply came. One connection per POST: they are seconds apart. */
 static int post_json(const char *what, const char *body, char *err, size_t errlen) {
     char req[4096];
@@ -747,38 +813,60 @@ static void *progress(void *arg) {
 
 /* ---- main ------------------------------------------------------------------------------------- */
 
-static int parse_url(const char *url) {
-    if (strncmp(url, "http://", 7))
+/* One base URL, http://IPv4[:port][/prefix], appended to the sources. */
+static int add_source(const char *url, size_t len) {
+    if (nsrc >= MAX_SOURCES || len < 8 || strncmp(url, "http://", 7))
         return -1;
-    const char *hp = url + 7, *slash = strchr(hp, '/');
-    size_t hl = slash ? (size_t)(slash - hp) : strlen(hp);
-    if (hl == 0 || hl >= sizeof cfg.hostport)
+    struct source *src = &srcs[nsrc];
+    const char *hp = url + 7, *end = url + len, *slash = memchr(hp, '/', (size_t)(end - hp));
+    size_t hl = slash ? (size_t)(slash - hp) : (size_t)(end - hp);
+    if (hl == 0 || hl >= sizeof src->hostport)
         return -1;
-    memcpy(cfg.hostport, hp, hl);
-    cfg.hostport[hl] = 0;
-    const char *prefix = slash ? slash : "";
-    size_t pl = strlen(prefix);
+    memcpy(src->hostport, hp, hl);
+    src->hostport[hl] = 0;
+    const char *prefix = slash ? slash : end;
+    size_t pl = (size_t)(end - prefix);
     while (pl && prefix[pl - 1] == '/')
         pl--;
-    if (pl >= sizeof cfg.prefix)
+    if (pl >= sizeof src->prefix || memchr(prefix, ' ', pl))
         return -1;
-    memcpy(cfg.prefix, prefix, pl);
-    cfg.prefix[pl] = 0;
+    memcpy(src->prefix, prefix, pl);
+    src->prefix[pl] = 0;
     char host[64];
-    snprintf(host, sizeof host, "%s", cfg.hostport);
+    snprintf(host, sizeof host, "%s", src->hostport);
     long port = 80;
     char *colon = strchr(host, ':');
     if (colon) {
-        char *end;
+        char *e;
         *colon = 0;
-        port = strtol(colon + 1, &end, 10);
-        if (*end || port <= 0 || port > 65535)
+        port = strtol(colon + 1, &e, 10);
+        if (*e || port <= 0 || port > 65535)
             return -1;
     }
-    memset(&cfg.addr, 0, sizeof cfg.addr);
-    cfg.addr.sin_family = AF_INET;
-    cfg.addr.sin_port = htons((uint16_t)port);
-    return inet_pton(AF_INET, host, &cfg.addr.sin_addr) == 1 ? 0 : -1;
+    memset(&src->addr, 0, sizeof src->addr);
+    src->addr.sin_family = AF_INET;
+    src->addr.sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, host, &src->addr.sin_addr) != 1)
+        return -1;
+    nsrc++;
+    return 0;
+}
+
+/* A -u argument: one base URL or a comma-separated list of them. The first must be usable; a later one
+ * that is not (a host name, https, too many) is skipped with a note, so the others still serve. */
+static int parse_url(const char *url) {
+    for (;;) {
+        size_t n = strcspn(url, ",");
+        if (n && add_source(url, n) < 0) {
+            if (!nsrc)
+                return -1;
+            say("note: source %.*s skipped (only http://IPv4[:port][/prefix], at most %d)", (int)(n > 200 ? 200 : n),
+                url, MAX_SOURCES);
+        }
+        if (!url[n])
+            return 0;
+        url += n + 1;
+    }
 }
 
 static int load_table(const char *path) {
@@ -861,8 +949,8 @@ static int post_once(const char *what) {
 }
 
 static int usage(void) {
-    fprintf(stderr, "usage: bootd-fetch -u http://A.B.C.D[:PORT] [-w N] [-W N] [-r N] [-t S] [-n NODE] "
-                    "[-f FAILFILE] TABLE\n       bootd-fetch -c -u URL\n"
+    fprintf(stderr, "usage: bootd-fetch -u http://A.B.C.D[:PORT] [-u URL2 ...] [-w N] [-W N] [-r N] [-t S] "
+                    "[-n NODE] [-f FAILFILE] TABLE\n       bootd-fetch -c -u URL [-u URL2 ...]\n"
                     "       bootd-fetch -p events|heartbeat -u URL -n NODE [-t S] < JSON\n");
     return 2;
 }
@@ -877,13 +965,17 @@ static int positive(const char *s, int *out) {
 }
 
 int main(int argc, char **argv) {
-    const char *url = NULL, *post = NULL;
+    const char *url = NULL, *bad_url = NULL, *post = NULL;
     int check = 0, opt;
     while ((opt = getopt(argc, argv, "cp:u:w:W:r:t:n:f:")) != -1) {
         switch (opt) {
         case 'c': check = 1; break;
         case 'p': post = optarg; break;
-        case 'u': url = optarg; break;
+        case 'u':
+            url = optarg;
+            if (!bad_url && parse_url(optarg) < 0)
+                bad_url = optarg;
+            break;
         case 'w': if (positive(optarg, &cfg.workers)) return usage(); break;
         case 'W': if (positive(optarg, &cfg.window)) return usage(); break;
         case 'r': if (positive(optarg, &cfg.retries)) return usage(); break;
@@ -895,9 +987,14 @@ int main(int argc, char **argv) {
     }
     if (!url)
         return usage();
-    if (parse_url(url) < 0) {
+    if (nsrc) {
+        cfg.hostport = srcs[0].hostport;
+        cfg.prefix = srcs[0].prefix;
+    }
+    if (bad_url || !nsrc) {
         if (!check)
-            fprintf(stderr, "bootd-fetch: cannot use %s (only http://IPv4[:port])\n", url);
+            fprintf(stderr, "bootd-fetch: cannot use %s (only http://IPv4[:port][/prefix], at most %d sources)\n",
+                    bad_url ? bad_url : url, MAX_SOURCES);
         return 2;
     }
     if (check)

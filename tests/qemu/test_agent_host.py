@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,25 @@ def run_agent(tmp_path: Path, server: StandinProc, vid: str, fetch: str, *, node
     fetch_line = "fetch with shell workers" if fetch == SHELL else "fetch with bootd-fetch"
     assert fetch_line in proc.stderr or "manifest ok" not in proc.stderr, proc.stderr
     return proc, target
+
+
+@contextmanager
+def agent_until(env: dict[str, str], needle: str, lines: list[str]) -> Iterator[subprocess.Popen[str]]:
+    """The agent running, its console read into ``lines`` up to the first line containing ``needle``;
+    killed at the end if still running."""
+    agent = subprocess.Popen(["busybox", "sh", str(AGENT)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert agent.stderr is not None
+        for line in agent.stderr:
+            lines.append(line)
+            if needle in line:
+                break
+        assert lines and needle in lines[-1], "".join(lines)
+        yield agent
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
 
 
 def same_tree(a: Path, b: Path) -> bool:
@@ -167,6 +188,29 @@ def test_missing_chunk_is_fatal_at_once_and_named(tmp_path: Path, loopback_stand
     assert not (target / "data.bin").exists() or (target / "data.bin").stat().st_size < 600_000
 
 
+def test_sources_on_the_command_line_take_over_bad_bytes_and_a_dead_server(
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, fetch_mode: str) -> None:
+    """bootd.sources: the node's server sends one chunk wrong, and later it is gone (before the node
+    reports `verified`); the chunk comes right from the second source, and the events go there too."""
+    bad = standin.chunk_hashes(sample_capsule.store, sample_capsule.vid)[1]
+    first = loopback_standin("--corrupt", bad)
+    second = loopback_standin()
+    env, target = agent_env(tmp_path, first, sample_capsule.vid, fetch_mode, extra=f"bootd.sources={second.base}")
+    lines: list[str] = []
+    with agent_until(env, "failed verification", lines) as agent:
+        first.proc.kill()  # kill -9 of the node's server mid-boot
+        first.proc.wait(timeout=10)
+        assert agent.stderr is not None
+        lines.extend(agent.stderr)
+        assert agent.wait(timeout=90) == 0, "".join(lines)
+    err = "".join(lines)
+    assert same_tree(sample_capsule.root, target)
+    assert f"chunk {bad} failed verification" in err, err
+    got = [e["event"] for e in second.event_lines()]
+    assert got[-2:] == ["verified", "booted"], (got, err)
+    assert f"BOOTD_URL='{second.base}'" in (target / "etc/bootd/node.env").read_text()
+
+
 def test_server_restarted_mid_fetch_is_retried_until_it_is_back(
         tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, stage1_or_none: Path,
         fetcher: Path) -> None:
@@ -175,32 +219,24 @@ def test_server_restarted_mid_fetch_is_retried_until_it_is_back(
     retries with backoff and completes, and its progress events carry the node's token."""
     server = loopback_standin("--busy", "1")
     env, target = agent_env(tmp_path, server, sample_capsule.vid, str(fetcher))
-    agent = subprocess.Popen(["busybox", "sh", str(AGENT)], env=env, stderr=subprocess.PIPE, text=True)
     second: subprocess.Popen[bytes] | None = None
     lines: list[str] = []
     try:
-        assert agent.stderr is not None
-        for line in agent.stderr:
-            lines.append(line)
-            if "(server busy, 503)" in line:
-                break
-        assert lines and "(server busy, 503)" in lines[-1], "".join(lines)
-        server.proc.terminate()  # the restart: the old process is gone before the 503's wait ends
-        server.proc.wait(timeout=10)
-        time.sleep(2.0)
-        port = server.base.rsplit(":", 1)[1]
-        log = (tmp_path / "standin-second.log").open("wb")
-        second = subprocess.Popen(
-            [sys.executable, str(STANDIN), "serve", "--bind", "127.0.0.1", "--port", port,
-             "--store", str(sample_capsule.store), "--stage1", str(stage1_or_none), "--events", str(server.events)],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        lines.extend(agent.stderr)
-        assert agent.wait(timeout=60) == 0, "".join(lines)
+        with agent_until(env, "(server busy, 503)", lines) as agent:
+            server.proc.terminate()  # the restart: the old process is gone before the 503's wait ends
+            server.proc.wait(timeout=10)
+            time.sleep(2.0)
+            port = server.base.rsplit(":", 1)[1]
+            log = (tmp_path / "standin-second.log").open("wb")
+            second = subprocess.Popen(
+                [sys.executable, str(STANDIN), "serve", "--bind", "127.0.0.1", "--port", port, "--store",
+                 str(sample_capsule.store), "--stage1", str(stage1_or_none), "--events", str(server.events)],
+                stdout=log, stderr=subprocess.STDOUT)
+            log.close()
+            assert agent.stderr is not None
+            lines.extend(agent.stderr)
+            assert agent.wait(timeout=60) == 0, "".join(lines)
     finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
         if second is not None:
             second.terminate()
             second.wait(timeout=10)

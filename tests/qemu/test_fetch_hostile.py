@@ -461,3 +461,92 @@ def test_random_mutations_of_a_valid_reply(san_fetcher: Path, tmp_path: Path,
         results = list(pool.map(one, range(len(cases))))
     # The mutations do reach both outcomes: the sanity of the fuzzing itself.
     assert {rc for rc, _, _ in results} == {0, 1}
+
+
+# ---- several sources: the next one on a lost connection, a timeout, bad bytes; each chunk still verified --
+
+SOURCED = make_chunks("sources", [40000] * 6)
+BY_HASH = {sha(c): c for c in SOURCED}
+
+
+def honest(req: Req, i: int) -> Plan:
+    """A good server: the chunk, or the rest of it for a Range request (the bytes are the same everywhere)."""
+    body = BY_HASH[req.hash]
+    return [partial(body, req.range_start) if req.range_start else ok(body)]
+
+
+def test_second_source_takes_over_when_the_first_dies_mid_transfer(
+        san_fetcher: Path, tmp_path: Path, serve: Callable[..., Server]) -> None:
+    second = serve(honest, {})
+    first: list[Server] = []
+
+    def dies(req: Req, i: int) -> Plan:
+        if i < 2:
+            return honest(req, i)
+        # The third request gets half its chunk, then the server is gone (kill -9: no more connections).
+        threading.Thread(target=first[0].close, daemon=True).start()
+        return [ok(BY_HASH[req.hash])[:20000], "close"]
+
+    first.append(serve(dies, {}))
+    run = run_fetch(san_fetcher, tmp_path, f"{first[0].url},{second.url}", SOURCED, "-w", "2", "-r", "4",
+                    "-t", "2", timeout=60)
+    assert run.rc == 0, run.err
+    assert run.out == b"".join(SOURCED)
+    assert f"from 127.0.0.1:{second.port}" in run.err
+    assert len(first[0].requests) >= 3 and len(second.requests) >= 3
+    # The cut chunk went on at the second source with Range where the first stopped (or whole).
+    cut = first[0].requests[2].hash
+    assert any(r.hash == cut for r in second.requests)
+
+
+def test_bad_bytes_from_the_first_source_come_right_from_the_second(
+        san_fetcher: Path, tmp_path: Path, serve: Callable[..., Server]) -> None:
+    bad = sha(SOURCED[3])
+
+    def liar(req: Req, i: int) -> Plan:
+        body = BY_HASH[req.hash]
+        return [ok(bytes(b ^ 1 for b in body))] if req.hash == bad else honest(req, i)
+
+    first, second = serve(liar, {}), serve(honest, {})
+    run = run_fetch(san_fetcher, tmp_path, first.url, SOURCED, "-u", second.url, "-r", "3")
+    assert run.rc == 0, run.err
+    assert run.out == b"".join(SOURCED)
+    assert (f"chunk {bad} failed verification from 127.0.0.1:{first.port}, fetching it from "
+            f"127.0.0.1:{second.port}") in run.err
+    # One worker: it stays with the source that last served it, so the lying one is not asked again.
+    assert [r.hash for r in first.requests] == [sha(c) for c in SOURCED[:4]]
+    assert [r.hash for r in second.requests] == [sha(c) for c in SOURCED[3:]]
+
+    # Bad bytes everywhere: refused, named, never written.
+    third = serve(liar, {})
+    run = run_fetch(san_fetcher, tmp_path / "all-bad", first.url, SOURCED, "-u", third.url, "-r", "3")
+    assert run.rc == 1 and run.written == 3
+    assert f"chunk {bad} failed verification (got sha256" in run.reason
+
+
+def test_unreachable_first_source_and_a_404_move_on(san_fetcher: Path, tmp_path: Path,
+                                                    serve: Callable[..., Server]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
+    missing = sha(SOURCED[0])
+
+    def lacks_one(req: Req, i: int) -> Plan:
+        if req.hash == missing:
+            return [b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"]
+        return honest(req, i)
+
+    plain, full = serve(lacks_one, {}), serve(honest, {})
+    run = run_fetch(san_fetcher, tmp_path, f"{dead},{plain.url},{full.url}", SOURCED, "-r", "5")
+    assert run.rc == 0, run.err
+    # Refused at the first source: the worker moved to the second; the chunk the second lacks came from the
+    # third, and the next chunks went back to the second (a 404 is about one chunk, not the source's health).
+    assert [r.hash for r in full.requests] == [missing]
+    assert [r.hash for r in plain.requests] == [sha(c) for c in SOURCED]
+    # A source bootd-fetch cannot use (a host name) is skipped with a note; the others serve.
+    run = run_fetch(san_fetcher, tmp_path / "named", f"{plain.url},http://replica.example:8080,{full.url}",
+                    SOURCED, "-r", "5")
+    assert run.rc == 0 and "source http://replica.example:8080 skipped" in run.err, run.err
+    # A 404 at every source is fatal for the chunk, with the last source's answer.
+    run = run_fetch(san_fetcher, tmp_path / "nowhere", plain.url, SOURCED, "-u", plain.url, "-r", "5")
+    assert run.rc == 1 and missing in run.reason and "404" in run.reason

@@ -90,7 +90,10 @@ def test_fetcher_compiles_warnings_clean_and_reproducibly(tmp_path: Path) -> Non
     assert "not a dynamic executable" in ldd.stdout + ldd.stderr or "statically linked" in ldd.stdout
     # Only http://IPv4[:port] URLs: for anything else the agent keeps its shell workers.
     for url, ok in (("http://192.0.2.1", True), ("http://192.0.2.1:8080/prefix", True),
-                    ("http://bootd.example:8080", False), ("https://192.0.2.1", False)):
+                    ("http://bootd.example:8080", False), ("https://192.0.2.1", False),
+                    # Several sources: the first must be usable, a later unusable one is skipped.
+                    ("http://192.0.2.1,http://192.0.2.2:8080", True), ("http://192.0.2.1,http://bootd.example", True),
+                    ("http://bootd.example,http://192.0.2.1", False), (",", False)):
         assert (subprocess.run([str(a), "-c", "-u", url]).returncode == 0) is ok, url
 
 

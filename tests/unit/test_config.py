@@ -30,6 +30,14 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
             assert key in text, f"conf/bootd.toml does not mention {section}.{key}"
 
 
+def test_upstream_and_sources(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, '[capsule]\nupstream = "http://10.0.0.1:8080/"\n[boot]\n'
+                              'sources = ["http://10.0.0.2:8080/", "http://10.0.0.3", "http://10.0.0.2:8080"]\n')
+    assert cfg.capsule.upstream == "http://10.0.0.1:8080"
+    assert cfg.boot.sources == ("http://10.0.0.2:8080", "http://10.0.0.3")
+    assert load_text(tmp_path, "").capsule.upstream == ""
+
+
 def test_defaults_derive_paths_from_state_dir(tmp_path: Path) -> None:
     cfg = load_text(tmp_path, '[server]\nstate_dir = "/srv/boot"\n')
     assert cfg.tftp.root == Path("/srv/boot/tftp")
@@ -69,6 +77,13 @@ def test_defaults_derive_paths_from_state_dir(tmp_path: Path) -> None:
         ("[http]\nmax_header_bytes = 100\n", "http.max_header_bytes", "integer from 1024"),
         ("[tftp]\nmax_client_timeout = 0.5\n", "tftp.max_client_timeout", "number from 1 to 255"),
         ("[tftp]\nmax_sessions_per_source = 0\n", "tftp.max_sessions_per_source", "integer from 1"),
+        ('[capsule]\nupstream = "https://10.0.0.1"\n', "capsule.upstream", "base URL such as http://"),
+        ('[capsule]\nupstream = "http://10.0.0.1:99999"\n', "capsule.upstream", "bad port"),
+        ('[capsule]\nupstream = "http://10.0.0.1/?x=1"\n', "capsule.upstream", "no query"),
+        ("[capsule]\nupstream_connections = 0\n", "capsule.upstream_connections", "integer from 1 to 1000"),
+        ("[capsule]\nupstream_timeout = 0\n", "capsule.upstream_timeout", "number from 1 to 3600"),
+        ('[boot]\nsources = "http://a"\n', "boot.sources", "a list of base URLs"),
+        ('[boot]\nsources = ["http://a", "ftp://b"]\n', "boot.sources", "'ftp://b' is not valid"),
     ],
 )
 def test_errors_name_file_key_and_valid_values(tmp_path: Path, text: str, key: str, fragment: str) -> None:

@@ -18,6 +18,7 @@ re-validated with one ``stat`` per request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -50,6 +51,7 @@ from bootd.net.http.chunkfast import ChunkFastPath, ChunkRequestHandler, ChunkSi
 from bootd.net.http.nodes import NodeRoutes
 from bootd.net.http.send import ROUTE_CHUNK, Sender, SentResponse, refuse
 from bootd.service.admission import AdmissionControl, Overloaded
+from bootd.service.replica import UpstreamError
 from bootd.service.services import Services
 
 log = logging.getLogger("bootd.http")
@@ -153,6 +155,7 @@ class HttpServer(NodeRoutes):
         r.add_get("/boot/{mac}.ipxe", self._script)
         r.add_get("/stage1/{file}", self._stage1)
         r.add_get("/nbp/{file}", self._nbp)
+        r.add_get("/capsules/refs", self._refs)
         r.add_get("/capsules/{vid}/manifest", self._manifest)
         r.add_get("/capsules/{vid}/kernel", self._kernel)
         r.add_get(ROUTE_CHUNK, self._chunk)
@@ -196,15 +199,26 @@ class HttpServer(NodeRoutes):
         bulk: bool = False,
         verify: bool = False,
         root: str | None = None,
+        fetch: Callable[[], Awaitable[object]] | None = None,
     ) -> web.StreamResponse:
         """Answer GET/HEAD for one file with ETag, conditional GET, single Range, and sendfile.
 
         ``verify``: the object is named by the sha256 of its bytes (chunks, kernels), so
-        the file is checked against it when first opened.
+        the file is checked against it when first opened.  ``fetch``: the replica service's way
+        to make a missing object present (capsule.upstream); its refusal is passed on.
         """
         try:
-            entry = await self.sender.open_verified(key, path, revalidate=not immutable,
-                                                    sha256=etag if verify else None, root=root)
+            try:
+                entry = await self.sender.open_verified(key, path, revalidate=not immutable,
+                                                        sha256=etag if verify else None, root=root)
+            except FileNotFoundError:
+                if fetch is None:
+                    raise
+                await fetch()
+                entry = await self.sender.open_verified(key, path, revalidate=not immutable,
+                                                        sha256=etag if verify else None, root=root)
+        except UpstreamError as exc:
+            return self._upstream_refused(exc)
         except CorruptObject as exc:
             self.metrics.corrupt.inc()
             log.error("event=corrupt-object key=%s error=%r (run `bootd capsule verify`)", key, str(exc))
@@ -269,6 +283,13 @@ class HttpServer(NodeRoutes):
             self.files.release(entry)
 
     @staticmethod
+    def _upstream_refused(exc: UpstreamError) -> web.Response:
+        headers = {"Cache-Control": "no-store"}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        return refuse(exc.status, str(exc), headers)
+
+    @staticmethod
     def _busy(exc: Overloaded) -> web.Response:
         return refuse(503, str(exc), {"Retry-After": str(exc.retry_after), "Cache-Control": "no-store"})
 
@@ -307,26 +328,34 @@ class HttpServer(NodeRoutes):
         h = request.match_info["hash"].lower()
         if HEX64.fullmatch(h) is None:
             return refuse(400, "a chunk is named by its sha256: 64 hex digits")
+        replica = self.services.replica
         return await self._serve(
             request, ROUTE_CHUNK, h, lambda: self.capsules.chunk_path(h), etag=h, immutable=True, bulk=True,
-            verify=True,
+            verify=True, fetch=None if replica is None else lambda: replica.chunk(h),
         )
 
     async def _manifest(self, request: web.Request) -> web.StreamResponse:
         vid = request.match_info["vid"].lower()
         if HEX64.fullmatch(vid) is None:
             return refuse(400, "a capsule version id is a sha256: 64 hex digits")
+        replica = self.services.replica
         return await self._serve(
             request, "/capsules/{vid}/manifest", "m:" + vid, lambda: self.capsules.manifest_path(vid),
-            etag=vid, immutable=True,
+            etag=vid, immutable=True, fetch=None if replica is None else lambda: replica.manifest(vid),
         )
 
     async def _kernel(self, request: web.Request) -> web.StreamResponse:
         vid = request.match_info["vid"].lower()
         if HEX64.fullmatch(vid) is None:
             return refuse(400, "a capsule version id is a sha256: 64 hex digits")
+        replica = self.services.replica
         if not os.path.exists(self.capsules.manifest_path(vid)):
-            return refuse(404, f"no capsule version {vid}")
+            if replica is None:
+                return refuse(404, f"no capsule version {vid}")
+            try:
+                await replica.manifest(vid)
+            except UpstreamError as exc:
+                return self._upstream_refused(exc)
         try:
             kernel = self.services.boot.kernel_of(vid)
         except (CapsuleError, OSError) as exc:
@@ -336,8 +365,16 @@ class HttpServer(NodeRoutes):
         k = kernel.sha256
         return await self._serve(
             request, "/capsules/{vid}/kernel", "k:" + k, lambda: self.capsules.kernel_path(k),
-            etag=k, immutable=True, verify=True,
+            etag=k, immutable=True, verify=True, fetch=None if replica is None else lambda: replica.kernel(vid),
         )
+
+    async def _refs(self, request: web.Request) -> web.StreamResponse:
+        """Capsule names and their versions: what ``bootd capsule sync`` on a replica asks its peer."""
+        try:
+            names = await asyncio.to_thread(self.capsules.names)
+        except CapsuleError as exc:
+            return refuse(500, f"cannot list capsules: {exc}")
+        return web.json_response(names, headers={"Cache-Control": "no-store"})
 
     async def _plain_file(self, request: web.Request, route: str, root: Path) -> web.StreamResponse:
         name = request.match_info["file"]
