@@ -32,7 +32,7 @@ OCTET = "application/octet-stream"
 class OpenFile:
     """A cached open file; ``refs`` counts responses using it so eviction never closes it mid-send."""
 
-    __slots__ = ("checked", "evicted", "file", "ident", "key", "path", "refs", "size")
+    __slots__ = ("checked", "evicted", "file", "head", "ident", "key", "path", "refs", "size")
 
     def __init__(self, key: str, path: str, file: IO[bytes], st: os.stat_result, now: float) -> None:
         self.key = key
@@ -43,6 +43,7 @@ class OpenFile:
         self.refs = 0
         self.evicted = False
         self.checked = now
+        self.head: tuple[str, bytes] | None = None  # (Date, header block) of a whole-chunk 200: chunk_head
 
     @property
     def etag(self) -> str:
@@ -98,20 +99,32 @@ class OpenFileCache:
         checked on the open descriptor, so a symlink swapped in between the
         resolve and the open cannot lead out either (OutsideRoot).
         """
+        entry = self.take(key, revalidate=revalidate)
+        if entry is None:
+            self.misses += 1
+            entry = self._open(key, str(path()), sha256, root)
+            entry.refs += 1
+        return entry
+
+    def take(self, key: str, *, revalidate: bool = False) -> OpenFile | None:
+        """The open entry for ``key`` with a reference taken (a hit), or None when it is not open or changed.
+
+        Inside ``valid`` an immutable object's entry costs no system call; after it (or on every call
+        with ``revalidate``) one ``stat`` confirms the path still names the same file, which is then
+        trusted for another ``valid``.  A changed or vanished file's entry is dropped: the caller opens
+        it again (and a content-addressed one is hashed again, off the event loop, see
+        ``Sender.open_verified``).  Nothing is opened or hashed here, so the chunk fast path can ask.
+        """
         entry = self._entries.get(key)
-        now = time.monotonic()
-        if entry is not None and (revalidate or now - entry.checked > self.valid):
+        if entry is None:
+            return None
+        if revalidate or time.monotonic() - entry.checked > self.valid:
             if not self._still_valid(entry):
                 self._drop(entry)
-                entry = None
-            else:
-                entry.checked = now
-        if entry is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-        else:
-            self.misses += 1
-            entry = self._open(key, str(path()), now, sha256, root)
+                return None
+            entry.checked = time.monotonic()
+        self._entries.move_to_end(key)
+        self.hits += 1
         entry.refs += 1
         return entry
 
@@ -134,11 +147,6 @@ class OpenFileCache:
         except OSError:
             return False
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == entry.ident
-
-    def fresh(self, key: str) -> bool:
-        """Is ``key`` open and trusted without a check now (an immutable object inside ``valid``)?"""
-        entry = self._entries.get(key)
-        return entry is not None and time.monotonic() - entry.checked <= self.valid
 
     def prepare(self, key: str, path: str, sha256: str | None = None, root: str | None = None) -> OpenFile:
         """Open (and hash) a file without touching the cache: safe on a worker thread.
@@ -174,7 +182,7 @@ class OpenFileCache:
             _, oldest = self._entries.popitem(last=False)
             self._retire(oldest)
 
-    def _open(self, key: str, path: str, now: float, sha256: str | None = None, root: str | None = None) -> OpenFile:
+    def _open(self, key: str, path: str, sha256: str | None = None, root: str | None = None) -> OpenFile:
         entry = self.prepare(key, path, sha256, root)
         self.adopt(entry)
         return entry
@@ -278,6 +286,15 @@ def response_head(status: int, headers: dict[str, str], count: int, connection: 
 def chunk_headers(name: str, size: int) -> bytes:
     """The header block of a whole-chunk 200: the route's, and what the chunk fast path sends."""
     return response_head(200, {**object_headers(f'"{name}"', True), "Content-Type": OCTET}, size)
+
+
+def chunk_head(entry: OpenFile) -> bytes:
+    """:func:`chunk_headers` of an open chunk, built once a second (for its Date line), not per request."""
+    date = http_date()
+    cached = entry.head
+    if cached is None or cached[0] != date:
+        cached = entry.head = (date, chunk_headers(entry.key, entry.size))
+    return cached[1]
 
 
 def http_date() -> str:

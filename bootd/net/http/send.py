@@ -259,24 +259,38 @@ class Sender:
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._bytes: dict[str, Any] = {}
 
+    def take(self, key: str, *, revalidate: bool = False) -> OpenFile | None:
+        """The cache's open entry for ``key``, counted as a hit; None (not open, or changed) counts nothing."""
+        entry = self.files.take(key, revalidate=revalidate)
+        if entry is not None:
+            self.metrics.cache_hit.inc()
+        return entry
+
     def open(self, key: str, path: Callable[[], Path | str], *, revalidate: bool = False,
              sha256: str | None = None, root: str | None = None) -> OpenFile:
         """The open-file cache's acquire, counted as a hit or a miss (a failed open is a miss)."""
-        hits = self.files.hits
-        try:
-            return self.files.acquire(key, path, revalidate=revalidate, sha256=sha256, root=root)
-        finally:
-            (self.metrics.cache_hit if self.files.hits != hits else self.metrics.cache_miss).inc()
+        entry = self.take(key, revalidate=revalidate)
+        if entry is None:
+            self.metrics.cache_miss.inc()
+            entry = self.files.acquire(key, path, revalidate=revalidate, sha256=sha256, root=root)
+        return entry
 
     async def open_verified(self, key: str, path: Callable[[], Path | str], *, revalidate: bool = False,
                             sha256: str | None = None, root: str | None = None) -> OpenFile:
-        """``open``, but a content-addressed file not open yet is read and hashed off the event loop."""
-        if sha256 is not None and not self.files.fresh(key):
-            entry = await asyncio.to_thread(self.files.prepare, key, str(path()), sha256, root)
-            self.files.adopt(entry)
-            self.metrics.cache_miss.inc()
-            return self.files.acquire(key, path, revalidate=revalidate, sha256=sha256, root=root)
-        return self.open(key, path, revalidate=revalidate, sha256=sha256, root=root)
+        """``open``, but a content-addressed file not open (or changed on disk) is read and hashed off the loop.
+
+        An entry past the cache's ``valid`` is confirmed by one ``stat`` (``take``), not hashed again:
+        its bytes were hashed when it was opened, and an unchanged file keeps them.
+        """
+        if sha256 is None:
+            return self.open(key, path, revalidate=revalidate, root=root)
+        entry = self.take(key, revalidate=revalidate)
+        if entry is not None:
+            return entry
+        prepared = await asyncio.to_thread(self.files.prepare, key, str(path()), sha256, root)
+        self.files.adopt(prepared)
+        self.metrics.cache_miss.inc()
+        return self.files.acquire(key, path, revalidate=revalidate, sha256=sha256, root=root)
 
     async def send(self, transport: asyncio.Transport | None, sock: socket.socket | None, head: bytes,
                    entry: OpenFile, offset: int, count: int) -> None:

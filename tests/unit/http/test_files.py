@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-from bootd.net.files import OpenFileCache, etag_matches, parse_range
+from bootd.net.files import OpenFileCache, chunk_head, chunk_headers, etag_matches, parse_range
 from bootd.net.http.app import effective_base
 
 
@@ -78,6 +79,32 @@ def test_cache_revalidates_mutable_and_expired_entries(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     with pytest.raises(IsADirectoryError):
         cache.acquire("d", lambda: tmp_path / "d")
+
+
+def test_an_expired_unchanged_entry_is_kept_after_one_stat_and_a_changed_one_is_dropped(tmp_path: Path) -> None:
+    """Past ``valid`` a stat confirms the file (it is not opened or hashed again); a changed file is let go."""
+    p = tmp_path / "f"
+    p.write_bytes(b"one")
+    cache = OpenFileCache(valid=60.0)
+    assert cache.take("f") is None  # not open: the caller opens (and hashes) it
+    e = cache.acquire("f", lambda: p, sha256=hashlib.sha256(b"one").hexdigest())
+    cache.release(e)
+    cache.valid = 0.0  # expired from now on
+    assert cache.take("f") is e and cache.misses == 1
+    cache.release(e)
+    tmp = tmp_path / "f.new"
+    tmp.write_bytes(b"two")
+    tmp.rename(p)
+    assert cache.take("f") is None and len(cache) == 0 and e.file.closed
+
+
+def test_chunk_head_is_the_header_block_of_the_open_chunk(tmp_path: Path) -> None:
+    h = "ab" * 32
+    (tmp_path / h).write_bytes(b"x" * 5)
+    cache = OpenFileCache()
+    e = cache.acquire(h, lambda: tmp_path / h)
+    assert chunk_head(e) == chunk_headers(h, 5) and chunk_head(e) is chunk_head(e)  # built once a second
+    cache.release(e)
 
 
 def test_cache_without_keep_unused_closes_a_file_when_its_last_user_releases_it(tmp_path: Path) -> None:
