@@ -43,7 +43,7 @@ class OpenFile:
         self.refs = 0
         self.evicted = False
         self.checked = now
-        self.head: tuple[str, bytes] | None = None  # (Date, header block) of a whole-chunk 200: chunk_head
+        self.head: bytes | None = None  # a whole-chunk 200's header block up to its Date: chunk_head
 
     @property
     def etag(self) -> str:
@@ -261,12 +261,17 @@ def etag_matches(header: str, etag: str) -> bool:
     return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
 
 
-_date_cache: tuple[int, str] = (0, "")
-
-
 def object_headers(tag: str, immutable: bool) -> dict[str, str]:
     """The caching headers of every file response (ETag, then Cache-Control and Accept-Ranges)."""
     return {"ETag": tag, "Cache-Control": IMMUTABLE if immutable else "no-cache", "Accept-Ranges": "bytes"}
+
+
+def head_start(status: int, headers: dict[str, str], count: int) -> bytes:
+    """A 200/206 header block up to the value of its Date line, the only part that changes by itself."""
+    lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Partial Content'}"]
+    lines.extend(f"{k}: {v}" for k, v in headers.items())
+    lines.append(f"Content-Length: {count}\r\nDate: ")
+    return "\r\n".join(lines).encode("latin-1")
 
 
 def response_head(status: int, headers: dict[str, str], count: int, connection: str | None = None) -> bytes:
@@ -274,34 +279,30 @@ def response_head(status: int, headers: dict[str, str], count: int, connection: 
 
     A few string joins instead of aiohttp's CIMultiDict serialisation (bench/http).
     """
-    lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Partial Content'}"]
-    lines.extend(f"{k}: {v}" for k, v in headers.items())
-    lines.append(f"Content-Length: {count}\r\nDate: {http_date()}\r\nServer: bootd")
-    if connection is not None:
-        lines.append(f"Connection: {connection}")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+    end = _HEAD_END if connection is None else b"\r\nServer: bootd\r\nConnection: %s\r\n\r\n" % connection.encode()
+    return head_start(status, headers, count) + http_date() + end
 
 
-def chunk_headers(name: str, size: int) -> bytes:
-    """The header block of a whole-chunk 200: the route's, and what the chunk fast path sends."""
-    return response_head(200, {**object_headers(f'"{name}"', True), "Content-Type": OCTET}, size)
+_HEAD_END = b"\r\nServer: bootd\r\n\r\n"
 
 
 def chunk_head(entry: OpenFile) -> bytes:
-    """:func:`chunk_headers` of an open chunk, built once a second (for its Date line), not per request."""
-    date = http_date()
-    cached = entry.head
-    if cached is None or cached[0] != date:
-        cached = entry.head = (date, chunk_headers(entry.key, entry.size))
-    return cached[1]
+    """The header block of a whole-chunk 200 (the route's too): built once per open chunk but its Date."""
+    start = entry.head
+    if start is None:
+        start = entry.head = head_start(200, {**object_headers(f'"{entry.key}"', True), "Content-Type": OCTET},
+                                        entry.size)
+    return start + http_date() + _HEAD_END
 
 
-def http_date() -> str:
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
     """IMF-fixdate of now, formatted once per second (it is on every response)."""
     global _date_cache
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True).encode("ascii"))
     return _date_cache[1]
 

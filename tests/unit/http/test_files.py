@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bootd.net.files import OpenFileCache, chunk_head, chunk_headers, etag_matches, parse_range
+from bootd.net.files import OCTET, OpenFileCache, chunk_head, etag_matches, object_headers, parse_range, response_head
 from bootd.net.http.app import effective_base
 
 
@@ -103,7 +103,9 @@ def test_chunk_head_is_the_header_block_of_the_open_chunk(tmp_path: Path) -> Non
     (tmp_path / h).write_bytes(b"x" * 5)
     cache = OpenFileCache()
     e = cache.acquire(h, lambda: tmp_path / h)
-    assert chunk_head(e) == chunk_headers(h, 5) and chunk_head(e) is chunk_head(e)  # built once a second
+    route = response_head(200, {**object_headers(f'"{h}"', True), "Content-Type": OCTET}, 5)
+    assert chunk_head(e) == route and route.startswith(b"HTTP/1.1 200 OK\r\n") and route.endswith(b"\r\n\r\n")
+    assert e.head is not None and route.startswith(e.head)  # all but the Date is built once per open chunk
     cache.release(e)
 
 
