@@ -23,6 +23,7 @@ Also the plain-text refusal every route answers with.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -281,6 +282,7 @@ class Sender:
         self._stall_log = LogLimiter(1.0)
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._bytes: dict[str, Any] = {}
+        self._preparing: dict[str, asyncio.Task[OpenFile]] = {}  # key -> its open-and-hash on a worker thread
 
     def take(self, key: str, *, revalidate: bool = False) -> OpenFile | None:
         """The cache's open entry for ``key``, counted as a hit; None (not open, or changed) counts nothing."""
@@ -303,17 +305,30 @@ class Sender:
         """``open``, but a content-addressed file not open (or changed on disk) is read and hashed off the loop.
 
         An entry past the cache's ``valid`` is confirmed by one ``stat`` (``take``), not hashed again:
-        its bytes were hashed when it was opened, and an unchanged file keeps them.
+        its bytes were hashed when it was opened, and an unchanged file keeps them.  Requests for a
+        file that is being hashed wait for that one hash (a boot wave asks for the same chunks at
+        once): each would otherwise read and hash it again, and all but one result be thrown away.
         """
         if sha256 is None:
             return self.open(key, path, revalidate=revalidate, root=root)
         entry = self.take(key, revalidate=revalidate)
         if entry is not None:
             return entry
-        prepared = await asyncio.to_thread(self.files.prepare, key, str(path()), sha256, root)
-        self.files.adopt(prepared)
         self.metrics.cache_miss.inc()
+        task = self._preparing.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self.files.prepare, key, str(path()), sha256, root))
+            self._preparing[key] = task
+            task.add_done_callback(functools.partial(self._prepared, key))  # runs before any waiter resumes
+        await asyncio.shield(task)  # a waiter that gives up does not cancel the others' hash
         return self.files.acquire(key, path, revalidate=revalidate, sha256=sha256, root=root)
+
+    def _prepared(self, key: str, task: asyncio.Task[OpenFile]) -> None:
+        if self._preparing.get(key) is task:
+            del self._preparing[key]
+        if not task.cancelled() and task.exception() is None:
+            self.files.adopt(task.result())
 
     async def send(self, transport: asyncio.Transport | None, sock: socket.socket | None, head: bytes,
                    entry: OpenFile, offset: int, count: int) -> None:
