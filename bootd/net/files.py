@@ -32,9 +32,10 @@ OCTET = "application/octet-stream"
 class OpenFile:
     """A cached open file; ``refs`` counts responses using it so eviction never closes it mid-send."""
 
-    __slots__ = ("checked", "evicted", "file", "head", "ident", "key", "path", "refs", "size")
+    __slots__ = ("checked", "evicted", "file", "head", "ident", "key", "path", "refs", "size", "verified")
 
-    def __init__(self, key: str, path: str, file: IO[bytes], st: os.stat_result, now: float) -> None:
+    def __init__(self, key: str, path: str, file: IO[bytes], st: os.stat_result, now: float,
+                 verified: bool = False) -> None:
         self.key = key
         self.path = path
         self.file = file
@@ -44,6 +45,7 @@ class OpenFile:
         self.evicted = False
         self.checked = now
         self.head: bytes | None = None  # a whole-chunk 200's header block up to its Date: chunk_head
+        self.verified = verified  # its bytes were hashed against its name when it was opened
 
     @property
     def etag(self) -> str:
@@ -64,7 +66,8 @@ class OpenFileCache:
 
     ``valid`` is how long an entry of an immutable object is trusted before one
     ``stat`` checks the path still names the same file (garbage collection may
-    delete a chunk; a re-import may recreate it).  ``revalidate=True`` lookups
+    delete a chunk; a re-import may recreate it), or, for one hashed at open,
+    before it is hashed again (see ``take``).  ``revalidate=True`` lookups
     (mutable files) stat on every request and reopen when the file changed.
     All calls are synchronous: open/fstat of a local file take microseconds,
     far less than a thread-pool hop.
@@ -107,18 +110,22 @@ class OpenFileCache:
         return entry
 
     def take(self, key: str, *, revalidate: bool = False) -> OpenFile | None:
-        """The open entry for ``key`` with a reference taken (a hit), or None when it is not open or changed.
+        """The open entry for ``key`` with a reference taken (a hit), or None when the caller must open it.
 
-        Inside ``valid`` an immutable object's entry costs no system call; after it (or on every call
-        with ``revalidate``) one ``stat`` confirms the path still names the same file, which is then
-        trusted for another ``valid``.  A changed or vanished file's entry is dropped: the caller opens
-        it again (and a content-addressed one is hashed again, off the event loop, see
-        ``Sender.open_verified``).  Nothing is opened or hashed here, so the chunk fast path can ask.
+        Inside ``valid`` an immutable object's entry costs no system call.  After it (or on every
+        call with ``revalidate``) one ``stat`` confirms the path still names the same file, which
+        is then trusted for another ``valid``; a changed or vanished file's entry is dropped.  An
+        entry that was hashed at open (``sha256``) is not confirmed by a stat but hashed again, so
+        a file that rots in place is served for at most ``valid`` (README, "Not promised"): None,
+        and the entry stays until the new one replaces it (``adopt``; ``Sender.open_verified`` does
+        it off the event loop).  Nothing is opened or hashed here, so the chunk fast path can ask.
         """
         entry = self._entries.get(key)
         if entry is None:
             return None
         if revalidate or time.monotonic() - entry.checked > self.valid:
+            if entry.verified:
+                return None
             if not self._still_valid(entry):
                 self._drop(entry)
                 return None
@@ -170,7 +177,7 @@ class OpenFileCache:
             if got != sha256:
                 file.close()
                 raise CorruptObject(f"{path} is corrupt on the server: its sha256 is {got}")
-        return OpenFile(key, path, file, st, time.monotonic())
+        return OpenFile(key, path, file, st, time.monotonic(), verified=sha256 is not None)
 
     def adopt(self, entry: OpenFile) -> None:
         """Put a prepared entry in the cache (replacing an older one of the same key)."""

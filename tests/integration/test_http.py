@@ -686,3 +686,25 @@ async def test_a_wave_of_first_requests_for_one_chunk_hashes_it_once(env: Env, s
     got = await asyncio.gather(*(get() for _ in range(8)))
     assert [s for s, _ in got] == [200] * 8 and all(b == big for _, b in got)
     assert hashed == [h]
+
+
+async def test_a_chunk_rotting_in_place_is_refused_once_the_cache_rechecks_it(
+        env: Env, session: aiohttp.ClientSession) -> None:
+    """README, "Not promised": a chunk corrupted while open is served for at most the cache's ``valid``
+    (60 s), even when its size and mtime did not change: past it the chunk is hashed again."""
+    digest = env.manifest().chunks[0].sha256
+    path = env.capsules.chunk_path(digest)
+    async with session.get(env.url(f"/chunks/{digest}")) as r:
+        assert r.status == 200  # open and verified now
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.chmod(0o644)
+    with path.open("r+b") as f:  # in place: same inode, size and (restored) mtime, as bit rot leaves it
+        f.write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    async with session.get(env.url(f"/chunks/{digest}")) as r:
+        assert r.status == 200  # inside valid: the open entry is trusted
+    env.server.files.valid = 0.0
+    async with session.get(env.url(f"/chunks/{digest}")) as r:
+        assert r.status == 500 and "corrupt" in await r.text()

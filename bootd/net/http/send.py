@@ -304,10 +304,10 @@ class Sender:
                             sha256: str | None = None, root: str | None = None) -> OpenFile:
         """``open``, but a content-addressed file not open (or changed on disk) is read and hashed off the loop.
 
-        An entry past the cache's ``valid`` is confirmed by one ``stat`` (``take``), not hashed again:
-        its bytes were hashed when it was opened, and an unchanged file keeps them.  Requests for a
-        file that is being hashed wait for that one hash (a boot wave asks for the same chunks at
-        once): each would otherwise read and hash it again, and all but one result be thrown away.
+        An entry past the cache's ``valid`` is hashed again the same way (``OpenFileCache.take``).
+        Requests for a file that is being hashed wait for that one hash (a boot wave asks for the
+        same chunks at once): each would otherwise read and hash it again, and all but one result
+        be thrown away.
         """
         if sha256 is None:
             return self.open(key, path, revalidate=revalidate, root=root)

@@ -81,21 +81,31 @@ def test_cache_revalidates_mutable_and_expired_entries(tmp_path: Path) -> None:
         cache.acquire("d", lambda: tmp_path / "d")
 
 
-def test_an_expired_unchanged_entry_is_kept_after_one_stat_and_a_changed_one_is_dropped(tmp_path: Path) -> None:
-    """Past ``valid`` a stat confirms the file (it is not opened or hashed again); a changed file is let go."""
+def test_past_valid_a_stat_confirms_an_entry_and_one_hashed_at_open_is_hashed_again(tmp_path: Path) -> None:
+    """A changed file is let go; an unchanged one is kept after one stat; a hashed one is handed back to be
+    hashed again (a file that rots in place is served for at most ``valid``), and stays until replaced."""
     p = tmp_path / "f"
     p.write_bytes(b"one")
     cache = OpenFileCache(valid=60.0)
-    assert cache.take("f") is None  # not open: the caller opens (and hashes) it
-    e = cache.acquire("f", lambda: p, sha256=hashlib.sha256(b"one").hexdigest())
+    assert cache.take("f") is None  # not open: the caller opens it
+    e = cache.acquire("f", lambda: p)
     cache.release(e)
+    h = hashlib.sha256(b"one").hexdigest()
+    v = cache.acquire(h, lambda: p, sha256=h)
+    cache.release(v)
+    assert cache.take("f") is e and cache.take(h) is v  # inside valid: no check
+    cache.release(e)
+    cache.release(v)
     cache.valid = 0.0  # expired from now on
-    assert cache.take("f") is e and cache.misses == 1
+    assert cache.take("f") is e and cache.misses == 2  # one stat: the same file
     cache.release(e)
+    assert cache.take(h) is None and len(cache) == 2 and not v.file.closed  # to be hashed again
+    cache.adopt(cache.prepare(h, str(p), h))
+    assert len(cache) == 2 and v.file.closed  # the new entry replaced it
     tmp = tmp_path / "f.new"
     tmp.write_bytes(b"two")
     tmp.rename(p)
-    assert cache.take("f") is None and len(cache) == 0 and e.file.closed
+    assert cache.take("f") is None and len(cache) == 1 and e.file.closed
 
 
 def test_chunk_head_is_the_header_block_of_the_open_chunk(tmp_path: Path) -> None:
