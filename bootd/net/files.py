@@ -32,9 +32,10 @@ OCTET = "application/octet-stream"
 class OpenFile:
     """A cached open file; ``refs`` counts responses using it so eviction never closes it mid-send."""
 
-    __slots__ = ("checked", "evicted", "file", "ident", "key", "path", "refs", "size")
+    __slots__ = ("checked", "evicted", "file", "head", "ident", "key", "path", "refs", "size", "verified")
 
-    def __init__(self, key: str, path: str, file: IO[bytes], st: os.stat_result, now: float) -> None:
+    def __init__(self, key: str, path: str, file: IO[bytes], st: os.stat_result, now: float,
+                 verified: bool = False) -> None:
         self.key = key
         self.path = path
         self.file = file
@@ -43,6 +44,8 @@ class OpenFile:
         self.refs = 0
         self.evicted = False
         self.checked = now
+        self.head: bytes | None = None  # a whole-chunk 200's header block up to its Date: chunk_head
+        self.verified = verified  # its bytes were hashed against its name when it was opened
 
     @property
     def etag(self) -> str:
@@ -63,7 +66,8 @@ class OpenFileCache:
 
     ``valid`` is how long an entry of an immutable object is trusted before one
     ``stat`` checks the path still names the same file (garbage collection may
-    delete a chunk; a re-import may recreate it).  ``revalidate=True`` lookups
+    delete a chunk; a re-import may recreate it), or, for one hashed at open,
+    before it is hashed again (see ``take``).  ``revalidate=True`` lookups
     (mutable files) stat on every request and reopen when the file changed.
     All calls are synchronous: open/fstat of a local file take microseconds,
     far less than a thread-pool hop.
@@ -98,20 +102,36 @@ class OpenFileCache:
         checked on the open descriptor, so a symlink swapped in between the
         resolve and the open cannot lead out either (OutsideRoot).
         """
+        entry = self.take(key, revalidate=revalidate)
+        if entry is None:
+            self.misses += 1
+            entry = self._open(key, str(path()), sha256, root)
+            entry.refs += 1
+        return entry
+
+    def take(self, key: str, *, revalidate: bool = False) -> OpenFile | None:
+        """The open entry for ``key`` with a reference taken (a hit), or None when the caller must open it.
+
+        Inside ``valid`` an immutable object's entry costs no system call.  After it (or on every
+        call with ``revalidate``) one ``stat`` confirms the path still names the same file, which
+        is then trusted for another ``valid``; a changed or vanished file's entry is dropped.  An
+        entry that was hashed at open (``sha256``) is not confirmed by a stat but hashed again, so
+        a file that rots in place is served for at most ``valid`` (README, "Not promised"): None,
+        and the entry stays until the new one replaces it (``adopt``; ``Sender.open_verified`` does
+        it off the event loop).  Nothing is opened or hashed here, so the chunk fast path can ask.
+        """
         entry = self._entries.get(key)
-        now = time.monotonic()
-        if entry is not None and (revalidate or now - entry.checked > self.valid):
+        if entry is None:
+            return None
+        if revalidate or time.monotonic() - entry.checked > self.valid:
+            if entry.verified:
+                return None
             if not self._still_valid(entry):
                 self._drop(entry)
-                entry = None
-            else:
-                entry.checked = now
-        if entry is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-        else:
-            self.misses += 1
-            entry = self._open(key, str(path()), now, sha256, root)
+                return None
+            entry.checked = time.monotonic()
+        self._entries.move_to_end(key)
+        self.hits += 1
         entry.refs += 1
         return entry
 
@@ -135,11 +155,6 @@ class OpenFileCache:
             return False
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == entry.ident
 
-    def fresh(self, key: str) -> bool:
-        """Is ``key`` open and trusted without a check now (an immutable object inside ``valid``)?"""
-        entry = self._entries.get(key)
-        return entry is not None and time.monotonic() - entry.checked <= self.valid
-
     def prepare(self, key: str, path: str, sha256: str | None = None, root: str | None = None) -> OpenFile:
         """Open (and hash) a file without touching the cache: safe on a worker thread.
 
@@ -162,7 +177,7 @@ class OpenFileCache:
             if got != sha256:
                 file.close()
                 raise CorruptObject(f"{path} is corrupt on the server: its sha256 is {got}")
-        return OpenFile(key, path, file, st, time.monotonic())
+        return OpenFile(key, path, file, st, time.monotonic(), verified=sha256 is not None)
 
     def adopt(self, entry: OpenFile) -> None:
         """Put a prepared entry in the cache (replacing an older one of the same key)."""
@@ -174,7 +189,7 @@ class OpenFileCache:
             _, oldest = self._entries.popitem(last=False)
             self._retire(oldest)
 
-    def _open(self, key: str, path: str, now: float, sha256: str | None = None, root: str | None = None) -> OpenFile:
+    def _open(self, key: str, path: str, sha256: str | None = None, root: str | None = None) -> OpenFile:
         entry = self.prepare(key, path, sha256, root)
         self.adopt(entry)
         return entry
@@ -253,12 +268,17 @@ def etag_matches(header: str, etag: str) -> bool:
     return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
 
 
-_date_cache: tuple[int, str] = (0, "")
-
-
 def object_headers(tag: str, immutable: bool) -> dict[str, str]:
     """The caching headers of every file response (ETag, then Cache-Control and Accept-Ranges)."""
     return {"ETag": tag, "Cache-Control": IMMUTABLE if immutable else "no-cache", "Accept-Ranges": "bytes"}
+
+
+def head_start(status: int, headers: dict[str, str], count: int) -> bytes:
+    """A 200/206 header block up to the value of its Date line, the only part that changes by itself."""
+    lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Partial Content'}"]
+    lines.extend(f"{k}: {v}" for k, v in headers.items())
+    lines.append(f"Content-Length: {count}\r\nDate: ")
+    return "\r\n".join(lines).encode("latin-1")
 
 
 def response_head(status: int, headers: dict[str, str], count: int, connection: str | None = None) -> bytes:
@@ -266,25 +286,30 @@ def response_head(status: int, headers: dict[str, str], count: int, connection: 
 
     A few string joins instead of aiohttp's CIMultiDict serialisation (bench/http).
     """
-    lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Partial Content'}"]
-    lines.extend(f"{k}: {v}" for k, v in headers.items())
-    lines.append(f"Content-Length: {count}\r\nDate: {http_date()}\r\nServer: bootd")
-    if connection is not None:
-        lines.append(f"Connection: {connection}")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+    end = _HEAD_END if connection is None else b"\r\nServer: bootd\r\nConnection: %s\r\n\r\n" % connection.encode()
+    return head_start(status, headers, count) + http_date() + end
 
 
-def chunk_headers(name: str, size: int) -> bytes:
-    """The header block of a whole-chunk 200: the route's, and what the chunk fast path sends."""
-    return response_head(200, {**object_headers(f'"{name}"', True), "Content-Type": OCTET}, size)
+_HEAD_END = b"\r\nServer: bootd\r\n\r\n"
 
 
-def http_date() -> str:
+def chunk_head(entry: OpenFile) -> bytes:
+    """The header block of a whole-chunk 200 (the route's too): built once per open chunk but its Date."""
+    start = entry.head
+    if start is None:
+        start = entry.head = head_start(200, {**object_headers(f'"{entry.key}"', True), "Content-Type": OCTET},
+                                        entry.size)
+    return start + http_date() + _HEAD_END
+
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
     """IMF-fixdate of now, formatted once per second (it is on every response)."""
     global _date_cache
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True).encode("ascii"))
     return _date_cache[1]
 

@@ -660,3 +660,51 @@ async def test_node_list_is_paged(env: Env, session: aiohttp.ClientSession) -> N
     assert seen == sorted(seen) and len(seen) == len(set(seen)) == 25
     async with session.get(env.admin_url("/api/v1/nodes?limit=0"), headers=auth) as r:
         assert r.status == 400 and "limit" in await r.text()
+
+
+async def test_a_wave_of_first_requests_for_one_chunk_hashes_it_once(env: Env, session: aiohttp.ClientSession) -> None:
+    """Nodes booting together ask for the same chunk at once: one read-and-hash serves them all."""
+    big = os.urandom(16 * 1024 * 1024)  # hashing it takes long enough for every request to arrive meanwhile
+    h = hashlib.sha256(big).hexdigest()
+    path = env.capsules.chunk_path(h)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(big)
+    files = env.server.sender.files
+    hashed: list[str] = []
+    prepare = files.prepare
+
+    def counted(key: str, path: str, sha256: str | None = None, root: str | None = None) -> Any:
+        hashed.append(key)
+        return prepare(key, path, sha256, root)
+
+    files.prepare = counted  # type: ignore[method-assign]  # counts, and calls the real one
+
+    async def get() -> tuple[int, bytes]:
+        async with session.get(env.url(f"/chunks/{h}")) as r:
+            return r.status, await r.read()
+
+    got = await asyncio.gather(*(get() for _ in range(8)))
+    assert [s for s, _ in got] == [200] * 8 and all(b == big for _, b in got)
+    assert hashed == [h]
+
+
+async def test_a_chunk_rotting_in_place_is_refused_once_the_cache_rechecks_it(
+        env: Env, session: aiohttp.ClientSession) -> None:
+    """README, "Not promised": a chunk corrupted while open is served for at most the cache's ``valid``
+    (60 s), even when its size and mtime did not change: past it the chunk is hashed again."""
+    digest = env.manifest().chunks[0].sha256
+    path = env.capsules.chunk_path(digest)
+    async with session.get(env.url(f"/chunks/{digest}")) as r:
+        assert r.status == 200  # open and verified now
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.chmod(0o644)
+    with path.open("r+b") as f:  # in place: same inode, size and (restored) mtime, as bit rot leaves it
+        f.write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    async with session.get(env.url(f"/chunks/{digest}")) as r:
+        assert r.status == 200  # inside valid: the open entry is trusted
+    env.server.files.valid = 0.0
+    async with session.get(env.url(f"/chunks/{digest}")) as r:
+        assert r.status == 500 and "corrupt" in await r.text()

@@ -23,6 +23,7 @@ Also the plain-text refusal every route answers with.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -114,29 +115,29 @@ class SendStalled(TimeoutError):
 class SendWatch:
     """One in-flight sendfile loop, driven from the writer callback like asyncio's own, with a deadline.
 
-    sendfile(2) runs in the writability callback itself (no task hop per EAGAIN), ``last``
-    records the last write that moved bytes, and one timer checks it: nginx's
-    ``send_timeout``.  The callback is registered on the socket's descriptor for the whole
-    send; it must go while that descriptor is still this socket's (a closed descriptor's
-    number is soon another connection's), so ``connection_lost`` calls :meth:`lost` before
-    the socket closes.
+    sendfile(2) runs in the writability callback itself (no task hop per EAGAIN), and ``last``
+    records the last write that moved bytes: nginx's ``send_timeout`` runs from there, checked
+    by :class:`SendWatches` (one timer for every send, not one per send).  The callback is
+    registered on the socket's descriptor for the whole send; it must go while that descriptor
+    is still this socket's (a closed descriptor's number is soon another connection's), so
+    ``connection_lost`` calls :meth:`lost` before the socket closes.
     """
 
-    __slots__ = ("armed", "count", "fd", "fut", "last", "loop", "offset", "src", "timeout", "timer")
+    __slots__ = ("armed", "count", "fd", "fut", "last", "loop", "offset", "src", "watches")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, src: int, offset: int, count: int,
-                 timeout: float) -> None:
+                 watches: SendWatches) -> None:
         self.loop = loop
         self.fd = fd
         self.src = src
         self.offset = offset
         self.count = count
-        self.timeout = timeout
+        self.watches = watches
         self.fut: asyncio.Future[None] = loop.create_future()
         self.last = loop.time()
         self.armed = True
         loop._add_writer(fd, self.on_writable)  # type: ignore[attr-defined]
-        self.timer: asyncio.TimerHandle | None = loop.call_at(self.last + timeout, self.on_timer)
+        watches.add(self)
 
     def on_writable(self) -> None:
         try:
@@ -156,23 +157,11 @@ class SendWatch:
         else:
             self.last = self.loop.time()
 
-    def on_timer(self) -> None:
-        self.timer = None
-        if not self.armed:
-            return
-        due = self.last + self.timeout
-        if self.loop.time() >= due:
-            self.finish(SendStalled(f"the client read nothing for {self.timeout:g} s"))
-        else:
-            self.timer = self.loop.call_at(due, self.on_timer)
-
     def finish(self, error: BaseException | None) -> None:
         if self.armed:
             self.armed = False
             self.loop._remove_writer(self.fd)  # type: ignore[attr-defined]
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+            self.watches.discard(self)
         if not self.fut.done():
             if error is None:
                 self.fut.set_result(None)
@@ -183,9 +172,43 @@ class SendWatch:
         self.finish(ConnectionResetError("the connection closed during the send"))
 
 
+class SendWatches:
+    """The send deadline of every in-flight :class:`SendWatch`, checked by one timer.
+
+    A timer per send (``call_at`` on start, ``cancel`` at the end) was most of the Python cost
+    of a send that could not finish at once; a set insert and removal is not.  The timer runs
+    only while some send is waiting, every quarter of ``timeout`` (at most a second), so a send
+    with no progress is cut between ``timeout`` and ``timeout`` plus one tick after its last byte.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._active: set[SendWatch] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def add(self, watch: SendWatch) -> None:
+        self._active.add(watch)
+        if self._timer is None:
+            self._timer = watch.loop.call_later(min(1.0, self.timeout / 4), self._sweep, watch.loop)
+
+    def discard(self, watch: SendWatch) -> None:
+        self._active.discard(watch)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        due = loop.time() - self.timeout
+        for watch in [w for w in self._active if w.last <= due]:
+            watch.finish(SendStalled(f"the client read nothing for {self.timeout:g} s"))
+        if self._active:
+            self._timer = loop.call_later(min(1.0, self.timeout / 4), self._sweep, loop)
+
+
 async def send_rest(transport: asyncio.Transport, sock: socket.socket | None, file: IO[bytes], offset: int,
-                    count: int, timeout: float) -> None:
-    """What :func:`send_start` could not send at once, aborted when no byte leaves for ``timeout`` s.
+                    count: int, watches: SendWatches) -> None:
+    """What :func:`send_start` could not send at once, aborted when no byte leaves for ``watches.timeout`` s.
 
     nginx's ``send_timeout``: the timer runs between two successful writes, so a slow but
     live client is served and one that never reads loses its slot.  asyncio's
@@ -193,6 +216,7 @@ async def send_rest(transport: asyncio.Transport, sock: socket.socket | None, fi
     loop with one (:class:`SendWatch`): reading pauses, the transport's buffer (headers that
     did not fit) drains first, then sendfile(2) runs from the writability callback.
     """
+    timeout = watches.timeout
     loop = asyncio.get_running_loop()
     protocol = transport.get_protocol()
     if sock is None or not hasattr(loop, "_add_writer") or not hasattr(protocol, "send_watch"):
@@ -206,13 +230,13 @@ async def send_rest(transport: asyncio.Transport, sock: socket.socket | None, fi
             await _drained(transport, timeout)
         if transport.is_closing():
             raise ConnectionResetError("the connection closed during the send")
-        watch = SendWatch(loop, sock.fileno(), file.fileno(), offset, count, timeout)
+        watch = SendWatch(loop, sock.fileno(), file.fileno(), offset, count, watches)
         watch.on_writable()  # the client may have read since send_start: try at once, as asyncio does
         protocol.send_watch = watch
         try:
             await watch.fut
         finally:
-            watch.finish(None)  # cancelled: the callback and timer must not outlive the send
+            watch.finish(None)  # cancelled: the callback must not outlive the send
             protocol.send_watch = None
     finally:
         if resume and not transport.is_closing():
@@ -252,31 +276,59 @@ class Sender:
                  bounds: HttpBoundsMetrics | None = None, inline: bool = True) -> None:
         self.metrics = metrics
         self.files = files
-        self.send_timeout = send_timeout
+        self.watches = SendWatches(send_timeout)
         self.bounds = bounds
         self.inline = inline  # False (bench --plain): headers through the transport, no sendfile at once
         self._stall_log = LogLimiter(1.0)
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._bytes: dict[str, Any] = {}
+        self._preparing: dict[str, asyncio.Task[OpenFile]] = {}  # key -> its open-and-hash on a worker thread
+
+    def take(self, key: str, *, revalidate: bool = False) -> OpenFile | None:
+        """The cache's open entry for ``key``, counted as a hit; None (not open, or changed) counts nothing."""
+        entry = self.files.take(key, revalidate=revalidate)
+        if entry is not None:
+            self.metrics.cache_hit.inc()
+        return entry
 
     def open(self, key: str, path: Callable[[], Path | str], *, revalidate: bool = False,
              sha256: str | None = None, root: str | None = None) -> OpenFile:
         """The open-file cache's acquire, counted as a hit or a miss (a failed open is a miss)."""
-        hits = self.files.hits
-        try:
-            return self.files.acquire(key, path, revalidate=revalidate, sha256=sha256, root=root)
-        finally:
-            (self.metrics.cache_hit if self.files.hits != hits else self.metrics.cache_miss).inc()
+        entry = self.take(key, revalidate=revalidate)
+        if entry is None:
+            self.metrics.cache_miss.inc()
+            entry = self.files.acquire(key, path, revalidate=revalidate, sha256=sha256, root=root)
+        return entry
 
     async def open_verified(self, key: str, path: Callable[[], Path | str], *, revalidate: bool = False,
                             sha256: str | None = None, root: str | None = None) -> OpenFile:
-        """``open``, but a content-addressed file not open yet is read and hashed off the event loop."""
-        if sha256 is not None and not self.files.fresh(key):
-            entry = await asyncio.to_thread(self.files.prepare, key, str(path()), sha256, root)
-            self.files.adopt(entry)
-            self.metrics.cache_miss.inc()
-            return self.files.acquire(key, path, revalidate=revalidate, sha256=sha256, root=root)
-        return self.open(key, path, revalidate=revalidate, sha256=sha256, root=root)
+        """``open``, but a content-addressed file not open (or changed on disk) is read and hashed off the loop.
+
+        An entry past the cache's ``valid`` is hashed again the same way (``OpenFileCache.take``).
+        Requests for a file that is being hashed wait for that one hash (a boot wave asks for the
+        same chunks at once): each would otherwise read and hash it again, and all but one result
+        be thrown away.
+        """
+        if sha256 is None:
+            return self.open(key, path, revalidate=revalidate, root=root)
+        entry = self.take(key, revalidate=revalidate)
+        if entry is not None:
+            return entry
+        self.metrics.cache_miss.inc()
+        task = self._preparing.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self.files.prepare, key, str(path()), sha256, root))
+            self._preparing[key] = task
+            task.add_done_callback(functools.partial(self._prepared, key))  # runs before any waiter resumes
+        await asyncio.shield(task)  # a waiter that gives up does not cancel the others' hash
+        return self.files.acquire(key, path, revalidate=revalidate, sha256=sha256, root=root)
+
+    def _prepared(self, key: str, task: asyncio.Task[OpenFile]) -> None:
+        if self._preparing.get(key) is task:
+            del self._preparing[key]
+        if not task.cancelled() and task.exception() is None:
+            self.files.adopt(task.result())
 
     async def send(self, transport: asyncio.Transport | None, sock: socket.socket | None, head: bytes,
                    entry: OpenFile, offset: int, count: int) -> None:
@@ -289,7 +341,7 @@ class Sender:
 
     async def send_rest(self, transport: asyncio.Transport, sock: socket.socket | None, file: IO[bytes],
                         offset: int, count: int) -> None:
-        await send_rest(transport, sock, file, offset, count, self.send_timeout)
+        await send_rest(transport, sock, file, offset, count, self.watches)
 
     def abort(self, transport: asyncio.BaseTransport | None, key: str, exc: BaseException) -> None:
         """Headers promised the whole body: a short one must end the connection."""

@@ -37,6 +37,11 @@ def test_plain_get_is_taken() -> None:
     req(f"GET /chunks/{H} HTTP/1.1", "Expect: 100-continue"),
     req(f"GET /chunks/{H} HTTP/1.1", "Upgrade: websocket"),
     req(f"GET /chunks/{H} HTTP/1.1", "Host x"),              # no colon: aiohttp gives the 400
+    req(f"GET /chunks/{H} HTTP/1.1", "Host : a"),            # space before the colon: aiohttp's 400 too
+    req(f"GET /chunks/{H} HTTP/1.1", ": a"),                 # no field name
+    req(f"GET /chunks/{H} HTTP/1.1", "Host: a", ""),         # an empty line inside the block
+    req(f"GET /chunks/{H} HTTP/1.1", "Host: a\rX: b"),       # bare CR
+    req(f"GET /chunks/{H} HTTP/1.1", "X-A: 1", "IF-MATCH: \"x\""),  # any case, any position
     req(f"GET /chunks/{H} HTTP/1.1", "Host: a", " folded"),  # obsolete line folding
     req(f"GET /chunks/{H} HTTP/1.1", "Host: a\nX: b"),       # bare LF
     req(f"GET /chunks/{H} HTTP/1.1", "Host: a\0"),

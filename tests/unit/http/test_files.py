@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-from bootd.net.files import OpenFileCache, etag_matches, parse_range
+from bootd.net.files import OCTET, OpenFileCache, chunk_head, etag_matches, object_headers, parse_range, response_head
 from bootd.net.http.app import effective_base
 
 
@@ -78,6 +79,44 @@ def test_cache_revalidates_mutable_and_expired_entries(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     with pytest.raises(IsADirectoryError):
         cache.acquire("d", lambda: tmp_path / "d")
+
+
+def test_past_valid_a_stat_confirms_an_entry_and_one_hashed_at_open_is_hashed_again(tmp_path: Path) -> None:
+    """A changed file is let go; an unchanged one is kept after one stat; a hashed one is handed back to be
+    hashed again (a file that rots in place is served for at most ``valid``), and stays until replaced."""
+    p = tmp_path / "f"
+    p.write_bytes(b"one")
+    cache = OpenFileCache(valid=60.0)
+    assert cache.take("f") is None  # not open: the caller opens it
+    e = cache.acquire("f", lambda: p)
+    cache.release(e)
+    h = hashlib.sha256(b"one").hexdigest()
+    v = cache.acquire(h, lambda: p, sha256=h)
+    cache.release(v)
+    assert cache.take("f") is e and cache.take(h) is v  # inside valid: no check
+    cache.release(e)
+    cache.release(v)
+    cache.valid = 0.0  # expired from now on
+    assert cache.take("f") is e and cache.misses == 2  # one stat: the same file
+    cache.release(e)
+    assert cache.take(h) is None and len(cache) == 2 and not v.file.closed  # to be hashed again
+    cache.adopt(cache.prepare(h, str(p), h))
+    assert len(cache) == 2 and v.file.closed  # the new entry replaced it
+    tmp = tmp_path / "f.new"
+    tmp.write_bytes(b"two")
+    tmp.rename(p)
+    assert cache.take("f") is None and len(cache) == 1 and e.file.closed
+
+
+def test_chunk_head_is_the_header_block_of_the_open_chunk(tmp_path: Path) -> None:
+    h = "ab" * 32
+    (tmp_path / h).write_bytes(b"x" * 5)
+    cache = OpenFileCache()
+    e = cache.acquire(h, lambda: tmp_path / h)
+    route = response_head(200, {**object_headers(f'"{h}"', True), "Content-Type": OCTET}, 5)
+    assert chunk_head(e) == route and route.startswith(b"HTTP/1.1 200 OK\r\n") and route.endswith(b"\r\n\r\n")
+    assert e.head is not None and route.startswith(e.head)  # all but the Date is built once per open chunk
+    cache.release(e)
 
 
 def test_cache_without_keep_unused_closes_a_file_when_its_last_user_releases_it(tmp_path: Path) -> None:
