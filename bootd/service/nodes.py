@@ -22,6 +22,7 @@ from bootd.errors import BootdError, NotFound
 from bootd.hostlist import HostlistError, compress, expand
 from bootd.model import Group, Lease, Node, State, normalize_mac
 from bootd.service.audit import AuditLog
+from bootd.service.events import state_update
 from bootd.service.lifecycle import Actor, Lifecycle
 from bootd.store.base import Event, NodeStore
 
@@ -229,6 +230,8 @@ class NodeAdmin:
         elif change.fields.get("enabled") is True and node.state is State.DISABLED:
             node = await self.lifecycle.change(name, State.DISCOVERED, "enabled by admin", actor=Actor.ADMIN,
                                                now=now)
+        else:
+            self.lifecycle.events.publish(state_update(node))  # approved, group: the status page shows them
         return node
 
     async def force_state(self, hostlist: str, state: str, now: float | None = None, *, who: str) -> list[Node]:
@@ -252,6 +255,7 @@ class NodeAdmin:
         nodes = await self.select(hostlist)
         for node in nodes:
             await self.store.delete_node(node.name)
+            self.lifecycle.events.publish({"t": "removed", "node": node.name})
         self.audit.record(who, "node.delete", plural([n.name for n in nodes]))
         return [n.name for n in nodes]
 

@@ -19,11 +19,12 @@ from aiohttp import web
 from bootd.config import Config
 from bootd.metrics import HttpMetrics
 from bootd.net.http.nodes import NodeRoutes
+from bootd.net.http.status import StatusPage
 from bootd.service.services import Services
 
 log = logging.getLogger("bootd.http")
 
-ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}")
+ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}", "/status")
 
 
 class AdminServer(NodeRoutes):
@@ -40,10 +41,13 @@ class AdminServer(NodeRoutes):
         app.router.add_get("/api/v1/nodes", self._list_nodes)
         app.router.add_get("/api/v1/nodes/{name}", self._get_node)
         app.router.add_post("/api/v1/nodes/{name}", self._set_node)
+        self.status = StatusPage(config, services, clock=clock)  # the live status page: /status
+        self.status.register(app)
         self.app = app
 
     def reload(self, config: Config) -> None:
         self.config = config
+        self.status.reload(config)
 
     def _tls(self) -> ssl.SSLContext | None:
         a = self.config.admin
