@@ -167,10 +167,12 @@ class StatusPage:
         who = self._who(request)
         if isinstance(who, web.Response):
             return who
+        seq = self.bus.published  # before the read: the page refetches if its stream subscribed later
         nodes = await self.services.nodes.select()
-        rows = [[n.name, n.group, n.state.value, n.reason, n.state_since, n.last_contact, n.approved] for n in nodes]
+        rows = [[n.name, n.group, n.state.value, n.reason, round(n.state_since, 1), round(n.last_contact, 1),
+                 n.approved] for n in nodes]
         progress = {name: [p.get(k) for k in PROGRESS_FIELDS] for name, p in self.bus.progress.items()}
-        return self._json({"now": self.clock(), "columns": COLUMNS, "rows": rows, "progress": progress,
+        return self._json({"seq": seq, "now": self.clock(), "columns": COLUMNS, "rows": rows, "progress": progress,
                            "progress_columns": PROGRESS_FIELDS})
 
     async def _hostlist(self, request: web.Request) -> web.StreamResponse:
@@ -230,7 +232,8 @@ class StatusPage:
         resp = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
         try:
             await resp.prepare(request)
-            await resp.write(b"retry: 3000\nevent: hello\ndata: {}\n\n")
+            hello = json.dumps({"seq": self.bus.published, "role": who.role})
+            await resp.write(b"retry: 3000\nevent: hello\ndata: " + hello.encode() + b"\n\n")
             while True:
                 await sub.wait(KEEPALIVE)
                 if sub.closed:
