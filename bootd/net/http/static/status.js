@@ -16,6 +16,7 @@ let hostSet = null; // names of the hostlist filter, or null
 let selected = null;
 // For the browser test: when window.bootdMeasure is set, every drawn state change is logged with the time.
 window.bootdDrawn = [];
+const stats = window.bootdStats = { hello: 0, resync: 0, snapshots: 0, errors: 0, messages: 0, states: 0, older: 0 };
 
 function esc(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -94,6 +95,7 @@ async function loadSnapshot() {
   const snap = await r.json();
   T.parsed = performance.now();
   snapSeq = snap.seq;
+  stats.snapshots++;
   const col = Object.fromEntries(snap.columns.map((c, i) => [c, i]));
   const pcol = snap.progress_columns;
   nodes.clear();
@@ -148,7 +150,7 @@ function renderRows(list, order, a, b) {
     n.tr = tr;
     tr = tr.nextElementSibling;
     if (!visible(n)) n.tr.hidden = true;
-    if (window.bootdMeasure) window.bootdDrawn.push([n.name, n.state, Date.now() / 1000]);
+    if (window.bootdMeasure) window.bootdDrawn.push([n.name, n.state, Date.now() / 1000, n.since]);
   }
 }
 
@@ -178,7 +180,8 @@ function apply(u) {
     nodes.set(u.node, n);
   }
   if (u.t === "state") {
-    if (u.since < n.since) return; // older than what the snapshot showed (a change made by another process)
+    stats.states++;
+    if (u.since < n.since) { stats.older++; return; } // older than what the snapshot showed (a change made by another process)
     Object.assign(n, { group: u.group, state: u.state, reason: u.reason, since: u.since, approved: u.approved });
     n.contact = Math.max(n.contact, u.contact);
     if (u.state !== "fetching") n.p = null;
@@ -204,7 +207,7 @@ function draw() {
     if (!n || !n.tr) continue; // not drawn yet: its slice draws it as it is then
     n.tr.innerHTML = cells(n);
     n.tr.hidden = !visible(n);
-    if (window.bootdMeasure) window.bootdDrawn.push([name, n.state, now]);
+    if (window.bootdMeasure) window.bootdDrawn.push([name, n.state, now, n.since]);
     if (name === selected) openTimeline(name);
   }
   if (dirty.size) drawCounts();
@@ -242,12 +245,14 @@ function connect() {
   source = new EventSource("/status/api/events");
   source.addEventListener("hello", (e) => {
     setConn("live", "live");
+    stats.hello++;
     helloSeq = JSON.parse(e.data).seq;
     if (snapSeq === null && !inFlight) loadSnapshot(); else checkSeq();
   });
-  source.addEventListener("resync", () => loadSnapshot());
-  source.onmessage = (e) => { for (const u of JSON.parse(e.data)) apply(u); };
+  source.addEventListener("resync", () => { stats.resync++; loadSnapshot(); });
+  source.onmessage = (e) => { stats.messages++; for (const u of JSON.parse(e.data)) apply(u); };
   source.onerror = async () => {
+    stats.errors++;
     setConn("down", "reconnecting");
     if (source.readyState === EventSource.CLOSED) {
       // Refused (logged out, expired, or too many streams): ask why, then log in or retry.
