@@ -125,7 +125,7 @@ def test_page_loads_5000_nodes_fast_and_follows_100_events_a_second(daemon: Daem
             if state in CHAIN:
                 by_node.setdefault(name, []).append((CHAIN.index(state), t, since))
         shown: dict[tuple[str, str], tuple[float, float]] = {}
-        for (name, state), t_sent in sent.items():
+        for name, state in sent:
             step = CHAIN.index(state)
             hit = next(((t, since) for i, t, since in by_node.get(name, []) if i >= step), None)
             if hit is not None:

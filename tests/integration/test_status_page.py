@@ -159,7 +159,8 @@ async def test_viewer_sees_but_cannot_act(daemon: Daemon) -> None:
         async with s.get(f"{daemon.admin}/status/api/nodes/{node_name(1)}/timeline") as r:
             assert (await r.json())["node"]["approved"] is False
         # The viewer credential is no admin token for the API either.
-        async with s.get(daemon.admin + "/api/v1/nodes", headers={"Authorization": f"Bearer {daemon.viewer_token}"}) as r:
+        bearer = {"Authorization": f"Bearer {daemon.viewer_token}"}
+        async with s.get(daemon.admin + "/api/v1/nodes", headers=bearer) as r:
             assert r.status == 401
 
 
