@@ -174,6 +174,8 @@ async def test_stream_carries_state_changes_and_progress_not_stored(
         while not first.startswith(b"event: "):
             first = await r.content.readline()
         assert first == b"event: hello\n"
+        hello = json.loads((await r.content.readline()).decode().removeprefix("data: "))
+        assert hello["role"] == "admin" and isinstance(hello["seq"], int)
         i = 5
         assert await node_event(daemon, i, {"event": "stage1"}) == 200
         u = await stream.until(lambda u: u["node"] == node_name(i) and u["t"] == "state")
