@@ -77,11 +77,12 @@ function visible(n) {
 // The snapshot and the stream start together (one round trip less). The stream's hello says how many
 // updates the bus had published when it subscribed; a snapshot read before that may miss some of them,
 // so it is fetched again. A snapshot read after it misses nothing: the stream queued the rest.
-let snapSeq = null, helloSeq = null, inFlight = false;
+let snapSeq = null, helloSeq = null, inFlight = false, again = false;
 
 async function loadSnapshot() {
-  if (inFlight) return;
+  if (inFlight) { again = true; return; } // asked again while reading: read once more afterwards
   inFlight = loading = true;
+  again = false;
   buffered = [];
   let r;
   try {
@@ -120,7 +121,7 @@ async function loadSnapshot() {
   drawCounts();
   schedule();
   window.bootdLoaded = performance.now();
-  checkSeq();
+  if (again) loadSnapshot(); else checkSeq();
   requestAnimationFrame(() => setTimeout(() => {
     window.bootdPainted = performance.now(); // navigation to counts and first rows on screen (the browser test)
     let i = FIRST_ROWS;
@@ -247,7 +248,8 @@ function connect() {
     setConn("live", "live");
     stats.hello++;
     helloSeq = JSON.parse(e.data).seq;
-    if (snapSeq === null && !inFlight) loadSnapshot(); else checkSeq();
+    // A reconnect (bootd restarted, or the stream was dropped): what happened meanwhile is unknown.
+    if (stats.hello > 1 || (snapSeq === null && !inFlight)) loadSnapshot(); else checkSeq();
   });
   source.addEventListener("resync", () => { stats.resync++; loadSnapshot(); });
   source.onmessage = (e) => { stats.messages++; for (const u of JSON.parse(e.data)) apply(u); };
@@ -356,6 +358,7 @@ function init() {
 
 function boot() {
   snapSeq = helloSeq = null;
+  stats.hello = 0;
   connect();
   loadSnapshot();
 }
