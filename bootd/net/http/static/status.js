@@ -63,7 +63,7 @@ function actionHtml(n) {
 
 function cells(n) {
   return `<span>${esc(n.name)}</span><span>${esc(n.group)}</span><span class="st st-${n.state}">${n.state}` +
-    `${n.approved ? "" : " (awaiting approval)"}</span><span>${stageHtml(n)}</span><span>${progressHtml(n)}</span>` +
+    `${n.approved ? "" : " (unapproved)"}</span><span>${stageHtml(n)}</span><span>${progressHtml(n)}</span>` +
     `<span>${clock(n.contact)}</span><span class="reason" title="${esc(n.reason)}">${esc(n.reason)}</span>` +
     `<span>${actionHtml(n)}</span>`;
 }
