@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,3 +168,48 @@ def test_no_viewer_credential_when_disabled(tmp_path: Path) -> None:
     assert s.login(admin).role == "admin"
     with pytest.raises(Refused):
         s.login("0" * 64)
+
+
+# -- the snapshot route ----------------------------------------------------------------------------------
+async def test_concurrent_snapshots_share_one_store_read(tmp_path: Path) -> None:
+    """Pages asking at once (wall screens resyncing in a storm) cost one read of the registry, not one each."""
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from bootd.compose import services
+    from bootd.net.http.status import StatusPage
+
+    config = Config(server=ServerConfig(state_dir=tmp_path))
+    store, svc = services(config, store=memory_store())
+    for i in range(3):
+        await store.add_node(f"52:54:00:00:00:0{i}", f"n{i}", group="default", now=1.0)
+    reads = 0
+    real = store.list_nodes
+
+    async def counted() -> list[Any]:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.3)  # a slow read: every request below arrives while it runs
+        return await real()
+
+    store.list_nodes = counted  # type: ignore[method-assign]
+    svc.credentials.load()
+    page = StatusPage(config, svc)
+    app = web.Application()
+    page.register(app)
+    async with TestServer(app) as server, aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+        async with s.post(server.make_url("/status/api/login"),
+                          json={"token": (tmp_path / "admin-token").read_text()}) as r:
+            assert r.status == 200
+
+        async def snapshot() -> list[str]:
+            async with s.get(server.make_url("/status/api/nodes")) as r:
+                return [row[0] for row in (await r.json())["rows"]]
+
+        got = await asyncio.gather(*(snapshot() for _ in range(8)))
+        assert got == [["n0", "n1", "n2"]] * 8
+        assert reads == 1
+        assert await snapshot() == ["n0", "n1", "n2"]  # a later request reads again
+        assert reads == 2
+    await store.close()
