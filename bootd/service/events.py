@@ -143,6 +143,7 @@ class EventBus:
     def publish(self, update: Update) -> None:
         """Called on the event loop's thread; costs one dictionary insert per subscriber."""
         self.published += 1
+        update["at"] = round(time.time(), 3)  # when bootd published it: the page's lag is measured from here
         name = update.get("node", "")
         if update["t"] == "progress":
             if name in self.progress or len(self.progress) < MAX_PROGRESS:

@@ -137,8 +137,8 @@ def test_page_loads_5000_nodes_fast_and_follows_100_events_a_second(daemon: Daem
     stats = browser.execute_script("return window.bootdStats")
     assert not missing, (f"{len(missing)} of {len(sent)} state changes never drawn, e.g. {missing[:5]}; {stats}; "
                          f"drawn for {missing[0][0]}: {by_node.get(missing[0][0])}")
-    # End to end: from the node's POST to the drawn row. Page side: from bootd's state change (the time it
-    # wrote, which the update carries) to the drawn row: the bus, the stream and the page.
+    # End to end: from the node's POST to the drawn row. Page side: from bootd publishing the change on its
+    # bus (the update carries the time) to the drawn row: the stream and the page.
     lags = sorted(shown[k][0] - t for k, t in sent.items())
     page_lags = sorted(t - since for t, since in shown.values())
     median, worst = statistics.median(lags), lags[-1]

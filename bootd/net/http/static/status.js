@@ -151,7 +151,7 @@ function renderRows(list, order, a, b) {
     n.tr = tr;
     tr = tr.nextElementSibling;
     if (!visible(n)) n.tr.hidden = true;
-    if (window.bootdMeasure) window.bootdDrawn.push([n.name, n.state, Date.now() / 1000, n.since]);
+    if (window.bootdMeasure) window.bootdDrawn.push([n.name, n.state, Date.now() / 1000, n.at || n.since]);
   }
 }
 
@@ -183,7 +183,8 @@ function apply(u) {
   if (u.t === "state") {
     stats.states++;
     if (u.since < n.since) { stats.older++; return; } // older than what the snapshot showed (a change made by another process)
-    Object.assign(n, { group: u.group, state: u.state, reason: u.reason, since: u.since, approved: u.approved });
+    Object.assign(n, { group: u.group, state: u.state, reason: u.reason, since: u.since, approved: u.approved,
+      at: u.at });
     n.contact = Math.max(n.contact, u.contact);
     if (u.state !== "fetching") n.p = null;
   } else if (u.t === "progress") {
@@ -208,7 +209,7 @@ function draw() {
     if (!n || !n.tr) continue; // not drawn yet: its slice draws it as it is then
     n.tr.innerHTML = cells(n);
     n.tr.hidden = !visible(n);
-    if (window.bootdMeasure) window.bootdDrawn.push([name, n.state, now, n.since]);
+    if (window.bootdMeasure) window.bootdDrawn.push([name, n.state, now, n.at || n.since]);
     if (name === selected) openTimeline(name);
   }
   if (dirty.size) drawCounts();
