@@ -41,7 +41,6 @@ ASSETS = {"status.html": "text/html", "status.css": "text/css", "status.js": "te
 COOKIE = "bootd_session"
 KEEPALIVE = 15.0  # a comment line this often keeps proxies from closing an idle stream
 WRITE_TIMEOUT = 30.0  # a stream whose client stopped reading for this long is closed
-BATCH_DELAY = 0.05  # gather the updates of this long into one message
 MAX_HOSTLIST = 100_000
 COLUMNS = ("name", "group", "state", "reason", "since", "contact", "approved")
 HEADERS = {
@@ -258,9 +257,7 @@ class StatusPage:
                 if sub.take_resync():
                     payload = b"event: resync\ndata: {}\n\n"
                 else:
-                    if sub.pending:
-                        await asyncio.sleep(BATCH_DELAY)
-                    batch = sub.take()
+                    batch = sub.take()  # all that came while the last write went out: one message
                     payload = b"data: " + json.dumps(batch, separators=(",", ":")).encode() + b"\n\n" if batch \
                         else b": keepalive\n\n"
                 await asyncio.wait_for(resp.write(payload), WRITE_TIMEOUT)
