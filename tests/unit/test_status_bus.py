@@ -213,3 +213,39 @@ async def test_concurrent_snapshots_share_one_store_read(tmp_path: Path) -> None
         assert await snapshot() == ["n0", "n1", "n2"]  # a later request reads again
         assert reads == 2
     await store.close()
+
+
+async def test_the_lifecycle_publishes_changes_contacts_timeouts_and_progress() -> None:
+    """What feeds the page: every state change, heartbeat and timeout; progress on the bus only."""
+    from bootd.config import RegistryConfig
+    from bootd.metrics import make_registry
+    from bootd.model import State
+    from bootd.service.lifecycle import Actor, Lifecycle
+
+    store = memory_store()
+    bus = EventBus()
+    sub = bus.subscribe()
+    life = Lifecycle(store, RegistryConfig(stale_after=90.0, dead_after=300.0), make_registry(), events=bus)
+    await store.add_node("52:54:00:00:00:01", "n1", group="default", now=0.0)
+    await life.change("n1", State.STAGE1, actor=Actor.NODE, now=1.0)
+    await life.change("n1", State.FETCHING, actor=Actor.NODE, now=2.0, detail='{"done": 0, "total": 4}')
+    await life.change("n1", State.FETCHING, actor=Actor.NODE, now=3.0, detail='{"done": 2, "total": 4, '
+                                                                                '"bytes": 20, "bytes_total": 40}')
+    got = sub.take()
+    assert [(u["t"], u.get("state"), u.get("done")) for u in got] == [
+        ("state", "stage1", None), ("state", "fetching", None), ("progress", None, 2)]
+    assert got[-1]["bytes"] == 20 and got[-1]["contact"] == 3.0
+    # The progress report is no row of the timeline; it is a contact (timeouts count from it).
+    assert [e.state for e in await store.events("n1")] == ["stage1", "fetching"]
+    node = await store.get_node("n1")
+    assert node is not None and node.last_contact == 3.0 and node.state is State.FETCHING
+    await life.change("n1", State.BOOTED, actor=Actor.NODE, now=4.0)
+    await life.heartbeat("n1", 5.0)  # booted -> ready
+    await life.heartbeat("n1", 6.0)  # a contact
+    assert [(u["t"], u.get("state")) for u in sub.take()] == [("state", "booted"), ("state", "ready"),
+                                                             ("contact", None)]
+    assert "n1" not in bus.progress
+    await life.sweep(6.0 + 95.0)
+    [u] = sub.take()
+    assert (u["t"], u["state"], u["reason"]) == ("state", "stale", "no contact for 95 s")
+    await store.close()
