@@ -157,6 +157,9 @@ def test_page_loads_5000_nodes_fast_and_follows_100_events_a_second(daemon: Daem
 
     browser.execute_script("document.getElementById('f-state').value = '';"
                            "document.getElementById('f-state').dispatchEvent(new Event('change'));")
+    # Approve through the page (its session's CSRF token): the row updates from the stream.
+    browser.find_element(By.CSS_SELECTOR, "#rows button[data-approve='n0000']").click()
+    wait_js(browser, "!document.querySelector(\"#rows .row[data-name='n0000']\").textContent.includes('unapproved')", 5)
     # Fetch progress (stored bytes of total) and a failure with its reason, as the stage one reports them.
     asyncio.run(boot_a_few(daemon))
     wait_js(browser, "document.querySelector(\"#rows .row[data-name='n0003'] progress\")", 5)
