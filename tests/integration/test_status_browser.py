@@ -157,6 +157,22 @@ def test_page_loads_5000_nodes_fast_and_follows_100_events_a_second(daemon: Daem
 
     browser.execute_script("document.getElementById('f-state').value = '';"
                            "document.getElementById('f-state').dispatchEvent(new Event('change'));")
+    # The hostlist filter (expanded by bootd), with the group filter on top of it.
+    browser.execute_script("const h = document.getElementById('f-hostlist'); h.value = 'n[0100-0199],n4999';"
+                           "h.dispatchEvent(new Event('change'));")
+    wait_js(browser, "document.getElementById('shown').textContent === '101 shown'", 5)
+    browser.execute_script("document.getElementById('f-group').value = 'gpu';"
+                           "document.getElementById('f-group').dispatchEvent(new Event('change'));")
+    visible = browser.execute_script(
+        "return [...document.querySelectorAll('#rows .row')].filter(r => !r.hidden).map(r => r.dataset.name)")
+    assert visible == [node_name(i) for i in range(100, 200) if i % 3 == 1] + ["n4999"], visible
+    browser.execute_script("const h = document.getElementById('f-hostlist'); h.value = 'n[0100-';"
+                           "h.dispatchEvent(new Event('change'));")
+    wait_js(browser, "document.getElementById('filter-error').textContent.includes('bad hostlist')", 5)
+    browser.execute_script("const h = document.getElementById('f-hostlist'); h.value = '';"
+                           "h.dispatchEvent(new Event('change'));"
+                           "document.getElementById('f-group').value = '';"
+                           "document.getElementById('f-group').dispatchEvent(new Event('change'));")
     # Approve through the page (its session's CSRF token): the row updates from the stream.
     browser.find_element(By.CSS_SELECTOR, "#rows button[data-approve='n0000']").click()
     wait_js(browser, "!document.querySelector(\"#rows .row[data-name='n0000']\").textContent.includes('unapproved')", 5)
