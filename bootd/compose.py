@@ -55,7 +55,7 @@ class Reloadable(Protocol):
     def reload(self, config: Config) -> object: ...
 
 
-PRIVATE_FILES = ("bootd.sqlite", "bootd.sqlite-wal", "bootd.sqlite-shm", "admin-token", "secret")
+PRIVATE_FILES = ("bootd.sqlite", "bootd.sqlite-wal", "bootd.sqlite-shm", "admin-token", "viewer-token", "secret")
 
 
 def secure_state_dir(config: Config) -> None:

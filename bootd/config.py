@@ -155,6 +155,9 @@ class AdminConfig:
     port: int = 8081
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    viewer: bool = True  # state_dir/viewer-token: the status page, read-only (wall screens)
+    session_idle: float = 8 * 3600.0  # a status-page session ends after this long unused
+    max_sessions: int = 256  # status-page sessions kept in memory; the least recently used goes first
 
 
 @dataclass(frozen=True)
@@ -671,6 +674,9 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         port=a.port("port", AdminConfig.port),
         tls_cert=Path(cert) if cert else None,
         tls_key=Path(key) if key else None,
+        viewer=a.flag("viewer", AdminConfig.viewer),
+        session_idle=a.number("session_idle", AdminConfig.session_idle, 60.0, 30 * 86400.0),
+        max_sessions=a.integer("max_sessions", AdminConfig.max_sessions, 1, 100_000),
     )
     a.finish()
 

@@ -74,9 +74,11 @@ class Credentials:
         self.store = store
         self.state_dir = config.server.state_dir
         self._admin: bytes | None = None
+        self._viewer: bytes | None = None
         self.reload(config)
 
     def reload(self, config: Config) -> None:
+        self.viewer_enabled = config.admin.viewer
         self.mode = evidence_mode(config)
         self.window = config.registry.evidence_window
         self.lifetime = config.registry.credential_lifetime
@@ -84,6 +86,8 @@ class Credentials:
     def load(self) -> None:
         """Read or create the admin token now (the daemon does, before it listens)."""
         self._admin = load_or_create_secret(self.state_dir / "admin-token")
+        if self.viewer_enabled:
+            self._viewer = load_or_create_secret(self.state_dir / "viewer-token")
 
     @property
     def admin_token(self) -> bytes:
@@ -97,6 +101,16 @@ class Credentials:
         if not presented:
             return False
         return hmac.compare_digest(presented.strip().encode("ascii", "replace"), self.admin_token)
+
+    def role(self, presented: str | None) -> str | None:
+        """``admin``, ``viewer`` (state_dir/viewer-token: the status page, read-only) or None."""
+        if self.check_admin(presented):
+            return "admin"
+        if not presented or not self.viewer_enabled:
+            return None
+        if self._viewer is None:
+            self._viewer = load_or_create_secret(self.state_dir / "viewer-token")
+        return "viewer" if hmac.compare_digest(presented.strip().encode("ascii", "replace"), self._viewer) else None
 
     # -- node credentials --------------------------------------------------------------------
     async def evidence(self, node: Node, peer: str | None, now: float) -> str:

@@ -35,6 +35,7 @@ looping in its firmware keeps talking without getting anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter
 from bootd.config import RegistryConfig
 from bootd.errors import BootdError, NotFound, StateChanged
 from bootd.model import Node, State
+from bootd.service.events import EventBus, progress_update, state_update
 from bootd.store.base import NodeStore
 
 log = logging.getLogger("bootd.lifecycle")
@@ -160,12 +162,18 @@ REFUSAL_RECORD_INTERVAL = 60.0
 
 
 class Lifecycle:
-    """Applies the table.  Every state change in the daemon and the CLI goes through ``change``."""
+    """Applies the table.  Every state change in the daemon and the CLI goes through ``change``.
 
-    def __init__(self, store: NodeStore, config: RegistryConfig, metrics: CollectorRegistry) -> None:
+    Every change it writes, every contact and every fetch progress is also published on ``events``
+    (the status page's bus, in memory only).
+    """
+
+    def __init__(self, store: NodeStore, config: RegistryConfig, metrics: CollectorRegistry,
+                 events: EventBus | None = None) -> None:
         self.store = store
         self.config = config
         self.metrics = LifecycleMetrics(metrics)
+        self.events = EventBus() if events is None else events
         self._recorded: dict[str, float] = {}  # node -> when its last refusal was written to the timeline
 
     def reload(self, config: RegistryConfig) -> None:
@@ -189,6 +197,12 @@ class Lifecycle:
                 raise TransitionRefused(name, actor, old, new)
             if actor is Actor.FIRMWARE and old is new:
                 return node  # firmware chatter is no progress: pxe keeps the time it was entered
+            if actor is Actor.NODE and old is new is S.FETCHING and reason == node.reason:
+                # Progress of a fetch under way: a contact in the registry (its timeouts count from it),
+                # the numbers on the bus only.  The timeline keeps the state changes, not 1 row a second.
+                await self.store.touch(name, now)
+                self.events.publish(progress_update(name, detail, now))
+                return dataclasses.replace(node, last_contact=now)
             try:
                 updated = await self.store.set_state(name, new, reason, now=now, detail=detail, expect=old)
             except StateChanged:
@@ -198,6 +212,9 @@ class Lifecycle:
                 node = None
                 continue
             self.metrics.changes.labels(actor=actor.value, state=new.value).inc()
+            self.events.publish(state_update(updated))
+            if new is S.FETCHING and detail:
+                self.events.publish(progress_update(name, detail, now))
             if old is not new:
                 log.info("event=state node=%s from=%s to=%s by=%s%s", name, old.value, new.value, actor.value,
                          f" reason={reason!r}" if reason else "")
@@ -215,6 +232,7 @@ class Lifecycle:
         if node.state in (S.BOOTED, S.STALE, S.DEAD):
             return await self.change(name, S.READY, "heartbeat", actor=Actor.NODE, now=now, node=node)
         await self.store.touch(name, now)
+        self.events.publish({"t": "contact", "node": name, "contact": now})
         return node
 
     async def sweep(self, now: float, since: float = 0.0) -> list[Timeout]:
@@ -230,13 +248,14 @@ class Lifecycle:
             if fresh is None or timeout(fresh, now, self.config, since) != step:
                 continue
             try:
-                await self.store.set_state(node.name, step.new, step.reason, now=now, expect=step.old)
+                changed = await self.store.set_state(node.name, step.new, step.reason, now=now, expect=step.old)
             except StateChanged:
                 self.metrics.lost.inc()
                 continue
             except NotFound:
                 continue
             self.metrics.changes.labels(actor=Actor.MONITOR.value, state=step.new.value).inc()
+            self.events.publish(state_update(changed))
             log.warning("event=%s node=%s was=%s reason=%r", step.new.value, step.name, step.old.value, step.reason)
             done.append(step)
         return done

@@ -23,6 +23,7 @@ from bootd.model import Group, Lease, Node, State, normalize_mac
 from bootd.service.audit import AuditLog
 from bootd.service.bulk import parse_bulk
 from bootd.service.checks import Invalid, check_name, check_var
+from bootd.service.events import state_update
 from bootd.service.inventory import InventoryStore
 from bootd.service.lifecycle import Actor, Lifecycle
 from bootd.store.base import Event, NodeStore
@@ -290,6 +291,8 @@ class NodeAdmin:
         elif change.fields.get("enabled") is True and node.state is State.DISABLED:
             node = await self.lifecycle.change(name, State.DISCOVERED, "enabled by admin", actor=Actor.ADMIN,
                                                now=now)
+        else:
+            self.lifecycle.events.publish(state_update(node))  # approved, group: the status page shows them
         return node
 
     async def force_state(self, hostlist: str, state: str, now: float | None = None, *, who: str) -> list[Node]:
@@ -313,6 +316,7 @@ class NodeAdmin:
         nodes = await self.select(hostlist)
         for node in nodes:
             await self.store.delete_node(node.name)
+            self.lifecycle.events.publish({"t": "removed", "node": node.name})
         self.audit.record(who, "node.delete", plural([n.name for n in nodes]))
         return [n.name for n in nodes]
 

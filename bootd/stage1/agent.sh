@@ -55,8 +55,10 @@ FAIL_DELAY=$(arg bootd.retry_delay || echo 15)
 WINDOW=$(arg bootd.window || echo 16)
 TIMEOUT=$(arg bootd.timeout || echo 60)
 
-post_event() { # event reason done total tries
-    body="{\"event\":\"$1\",\"reason\":\"$(json_esc "$2")\",\"done\":${3:-0},\"total\":${4:-0}}"
+post_event() { # event reason done total tries [bytes bytes_total]
+    body="{\"event\":\"$1\",\"reason\":\"$(json_esc "$2")\",\"done\":${3:-0},\"total\":${4:-0}"
+    [ -n "${7:-}" ] && body="$body,\"bytes\":${6:-0},\"bytes_total\":$7"
+    body="$body}"
     tries=${5:-3}
     n=0
     while [ "$n" -lt "$tries" ]; do
@@ -312,6 +314,7 @@ worker() { # worker_index
 # so the wait for the next chunk in order is a blocking read, not a polling loop.
 consume() {
     i=0
+    got=0
     last_post=0
     while [ "$i" -lt "$COUNT" ]; do
         f=$WORK/chunks/$i.ok
@@ -319,6 +322,7 @@ consume() {
             [ -e "$WORK/abort" ] && return 1
             read -r -t 1 _ <&7
         done
+        got=$((got + $(stat -c %s "$f")))
         cat "$f" || return 1
         rm -f "$f"
         i=$((i + 1))
@@ -326,7 +330,7 @@ consume() {
         say "fetching $i/$COUNT"
         t=$(now_ms)
         if [ "$i" -lt "$COUNT" ] && [ $((t - last_post)) -ge 1000 ]; then
-            post_event fetching "" "$i" "$COUNT" 1 >/dev/null 2>&1
+            post_event fetching "" "$i" "$COUNT" 1 "$got" "$stored" >/dev/null 2>&1
             last_post=$t
         fi
     done
@@ -542,7 +546,7 @@ main() {
     # One arithmetic expression: busybox `read` takes a syscall per byte, too slow for big tables.
     stored=$(( 0 $(sed -n 's/^[0-9a-f]* \([0-9a-f]*\) .*/+0x\1/p' "$WORK/table" | tr -d '\n') ))
     say "manifest ok chunks=$COUNT stored=$stored"
-    post_event fetching "" 0 "$COUNT" 1
+    post_event fetching "" 0 "$COUNT" 1 0 "$stored"
 
     # The tmpfs gets half the RAM (the kernel's default) or, for a large tree, what the tree needs plus
     # 10% and 32 MiB; refuse early and clearly when the machine does not have the RAM for it.

@@ -38,7 +38,8 @@
  *
  * Console lines on stderr start with "BOOTD-STAGE1 " like the agent's ("fetching i/N" at most once a
  * second and at the end, "retry ..."); with -n and BOOTD_TOKEN the `fetching` event is POSTed to bootd
- * at most once a second, as the agent did.
+ * at most once a second, as the agent did, with the stored bytes written so far and in all (the status
+ * page's progress: bootd keeps it in memory only).
  */
 #define _GNU_SOURCE
 #define OPENSSL_SUPPRESS_DEPRECATED
@@ -97,6 +98,7 @@ static pthread_cond_t cv_claim = PTHREAD_COND_INITIALIZER; /* workers: the windo
 static pthread_cond_t cv_ready = PTHREAD_COND_INITIALIZER; /* writer: a chunk is ready, or abort */
 static pthread_cond_t cv_prog = PTHREAD_COND_INITIALIZER;  /* progress thread: finished */
 static int next_claim, written, aborted, finished;
+static long long written_bytes, total_bytes; /* stored bytes: the progress the status page shows */
 static char fail_reason[1024];
 
 static void say(const char *fmt, ...) {
@@ -776,11 +778,13 @@ static int post_json(const char *what, const char *body, char *err, size_t errle
     return status;
 }
 
-static void post_fetching(int done) {
+static void post_fetching(int done, long long bytes) {
     if (!cfg.node || !cfg.token)
         return;
-    char body[160], err[256];
-    snprintf(body, sizeof body, "{\"event\":\"fetching\",\"reason\":\"\",\"done\":%d,\"total\":%d}", done, count);
+    char body[200], err[256];
+    snprintf(body, sizeof body,
+             "{\"event\":\"fetching\",\"reason\":\"\",\"done\":%d,\"total\":%d,\"bytes\":%lld,\"bytes_total\":%lld}",
+             done, count, bytes, total_bytes);
     (void)post_json("events", body, err, sizeof err); /* best effort, as the agent's was */
 }
 
@@ -799,12 +803,13 @@ static void *progress(void *arg) {
         if (finished || aborted)
             break;
         int w = written;
+        long long b = written_bytes;
         if (w == last)
             continue;
         last = w;
         say("fetching %d/%d", w, count); /* under the lock, so it never follows the final line */
         pthread_mutex_unlock(&mu);
-        post_fetching(w);
+        post_fetching(w, b);
         pthread_mutex_lock(&mu);
     }
     pthread_mutex_unlock(&mu);
@@ -897,6 +902,7 @@ static int load_table(const char *path) {
         memset(&chunks[count], 0, sizeof *chunks);
         memcpy(chunks[count].hash, h, 65);
         chunks[count].size = s;
+        total_bytes += s;
         count++;
     }
     int bad = ferror(f);
@@ -1070,6 +1076,7 @@ int main(int argc, char **argv) {
             break;
         }
         written = i + 1;
+        written_bytes += (long long)n;
         pthread_cond_broadcast(&cv_claim);
         pthread_mutex_unlock(&mu);
     }

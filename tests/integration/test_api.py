@@ -140,9 +140,12 @@ def test_openapi_document_matches_the_router(api: Api) -> None:
     server = AdminServer(Config(), svc, HttpMetrics(make_registry()))
     routed = {(r.method, r.resource.canonical) for r in server.app.router.routes()
               if r.method != "HEAD" and r.resource is not None}
-    assert routed == _doc_routes(doc), "routes and /api/v1/openapi.json disagree"
-    # The public listener answers every admin path with where the admin API is.
-    assert {path for _, path in routed} == set(ADMIN_ROUTES)
+    # The status page's own routes (/status...) take its session cookie, not the API's credential; the
+    # README's "Status page" documents them.
+    api = {(m, p) for m, p in routed if not p.startswith("/status")}
+    assert api == _doc_routes(doc), "routes and /api/v1/openapi.json disagree"
+    # The public listener answers every admin API path, and the page, with where the admin API is.
+    assert {path for _, path in api} | {"/status"} == set(ADMIN_ROUTES)
     for ref in json.dumps(doc).split('"$ref": "#/components/schemas/')[1:]:
         assert ref.split('"')[0] in doc["components"]["schemas"]
 
@@ -153,11 +156,31 @@ def test_every_route_but_the_document_needs_the_admin_credential(api: Api) -> No
         if path == "/api/v1/openapi.json":
             continue
         concrete = path.replace("{name}", "n0000").replace("{id}", "20260101000000-00000000")
+        if path == "/api/v1/events":
+            continue  # a stream: checked below
         for token in (None, "wrong"):
             status, text, headers = api.call(method, concrete, {} if method in ("POST", "PUT") else None,
                                              token=token)
             assert status == 401, (method, path, status, text)
             assert "admin-token" in text and headers.get("WWW-Authenticate") == "Bearer"
+    assert api.call("GET", "/api/v1/events", token=None)[0] == 401
+
+
+def test_event_stream_for_programs(api: Api) -> None:
+    """GET /api/v1/events with the admin credential: a hello, then the node updates as they happen."""
+    req = urllib.request.Request(api.base + "/api/v1/events", headers={"Authorization": f"Bearer {api.token}"})
+    with urllib.request.urlopen(req, timeout=30) as stream:
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        assert b"event: hello" in stream.readline() + stream.readline() + stream.readline()
+        status, _, _ = api.call("POST", "/api/v1/nodes", "ev1 52:54:00:0e:00:01\n", content_type="text/plain")
+        assert status == 201
+        assert api.call("POST", "/api/v1/nodes/ev1", {"enabled": False})[0] == 200
+        seen = b""
+        deadline = time.monotonic() + 20
+        while b"ev1" not in seen and time.monotonic() < deadline:
+            seen += stream.readline()
+        assert b"ev1" in seen and b"disabled" in seen, seen[-500:]
+    assert api.call("DELETE", "/api/v1/nodes/ev1")[0] == 200
 
 
 def _rack(n: int, bad_line: int | None = None) -> str:

@@ -287,6 +287,8 @@ def test_fetcher_reports_progress_at_most_once_a_second(tmp_path: Path, loopback
     events = server.event_lines()
     assert [e["done"] for e in events if e["event"] == "fetching"] == mid
     assert all(e["token_ok"] and e["total"] == count for e in events)
+    # Stored bytes, for the status page: the bytes of the chunks written so far, of all of them.
+    assert all(e["bytes_total"] == sum(sizes) and e["bytes"] == sum(sizes[: e["done"]]) for e in events), events
 
 
 def test_fetcher_stays_within_its_window_of_the_writer(tmp_path: Path, loopback_standin: StartStandin,

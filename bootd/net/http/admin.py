@@ -20,6 +20,7 @@ from bootd.config import Config
 from bootd.metrics import HttpMetrics
 from bootd.net.http.api import ApiRoutes
 from bootd.net.http.nodes import NodeRoutes
+from bootd.net.http.status import StatusPage
 from bootd.service.services import Services
 
 log = logging.getLogger("bootd.http")
@@ -30,7 +31,7 @@ ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}", "/api/v1/rename", "/api
                 "/api/v1/capsules", "/api/v1/capsules/{name}", "/api/v1/capsules/{name}/import",
                 "/api/v1/capsules/{name}/build", "/api/v1/gc", "/api/v1/jobs", "/api/v1/jobs/{id}",
                 "/api/v1/overlays", "/api/v1/overlays/{name}", "/api/v1/openapi.json",
-                "/api/v1/servers")
+                "/api/v1/servers", "/api/v1/events", "/status")
 
 
 class AdminServer(NodeRoutes, ApiRoutes):
@@ -49,7 +50,16 @@ class AdminServer(NodeRoutes, ApiRoutes):
         app.router.add_post("/api/v1/nodes/{name}", self._set_node)
         app.router.add_get("/api/v1/servers", self._list_servers)
         self.add_api_routes(app)
+        self.status = StatusPage(config, services, clock=clock)  # the live status page: /status
+        self.status.register(app)
+        app.router.add_get("/api/v1/events", self._events_api)
         self.app = app
+
+    async def _events_api(self, request: web.Request) -> web.StreamResponse:
+        """The node updates (state changes, contacts, fetch progress) as server-sent events, for programs."""
+        if (denied := self._admin_auth(request)) is not None:
+            return denied
+        return await self.status.stream(request, "admin", lambda: None)
 
     async def _list_servers(self, request: web.Request) -> web.StreamResponse:
         """The servers sharing this registry, alive or not, with their share of the clients (bootd server list)."""
@@ -60,6 +70,7 @@ class AdminServer(NodeRoutes, ApiRoutes):
 
     def reload(self, config: Config) -> None:
         self.config = config
+        self.status.reload(config)
 
     def _tls(self) -> ssl.SSLContext | None:
         a = self.config.admin
