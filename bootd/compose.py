@@ -195,6 +195,7 @@ async def build(config: Config) -> Built:
         built.components.append(("dhcp", DhcpServer(
             dhcp, listen=d.listen, port=d.port, proxy_port=d.proxy_port if d.mode == "proxy" else None,
             interface=d.interface, queue_size=d.queue_size, metrics=svc.metrics,
+            more_interfaces=tuple(sc.interface for sc in d.subnets if sc.interface) if d.mode == "full" else (),
         )))
     return built
 

@@ -125,8 +125,8 @@ class Daemon:
         old = self.config
         # A running DHCP server reloads its own [dhcp] section and names what needs a restart; the other
         # listeners' sections are baked into their sockets.
-        restart = [s for s in ("dhcp", "tftp", "http", "capsule", "store") if getattr(new, s) != getattr(old, s)
-                   and not (s == "dhcp" and old.dhcp.enabled)]
+        restart = [s for s in ("dhcp", "tftp", "http", "capsule", "store", "cluster")
+                   if getattr(new, s) != getattr(old, s) and not (s == "dhcp" and old.dhcp.enabled)]
         # log_level and graceful_timeout apply live; these three are baked into the listeners.
         if any(getattr(new.server, k) != getattr(old.server, k) for k in ("state_dir", "address", "interface")):
             restart.append("server")

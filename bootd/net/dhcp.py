@@ -6,7 +6,9 @@ It decides nothing: bytes are parsed by ``bootd.proto.dhcp`` and answered by
 * ``SO_BINDTODEVICE`` when an interface is configured: a socket bound to
   0.0.0.0 cannot send to 255.255.255.255 from a namespace (or host) whose
   routing table has no route for it (ENETUNREACH), and binding to the device
-  also keeps bootd from answering on interfaces it was not asked to serve.
+  also keeps bootd from answering on interfaces it was not asked to serve. A subnet with its own
+  ``interface`` (``[[dhcp.subnets]]``) gets a socket of its own on that device, and the service
+  hears which device a request came in on (the local subnet for unrelayed clients).
 * Two bounded lanes between the socket and the workers: REQUEST (and the rest
   of an exchange already under way) before DISCOVER. Under overload, finishing
   the exchanges already started is what turns work into booted nodes; serving
@@ -65,7 +67,7 @@ _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 RCVBUF = 128 * 1024
 LOG_EVERY = 10.0
 
-_Item = tuple[bytes, tuple[str, int], int, asyncio.DatagramTransport, float]
+_Item = tuple[bytes, tuple[str, int], int, asyncio.DatagramTransport, float, str | None]
 # Option 53 first, with a type that continues an exchange: REQUEST, DECLINE, RELEASE, INFORM.
 _PRIORITY_HEADS = frozenset(b"\x35\x01" + bytes((t,)) for t in (3, 4, 7, 8))
 
@@ -117,9 +119,10 @@ class _Lanes:
 
 
 class _Endpoint(asyncio.DatagramProtocol):
-    def __init__(self, server: DhcpServer, port: int) -> None:
+    def __init__(self, server: DhcpServer, port: int, interface: str | None) -> None:
         self.server = server
         self.port = port
+        self.interface = interface
         self.transport: asyncio.DatagramTransport | None = None
         self.received = server.metrics.received.labels(port=str(port))
 
@@ -131,7 +134,8 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.received.inc()
         assert self.transport is not None
         lane = 0 if data[240:243] in _PRIORITY_HEADS else 1
-        if not self.server.queue.put_nowait((data, addr, self.port, self.transport, time.monotonic()), lane):
+        item = (data, addr, self.port, self.transport, time.monotonic(), self.interface)
+        if not self.server.queue.put_nowait(item, lane):
             self.server.drop("queue-full", f"from {addr[0]}:{addr[1]}, {self.server.queue.maxsize} waiting")
 
     def error_received(self, exc: Exception) -> None:
@@ -151,6 +155,7 @@ class DhcpServer:
         port: int = 67,
         proxy_port: int | None = None,
         interface: str | None = None,
+        more_interfaces: tuple[str, ...] = (),
         queue_size: int = 1024,
         workers: int = 16,
         max_age: float = 1.0,
@@ -162,6 +167,8 @@ class DhcpServer:
         self.port = port
         self.proxy_port = proxy_port
         self.interface = interface
+        # Subnets' own interfaces: one more socket each, on the DHCP port (not the proxy port).
+        self.more_interfaces = tuple(i for i in dict.fromkeys(more_interfaces) if i and i != interface)
         self.workers = workers
         self.max_age = max_age
         self.clock = clock
@@ -177,7 +184,7 @@ class DhcpServer:
         self._reply_counters: dict[int, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
-    def _socket(self, port: int) -> socket.socket:
+    def _socket(self, port: int, interface: str | None) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             # No SO_REUSEADDR on purpose: a second DHCP server on the same port and device must make
@@ -187,17 +194,17 @@ class DhcpServer:
                 sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RCVBUF)
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-            if self.interface:
+            if interface:
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, self.interface.encode())
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
                 except OSError as exc:
-                    raise OSError(exc.errno, f"cannot bind DHCP to interface {self.interface!r} "
+                    raise OSError(exc.errno, f"cannot bind DHCP to interface {interface!r} "
                                              f"(needs CAP_NET_RAW and an existing device): {exc.strerror}") from None
             try:
                 sock.bind((self.listen, port))
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen for DHCP on {self.listen}:{port}"
-                                         f"{' on ' + self.interface if self.interface else ''}: {exc.strerror} "
+                                         f"{' on ' + interface if interface else ''}: {exc.strerror} "
                                          "(another DHCP server running? port below 1024 without "
                                          "CAP_NET_BIND_SERVICE?)") from None
         except BaseException:
@@ -209,15 +216,19 @@ class DhcpServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await self.service.load()
-        ports = [self.port] + ([self.proxy_port] if self.proxy_port and self.proxy_port != self.port else [])
+        ports: list[tuple[int, str | None]] = [(self.port, self.interface)]
+        if self.proxy_port and self.proxy_port != self.port:
+            ports.append((self.proxy_port, self.interface))
+        ports += [(self.port, extra) for extra in self.more_interfaces]
         try:
-            for port in ports:
-                sock = self._socket(port)
+            for port, interface in ports:
+                sock = self._socket(port, interface)
                 real_port = int(sock.getsockname()[1])
-                factory = functools.partial(_Endpoint, self, real_port)
+                factory = functools.partial(_Endpoint, self, real_port, interface)
                 transport, _ = await loop.create_datagram_endpoint(factory, sock=sock)
                 self._endpoints.append(transport)
-                self.bound_ports.append(real_port)
+                if real_port not in self.bound_ports:
+                    self.bound_ports.append(real_port)
         except BaseException:
             await self.close()
             raise
@@ -230,7 +241,8 @@ class DhcpServer:
                         "broadcast replies follow the routing table and may leave by the wrong interface or "
                         "fail with ENETUNREACH; only relayed clients are served reliably")
         log.info("event=dhcp-listening address=%s ports=%s interface=%s mode=%s", self.listen,
-                 ",".join(map(str, self.bound_ports)), self.interface or "-", self.service.config.mode)
+                 ",".join(map(str, self.bound_ports)), ",".join([self.interface or "-", *self.more_interfaces]),
+                 self.service.config.mode)
 
     async def close(self) -> None:
         for transport in self._endpoints:
@@ -281,7 +293,7 @@ class DhcpServer:
     async def _worker(self) -> None:
         queue = self.queue
         while True:
-            (data, addr, port, transport, queued_at), lane = await queue.get()
+            (data, addr, port, transport, queued_at, interface), lane = await queue.get()
             limit = self.max_age * (2 if lane == 0 else 1)
             if time.monotonic() - queued_at > limit:
                 # Overloaded: the client has retransmitted or given up by now (RFC 2131 4.1: ~4 s).
@@ -289,7 +301,7 @@ class DhcpServer:
                 self.drop("stale", f"waited more than {limit:.1f}s in the queue")
                 continue
             try:
-                await self._one(data, addr, port, transport)
+                await self._one(data, addr, port, transport, interface)
             except asyncio.CancelledError:
                 raise
             except StoreError as exc:
@@ -299,10 +311,11 @@ class DhcpServer:
                 log.exception("event=dhcp-internal-error from=%s:%d", addr[0], addr[1])
 
     async def _one(self, data: bytes, addr: tuple[str, int], port: int,
-                   transport: asyncio.DatagramTransport) -> None:
+                   transport: asyncio.DatagramTransport, interface: str | None = None) -> None:
         try:
             packet = DhcpPacket.parse(data)
-            outcome = await self.service.handle(packet, port=port, now=self.clock(), source=addr)
+            outcome = await self.service.handle(packet, port=port, now=self.clock(), source=addr,
+                                                interface=interface)
         except RemoteProtocolError as exc:
             self.drop(exc.reason, f"from {addr[0]}:{addr[1]}: {exc}")
             return

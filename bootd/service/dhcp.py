@@ -192,6 +192,7 @@ class DhcpService:
         """Which subnet unrelayed clients get: the one bound to dhcp.interface, else the [dhcp] pool's,
         else the one holding the server's address (None: unrelayed clients are refused, and counted)."""
         self._by_giaddr: dict[str, Subnet | None] = {}
+        self._on_interface = {x.config.interface: x for x in self.subnets if x.config.interface}
         self.local: Subnet | None = None
         iface = self.config.interface
         server = ip_int(self.server_id)
@@ -204,7 +205,7 @@ class DhcpService:
             return
         self.local = next((x for x in self.subnets if x.config.interface is None and x.pool.in_subnet(server)), None)
 
-    def subnet_for(self, packet: DhcpPacket) -> Subnet | None:
+    def subnet_for(self, packet: DhcpPacket, interface: str | None = None) -> Subnet | None:
         """The subnet a request comes from: giaddr (relayed), else ciaddr (a renewing client's unicast,
         possibly from a relayed subnet), else the local segment. No I/O, one dict hit per relayed packet."""
         if packet.giaddr != ZERO_IP:
@@ -220,6 +221,8 @@ class DhcpService:
             found = self._containing(ip_int(packet.ciaddr))
             if found is not None:
                 return found
+        if interface is not None and interface != self.config.interface:
+            return self._on_interface.get(interface, self.local)
         return self.local
 
     def _containing(self, ip: int) -> Subnet | None:
@@ -348,8 +351,12 @@ class DhcpService:
 
     # -- entry point -----------------------------------------------------------------
     async def handle(self, packet: DhcpPacket, *, port: int, now: float,
-                     source: tuple[str, int] | None = None) -> Outcome:
-        """Decide the replies to one request. Malformed options raise RemoteProtocolError."""
+                     source: tuple[str, int] | None = None, interface: str | None = None) -> Outcome:
+        """Decide the replies to one request. Malformed options raise RemoteProtocolError.
+
+        ``interface`` is the device the request came in on (when the transport knows): an unrelayed client
+        there gets the subnet bound to that interface.
+        """
         c = classify(packet)
         if isinstance(c, Ignore):
             return _ignore(c.reason, c.detail)
@@ -375,15 +382,15 @@ class DhcpService:
             return await self._proxy(packet, c, now)
         mt = c.msg_type
         if mt is MT.DISCOVER:
-            return await self._discover(packet, c, now)
+            return await self._discover(packet, c, now, interface)
         if mt is MT.REQUEST:
-            return await self._request(packet, c, now)
+            return await self._request(packet, c, now, interface)
         if mt is MT.DECLINE:
             return await self._decline(packet, c, now)
         if mt is MT.RELEASE:
             return await self._release(packet, c, now)
         if mt is MT.INFORM:
-            return await self._inform(packet, c, now)
+            return await self._inform(packet, c, now, interface)
         return _ignore("unexpected-type", f"{mt.name} from a client")
 
     # -- helpers -----------------------------------------------------------------------
@@ -475,8 +482,8 @@ class DhcpService:
                 return ip
         return pool.free(mac, now)
 
-    async def _discover(self, packet: DhcpPacket, c: Client, now: float) -> Outcome:
-        sub = self.subnet_for(packet)
+    async def _discover(self, packet: DhcpPacket, c: Client, now: float, interface: str | None = None) -> Outcome:
+        sub = self.subnet_for(packet, interface)
         if sub is None:
             return self._no_subnet(packet)
         node = await self._node(c, now, fresh=True)
@@ -494,12 +501,12 @@ class DhcpService:
         return Outcome([self._send(packet, MT.OFFER, yiaddr=int_ip(ip), siaddr=boot.siaddr, options=opts,
                                    file=boot.file)])
 
-    async def _request(self, packet: DhcpPacket, c: Client, now: float) -> Outcome:
+    async def _request(self, packet: DhcpPacket, c: Client, now: float, interface: str | None = None) -> Outcome:
         mac = c.machine.mac
         req = request_state(packet)
         if isinstance(req, Ignore):
             return _ignore(req.reason, req.detail)
-        sub = self.subnet_for(packet)
+        sub = self.subnet_for(packet, interface)
         if req.state is ClientState.SELECTING and req.server_id != self.server_id and not self._took_over(
                 req.server_id):
             # The client chose another server: our offer is free again.
@@ -595,13 +602,13 @@ class DhcpService:
         log.info("event=dhcp-release mac=%s ip=%s", c.machine.mac, packet.ciaddr)
         return Outcome()
 
-    async def _inform(self, packet: DhcpPacket, c: Client, now: float) -> Outcome:
+    async def _inform(self, packet: DhcpPacket, c: Client, now: float, interface: str | None = None) -> Outcome:
         if packet.ciaddr == ZERO_IP:
             return _ignore("no-ciaddr", "INFORM without ciaddr")
         node = await self._node(c, now, fresh=False)
         if node is None:
             return _ignore("refused", f"registry refused {c.machine.mac}")
-        sub = self.subnet_for(packet)
+        sub = self.subnet_for(packet, interface)
         if sub is None:
             return self._no_subnet(packet)
         boot = self._boot(packet, c, node, sub)

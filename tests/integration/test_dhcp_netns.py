@@ -385,6 +385,32 @@ async def test_isc_dhcrelay_brings_a_client_its_second_subnets_address(net: Net)
     assert node is None
 
 
+async def test_a_subnet_on_its_own_interface_serves_the_clients_there(net: Net) -> None:
+    """Two segments on one server (br0, br1): an unrelayed client gets the subnet of the interface it is on."""
+    srv, cli = lan(net)[:2]
+    cli2 = net.ns("cli2")
+    sh("ip", "-n", srv, "link", "add", "br1", "type", "bridge")
+    sh("ip", "-n", srv, "addr", "add", "10.79.0.1/24", "dev", "br1")
+    sh("ip", "-n", srv, "link", "set", "br1", "up")
+    net.veth(srv, "pcli2", cli2, "eth0")
+    sh("ip", "-n", srv, "link", "set", "pcli2", "master", "br1")
+    sh("ip", "-n", cli2, "link", "set", "eth0", "address", "52:54:00:77:10:02")
+    cfg = start_bootd(net, srv, address="10.77.0.1", interface="br0", dhcp={
+        **FULL, "subnets": [{"subnet": "10.79.0.0/24", "pool_start": "10.79.0.50", "pool_end": "10.79.0.60",
+                             "router": "10.79.0.1", "next_server": "10.79.0.1", "interface": "br1"}]})
+    out = net.workdir / "bound.env"
+    dump = script(net, "udhcpc.sh", f'[ "$1" = bound ] && env > {out}')
+    for ns_, want, router, siaddr in ((cli2, "10.79.0.50", "10.79.0.1", "10.79.0.1"),
+                                      (cli, "10.77.0.100", "10.77.0.1", "10.77.0.1")):
+        out.unlink(missing_ok=True)
+        net.run(ns_, ["busybox", "udhcpc", "-f", "-q", "-n", "-t", "5", "-T", "1", "-i", "eth0", "-s", str(dump),
+                      "-V", PXE_VC, "-x", "0x5d:0000"])
+        env = env_file(out)
+        assert (env["ip"], env["router"], env["serverid"], env["siaddr"]) == (want, router, "10.77.0.1", siaddr), env
+    node, lease = await node_record(cfg, "52:54:00:77:10:02")
+    assert node is not None and node.ip == "10.79.0.50" and lease is not None and lease.ip == "10.79.0.50"
+
+
 FOREIGN = textwrap.dedent("""
     import socket, sys
     from bootd.proto.dhcp.packet import DhcpPacket

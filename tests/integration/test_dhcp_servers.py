@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from bootd import config as config_mod
 from bootd.proto.dhcp.loadbalance import lb_hash
 from bootd.store.factory import open_url
 from tests.conftest import need_root, need_tool, write_config
@@ -130,6 +131,19 @@ async def test_two_servers_split_clients_and_one_takes_over_when_the_other_is_ki
         time.sleep(0.5)
     assert [(v["id"], v["alive"], v["buckets"]) for v in views] == [("a", True, 128), ("b", True, 128)], views
     time.sleep(1.5)  # each server's own view refreshes on its heartbeat timer (0.5 s)
+    # The admin API says the same as the CLI (same service), with the admin token only.
+    admin = f"http://127.0.0.1:{config_mod.load(str(net.workdir / 'bootd-a.toml')).admin.port}/api/v1/servers"
+    token = (net.workdir / "state-a" / "admin-token").read_text().strip()
+    refused = net.run(ns["a"], ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", admin]).stdout
+    assert refused == "401"
+    body = json.loads(net.run(ns["a"], ["curl", "-s", "-H", f"Authorization: Bearer {token}", admin]).stdout)
+    assert [(v["id"], v["alive"], v["share"], v["public_url"]) for v in body["servers"]] == [
+        ("a", True, 0.5, "http://10.77.0.1:8080"), ("b", True, 0.5, "http://10.77.0.2:8080")]
+    text = subprocess.run([sys.executable, "-m", "bootd", "-c", str(net.workdir / "bootd-b.toml"), "server", "list"],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert text.splitlines()[0].split() == ["SERVER", "STATUS", "HEARTBEAT", "LOAD", "SHARE", "NODES", "ADDRESSES",
+                                            "URL"]
+    assert "128/256 (50%)" in text.splitlines()[1] and text.splitlines()[2].startswith("b ")
 
     for mac, expected in clients.items():
         env = udhcpc(net, cli, ifaces[mac])
