@@ -32,6 +32,7 @@ import re
 import stat
 import tarfile
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,10 +176,18 @@ class ArchiveStream:
     File contents are read straight into the caller's buffer (the chunker's), so
     the stream is produced without an intermediate copy and without holding more
     than one buffer of the archive in memory.
+
+    With ``solo_min``, ``boundaries`` gets, for every regular file of at least that
+    size, the stream offsets of its header (soft), of its data and of the end of its
+    data and padding (hard), for the chunker's member cuts (chunker.py). They are
+    appended when the header is queued, so before any byte they point into is read.
     """
 
-    def __init__(self, entries: Iterator[Entry]) -> None:
+    def __init__(self, entries: Iterator[Entry], solo_min: int = 0) -> None:
         self._entries = entries
+        self.solo_min = solo_min
+        self.boundaries: deque[tuple[int, bool]] = deque()
+        self._queued = 0  # stream offset just after everything queued so far
         self._pending = memoryview(b"")
         self._file: BinaryIO | None = None
         self._file_left = 0
@@ -198,8 +207,15 @@ class ArchiveStream:
             self._pending = memoryview(b"\0" * (2 * BLOCK))
             return True
         self.files += 1
-        self._pending = memoryview(entry_header(e))
+        header = entry_header(e)
+        self._pending = memoryview(header)
+        start = self._queued
+        self._queued += len(header)
         if e.kind == REG and e.size > 0:
+            data = self._queued
+            self._queued += e.size + _padding(e.size)
+            if self.solo_min and e.size >= self.solo_min:
+                self.boundaries.extend(((start, True), (data, False), (self._queued, False)))
             if e.opener is None:
                 raise CapsuleError(f"no content for {e.path!r}")
             self._file = e.opener()

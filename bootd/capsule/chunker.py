@@ -4,10 +4,25 @@ Cut points depend on the bytes around them, not on offsets, so inserting or
 changing one file moves only the cuts next to it: every later chunk keeps its
 hash and is already in the store. That is what makes an update of a 1 GiB
 capsule cost a few MiB of new chunks instead of a new copy.
+
+Member cuts (``ChunkParams.members``, the default): plain CDC over the whole
+stream put a file's tar header in the same chunk as megabytes of its (and its
+neighbours') data, so a chmod re-stored a MiB, and a new file merged with the
+data around it. So the archive writer also reports where each *solo* member
+(a regular file of at least ``solo_min`` bytes) has its header and its data,
+and the cutter always cuts where such a file's data starts and where it ends
+(hard cuts), and before its header unless the piece ending there is at most
+``join_max`` bytes (a soft cut: a directory header or two join the file's
+header instead of making a chunk of a few hundred bytes). Between these cuts
+it cuts with FastCDC as before; a segment's last piece shorter than
+``min_size`` joins the piece before it when both fit in ``max_size``. The
+stream itself is the same tar stream: only the cut points differ, so nodes
+unpack such capsules exactly as before.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +43,11 @@ class ChunkParams:
     min_size: int = 256 * 1024
     avg_size: int = 1024 * 1024
     max_size: int = 4 * 1024 * 1024
+    # Member cuts (see the module docstring). False: plain CDC over the stream, the cuts (and so the
+    # version ids) of capsules imported before 2026-12; their manifests keep the old chunker meta.
+    members: bool = True
+    solo_min: int = 64 * 1024  # a regular file this large gets chunks of its own
+    join_max: int = 16 * 1024  # a piece this small before a solo file's header joins the header's chunk
 
     def validate(self) -> None:
         if not 64 <= self.min_size <= self.avg_size <= self.max_size:
@@ -39,10 +59,16 @@ class ChunkParams:
             raise CapsuleError("chunk sizes too large: min <= 1 MiB, avg <= 4 MiB, max <= 16 MiB")
         if self.max_size < 1024 or self.avg_size < 256:
             raise CapsuleError("chunk sizes too small: avg >= 256 B, max >= 1 KiB")
+        if self.members and (self.solo_min < 512 or self.join_max < 0):
+            raise CapsuleError(f"member cuts need solo_min >= 512 (got {self.solo_min}) and join_max >= 0 "
+                               f"(got {self.join_max})")
 
     def as_meta(self) -> dict[str, Any]:
-        return {"algorithm": "fastcdc2020", "min": self.min_size, "avg": self.avg_size,
-                "max": self.max_size, "normalization": 1, "seed": 0}
+        meta: dict[str, Any] = {"algorithm": "fastcdc2020", "min": self.min_size, "avg": self.avg_size,
+                                "max": self.max_size, "normalization": 1, "seed": 0}
+        if self.members:  # absent for plain CDC, so those manifests keep their bytes (and ids)
+            meta["members"] = {"solo_min": self.solo_min, "join_max": self.join_max, "tail_merge": True}
+        return meta
 
 
 class Block:
@@ -57,6 +83,11 @@ class Block:
         self.retired = False  # the cutter has moved on to another block
 
 
+# Forced cut points, in stream offsets and in stream order: (offset, soft). A hard one is always a
+# cut; a soft one only if the piece that would end there is longer than ChunkParams.join_max.
+Boundaries = deque[tuple[int, bool]]
+
+
 class ChunkCutter:
     """FastCDC cuts of a stream, read into large recycled blocks.
 
@@ -67,12 +98,18 @@ class ChunkCutter:
     read, and it moves its unread tail to the front of its buffer after every chunk.)
     Only the partial chunk at the end of a block is copied, into the next block. Blocks
     return to a free list once all their chunks are released: memory stays at a few blocks.
+
+    With ``boundaries`` (filled by the stream before it produces the bytes they point into,
+    see ArchiveStream), each stretch between two boundaries is cut on its own as if it were
+    a whole stream, so the cuts still do not depend on the block size or on short reads.
     """
 
-    def __init__(self, stream: ReadInto, params: ChunkParams, block_size: int = 0) -> None:
+    def __init__(self, stream: ReadInto, params: ChunkParams, block_size: int = 0,
+                 boundaries: Boundaries | None = None) -> None:
         params.validate()
         self.params = params
         self.stream = stream
+        self.boundaries = boundaries
         self.block_size = max(block_size or 16 << 20, 4 * params.max_size)
         self.cdc = FastCDC(params.avg_size, min_size=params.min_size, max_size=params.max_size,
                            normalized_chunking=1, seed=0)
@@ -98,10 +135,25 @@ class ChunkCutter:
         if b.refs == 0 and b.retired:
             self._free.append(b)
 
+    def _segment(self, view: memoryview, soft: bool) -> list[int]:
+        """The piece lengths of a whole segment (it ends at a boundary or at the end of the stream);
+        with a soft boundary, the last piece is left out when it is short enough to join the next."""
+        pieces = [c.length for c in self.cdc.cut_buf(view)]
+        if self.boundaries is None:
+            return pieces
+        p = self.params
+        if len(pieces) >= 2 and pieces[-1] < p.min_size and pieces[-2] + pieces[-1] <= p.max_size:
+            pieces[-2:] = [pieces[-2] + pieces[-1]]
+        if soft and pieces and pieces[-1] <= p.join_max:
+            pieces.pop()
+        return pieces
+
     def __iter__(self) -> Iterator[tuple[memoryview, Block]]:
         max_size, size = self.params.max_size, self.block_size
+        bounds = self.boundaries
         cur = self._take()
         pos = filled = 0
+        base = 0  # stream offset of cur.view[0]
         eof = False
         while True:
             if not eof:
@@ -109,6 +161,7 @@ class ChunkCutter:
                     nxt = self._take()
                     nxt.view[:filled - pos] = cur.view[pos:filled]
                     self._retire(cur)
+                    base += pos
                     cur, filled, pos = nxt, filled - pos, 0
                 while filled < size:
                     n = self.stream.readinto(cur.view[filled:])
@@ -118,10 +171,23 @@ class ChunkCutter:
                     filled += n
             if pos == filled:
                 break
-            # Take only cuts that saw max_size bytes (or the end of the stream), as cut_stream does.
-            last = filled if eof else filled - max_size
+            end, final, soft = filled, eof, False
+            if bounds is not None:
+                while bounds and bounds[0][0] <= base + pos:
+                    bounds.popleft()  # a cut is already there (two boundaries at one offset)
+                if bounds and bounds[0][0] - base <= filled:
+                    offset, soft = bounds.popleft()
+                    end, final = offset - base, True
+            if final:  # the segment is whole in the block: cut it like a stream of its own
+                for n in self._segment(cur.view[pos:end], soft):
+                    cur.refs += 1
+                    yield cur.view[pos:pos + n], cur
+                    pos += n
+                continue
+            # Take only cuts that saw max_size bytes, as cut_stream does (the boundary is further).
+            last = filled - max_size
             cuts = self.cdc.cut_buf(cur.view[pos:filled])
-            while pos <= last and pos < filled:
+            while pos <= last:
                 n = next(cuts).length
                 cur.refs += 1
                 yield cur.view[pos:pos + n], cur
