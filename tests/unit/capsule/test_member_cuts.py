@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from bootd import config
 from bootd.capsule.archive import ArchiveStream, walk_directory
 from bootd.capsule.chunker import ChunkCutter, ChunkParams
 from bootd.capsule.importer import ImportOptions, import_capsule
 from bootd.capsule.objects import CapsuleStore
+from bootd.cli.capsule import import_options
 from tests.unit.capsule.test_archive import archive_bytes
 from tests.unit.capsule.test_chunker import Dribble
 from tests.unit.capsule.trees import fix_times, text_bytes
@@ -99,6 +101,13 @@ def test_plain_cuts_keep_their_meta_and_ids(mixed: Path, tmp_path: Path) -> None
     a = import_capsule(CapsuleStore(tmp_path / "s1"), "t", mixed, options=ImportOptions(chunk=old, durable=False))
     b = import_capsule(CapsuleStore(tmp_path / "s2"), "t", mixed, options=ImportOptions(chunk=PARAMS, durable=False))
     assert a.version != b.version and a.raw_size == b.raw_size  # same stream, other cuts
+
+
+def test_config_chooses_the_cutting(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text('[capsule]\nchunk_cut = "stream"\n')
+    (tmp_path / "b.toml").write_text("")
+    old, new = (import_options(config.load(tmp_path / f"{n}.toml")).chunk for n in "ab")
+    assert not old.members and "members" not in old.as_meta() and new.members and new.as_meta()["members"]
 
 
 def test_same_tree_same_id_and_chunks(mixed: Path, tmp_path: Path) -> None:
