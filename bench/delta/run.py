@@ -217,21 +217,62 @@ def synthetic(args: argparse.Namespace, work: Path) -> int:
     return 1 if failed else 0
 
 
+def real_changes(root: Path) -> list[Change]:
+    """Metadata changes in an unpacked real tree: a large file, a small one, a directory (middle by name)."""
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()]
+    big = [p for p in files if p.stat().st_size >= ChunkParams().solo_min]
+    small = [p for p in files if p.stat().st_size < ChunkParams().solo_min]
+    dirs = [p for p in sorted(root.rglob("*")) if p.is_dir() and not p.is_symlink()]
+    out = []
+    for what, p in (("large file", big[len(big) // 2]), ("small file", small[len(small) // 2])):
+        mode = p.stat().st_mode & 0o7777
+        out.append(Change(f"chmod {what} /{p.relative_to(root)} ({p.stat().st_size / KiB:.0f} KiB)",
+                          lambda p=p, m=mode: p.chmod(m ^ 0o001), lambda p=p, m=mode: p.chmod(m)))
+    d = dirs[len(dirs) // 2]
+    t = int(d.stat().st_mtime)
+    out.append(Change(f"mtime of directory /{d.relative_to(root)}/", lambda: os.utime(d, (t + 3600, t + 3600)),
+                      lambda: os.utime(d, (t, t))))
+    return out
+
+
 def real(args: argparse.Namespace, work: Path) -> int:
     old, new = (Path(p) for p in args.real)
     print(f"real tree: {old} -> {new}")
     print(f"\n{'cutting':<22}{'import s':>9}{'chunks':>8}{'stored':>12}{'manifest':>11}{'update stores':>15}"
           f"{'share':>8}{'chunks new':>12}")
+    bases: dict[str, tuple[Path, str]] = {}
     for label, params in CUTS.items():
         store = CapsuleStore(work / f"real-{label.split()[0]}")
         t, a = timed_import(store, old, params)
-        b = import_capsule(store, "t", new, options=ImportOptions(chunk=params))
-        man = store.manifest_path(b.version).stat().st_size
-        upd = stored_bytes(store, b)
+        bases[label] = (store.root, a.version)
+        clone = clone_store(store.root, work / f"real-upd-{label.split()[0]}")
+        b = import_capsule(clone, "t", new, options=ImportOptions(chunk=params))
+        man = clone.manifest_path(b.version).stat().st_size
+        upd = stored_bytes(clone, b)
         print(f"{label:<22}{t:>9.2f}{a.chunks:>8}{fmt(a.stored_size):>12}{fmt(man):>11}{fmt(upd):>15}"
               f"{100 * upd / b.stored_size:>7.2f}%{b.new_chunks:>6} of {b.chunks}")
     print(f"tar | zstd -3 of the new tree: {fmt(zstd_size(new))}; zstd --patch-from old: "
           f"{fmt(patch_size(old, new))}")
+    tree = work / "tree"
+    tree.mkdir()
+    subprocess.run(["tar", "-C", str(tree), "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", str(old)],
+                   check=True)
+    print(f"\n{'metadata change in ' + old.name:<64}{'stream CDC':>13}{'member cuts':>13}")
+    for n, ch in enumerate(real_changes(tree)):
+        ch.apply()
+        try:
+            got = []
+            for label, params in CUTS.items():
+                store = clone_store(bases[label][0], work / f"real-meta-{n}-{label.split()[0]}")
+                got.append(stored_bytes(store, import_capsule(store, "t", tree,
+                                                              options=ImportOptions(chunk=params, durable=False))))
+        finally:
+            ch.undo()
+        print(f"{ch.name:<64}{fmt(got[0]):>13}{fmt(got[1]):>13}")
+    for label, params in CUTS.items():  # the unpacked tree archives as the tar did: same id
+        store = clone_store(bases[label][0], work / f"real-same-{label.split()[0]}")
+        r = import_capsule(store, "t", tree, options=ImportOptions(chunk=params, durable=False))
+        print(f"{label}: the unpacked tree gives the same version id as the tar: {r.version == bases[label][1]}")
     return 0
 
 

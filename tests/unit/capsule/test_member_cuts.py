@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import random
@@ -101,6 +102,27 @@ def test_plain_cuts_keep_their_meta_and_ids(mixed: Path, tmp_path: Path) -> None
     a = import_capsule(CapsuleStore(tmp_path / "s1"), "t", mixed, options=ImportOptions(chunk=old, durable=False))
     b = import_capsule(CapsuleStore(tmp_path / "s2"), "t", mixed, options=ImportOptions(chunk=PARAMS, durable=False))
     assert a.version != b.version and a.raw_size == b.raw_size  # same stream, other cuts
+
+
+def golden_tar(path: Path) -> Path:
+    """A tar with fixed owners and times, so its version id is the same for every user and machine."""
+    rng = random.Random(4)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(30):
+            data = rng.randbytes(int(2 ** rng.uniform(6, 19)))
+            ti = tarfile.TarInfo(f"d{i % 3}/f{i:02d}")
+            ti.size, ti.mtime, ti.mode = len(data), 1_700_000_000, 0o644
+            tf.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def test_stream_cuts_give_the_ids_of_earlier_bootd(tmp_path: Path) -> None:
+    """chunk_cut = "stream" keeps the version ids of capsules imported before member cuts: this id is
+    what bootd 4f4762a (the last commit without member cuts) gives this tar."""
+    params = ChunkParams(16 * KiB, 64 * KiB, 256 * KiB, members=False)
+    r = import_capsule(CapsuleStore(tmp_path / "s"), "g", golden_tar(tmp_path / "g.tar"),
+                       options=ImportOptions(chunk=params, durable=False))
+    assert (r.version, r.chunks) == ("7b4a89068183c30bb577e10f96b9ffbaedbdf8d737ec4ef34fdf44b38ba426f0", 12)
 
 
 def test_config_chooses_the_cutting(tmp_path: Path) -> None:
