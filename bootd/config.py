@@ -135,7 +135,7 @@ class CapsuleConfig:
     chunk_min: int = 256 * 1024
     chunk_avg: int = 1024 * 1024
     chunk_max: int = 4 * 1024 * 1024
-    # "members": files of 64 KiB or more get chunks of their own (cheap metadata changes and inserts);
+    # "members": files of chunk_min bytes or more get chunks of their own (cheap metadata changes and inserts);
     # "stream": plain CDC over the archive, the cuts (and version ids) of imports before 2026-12.
     chunk_cut: str = "members"
     keep_versions: int = 5

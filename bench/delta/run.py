@@ -220,8 +220,8 @@ def synthetic(args: argparse.Namespace, work: Path) -> int:
 def real_changes(root: Path) -> list[Change]:
     """Metadata changes in an unpacked real tree: a large file, a small one, a directory (middle by name)."""
     files = [p for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()]
-    big = [p for p in files if p.stat().st_size >= ChunkParams().solo_min]
-    small = [p for p in files if p.stat().st_size < ChunkParams().solo_min]
+    big = [p for p in files if p.stat().st_size >= ChunkParams().solo]
+    small = [p for p in files if p.stat().st_size < ChunkParams().solo]
     dirs = [p for p in sorted(root.rglob("*")) if p.is_dir() and not p.is_symlink()]
     out = []
     for what, p in (("large file", big[len(big) // 2]), ("small file", small[len(small) // 2])):

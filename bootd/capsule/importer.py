@@ -371,7 +371,7 @@ def _stage_chunks(
     workers = opts.workers or os.cpu_count() or 2
     refs: list[ChunkRef] = []
     new: set[str] = set()
-    stream = ArchiveStream(iter(entries), solo_min=opts.chunk.solo_min if opts.chunk.members else 0)
+    stream = ArchiveStream(iter(entries), solo_min=opts.chunk.solo if opts.chunk.members else 0)
     staging_chunks, store_chunks = str(staging.chunks_dir), str(staging.store.chunks_dir)
     direct = direct_io_works(str(staging.dir))
     io = _DiskIO(opts.durable, direct)

@@ -46,7 +46,7 @@ def cut(root: Path, params: ChunkParams, block_size: int = 0, seed: int = 0) -> 
     Here the whole stream is read (and all boundaries known) before cutting; the importer cuts as
     it reads. The cutter must not care: it only needs a boundary before the bytes it points into.
     """
-    stream = ArchiveStream(iter(walk_directory(root)), solo_min=params.solo_min)
+    stream = ArchiveStream(iter(walk_directory(root)), solo_min=params.solo)
     data = archive_bytes(stream)
     cutter = ChunkCutter(Dribble(data, random.Random(seed)), params, block_size=block_size,
                          boundaries=stream.boundaries)
@@ -73,7 +73,7 @@ def test_solo_files_have_their_own_chunks_and_headers_stay_small(mixed: Path, tm
     solo = 0
     with tarfile.open(archive) as tf:
         for m in tf.getmembers():
-            if not (m.isreg() and m.size >= PARAMS.solo_min):
+            if not (m.isreg() and m.size >= PARAMS.solo):
                 continue
             solo += 1
             end = m.offset_data + m.size + (-m.size % 512)
@@ -150,7 +150,7 @@ def test_same_tree_same_id_and_chunks(mixed: Path, tmp_path: Path) -> None:
 # ---- the issue's byte targets, on the bench's tree scaled down 10x (bench/delta runs the full size)
 
 SCALE = 10
-SCALED = ChunkParams(256 * KiB // 8, MiB // 8, 4 * MiB // 8, solo_min=64 * KiB // SCALE, join_max=16 * KiB // SCALE)
+SCALED = ChunkParams(256 * KiB // 8, MiB // 8, 4 * MiB // 8, join_max=16 * KiB // SCALE)  # solo: min_size
 PLAIN = ChunkParams(SCALED.min_size, SCALED.avg_size, SCALED.max_size, members=False)
 
 
