@@ -71,12 +71,14 @@ def test_solo_files_have_their_own_chunks_and_headers_stay_small(mixed: Path, tm
     archive = tmp_path / "a.tar"
     archive.write_bytes(data)
     solo = 0
+    data_spans = []  # (start, end) of every solo file's data
     with tarfile.open(archive) as tf:
         for m in tf.getmembers():
             if not (m.isreg() and m.size >= PARAMS.solo):
                 continue
             solo += 1
             end = m.offset_data + m.size + (-m.size % 512)
+            data_spans.append((m.offset_data, end))
             assert m.offset_data in starts and end in starts, m.name  # data starts and ends a chunk
             head = max(s for s in starts if s <= m.offset)  # the chunk holding the (first) header
             assert m.offset_data - head <= PARAMS.join_max + (m.offset_data - m.offset), m.name
@@ -87,6 +89,11 @@ def test_solo_files_have_their_own_chunks_and_headers_stay_small(mixed: Path, tm
             if len(pieces) > 1 and pieces[-1] < PARAMS.min_size:
                 assert pieces[-2] + pieces[-1] > PARAMS.max_size
     assert solo >= 20
+    # Chunks of the runs of small members between solo files are cut with the smaller run sizes.
+    data_starts = {a for a, _ in data_spans}
+    chunks = list(itertools.pairwise(sorted(starts)))
+    runs = [b - a for a, b in chunks if b not in data_starts and not any(s <= a < e for s, e in data_spans)]
+    assert runs and max(runs) <= PARAMS.run_sizes()[2] < PARAMS.max_size
 
 
 @pytest.mark.parametrize("block_size", [0, 4 * 256 * KiB + 1, 7 << 20])
