@@ -181,13 +181,19 @@ class ArchiveStream:
     size, the stream offsets of its header (soft), of its data and of the end of its
     data and padding (hard), for the chunker's member cuts (chunker.py). They are
     appended when the header is queued, so before any byte they point into is read.
+    The soft one moves back over the headers of members without data (directories,
+    links, empty files) right before it, as far as ``join_max`` bytes: a directory
+    then shares the small chunk of the file header after it, not a run's chunk.
     """
 
-    def __init__(self, entries: Iterator[Entry], solo_min: int = 0) -> None:
+    def __init__(self, entries: Iterator[Entry], solo_min: int = 0, join_max: int = 0) -> None:
         self._entries = entries
         self.solo_min = solo_min
+        self.join_max = join_max
         self.boundaries: deque[tuple[int, bool]] = deque()
         self._queued = 0  # stream offset just after everything queued so far
+        # Starts of the members without data queued since the last one with data, at most join_max back.
+        self._bare: deque[int] = deque()
         self._pending = memoryview(b"")
         self._file: BinaryIO | None = None
         self._file_left = 0
@@ -215,13 +221,19 @@ class ArchiveStream:
             data = self._queued
             self._queued += e.size + _padding(e.size)
             if self.solo_min and e.size >= self.solo_min:
-                self.boundaries.extend(((start, True), (data, False), (self._queued, False)))
+                soft = next((s for s in self._bare if start - s <= self.join_max), start)
+                self.boundaries.extend(((soft, True), (data, False), (self._queued, False)))
+            self._bare.clear()
             if e.opener is None:
                 raise CapsuleError(f"no content for {e.path!r}")
             self._file = e.opener()
             self._file_left = e.size
             self._file_pad = _padding(e.size)
             self._file_name = e.path
+        elif self.solo_min:
+            self._bare.append(start)
+            while start - self._bare[0] > self.join_max:
+                self._bare.popleft()
         return True
 
     def readinto(self, buf: memoryview) -> int:

@@ -371,7 +371,8 @@ def _stage_chunks(
     workers = opts.workers or os.cpu_count() or 2
     refs: list[ChunkRef] = []
     new: set[str] = set()
-    stream = ArchiveStream(iter(entries), solo_min=opts.chunk.solo if opts.chunk.members else 0)
+    members = opts.chunk.members
+    stream = ArchiveStream(iter(entries), solo_min=opts.chunk.solo if members else 0, join_max=opts.chunk.join_max)
     staging_chunks, store_chunks = str(staging.chunks_dir), str(staging.store.chunks_dir)
     direct = direct_io_works(str(staging.dir))
     io = _DiskIO(opts.durable, direct)

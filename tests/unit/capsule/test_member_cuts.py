@@ -46,7 +46,7 @@ def cut(root: Path, params: ChunkParams, block_size: int = 0, seed: int = 0) -> 
     Here the whole stream is read (and all boundaries known) before cutting; the importer cuts as
     it reads. The cutter must not care: it only needs a boundary before the bytes it points into.
     """
-    stream = ArchiveStream(iter(walk_directory(root)), solo_min=params.solo)
+    stream = ArchiveStream(iter(walk_directory(root)), solo_min=params.solo, join_max=params.join_max)
     data = archive_bytes(stream)
     cutter = ChunkCutter(Dribble(data, random.Random(seed)), params, block_size=block_size,
                          boundaries=stream.boundaries)
@@ -80,8 +80,10 @@ def test_solo_files_have_their_own_chunks_and_headers_stay_small(mixed: Path, tm
             end = m.offset_data + m.size + (-m.size % 512)
             data_spans.append((m.offset_data, end))
             assert m.offset_data in starts and end in starts, m.name  # data starts and ends a chunk
-            head = max(s for s in starts if s <= m.offset)  # the chunk holding the (first) header
-            assert m.offset_data - head <= PARAMS.join_max + (m.offset_data - m.offset), m.name
+            # The chunk holding its (first) header: at most join_max of a run, join_max of headers of
+            # members without data (directories, links), and its own header.
+            head = max(s for s in starts if s <= m.offset)
+            assert m.offset_data - head <= 2 * PARAMS.join_max + (m.offset_data - m.offset), m.name
             inside = sorted(s for s in starts if m.offset_data <= s <= end)
             pieces = [b - a for a, b in itertools.pairwise(inside)]
             # A short last piece joins the one before it whenever both fit in max_size.
@@ -196,3 +198,23 @@ def test_update_bounds(tmp_path: Path, change: str) -> None:
         got[members] = added(store, root, params)
     print(f"{change}: {got[True]} B with member cuts, {got[False]} B with plain cuts, bound {bound} B")
     assert got[True] <= bound and got[True] < got[False]
+
+
+def test_directory_headers_share_the_next_solo_header_chunk(tmp_path: Path) -> None:
+    """A directory right before a solo file is archived in that file's small header chunk, also when
+    small files with data come before it (they stay in their run)."""
+    root = tmp_path / "t"
+    rng = random.Random(9)
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "small").write_bytes(rng.randbytes(40 * KiB))
+    for d in ("b", "b/c"):
+        (root / d).mkdir()
+    (root / "b" / "c" / "big").write_bytes(rng.randbytes(600 * KiB))
+    fix_times(root)
+    data, lengths = cut(root, PARAMS)
+    offsets = list(itertools.accumulate([0, *lengths]))
+    chunk_of = {data.index(name + b"\0"): name for name in (b"./b/", b"./b/c/", b"./b/c/big")}
+    starts_before = {name: max(o for o in offsets if o <= at) for at, name in chunk_of.items()}
+    assert starts_before[b"./b/"] == starts_before[b"./b/c/"] == starts_before[b"./b/c/big"]
+    first = offsets.index(starts_before[b"./b/"])
+    assert lengths[first] <= 3 * 512  # three headers, nothing else
