@@ -238,19 +238,28 @@ def real_changes(root: Path) -> list[Change]:
 def real(args: argparse.Namespace, work: Path) -> int:
     old, new = (Path(p) for p in args.real)
     print(f"real tree: {old} -> {new}")
-    print(f"\n{'cutting':<22}{'import s':>9}{'chunks':>8}{'stored':>12}{'manifest':>11}{'update stores':>15}"
+    print(f"\n{'cutting':<22}{'median s':>9}{'chunks':>8}{'stored':>12}{'manifest':>11}{'update stores':>15}"
           f"{'share':>8}{'chunks new':>12}")
     bases: dict[str, tuple[Path, str]] = {}
+    timings: dict[str, list[float]] = {k: [] for k in CUTS}
+    subprocess.run(["cat", str(old), str(new)], check=True, stdout=subprocess.DEVNULL)  # warm the page cache
+    for i in range(args.runs):  # interleaved, each into a fresh store
+        for label, params in CUTS.items():
+            store = CapsuleStore(work / f"real-{i}-{label.split()[0]}")
+            t, a = timed_import(store, old, params)
+            timings[label].append(t)
+            bases.setdefault(label, (store.root, a.version))
     for label, params in CUTS.items():
-        store = CapsuleStore(work / f"real-{label.split()[0]}")
-        t, a = timed_import(store, old, params)
-        bases[label] = (store.root, a.version)
+        store = CapsuleStore(bases[label][0])
+        a = store.load_manifest(bases[label][1])
+        t = statistics.median(timings[label])
         clone = clone_store(store.root, work / f"real-upd-{label.split()[0]}")
         b = import_capsule(clone, "t", new, options=ImportOptions(chunk=params))
         man = clone.manifest_path(b.version).stat().st_size
         upd = stored_bytes(clone, b)
-        print(f"{label:<22}{t:>9.2f}{a.chunks:>8}{fmt(a.stored_size):>12}{fmt(man):>11}{fmt(upd):>15}"
-              f"{100 * upd / b.stored_size:>7.2f}%{b.new_chunks:>6} of {b.chunks}")
+        print(f"{label:<22}{t:>9.2f}{len(a.chunks):>8}{fmt(a.stored_size):>12}{fmt(man):>11}{fmt(upd):>15}"
+              f"{100 * upd / b.stored_size:>7.2f}%{b.new_chunks:>6} of {b.chunks}   import runs "
+              f"{[round(x, 1) for x in timings[label]]}")
     print(f"tar | zstd -3 of the new tree: {fmt(zstd_size(new))}; zstd --patch-from old: "
           f"{fmt(patch_size(old, new))}")
     tree = work / "tree"
