@@ -179,6 +179,9 @@ class CapsuleConfig:
     chunk_min: int = 256 * 1024
     chunk_avg: int = 1024 * 1024
     chunk_max: int = 4 * 1024 * 1024
+    # "members": files of chunk_min bytes or more get chunks of their own (cheap metadata changes and inserts);
+    # "stream": plain CDC over the archive, the cuts (and version ids) of imports before 2026-12.
+    chunk_cut: str = "members"
     keep_versions: int = 5
     build_cache: Path = Path("/var/lib/bootd/build-cache")
     # Where the admin API may import from and read recipes in (absolute directories); none: refused.
@@ -698,6 +701,7 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         chunk_min=c.integer("chunk_min", CapsuleConfig.chunk_min, 64, 64 * 1024 * 1024),
         chunk_avg=c.integer("chunk_avg", CapsuleConfig.chunk_avg, 256, 64 * 1024 * 1024),
         chunk_max=c.integer("chunk_max", CapsuleConfig.chunk_max, 1024, 256 * 1024 * 1024),
+        chunk_cut=c.choice("chunk_cut", CapsuleConfig.chunk_cut, ("members", "stream")),
         keep_versions=c.integer("keep_versions", CapsuleConfig.keep_versions, 1, 10_000),
         build_cache=c.path("build_cache", state_dir / "build-cache"),
         import_dirs=_dirs(c, "import_dirs"),

@@ -38,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bootd.capsule.chunker import ChunkParams
 from bootd.capsule.importer import ImportOptions, import_capsule
 from bootd.capsule.objects import CapsuleStore
 
@@ -124,12 +125,13 @@ def run_peer(root: Path) -> tuple[float, float, int]:
 
 
 def run_bootd(root: Path, store_dir: Path, durable: bool, processes: bool,
-              delete_first: bool) -> tuple[float, float, int, int]:
+              delete_first: bool, members: bool = True) -> tuple[float, float, int, int]:
     if delete_first:
         shutil.rmtree(store_dir, ignore_errors=True)
     store = CapsuleStore(store_dir)
     t, c = time.perf_counter(), _cpu()
-    r = import_capsule(store, "bench", root, options=ImportOptions(durable=durable, processes=processes))
+    r = import_capsule(store, "bench", root, options=ImportOptions(chunk=ChunkParams(members=members),
+                                                                   durable=durable, processes=processes))
     return time.perf_counter() - t, _cpu() - c, r.raw_size, r.stored_size
 
 
@@ -143,6 +145,8 @@ def main() -> int:
     ap.add_argument("--no-fsync", action="store_true", help="skip fsync of staged files (not the default)")
     ap.add_argument("--delete-between", action="store_true",
                     help="one store, removed right before each import (the old way; see above)")
+    ap.add_argument("--stream-cuts", action="store_true",
+                    help="also import with plain CDC cuts (chunk_cut = stream, before member cuts), interleaved")
     ap.add_argument("--keep-stores", action="store_true",
                     help="leave the stores at the end (for back-to-back runs; remove them later)")
     args = ap.parse_args()
@@ -172,7 +176,8 @@ def main() -> int:
     peer_t: list[float] = []
     ours_t: list[float] = []
     proc_t: list[float] = []
-    cpu: dict[str, list[float]] = {"peer": [], "threads": [], "processes": []}
+    stream_t: list[float] = []
+    cpu: dict[str, list[float]] = {"peer": [], "threads": [], "processes": [], "stream": []}
     peer_out = raw = stored = 0
     load = [os.getloadavg()[0]]
     def store_for(i: int, mode: str) -> Path:
@@ -191,6 +196,11 @@ def main() -> int:
                                         processes=True, delete_first=args.delete_between)
         proc_t.append(bt)
         cpu["processes"].append(bc)
+        if args.stream_cuts:
+            bt, bc, _, stream_stored = run_bootd(root, store_for(i, "stream"), durable=not args.no_fsync,
+                                                 processes=False, delete_first=args.delete_between, members=False)
+            stream_t.append(bt)
+            cpu["stream"].append(bc)
         load.append(os.getloadavg()[0])
     peer_mbs = size / statistics.median(peer_t) / 1e6
     ours_mbs = size / statistics.median(ours_t) / 1e6
@@ -217,10 +227,13 @@ def main() -> int:
         ("bootd import (threads)", ours_t, ours_mbs, raw / stored, cpu["threads"]),
         ("bootd import (processes)", proc_t, proc_mbs, raw / stored, cpu["processes"]),
     ]
-    print(f"\n{'tool':<26}{'median s':>10}{'MB/s':>9}{'ratio vs peer':>15}{'best s':>8}{'best ratio':>12}"
+    if stream_t:
+        rows.append(("bootd, stream cuts (threads)", stream_t, size / statistics.median(stream_t) / 1e6,
+                     raw / stream_stored, cpu["stream"]))
+    print(f"\n{'tool':<29}{'median s':>10}{'MB/s':>9}{'ratio vs peer':>15}{'best s':>8}{'best ratio':>12}"
           f"{'compression':>13}{'CPU s':>8}")
     for name, times, mbs, comp, c in rows:
-        print(f"{name:<26}{statistics.median(times):>10.2f}{mbs:>9.0f}{mbs / peer_mbs:>15.2f}"
+        print(f"{name:<29}{statistics.median(times):>10.2f}{mbs:>9.0f}{mbs / peer_mbs:>15.2f}"
               f"{min(times):>8.2f}{min(peer_t) / min(times):>12.2f}{comp:>13.2f}{statistics.median(c):>8.2f}")
     print(f"\nruns (s): peer {[round(x, 2) for x in peer_t]}  threads {[round(x, 2) for x in ours_t]}  "
           f"processes {[round(x, 2) for x in proc_t]}")

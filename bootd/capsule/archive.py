@@ -32,6 +32,7 @@ import re
 import stat
 import tarfile
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,10 +176,24 @@ class ArchiveStream:
     File contents are read straight into the caller's buffer (the chunker's), so
     the stream is produced without an intermediate copy and without holding more
     than one buffer of the archive in memory.
+
+    With ``solo_min``, ``boundaries`` gets, for every regular file of at least that
+    size, the stream offsets of its header (soft), of its data and of the end of its
+    data and padding (hard), for the chunker's member cuts (chunker.py). They are
+    appended when the header is queued, so before any byte they point into is read.
+    The soft one moves back over the headers of members without data (directories,
+    links, empty files) right before it, as far as ``join_max`` bytes: a directory
+    then shares the small chunk of the file header after it, not a run's chunk.
     """
 
-    def __init__(self, entries: Iterator[Entry]) -> None:
+    def __init__(self, entries: Iterator[Entry], solo_min: int = 0, join_max: int = 0) -> None:
         self._entries = entries
+        self.solo_min = solo_min
+        self.join_max = join_max
+        self.boundaries: deque[tuple[int, bool]] = deque()
+        self._queued = 0  # stream offset just after everything queued so far
+        # Starts of the members without data queued since the last one with data, at most join_max back.
+        self._bare: deque[int] = deque()
         self._pending = memoryview(b"")
         self._file: BinaryIO | None = None
         self._file_left = 0
@@ -198,14 +213,27 @@ class ArchiveStream:
             self._pending = memoryview(b"\0" * (2 * BLOCK))
             return True
         self.files += 1
-        self._pending = memoryview(entry_header(e))
+        header = entry_header(e)
+        self._pending = memoryview(header)
+        start = self._queued
+        self._queued += len(header)
         if e.kind == REG and e.size > 0:
+            data = self._queued
+            self._queued += e.size + _padding(e.size)
+            if self.solo_min and e.size >= self.solo_min:
+                soft = next((s for s in self._bare if start - s <= self.join_max), start)
+                self.boundaries.extend(((soft, True), (data, False), (self._queued, False)))
+            self._bare.clear()
             if e.opener is None:
                 raise CapsuleError(f"no content for {e.path!r}")
             self._file = e.opener()
             self._file_left = e.size
             self._file_pad = _padding(e.size)
             self._file_name = e.path
+        elif self.solo_min:
+            self._bare.append(start)
+            while start - self._bare[0] > self.join_max:
+                self._bare.popleft()
         return True
 
     def readinto(self, buf: memoryview) -> int:

@@ -371,7 +371,8 @@ def _stage_chunks(
     workers = opts.workers or os.cpu_count() or 2
     refs: list[ChunkRef] = []
     new: set[str] = set()
-    stream = ArchiveStream(iter(entries))
+    members = opts.chunk.members
+    stream = ArchiveStream(iter(entries), solo_min=opts.chunk.solo if members else 0, join_max=opts.chunk.join_max)
     staging_chunks, store_chunks = str(staging.chunks_dir), str(staging.store.chunks_dir)
     direct = direct_io_works(str(staging.dir))
     io = _DiskIO(opts.durable, direct)
@@ -379,7 +380,7 @@ def _stage_chunks(
     try:
         if opts.processes:
             results = run_process_pool(
-                _copied_chunks(ChunkCutter(stream, opts.chunk)), workers=workers, max_chunk=opts.chunk.max_size,
+                _copied_chunks(cutter_of(stream, opts.chunk)), workers=workers, max_chunk=opts.chunk.max_size,
                 level=opts.zstd_level, staging_chunks=staging_chunks, store_chunks=store_chunks,
                 close_fds=(staging.lock_fd,), direct=direct, on_chunk=progress)
         else:
@@ -412,7 +413,7 @@ def _run_thread_pool(
                                                       write_checksum=False)
         return compress_and_stage(raw, cctx, staging_chunks, store_chunks, stage)
 
-    cutter = ChunkCutter(stream, opts.chunk)
+    cutter = cutter_of(stream, opts.chunk)
     inflight: deque[tuple[Future[tuple[str, int, int, bool]], Block]] = deque()
     limit = 2 * workers + 2
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capsule-zstd") as pool:
@@ -432,6 +433,11 @@ def _run_thread_pool(
         finally:
             for fut, _ in inflight:
                 fut.cancel()
+
+
+def cutter_of(stream: ArchiveStream, params: ChunkParams) -> ChunkCutter:
+    """The cutter of an archive stream: with member cuts, at the boundaries the stream reports."""
+    return ChunkCutter(stream, params, boundaries=stream.boundaries if params.members else None)
 
 
 def _copied_chunks(cutter: ChunkCutter) -> Iterator[memoryview]:

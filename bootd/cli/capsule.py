@@ -73,9 +73,10 @@ def _bar(desc: str, total: int | None) -> Iterator[tuple[Callable[[int], None], 
         yield update, set_total
 
 
-def _options(config: Config) -> ImportOptions:
+def import_options(config: Config) -> ImportOptions:
     c = config.capsule
-    return ImportOptions(chunk=ChunkParams(c.chunk_min, c.chunk_avg, c.chunk_max), zstd_level=c.zstd_level,
+    chunk = ChunkParams(c.chunk_min, c.chunk_avg, c.chunk_max, members=c.chunk_cut == "members")
+    return ImportOptions(chunk=chunk, zstd_level=c.zstd_level,
                          stage1_releases=stage1_releases(config))
 
 
@@ -112,7 +113,7 @@ def capsule_import(args: argparse.Namespace, config: Config) -> int:
     report = HygieneReport()
     with _bar(f"import {args.name}", None) as (update, set_total):
         result = import_capsule(_store(config), args.name, Path(args.source),
-                                kernel=Path(args.kernel) if args.kernel else None, options=_options(config),
+                                kernel=Path(args.kernel) if args.kernel else None, options=import_options(config),
                                 progress=update, on_total=set_total,
                                 transform=None if args.no_hygiene else transform(report))
     if args.json:
@@ -128,7 +129,7 @@ def capsule_build(args: argparse.Namespace, config: Config) -> int:
     recipe = load_recipe(args.recipe)
     cache = Path(args.cache) if args.cache else config.capsule.build_cache
     with _bar(f"import {args.name}", None) as (update, set_total):
-        built = build_capsule(_store(config), args.name, recipe, cache, options=_options(config),
+        built = build_capsule(_store(config), args.name, recipe, cache, options=import_options(config),
                               progress=update, on_total=set_total)
     if args.json:
         _print_json({**built.result.to_json(), "hygiene": built.hygiene.to_json(),
@@ -144,7 +145,7 @@ def capsule_build(args: argparse.Namespace, config: Config) -> int:
 
 def _exec(args: argparse.Namespace, config: Config, argv: list[str], interactive: bool) -> int:
     with _bar(f"import {args.name}", None) as (update, _):
-        out = exec_in_capsule(_store(config), args.name, argv, interactive=interactive, options=_options(config),
+        out = exec_in_capsule(_store(config), args.name, argv, interactive=interactive, options=import_options(config),
                               progress=update)
     if out.result is None:
         print(f"bootd: error: {' '.join(argv)} exited with status {out.exit_code} in {args.name}; "

@@ -63,6 +63,7 @@ def test_defaults_derive_paths_from_state_dir(tmp_path: Path) -> None:
         ("[tftp]\nmax_blksize = 70000\n", "tftp.max_blksize", "512 to 65464"),
         ('[http]\npublic_url = "ftp://x"\n', "http.public_url", "http://"),
         ("[capsule]\nchunk_min = 4096\nchunk_avg = 1024\n", "capsule.chunk_avg", "chunk_min < chunk_avg"),
+        ('[capsule]\nchunk_cut = "files"\n', "capsule.chunk_cut", "members, stream"),
         ('[dhcp]\ndns = ["1.1.1.1", 5]\n', "dhcp.dns", "IPv4"),
         ("[dhcpd]\n", "dhcpd", "unknown section"),
         ("[server]\ngraceful_timeout = true\n", "server.graceful_timeout", "expected a number"),

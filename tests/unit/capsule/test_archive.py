@@ -23,8 +23,8 @@ from bootd.errors import CapsuleError
 from tests.unit.capsule.trees import fix_times, make_tree
 
 
-def archive_bytes(entries: list[Entry]) -> bytes:
-    stream = ArchiveStream(iter(entries))
+def archive_bytes(entries: list[Entry] | ArchiveStream) -> bytes:
+    stream = entries if isinstance(entries, ArchiveStream) else ArchiveStream(iter(entries))
     out = bytearray()
     buf = bytearray(7777)  # an odd size exercises every boundary in readinto
     mv = memoryview(buf)
