@@ -27,7 +27,7 @@ from bootd.capsule.importer import import_capsule
 from bootd.capsule.objects import CapsuleStore
 from bootd.capsule.recipe import load_recipe
 from bootd.cli import hand_over
-from bootd.cli.capsule import _options
+from bootd.cli.capsule import import_options
 from bootd.config import Config
 from bootd.errors import BootdError
 from bootd.service.jobs import Job, JobSpool, check_source
@@ -79,7 +79,7 @@ def run_job(config: Config, jobs: JobSpool, job: Job) -> None:
             source = check_source(job.args.get("source", ""), dirs)
             hygiene = HygieneReport()
             report.phase("import")
-            result = import_capsule(store, job.args["name"], source, options=_options(config),
+            result = import_capsule(store, job.args["name"], source, options=import_options(config),
                                     progress=report.add, on_total=report.total,
                                     transform=transform(hygiene) if job.args.get("hygiene", True) else None)
             job.result = {**result.to_json(), "hygiene": hygiene.to_json()}
@@ -87,7 +87,7 @@ def run_job(config: Config, jobs: JobSpool, job: Job) -> None:
             recipe = load_recipe(check_source(job.args.get("recipe", ""), dirs, "recipe"))
             report.phase("mmdebstrap")
             built = build_capsule(store, job.args["name"], recipe, config.capsule.build_cache,
-                                  options=_options(config), progress=report.add, on_total=report.total)
+                                  options=import_options(config), progress=report.add, on_total=report.total)
             job.result = {**built.result.to_json(), "hygiene": built.hygiene.to_json(),
                           "mmdebstrap_seconds": round(built.mmdebstrap_seconds, 3)}
         elif job.kind == "gc":
