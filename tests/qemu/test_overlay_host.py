@@ -153,3 +153,22 @@ def test_node_agent_refreshes_the_runtime_overlay(
     assert "overlay runtime unchanged etag=" in out
     assert "note: overlay runtime not applied (retry in 1s): bootd-fetch: GET overlay/runtime" in out, out
     assert not list(root.rglob("*.bootd-new"))
+
+
+def test_stage_one_from_a_static_loader_config_asks_bootd_for_its_boot_line(
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, fetcher: Path) -> None:  # noqa: F811
+    """PXELINUX with one pxelinux.cfg/default for all nodes passes only bootd.url and BOOTIF (IPAPPEND 2):
+    the stage one takes the node's name, capsule and token from bootd's per-node script."""
+    server = loopback_standin()
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(f"console=ttyS0 bootd.url={server.base} BOOTIF=01-52-54-00-00-12-34\n")
+    env = dict(os.environ, BOOTD_HOST_MODE="1", BOOTD_CMDLINE_FILE=str(cmdline), BOOTD_WORK=str(tmp_path / "work"),
+               BOOTD_TARGET=str(tmp_path / "target"), BOOTD_FETCH=str(fetcher))
+    proc = subprocess.run(["busybox", "sh", str(STAGE1_SRC / "agent.sh")], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"BOOTD-STAGE1 boot line from {server.base}/boot: node=n1234 capsule={sample_capsule.vid}" in proc.stderr
+    assert (tmp_path / "target/etc/hostname").read_text() == "n1234\n"
+    env_file = (tmp_path / "target/etc/bootd/node.env").read_text()
+    assert "BOOTD_MAC='52:54:00:00:12:34'" in env_file
+    assert all(e["token_ok"] and e["node"] == "n1234" for e in server.event_lines())
