@@ -113,10 +113,14 @@ def test_node_agent_refreshes_the_runtime_overlay(
     root = tmp_path / "root"
     (root / "etc/bootd-standin").mkdir(parents=True)
     (root / "etc/bootd-standin/runtime").write_text("stale\n")
-    env = dict(os.environ, BOOTD_URL=server.base, BOOTD_NODE="n0042",
-               BOOTD_TOKEN=standin.node_token(b"standin-secret", "n0042"), BOOTD_HEARTBEAT="1",
-               BOOTD_OVERLAY_INTERVAL="1", BOOTD_OVERLAY_ROOT=str(root), BOOTD_AGENT_LIB=str(lib),
-               BOOTD_AGENT_STATE=str(tmp_path / "state"))
+    # As on a node: who it is and the interval come from node.env (shell assignments, not exported).
+    node_env = tmp_path / "node.env"
+    node_env.write_text(f"BOOTD_URL='{server.base}'\nBOOTD_NODE='n0042'\n"
+                        f"BOOTD_TOKEN='{standin.node_token(b'standin-secret', 'n0042')}'\n"
+                        "BOOTD_HEARTBEAT='1'\nBOOTD_OVERLAY_INTERVAL='1'\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOOTD_")}
+    env |= dict(BOOTD_NODE_ENV=str(node_env), BOOTD_OVERLAY_ROOT=str(root), BOOTD_AGENT_LIB=str(lib),
+                BOOTD_AGENT_STATE=str(tmp_path / "state"))
     proc = subprocess.Popen([*shell.split(), str(NODE_AGENT)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     target = root / "etc/bootd-standin/runtime"
