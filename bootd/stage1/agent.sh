@@ -423,7 +423,8 @@ apply_overlays() {
         attempt=0
         while :; do
             out=$(BOOTD_URL=$URL BOOTD_NODE=$NODE BOOTD_TOKEN=$TOKEN BOOTD_FETCH=$FETCH BOOTD_TAR=$TAR \
-                  BOOTD_OVERLAY_WORK=$WORK BOOTD_OVERLAY_TIMEOUT=$TIMEOUT /bin/sh "$OVERLAY" "$kind" "$TARGET" \
+                  BOOTD_OVERLAY_WORK=$WORK BOOTD_OVERLAY_TIMEOUT=$TIMEOUT BOOTD_OVERLAY_DIRECT=1 \
+                  /bin/sh "$OVERLAY" "$kind" "$TARGET" \
                   2> "$WORK/overlay.err")
             rc=$?
             err=$(tr '\n' ' ' < "$WORK/overlay.err" | cut -c 1-400)
