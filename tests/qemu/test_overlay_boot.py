@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from bootd.lab import Lab, QemuNode, lab_available, qemu_available
+from bootd.lab.qemu import ConsoleLine
 from bootd.lab.serve import BootdServer, ServeError
 from bootd.overlay import RUNTIME_OVERLAYS, SYSTEM_OVERLAYS
 from bootd.stage1.build import BuildResult
@@ -133,8 +134,18 @@ def lease_for(site: Site, mac: str) -> str:
     return str(ips[0])
 
 
+def wait_line(node: QemuNode, pattern: str, timeout: float) -> ConsoleLine:
+    """The whole console line: wait_for may return the match of a line still being written."""
+    node.wait_for(pattern, timeout=timeout)
+    deadline = time.monotonic() + 30
+    while (line := node.first(pattern)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert line is not None, f"{pattern!r} never ended its line\n{node.tail()}"
+    return line
+
+
 def system_etag(node: QemuNode) -> str:
-    line = node.wait_for(r"BOOTD-STAGE1 overlay system applied etag=", timeout=BOOT_TIMEOUT)
+    line = wait_line(node, r"BOOTD-STAGE1 overlay system applied etag=", BOOT_TIMEOUT)
     return line.text.split("etag=", 1)[1].split()[0]
 
 
@@ -150,7 +161,7 @@ def test_overlays_on_a_booted_node_and_their_runtime_refresh(site: Site) -> None
     node = QemuNode(site.lab, "deb-a", MAC_A, firmware="bios", memory_mb=1024).start()
     try:
         etag = system_etag(node)
-        line = node.wait_for(r"BOOTD-PROBE boot ", timeout=BOOT_TIMEOUT)
+        line = wait_line(node, r"BOOTD-PROBE boot ", BOOT_TIMEOUT)
         m = re.search(r"hostname=(\S*) machine_id=(\S*) hostkey=(\S*) authkeys=(\d+) akmode=(\d+) hosts=(\S*)",
                       line.text)
         assert m, line.text
@@ -166,10 +177,10 @@ def test_overlays_on_a_booted_node_and_their_runtime_refresh(site: Site) -> None
         assert hosts.get("deb-a") == entry["ip"] and hosts.get("deb-b") == ip_b, hosts
         assert site.lab.server_ip in hosts.values(), f"the master is named too: {hosts}"
 
-        first = node.wait_for(r"BOOTD-PROBE state ", timeout=60)
+        first = wait_line(node, r"BOOTD-PROBE state ", 120)
         assert first.text.endswith("user= home= color=red"), first.text
         # The agent's first refresh after the stage one's: one 304.
-        unchanged = node.wait_for(r"BOOTD-AGENT overlay runtime unchanged", timeout=REFRESH_TIMEOUT)
+        unchanged = wait_line(node, r"BOOTD-AGENT overlay runtime unchanged", REFRESH_TIMEOUT)
         FIGURES["agent unchanged"] = unchanged.text.split("BOOTD-", 1)[-1]
 
         # On the master: a user added (useradd renames a new passwd into place) and a group variable.
@@ -179,7 +190,7 @@ def test_overlays_on_a_booted_node_and_their_runtime_refresh(site: Site) -> None
         t0 = time.monotonic() - node.started_at
         changed = node.wait_for(r"BOOTD-PROBE state user=probeuser:2002:/home/probeuser home=2002:700 color=blue",
                                 timeout=REFRESH_TIMEOUT)
-        applied_rt = node.wait_for(r"BOOTD-AGENT overlay runtime applied", timeout=10)
+        applied_rt = wait_line(node, r"BOOTD-AGENT overlay runtime applied", 30)
         FIGURES["agent changed"] = applied_rt.text.split("BOOTD-", 1)[-1]
         FIGURES["change seen on the node after"] = f"{changed.t - t0:.1f}s (interval {INTERVAL}s)"
         assert "BOOTD-AGENT note: overlay runtime" not in node.console()
