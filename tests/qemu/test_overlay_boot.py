@@ -131,6 +131,7 @@ def lease_for(site: Site, mac: str) -> str:
     leases = json.loads(site.bootd.cli("lease", "list", "--json").stdout or "[]")
     ips = [x["ip"] for x in leases if x["mac"] == mac]
     assert ips, f"no lease for {mac}: {leases}"
+    site.lab.run(["ip", "addr", "add", f"{ips[0]}/24", "dev", veth])  # bootd issues tokens to the leased address
     return str(ips[0])
 
 
@@ -208,12 +209,13 @@ def test_overlays_on_a_booted_node_and_their_runtime_refresh(site: Site) -> None
     finally:
         node2.stop()
 
-    # Another node's identity differs: bootd makes it when that node first asks for its system overlay.
-    code, script = bootd.http_get(f"/boot/{MAC_B.replace(':', '-')}.ipxe")
-    token = re.search(rb"bootd\.token=(\w+)", script)
-    assert code == 200 and token, script[:300]
-    res = site.lab.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H",
-                        f"X-Bootd-Token: {token.group(1).decode()}",
+    # Another node's identity differs: bootd makes it when that node first asks for its system overlay
+    # (from deb-b's own leased address: bootd issues a boot credential only against that evidence).
+    curl = ["curl", "-s", "--interface", ip_b]
+    script = site.lab.run([*curl, f"{bootd.base_url}/boot/{MAC_B.replace(':', '-')}.ipxe"]).stdout
+    token = re.search(r"bootd\.token=(\w+)", script)
+    assert token, script[:300]
+    res = site.lab.run([*curl, "-o", "/dev/null", "-w", "%{http_code}", "-H", f"X-Bootd-Token: {token.group(1)}",
                         f"{bootd.base_url}/api/v1/nodes/deb-b/overlay/system"])
     assert res.stdout == "200", res
     machine_b, key_b = identity(bootd, MAC_B)
