@@ -12,7 +12,9 @@ very next DISCOVER or script request gets.
 Per-node overrides live in the node's variables (``bootd node set NAME
 var.boot.file=...``) because ``Group`` has no free-form fields yet:
 
-- ``boot.file``      replaces the choice for every non-iPXE stage (TFTP name or URL);
+- ``boot.file``      the one program the firmware gets, iPXE ROMs included (TFTP name or URL): a site's
+                     own loader such as ``pxelinux.0`` replaces bootd's chain (NBP, iPXE, script) whole;
+                     never name an iPXE binary here (it would ask again and loop): use ``boot.bios_nbp``;
 - ``boot.bios_nbp``, ``boot.uefi_nbp``, ``boot.uefi_arm64_nbp`` replace one NBP;
 - ``boot.ipxe_url``  replaces the iPXE script URL.
 """
@@ -79,11 +81,11 @@ class BootPolicy:
         v = node.vars if node is not None else {}
         base = (public_url or self.public_url).rstrip("/")
         nxt = next_server or self.next_server
+        if "boot.file" in v:  # before iPXE: a BIOS PXE ROM is often iPXE itself (QEMU's), and loads it too
+            return BootPlan(v["boot.file"], nxt)
         if machine.ipxe:
             url = v.get("boot.ipxe_url") or self.ipxe_url(machine.mac, base)
             return BootPlan(url, nxt, ipxe_no_proxydhcp=True)
-        if "boot.file" in v:
-            return BootPlan(v["boot.file"], nxt)
         fw = machine.firmware
         if fw is Firmware.UEFI_HTTP:
             arm = machine.arch in ARM64_ARCHES

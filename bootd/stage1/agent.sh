@@ -25,6 +25,8 @@ TAR=${BOOTD_TAR:-/usr/bin/tar}
 ZSTD=${BOOTD_ZSTD:-/usr/bin/zstd}
 # The compiled chunk fetcher (fetch.c); without it the shell workers below do the same job, slower.
 FETCH=${BOOTD_FETCH:-/usr/bin/bootd-fetch}
+# The overlay applier (overlay.sh), next to this script: /bootd in the initramfs, the sources in host mode.
+OVERLAY=${BOOTD_OVERLAY_SH:-${0%/*}/overlay.sh}
 
 say() { echo "BOOTD-STAGE1 $*" >&2; }
 
@@ -44,16 +46,21 @@ arg() {
 
 json_esc() { printf '%s' "$1" | tr -d '\000-\037' | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g'; }
 
-URL=$(arg bootd.url)
-NODE=$(arg bootd.node)
-VID=$(arg bootd.capsule)
-TOKEN=$(arg bootd.token)
-MAC=$(arg bootd.mac)
-WORKERS=$(arg bootd.workers || echo 4)
-RETRIES=$(arg bootd.retries || echo 10)
-FAIL_DELAY=$(arg bootd.retry_delay || echo 15)
-WINDOW=$(arg bootd.window || echo 16)
-TIMEOUT=$(arg bootd.timeout || echo 60)
+read_args() {
+    URL=$(arg bootd.url)
+    NODE=$(arg bootd.node)
+    VID=$(arg bootd.capsule)
+    TOKEN=$(arg bootd.token)
+    MAC=$(arg bootd.mac)
+    # PXELINUX's IPAPPEND 2 names the boot NIC as BOOTIF=01-aa-bb-cc-dd-ee-ff (01: Ethernet).
+    [ -z "$MAC" ] && MAC=$(arg BOOTIF | sed -n 's/^01-\([0-9a-fA-F-]\{17\}\)$/\1/p' | tr 'A-F-' 'a-f:')
+    WORKERS=$(arg bootd.workers || echo 4)
+    RETRIES=$(arg bootd.retries || echo 10)
+    FAIL_DELAY=$(arg bootd.retry_delay || echo 15)
+    WINDOW=$(arg bootd.window || echo 16)
+    TIMEOUT=$(arg bootd.timeout || echo 60)
+}
+read_args
 
 post_event() { # event reason done total tries [bytes bytes_total]
     body="{\"event\":\"$1\",\"reason\":\"$(json_esc "$2")\",\"done\":${3:-0},\"total\":${4:-0}"
@@ -198,6 +205,30 @@ u32() { # file offset -> big-endian unsigned 32-bit integer
     h=$(od -An -v -tx1 -j "$2" -N 4 "$1" | tr -d ' \n')
     [ ${#h} -eq 8 ] || return 1
     echo $((0x$h))
+}
+
+# A loader with one static configuration for every node (a site's PXELINUX: pxelinux.cfg/default with
+# bootd.url and IPAPPEND 2) cannot carry the node's name, capsule version and per-boot token. The stage
+# one then asks bootd for the same per-node script iPXE would get, so the same decision applies
+# (registration, approval, capsule, a fresh token), and takes the bootd.* words of its kernel line.
+boot_line_from_bootd() {
+    script=$WORK/boot.ipxe
+    fetch "$URL/boot/$(echo "$MAC" | tr ':' '-').ipxe" "$script" || fail "no boot script for $MAC: $FETCH_ERR"
+    line=$(sed -n 's/^kernel //p' "$script" | head -n 1)
+    line=${line% || goto failed}
+    if [ -z "$line" ]; then
+        why=$(sed -n 's/^echo //p' "$script" | head -n 3 | tr '\n' ' ')
+        say "bootd has no boot line for $MAC yet: ${why:-$(head -c 200 "$script")}"
+        fail "bootd gave $MAC no boot line: ${why:-see the console}"
+    fi
+    kernel=${line%% *}
+    case "$kernel" in */stage1/vmlinuz) ;; *) say "note: bootd boots this node with $kernel; this loader started the stage one's own kernel" ;; esac
+    words=""
+    for w in ${line#* }; do case "$w" in bootd.*=*) words="$words $w" ;; esac; done
+    CMDLINE="$words $CMDLINE"  # bootd's words first: arg() takes the first
+    read_args
+    say "boot line from $URL/boot: node=$NODE capsule=$VID"
+    [ -n "$NODE" ] && [ -n "$VID" ] || fail "bootd's boot line for $MAC lacks bootd.node or bootd.capsule"
 }
 
 setup_system() {
@@ -381,7 +412,8 @@ write_node_config() {
 install_node_agent() {
     lib=$TARGET/usr/lib/bootd
     mkdir -p "$lib" || { say "note: cannot create $lib: no node agent"; return 1; }
-    cp "${BOOTD_NODE_AGENT:-/bootd/node-agent.sh}" "$lib/node-agent" && chmod 0755 "$lib/node-agent" || \
+    cp "${BOOTD_NODE_AGENT:-${0%/*}/node-agent.sh}" "$lib/node-agent" && chmod 0755 "$lib/node-agent" &&
+        cp "$OVERLAY" "$lib/overlay" && chmod 0755 "$lib/overlay" || \
         { say "note: cannot install the node agent into $lib"; return 1; }
     [ -x "$FETCH" ] && cp "$FETCH" "$lib/bootd-fetch" && chmod 0755 "$lib/bootd-fetch"
     systemd_dir=""
@@ -410,6 +442,35 @@ WantedBy=multi-user.target
 UNIT
     ln -sfn ../bootd-agent.service "$units/multi-user.target.wants/bootd-agent.service"
     say "node agent: bootd-agent.service enabled in the capsule ($systemd_dir)"
+}
+
+# The node's overlays, rendered by bootd for it: the system kind (hostname, machine-id, ssh host keys,
+# network, chrony) and the runtime kind (hosts, authorized_keys, users), written over the tree with the
+# apply hooks run, before anything in it starts; the node agent then keeps the runtime kind current.
+# A node that cannot get them does not boot without them: `failed` with bootd's reason (e.g. the
+# template and line that failed to render), as for a bad chunk. Transient failures are retried.
+apply_overlays() {
+    rm -f "$TARGET"/var/lib/bootd/overlay-*.etag  # an image made from a running node must not say "have it"
+    for kind in system runtime; do
+        attempt=0
+        while :; do
+            out=$(BOOTD_URL=$URL BOOTD_NODE=$NODE BOOTD_TOKEN=$TOKEN BOOTD_FETCH=$FETCH BOOTD_TAR=$TAR \
+                  BOOTD_OVERLAY_WORK=$WORK BOOTD_OVERLAY_TIMEOUT=$TIMEOUT BOOTD_OVERLAY_DIRECT=1 \
+                  /bin/sh "$OVERLAY" "$kind" "$TARGET" \
+                  2> "$WORK/overlay.err")
+            rc=$?
+            err=$(tr '\n' ' ' < "$WORK/overlay.err" | cut -c 1-400)
+            case $rc in
+                0|4) say "overlay $kind $out"; break ;;
+                1) attempt=$((attempt + 1))
+                   [ "$attempt" -ge "$RETRIES" ] && fail "overlay $kind could not be fetched: $err (after $attempt attempts)"
+                   say "retry overlay $kind (attempt $attempt: $err)"
+                   backoff_sleep "$attempt" ;;
+                5) fail "overlay $kind refused by bootd: $err" ;;
+                *) fail "overlay $kind could not be applied: $err" ;;
+            esac
+        done
+    done
 }
 
 # After switch_root the capsule must keep a working address: hand the boot NIC to the capsule's own DHCP
@@ -508,16 +569,18 @@ main() {
     mkdir -p "$WORK/chunks" || fail "cannot create $WORK"
     rm -f "$WORK"/abort "$WORK"/fail.* "$WORK"/chunks/*
     say "start kernel=$(uname -r) node=$NODE capsule=$VID"
-    [ -n "$URL" ] && [ -n "$NODE" ] && [ -n "$VID" ] || \
-        fail "kernel command line lacks bootd.url, bootd.node or bootd.capsule"
-    case "$VID" in *[!0-9a-f]*|"") fail "bootd.capsule is not a sha256 version id: $VID" ;; esac
-    [ ${#VID} -eq 64 ] || fail "bootd.capsule is not a sha256 version id: $VID"
+    [ -n "$URL" ] && { { [ -n "$NODE" ] && [ -n "$VID" ]; } || { [ -z "$NODE$VID" ] && [ -n "$MAC" ]; }; } || \
+        fail "kernel command line lacks bootd.url, bootd.node or bootd.capsule (or, from a static loader" \
+             "config, bootd.url and bootd.mac or BOOTIF)"
 
     if [ "$HOST_MODE" != 1 ]; then
         bring_up_network
     else
         IFACE=${BOOTD_TEST_IFACE:-}  # host mode: the interface the network hand-over is written for
     fi
+    [ -n "$NODE" ] || boot_line_from_bootd
+    case "$VID" in *[!0-9a-f]*|"") fail "bootd.capsule is not a sha256 version id: $VID" ;; esac
+    [ ${#VID} -eq 64 ] || fail "bootd.capsule is not a sha256 version id: $VID"
     post_event stage1 "" 0 0 3
     report_inventory &
 
@@ -598,6 +661,7 @@ main() {
     write_node_config
     install_node_agent
     hand_over_network
+    apply_overlays
     if [ "$HOST_MODE" = 1 ]; then
         say "booted (host mode: no switch_root) total_ms=$(( $(now_ms) - T0 ))"
         post_event booted "" "$COUNT" "$COUNT" 3

@@ -58,8 +58,9 @@ def test_image_contents_run_on_their_own(stage1: BuildResult, tmp_path: Path) ->
     fetch = subprocess.run(["chroot", str(root), "/usr/bin/bootd-fetch", "-c", "-u", "http://10.0.2.2:8080"],
                            capture_output=True, text=True)
     assert fetch.returncode == 0, fetch.stderr
-    sh = subprocess.run(["chroot", str(root), "/bin/sh", "-n", "/bootd/agent.sh"], capture_output=True, text=True)
-    assert sh.returncode == 0, sh.stderr
+    for script in ("/bootd/agent.sh", "/bootd/overlay.sh", "/bootd/node-agent.sh"):
+        sh = subprocess.run(["chroot", str(root), "/bin/sh", "-n", script], capture_output=True, text=True)
+        assert sh.returncode == 0, (script, sh.stderr)
     # busybox's own tar must not shadow GNU tar on the agent's PATH.
     assert not (root / "bin/tar").exists()
 
