@@ -101,11 +101,12 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def ensure_capsule(bootd: BootdServer, say: Out, *, recipe: Path = RECIPE, name: str = CAPSULE,
+def ensure_capsule(bootd: BootdServer, say: Out, log: Path, *, recipe: Path = RECIPE, name: str = CAPSULE,
                    timeout: float = 1800.0) -> tuple[str, bool]:
     """The capsule's version id, built from ``recipe`` unless the store already holds a build of the
-    same recipe bytes; and whether it was reused. bootd's capsule store is ``capsule.dir`` of ``bootd``'s
-    configuration (the cluster cache), the stamp beside it says which recipe made the current version."""
+    same recipe bytes; and whether it was reused. The store is ``capsule.dir`` of ``bootd``'s configuration
+    (the cluster cache); the stamp beside it says which recipe made the current version. The build's
+    whole output goes to ``log``."""
     store = Path(str(bootd.config()["capsule"]["dir"]))
     stamp = store.parent / f"{name}.recipe"
     key = recipe_key(recipe)
@@ -122,17 +123,24 @@ def ensure_capsule(bootd: BootdServer, say: Out, *, recipe: Path = RECIPE, name:
                                 text=True)
         tail: list[str] = []
         deadline = time.monotonic() + timeout
+        summary = False
         assert proc.stdout is not None
-        for line in proc.stdout:  # mmdebstrap's own lines are the progress (one per step)
-            line = line.rstrip()
-            tail = [*tail[-30:], line]
-            if line and "\r" not in line:
-                say(f"  build: {line}")
-            if time.monotonic() > deadline:
-                proc.kill()
-                break
+        with log.open("w") as fh:
+            for line in proc.stdout:
+                fh.write(line)
+                line = line.rstrip()
+                tail = [*tail[-30:], line]
+                # mmdebstrap's own lines (I:, W:, E:) and bootd's steps are the progress; apt's and dpkg's
+                # thousand lines go to the log only.
+                summary = summary or line.startswith("built ")
+                if summary or line.startswith(("bootd", "I: ", "W: ", "E: ")):
+                    say(f"  build: {line}")
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    break
         if proc.wait() != 0:
-            raise ClusterError(f"bootd capsule build {name} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+            raise ClusterError(f"bootd capsule build {name} failed (exit {proc.returncode}; all of it in {log}):\n"
+                               + "\n".join(tail))
         vid = bootd.capsule_vid(name)
         tmp = stamp.with_name(f".{stamp.name}.tmp")
         tmp.write_text(f"{key} {vid}\n")
@@ -209,7 +217,8 @@ class Cluster:
                 "registry": {"stale_after": max(60.0, 6.0 * self.heartbeat), "dead_after": 600.0},
             })
         self.bootd.write_config()
-        self.capsule_vid, self.capsule_reused = ensure_capsule(self.bootd, self.say, recipe=self.recipe)
+        self.capsule_vid, self.capsule_reused = ensure_capsule(self.bootd, self.say, self.work / "capsule-build.log",
+                                                                 recipe=self.recipe)
         self.say(f"capsule {CAPSULE} {self.capsule_vid[:16]}… "
                  f"({'reused: same recipe as the cached build' if self.capsule_reused else 'built'})")
 
