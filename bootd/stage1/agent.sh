@@ -25,6 +25,8 @@ TAR=${BOOTD_TAR:-/usr/bin/tar}
 ZSTD=${BOOTD_ZSTD:-/usr/bin/zstd}
 # The compiled chunk fetcher (fetch.c); without it the shell workers below do the same job, slower.
 FETCH=${BOOTD_FETCH:-/usr/bin/bootd-fetch}
+# The overlay applier (overlay.sh), next to this script: /bootd in the initramfs, the sources in host mode.
+OVERLAY=${BOOTD_OVERLAY_SH:-${0%/*}/overlay.sh}
 
 say() { echo "BOOTD-STAGE1 $*" >&2; }
 
@@ -349,7 +351,8 @@ write_node_config() {
 install_node_agent() {
     lib=$TARGET/usr/lib/bootd
     mkdir -p "$lib" || { say "note: cannot create $lib: no node agent"; return 1; }
-    cp "${BOOTD_NODE_AGENT:-/bootd/node-agent.sh}" "$lib/node-agent" && chmod 0755 "$lib/node-agent" || \
+    cp "${BOOTD_NODE_AGENT:-${0%/*}/node-agent.sh}" "$lib/node-agent" && chmod 0755 "$lib/node-agent" &&
+        cp "$OVERLAY" "$lib/overlay" && chmod 0755 "$lib/overlay" || \
         { say "note: cannot install the node agent into $lib"; return 1; }
     [ -x "$FETCH" ] && cp "$FETCH" "$lib/bootd-fetch" && chmod 0755 "$lib/bootd-fetch"
     systemd_dir=""
@@ -378,6 +381,34 @@ WantedBy=multi-user.target
 UNIT
     ln -sfn ../bootd-agent.service "$units/multi-user.target.wants/bootd-agent.service"
     say "node agent: bootd-agent.service enabled in the capsule ($systemd_dir)"
+}
+
+# The node's overlays, rendered by bootd for it: the system kind (hostname, machine-id, ssh host keys,
+# network, chrony) and the runtime kind (hosts, authorized_keys, users), written over the tree with the
+# apply hooks run, before anything in it starts; the node agent then keeps the runtime kind current.
+# A node that cannot get them does not boot without them: `failed` with bootd's reason (e.g. the
+# template and line that failed to render), as for a bad chunk. Transient failures are retried.
+apply_overlays() {
+    rm -f "$TARGET"/var/lib/bootd/overlay-*.etag  # an image made from a running node must not say "have it"
+    for kind in system runtime; do
+        attempt=0
+        while :; do
+            out=$(BOOTD_URL=$URL BOOTD_NODE=$NODE BOOTD_TOKEN=$TOKEN BOOTD_FETCH=$FETCH BOOTD_TAR=$TAR \
+                  BOOTD_OVERLAY_WORK=$WORK BOOTD_OVERLAY_TIMEOUT=$TIMEOUT /bin/sh "$OVERLAY" "$kind" "$TARGET" \
+                  2> "$WORK/overlay.err")
+            rc=$?
+            err=$(tr '\n' ' ' < "$WORK/overlay.err" | cut -c 1-400)
+            case $rc in
+                0|4) say "overlay $kind $out"; break ;;
+                1) attempt=$((attempt + 1))
+                   [ "$attempt" -ge "$RETRIES" ] && fail "overlay $kind could not be fetched: $err (after $attempt attempts)"
+                   say "retry overlay $kind (attempt $attempt: $err)"
+                   backoff_sleep "$attempt" ;;
+                5) fail "overlay $kind refused by bootd: $err" ;;
+                *) fail "overlay $kind could not be applied: $err" ;;
+            esac
+        done
+    done
 }
 
 # After switch_root the capsule must keep a working address: hand the boot NIC to the capsule's own DHCP
@@ -562,6 +593,7 @@ main() {
     write_node_config
     install_node_agent
     hand_over_network
+    apply_overlays
     if [ "$HOST_MODE" = 1 ]; then
         say "booted (host mode: no switch_root) total_ms=$(( $(now_ms) - T0 ))"
         post_event booted "" "$COUNT" "$COUNT" 3

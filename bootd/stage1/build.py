@@ -362,6 +362,7 @@ def initramfs_entries(
     add_file("init", (HERE / "init.sh").read_bytes())
     add_file("bootd/agent.sh", (HERE / "agent.sh").read_bytes())
     add_file("bootd/node-agent.sh", (HERE / "node-agent.sh").read_bytes())
+    add_file("bootd/overlay.sh", (HERE / "overlay.sh").read_bytes())
     add_file("bootd/udhcpc.script", (HERE / "udhcpc.sh").read_bytes())
     add_file("etc/bootd-stage1.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode(), 0o644)
     # One module set per kernel; the agent loads the set matching `uname -r`, so one stage one serves
@@ -446,6 +447,7 @@ def build(
         fetcher = compile_fetcher(Path(tmp) / "bootd-fetch").read_bytes()
     agent_sha = hashlib.sha256((HERE / "agent.sh").read_bytes()).hexdigest()
     node_agent_sha = hashlib.sha256((HERE / "node-agent.sh").read_bytes()).hexdigest()
+    overlay_sha = hashlib.sha256((HERE / "overlay.sh").read_bytes()).hexdigest()
     info: dict[str, object] = {
         "kernel": {"package": kernel.package, "version": kernel.version, "release": kernel.kver},
         "module_sets": {k.kver: {"package": k.package, "version": k.version, "load_order": list(o)}
@@ -455,6 +457,7 @@ def build(
                                     *(("openssl",) if with_openssl else ()))),
         "agent_sha256": agent_sha,
         "node_agent_sha256": node_agent_sha,
+        "overlay_sha256": overlay_sha,
         "nic_drivers": [m for m in NIC_MODULES if m in order],
         "fetch_sha256": hashlib.sha256(fetcher).hexdigest(),
     }

@@ -8,6 +8,12 @@
  *       POSTs the JSON body read from stdin (at most 2 KiB) to URL/api/v1/nodes/NODE/WHAT (WHAT: events or
  *       heartbeat) once; exit 0 on a 2xx reply, 1 otherwise with the status line or the reason on stderr.
  *       The node agent (node-agent.sh) uses it: a real distribution's root may have no HTTP client.
+ *   bootd-fetch -g KIND -o FILE -u URL -n NODE [-e ETAG] [-t TIMEOUT]  (BOOTD_TOKEN in the environment)
+ *       GETs the node's rendered overlays, URL/api/v1/nodes/NODE/overlay/KIND (system or runtime, a tar of
+ *       at most 64 MiB) with If-None-Match: ETAG when given; on 200 writes the body to FILE and the reply's
+ *       ETag to stdout (exit 0); 304: exit 4, FILE untouched; a refusal (403, 404, 410, 500: bootd's text
+ *       says why, e.g. the template and line that failed) exit 5, anything else (no reply, 503) exit 1,
+ *       both with the status line and the first line of the reply's text on stderr (overlay.sh uses it).
  *
  * TABLE has one line per chunk, in capsule order: "<sha256 hex> <stored size hex> <raw size hex>".
  * WORKERS threads each keep one HTTP/1.1 keep-alive connection to bootd and claim chunks in order,
@@ -281,6 +287,7 @@ struct reply {
     long long length; /* Content-Length, -1 when absent */
     long long range_start, range_end, range_total; /* Content-Range of a 206, -1 when absent */
     long retry_after; /* seconds (saturated), -1 when absent or not a number */
+    char etag[80]; /* a quoted strong ETag of printable ASCII without blanks, "" when absent or odd */
     int close; /* Connection: close, or HTTP/1.0 */
     const char *bad; /* the first framing problem, for a 200 or 206: its body is not used */
     char status_line[128]; /* printable ASCII only */
@@ -428,6 +435,13 @@ static int read_head(struct conn *c, struct reply *r, int *got_any, char *err, s
         } else if (!strcasecmp(line, "Retry-After")) {
             long long n = parse_num(v, &e, 1000000);
             r->retry_after = n >= 0 && only_blanks(e) ? (long)n : -1; /* an HTTP-date or garbage: backoff */
+        } else if (!strcasecmp(line, "ETag")) {
+            size_t n = strcspn(v, " \t");
+            if (n >= 2 && n < sizeof r->etag && v[0] == '"' && v[n - 1] == '"' && only_blanks(v + n)) {
+                printable(r->etag, sizeof r->etag, v, n);
+                if (strchr(r->etag + 1, '"') != r->etag + n - 1 || strchr(r->etag, '?'))
+                    r->etag[0] = 0;
+            }
         } else if (!strcasecmp(line, "Connection")) {
             if (has_token(v, "close"))
                 r->close = 1;
@@ -860,10 +874,107 @@ static int post_once(const char *what) {
     return 1;
 }
 
+#define MAX_OVERLAY (64u * 1024 * 1024) /* a rendered overlay tar: hosts of 5,000 nodes is 200 KB */
+
+/* The status line and the first line of an error reply's text (bootd says why in it), for the console. */
+static void error_text(struct conn *c, const struct reply *r, char *err, size_t errlen) {
+    char text[300] = "";
+    if (!r->bad && r->length > 0) {
+        unsigned char body[256];
+        size_t want = r->length < (long long)sizeof body ? (size_t)r->length : sizeof body, got = 0;
+        char ignored[64];
+        (void)read_body(c, body, want, &got, ignored, sizeof ignored); /* what came is enough */
+        size_t line = 0;
+        while (line < got && body[line] != '\n' && body[line] != '\r')
+            line++;
+        printable(text, sizeof text, (const char *)body, line);
+    }
+    snprintf(err, errlen, "%s%s%s", r->status_line, text[0] ? ": " : "", text);
+}
+
+/* -g: one conditional GET of the node's overlay tar. Exit 0 (written, ETag on stdout), 4 (304), 5 (refused),
+ * 1 (no usable reply: worth another try later). */
+static int get_overlay(const char *kind, const char *out, const char *etag) {
+    if (strcmp(kind, "system") && strcmp(kind, "runtime")) {
+        fprintf(stderr, "bootd-fetch: -g takes system or runtime, not %s\n", kind);
+        return 2;
+    }
+    if (!cfg.node || !cfg.token || !out) {
+        fprintf(stderr, "bootd-fetch: -g needs -o FILE, -n NODE and BOOTD_TOKEN (a name without / ? # %% or spaces)\n");
+        return 2;
+    }
+    if (etag && (strlen(etag) > 78 || strpbrk(etag, "\r\n"))) {
+        fprintf(stderr, "bootd-fetch: -e takes an ETag as bootd sent it (one line, at most 78 bytes)\n");
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    char req[1024], err[512] = "";
+    int n = snprintf(req, sizeof req,
+                     "GET %s/api/v1/nodes/%s/overlay/%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bootd-fetch\r\n"
+                     "X-Bootd-Token: %s\r\n%s%s%sConnection: close\r\n\r\n",
+                     cfg.prefix, cfg.node, kind, cfg.hostport, cfg.token, etag && *etag ? "If-None-Match: " : "",
+                     etag && *etag ? etag : "", etag && *etag ? "\r\n" : "");
+    if (n <= 0 || n >= (int)sizeof req) {
+        fprintf(stderr, "bootd-fetch: GET overlay/%s: request too long\n", kind);
+        return 2;
+    }
+    struct conn *c = malloc(sizeof *c);
+    if (!c) {
+        fprintf(stderr, "bootd-fetch: out of memory\n");
+        return 1;
+    }
+    c->fd = -1;
+    c->deadline = now_ms() + (long long)cfg.timeout * 1000;
+    struct reply r;
+    int any, rc = 1;
+    unsigned char *body = NULL;
+    if (conn_open(c, err, sizeof err) < 0 || send_all(c, req, (size_t)n, err, sizeof err) < 0 ||
+        read_head(c, &r, &any, err, sizeof err) < 0) {
+        rc = 1;
+    } else if (r.status == 304) {
+        rc = 4;
+    } else if (r.status == 200) {
+        size_t got = 0;
+        if (r.bad || r.length < 0 || r.length > (long long)MAX_OVERLAY) {
+            snprintf(err, sizeof err, "%s: %s", r.status_line,
+                     r.bad ? r.bad : r.length < 0 ? "no Content-Length" : "larger than 64 MiB");
+        } else if (!(body = malloc(r.length ? (size_t)r.length : 1))) {
+            snprintf(err, sizeof err, "out of memory for %lld bytes", r.length);
+        } else if (read_body(c, body, (size_t)r.length, &got, err, sizeof err) == 0) {
+            int fd = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+            size_t off = 0;
+            while (fd >= 0 && off < got) {
+                ssize_t w = write(fd, body + off, got - off);
+                if (w < 0 && errno == EINTR)
+                    continue;
+                if (w <= 0)
+                    break;
+                off += (size_t)w;
+            }
+            if (fd < 0 || off < got || close(fd) < 0)
+                snprintf(err, sizeof err, "cannot write %s: %s", out, strerror(errno));
+            else {
+                printf("%s\n", r.etag);
+                rc = 0;
+            }
+        }
+    } else {
+        error_text(c, &r, err, sizeof err);
+        rc = r.status == 403 || r.status == 404 || r.status == 410 || r.status == 500 ? 5 : 1;
+    }
+    free(body);
+    conn_close(c);
+    free(c);
+    if (rc == 1 || rc == 5)
+        fprintf(stderr, "bootd-fetch: GET overlay/%s: %s\n", kind, err[0] ? err : "failed");
+    return rc;
+}
+
 static int usage(void) {
     fprintf(stderr, "usage: bootd-fetch -u http://A.B.C.D[:PORT] [-w N] [-W N] [-r N] [-t S] [-n NODE] "
                     "[-f FAILFILE] TABLE\n       bootd-fetch -c -u URL\n"
-                    "       bootd-fetch -p events|heartbeat -u URL -n NODE [-t S] < JSON\n");
+                    "       bootd-fetch -p events|heartbeat -u URL -n NODE [-t S] < JSON\n"
+                    "       bootd-fetch -g system|runtime -o FILE -u URL -n NODE [-e ETAG] [-t S]\n");
     return 2;
 }
 
@@ -877,12 +988,15 @@ static int positive(const char *s, int *out) {
 }
 
 int main(int argc, char **argv) {
-    const char *url = NULL, *post = NULL;
+    const char *url = NULL, *post = NULL, *get = NULL, *out = NULL, *etag = NULL;
     int check = 0, opt;
-    while ((opt = getopt(argc, argv, "cp:u:w:W:r:t:n:f:")) != -1) {
+    while ((opt = getopt(argc, argv, "cp:g:o:e:u:w:W:r:t:n:f:")) != -1) {
         switch (opt) {
         case 'c': check = 1; break;
         case 'p': post = optarg; break;
+        case 'g': get = optarg; break;
+        case 'o': out = optarg; break;
+        case 'e': etag = optarg; break;
         case 'u': url = optarg; break;
         case 'w': if (positive(optarg, &cfg.workers)) return usage(); break;
         case 'W': if (positive(optarg, &cfg.window)) return usage(); break;
@@ -909,6 +1023,8 @@ int main(int argc, char **argv) {
         cfg.token = NULL;
     if (post)
         return post_once(post);
+    if (get)
+        return get_overlay(get, out, etag);
     if (optind != argc - 1)
         return usage();
     int lt = load_table(argv[optind]);

@@ -13,7 +13,13 @@
 #   * then heartbeats every BOOTD_HEARTBEAT seconds (default 30), and reports `ready` again whenever
 #     systemd's verdict (running, or the set of failed units) changes (asked at most every 10 s);
 #   * every report carries memory in use and the root filesystem's size and use (optional JSON fields:
-#     mem_used_kb, mem_total_kb, root_used_kb, root_size_kb).
+#     mem_used_kb, mem_total_kb, root_used_kb, root_size_kb);
+#   * keeps the node's runtime overlays (hosts, authorized_keys, users...) current: at start and then every
+#     BOOTD_OVERLAY_INTERVAL seconds (default 60, 0: never; a node or group variable, read at boot) it runs
+#     the overlay applier (overlay.sh, installed as /usr/lib/bootd/overlay), which asks bootd with
+#     If-None-Match (unchanged: one 304) and applies a changed overlay file by file, atomically, then the
+#     hooks in /usr/lib/bootd/apply.d. In a process of its own, so a slow apply never delays a heartbeat;
+#     a failure is logged and tried again at the next interval, never fatal.
 # Where bootd is and who this node is: /etc/bootd/node.env (written by the stage one), else the kernel
 # command line (bootd.url=, bootd.node=, bootd.token=), as the stage one found them.
 # Console lines start with "BOOTD-AGENT "; "BOOTD-READY <name>" follows the first accepted `ready`.
@@ -38,6 +44,9 @@ if [ -r /etc/bootd/node.env ]; then
 fi
 BEAT=${BOOTD_HEARTBEAT:-30}
 case $BEAT in ""|*[!0-9]*|0) BEAT=30 ;; esac
+OVERLAY_INTERVAL=${BOOTD_OVERLAY_INTERVAL:-60}
+OVERLAY_ROOT=${BOOTD_OVERLAY_ROOT:-/}  # another root only for tests on a build host
+case $OVERLAY_INTERVAL in ""|*[!0-9]*) OVERLAY_INTERVAL=60 ;; esac
 if [ -z "${BOOTD_URL:-}" ] || [ -z "${BOOTD_NODE:-}" ]; then
     say "no bootd.url/bootd.node (neither /etc/bootd/node.env nor the kernel command line): nothing to report to"
     exit 0  # not a failure to restart: this node was not booted by bootd
@@ -91,8 +100,32 @@ verdict() {
     esac
 }
 
+# Console lines: every change applied, the first "unchanged" after it (what a refresh costs), and a failure
+# once, then every 10th time it repeats (an outage of bootd must not flood the console).
+overlay_loop() {
+    said="" n=0
+    while kill -0 "$$" 2>/dev/null; do  # $$ is the agent's own pid here too: stop when the agent is gone
+        out=$(BOOTD_FETCH="$LIB/bootd-fetch" BOOTD_OVERLAY_WORK="$STATE_DIR" "$LIB/overlay" runtime "$OVERLAY_ROOT" \
+              2> "$STATE_DIR/overlay.err")
+        case $? in
+            0) say "overlay runtime $out"; said="" n=0 ;;
+            4) [ -z "$said" ] && say "overlay runtime $out"; said=1 n=0 ;;
+            *) n=$((n + 1))
+               [ $((n % 10)) = 1 ] && say "note: overlay runtime not applied (retry in ${OVERLAY_INTERVAL}s): $(tr '\n' ' ' < "$STATE_DIR/overlay.err")" ;;
+        esac
+        sleep "$OVERLAY_INTERVAL" > /dev/null 2>&1  # not holding the agent's stdout once the agent is gone
+    done
+}
+
 mkdir -p "$STATE_DIR"
-say "start node=$BOOTD_NODE bootd=$BOOTD_URL heartbeat=${BEAT}s"
+say "start node=$BOOTD_NODE bootd=$BOOTD_URL heartbeat=${BEAT}s overlay=${OVERLAY_INTERVAL}s"
+if [ "$OVERLAY_INTERVAL" -gt 0 ] && [ -x "$LIB/overlay" ]; then
+    overlay_loop &
+    OVERLAY_PID=$!
+    trap 'kill "$OVERLAY_PID" 2>/dev/null; exit 0' TERM INT
+elif [ "$OVERLAY_INTERVAL" -gt 0 ]; then
+    say "note: no $LIB/overlay: runtime overlays are not refreshed on this node"
+fi
 
 # Wait for start-up, telling bootd the node is alive meanwhile: at most every 10 s, since each round
 # starts systemctl, which costs a slow machine (QEMU TCG) CPU that start-up itself needs.

@@ -4,7 +4,9 @@
 * ``make_capsule`` writes a capsule store following the contract (pax tar, zstd frames, BDCAPS01
   manifest) without bootd.capsule, so this proof does not depend on the capsule helper's code.
 * ``python standin.py serve ...`` is a threaded HTTP server with the contract routes the stage one uses,
-  recording every node event as a JSON line; ``--corrupt HASH`` flips a byte of one chunk.
+  recording every node event as a JSON line; ``--corrupt HASH`` flips a byte of one chunk. Its overlay
+  route serves a small system and runtime tar (the runtime one carries ``--runtime-file``'s current text
+  and an apply hook), with ETag and 304 as bootd does; ``--overlay-fail`` answers 500 with a render error.
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ class Standin:
         self.last_busy = 0.0
         self.drop = args.drop  # this many chunk requests are cut off half-way
         self.secret = b"standin-secret"
+        self.runtime_file = Path(args.runtime_file) if args.runtime_file else None
+        self.overlay_fail = args.overlay_fail
         self.lock = threading.Lock()
 
     def record(self, node: str, path: str, body: bytes, token: str | None) -> None:
@@ -115,6 +119,27 @@ class Standin:
         line = json.dumps({"node": node, "route": path.rsplit("/", 1)[-1], "token_ok": ok, **payload})
         with self.lock, self.events.open("a") as fh:
             fh.write(line + "\n")
+
+    def overlay(self, node: str, kind: str) -> bytes:
+        """A deterministic tar like bootd's: same inputs, same bytes, so the ETag says "unchanged"."""
+        files: list[tuple[str, bytes, int]] = []
+        if kind == "system":
+            files = [("etc/hostname", f"{node}\n".encode(), 0o644),
+                     ("etc/bootd-standin/system", f"system overlay of {node}\n".encode(), 0o640)]
+        else:
+            text = self.runtime_file.read_bytes() if self.runtime_file and self.runtime_file.exists() else b""
+            hook = b'#!/bin/sh\ncat "$BOOTD_ROOT/etc/bootd-standin/runtime" > "$BOOTD_ROOT/etc/bootd-standin/hooked"\n'
+            files = [("etc/bootd-standin/runtime", text, 0o600), ("usr/lib/bootd/apply.d/50-standin", hook, 0o755)]
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            d = tarfile.TarInfo("etc/bootd-standin/")
+            d.type, d.mode, d.uname, d.gname = tarfile.DIRTYPE, 0o750, "root", "root"
+            tar.addfile(d)
+            for name, data, mode in files:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.uname, info.gname = len(data), mode, "root", "root"
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
 
     def script(self, mac: str) -> str:
         mac = mac.replace("-", ":").lower()
@@ -208,8 +233,28 @@ def make_handler(st: Standin) -> type[BaseHTTPRequestHandler]:
                     return
                 self.log_message("chunk %s range=%s", parts[1][:12], self.headers.get("Range"))
                 self._file(st.store / "chunks" / parts[1][:2] / parts[1], mutate=parts[1] in st.corrupt)
+            elif len(parts) == 6 and parts[:3] == ["api", "v1", "nodes"] and parts[4] == "overlay":
+                self._overlay(parts[3], parts[5])
             else:
                 self._send(404, b"no such route\n", "text/plain")
+
+        def _overlay(self, node: str, kind: str) -> None:
+            if self.headers.get("X-Bootd-Token") != node_token(st.secret, node):
+                self._send(403, f"missing or wrong X-Bootd-Token for node {node!r}\n".encode(), "text/plain")
+                return
+            if kind not in ("system", "runtime") or st.overlay_fail:
+                self._send(500, f"cannot render the overlays of {node}: node {node}: overlay site: etc/site.j2:3: "
+                                "undefined: 'dict object' has no attribute 'rack'\n".encode(), "text/plain")
+                return
+            data = st.overlay(node, kind)
+            etag = f'"{hashlib.sha256(data).hexdigest()}"'
+            with st.lock, st.events.with_suffix(".overlay.jsonl").open("a") as fh:  # not node events
+                fh.write(json.dumps({"node": node, "kind": kind, "etag": etag,
+                                     "inm": self.headers.get("If-None-Match")}) + "\n")
+            if self.headers.get("If-None-Match") == etag:
+                self._send(304, b"", extra={"ETag": etag})
+                return
+            self._send(200, data, "application/x-tar", {"ETag": etag})
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
@@ -238,6 +283,8 @@ def main() -> int:
     sv.add_argument("--corrupt", action="append")
     sv.add_argument("--busy", type=int, default=0)
     sv.add_argument("--drop", type=int, default=0)
+    sv.add_argument("--runtime-file")
+    sv.add_argument("--overlay-fail", action="store_true")
     args = ap.parse_args()
     st = Standin(args)
     st.base = f"http://{args.bind}:{args.port}"
