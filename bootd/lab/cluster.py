@@ -116,7 +116,8 @@ def ensure_capsule(bootd: BootdServer, say: Out, log: Path, *, recipe: Path = RE
             built_key, _, built_vid = stamp.read_text().strip().partition(" ")
             if built_key == key and ref.read_text().strip() == built_vid:
                 return built_vid, True
-        say(f"building capsule {name} from {recipe} (package cache {bootd.config()['capsule']['build_cache']})")
+        cache = bootd.config()["capsule"].get("build_cache", "capsule.build_cache's default")
+        say(f"building capsule {name} from {recipe} (package cache: {cache})")
         cmd = [bootd.python, "-m", "bootd", "-c", str(bootd.config_path), "capsule", "build", name,
                "--recipe", str(recipe)]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -267,7 +268,10 @@ class Cluster:
         lab.up()
         self.say(f"network namespace {lab.name}: bridge {lab.bridge} {lab.server_ip}/24")
         bootd.cli("overlay", "import", SSH_OVERLAY, str(self.work / "overlay" / SSH_OVERLAY))
+        # The node agent refreshes runtime overlays (hosts, users, keys) every BOOTD_OVERLAY_INTERVAL: at the
+        # heartbeat's pace here, so a node that got its address late is in every /etc/hosts soon.
         bootd.cli("group", "set", "default", "--capsule", CAPSULE, "--var", f"BOOTD_HEARTBEAT={self.heartbeat}",
+                  "--var", f"BOOTD_OVERLAY_INTERVAL={self.heartbeat}",
                   *[arg for name in OVERLAYS for arg in ("--overlay", name)])
         bootd.start()
         self.say(f"bootd serve running in the namespace ({bootd.base_url}); overlays {', '.join(OVERLAYS)}")
