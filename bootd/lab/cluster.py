@@ -192,7 +192,8 @@ class Cluster:
     # Setup --------------------------------------------------------------------------------------------
     def __enter__(self) -> Cluster:
         try:
-            self.prepare()
+            if self.bootd is None:
+                self.prepare()
             self.start()
         except BaseException:
             self.down()
@@ -214,8 +215,9 @@ class Cluster:
             overrides={
                 "capsule": {"dir": str(self.cache / "capsules"), "build_cache": str(package_cache())},
                 "overlay": {"authorized_keys": str(self.ssh_dir / "authorized_keys")},
-                # Three TCG nodes share two cores: a heartbeat may be late by many seconds.
-                "registry": {"stale_after": max(60.0, 6.0 * self.heartbeat), "dead_after": 600.0},
+                # Three TCG nodes share two cores: between switch_root and the agent's first report, systemd
+                # start-up took over 60 s here under load, and a heartbeat may be late by many seconds.
+                "registry": {"stale_after": 300.0, "dead_after": 900.0},
             })
         self.bootd.write_config()
         self.capsule_vid, self.capsule_reused = ensure_capsule(self.bootd, self.say, self.work / "capsule-build.log",

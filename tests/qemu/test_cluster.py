@@ -41,8 +41,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, stage1: BuildResult) -> It
         if "mirror unreachable" in str(exc):
             pytest.skip(f"the Debian mirror cannot be reached to build the capsule: {exc}")
         raise
-    with cl:
-        cl.start()
+    with cl:  # starts the lab, bootd and the nodes
         if not cl.wait_ready(READY_TIMEOUT):
             pytest.fail(f"not every node reached ready within {READY_TIMEOUT:.0f}s:\n" + "\n".join(lines[-40:])
                         + "\n" + "\n".join(m.tail(15) for m in cl.machines))
