@@ -157,6 +157,10 @@ class OverlayConfig:
     uid_max: int = 59999
     password_hashes: bool = False
     authorized_keys: Path = Path("/root/.ssh/authorized_keys")
+    # The master's accounts the "users" overlay syncs (another pair for a site that keeps them apart).
+    passwd: Path = Path("/etc/passwd")
+    group: Path = Path("/etc/group")
+    shadow: Path = Path("/etc/shadow")
 
 
 @dataclass(frozen=True)
@@ -541,6 +545,9 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         uid_max=o.integer("uid_max", OverlayConfig.uid_max, 0, 2**31 - 2),
         password_hashes=o.flag("password_hashes", OverlayConfig.password_hashes),
         authorized_keys=o.path("authorized_keys", OverlayConfig.authorized_keys),
+        passwd=o.path("passwd", OverlayConfig.passwd),
+        group=o.path("group", OverlayConfig.group),
+        shadow=o.path("shadow", OverlayConfig.shadow),
     )
     if overlay.uid_max < overlay.uid_min:
         raise o.error("uid_max", f"{overlay.uid_max} is below uid_min {overlay.uid_min}")

@@ -210,7 +210,7 @@ def node_context(config: Config, name: str) -> Context:
     if node is None:
         raise NotFound(f"no node {name!r}")
     o = config.overlay
-    users, groups = read_accounts(uid_min=o.uid_min, uid_max=o.uid_max)
+    users, groups = read_accounts(o.passwd, o.group, uid_min=o.uid_min, uid_max=o.uid_max)
     try:
         keys = read_authorized_keys(o.authorized_keys)
     except OverlayError as exc:

@@ -12,7 +12,9 @@ very next DISCOVER or script request gets.
 Per-node overrides live in the node's variables (``bootd node set NAME
 var.boot.file=...``) because ``Group`` has no free-form fields yet:
 
-- ``boot.file``      replaces the choice for every non-iPXE stage (TFTP name or URL);
+- ``boot.file``      the one program the firmware gets, iPXE ROMs included (TFTP name or URL): a site's
+                     own loader such as ``pxelinux.0`` replaces bootd's chain (NBP, iPXE, script) whole;
+                     never name an iPXE binary here (it would ask again and loop): use ``boot.bios_nbp``;
 - ``boot.bios_nbp``, ``boot.uefi_nbp``, ``boot.uefi_arm64_nbp`` replace one NBP;
 - ``boot.ipxe_url``  replaces the iPXE script URL.
 """
@@ -72,11 +74,11 @@ class BootPolicy:
         and ISC dhcpd do with a global filename, which they ignore.
         """
         v = node.vars if node is not None else {}
+        if "boot.file" in v:  # before iPXE: a BIOS PXE ROM is often iPXE itself (QEMU's), and loads it too
+            return BootPlan(v["boot.file"], self.next_server)
         if machine.ipxe:
             url = v.get("boot.ipxe_url") or self.ipxe_url(machine.mac)
             return BootPlan(url, self.next_server, ipxe_no_proxydhcp=True)
-        if "boot.file" in v:
-            return BootPlan(v["boot.file"], self.next_server)
         fw = machine.firmware
         if fw is Firmware.UEFI_HTTP:
             arm = machine.arch in ARM64_ARCHES

@@ -47,7 +47,7 @@ log = logging.getLogger("bootd.overlays")
 
 KINDS = {"system": SYSTEM_OVERLAYS, "runtime": RUNTIME_OVERLAYS}
 VIEW_TTL = 5.0  # seconds a cluster view (every node's name and address) is reused between renders
-MASTER_TTL = 30.0  # seconds the master's accounts and keys are reused
+MASTER_TTL = 1.0  # seconds the master's accounts and keys are reused without looking at their files again
 
 
 class OverlayService:
@@ -57,7 +57,7 @@ class OverlayService:
         self.reload(config)
         self._cache = RenderCache()
         self._view: tuple[float, ClusterView] | None = None
-        self._master: tuple[float, MasterInfo] | None = None
+        self._master: tuple[float, tuple[object, ...], MasterInfo] | None = None
         self._identity_lock = asyncio.Lock()
 
     def reload(self, config: Config) -> None:
@@ -69,6 +69,8 @@ class OverlayService:
     def assigned(self, node: Node, kind: str) -> tuple[str, ...]:
         """The node's overlays of one kind: its ``overlays`` variable (comma-separated) or the shipped set."""
         shipped = KINDS[kind]
+        if kind == "runtime" and self.config.overlay.password_hashes:
+            shipped = (*shipped, "users-shadow")
         chosen = node.vars.get("overlays")
         if not chosen:
             return shipped
@@ -103,24 +105,41 @@ class OverlayService:
         return self._view[1]
 
     def _master_info(self, now: float) -> MasterInfo:
-        if self._master is None or now - self._master[0] > MASTER_TTL:
-            o = self.config.overlay
-            users, groups = read_accounts(uid_min=o.uid_min, uid_max=o.uid_max)
+        """The master's accounts and keys, read again when one of their files changed (a user added on the
+        master reaches the nodes at their next runtime refresh), at most once a MASTER_TTL."""
+        o = self.config.overlay
+        if self._master is not None and now - self._master[0] <= MASTER_TTL:
+            return self._master[2]
+        shadow = o.shadow if o.password_hashes else None
+        key = tuple(_file_key(f) for f in (o.passwd, o.group, o.authorized_keys, shadow) if f is not None)
+        if self._master is not None and self._master[1] == key:
+            self._master = (now, key, self._master[2])
+        else:
+            users, groups = read_accounts(o.passwd, o.group, uid_min=o.uid_min, uid_max=o.uid_max, shadow=shadow)
             try:
                 keys = read_authorized_keys(o.authorized_keys)
             except OverlayError as exc:
                 log.warning("event=overlay-no-authorized-keys reason=%r", str(exc))
                 keys = ()
-            self._master = (now, MasterInfo(name=socket.gethostname().split(".")[0], address=self.config.server.address,
-                                            authorized_keys=keys, users=users, groups=groups, uid_min=o.uid_min,
-                                            uid_max=o.uid_max))
-        return self._master[1]
+            self._master = (now, key, MasterInfo(name=socket.gethostname().split(".")[0],
+                                                 address=self.config.server.address, authorized_keys=keys,
+                                                 users=users, groups=groups, uid_min=o.uid_min, uid_max=o.uid_max))
+        return self._master[2]
 
     async def _identity(self, node: Node) -> tuple[str, dict[str, HostKey]]:
         """The node's machine-id and host keys: made on first use, then the same on every boot."""
         directory = self.identities / node.mac.replace(":", "-")
         async with self._identity_lock:
             return await asyncio.to_thread(_load_or_make_identity, directory, node.name, KEY_TYPES)
+
+
+def _file_key(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is edited or replaced (editors and useradd write a new file and rename it)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _load_or_make_identity(directory: Path, name: str, types: Sequence[str]) -> tuple[str, dict[str, HostKey]]:

@@ -46,16 +46,21 @@ arg() {
 
 json_esc() { printf '%s' "$1" | tr -d '\000-\037' | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g'; }
 
-URL=$(arg bootd.url)
-NODE=$(arg bootd.node)
-VID=$(arg bootd.capsule)
-TOKEN=$(arg bootd.token)
-MAC=$(arg bootd.mac)
-WORKERS=$(arg bootd.workers || echo 4)
-RETRIES=$(arg bootd.retries || echo 10)
-FAIL_DELAY=$(arg bootd.retry_delay || echo 15)
-WINDOW=$(arg bootd.window || echo 16)
-TIMEOUT=$(arg bootd.timeout || echo 60)
+read_args() {
+    URL=$(arg bootd.url)
+    NODE=$(arg bootd.node)
+    VID=$(arg bootd.capsule)
+    TOKEN=$(arg bootd.token)
+    MAC=$(arg bootd.mac)
+    # PXELINUX's IPAPPEND 2 names the boot NIC as BOOTIF=01-aa-bb-cc-dd-ee-ff (01: Ethernet).
+    [ -z "$MAC" ] && MAC=$(arg BOOTIF | sed -n 's/^01-\([0-9a-fA-F-]\{17\}\)$/\1/p' | tr 'A-F-' 'a-f:')
+    WORKERS=$(arg bootd.workers || echo 4)
+    RETRIES=$(arg bootd.retries || echo 10)
+    FAIL_DELAY=$(arg bootd.retry_delay || echo 15)
+    WINDOW=$(arg bootd.window || echo 16)
+    TIMEOUT=$(arg bootd.timeout || echo 60)
+}
+read_args
 
 post_event() { # event reason done total tries
     body="{\"event\":\"$1\",\"reason\":\"$(json_esc "$2")\",\"done\":${3:-0},\"total\":${4:-0}}"
@@ -171,6 +176,30 @@ u32() { # file offset -> big-endian unsigned 32-bit integer
     h=$(od -An -v -tx1 -j "$2" -N 4 "$1" | tr -d ' \n')
     [ ${#h} -eq 8 ] || return 1
     echo $((0x$h))
+}
+
+# A loader with one static configuration for every node (a site's PXELINUX: pxelinux.cfg/default with
+# bootd.url and IPAPPEND 2) cannot carry the node's name, capsule version and per-boot token. The stage
+# one then asks bootd for the same per-node script iPXE would get, so the same decision applies
+# (registration, approval, capsule, a fresh token), and takes the bootd.* words of its kernel line.
+boot_line_from_bootd() {
+    script=$WORK/boot.ipxe
+    fetch "$URL/boot/$(echo "$MAC" | tr ':' '-').ipxe" "$script" || fail "no boot script for $MAC: $FETCH_ERR"
+    line=$(sed -n 's/^kernel //p' "$script" | head -n 1)
+    line=${line% || goto failed}
+    if [ -z "$line" ]; then
+        why=$(sed -n 's/^echo //p' "$script" | head -n 3 | tr '\n' ' ')
+        say "bootd has no boot line for $MAC yet: ${why:-$(head -c 200 "$script")}"
+        fail "bootd gave $MAC no boot line: ${why:-see the console}"
+    fi
+    kernel=${line%% *}
+    case "$kernel" in */stage1/vmlinuz) ;; *) say "note: bootd boots this node with $kernel; this loader started the stage one's own kernel" ;; esac
+    words=""
+    for w in ${line#* }; do case "$w" in bootd.*=*) words="$words $w" ;; esac; done
+    CMDLINE="$words $CMDLINE"  # bootd's words first: arg() takes the first
+    read_args
+    say "boot line from $URL/boot: node=$NODE capsule=$VID"
+    [ -n "$NODE" ] && [ -n "$VID" ] || fail "bootd's boot line for $MAC lacks bootd.node or bootd.capsule"
 }
 
 setup_system() {
@@ -507,16 +536,18 @@ main() {
     mkdir -p "$WORK/chunks" || fail "cannot create $WORK"
     rm -f "$WORK"/abort "$WORK"/fail.* "$WORK"/chunks/*
     say "start kernel=$(uname -r) node=$NODE capsule=$VID"
-    [ -n "$URL" ] && [ -n "$NODE" ] && [ -n "$VID" ] || \
-        fail "kernel command line lacks bootd.url, bootd.node or bootd.capsule"
-    case "$VID" in *[!0-9a-f]*|"") fail "bootd.capsule is not a sha256 version id: $VID" ;; esac
-    [ ${#VID} -eq 64 ] || fail "bootd.capsule is not a sha256 version id: $VID"
+    [ -n "$URL" ] && { { [ -n "$NODE" ] && [ -n "$VID" ]; } || { [ -z "$NODE$VID" ] && [ -n "$MAC" ]; }; } || \
+        fail "kernel command line lacks bootd.url, bootd.node or bootd.capsule (or, from a static loader" \
+             "config, bootd.url and bootd.mac or BOOTIF)"
 
     if [ "$HOST_MODE" != 1 ]; then
         bring_up_network
     else
         IFACE=${BOOTD_TEST_IFACE:-}  # host mode: the interface the network hand-over is written for
     fi
+    [ -n "$NODE" ] || boot_line_from_bootd
+    case "$VID" in *[!0-9a-f]*|"") fail "bootd.capsule is not a sha256 version id: $VID" ;; esac
+    [ ${#VID} -eq 64 ] || fail "bootd.capsule is not a sha256 version id: $VID"
     post_event stage1 "" 0 0 3
 
     M=$WORK/manifest

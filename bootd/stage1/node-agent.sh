@@ -38,9 +38,10 @@ for word in $(cat /proc/cmdline 2>/dev/null); do
         bootd.token=*) BOOTD_TOKEN=${word#bootd.token=} ;;
     esac
 done
-if [ -r /etc/bootd/node.env ]; then
+NODE_ENV=${BOOTD_NODE_ENV:-/etc/bootd/node.env}  # another file only for tests on a build host
+if [ -r "$NODE_ENV" ]; then
     # Shell assignments with quoted values (the stage one wrote them so): sourcing runs nothing.
-    . /etc/bootd/node.env
+    . "$NODE_ENV"
 fi
 BEAT=${BOOTD_HEARTBEAT:-30}
 case $BEAT in ""|*[!0-9]*|0) BEAT=30 ;; esac
@@ -51,7 +52,7 @@ if [ -z "${BOOTD_URL:-}" ] || [ -z "${BOOTD_NODE:-}" ]; then
     say "no bootd.url/bootd.node (neither /etc/bootd/node.env nor the kernel command line): nothing to report to"
     exit 0  # not a failure to restart: this node was not booted by bootd
 fi
-export BOOTD_TOKEN
+export BOOTD_URL BOOTD_NODE BOOTD_TOKEN  # for the overlay applier; node.env's assignments are not exported
 
 json_str() { printf '%s' "$1" | tr -d '"\\' | tr -d '\000-\037'; }
 

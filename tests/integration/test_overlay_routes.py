@@ -29,11 +29,13 @@ async def served(tmp_path: Path) -> AsyncIterator[Any]:
     state = tmp_path / "state"
     keys = tmp_path / "authorized_keys"
     keys.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2bootdtestkey admin@master\n")
+    (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\nann:x:1400:1400::/home/ann:/bin/sh\n")
+    (tmp_path / "group").write_text("root:x:0:\nann:x:1400:\n")
     config = from_dict({
         "server": {"state_dir": str(state), "address": "127.0.0.1"},
         "http": {"listen": "127.0.0.1", "port": 0},
         "capsule": {"dir": str(tmp_path / "capsules")},
-        "overlay": {"authorized_keys": str(keys)},
+        "overlay": {"authorized_keys": str(keys), "passwd": str(tmp_path / "passwd"), "group": str(tmp_path / "group")},
     })
     await asyncio.to_thread(import_capsule, CapsuleStore(config.capsule.dir), "tiny", root,
                             options=ImportOptions(durable=False, workers=1))
@@ -97,3 +99,25 @@ async def test_system_and_runtime_overlays_per_node(served: Any) -> None:
     assert b"bootdtestkey" in runtime["root/.ssh/authorized_keys"]
     async with session.get(rurl, headers={"X-Bootd-Token": token_a2, "If-None-Match": rtag}) as r:
         assert r.status == 304 and await r.read() == b""
+
+
+async def test_a_user_added_on_the_master_changes_the_runtime_overlay(served: Any, tmp_path: Path) -> None:
+    """The master's passwd (overlay.passwd) is read again when it changes, as useradd replaces it: the next
+    conditional request gets the new tar; until then, and after, a 304."""
+    session, _ = served
+    name, token = await boot(session, "52-54-00-00-0c-07")
+    url, auth = f"/api/v1/nodes/{name}/overlay/runtime", {"X-Bootd-Token": token}
+    async with session.get(url, headers=auth) as r:
+        etag, before = r.headers["ETag"], members(await r.read())
+    assert "ann:x:1400:1400" in before["etc/bootd/users/passwd"].decode() and "home/ann" in before
+    new = tmp_path / "passwd.new"
+    new.write_text((tmp_path / "passwd").read_text() + "bob:x:1401:1400:Bob:/home/bob:/bin/sh\n")
+    new.replace(tmp_path / "passwd")
+    await asyncio.sleep(1.1)  # the service looks at the files at most once a second
+    async with session.get(url, headers={**auth, "If-None-Match": etag}) as r:
+        assert r.status == 200
+        after, etag2 = members(await r.read()), r.headers["ETag"]
+    assert etag2 != etag and "bob:x:1401:1400:Bob:/home/bob:/bin/sh" in after["etc/bootd/users/passwd"].decode()
+    assert "home/bob" in after
+    async with session.get(url, headers={**auth, "If-None-Match": etag2}) as r:
+        assert r.status == 304

@@ -82,7 +82,9 @@ def debian_tarball() -> Path:
     return tarball
 
 
-def debian_tree(base: Path) -> Path:
+def debian_tree(base: Path, units: dict[str, str] | None = None, files: dict[str, str] | None = None) -> Path:
+    """The cached Debian tree unpacked under ``base``, with test-only ``units`` (default: this module's) and
+    ``files`` (path in the root: text) added."""
     root = base / "debian"
     root.mkdir()
     subprocess.run(["tar", "-C", str(root), "--numeric-owner", "-xpf", str(debian_tarball())], check=True,
@@ -90,11 +92,13 @@ def debian_tree(base: Path) -> Path:
     # udev's hardware database (17 MB) only names devices: less to fetch under TCG, nothing lost here.
     shutil.rmtree(root / "usr/lib/udev/hwdb.d", ignore_errors=True)
     (root / "usr/lib/udev/hwdb.bin").unlink(missing_ok=True)
-    units = root / "etc/systemd/system"
-    for name, text in TEST_UNITS.items():
-        (units / name).write_text(text)
+    for rel, text in (files or {}).items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    for name, text in (TEST_UNITS if units is None else units).items():
+        (root / "etc/systemd/system" / name).write_text(text)
         if "[Install]" in text:
-            wants = units / "multi-user.target.wants"
+            wants = root / "etc/systemd/system/multi-user.target.wants"
             wants.mkdir(exist_ok=True)
             (wants / name).symlink_to(f"../{name}")
     return root

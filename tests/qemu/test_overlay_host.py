@@ -113,10 +113,14 @@ def test_node_agent_refreshes_the_runtime_overlay(
     root = tmp_path / "root"
     (root / "etc/bootd-standin").mkdir(parents=True)
     (root / "etc/bootd-standin/runtime").write_text("stale\n")
-    env = dict(os.environ, BOOTD_URL=server.base, BOOTD_NODE="n0042",
-               BOOTD_TOKEN=standin.node_token(b"standin-secret", "n0042"), BOOTD_HEARTBEAT="1",
-               BOOTD_OVERLAY_INTERVAL="1", BOOTD_OVERLAY_ROOT=str(root), BOOTD_AGENT_LIB=str(lib),
-               BOOTD_AGENT_STATE=str(tmp_path / "state"))
+    # As on a node: who it is and the interval come from node.env (shell assignments, not exported).
+    node_env = tmp_path / "node.env"
+    node_env.write_text(f"BOOTD_URL='{server.base}'\nBOOTD_NODE='n0042'\n"
+                        f"BOOTD_TOKEN='{standin.node_token(b'standin-secret', 'n0042')}'\n"
+                        "BOOTD_HEARTBEAT='1'\nBOOTD_OVERLAY_INTERVAL='1'\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOOTD_")}
+    env |= dict(BOOTD_NODE_ENV=str(node_env), BOOTD_OVERLAY_ROOT=str(root), BOOTD_AGENT_LIB=str(lib),
+                BOOTD_AGENT_STATE=str(tmp_path / "state"))
     proc = subprocess.Popen([*shell.split(), str(NODE_AGENT)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     target = root / "etc/bootd-standin/runtime"
@@ -153,3 +157,22 @@ def test_node_agent_refreshes_the_runtime_overlay(
     assert "overlay runtime unchanged etag=" in out
     assert "note: overlay runtime not applied (retry in 1s): bootd-fetch: GET overlay/runtime" in out, out
     assert not list(root.rglob("*.bootd-new"))
+
+
+def test_stage_one_from_a_static_loader_config_asks_bootd_for_its_boot_line(
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, fetcher: Path) -> None:  # noqa: F811
+    """PXELINUX with one pxelinux.cfg/default for all nodes passes only bootd.url and BOOTIF (IPAPPEND 2):
+    the stage one takes the node's name, capsule and token from bootd's per-node script."""
+    server = loopback_standin()
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(f"console=ttyS0 bootd.url={server.base} BOOTIF=01-52-54-00-00-12-34\n")
+    env = dict(os.environ, BOOTD_HOST_MODE="1", BOOTD_CMDLINE_FILE=str(cmdline), BOOTD_WORK=str(tmp_path / "work"),
+               BOOTD_TARGET=str(tmp_path / "target"), BOOTD_FETCH=str(fetcher))
+    proc = subprocess.run(["busybox", "sh", str(STAGE1_SRC / "agent.sh")], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"BOOTD-STAGE1 boot line from {server.base}/boot: node=n1234 capsule={sample_capsule.vid}" in proc.stderr
+    assert (tmp_path / "target/etc/hostname").read_text() == "n1234\n"
+    env_file = (tmp_path / "target/etc/bootd/node.env").read_text()
+    assert "BOOTD_MAC='52:54:00:00:12:34'" in env_file
+    assert all(e["token_ok"] and e["node"] == "n1234" for e in server.event_lines())

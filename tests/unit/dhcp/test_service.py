@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bootd.config import DhcpConfig, RegistryConfig
-from bootd.model import Firmware, Lease, Machine, State
+from bootd.model import Firmware, Lease, Machine, Node, State
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.packet import DhcpPacket, ip_to_bytes
 from bootd.proto.dhcp.reply import BROADCAST, Reply
@@ -313,6 +313,11 @@ def test_policy_decisions() -> None:
     assert POLICY.plan(Machine(mac, 2, Firmware.UNKNOWN), None, pxe=True) is None
     ipxe = POLICY.plan(Machine(mac, 7, Firmware.UEFI_X64, ipxe=True), None, pxe=True)
     assert ipxe is not None and ipxe.ipxe_no_proxydhcp and ipxe.filename.endswith("/boot/52-54-00-00-00-01.ipxe")
+    # A site's loader (boot.file, e.g. a group's pxelinux.0) is what every firmware gets, an iPXE ROM too.
+    legacy = Node(mac, "n1", "legacy", vars={"boot.file": "pxelinux.0"})
+    for machine in (Machine(mac, 0, Firmware.BIOS), Machine(mac, 0, Firmware.BIOS, ipxe=True)):
+        plan = POLICY.plan(machine, legacy, pxe=True)
+        assert plan is not None and plan.filename == "pxelinux.0" and not plan.ipxe_no_proxydhcp
 
 
 async def test_deleted_node_frees_its_address_after_reload(store: SqliteNodeStore) -> None:
