@@ -4,7 +4,7 @@ Builds (or reuses) the ``debian-hpc`` capsule, runs ``bootd serve`` in a private
 on QEMU nodes at once, follows them to ``ready``, then logs in from the master as an ordinary user and
 runs ``mpirun`` across the nodes over ssh, as a person would on a real cluster. Nothing on this host is
 changed: the lab user exists only in the lab's own passwd and group files, which bootd reads as the
-master's accounts (the ``users`` overlay's source), and only in the namespace bootd runs in.
+master's accounts (``overlay.passwd`` and ``overlay.group``, the ``users`` overlay's source).
 
 What reaches the nodes comes from bootd's overlays: the user and its home (``users``), /etc/hosts with
 every node (``hosts``), root's key (``authorized-keys``, from the lab key in ``overlay.authorized_keys``),
@@ -211,10 +211,11 @@ class Cluster:
         accounts = self._write_accounts()
         self._write_keys()
         self.bootd = BootdServer(
-            lab, state_dir=self.work / "state", stage1_dir=self.stage1_dir, accounts=accounts,
+            lab, state_dir=self.work / "state", stage1_dir=self.stage1_dir,
             overrides={
                 "capsule": {"dir": str(self.cache / "capsules"), "build_cache": str(package_cache())},
-                "overlay": {"authorized_keys": str(self.ssh_dir / "authorized_keys")},
+                "overlay": {"authorized_keys": str(self.ssh_dir / "authorized_keys"), "passwd": str(accounts[0]),
+                            "group": str(accounts[1])},
                 # Three TCG nodes share two cores: between switch_root and the agent's first report, systemd
                 # start-up took over 60 s here under load, and a heartbeat may be late by many seconds.
                 "registry": {"stale_after": 300.0, "dead_after": 900.0},
@@ -226,15 +227,13 @@ class Cluster:
                  f"({'reused: same recipe as the cached build' if self.capsule_reused else 'built'})")
 
     def _write_accounts(self) -> tuple[Path, Path]:
-        """The lab master's passwd and group: root (bootd runs as it) and the lab user."""
+        """The lab master's passwd and group (overlay.passwd, overlay.group): the lab user, and root."""
         d = self.work / "accounts"
         d.mkdir(exist_ok=True)
         passwd, group = d / "passwd", d / "group"
         passwd.write_text("root:x:0:0:root:/root:/bin/sh\n"
                           f"{USER}:x:{UID}:{UID}:bootd cluster lab user:/home/{USER}:/bin/bash\n")
         group.write_text(f"root:x:0:\n{USER}:x:{UID}:{USER}\n")
-        for f in (passwd, group):
-            f.chmod(0o644)  # read through the bind mount as /etc/passwd: the usual mode
         return passwd, group
 
     def _write_keys(self) -> None:

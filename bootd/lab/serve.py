@@ -37,17 +37,6 @@ def _toml_value(value: object) -> str:
     return json.dumps(str(value))
 
 
-def with_accounts(passwd: Path, group: Path, cmd: list[str]) -> list[str]:
-    """``cmd`` run in a private mount namespace where ``passwd`` and ``group`` are /etc/passwd and /etc/group.
-
-    Every process in the chain execs the next (unshare without --fork, sh's exec), so the pid the lab
-    records is the daemon's own and stopping it by pid stops bootd.
-    """
-    script = 'mount --bind "$1" /etc/passwd && mount --bind "$2" /etc/group && shift 2 && exec "$@"'
-    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
-            str(passwd), str(group), *cmd]
-
-
 @dataclass
 class BootdServer:
     lab: Lab
@@ -60,10 +49,6 @@ class BootdServer:
     # "bootd": bootd's own DHCP + TFTP. "dnsmasq": a reference dnsmasq hands out addresses and the NBPs
     # and sends iPXE to bootd's per-node script (for running before bootd's DHCP exists, and for benches).
     dhcp: str = field(default_factory=lambda: os.environ.get("BOOTD_LAB_DHCP", "bootd"))
-    # The lab's own passwd and group files, which bootd serve then reads as the master's accounts (the
-    # users overlay's source): bind-mounted over /etc/passwd and /etc/group in a mount namespace of its
-    # own, so a lab gets its users onto its nodes without creating them on this host.
-    accounts: tuple[Path, Path] | None = None
     proc: LabProcess | None = None
     dnsmasq: LabProcess | None = None
     ra: LabProcess | None = None
@@ -183,10 +168,8 @@ class BootdServer:
         elif self.ra is None and self.lab.ipv6_ra:
             self.ra = start_ra_only(self.lab)
         self.starts += 1
-        cmd = [self.python, "-m", "bootd", "-c", str(self.config_path), "serve"]
-        if self.accounts is not None:
-            cmd = with_accounts(*self.accounts, cmd)
-        self.proc = self.lab.spawn(f"bootd-serve-{self.starts}", cmd)
+        self.proc = self.lab.spawn(f"bootd-serve-{self.starts}",
+                                   [self.python, "-m", "bootd", "-c", str(self.config_path), "serve"])
         try:
             self.lab.wait_listening(self.http_port, timeout=timeout, proc=self.proc)
         except LabError as exc:
