@@ -327,52 +327,52 @@ class Cluster:
         return self.lab.run(["ssh", "-F", str(self.ssh_config), "-l", user, host, command], check=False,
                             timeout=timeout)
 
-    def wait_logins(self, timeout: float = 180.0) -> dict[str, float]:
+    def wait_logins(self, timeout: float = 600.0) -> dict[str, float]:
         """Seconds after ``ready`` until the lab user could log in to each node and every node name
-        resolved there: the runtime overlays (users, keys, hosts) may land after the node said ready."""
+        resolved there (the users, cluster-ssh and hosts overlays at work); all nodes asked at once, again
+        every few seconds for those that failed (a refresh of the runtime overlays may still be due)."""
         names = sorted(self.hosts)
         probe = f"getent hosts {' '.join(names)} | wc -l"
         start = time.monotonic()
-        deadline = start + timeout
         done: dict[str, float] = {}
-        last: dict[str, str] = {}
-        while len(done) < len(names):
-            for name in names:
-                if name in done:
-                    continue
-                res = self.ssh(name, probe, timeout=60)
-                if res.returncode == 0 and res.stdout.strip() == str(len(names)):
+        answers: dict[str, tuple[int, str]] = {}
+        while True:
+            answers = self.fanout(probe, [n for n in names if n not in done])
+            for name, (rc, text) in answers.items():
+                if rc == 0 and text == str(len(names)):
                     done[name] = time.monotonic() - start
                     self.say(f"{name}: {USER} logs in with the lab key, every node name resolves "
                              f"(+{done[name]:.1f}s after ready)")
-                else:
-                    last[name] = (res.stderr or res.stdout).strip()[-300:]
-            if len(done) < len(names):
-                if time.monotonic() > deadline:
-                    raise ClusterError("no login as the lab user within "
-                                       f"{timeout:.0f}s: " + "; ".join(f"{n}: {last.get(n)}" for n in names
-                                                                       if n not in done))
-                time.sleep(3)
-        return done
+            if len(done) == len(names):
+                return done
+            if time.monotonic() - start > timeout:
+                raise ClusterError(f"no login as the lab user within {timeout:.0f}s: "
+                                   + "; ".join(f"{n}: {text[-300:]}" for n, (_, text) in answers.items()
+                                               if n not in done))
+            time.sleep(3)
 
-    def fanout(self, command: str = "hostname") -> dict[str, str]:
-        """pdsh-style: ``command`` on every node by name, at once; each node's answer (or error)."""
+    def fanout(self, command: str = "hostname", names: list[str] | None = None,
+               timeout: float = 300.0) -> dict[str, tuple[int, str]]:
+        """pdsh-style: ``command`` on every node (or ``names``) by name, as the lab user, all at once;
+        each node's exit status and output (stdout and stderr)."""
         assert self.lab is not None
         procs = {name: subprocess.Popen(self.lab.ns_cmd(["ssh", "-F", str(self.ssh_config), name, command]),
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for name in sorted(self.hosts)}
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True)
+                 for name in (sorted(self.hosts) if names is None else names)}
         out = {}
+        deadline = time.monotonic() + timeout
         for name, proc in procs.items():
             try:
-                text, _ = proc.communicate(timeout=120)
+                text, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 text, _ = proc.communicate()
-                text += " (timed out after 120 s)"
-            out[name] = text.strip()
+                text += f" (timed out after {timeout:.0f} s)"
+            out[name] = (proc.returncode, text.strip())
         return out
 
-    def mpirun(self, program: str = "mpi-hello", timeout: float = 300.0) -> tuple[list[tuple[int, int, str]], float,
+    def mpirun(self, program: str = "mpi-hello", timeout: float = 900.0) -> tuple[list[tuple[int, int, str]], float,
                                                                                     str]:
         """``mpirun --host <every node>`` started on the first node as the lab user: the ranks (rank, size,
         node name) sorted by rank, the wall time, and everything it printed."""
@@ -391,10 +391,9 @@ class Cluster:
         """Per node, MiB: what ``free -m`` says is used, and the node agent's last report (mem_used_kb)."""
         assert self.bootd is not None
         out: dict[str, dict[str, int]] = {}
-        for name in sorted(self.hosts):
+        for name, (_, text) in self.fanout("free -m").items():
             entry: dict[str, int] = {}
-            res = self.ssh(name, "free -m", timeout=60)
-            for line in res.stdout.splitlines():
+            for line in text.splitlines():
                 cols = line.split()
                 if cols and cols[0] == "Mem:" and len(cols) >= 3:
                     entry["free_used_mib"], entry["total_mib"] = int(cols[2]), int(cols[1])
@@ -427,11 +426,15 @@ class Cluster:
 
 
 def _event_field(event: dict[str, Any], key: str) -> int:
-    """A number the node agent sent with an event, wherever the registry keeps it (top level or detail)."""
-    for where in (event, event.get("detail") or {}, event.get("data") or {}):
-        if isinstance(where, dict) and isinstance(where.get(key), int | float):
-            return int(where[key])
-    return 0
+    """A number the node agent sent with an event: the timeline keeps them as JSON in ``detail``."""
+    detail = event.get("detail") or {}
+    if isinstance(detail, str):
+        try:
+            detail = json.loads(detail)
+        except ValueError:
+            return 0
+    value = detail.get(key) if isinstance(detail, dict) else None
+    return int(value) if isinstance(value, int | float) else 0
 
 
 @dataclass
@@ -474,9 +477,9 @@ def run_cluster(*, nodes: int = 3, workdir: Path | None = None, keep: bool = Fal
                 + ", ".join(f"{i.name} {i.ip}" for i in sorted(cl.hosts.values(), key=lambda i: i.name)))
             cl.wait_logins()
             answers = cl.fanout("hostname")
-            for name, text in answers.items():
+            for name, (_, text) in answers.items():
                 say(f"ssh {name} hostname -> {text}")
-            if any(name != text for name, text in answers.items()):
+            if any(name != text for name, (_, text) in answers.items()):
                 raise ClusterError(f"ssh fan-out: a node answered with another name or an error: {answers}")
             first = sorted(cl.hosts)[0]
             say(f"ssh {first} mpirun --host {','.join(sorted(cl.hosts))} mpi-hello   (as {USER})")

@@ -65,8 +65,8 @@ def test_three_nodes_ready_with_distinct_names_and_addresses(cluster: Cluster) -
 def test_ssh_fanout_by_name_with_the_overlays_keys(cluster: Cluster) -> None:
     """pdsh-style: every node answers by name, as the synced user, host keys checked against bootd's."""
     answers = cluster.fanout("echo $(hostname) $(id -un) $(id -u) $(stat -c %U:%a $HOME/.ssh)")
-    for name, text in answers.items():
-        assert text == f"{name} {USER} 20001 {USER}:700", answers
+    for name, (rc, text) in answers.items():
+        assert rc == 0 and text == f"{name} {USER} 20001 {USER}:700", answers
     # Each node presented the host key bootd made for it (ssh-host-keys overlay): known_hosts holds
     # bootd's keys only, and the config checks them strictly.
     known = (cluster.ssh_dir / "known_hosts").read_text().splitlines()
