@@ -410,11 +410,15 @@ class Cluster:
         return node_timelines(self.bootd, self.machines)
 
     def login_hint(self) -> str:
-        assert self.lab is not None
-        first = sorted(self.hosts)[0] if self.hosts else "n0000"
-        return (f"ip netns exec {self.lab.name} ssh -F {self.ssh_config} {first}        "
-                f"# as {USER}; add '-l root' for root\n"
-                f"  bootd -c {self.bootd.config_path if self.bootd else '?'} node list")
+        """The commands a person runs on this host to use the kept cluster."""
+        assert self.lab is not None and self.bootd is not None
+        names = sorted(self.hosts)
+        ssh = f"ip netns exec {self.lab.name} ssh -F {self.ssh_config}"
+        return "\n".join([
+            f"  {ssh} {names[0]}                # as {USER}; '-l root' for root",
+            f"  {ssh} {names[0]} mpirun --host {','.join(names)} mpi-hello",
+            f"  {self.bootd.python} -m bootd -c {self.bootd.config_path} node list",
+        ])
 
     def down(self) -> None:
         """Power off every machine and delete the namespace (every process by its pid, then the netns)."""
@@ -495,7 +499,7 @@ def run_cluster(*, nodes: int = 3, workdir: Path | None = None, keep: bool = Fal
             print_timelines(cl.timelines(), out)
             report.ok = len({r[2] for r in report.ranks}) == nodes
             if keep:
-                out("the cluster stays up; log in from this host with:\n  " + cl.login_hint())
+                out("the cluster stays up; from this host:\n" + cl.login_hint())
                 _wait_for_person(out)
             say("tearing down (VMs, bootd, namespace)")
         report.total_seconds = time.monotonic() - t0
@@ -507,10 +511,7 @@ def run_cluster(*, nodes: int = 3, workdir: Path | None = None, keep: bool = Fal
 
 
 def _wait_for_person(out: Out) -> None:
-    """Until Enter (on a terminal), Ctrl-C or SIGTERM: then the caller tears the cluster down."""
-    def stop(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, stop)
+    """Until Enter (on a terminal), Ctrl-C or SIGTERM (both raise KeyboardInterrupt, see main)."""
     try:
         if sys.stdin.isatty():
             out("press Enter (or Ctrl-C) to tear it down")
@@ -521,8 +522,10 @@ def _wait_for_person(out: Out) -> None:
                 time.sleep(3600)
     except KeyboardInterrupt:
         pass
-    finally:
-        signal.signal(signal.SIGTERM, old)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -542,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory < 768:
         print("make cluster: --memory must be at least 768 MiB (the capsule unpacks into RAM)", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM tears down too (the with blocks run), as Ctrl-C does
     try:
         report = run_cluster(nodes=args.nodes, workdir=args.workdir, keep=args.keep, timeout=args.timeout,
                              memory_mb=args.memory, kernel_package=args.kernel_package)
