@@ -529,7 +529,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="make cluster", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="make cluster", description="Boot QEMU nodes from bootd with the debian-hpc "
+                                 "capsule and run MPI across them as an ordinary user.")
     ap.add_argument("-n", "--nodes", type=int, default=3, help="QEMU nodes to boot at once (default 3)")
     ap.add_argument("--keep", action="store_true", help="keep the cluster up after the MPI run, for a person to "
                     "log in (prints how); Enter, Ctrl-C or SIGTERM tears it down")
