@@ -1,10 +1,11 @@
-# bootd: `make demo` boots a QEMU node from bootd; `make test` runs the whole suite.
+# bootd: `make demo` boots a QEMU node from bootd; `make cluster` boots three Debian nodes and runs MPI
+# on them; `make test` runs the whole suite.
 # Both install what is missing first (tools/setup.sh).
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck unit demo bench clean
+.PHONY: setup test lint typecheck unit demo cluster bench clean
 
 setup:
 	@tools/setup.sh
@@ -23,6 +24,9 @@ unit: setup
 
 demo: setup
 	@if [ -x tools/demo.sh ]; then tools/demo.sh $(DEMO_ARGS); else echo "bootd demo: not built yet"; fi
+
+cluster: setup
+	@tools/cluster.sh $(CLUSTER_ARGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

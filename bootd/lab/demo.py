@@ -60,6 +60,22 @@ def timeline(node: QemuNode) -> list[tuple[str, float]]:
     return out
 
 
+def node_timelines(bootd: BootdServer, machines: list[QemuNode]) -> dict[str, list[tuple[str, float]]]:
+    """Each machine's console milestones, under the node name bootd gave it (the VM's name if none yet)."""
+    names = {n.get("mac"): str(n.get("name")) for n in bootd.nodes()}
+    return {names.get(m.mac, m.name): timeline(m) for m in machines}
+
+
+def print_timelines(timelines: dict[str, list[tuple[str, float]]], out: Out) -> None:
+    out("")
+    out("boot timeline (seconds from power-on):")
+    for name, tl in sorted(timelines.items()):
+        out(f"  {name}:")
+        for label, t in tl:
+            out(f"    {t:7.2f}  {label}")
+    out("")
+
+
 def run_demo(*, nodes: int = 1, firmware: str = "bios", workdir: Path | None = None, keep: bool = False,
              timeout: float = 240.0, out: Out = print) -> DemoResult:
     reason = lab_available() or qemu_available(firmware)
@@ -96,20 +112,11 @@ def run_demo(*, nodes: int = 1, firmware: str = "bios", workdir: Path | None = N
             for m in machines:
                 m.start()
                 say(f"powered on {m.name} ({firmware}, MAC {m.mac})")
-            ok = _follow(bootd, machines, timeout, say)
-            timelines = {}
+            ok = follow(bootd, machines, timeout, say)
+            timelines = node_timelines(bootd, machines)
             for m in machines:
-                entry = bootd.node(mac=m.mac) or {}
-                name = str(entry.get("name", m.name))
-                timelines[name] = timeline(m)
                 m.stop()
-            out("")
-            out("boot timeline (seconds from power-on):")
-            for name, tl in timelines.items():
-                out(f"  {name}:")
-                for label, t in tl:
-                    out(f"    {t:7.2f}  {label}")
-            out("")
+            print_timelines(timelines, out)
             out(bootd.cli("node", "list").stdout.rstrip())
             say("tearing down (VMs, bootd, namespace)")
         say("done" if ok else "FAILED: not every node reached ready")
@@ -121,8 +128,10 @@ def run_demo(*, nodes: int = 1, firmware: str = "bios", workdir: Path | None = N
             out(f"kept {work} (logs: {work / 'lab'})")
 
 
-def _follow(bootd: BootdServer, machines: list[QemuNode], timeout: float, say: Out) -> bool:
-    """Print registry state changes and stage-one progress until every node is ready (or failed)."""
+def follow(bootd: BootdServer, machines: list[QemuNode], timeout: float, say: Out, *,
+           console: bool = True) -> bool:
+    """Print registry state changes (and, with ``console``, stage-one progress) until every node is ready
+    or failed. A node whose state stays but whose reason changes (systemd still starting) gets a line too."""
     deadline = time.monotonic() + timeout
     seen_lines: dict[str, int] = {m.mac: 0 for m in machines}
     states: dict[str, str] = {}
@@ -132,7 +141,7 @@ def _follow(bootd: BootdServer, machines: list[QemuNode], timeout: float, say: O
         for m in machines:
             lines = m.lines[seen_lines[m.mac]:]
             seen_lines[m.mac] += len(lines)
-            for line in lines:
+            for line in lines if console else ():
                 if re.search(r"BOOTD-(STAGE1|CAPSULE|IPXE|READY)|bootd: booting|bootd capsule init", line.text) and \
                         not re.search(r"fetching \d+/\d+$", line.text):
                     say(f"  {m.name} console: {line.text}")
@@ -149,9 +158,9 @@ def _follow(bootd: BootdServer, machines: list[QemuNode], timeout: float, say: O
             if entry is None:
                 continue
             state = f"{entry.get('state')}"
-            if states.get(m.mac) != state:
-                states[m.mac] = state
-                reason = f" ({entry.get('reason')})" if entry.get("reason") else ""
+            reason = f" ({entry.get('reason')})" if entry.get("reason") else ""
+            if states.get(m.mac) != state + reason:
+                states[m.mac] = state + reason
                 say(f"{entry.get('name')} [{m.mac}] -> {state}{reason}")
             if state == "ready":
                 done.add(m.mac)
