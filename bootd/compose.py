@@ -29,6 +29,7 @@ from bootd.service.health import HealthMonitor
 from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
+from bootd.service.power import PowerService
 from bootd.service.registry import RegistryService
 from bootd.service.services import Services
 from bootd.store.base import NodeStore
@@ -108,9 +109,11 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     registry = RegistryService(store, config.registry)
     credentials = Credentials(store, config)
     boot = BootService(config, registry, lifecycle, capsules, credentials)
-    nodes = NodeAdmin(store, lifecycle, config.registry, AuditLog(config.server.state_dir / "audit.log"))
+    audit = AuditLog(config.server.state_dir / "audit.log")
+    nodes = NodeAdmin(store, lifecycle, config.registry, audit)
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
-                           capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry))
+                           capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry),
+                           power=PowerService(store, nodes, config, audit))
 
 
 @contextlib.asynccontextmanager

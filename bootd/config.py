@@ -160,6 +160,16 @@ class OverlayConfig:
 
 
 @dataclass(frozen=True)
+class PowerConfig:
+    """Power control through the nodes' BMCs (bootd.service.power)."""
+
+    parallel: int = 32
+    timeout: float = 10.0
+    stagger: float = 0.0
+    max_jobs: int = 4
+
+
+@dataclass(frozen=True)
 class Config:
     path: str = "<defaults>"
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -172,6 +182,7 @@ class Config:
     capsule: CapsuleConfig = field(default_factory=CapsuleConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
+    power: PowerConfig = field(default_factory=PowerConfig)
 
     @property
     def db_path(self) -> Path:
@@ -356,7 +367,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
-    sections = ("server", "registry", "dhcp", "tftp", "http", "admin", "boot", "capsule", "store", "overlay")
+    sections = ("server", "registry", "dhcp", "tftp", "http", "admin", "boot", "capsule", "store", "overlay", "power")
     for name in data:
         if name not in sections:
             raise ConfigError(path, name, f"unknown section; valid sections are: {', '.join(sections)}")
@@ -546,5 +557,14 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         raise o.error("uid_max", f"{overlay.uid_max} is below uid_min {overlay.uid_min}")
     o.finish()
 
+    pw = section("power")
+    power = PowerConfig(
+        parallel=pw.integer("parallel", PowerConfig.parallel, 1, 1024),
+        timeout=pw.number("timeout", PowerConfig.timeout, 1.0, 600.0),
+        stagger=pw.number("stagger", PowerConfig.stagger, 0.0, 10_000.0),
+        max_jobs=pw.integer("max_jobs", PowerConfig.max_jobs, 1, 64),
+    )
+    pw.finish()
+
     return Config(path=path, server=server, registry=registry, dhcp=dhcp, tftp=tftp, http=http, admin=admin,
-                  boot=boot, capsule=capsule, store=store, overlay=overlay)
+                  boot=boot, capsule=capsule, store=store, overlay=overlay, power=power)

@@ -16,6 +16,7 @@ DEBS=(
   iproute2 libcap2-bin procps python3-venv                               # netns/veth/tap, setcap, ps
   postgresql libpq5                                                      # the PostgreSQL store (tests start a private server); psycopg's libpq
   openssh-client                                                         # ssh-keygen: per-node host keys (overlays)
+  ipmitool                                                               # IPMI client (tests check bootd power and the BMC simulator against it)
 )
 
 missing=()

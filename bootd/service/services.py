@@ -16,6 +16,7 @@ from bootd.service.credentials import Credentials
 from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
+from bootd.service.power import PowerService
 from bootd.service.registry import RegistryService
 
 
@@ -29,6 +30,7 @@ class Services:
     capsules: CapsuleReader
     metrics: CollectorRegistry
     overlays: OverlayService
+    power: PowerService
 
     def reload(self, config: Config) -> None:
         """Each service takes its own section; the next decision uses the new values."""
@@ -37,3 +39,4 @@ class Services:
         self.nodes.reload(config.registry)
         self.boot.reload(config)
         self.overlays.reload(config)
+        self.power.reload(config)

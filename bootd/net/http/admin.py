@@ -18,12 +18,13 @@ from aiohttp import web
 
 from bootd.config import Config
 from bootd.metrics import HttpMetrics
+from bootd.net.http import power
 from bootd.net.http.nodes import NodeRoutes
 from bootd.service.services import Services
 
 log = logging.getLogger("bootd.http")
 
-ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}")
+ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}", *power.ROUTES)
 
 
 class AdminServer(NodeRoutes):
@@ -40,6 +41,7 @@ class AdminServer(NodeRoutes):
         app.router.add_get("/api/v1/nodes", self._list_nodes)
         app.router.add_get("/api/v1/nodes/{name}", self._get_node)
         app.router.add_post("/api/v1/nodes/{name}", self._set_node)
+        power.register(app, services, self._admin_auth)
         self.app = app
 
     def reload(self, config: Config) -> None:
