@@ -20,11 +20,16 @@ Like real BMCs it refuses ``cycle`` and ``reset`` of a machine that is off
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import select
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +164,52 @@ class SimBmc(pyghmi_bmc.Bmc):  # type: ignore[misc]
         if self.sol is not None:
             self.record("sol-activated")
             self.sol.send_data(f"[{self.name} serial console]\r\n".encode())
+
+
+@dataclass(frozen=True)
+class Simulator:
+    """A running simulator process: its BMCs' UDP ports on 127.0.0.1, in order, and its command log."""
+
+    ports: list[int]
+    pid: int
+    log: Path | None
+
+    def records(self, what: str | None = None) -> list[dict[str, Any]]:
+        if self.log is None or not self.log.exists():
+            return []
+        rows = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        return [r for r in rows if what is None or r["what"] == what]
+
+
+@contextlib.contextmanager
+def simulator(count: int = 1, *, user: str = "admin", password: str = "password", sol: bool = True,
+              log: Path | None = None, name: str = "bmc", start_timeout: float = 30.0) -> Iterator[Simulator]:
+    """Run ``count`` simulated BMCs in a child process for the length of the ``with`` block."""
+    cmd = [sys.executable, "-m", "bootd.lab.bmc", "--count", str(count), "--user", user, "--name", name]
+    if not sol:
+        cmd.append("--no-sol")
+    if log is not None:
+        cmd += ["--log", str(log)]
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "BMC_PASSWORD": password,
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, cwd=root)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], start_timeout)
+        line = proc.stdout.readline() if ready else b""
+        if not line:
+            raise RuntimeError(f"the BMC simulator did not start within {start_timeout:g} s (exit code {proc.poll()})")
+        yield Simulator(json.loads(line)["ports"], proc.pid, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,11 +8,12 @@ variables are shown by ``node show`` and the API, so a password lives in a
 file of its own under ``state_dir/bmc`` (0700), one per node or per group,
 0600, written atomically, and nothing bootd prints ever reads it back.
 
-pyghmi is synchronous (its sessions share one I/O thread and wait on it), so
-each BMC gets a thread of its own, at most ``parallel`` at a time, daemon
-threads: a BMC that never answers can delay its own result by the timeout,
-never the command's exit.  Every node gets one result, ok or the reason in
-words (unreachable, wrong password, unknown user, refused in this state).
+pyghmi is synchronous, and its sessions share process-wide state that is not
+safe across threads, so each BMC gets a process of its own (forked from a
+forkserver with pyghmi loaded), at most ``parallel`` at a time: a BMC that
+never answers is killed at the timeout, and nothing it held outlives it.
+Every node gets one result, ok or the reason in words (unreachable, wrong
+password, unknown user, refused in this state).
 
 ``--stagger N`` is a rate, not a delay: the power-on commands themselves
 (on, cycle, reset) leave at most N a second across the whole job, however
@@ -25,11 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import os
 import re
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -54,7 +55,8 @@ MAX_PASSWORD = 20  # IPMI 2.0 user passwords are at most 20 bytes
 MAX_PARALLEL = 1024
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # Chassis control (IPMI 2.0 section 28.3): data byte 0 is the action.
-CHASSIS_NETFN, CHASSIS_CONTROL, POWER_CYCLE = 0x00, 0x02, 0x02
+CHASSIS_NETFN, CHASSIS_CONTROL = 0x00, 0x02
+POWER_UP, POWER_CYCLE, HARD_RESET = 0x01, 0x02, 0x03
 NOT_IN_PRESENT_STATE = 0xD5
 
 
@@ -167,28 +169,33 @@ def split_target(target: str) -> tuple[str, str]:
 
 # -- the pace of power-ons ------------------------------------------------------------------------
 class Pacer:
-    """At most ``rate`` power-ons a second: each caller gets the next slot, 1/rate after the previous one.
+    """At most ``rate`` power-ons a second, as the BMCs receive them.
 
-    Thread-safe (the BMC threads call it right before the power command).  ``wait`` returns how long
-    the caller slept, so its timeout can leave that time out.
+    A power-on may go when the previous one has been answered by its BMC and 1/rate has passed since:
+    so consecutive commands arrive at least 1/rate apart whatever the processes' and the network's
+    jitter (a slot counted from when "go" was sent would not be: a slow sender and a fast one arrive
+    together).  One power-on is in flight at a time; at 0.1 s per BMC round trip that allows 10 a second.
     """
 
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = 1.0 / rate
         self.clock = clock
-        self.sleep = sleep
-        self._next = 0.0
-        self._lock = threading.Lock()
+        self._lock = asyncio.Lock()
+        self._last = -self.interval
 
-    def wait(self) -> float:
-        with self._lock:
-            now = self.clock()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
-        if slot > now:
-            self.sleep(slot - now)
-        return slot - now
+    async def acquire(self) -> float:
+        """Wait for the turn of the next power-on; returns how long that took."""
+        start = self.clock()
+        await self._lock.acquire()
+        delay = self._last + self.interval - self.clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return self.clock() - start
+
+    def release(self) -> None:
+        """The power-on was answered (or given up on): the next one's interval starts now."""
+        self._last = self.clock()
+        self._lock.release()
 
 
 # -- one BMC ----------------------------------------------------------------------------------------
@@ -211,17 +218,13 @@ def _ipmi_error(target: BmcTarget, exc: BaseException) -> str:
     return f"BMC {target.where}: {text}"
 
 
-def act(target: BmcTarget, action: str, *, pxe: bool = False, pacer: Pacer | None = None,
-        paced: Callable[[float], None] | None = None) -> tuple[bool, str, str | None]:
-    """One action on one BMC, synchronously: (ok, message, power state).  Runs in a BMC thread."""
+Outcome = tuple[bool, str, "str | None"]  # ok, message, power state
+
+
+def act(target: BmcTarget, action: str, *, pxe: bool = False, pace: Callable[[], None] = lambda: None) -> Outcome:
+    """One action on one BMC, synchronously; ``pace`` is called right before a power-on command."""
     from pyghmi import exceptions as ipmi_exc
     from pyghmi.ipmi import command
-
-    def pace() -> None:
-        if pacer is not None:
-            slept = pacer.wait()
-            if paced is not None:
-                paced(slept)
 
     cmd = None
     try:
@@ -240,16 +243,18 @@ def act(target: BmcTarget, action: str, *, pxe: bool = False, pacer: Pacer | Non
                 return True, "already off", "off"
             cmd.set_power("off")
             return True, "powered off", "off"
+        # Power-ons are one chassis control command right after ``pace``: nothing in between (pyghmi's
+        # set_power would read the state again first), so the pace is the pace at the BMC.
         if action == "on":
             if state == "on":
                 return True, "already on" + nextboot, "on"
             pace()
-            cmd.set_power("on")
+            cmd.xraw_command(netfn=CHASSIS_NETFN, command=CHASSIS_CONTROL, data=(POWER_UP,))
             return True, "powered on" + nextboot, "on"
         if action == "cycle":
             pace()
             if state == "off":
-                cmd.set_power("on")
+                cmd.xraw_command(netfn=CHASSIS_NETFN, command=CHASSIS_CONTROL, data=(POWER_UP,))
                 return True, "was off: powered on" + nextboot, "on"
             cmd.xraw_command(netfn=CHASSIS_NETFN, command=CHASSIS_CONTROL, data=(POWER_CYCLE,))
             return True, "power cycled" + nextboot, "on"
@@ -257,7 +262,7 @@ def act(target: BmcTarget, action: str, *, pxe: bool = False, pacer: Pacer | Non
             if state == "off":
                 return False, "is off: a reset needs it running (use `bootd power on`)", "off"
             pace()
-            cmd.set_power("reset")
+            cmd.xraw_command(netfn=CHASSIS_NETFN, command=CHASSIS_CONTROL, data=(HARD_RESET,))
             return True, "reset" + nextboot, "on"
         raise Invalid(f"unknown power action {action!r}")
     except (ipmi_exc.PyghmiException, OSError) as exc:
@@ -334,13 +339,37 @@ class SolConsole:
                 self._console.ipmi_session.logout()
 
 
-# -- the service ------------------------------------------------------------------------------------
-@dataclass
-class _Running:
-    """One node's action in flight: when it started, and how long it has waited for its --stagger slot."""
+# -- one BMC, one process ------------------------------------------------------------------------------
+# pyghmi's sessions share process-wide state and run each other's callbacks inside whichever thread
+# waits; two logins in two threads can deadlock (seen here: a login stuck in another thread's
+# privilege request).  So each BMC gets a process of its own, forked from a forkserver that has pyghmi
+# loaded: no state shared between BMCs, and a BMC past its deadline is killed, not left running.
+_CONTEXT: Any = None
 
-    started: float
-    paced: float = 0.0
+
+def _context() -> Any:
+    global _CONTEXT
+    if _CONTEXT is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["pyghmi.ipmi.command", "bootd.service.power"])
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
+def _child(conn: Any, target: BmcTarget, action: str, pxe: bool, paced: bool) -> None:
+    """In the BMC's process: act, asking the parent for a --stagger slot ("ready" -> "go") first."""
+
+    def pace() -> None:
+        if paced:
+            conn.send(("ready",))
+            conn.recv()
+
+    try:
+        outcome = act(target, action, pxe=pxe, pace=pace)
+    except BaseException as exc:  # a pyghmi bug must not lose the node's result
+        outcome = (False, f"BMC {target.where}: {type(exc).__name__}: {exc}", None)
+    conn.send(("done", outcome))
+    conn.close()
 
 
 class PowerService:
@@ -476,25 +505,14 @@ class PowerService:
                               {"pxe": pxe, "stagger": stagger})
         pacer = Pacer(stagger) if stagger and action in POWERS_ON else None
         slots = asyncio.Semaphore(parallel)
-        loop = asyncio.get_running_loop()
         timeout = self.config.timeout
-
-        lingering: set[asyncio.Task[None]] = set()
 
         async def one(name: str, target: BmcTarget | str) -> PowerResult:
             if isinstance(target, str):
                 result = PowerResult(name, action, False, target)
             else:
-                await slots.acquire()
-                result, finished = await self._one(loop, target, action, pxe, pacer, timeout)
-                if finished.is_set():
-                    slots.release()
-                else:
-                    # A thread past its deadline keeps its slot until it ends (pyghmi gives up on its own),
-                    # at most one more timeout: a BMC that hangs pyghmi cannot hold the job's threads forever.
-                    task = loop.create_task(_release_when(finished, slots, timeout))
-                    lingering.add(task)
-                    task.add_done_callback(lingering.discard)
+                async with slots:
+                    result = await _one(target, action, pxe, pacer, timeout)
             if not result.ok:
                 log.info("event=power-failed node=%s action=%s error=%r", name, action, result.message)
             if progress is not None:
@@ -503,48 +521,59 @@ class PowerService:
 
         return list(await asyncio.gather(*(one(n, t) for n, t in targets)))
 
-    async def _one(self, loop: asyncio.AbstractEventLoop, target: BmcTarget, action: str, pxe: bool,
-                   pacer: Pacer | None, timeout: float) -> tuple[PowerResult, threading.Event]:
-        """Run ``act`` on a daemon thread; answer at the timeout (plus any --stagger wait) if it has not."""
-        running = _Running(time.monotonic())
-        done: asyncio.Future[tuple[bool, str, str | None]] = loop.create_future()
-        finished = threading.Event()
 
-        def paced(slept: float) -> None:
-            running.paced += slept
+async def _one(target: BmcTarget, action: str, pxe: bool, pacer: Pacer | None, timeout: float) -> PowerResult:
+    """Run ``act`` in a process of its own; answer at the timeout (plus any --stagger wait) if it has not."""
+    loop = asyncio.get_running_loop()
+    ctx = _context()
+    paced = 0.0
+    pacing = False  # this node holds the pacer: its power-on is on its way
+    parent, child = ctx.Pipe()
+    messages: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
 
-        def deliver(outcome: tuple[bool, str, str | None]) -> None:
-            if not done.done():
-                done.set_result(outcome)
+    def readable() -> None:
+        try:
+            messages.put_nowait(parent.recv())
+        except (EOFError, OSError):
+            loop.remove_reader(parent.fileno())
+            messages.put_nowait(("eof",))
 
-        def work() -> None:
-            try:
-                outcome = act(target, action, pxe=pxe, pacer=pacer, paced=paced)
-            except BaseException as exc:  # a pyghmi bug must not lose the node's result
-                outcome = (False, f"BMC {target.where}: {type(exc).__name__}: {exc}", None)
-            finally:
-                finished.set()
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-                loop.call_soon_threadsafe(deliver, outcome)
-
-        threading.Thread(target=work, name=f"bmc-{target.node}", daemon=True).start()
+    proc = ctx.Process(target=_child, args=(child, target, action, pxe, pacer is not None),
+                       name=f"bmc-{target.node}", daemon=True)
+    try:
+        # A round trip to the forkserver (the first starts it), so not on the loop, and not the BMC's time.
+        await loop.run_in_executor(None, proc.start)
+        started = time.monotonic()
+        child.close()
+        loop.add_reader(parent.fileno(), readable)
         while True:
-            remaining = running.started + timeout + running.paced - time.monotonic()
-            if remaining <= 0:
-                ok, message, state = False, (f"BMC {target.where}: no answer within {timeout:g} s (unreachable, "
-                                             f"or no IPMI 2.0 on UDP port {target.port})"), None
-                break
+            remaining = started + timeout + paced - time.monotonic()
             try:
-                ok, message, state = await asyncio.wait_for(asyncio.shield(done), remaining)
-                break
+                message = await asyncio.wait_for(messages.get(), max(0.0, remaining))
             except TimeoutError:
-                continue  # the deadline moves by the time the thread waited for its --stagger slot
-        return PowerResult(target.node, action, ok, message, state, target.where,
-                           time.monotonic() - running.started), finished
-
-
-async def _release_when(finished: threading.Event, slots: asyncio.Semaphore, limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while not finished.is_set() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    slots.release()
+                outcome: Outcome = (False, f"BMC {target.where}: no answer within {timeout:g} s (unreachable, "
+                                           f"or no IPMI 2.0 on UDP port {target.port})", None)
+                break
+            if message[0] == "ready" and pacer is not None:
+                paced += await pacer.acquire()  # the time waited for a turn is not the BMC's
+                pacing = True
+                parent.send(("go",))
+            elif message[0] == "done":
+                outcome = message[1]
+                break
+            else:
+                outcome = (False, f"BMC {target.where}: its worker process ended without an answer "
+                                  f"(exit code {proc.exitcode})", None)
+                break
+    finally:
+        if pacing and pacer is not None:
+            pacer.release()
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(parent.fileno())
+        parent.close()
+        if proc.is_alive():
+            proc.kill()
+        if proc.pid is not None:
+            await loop.run_in_executor(None, proc.join, 5)
+    return PowerResult(target.node, action, outcome[0], outcome[1], outcome[2], target.where,
+                       time.monotonic() - started)
