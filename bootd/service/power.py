@@ -351,7 +351,9 @@ def _context() -> Any:
     global _CONTEXT
     if _CONTEXT is None:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["pyghmi.ipmi.command", "bootd.service.power"])
+        # "__main__": a script's main module is imported once, in the forkserver, not again in every
+        # child (multiprocessing re-runs it otherwise); `python -m bootd` and the `bootd` script are safe.
+        ctx.set_forkserver_preload(["__main__", "pyghmi.ipmi.command", "bootd.service.power"])
         _CONTEXT = ctx
     return _CONTEXT
 
@@ -364,6 +366,7 @@ def _child(conn: Any, target: BmcTarget, action: str, pxe: bool, paced: bool) ->
             conn.send(("ready",))
             conn.recv()
 
+    conn.send(("started",))  # the BMC's time starts now, not when the fork was asked for
     try:
         outcome = act(target, action, pxe=pxe, pace=pace)
     except BaseException as exc:  # a pyghmi bug must not lose the node's result
@@ -541,7 +544,8 @@ async def _one(target: BmcTarget, action: str, pxe: bool, pacer: Pacer | None, t
     proc = ctx.Process(target=_child, args=(child, target, action, pxe, pacer is not None),
                        name=f"bmc-{target.node}", daemon=True)
     try:
-        # A round trip to the forkserver (the first starts it), so not on the loop, and not the BMC's time.
+        # A round trip to the forkserver (the first starts it), so not on the loop, and not the BMC's time:
+        # that starts with the worker's "started" (the worker has as long again to get there).
         await loop.run_in_executor(None, proc.start)
         started = time.monotonic()
         child.close()
@@ -554,7 +558,9 @@ async def _one(target: BmcTarget, action: str, pxe: bool, pacer: Pacer | None, t
                 outcome: Outcome = (False, f"BMC {target.where}: no answer within {timeout:g} s (unreachable, "
                                            f"or no IPMI 2.0 on UDP port {target.port})", None)
                 break
-            if message[0] == "ready" and pacer is not None:
+            if message[0] == "started":
+                started = time.monotonic()
+            elif message[0] == "ready" and pacer is not None:
                 paced += await pacer.acquire()  # the time waited for a turn is not the BMC's
                 pacing = True
                 parent.send(("go",))
