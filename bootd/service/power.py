@@ -9,9 +9,10 @@ file of its own under ``state_dir/bmc`` (0700), one per node or per group,
 0600, written atomically, and nothing bootd prints ever reads it back.
 
 pyghmi is synchronous, and its sessions share process-wide state that is not
-safe across threads, so each BMC gets a process of its own (forked from a
-forkserver with pyghmi loaded), at most ``parallel`` at a time: a BMC that
-never answers is killed at the timeout, and nothing it held outlives it.
+safe across threads, so BMCs are worked on in processes (forked from a
+forkserver with pyghmi loaded), one BMC at a time each and at most
+``parallel`` of them: the worker of a BMC that never answers is killed at the
+timeout, and nothing it held outlives it.
 Every node gets one result, ok or the reason in words (unreachable, wrong
 password, unknown user, refused in this state).
 
@@ -339,11 +340,12 @@ class SolConsole:
                 self._console.ipmi_session.logout()
 
 
-# -- one BMC, one process ------------------------------------------------------------------------------
+# -- BMC workers: processes ------------------------------------------------------------------------
 # pyghmi's sessions share process-wide state and run each other's callbacks inside whichever thread
 # waits; two logins in two threads can deadlock (seen here: a login stuck in another thread's
-# privilege request).  So each BMC gets a process of its own, forked from a forkserver that has pyghmi
-# loaded: no state shared between BMCs, and a BMC past its deadline is killed, not left running.
+# privilege request).  So BMCs are worked on in processes, one BMC at a time each, forked from a
+# forkserver that has pyghmi loaded; a worker serves BMC after BMC for one job, and one past its
+# deadline is killed, not left running.
 _CONTEXT: Any = None
 
 
@@ -358,21 +360,86 @@ def _context() -> Any:
     return _CONTEXT
 
 
-def _child(conn: Any, target: BmcTarget, action: str, pxe: bool, paced: bool) -> None:
-    """In the BMC's process: act, asking the parent for a --stagger slot ("ready" -> "go") first."""
+def _serve(conn: Any) -> None:
+    """A worker: one request at a time until the parent closes the pipe."""
+    while True:
+        try:
+            _, target, action, pxe, paced = conn.recv()
+        except (EOFError, OSError):
+            return
+        _work(conn, target, action, pxe, paced)
+
+
+def _work(conn: Any, target: BmcTarget, action: str, pxe: bool, paced: bool) -> None:
+    """Act on one BMC, asking the parent for a --stagger turn ("ready" -> "go") first."""
 
     def pace() -> None:
         if paced:
             conn.send(("ready",))
             conn.recv()
 
-    conn.send(("started",))  # the BMC's time starts now, not when the fork was asked for
+    conn.send(("started",))  # the BMC's time starts now, not when the worker was asked for
     try:
         outcome = act(target, action, pxe=pxe, pace=pace)
     except BaseException as exc:  # a pyghmi bug must not lose the node's result
         outcome = (False, f"BMC {target.where}: {type(exc).__name__}: {exc}", None)
     conn.send(("done", outcome))
-    conn.close()
+
+
+class _Worker:
+    def __init__(self, ctx: Any) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child,), name="bmc-worker", daemon=True)
+        self._child = child
+
+    async def start(self) -> None:
+        # A round trip to the forkserver (the first starts it): not on the loop.
+        await asyncio.get_running_loop().run_in_executor(None, self.proc.start)
+        self._child.close()
+
+    async def stop(self, kill: bool = False) -> None:
+        self.conn.close()  # the worker sees the end of its pipe and returns
+        if kill and self.proc.is_alive():
+            self.proc.kill()
+        await asyncio.get_running_loop().run_in_executor(None, self.proc.join, 5)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+class _Pool:
+    """At most ``size`` workers, made when first needed; a killed one is replaced on demand."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.ctx = _context()
+        self.idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self.live = 0
+        self.workers: list[_Worker] = []
+
+    async def get(self) -> _Worker:
+        if self.idle.empty() and self.live < self.size:
+            self.live += 1
+            worker = _Worker(self.ctx)
+            self.workers.append(worker)
+            try:
+                await worker.start()
+            except BaseException:
+                self.live -= 1
+                raise
+            return worker
+        return await self.idle.get()
+
+    def put(self, worker: _Worker) -> None:
+        self.idle.put_nowait(worker)
+
+    async def discard(self, worker: _Worker) -> None:
+        self.live -= 1
+        self.workers.remove(worker)
+        await worker.stop(kill=True)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self.workers))
+        self.workers.clear()
 
 
 class PowerService:
@@ -507,49 +574,55 @@ class PowerService:
             self.audit.record(who, f"power.{action}", compress([n for n, _ in targets]),
                               {"pxe": pxe, "stagger": stagger})
         pacer = Pacer(stagger) if stagger and action in POWERS_ON else None
-        slots = asyncio.Semaphore(parallel)
+        pool = _Pool(min(parallel, max(1, sum(1 for _, t in targets if not isinstance(t, str)))))
         timeout = self.config.timeout
 
         async def one(name: str, target: BmcTarget | str) -> PowerResult:
             if isinstance(target, str):
                 result = PowerResult(name, action, False, target)
             else:
-                async with slots:
-                    result = await _one(target, action, pxe, pacer, timeout)
+                worker = await pool.get()
+                result, healthy = await _one(worker, target, action, pxe, pacer, timeout)
+                if healthy:
+                    pool.put(worker)
+                else:
+                    await pool.discard(worker)
             if not result.ok:
                 log.info("event=power-failed node=%s action=%s error=%r", name, action, result.message)
             if progress is not None:
                 progress(result)
             return result
 
-        return list(await asyncio.gather(*(one(n, t) for n, t in targets)))
+        try:
+            return list(await asyncio.gather(*(one(n, t) for n, t in targets)))
+        finally:
+            await pool.close()
 
 
-async def _one(target: BmcTarget, action: str, pxe: bool, pacer: Pacer | None, timeout: float) -> PowerResult:
-    """Run ``act`` in a process of its own; answer at the timeout (plus any --stagger wait) if it has not."""
+async def _one(worker: _Worker, target: BmcTarget, action: str, pxe: bool, pacer: Pacer | None,
+               timeout: float) -> tuple[PowerResult, bool]:
+    """One BMC on a worker; answer at the timeout (plus any --stagger wait) if it has not.
+
+    Returns the result and whether the worker can take the next BMC (not when it was killed or died).
+    """
     loop = asyncio.get_running_loop()
-    ctx = _context()
+    conn = worker.conn
     paced = 0.0
     pacing = False  # this node holds the pacer: its power-on is on its way
-    parent, child = ctx.Pipe()
+    healthy = False
     messages: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
 
     def readable() -> None:
         try:
-            messages.put_nowait(parent.recv())
+            messages.put_nowait(conn.recv())
         except (EOFError, OSError):
-            loop.remove_reader(parent.fileno())
+            loop.remove_reader(conn.fileno())
             messages.put_nowait(("eof",))
 
-    proc = ctx.Process(target=_child, args=(child, target, action, pxe, pacer is not None),
-                       name=f"bmc-{target.node}", daemon=True)
+    started = time.monotonic()
+    loop.add_reader(conn.fileno(), readable)
     try:
-        # A round trip to the forkserver (the first starts it), so not on the loop, and not the BMC's time:
-        # that starts with the worker's "started" (the worker has as long again to get there).
-        await loop.run_in_executor(None, proc.start)
-        started = time.monotonic()
-        child.close()
-        loop.add_reader(parent.fileno(), readable)
+        conn.send(("act", target, action, pxe, pacer is not None))
         while True:
             remaining = started + timeout + paced - time.monotonic()
             try:
@@ -563,23 +636,18 @@ async def _one(target: BmcTarget, action: str, pxe: bool, pacer: Pacer | None, t
             elif message[0] == "ready" and pacer is not None:
                 paced += await pacer.acquire()  # the time waited for a turn is not the BMC's
                 pacing = True
-                parent.send(("go",))
+                conn.send(("go",))
             elif message[0] == "done":
-                outcome = message[1]
+                outcome, healthy = message[1], True
                 break
             else:
                 outcome = (False, f"BMC {target.where}: its worker process ended without an answer "
-                                  f"(exit code {proc.exitcode})", None)
+                                  f"(exit code {worker.proc.exitcode})", None)
                 break
     finally:
         if pacing and pacer is not None:
             pacer.release()
         with contextlib.suppress(ValueError, OSError):
-            loop.remove_reader(parent.fileno())
-        parent.close()
-        if proc.is_alive():
-            proc.kill()
-        if proc.pid is not None:
-            await loop.run_in_executor(None, proc.join, 5)
+            loop.remove_reader(conn.fileno())
     return PowerResult(target.node, action, outcome[0], outcome[1], outcome[2], target.where,
-                       time.monotonic() - started)
+                       time.monotonic() - started), healthy
