@@ -347,6 +347,7 @@ class SolConsole:
 # forkserver that has pyghmi loaded; a worker serves BMC after BMC for one job, and one past its
 # deadline is killed, not left running.
 _CONTEXT: Any = None
+WORKER_START = 120  # seconds a worker process may take to start (it queues behind the others' forks)
 
 
 def _context() -> Any:
@@ -362,6 +363,7 @@ def _context() -> Any:
 
 def _serve(conn: Any) -> None:
     """A worker: one request at a time until the parent closes the pipe."""
+    conn.send(("up",))
     while True:
         try:
             _, target, action, pxe, paced = conn.recv()
@@ -393,12 +395,34 @@ class _Worker:
         self._child = child
 
     async def start(self) -> None:
-        # A round trip to the forkserver (the first starts it): not on the loop.
-        await asyncio.get_running_loop().run_in_executor(None, self.proc.start)
+        """Fork it and wait until it runs: a worker queued behind others' forks on a busy machine must not
+        eat into its first BMC's timeout."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.proc.start)  # a round trip to the forkserver: not on the loop
         self._child.close()
+        up: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            loop.remove_reader(self.conn.fileno())
+            try:
+                self.conn.recv()
+                up.set_result(None)
+            except (EOFError, OSError) as exc:
+                up.set_exception(PowerBusy(f"a BMC worker process did not start: {exc!r}"))
+
+        loop.add_reader(self.conn.fileno(), readable)
+        try:
+            await asyncio.wait_for(up, WORKER_START)
+        except TimeoutError:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(self.conn.fileno())
+            raise PowerBusy(f"no BMC worker process started within {WORKER_START} s: the machine is overloaded") \
+                from None
 
     async def stop(self, kill: bool = False) -> None:
         self.conn.close()  # the worker sees the end of its pipe and returns
+        if self.proc.pid is None:  # never started
+            return
         if kill and self.proc.is_alive():
             self.proc.kill()
         await asyncio.get_running_loop().run_in_executor(None, self.proc.join, 5)
@@ -420,12 +444,13 @@ class _Pool:
         if self.idle.empty() and self.live < self.size:
             self.live += 1
             worker = _Worker(self.ctx)
-            self.workers.append(worker)
             try:
                 await worker.start()
             except BaseException:
                 self.live -= 1
+                await worker.stop(kill=True)
                 raise
+            self.workers.append(worker)
             return worker
         return await self.idle.get()
 
