@@ -32,6 +32,7 @@ from bootd.service.inventory import InventoryStore
 from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
+from bootd.service.power import PowerService
 from bootd.service.registry import RegistryService
 from bootd.service.replica import Replica, SyncReport
 from bootd.service.servers import Cluster, ServerAdmin
@@ -126,7 +127,8 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
                            capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry),
                            servers=ServerAdmin(store, config), cluster=cluster, replica=replica,
-                           catalog=Catalog(config, audit), inventory=inventory)
+                           catalog=Catalog(config, audit), inventory=inventory,
+                           power=PowerService(store, nodes, config, audit))
 
 
 def make_replica(config: Config, url: str, *, metrics: CollectorRegistry | None = None) -> Replica:

@@ -229,6 +229,16 @@ class OverlayConfig:
 
 
 @dataclass(frozen=True)
+class PowerConfig:
+    """Power control through the nodes' BMCs (bootd.service.power)."""
+
+    parallel: int = 32
+    timeout: float = 10.0
+    stagger: float = 0.0
+    max_jobs: int = 4
+
+
+@dataclass(frozen=True)
 class Config:
     path: str = "<defaults>"
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -242,6 +252,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    power: PowerConfig = field(default_factory=PowerConfig)
 
     @property
     def db_path(self) -> Path:
@@ -544,7 +555,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
     sections = ("server", "registry", "dhcp", "tftp", "http", "admin", "boot", "capsule", "store", "overlay",
-                "cluster")
+                "cluster", "power")
     for name in data:
         if name not in sections:
             raise ConfigError(path, name, f"unknown section; valid sections are: {', '.join(sections)}")
@@ -758,5 +769,16 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
                        f"({cluster.heartbeat:g}): one late heartbeat must not look like a dead server")
     cl.finish()
 
+
+    pw = section("power")
+    power = PowerConfig(
+        parallel=pw.integer("parallel", PowerConfig.parallel, 1, 1024),
+        timeout=pw.number("timeout", PowerConfig.timeout, 1.0, 600.0),
+        stagger=pw.number("stagger", PowerConfig.stagger, 0.0, 10_000.0),
+        max_jobs=pw.integer("max_jobs", PowerConfig.max_jobs, 1, 64),
+    )
+    pw.finish()
+
+
     return Config(path=path, server=server, registry=registry, dhcp=dhcp, tftp=tftp, http=http, admin=admin,
-                  boot=boot, capsule=capsule, store=store, overlay=overlay, cluster=cluster)
+                  boot=boot, capsule=capsule, store=store, overlay=overlay, cluster=cluster, power=power)

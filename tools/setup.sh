@@ -17,6 +17,7 @@ DEBS=(
   postgresql libpq5                                                      # the PostgreSQL store (tests start a private server); psycopg's libpq
   openssh-client                                                         # ssh-keygen: per-node host keys (overlays)
   chromium chromium-driver                                               # the status page in a real browser (tests)
+  ipmitool                                                               # IPMI client (tests check bootd power and the BMC simulator against it)
 )
 
 missing=()

@@ -25,7 +25,7 @@ Handler = Callable[[argparse.Namespace, config_mod.Config], int]
 
 # Command groups that live in their own modules; each has add_parser(subparsers).
 _PLUGINS = ("bootd.cli.capsule", "bootd.cli.stage1", "bootd.cli.store", "bootd.cli.overlay", "bootd.cli.helper",
-            "bootd.cli.server")
+            "bootd.cli.server", "bootd.cli.power")
 
 
 def _serve(args: argparse.Namespace, config: config_mod.Config) -> int:
@@ -106,8 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-# Commands that only read or write the registry: run as root, they become the state directory's owner.
-_REGISTRY_COMMANDS = ("node", "group", "lease")
+# Commands that only read or write the registry (and the state directory's audit log and BMC passwords):
+# run as root, they become the state directory's owner.
+_REGISTRY_COMMANDS = ("node", "group", "lease", "power", "console", "bmc")
 
 
 def _act_as_state_owner(args: Any, config: config_mod.Config) -> Callable[[], None]:

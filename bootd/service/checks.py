@@ -25,3 +25,6 @@ def check_var(key: Any) -> None:
     if not isinstance(key, str) or not _VAR_KEY.fullmatch(key):
         raise Invalid(f"vars: {key!r} is not a valid variable name (a letter or '_', then letters, digits, "
                       "'_', '.', '-')")
+    if key.lower() == "bmc.password":
+        raise Invalid("vars: a BMC password is not a variable (variables are shown by `node show` and the API); "
+                      "set it with `bootd bmc set-password NODE|@GROUP`")

@@ -18,6 +18,7 @@ from bootd.service.inventory import InventoryStore
 from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
+from bootd.service.power import PowerService
 from bootd.service.registry import RegistryService
 from bootd.service.replica import Replica
 from bootd.service.servers import Cluster, ServerAdmin
@@ -38,6 +39,7 @@ class Services:
     servers: ServerAdmin
     # This server among those sharing the registry: cluster.live_urls() names every live server's public URL.
     cluster: Cluster
+    power: PowerService
     replica: Replica | None = None  # capsule.upstream: missing objects come from another bootd
 
     def reload(self, config: Config) -> None:
@@ -49,3 +51,4 @@ class Services:
         self.overlays.reload(config)
         self.catalog.reload(config)
         self.servers.reload(config)
+        self.power.reload(config)

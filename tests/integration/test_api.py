@@ -155,7 +155,8 @@ def test_every_route_but_the_document_needs_the_admin_credential(api: Api) -> No
     for method, path in sorted(_doc_routes(doc)):
         if path == "/api/v1/openapi.json":
             continue
-        concrete = path.replace("{name}", "n0000").replace("{id}", "20260101000000-00000000")
+        concrete = (path.replace("{name}", "n0000").replace("{target}", "n0000")
+                    .replace("{id}", "20260101000000-00000000"))
         if path == "/api/v1/events":
             continue  # a stream: checked below
         for token in (None, "wrong"):

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from bootd.config import Config
 from bootd.metrics import HttpMetrics
+from bootd.net.http import power
 from bootd.net.http.api import ApiRoutes
 from bootd.net.http.nodes import NodeRoutes
 from bootd.net.http.status import StatusPage
@@ -31,7 +32,8 @@ ADMIN_ROUTES = ("/api/v1/nodes", "/api/v1/nodes/{name}", "/api/v1/rename", "/api
                 "/api/v1/capsules", "/api/v1/capsules/{name}", "/api/v1/capsules/{name}/import",
                 "/api/v1/capsules/{name}/build", "/api/v1/gc", "/api/v1/jobs", "/api/v1/jobs/{id}",
                 "/api/v1/overlays", "/api/v1/overlays/{name}", "/api/v1/openapi.json",
-                "/api/v1/servers", "/api/v1/events", "/status")
+                "/api/v1/servers", "/api/v1/events", "/status",
+                *power.ROUTES)
 
 
 class AdminServer(NodeRoutes, ApiRoutes):
@@ -53,6 +55,7 @@ class AdminServer(NodeRoutes, ApiRoutes):
         self.status = StatusPage(config, services, clock=clock)  # the live status page: /status
         self.status.register(app)
         app.router.add_get("/api/v1/events", self._events_api)
+        power.register(app, services, self._admin_auth)
         self.app = app
 
     async def _events_api(self, request: web.Request) -> web.StreamResponse:
