@@ -21,9 +21,10 @@ that the simulator owns, as a BMC owns its board's power: the spec gives the
 command line and the QMP socket.  Power on launches that command line, off is
 QMP ``quit`` (the cord pulled), soft-off is ``system_powerdown`` (ACPI), reset
 is ``system_reset`` and cycle is off, a second, on.  Status is "on" while the
-process runs and QMP ``query-status`` does not say it shut down.  The lab's
-QEMU exits on a guest reboot (``-no-reboot``, so a failed boot cannot loop);
-a reset lifts that for the one reset it asks for (QMP ``set-action``).
+process runs and QMP ``query-status`` does not say it shut down.  Such a
+machine reboots in place like a board (the lab leaves out ``-no-reboot`` for
+it): with ``-no-reboot`` a reset would end QEMU, since SeaBIOS answers a reset
+with a reboot of its own.
 """
 
 from __future__ import annotations
@@ -174,8 +175,7 @@ class QemuMachine:
         qmp_command(self.qmp, ("system_powerdown", None))
 
     def reset(self) -> None:
-        qmp_command(self.qmp, ("set-action", {"reboot": "reset"}), ("system_reset", None),
-                    ("set-action", {"reboot": "shutdown"}))
+        qmp_command(self.qmp, ("system_reset", None))
 
     @classmethod
     def from_spec(cls, spec: Path) -> QemuMachine:

@@ -77,7 +77,8 @@ class QemuNode:
     nic: str = "virtio-net-pci"
     extra_args: Sequence[str] = ()
     # A QMP socket (``-qmp unix:PATH``) for whoever powers the machine (bootd.lab.bmc); the console file is
-    # then appended to, so it keeps every boot of the machine across relaunches. Keep the path short
+    # then appended to, so it keeps every boot of the machine across relaunches, and a guest reboot does
+    # not end QEMU (no -no-reboot). Keep the path short
     # (a unix socket path has at most 107 bytes).
     qmp: Path | None = None
     dead_ends: dict[str, str] = field(default_factory=lambda: dict(DEAD_ENDS))
@@ -108,8 +109,10 @@ class QemuNode:
             "-nographic", "-monitor", "none",
             "-chardev", f"file,id=ser0,path={self.serial_path}" + (",append=on" if self.qmp else ""),
             "-serial", "chardev:ser0",
-            # Without reboot-timeout=0 + -no-reboot, "No bootable device" would hang forever.
-            "-no-reboot", "-boot", "order=n,reboot-timeout=0",
+            # Without reboot-timeout=0 + -no-reboot, "No bootable device" would hang forever.  A machine with
+            # a BMC (qmp) reboots in place instead, as a board does: SeaBIOS answers a BMC's reset with a
+            # reboot of its own, which -no-reboot would turn into power off (a dead end still fails wait_for).
+            *(() if self.qmp else ("-no-reboot",)), "-boot", "order=n,reboot-timeout=0",
             "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
             "-pidfile", str(pidfile),
         ]

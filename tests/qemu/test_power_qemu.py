@@ -1,7 +1,8 @@
 """`bootd power` against a BMC with a real machine behind it: the simulator (bootd/lab/bmc.py --qemu) owns a
 QEMU node of the lab and drives it over QMP.  `bootd power on` starts it, it boots to `ready` from
 `bootd serve`; `bootd power cycle` (the real CLI, over IPMI on the host's loopback) pulls the cord and
-powers it again, and it reaches `ready` a second time; ipmitool, a client written by others, reads the
+powers it again, and it reaches `ready` a second time; `bootd power reset` resets the same QEMU and it
+reaches `ready` a third time; ipmitool, a client written by others, reads the
 same power state as `bootd power status` throughout.
 
 An unreachable BMC and wrong credentials are covered against the simulator without QEMU in
@@ -122,11 +123,21 @@ def test_power_cycle_reboots_a_qemu_node_to_ready_again(served: BootdServer, tmp
             status = power(bootd, "status", NODE)
             assert f"{NODE}  ok      on " in status.stdout and ipmitool_status(port) == "Chassis Power is on"
 
+            # A reset is QMP system_reset in the same QEMU (no relaunch): the lab's -no-reboot is lifted
+            # for it alone, else QEMU would just exit and the node stay off.
+            reset_at = time.monotonic()
+            reset = power(bootd, "reset", NODE)
+            assert reset.returncode == 0 and "reset" in reset.stdout, reset
+            third = node.wait_for(r"BOOTD-CAPSULE ready node=pw0", timeout=READY_TIMEOUT, nth=3)
+            assert len(sim.records("launch")) == 2 and sim.records("reset")
+            assert ipmitool_status(port) == "Chassis Power is on"
+
             off = power(bootd, "off", NODE)
             assert off.returncode == 0 and "powered off" in off.stdout, off
             assert "  off " in power(bootd, "status", NODE).stdout
             assert ipmitool_status(port) == "Chassis Power is off"
-            print(f"\nready after power on {first.t:.1f} s; after power cycle {second.t - (cycled_at - started):.1f} s")
+            print(f"\nready after power on {first.t:.1f} s; after power cycle {second.t - (cycled_at - started):.1f} s;"
+                  f" after reset {third.t - (reset_at - started):.1f} s")
     finally:
         node.stop()
         shutil.rmtree(qmp_dir, ignore_errors=True)
