@@ -15,6 +15,16 @@ line, ``{"ports": [...]}``, then serves until killed.
 
 Like real BMCs it refuses ``cycle`` and ``reset`` of a machine that is off
 (completion code 0xd5, "not supported in present state").
+
+With ``--qemu SPEC.json`` (one a BMC) the machine behind a BMC is a real QEMU
+that the simulator owns, as a BMC owns its board's power: the spec gives the
+command line and the QMP socket.  Power on launches that command line, off is
+QMP ``quit`` (the cord pulled), soft-off is ``system_powerdown`` (ACPI), reset
+is ``system_reset`` and cycle is off, a second, on.  Status is "on" while the
+process runs and QMP ``query-status`` does not say it shut down.  Such a
+machine reboots in place like a board (the lab leaves out ``-no-reboot`` for
+it): with ``-no-reboot`` a reset would end QEMU, since SeaBIOS answers a reset
+with a reboot of its own.
 """
 
 from __future__ import annotations
@@ -24,11 +34,13 @@ import contextlib
 import json
 import os
 import select
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,10 +85,111 @@ class SimSession(serversession.ServerSession):  # type: ignore[misc]
         super()._got_rakp1(data)
 
 
+class QmpError(RuntimeError):
+    """QEMU's monitor refused a command or did not answer."""
+
+
+def qmp_command(path: Path, *commands: tuple[str, dict[str, Any] | None], timeout: float = 5.0) -> list[Any]:
+    """Run commands over a fresh QMP connection, in order; each one's ``return`` value.
+
+    A connection per call: QEMU's monitor takes one client at a time, and a power command is rare.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        reader = sock.makefile("rb")
+
+        def answer() -> Any:
+            while True:  # events (SHUTDOWN, RESET, ...) arrive on the same stream; skip them
+                line = reader.readline()
+                if not line:
+                    raise QmpError(f"QMP {path}: QEMU closed the monitor")
+                msg = json.loads(line)
+                if "error" in msg:
+                    raise QmpError(f"QMP {path}: {msg['error'].get('desc', msg['error'])}")
+                if "return" in msg:
+                    return msg["return"]
+
+        if "QMP" not in json.loads(reader.readline() or b"{}"):
+            raise QmpError(f"QMP {path}: no greeting")
+        results = []
+        for name, arguments in [("qmp_capabilities", None), *commands]:
+            request: dict[str, Any] = {"execute": name}
+            if arguments:
+                request["arguments"] = arguments
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            results.append(answer())
+        return results[1:]
+
+
+class QemuMachine:
+    """The board behind one BMC: a QEMU process the simulator launches, and its QMP socket."""
+
+    def __init__(self, argv: list[str], qmp: Path, log: Path | None = None) -> None:
+        self.argv = argv
+        self.qmp = qmp
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.launches = 0
+
+    def running(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            status = qmp_command(self.qmp, ("query-status", None), timeout=2.0)[0]
+        except (OSError, QmpError, ValueError):
+            return True  # running but its monitor not up yet (just launched) or busy: the board has power
+        return str(status.get("status")) not in ("shutdown", "guest-panicked")
+
+    def launch(self) -> int:
+        self.stop()
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp.unlink()  # a stale socket file would make the new QEMU's bind fail
+        out = self.log.open("ab") if self.log is not None else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        finally:
+            if not isinstance(out, int):
+                out.close()
+        self.launches += 1
+        return self.proc.pid
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Pull the cord: QMP ``quit``, then SIGTERM and SIGKILL by pid if QEMU does not go."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(OSError, QmpError, ValueError):
+            qmp_command(self.qmp, ("quit", None), timeout=2.0)
+        for how in (None, proc.terminate, proc.kill):
+            if how is not None:
+                how()
+            try:
+                proc.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def powerdown(self) -> None:
+        qmp_command(self.qmp, ("system_powerdown", None))
+
+    def reset(self) -> None:
+        qmp_command(self.qmp, ("system_reset", None))
+
+    @classmethod
+    def from_spec(cls, spec: Path) -> QemuMachine:
+        data = json.loads(spec.read_text())
+        log = data.get("log")
+        return cls([str(a) for a in data["argv"]], Path(data["qmp"]), Path(log) if log else None)
+
+
 class SimBmc(pyghmi_bmc.Bmc):  # type: ignore[misc]
     def __init__(self, name: str, authdata: dict[str, str], *, address: str = "127.0.0.1", port: int = 0,
-                 sol: bool = True, log: Any = None, lock: threading.Lock | None = None) -> None:
+                 sol: bool = True, log: Any = None, lock: threading.Lock | None = None,
+                 machine: QemuMachine | None = None) -> None:
         super().__init__(authdata, port=port, address=address)
+        self.machine = machine
         self.port = self.serversocket.getsockname()[1]  # the kernel's choice when port was 0
         self.name = name
         self.powerstate = "off"
@@ -103,41 +216,69 @@ class SimBmc(pyghmi_bmc.Bmc):  # type: ignore[misc]
 
     # -- what pyghmi's server asks the machine --------------------------------------------
     def get_power_state(self) -> str:
+        if self.machine is not None:
+            self.powerstate = "on" if self.machine.running() else "off"
         return self.powerstate
 
     def power_on(self) -> int:
-        self.record("on", bootdev=self.bootdevice, was=self.powerstate)
+        self.record("on", bootdev=self.bootdevice, was=self.get_power_state())
+        if self.machine is not None and self.powerstate != "on":
+            self.record("launch", pid=self.machine.launch())
         self.powerstate = "on"
         return 0
 
     def power_off(self) -> int:
-        self.record("off", was=self.powerstate)
+        self.record("off", was=self.get_power_state())
+        if self.machine is not None:
+            self.machine.stop()
         self.powerstate = "off"
         return 0
 
     def power_shutdown(self) -> int:
-        self.record("shutdown", was=self.powerstate)
+        self.record("shutdown", was=self.get_power_state())
+        if self.machine is not None:
+            if self.powerstate == "on":
+                self.machine.powerdown()  # ACPI: the guest decides; the state follows what QEMU does
+            return 0
         self.powerstate = "off"
         return 0
 
     def power_cycle(self) -> int:
-        if self.powerstate != "on":
+        if self.get_power_state() != "on":
             self.record("cycle-refused", was=self.powerstate)
             return NOT_IN_PRESENT_STATE
         self.record("cycle", bootdev=self.bootdevice)
+        if self.machine is not None:
+            # Off, a pause, on, after the answer: the client is not kept waiting on QEMU (a slow answer
+            # would be retried, and the retry cycle the machine twice).
+            threading.Thread(target=self._cycle, name=f"cycle-{self.name}", daemon=True).start()
         return 0
 
+    def _cycle(self) -> None:
+        assert self.machine is not None
+        time.sleep(0.2)
+        self.machine.stop()
+        time.sleep(1.0)
+        self.record("launch", pid=self.machine.launch())
+
     def power_reset(self) -> int:
-        if self.powerstate != "on":
+        if self.get_power_state() != "on":
             self.record("reset-refused", was=self.powerstate)
             return NOT_IN_PRESENT_STATE
         self.record("reset", bootdev=self.bootdevice)
+        if self.machine is not None:
+            try:
+                self.machine.reset()
+            except (OSError, QmpError, ValueError) as exc:
+                self.record("reset-failed", error=str(exc))
+                return NOT_IN_PRESENT_STATE
         return 0
 
     def get_boot_device(self) -> str:
         return self.bootdevice
 
     def set_boot_device(self, bootdevice: str) -> None:
+        # A QEMU machine boots from the network anyway (the lab starts it with -boot order=n): recorded only.
         self.record("bootdev", device=bootdevice)
         self.bootdevice = bootdevice
 
@@ -183,9 +324,16 @@ class Simulator:
 
 @contextlib.contextmanager
 def simulator(count: int = 1, *, user: str = "admin", password: str = "password", sol: bool = True,
-              log: Path | None = None, name: str = "bmc", start_timeout: float = 30.0) -> Iterator[Simulator]:
-    """Run ``count`` simulated BMCs in a child process for the length of the ``with`` block."""
-    cmd = [sys.executable, "-m", "bootd.lab.bmc", "--count", str(count), "--user", user, "--name", name]
+              log: Path | None = None, name: str = "bmc", start_timeout: float = 30.0,
+              machines: Sequence[Path] = ()) -> Iterator[Simulator]:
+    """Run ``count`` simulated BMCs in a child process for the length of the ``with`` block.
+
+    ``machines``: QEMU specs (see the module docstring), one a BMC; then ``count`` is their number.
+    """
+    cmd = [sys.executable, "-m", "bootd.lab.bmc", "--count", str(len(machines) or count), "--user", user,
+           "--name", name]
+    for spec in machines:
+        cmd += ["--qemu", str(spec)]
     if not sol:
         cmd.append("--no-sol")
     if log is not None:
@@ -222,19 +370,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="bmc", help="name prefix in the log")
     parser.add_argument("--no-sol", action="store_true", help="refuse Serial-over-LAN, as some BMCs do")
     parser.add_argument("--log", type=Path, help="append every chassis command here (JSON lines)")
+    parser.add_argument("--qemu", type=Path, action="append", default=[],
+                        help='a real machine behind the next BMC: JSON {"argv": [...], "qmp": PATH, "log": PATH}'
+                             " (repeatable; the simulator launches and stops that QEMU)")
     args = parser.parse_args(argv)
     if args.password_file is not None:
         password = args.password_file.read_text().strip()
     else:
         password = os.environ.get("BMC_PASSWORD", "password")
-    ports = args.port or [0] * args.count
+    machines = [QemuMachine.from_spec(spec) for spec in args.qemu]
+    ports = args.port or [0] * (len(machines) or args.count)
+    if machines and len(machines) != len(ports):
+        parser.error(f"{len(machines)} --qemu machines for {len(ports)} ports: give one machine a BMC")
     log = args.log.open("a") if args.log else None
     lock = threading.Lock()
     bmcs = [SimBmc(f"{args.name}{i}", {args.user: password}, address=args.address, port=p, sol=not args.no_sol,
-                   log=log, lock=lock) for i, p in enumerate(ports)]
-    sys.stdout.write(json.dumps({"ports": [b.port for b in bmcs], "pid": os.getpid()}) + "\n")
-    sys.stdout.flush()
-    pyghmi_bmc.Bmc.listen(timeout=30)
+                   log=log, lock=lock, machine=machines[i] if machines else None) for i, p in enumerate(ports)]
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)  # so the machines below are stopped, not orphaned
+    try:
+        sys.stdout.write(json.dumps({"ports": [b.port for b in bmcs], "pid": os.getpid()}) + "\n")
+        sys.stdout.flush()
+        pyghmi_bmc.Bmc.listen(timeout=30)
+    finally:
+        for machine in machines:
+            machine.stop(grace=3.0)
     return 0
 
 

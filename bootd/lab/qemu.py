@@ -76,6 +76,11 @@ class QemuNode:
     memory_mb: int = 512
     nic: str = "virtio-net-pci"
     extra_args: Sequence[str] = ()
+    # A QMP socket (``-qmp unix:PATH``) for whoever powers the machine (bootd.lab.bmc); the console file is
+    # then appended to, so it keeps every boot of the machine across relaunches, and a guest reboot does
+    # not end QEMU (no -no-reboot). Keep the path short
+    # (a unix socket path has at most 107 bytes).
+    qmp: Path | None = None
     dead_ends: dict[str, str] = field(default_factory=lambda: dict(DEAD_ENDS))
     proc: LabProcess | None = None
     tap: str = ""
@@ -102,12 +107,17 @@ class QemuNode:
             "qemu-system-x86_64", "-name", self.name, "-accel", "tcg", "-m", str(self.memory_mb), "-smp", "1",
             # -nographic makes SeaBIOS and iPXE write to the serial port; the monitor must not share it.
             "-nographic", "-monitor", "none",
-            "-chardev", f"file,id=ser0,path={self.serial_path}", "-serial", "chardev:ser0",
-            # Without reboot-timeout=0 + -no-reboot, "No bootable device" would hang forever.
-            "-no-reboot", "-boot", "order=n,reboot-timeout=0",
+            "-chardev", f"file,id=ser0,path={self.serial_path}" + (",append=on" if self.qmp else ""),
+            "-serial", "chardev:ser0",
+            # Without reboot-timeout=0 + -no-reboot, "No bootable device" would hang forever.  A machine with
+            # a BMC (qmp) reboots in place instead, as a board does: SeaBIOS answers a BMC's reset with a
+            # reboot of its own, which -no-reboot would turn into power off (a dead end still fails wait_for).
+            *(() if self.qmp else ("-no-reboot",)), "-boot", "order=n,reboot-timeout=0",
             "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
             "-pidfile", str(pidfile),
         ]
+        if self.qmp is not None:
+            cmd += ["-qmp", f"unix:{self.qmp},server=on,wait=off"]
         if self.firmware in ("uefi", "uefi-pxe"):
             ovmf = find_ovmf()
             if ovmf is None:
@@ -121,15 +131,27 @@ class QemuNode:
         return cmd
 
     def start(self) -> QemuNode:
+        self.watch()
+        self.proc = self.lab.spawn(f"{self.name}.qemu", self.command(),
+                                   pidfile=self.lab.workdir / f"{self.name}.qemu.pid")
+        return self
+
+    def watch(self) -> QemuNode:
+        """Make the tap and follow the console, without starting QEMU: for a machine something else
+        powers on (a simulated BMC launches :meth:`ns_command`); then ``proc`` stays None."""
         if not self.tap:
             self.tap = self.lab.add_tap()
         self.serial_path.write_bytes(b"")
         self.started_at = time.monotonic()
-        self.proc = self.lab.spawn(f"{self.name}.qemu", self.command(),
-                                   pidfile=self.lab.workdir / f"{self.name}.qemu.pid")
         self._thread = threading.Thread(target=self._poll, name=f"serial-{self.name}", daemon=True)
         self._thread.start()
         return self
+
+    def ns_command(self) -> list[str]:
+        """The command line that runs this machine inside the lab's namespace."""
+        if not self.tap:
+            self.tap = self.lab.add_tap()
+        return self.lab.ns_cmd(self.command())
 
     # Console polling ------------------------------------------------------------------------------
     def _poll(self) -> None:
@@ -171,35 +193,35 @@ class QemuNode:
                 f"\n(partial) {_strip_ansi(self._partial)[-300:]}" if self._partial.strip() else ""
             )
 
-    def first(self, pattern: str) -> ConsoleLine | None:
-        """The first console line matching ``pattern`` (a regex), with its time since power-on."""
+    def first(self, pattern: str, nth: int = 1) -> ConsoleLine | None:
+        """The first (or ``nth``) console line matching ``pattern`` (a regex), with its time since power-on."""
         rx = re.compile(pattern)
         with self._lock:
-            for line in self.lines:
-                if rx.search(line.text):
-                    return line
-        return None
+            found = [line for line in self.lines if rx.search(line.text)]
+        return found[nth - 1] if len(found) >= nth else None
 
-    def wait_for(self, pattern: str, timeout: float = 120.0, *, ignore_dead_ends: Iterable[str] = ()) -> ConsoleLine:
-        """Wait until a console line matches ``pattern``; fail fast on a dead end or if QEMU exits."""
+    def wait_for(self, pattern: str, timeout: float = 120.0, *, ignore_dead_ends: Iterable[str] = (),
+                 nth: int = 1) -> ConsoleLine:
+        """Wait until a console line matches ``pattern`` (the ``nth`` such line: a later boot of a machine
+        that was powered again); fail fast on a dead end or if QEMU exits."""
         rx = re.compile(pattern)
         skip = set(ignore_dead_ends)
         deadline = time.monotonic() + timeout
         while True:
-            found = self.first(pattern)
+            found = self.first(pattern, nth)
             if found is not None:
                 return found
             raw = self.console()
-            partial_match = rx.search(_strip_ansi(raw))
-            if partial_match:  # a prompt without a trailing newline
-                return ConsoleLine(time.monotonic() - self.started_at, partial_match.group(0))
+            partial_matches = list(rx.finditer(_strip_ansi(raw)))
+            if len(partial_matches) >= nth:  # a prompt without a trailing newline
+                return ConsoleLine(time.monotonic() - self.started_at, partial_matches[nth - 1].group(0))
             for needle, why in self.dead_ends.items():
                 if needle not in skip and needle in raw:
                     raise QemuError(f"{self.name}: dead end ({why}) while waiting for {pattern!r}\n{self.tail()}")
             if self.proc is not None and not self.proc.alive():
                 time.sleep(0.2)  # let the poller read the last bytes
-                if self.first(pattern) is not None:
-                    return self.first(pattern)  # type: ignore[return-value]
+                if self.first(pattern, nth) is not None:
+                    return self.first(pattern, nth)  # type: ignore[return-value]
                 raise QemuError(
                     f"{self.name}: QEMU exited (code {self.proc.popen.returncode}) before {pattern!r}\n"
                     f"{self.tail()}\n{self.proc.log_text()[-1500:]}"
