@@ -211,6 +211,7 @@ class NodeResult:
     retries: int = 0
     times: dict[str, float] = field(default_factory=dict)
     server: str = ""  # the DHCP server that gave the lease (option 54)
+    acked_by: list[str] = field(default_factory=list)  # every server that ACKed it (a failover makes two)
     chunk_bytes: dict[str, int] = field(default_factory=dict)  # chunk bytes by the host that served them
 
 
@@ -310,6 +311,7 @@ async def _lease_and_nbp(index: int, mac: bytes, cfg: StormConfig, dhcp: DhcpCli
                 timeout=2.0, retries=3)
             result.ip = ack[0]
             result.server = socket.inet_ntoa(ack[3][54]) if len(ack[3].get(54, b"")) == 4 else cfg.server
+            result.acked_by.append(result.server)
             bootfile = (ack[3].get(67) or ack[2]).rstrip(b"\0").decode()
             result.times["dhcp"] = time.monotonic() - start
             if cfg.tftp and bootfile and not bootfile.startswith("http"):
