@@ -16,6 +16,7 @@ are test_dhcp_qemu's territory and would double this drill's time.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -68,6 +69,13 @@ def check(seg: Segment, results: list[dict[str, Any]], survivor: str, states: tu
         assert by_mac.get(r["mac"]) == r["ip"], (r["mac"], r["ip"], by_mac.get(r["mac"]))
         node = nodes[r["mac"]]
         assert node["name"] == r["name"] and node["state"] in states, node
+
+
+def metric(seg: Segment, ident: str, name: str) -> float:
+    server = seg.servers[ident]
+    text = subprocess.run(["ip", "netns", "exec", server.ns, "curl", "-sf", "-m", "10", f"{server.url}/metrics"],
+                          capture_output=True, text=True, timeout=30, check=True).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def storm_with(seg: Segment, nodes: int, action: Any, watch: str, leased: int = 30) -> list[dict[str, Any]]:
@@ -130,6 +138,8 @@ def test_postgresql_restart_mid_storm(seg: Segment, postgres_server: PgServer) -
     seg.cli("b", "capsule", "sync", "--from", seg.servers["a"].url)
     results = storm_with(seg, NODES, restart, watch="a")
     check(seg, results, "a")
+    # The restart was felt (connections broken mid-storm) and recovered from, not slept through.
+    assert sum(metric(seg, ident, "bootd_store_reconnects_total") for ident in ("a", "b")) > 0
     for ident in ("a", "b"):
         assert seg.servers[ident].proc is not None and seg.servers[ident].proc.poll() is None, f"{ident} died"
         assert seg.healthy(ident)
