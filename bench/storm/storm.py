@@ -335,13 +335,21 @@ async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, sessi
     mac = mac_of(index)
     result = NodeResult(index, mac_text(mac))
     try:
-        if dhcp is not None:
-            await _lease_and_nbp(index, mac, cfg, dhcp, result, start, deadline)
-        if cfg.follow_server and result.server:
-            base = f"http://{result.server}:{cfg.http_port}"
-        src = Sources([base])
-        t0 = time.monotonic()
-        body, _ = await _retrying_get(session, f"/boot/{result.mac.replace(':', '-')}.ipxe", result, deadline, src)
+        while True:
+            if dhcp is not None:
+                await _lease_and_nbp(index, mac, cfg, dhcp, result, start, deadline)
+            if cfg.follow_server and result.server:
+                base = f"http://{result.server}:{cfg.http_port}"
+            src = Sources([base])
+            t0 = time.monotonic()
+            try:
+                # A script its server cannot send within 15 s: PXE firmware starts over from DISCOVER.
+                body, _ = await _retrying_get(session, f"/boot/{result.mac.replace(':', '-')}.ipxe", result,
+                                              min(deadline, t0 + 15) if dhcp is not None else deadline, src)
+                break
+            except StormError:
+                if dhcp is None or time.monotonic() > deadline:
+                    raise
         script = body.decode()
         result.script_latency = time.monotonic() - t0
         result.times["script"] = time.monotonic() - start
