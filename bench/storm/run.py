@@ -216,8 +216,9 @@ while time.monotonic() < until:
 
 def client_main(args: argparse.Namespace) -> None:
     """Runs inside the client namespace: the storm itself, results as JSON on stdout."""
-    cfg = StormConfig(nodes=args.nodes, server=SERVER_IP, deadline=args.deadline,
-                      http_base=f"http://{SERVER_IP}:8080")
+    server = args.server or SERVER_IP
+    cfg = StormConfig(nodes=args.nodes, server=server, deadline=args.deadline, http_base=f"http://{server}:8080",
+                      follow_server=args.follow, first_index=args.first_index)
     results, duration = asyncio.run(storm(cfg, cfg.http_base, interface=args.interface))
     print(json.dumps({"duration": duration, "results": [asdict(r) for r in results]}))
 
@@ -300,6 +301,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the report as JSON")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--interface", help=argparse.SUPPRESS)
+    parser.add_argument("--server", help=argparse.SUPPRESS)
+    parser.add_argument("--follow", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--first-index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         client_main(args)

@@ -210,6 +210,9 @@ class NodeResult:
     script_latency: float = 0.0
     retries: int = 0
     times: dict[str, float] = field(default_factory=dict)
+    server: str = ""  # the DHCP server that gave the lease (option 54)
+    acked_by: list[str] = field(default_factory=list)  # every server that ACKed it (a failover makes two)
+    chunk_bytes: dict[str, int] = field(default_factory=dict)  # chunk bytes by the host that served them
 
 
 @dataclass
@@ -223,11 +226,36 @@ class StormConfig:
     tftp: bool = True
     seed: int = 1
     http_base: str = "http://10.78.0.1:8080"
+    # Several servers: load from the one that gave the lease (option 54) on this port, then fail over to
+    # the others the iPXE script names (bootd.sources=), as the stage one does.
+    follow_server: bool = False
+    http_port: int = 8080
+    first_index: int = 0  # MACs from mac_of(first_index) on: a second storm against the same registry
 
 
-async def _retrying_get(session: aiohttp.ClientSession, url: str, result: NodeResult, deadline: float) -> bytes:
-    """GET honouring 503 + Retry-After (admission control), bounded by the storm deadline."""
+class Sources:
+    """A node's ordered HTTP sources; a connection failure moves it to the next (bounded by the deadline)."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = list(dict.fromkeys(u.rstrip("/") for u in urls if u))
+        self.at = 0
+
+    @property
+    def base(self) -> str:
+        return self.urls[self.at % len(self.urls)]
+
+    def failed(self, base: str) -> None:
+        if base == self.base:
+            self.at += 1
+
+
+async def _retrying_get(session: aiohttp.ClientSession, path: str, result: NodeResult, deadline: float,
+                        src: Sources) -> tuple[bytes, str]:
+    """GET honouring 503 + Retry-After (admission control), bounded by the storm deadline; the body and the
+    source that served it."""
     while True:
+        base = src.base
+        url = base + path
         try:
             async with session.get(url) as resp:
                 if resp.status == 503:
@@ -240,18 +268,21 @@ async def _retrying_get(session: aiohttp.ClientSession, url: str, result: NodeRe
                     raise StormError(f"GET {url}: HTTP {resp.status}")
                 body = await resp.read()
                 result.bytes += len(body)
-                return body
+                return body, base
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            # The server went away mid-request (restart): do what a node does, try again.
+            # The server went away mid-request (restart, crash): do what a node does, try again (the next source).
             result.retries += 1
+            src.failed(base)
             if time.monotonic() > deadline:
                 raise StormError(f"GET {url}: {exc!r}") from None
             await asyncio.sleep(random.uniform(0.2, 0.6))
 
 
-async def _retrying_post(session: aiohttp.ClientSession, url: str, body: dict[str, Any] | None,
-                         headers: dict[str, str], result: NodeResult, deadline: float) -> None:
+async def _retrying_post(session: aiohttp.ClientSession, path: str, body: dict[str, Any] | None,
+                         headers: dict[str, str], result: NodeResult, deadline: float, src: Sources) -> None:
     while True:
+        base = src.base
+        url = base + path
         try:
             async with session.post(url, json=body, headers=headers) as resp:
                 if resp.status in (200, 204):
@@ -261,8 +292,42 @@ async def _retrying_post(session: aiohttp.ClientSession, url: str, body: dict[st
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
             if time.monotonic() > deadline:
                 raise StormError(f"POST {url}: {exc!r}") from None
+            src.failed(base)
         result.retries += 1
         await asyncio.sleep(random.uniform(0.2, 0.6))
+
+
+async def _lease_and_nbp(index: int, mac: bytes, cfg: StormConfig, dhcp: DhcpClients, result: NodeResult,
+                         start: float, deadline: float) -> None:
+    """DORA, then TFTP of the boot program; any failure starts over from DISCOVER, as PXE firmware does
+    (a NAK, a REQUEST its server no longer answers, a TFTP server that died), until the deadline."""
+    while True:
+        try:
+            xid = (index << 8) | random.randrange(256)
+            offer = await dhcp.exchange(dhcp_request(1, mac, xid, {}), xid, 2, timeout=2.0, retries=5)
+            yiaddr, _siaddr, _bootfile, opts = offer
+            ack = await dhcp.exchange(
+                dhcp_request(3, mac, xid, {50: socket.inet_aton(yiaddr), 54: opts.get(54, b"")}), xid, 5,
+                timeout=2.0, retries=3)
+            result.ip = ack[0]
+            result.server = socket.inet_ntoa(ack[3][54]) if len(ack[3].get(54, b"")) == 4 else cfg.server
+            result.acked_by.append(result.server)
+            bootfile = (ack[3].get(67) or ack[2]).rstrip(b"\0").decode()
+            result.times["dhcp"] = time.monotonic() - start
+            if cfg.tftp and bootfile and not bootfile.startswith("http"):
+                server = ack[1] if ack[1] != "0.0.0.0" else result.server
+                nbp = await tftp_get(server, cfg.tftp_port, bootfile)
+                result.bytes += len(nbp)
+                if not nbp:
+                    raise StormError(f"TFTP {bootfile}: empty file")
+                result.times["tftp"] = time.monotonic() - start
+            return
+        except StormError:
+            # RFC 2131 3.1: a NAK (or silence) sends the client back to INIT.
+            result.retries += 1
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(random.uniform(0.5, 1.0))
 
 
 async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, session: aiohttp.ClientSession,
@@ -270,44 +335,22 @@ async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, sessi
     mac = mac_of(index)
     result = NodeResult(index, mac_text(mac))
     try:
-        bootfile = ""
-        if dhcp is not None:
-            for attempt in range(5):
-                xid = (index << 8) | random.randrange(256)
-                offer = await dhcp.exchange(dhcp_request(1, mac, xid, {}), xid, 2, timeout=2.0, retries=5)
-                yiaddr, _siaddr, _bootfile, opts = offer
-                try:
-                    ack = await dhcp.exchange(
-                        dhcp_request(3, mac, xid, {50: socket.inet_aton(yiaddr), 54: opts.get(54, b"")}), xid, 5,
-                        timeout=2.0, retries=5)
-                    break
-                except DhcpNak:
-                    # RFC 2131 3.1: a NAK sends the client back to INIT (a restarted server forgot its offer).
-                    result.retries += 1
-                    if attempt == 4 or time.monotonic() > deadline:
-                        raise
-            result.ip = ack[0]
-            bootfile = (ack[3].get(67) or ack[2]).rstrip(b"\0").decode()
-            result.times["dhcp"] = time.monotonic() - start
-            if cfg.tftp and bootfile and not bootfile.startswith("http"):
-                server = ack[1] if ack[1] != "0.0.0.0" else cfg.server
-                while True:
-                    try:
-                        nbp = await tftp_get(server, cfg.tftp_port, bootfile)
-                        break
-                    except StormError:
-                        # PXE firmware starts the transfer over; so do we, until the deadline.
-                        result.retries += 1
-                        if time.monotonic() > deadline:
-                            raise
-                        await asyncio.sleep(random.uniform(0.5, 1.0))
-                result.bytes += len(nbp)
-                if not nbp:
-                    raise StormError(f"TFTP {bootfile}: empty file")
-                result.times["tftp"] = time.monotonic() - start
-        t0 = time.monotonic()
-        script = (await _retrying_get(session, f"{base}/boot/{result.mac.replace(':', '-')}.ipxe", result,
-                                      deadline)).decode()
+        while True:
+            if dhcp is not None:
+                await _lease_and_nbp(index, mac, cfg, dhcp, result, start, deadline)
+            if cfg.follow_server and result.server:
+                base = f"http://{result.server}:{cfg.http_port}"
+            src = Sources([base])
+            t0 = time.monotonic()
+            try:
+                # A script its server cannot send within 15 s: PXE firmware starts over from DISCOVER.
+                body, _ = await _retrying_get(session, f"/boot/{result.mac.replace(':', '-')}.ipxe", result,
+                                              min(deadline, t0 + 15) if dhcp is not None else deadline, src)
+                break
+            except StormError:
+                if dhcp is None or time.monotonic() > deadline:
+                    raise
+        script = body.decode()
         result.script_latency = time.monotonic() - t0
         result.times["script"] = time.monotonic() - start
         args = dict(re.findall(r"bootd\.(\w+)=(\S+)", script))
@@ -316,13 +359,15 @@ async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, sessi
                 raise StormError(f"iPXE script lacks bootd.{key}=: {script[:200]!r}")
         result.name = args["node"]
         headers = {"X-Bootd-Token": args["token"]}
+        # The stage one's order: the server the script came from, then the others it names.
+        src = Sources([src.base, *args.get("sources", "").split(",")])
 
         async def event(name: str, **extra: Any) -> None:
-            await _retrying_post(session, f"{base}/api/v1/nodes/{result.name}/events", {"event": name, **extra},
-                                 headers, result, deadline)
+            await _retrying_post(session, f"/api/v1/nodes/{result.name}/events", {"event": name, **extra},
+                                 headers, result, deadline, src)
 
         await event("stage1")
-        manifest = await _retrying_get(session, f"{base}/capsules/{args['capsule']}/manifest", result, deadline)
+        manifest, _ = await _retrying_get(session, f"/capsules/{args['capsule']}/manifest", result, deadline, src)
         if hashlib.sha256(manifest).hexdigest() != args["capsule"]:
             raise StormError("manifest does not hash to the version id on the kernel command line")
         chunks = parse_manifest(manifest)
@@ -335,16 +380,18 @@ async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, sessi
         async def worker() -> None:
             while not queue.empty():
                 digest, stored, _raw = queue.get_nowait()
-                body = await _retrying_get(session, f"{base}/chunks/{digest}", result, deadline)
+                body, source = await _retrying_get(session, f"/chunks/{digest}", result, deadline, src)
                 if len(body) != stored or hashlib.sha256(body).hexdigest() != digest:
                     raise StormError(f"chunk {digest} failed verification")
+                host = source.split("//", 1)[-1].split(":", 1)[0]
+                result.chunk_bytes[host] = result.chunk_bytes.get(host, 0) + len(body)
 
         await asyncio.gather(*(worker() for _ in range(cfg.chunk_parallel)))
         result.times["chunks"] = time.monotonic() - start
         await event("verified")
         await event("booted")
-        await _retrying_post(session, f"{base}/api/v1/nodes/{result.name}/heartbeat", None, headers, result,
-                             deadline)
+        await _retrying_post(session, f"/api/v1/nodes/{result.name}/heartbeat", None, headers, result, deadline,
+                             src)
         result.times["ready"] = time.monotonic() - start
         result.ok = True
     except (StormError, aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as exc:
@@ -373,7 +420,8 @@ async def storm(cfg: StormConfig, base: str, interface: str | None = None) -> tu
     timeout = aiohttp.ClientTimeout(total=60, sock_connect=20)
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            tasks = [boot_one(i, cfg, dhcp, session, cfg.http_base, start, deadline) for i in range(cfg.nodes)]
+            tasks = [boot_one(i, cfg, dhcp, session, cfg.http_base, start, deadline)
+                     for i in range(cfg.first_index, cfg.first_index + cfg.nodes)]
             results = await asyncio.wait_for(asyncio.gather(*tasks), cfg.deadline + 30)
     finally:
         if transport is not None:
