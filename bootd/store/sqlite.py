@@ -27,6 +27,7 @@ from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreEr
 from bootd.model import Group, Lease, Node, State, normalize_mac
 from bootd.store.base import NODE_FIELDS, Credential, Event, NewNode, ServerRecord, StoreStatus
 
+LEASE_BATCH = 256  # leases per group commit at most: one transaction stays short for the other writers
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -546,25 +547,48 @@ class SqliteRepo:
         return [Lease(r["ip"], r["mac"], r["expires"], r["hostname"]) for r in rows]
 
     def put_lease(self, lease: Lease, *, now: float | None = None, server: str | None = None) -> None:
-        mac = normalize_mac(lease.mac)
-        now = time.time() if now is None else now
         with self.write() as db:
-            # One lease per MAC (its previous one goes) and one MAC per address: an expired lease of another
-            # MAC is taken over, a live one or another node's own address is a Conflict. The primary key on
-            # leases.ip and the unique index on nodes.ip hold even if these checks had a bug.
-            db.execute("DELETE FROM leases WHERE mac = ? OR (ip = ? AND expires <= ?)", (mac, lease.ip, now))
-            held = db.execute("SELECT mac FROM leases WHERE ip = ? AND expires > ?", (lease.ip, now)).fetchone()
-            if held is not None:
-                raise Conflict(f"address {lease.ip} is leased to {held['mac']}")
-            owner = db.execute("SELECT name FROM nodes WHERE ip = ? AND mac <> ?", (lease.ip, mac)).fetchone()
-            if owner is not None:
-                raise Conflict(f"address {lease.ip} is node {owner['name']}'s own address")
-            db.execute("INSERT INTO leases(ip, mac, expires, hostname) VALUES (?, ?, ?, ?)",
-                       (lease.ip, mac, lease.expires, lease.hostname))
-            if server is None:
-                db.execute("UPDATE nodes SET ip = ? WHERE mac = ?", (lease.ip, mac))
-            else:
-                db.execute("UPDATE nodes SET ip = ?, server = ? WHERE mac = ?", (lease.ip, server, mac))
+            self._put_lease(db, lease, time.time() if now is None else now, server)
+
+    def put_leases(self, batch: list[tuple[Lease, float, str | None]]) -> list[Conflict | None]:
+        """Several leases in one transaction (group commit): one COMMIT, one WAL append, for a whole batch.
+
+        Each lease is checked under its own savepoint, so a lease the database refuses (a Conflict, returned in
+        its slot) leaves the others in. Nothing is committed until all are in: a failing COMMIT fails them all.
+        """
+        results: list[Conflict | None] = []
+        with self.write() as db:
+            for lease, now, server in batch:
+                db.execute("SAVEPOINT lease")
+                try:
+                    self._put_lease(db, lease, now, server)
+                except Conflict as exc:
+                    db.execute("ROLLBACK TO lease")
+                    results.append(exc)
+                else:
+                    results.append(None)
+                db.execute("RELEASE lease")
+        return results
+
+    @staticmethod
+    def _put_lease(db: sqlite3.Connection, lease: Lease, now: float, server: str | None) -> None:
+        mac = normalize_mac(lease.mac)
+        # One lease per MAC (its previous one goes) and one MAC per address: an expired lease of another
+        # MAC is taken over, a live one or another node's own address is a Conflict. The primary key on
+        # leases.ip and the unique index on nodes.ip hold even if these checks had a bug.
+        db.execute("DELETE FROM leases WHERE mac = ? OR (ip = ? AND expires <= ?)", (mac, lease.ip, now))
+        held = db.execute("SELECT mac FROM leases WHERE ip = ? AND expires > ?", (lease.ip, now)).fetchone()
+        if held is not None:
+            raise Conflict(f"address {lease.ip} is leased to {held['mac']}")
+        owner = db.execute("SELECT name FROM nodes WHERE ip = ? AND mac <> ?", (lease.ip, mac)).fetchone()
+        if owner is not None:
+            raise Conflict(f"address {lease.ip} is node {owner['name']}'s own address")
+        db.execute("INSERT INTO leases(ip, mac, expires, hostname) VALUES (?, ?, ?, ?)",
+                   (lease.ip, mac, lease.expires, lease.hostname))
+        if server is None:
+            db.execute("UPDATE nodes SET ip = ? WHERE mac = ?", (lease.ip, mac))
+        else:
+            db.execute("UPDATE nodes SET ip = ?, server = ? WHERE mac = ?", (lease.ip, server, mac))
 
     # -- servers sharing this registry ---------------------------------------------
     def beat(self, server: ServerRecord) -> list[ServerRecord]:
@@ -616,6 +640,10 @@ class SqliteNodeStore:
     def __init__(self, path: str | Path, *, default_group: str = "default", readonly: bool = False) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bootd-db")
         self._closed = False
+        # Leases waiting for the next group commit, and whether a flush task is writing one now.
+        self._leases: list[tuple[Lease, float, str | None, asyncio.Future[None]]] = []
+        self._flushing = False
+        self._flush_task: asyncio.Task[None] | None = None
         try:
             self.repo: SqliteRepo = self._pool.submit(SqliteRepo, path, default_group=default_group,
                                                       readonly=readonly).result()
@@ -709,7 +737,41 @@ class SqliteNodeStore:
         return await self._run(self.repo.list_leases)
 
     async def put_lease(self, lease: Lease, *, now: float | None = None, server: str | None = None) -> None:
-        await self._run(self.repo.put_lease, lease, now=now, server=server)
+        """Returns once the lease is committed (the caller's ACK may name it then).
+
+        Group commit: leases that arrive while a batch is being written wait for the next batch, which
+        takes all of them in one transaction. An idle store writes a lone lease at once (no added delay);
+        under load the commit cost (the WAL append, the checkpoints it brings) is shared by the batch.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._leases.append((lease, time.time() if now is None else now, server, done))
+        if not self._flushing:
+            self._flushing = True
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_leases())  # held: not GC'd
+        await done
+
+    async def _flush_leases(self) -> None:
+        try:
+            while self._leases:
+                batch, self._leases = self._leases[:LEASE_BATCH], self._leases[LEASE_BATCH:]
+                try:
+                    results = await self._run(self.repo.put_leases, [(x, now, srv) for x, now, srv, _ in batch])
+                except BaseException as exc:  # the transaction rolled back: none of the batch is stored
+                    for *_, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc if isinstance(exc, Exception) else StoreError(repr(exc)))
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (*_, fut), result in zip(batch, results, strict=True):
+                    if fut.done():  # its waiter was cancelled; the lease is stored all the same
+                        continue
+                    if result is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(result)
+        finally:
+            self._flushing = False
 
     async def beat(self, server: ServerRecord) -> list[ServerRecord]:
         return await self._run(self.repo.beat, server)

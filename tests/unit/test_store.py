@@ -222,6 +222,37 @@ async def test_one_holder_of_a_cluster_lock_at_a_time(node_store: NodeStore) -> 
     assert await node_store.take_lock("sweep", "a", now=120.0, ttl=10.0)
 
 
+async def test_sqlite_group_commit_writes_concurrent_leases_in_one_transaction(tmp_path: Path) -> None:
+    # Leases written at once share one transaction; a lease the database refuses fails alone, the others of
+    # its batch are committed, and every caller returns only after the commit that holds its lease.
+    store = SqliteNodeStore(tmp_path / "r.sqlite")
+    batches: list[int] = []
+    real = store.repo.put_leases
+
+    def counted(batch: list[tuple[Lease, float, str | None]]) -> list[Conflict | None]:
+        batches.append(len(batch))
+        return real(batch)
+
+    store.repo.put_leases = counted  # type: ignore[method-assign]
+    try:
+        await store.put_lease(Lease("10.0.0.1", mac(1), 1000.0), now=10.0)
+        results = await asyncio.gather(*(store.put_lease(Lease(f"10.0.0.{i}", mac(i + 10), 1000.0), now=10.0)
+                                         for i in range(1, 6)), return_exceptions=True)
+        assert isinstance(results[0], Conflict) and "10.0.0.1 is leased to 52:54:00:00:00:01" in str(results[0])
+        assert results[1:] == [None] * 4
+        assert batches == [1, 5]
+        leases = {(x.ip, x.mac) for x in await store.list_leases()}
+        assert leases == {("10.0.0.1", mac(1))} | {(f"10.0.0.{i}", mac(i + 10)) for i in range(2, 6)}
+    finally:
+        await store.close()
+    # Committed means on disk: a second process (a fresh connection) sees all of them.
+    reopened = SqliteNodeStore(tmp_path / "r.sqlite")
+    try:
+        assert len(await reopened.list_leases()) == 5
+    finally:
+        await reopened.close()
+
+
 def test_sqlite_migration_5_keeps_one_node_per_address(tmp_path: Path) -> None:
     import sqlite3
 
