@@ -21,13 +21,13 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
 from bootd.store.base import NODE_FIELDS, Credential, Event, NewNode, ServerRecord, StoreStatus
 
-LEASE_BATCH = 256  # leases per group commit at most: one transaction stays short for the other writers
+WRITE_BATCH = 256  # writes per group commit at most: one transaction stays short for the other writers
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -294,35 +294,40 @@ class SqliteRepo:
 
     def register(self, mac: str, *, name_pattern: str, first_index: int, group: str, approved: bool,
                  now: float, max_nodes: int = 0) -> tuple[Node, bool]:
-        mac = normalize_mac(mac)
         with self.write() as db:
-            row = self._row("mac", mac)
-            if row is not None:
-                # A known node: this is its contact, recorded in the same trip (at most once a second).
-                if now - row["last_contact"] >= 1.0:
-                    db.execute("UPDATE nodes SET last_contact = ? WHERE id = ?", (now, row["id"]))
-                return self._load(row), False
-            if max_nodes and db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] >= max_nodes:
-                raise RegistryFull(f"the registry holds registry.max_nodes = {max_nodes} nodes; {mac} is not "
-                                   "registered (raise the limit, or delete nodes)")
-            self._ensure_group(group)
-            top = db.execute("SELECT MAX(idx) FROM nodes").fetchone()[0]
-            index = first_index if top is None else max(first_index, top + 1)
-            # A manually added node may already carry a name from the pattern: skip over it.
-            while db.execute("SELECT 1 FROM nodes WHERE name = ?", (name_pattern.format(index=index),)).fetchone():
-                index += 1
-            name = name_pattern.format(index=index)
-            db.execute(
-                "INSERT INTO nodes(mac, name, idx, grp, approved, state, state_since, first_contact, last_contact)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (mac, name, index, group, int(approved), State.DISCOVERED.value, now, now, now),
-            )
-            node_id = db.execute("SELECT id FROM nodes WHERE mac = ?", (mac,)).fetchone()[0]
-            db.execute("INSERT INTO events(node_id, ts, state, reason) VALUES (?, ?, ?, ?)",
-                       (node_id, now, State.DISCOVERED.value, "first contact"))
-            created = self._row("mac", mac)
-            assert created is not None
-            return self._load(created), True
+            return self._register(db, mac, name_pattern=name_pattern, first_index=first_index, group=group,
+                                  approved=approved, now=now, max_nodes=max_nodes)
+
+    def _register(self, db: sqlite3.Connection, mac: str, *, name_pattern: str, first_index: int, group: str,
+                  approved: bool, now: float, max_nodes: int) -> tuple[Node, bool]:
+        mac = normalize_mac(mac)
+        row = self._row("mac", mac)
+        if row is not None:
+            # A known node: this is its contact, recorded in the same trip (at most once a second).
+            if now - row["last_contact"] >= 1.0:
+                db.execute("UPDATE nodes SET last_contact = ? WHERE id = ?", (now, row["id"]))
+            return self._load(row), False
+        if max_nodes and db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] >= max_nodes:
+            raise RegistryFull(f"the registry holds registry.max_nodes = {max_nodes} nodes; {mac} is not "
+                               "registered (raise the limit, or delete nodes)")
+        self._ensure_group(group)
+        top = db.execute("SELECT MAX(idx) FROM nodes").fetchone()[0]
+        index = first_index if top is None else max(first_index, top + 1)
+        # A manually added node may already carry a name from the pattern: skip over it.
+        while db.execute("SELECT 1 FROM nodes WHERE name = ?", (name_pattern.format(index=index),)).fetchone():
+            index += 1
+        name = name_pattern.format(index=index)
+        db.execute(
+            "INSERT INTO nodes(mac, name, idx, grp, approved, state, state_since, first_contact, last_contact)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (mac, name, index, group, int(approved), State.DISCOVERED.value, now, now, now),
+        )
+        node_id = db.execute("SELECT id FROM nodes WHERE mac = ?", (mac,)).fetchone()[0]
+        db.execute("INSERT INTO events(node_id, ts, state, reason) VALUES (?, ?, ?, ?)",
+                   (node_id, now, State.DISCOVERED.value, "first contact"))
+        created = self._row("mac", mac)
+        assert created is not None
+        return self._load(created), True
 
     def _ensure_group(self, group: str) -> None:
         if self.db.execute("SELECT 1 FROM groups WHERE name = ?", (group,)).fetchone() is None:
@@ -550,24 +555,27 @@ class SqliteRepo:
         with self.write() as db:
             self._put_lease(db, lease, time.time() if now is None else now, server)
 
-    def put_leases(self, batch: list[tuple[Lease, float, str | None]]) -> list[Conflict | None]:
-        """Several leases in one transaction (group commit): one COMMIT, one WAL append, for a whole batch.
+    def batch(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        """Several writes in one transaction (group commit): one COMMIT, one WAL append for the whole batch.
 
-        Each lease is checked under its own savepoint, so a lease the database refuses (a Conflict, returned in
-        its slot) leaves the others in. Nothing is committed until all are in: a failing COMMIT fails them all.
+        Each write runs under its own savepoint, so one that fails (a Conflict, a full registry) is undone
+        alone and its exception returned in its slot, as (False, exc); the others are kept, as (True, result).
+        Nothing is committed until all have run: a failing COMMIT raises, and fails them all.
         """
-        results: list[Conflict | None] = []
+        results: list[tuple[bool, Any]] = []
         with self.write() as db:
-            for lease, now, server in batch:
-                db.execute("SAVEPOINT lease")
+            for op in ops:
+                db.execute("SAVEPOINT op")
                 try:
-                    self._put_lease(db, lease, now, server)
-                except Conflict as exc:
-                    db.execute("ROLLBACK TO lease")
-                    results.append(exc)
-                else:
-                    results.append(None)
-                db.execute("RELEASE lease")
+                    results.append((True, op(db)))
+                except sqlite3.Error as exc:
+                    db.execute("ROLLBACK TO op")
+                    results.append((False, StoreError(f"cannot write node registry {self.path}: "
+                                                      f"{_explain(exc, self.path)}")))
+                except Exception as exc:
+                    db.execute("ROLLBACK TO op")
+                    results.append((False, exc))
+                db.execute("RELEASE op")
         return results
 
     @staticmethod
@@ -640,8 +648,8 @@ class SqliteNodeStore:
     def __init__(self, path: str | Path, *, default_group: str = "default", readonly: bool = False) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bootd-db")
         self._closed = False
-        # Leases waiting for the next group commit, and whether a flush task is writing one now.
-        self._leases: list[tuple[Lease, float, str | None, asyncio.Future[None]]] = []
+        # Writes waiting for the next group commit (see _write), and whether a flush task is writing one now.
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._flushing = False
         self._flush_task: asyncio.Task[None] | None = None
         try:
@@ -666,8 +674,9 @@ class SqliteNodeStore:
 
     async def register(self, mac: str, *, name_pattern: str, first_index: int, group: str, approved: bool,
                        now: float, max_nodes: int = 0) -> tuple[Node, bool]:
-        return await self._run(self.repo.register, mac, name_pattern=name_pattern, first_index=first_index,
-                               group=group, approved=approved, now=now, max_nodes=max_nodes)
+        return await self._write(lambda db: self.repo._register(
+            db, mac, name_pattern=name_pattern, first_index=first_index, group=group, approved=approved, now=now,
+            max_nodes=max_nodes))
 
     async def add_node(self, mac: str, name: str, *, group: str, now: float, **fields: Any) -> Node:
         return await self._run(self.repo.add_node, mac, name, group=group, now=now, **fields)
@@ -737,39 +746,45 @@ class SqliteNodeStore:
         return await self._run(self.repo.list_leases)
 
     async def put_lease(self, lease: Lease, *, now: float | None = None, server: str | None = None) -> None:
-        """Returns once the lease is committed (the caller's ACK may name it then).
+        # Returns once the lease is committed: the caller's ACK may name it then.
+        at = time.time() if now is None else now
+        await self._write(lambda db: self.repo._put_lease(db, lease, at, server))
 
-        Group commit: leases that arrive while a batch is being written wait for the next batch, which
-        takes all of them in one transaction. An idle store writes a lone lease at once (no added delay);
-        under load the commit cost (the WAL append, the checkpoints it brings) is shared by the batch.
+    async def _write(self, op: Callable[[sqlite3.Connection], R]) -> R:
+        """Run one write in the next group commit and return its result once that transaction is committed.
+
+        Writes that arrive while a batch is being written wait for the next batch, which takes all of them in
+        one transaction. An idle store writes a lone write at once (no added delay); under load the commit
+        cost (the WAL append, the checkpoints it brings) is shared by the batch. Durability is unchanged:
+        nobody hears of a write before the COMMIT that holds it.
         """
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._leases.append((lease, time.time() if now is None else now, server, done))
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, done))
         if not self._flushing:
             self._flushing = True
-            self._flush_task = asyncio.get_running_loop().create_task(self._flush_leases())  # held: not GC'd
-        await done
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush())  # held: not GC'd
+        return cast(R, await done)
 
-    async def _flush_leases(self) -> None:
+    async def _flush(self) -> None:
         try:
-            while self._leases:
-                batch, self._leases = self._leases[:LEASE_BATCH], self._leases[LEASE_BATCH:]
+            while self._pending:
+                batch, self._pending = self._pending[:WRITE_BATCH], self._pending[WRITE_BATCH:]
                 try:
-                    results = await self._run(self.repo.put_leases, [(x, now, srv) for x, now, srv, _ in batch])
-                except BaseException as exc:  # the transaction rolled back: none of the batch is stored
-                    for *_, fut in batch:
+                    results = await self._run(self.repo.batch, [op for op, _ in batch])
+                except BaseException as exc:  # the transaction rolled back: nothing of the batch is stored
+                    for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc if isinstance(exc, Exception) else StoreError(repr(exc)))
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (*_, fut), result in zip(batch, results, strict=True):
-                    if fut.done():  # its waiter was cancelled; the lease is stored all the same
+                for (_, fut), (ok, value) in zip(batch, results, strict=True):
+                    if fut.done():  # its waiter was cancelled; the write is committed all the same
                         continue
-                    if result is None:
-                        fut.set_result(None)
+                    if ok:
+                        fut.set_result(value)
                     else:
-                        fut.set_exception(result)
+                        fut.set_exception(value)
         finally:
             self._flushing = False
 

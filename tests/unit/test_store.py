@@ -13,13 +13,16 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -227,13 +230,13 @@ async def test_sqlite_group_commit_writes_concurrent_leases_in_one_transaction(t
     # its batch are committed, and every caller returns only after the commit that holds its lease.
     store = SqliteNodeStore(tmp_path / "r.sqlite")
     batches: list[int] = []
-    real = store.repo.put_leases
+    real = store.repo.batch
 
-    def counted(batch: list[tuple[Lease, float, str | None]]) -> list[Conflict | None]:
-        batches.append(len(batch))
-        return real(batch)
+    def counted(ops: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        batches.append(len(ops))
+        return real(ops)
 
-    store.repo.put_leases = counted  # type: ignore[method-assign]
+    store.repo.batch = counted  # type: ignore[method-assign]
     try:
         await store.put_lease(Lease("10.0.0.1", mac(1), 1000.0), now=10.0)
         results = await asyncio.gather(*(store.put_lease(Lease(f"10.0.0.{i}", mac(i + 10), 1000.0), now=10.0)
@@ -241,6 +244,9 @@ async def test_sqlite_group_commit_writes_concurrent_leases_in_one_transaction(t
         assert isinstance(results[0], Conflict) and "10.0.0.1 is leased to 52:54:00:00:00:01" in str(results[0])
         assert results[1:] == [None] * 4
         assert batches == [1, 5]
+        # First contacts are group-committed too: distinct names, in order, one transaction.
+        names = await asyncio.gather(*(register(store, i) for i in range(30, 34)))
+        assert names == ["n0000", "n0001", "n0002", "n0003"] and batches[2:] == [4]
         leases = {(x.ip, x.mac) for x in await store.list_leases()}
         assert leases == {("10.0.0.1", mac(1))} | {(f"10.0.0.{i}", mac(i + 10)) for i in range(2, 6)}
     finally:
