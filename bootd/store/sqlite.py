@@ -648,7 +648,7 @@ class SqliteNodeStore:
     def __init__(self, path: str | Path, *, default_group: str = "default", readonly: bool = False) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bootd-db")
         self._closed = False
-        # Writes waiting for the next group commit (see _write), and whether a flush task is writing one now.
+        # Writes waiting for the next group commit (see _batched), and whether a flush task is writing one now.
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._flushing = False
         self._flush_task: asyncio.Task[None] | None = None
@@ -674,7 +674,7 @@ class SqliteNodeStore:
 
     async def register(self, mac: str, *, name_pattern: str, first_index: int, group: str, approved: bool,
                        now: float, max_nodes: int = 0) -> tuple[Node, bool]:
-        return await self._write(lambda db: self.repo._register(
+        return await self._batched(lambda db: self.repo._register(
             db, mac, name_pattern=name_pattern, first_index=first_index, group=group, approved=approved, now=now,
             max_nodes=max_nodes))
 
@@ -728,7 +728,9 @@ class SqliteNodeStore:
         return await self._run(self.repo.list_groups)
 
     async def get_group(self, name: str) -> Group | None:
-        return await self._run(self.repo.get_group, name)
+        # Read on every DHCP exchange (the registry's answer carries the group): it rides the next group
+        # commit's trip to the database thread instead of taking a trip of its own.
+        return await self._batched(lambda db: self.repo.get_group(name))
 
     async def put_group(self, group: Group) -> Group:
         return await self._run(self.repo.put_group, group)
@@ -748,10 +750,10 @@ class SqliteNodeStore:
     async def put_lease(self, lease: Lease, *, now: float | None = None, server: str | None = None) -> None:
         # Returns once the lease is committed: the caller's ACK may name it then.
         at = time.time() if now is None else now
-        await self._write(lambda db: self.repo._put_lease(db, lease, at, server))
+        await self._batched(lambda db: self.repo._put_lease(db, lease, at, server))
 
-    async def _write(self, op: Callable[[sqlite3.Connection], R]) -> R:
-        """Run one write in the next group commit and return its result once that transaction is committed.
+    async def _batched(self, op: Callable[[sqlite3.Connection], R]) -> R:
+        """Run one write (or a read on the DHCP path) in the next group commit; its result once committed.
 
         Writes that arrive while a batch is being written wait for the next batch, which takes all of them in
         one transaction. An idle store writes a lone write at once (no added delay); under load the commit
