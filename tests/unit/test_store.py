@@ -259,6 +259,27 @@ async def test_sqlite_group_commit_writes_concurrent_leases_in_one_transaction(t
         await reopened.close()
 
 
+async def test_sqlite_wal_is_checkpointed_in_the_background_not_in_a_commit(tmp_path: Path) -> None:
+    # The daemon's writer never checkpoints (an fsync inside an ACK's commit); a thread of its own copies the WAL
+    # into the database file within about a second, and closing the store leaves no WAL behind.
+    path = tmp_path / "r.sqlite"
+    store = SqliteNodeStore(path)
+    try:
+        assert await store._run(lambda: store.repo.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+        before = path.stat().st_size
+        await asyncio.gather(*(store.put_lease(Lease(f"10.0.{i // 250}.{i % 250}", mac(i), 1000.0, "h" * 200),
+                                               now=10.0) for i in range(2000)))
+        deadline = time.monotonic() + 10
+        while path.stat().st_size <= before and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert path.stat().st_size > before, "nothing was checkpointed into the database file"
+    finally:
+        await store.close()
+    assert not (tmp_path / "r.sqlite-wal").exists()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 2000
+
+
 def test_sqlite_migration_5_keeps_one_node_per_address(tmp_path: Path) -> None:
     import sqlite3
 
