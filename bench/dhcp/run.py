@@ -28,11 +28,13 @@ Usage: sudo .venv/bin/python bench/dhcp/run.py [--clients 10000] [--rates 250,50
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -164,6 +166,10 @@ def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
             enabled = false
         """))
         cmd = [sys.executable, "-c", RUNNER, str(work / "bootd.toml")]
+        spy = os.environ.get("BENCH_PYSPY")  # a py-spy binary: profile bootd's process (all threads) per step
+        if spy:
+            out = Path(os.environ.get("BENCH_PYSPY_OUT", "/tmp")) / f"bootd-{time.strftime('%H%M%S')}.pyspy"
+            cmd = [spy, "record", "-r", "200", "--threads", "-f", "raw", "-o", str(out), "--", *cmd]
     elif kind == "kea":
         # Kea's own server, as its documentation sets up a memfile deployment: leases in memory and appended
         # to a CSV file (persist) as they are granted; the lease file cleanup (LFC) off so no second process
@@ -216,6 +222,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if os.environ.get("BENCH_PYSPY"):
+        # py-spy writes its profile when the profiled process exits: stop bootd (py-spy's child), not py-spy.
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            for kid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                os.kill(int(kid), signal.SIGTERM)
+            proc.wait(timeout=30)
     proc.terminate()
     try:
         proc.wait(timeout=10)
