@@ -382,7 +382,7 @@ def report(steps: list[Step], servers: list[str], rates: list[int], clients: int
         rate, ratio, other_drops = headline
         print(f"highest offered rate with 0 bootd drops: {rate}/s; ratio bootd/{base} exchanges/s there: "
               f"{ratio:.2f} ({base} dropped {other_drops:.0f})")
-    elif "bootd" in servers:
+    elif "bootd" in servers and base:
         print("bootd dropped at every offered rate: lower --rates")
 
 
