@@ -11,6 +11,7 @@ DEBS=(
   mmdebstrap umoci                                                       # capsule recipes (build), OCI images (tests)
   gcc libc6-dev libssl-dev                                               # stage one's bootd-fetch (static, libcrypto.a)
   dnsmasq-base isc-dhcp-client isc-dhcp-relay udhcpc kea-admin           # DHCP peers (reference, clients, relay, perfdhcp)
+  kea-dhcp4-server                                                       # bench/dhcp: Kea as the reference server (bench netns only; no host service)
   atftp tftp-hpa tftpd-hpa curl                                          # TFTP clients and the reference server
   nginx-light wrk                                                        # HTTP reference server and load client for bench/http
   iproute2 libcap2-bin procps python3-venv                               # netns/veth/tap, setcap, ps

@@ -24,13 +24,17 @@ from bootd.service.dhcp import DhcpService
 from bootd.service.registry import RegistryService
 from bootd.store.sqlite import SqliteNodeStore
 
+# The simulated clients are dhclient captures (no PXE vendor class): they must register as nodes like
+# netboot clients do, and every one of them at once (no first-contact rate limit), as in bench/dhcp/run.py.
+BENCH_REGISTRY = RegistryConfig(register_any_client=True, register_rate=1e6, register_burst=1_000_000,
+                                max_nodes=1_000_000)
 DATA = Path(__file__).resolve().parents[2] / "tests" / "data" / "dhcp"
 
 
 async def run(clients: int, concurrency: int) -> float:
     with tempfile.TemporaryDirectory(prefix="bd-dhcp-prof-") as tmp:
         store = SqliteNodeStore(Path(tmp) / "bootd.sqlite")
-        svc = DhcpService(store, RegistryService(store, RegistryConfig()),
+        svc = DhcpService(store, RegistryService(store, BENCH_REGISTRY),
                           BootPolicy("http://10.80.0.1:8080", "10.80.0.1"),
                           DhcpConfig(pool_start="10.80.1.0", pool_end="10.80.200.255", netmask="255.255.0.0"),
                           server_address="10.80.0.1")

@@ -1,29 +1,40 @@
 #!/usr/bin/env python3
-"""DHCP benchmark: Kea's perfdhcp drives DORA exchanges against bootd and dnsmasq, same setup, same run.
+"""DHCP benchmark: Kea's perfdhcp drives DORA exchanges against bootd, Kea's kea-dhcp4 and dnsmasq, same
+setup, same run.
 
 Setup (root needed; everything inside namespaces ``bd-dhcp-<pid>-bsrv`` / ``-bcli`` that are deleted at
 the end, also on failure): a veth pair, the server on 10.80.0.1/16 in one namespace, perfdhcp on
 10.80.0.2/16 in the other. perfdhcp acts as a relay (giaddr = its address), so replies are unicast.
-Each server starts from an empty state (bootd: fresh SQLite registry, first contact registers every
-client as a node, leases persisted before each ACK; dnsmasq: fresh lease file, ``--no-ping``,
-lease-max raised, a boot file, as fair a configuration as it gets).
+Each server starts from an empty state in a private temporary directory:
+- bootd: fresh SQLite registry; first contact registers every client as a node; each lease is committed
+  (SQLite WAL, synchronous=NORMAL) before its ACK is sent.
+- kea: kea-dhcp4 with its memfile lease backend, ``persist: true`` (each lease appended to a CSV file
+  before the reply), lease file cleanup off; never a system service, only this process in the namespace.
+- dnsmasq: fresh lease file, ``--no-ping``, lease-max raised, a boot file, as fair a configuration as it
+  gets.
 
-For every offered rate in ``--rates``, each server gets ``--clients`` simulated clients (perfdhcp
-``-R``) and the same number of exchanges (``-n``), bounded by ``--period`` seconds per step. Servers
-run back to back per step (order alternating per run) so background load hits both alike. Reported:
-completed 4-way exchanges/s (perfdhcp's "Rate"), drops (unanswered DISCOVERs + REQUESTs) and the
-ratio bootd/dnsmasq per offered rate (medians over ``--runs``), and the headline: the ratio at the
-highest offered rate bootd served with 0 drops.
+Two modes. ``--rates``: for every offered rate each server gets ``--clients`` simulated clients (perfdhcp
+``-R``) and the same number of exchanges (``-n``), bounded by ``--period`` seconds per step; servers run
+back to back per step (order alternating per run) so background load hits all alike. ``--capacity LO,HI``:
+each server's capacity as issue 20 defines it, the highest offered rate on a grid of ``--grid`` (250/s)
+answered with 0 drops and an average delay under 10 ms, found by a binary search per server with the
+servers' probes interleaved. Every step also shows perfdhcp's CPU (share of one core while sending) and
+the server's CPU seconds: perfdhcp near 100% of a core means the load client, not the server, is the limit.
 
 Usage: sudo .venv/bin/python bench/dhcp/run.py [--clients 10000] [--rates 250,500,1000,2000] [--runs 1]
+       sudo .venv/bin/python bench/dhcp/run.py --capacity 250,8000 [--servers bootd,kea,dnsmasq]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import re
+import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -98,6 +109,9 @@ def teardown() -> None:
         sh("ip", "netns", "del", ns, check=False)
 
 
+MAX_DELAY_MS = 10.0
+
+
 @dataclass
 class Step:
     server: str
@@ -108,6 +122,17 @@ class Step:
     drops: int
     delay_ms: float
     seconds: float
+    client_cpu: float  # perfdhcp's CPU seconds (user + system) for the step
+    server_cpu: float  # the server's CPU seconds over its life (start, step)
+
+    @property
+    def ok(self) -> bool:
+        """Issue 20's capacity criterion: every exchange answered, average delay under 10 ms."""
+        return self.drops == 0 and self.completed >= self.sent and self.delay_ms < MAX_DELAY_MS
+
+    def client_load(self) -> float:
+        """perfdhcp's CPU share of one core while it sends (the step's sending time is sent/rate)."""
+        return self.client_cpu / max(self.sent / self.rate, 1e-3)
 
 
 def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
@@ -130,10 +155,40 @@ def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
             netmask = "{POOL[2]}"
             lease_time = 3600
             queue_size = 4096
+            [registry]
+            # perfdhcp's clients carry no PXE vendor class; each registers as a node on first contact,
+            # all of them at once (no first-contact rate limit), as a real rack's first power-on would.
+            register_any_client = true
+            register_rate = 1000000
+            register_burst = 1000000
+            max_nodes = 1000000
             [http]
             enabled = false
         """))
         cmd = [sys.executable, "-c", RUNNER, str(work / "bootd.toml")]
+        spy = os.environ.get("BENCH_PYSPY")  # a py-spy binary: profile bootd's process (all threads) per step
+        if spy:
+            out = Path(os.environ.get("BENCH_PYSPY_OUT", "/tmp")) / f"bootd-{time.strftime('%H%M%S')}.pyspy"
+            cmd = [spy, "record", "-r", "200", "--threads", "-f", "raw", "-o", str(out), "--", *cmd]
+    elif kind == "kea":
+        # Kea's own server, as its documentation sets up a memfile deployment: leases in memory and appended
+        # to a CSV file (persist) as they are granted; the lease file cleanup (LFC) off so no second process
+        # competes for the CPU mid-step. UDP sockets: perfdhcp relays, so every request arrives unicast.
+        (work / "kea-dhcp4.json").write_text(json.dumps({"Dhcp4": {
+            "interfaces-config": {"interfaces": [f"eth0/{SERVER_IP}"], "dhcp-socket-type": "udp"},
+            "lease-database": {"type": "memfile", "persist": True, "name": str(work / "leases.csv"),
+                               "lfc-interval": 0},
+            "valid-lifetime": 3600, "renew-timer": 1800, "rebind-timer": 3150,
+            "authoritative": True,
+            "next-server": SERVER_IP, "boot-file-name": "undionly.kpxe",
+            "subnet4": [{"id": 1, "subnet": "10.80.0.0/16", "pools": [{"pool": f"{POOL[0]} - {POOL[1]}"}]}],
+            "loggers": [{"name": "kea-dhcp4", "severity": "WARN",
+                         "output_options": [{"output": str(work / "kea.log")}]}],
+        }}))
+        # Kea's pid and lock files go where the bench's state goes, not to /run.
+        os.environ["KEA_PIDFILE_DIR"] = str(work)
+        os.environ["KEA_LOCKFILE_DIR"] = str(work)
+        cmd = ["kea-dhcp4", "-c", str(work / "kea-dhcp4.json")]
     else:
         # dnsmasq rewrites its whole lease file on every change (quadratic in clients); "dnsmasq-ro"
         # (--leasefile-ro) keeps leases in memory only: faster, but a restart forgets every lease.
@@ -157,7 +212,22 @@ def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
     raise SystemExit(f"{kind} did not start: {(work / f'{kind}.log').read_text()[-2000:]}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process (ip netns exec execs the server, so the Popen pid is the server's)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if os.environ.get("BENCH_PYSPY"):
+        # py-spy writes its profile when the profiled process exits: stop bootd (py-spy's child), not py-spy.
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            for kid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                os.kill(int(kid), signal.SIGTERM)
+            proc.wait(timeout=30)
     proc.terminate()
     try:
         proc.wait(timeout=10)
@@ -166,12 +236,13 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def perfdhcp(rate: int, clients: int, period: float) -> tuple[float, int, int, int, float, float]:
+def perfdhcp(rate: int, clients: int, period: float) -> tuple[float, int, int, int, float, float, float]:
     cmd = ["ip", "netns", "exec", CLI, "perfdhcp", "-4", "-g", "single", "-l", CLIENT_IP, "-R", str(clients),
            "-n", str(clients), "-r", str(rate), "-p", str(int(period)), "-d", "2", "-W", "2000000", SERVER_IP]
-    t0 = time.monotonic()
+    t0, r0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=period + 30, check=False).stdout
-    seconds = time.monotonic() - t0
+    seconds, r1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     achieved = float(re.search(r"Rate: ([\d.]+)", out).group(1)) if "Rate:" in out else 0.0  # type: ignore[union-attr]
     sent = [int(x) for x in re.findall(r"sent packets: (\d+)", out)]
     recv = [int(x) for x in re.findall(r"received packets: (\d+)", out)]
@@ -179,7 +250,39 @@ def perfdhcp(rate: int, clients: int, period: float) -> tuple[float, int, int, i
     delays = [float(x) for x in re.findall(r"avg delay: ([\d.]+) ms", out)]
     if len(sent) < 2 or len(recv) < 2:
         raise SystemExit(f"cannot parse perfdhcp output:\n{out}")
-    return achieved, sent[0], recv[1], sum(drops), sum(delays), seconds
+    return achieved, sent[0], recv[1], sum(drops), sum(delays), seconds, cpu
+
+
+def measure(server: str, rate: int, clients: int, period: float, work: Path) -> Step:
+    proc = start_server(server, work / server)
+    try:
+        achieved, sent, done, drops, delay, secs, client_cpu = perfdhcp(rate, clients, period)
+        server_cpu = cpu_seconds(proc.pid)
+    finally:
+        stop_server(proc)
+    step = Step(server, rate, achieved, sent, done, drops, delay, secs, client_cpu, server_cpu)
+    print(f"{server:10s} offered {rate:5d}/s: {achieved:8.1f} exchanges/s, {done}/{sent} completed, "
+          f"{drops} drops, avg delay {delay:.1f} ms, perfdhcp {step.client_load():.0%} of a core, "
+          f"server {server_cpu:.1f} cpu-s: {'ok' if step.ok else 'FAIL'}", flush=True)
+    return step
+
+
+def capacity(servers: list[str], lo: int, hi: int, grid: int, clients: int, period: float,
+             work: Path) -> tuple[list[Step], dict[str, int]]:
+    """Each server's capacity on a grid of offered rates: a binary search (capacity taken as monotone),
+    the servers' probes interleaved so background load hits them alike. 0 means even ``lo`` failed."""
+    steps: list[Step] = []
+    bounds = {s: (lo // grid - 1, hi // grid + 1) for s in servers}  # (highest known ok, lowest known failing)
+    while any(b[1] - b[0] > 1 for b in bounds.values()):
+        for server in servers:
+            good, bad = bounds[server]
+            if bad - good <= 1:
+                continue
+            mid = (good + bad) // 2
+            step = measure(server, mid * grid, clients, period, work)
+            steps.append(step)
+            bounds[server] = (mid, bad) if step.ok else (good, mid)
+    return steps, {s: max(0, b[0] * grid) for s, b in bounds.items()}
 
 
 def main() -> None:
@@ -188,35 +291,67 @@ def main() -> None:
     ap.add_argument("--rates", default="250,500,1000,2000")
     ap.add_argument("--period", type=int, default=45, help="upper bound in seconds for one step")
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--servers", default="bootd,dnsmasq")
+    ap.add_argument("--servers", default="bootd,kea,dnsmasq")
+    ap.add_argument("--capacity", metavar="LO,HI",
+                    help=f"instead of --rates: search each server's capacity (highest offered rate on a grid of "
+                         f"--grid with 0 drops and average delay under {MAX_DELAY_MS:g} ms) between LO and HI")
+    ap.add_argument("--grid", type=int, default=250)
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
-    for tool in ("perfdhcp", "dnsmasq", "ip"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not installed")
-    rates = [int(r) for r in args.rates.split(",")]
     servers = args.servers.split(",")
+    binaries = {"bootd": "", "kea": "kea-dhcp4", "dnsmasq": "dnsmasq", "dnsmasq-ro": "dnsmasq"}
+    for server in servers:
+        if server not in binaries:
+            raise SystemExit(f"unknown server {server!r}: choose from {', '.join(binaries)}")
+    for tool in ("perfdhcp", "ip", *(binaries[s] for s in servers if binaries[s])):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (tools/setup.sh installs it)")
     steps: list[Step] = []
-    tmp = Path(tempfile.mkdtemp(prefix="bd-dhcp-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="bd-dhcp-bench-"))  # 0700 (mkdtemp)
     try:
         setup()
+        if args.capacity:
+            lo, hi = (int(x) for x in args.capacity.split(","))
+            caps: list[dict[str, int]] = []
+            for run in range(args.runs):
+                order = servers if run % 2 == 0 else list(reversed(servers))
+                print(f"run {run + 1}: capacity search {lo}..{hi}/s on a grid of {args.grid}/s", flush=True)
+                found, cap = capacity(order, lo, hi, args.grid, args.clients, args.period, tmp)
+                steps += found
+                caps.append(cap)
+            report_capacity(steps, caps, servers, args.clients)
+            return
+        rates = [int(r) for r in args.rates.split(",")]
         for run in range(args.runs):
             for rate in rates:
                 # Alternate the order each run so background load does not always favour the same server.
                 for server in servers if run % 2 == 0 else list(reversed(servers)):
-                    proc = start_server(server, tmp / server)
-                    try:
-                        achieved, sent, done, drops, delay, secs = perfdhcp(rate, args.clients, args.period)
-                    finally:
-                        stop_server(proc)
-                    steps.append(Step(server, rate, achieved, sent, done, drops, delay, secs))
-                    print(f"run {run + 1} {server:10s} offered {rate:5d}/s: {achieved:8.1f} exchanges/s, "
-                          f"{done}/{sent} completed, {drops} drops, avg delay {delay:.1f} ms", flush=True)
+                    print(f"run {run + 1} ", end="")
+                    steps.append(measure(server, rate, args.clients, args.period, tmp))
     finally:
         teardown()
         shutil.rmtree(tmp, ignore_errors=True)
     report(steps, servers, rates, args.clients)
+
+
+def report_capacity(steps: list[Step], caps: list[dict[str, int]], servers: list[str], clients: int) -> None:
+    print()
+    print(f"capacity: highest offered rate with 0 drops and avg delay < {MAX_DELAY_MS:g} ms, {clients} clients, "
+          f"median over {len(caps)} run(s); perfdhcp's CPU there (near 100% of a core: the client's ceiling)")
+    for server in servers:
+        cap = statistics.median(c[server] for c in caps)
+        at = [s for s in steps if s.server == server and s.rate == cap and s.ok]
+        load = f"{statistics.median(s.client_load() for s in at):.0%}" if at else "-"
+        delay = f"{statistics.median(s.delay_ms for s in at):.1f} ms" if at else "-"
+        print(f"  {server:10s} {cap:6.0f}/s   avg delay there {delay:>9s}   perfdhcp {load:>5s} of a core   "
+              f"runs: {', '.join(str(c[server]) for c in caps)}")
+    if "bootd" in servers:
+        b = statistics.median(c["bootd"] for c in caps)
+        for other in servers:
+            if other != "bootd":
+                o = statistics.median(c[other] for c in caps)
+                print(f"  bootd/{other}: {b / o:.2f}x" if o else f"  bootd/{other}: {other} failed at the lowest rate")
 
 
 def report(steps: list[Step], servers: list[str], rates: list[int], clients: int) -> None:
@@ -247,7 +382,7 @@ def report(steps: list[Step], servers: list[str], rates: list[int], clients: int
         rate, ratio, other_drops = headline
         print(f"highest offered rate with 0 bootd drops: {rate}/s; ratio bootd/{base} exchanges/s there: "
               f"{ratio:.2f} ({base} dropped {other_drops:.0f})")
-    elif "bootd" in servers:
+    elif "bootd" in servers and base:
         print("bootd dropped at every offered rate: lower --rates")
 
 

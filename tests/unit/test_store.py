@@ -13,13 +13,16 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -220,6 +223,61 @@ async def test_one_holder_of_a_cluster_lock_at_a_time(node_store: NodeStore) -> 
     assert sum(results) == 1
     await node_store.drop_server("b")  # a stopping server lets go of its locks
     assert await node_store.take_lock("sweep", "a", now=120.0, ttl=10.0)
+
+
+async def test_sqlite_group_commit_writes_concurrent_leases_in_one_transaction(tmp_path: Path) -> None:
+    # Leases written at once share one transaction; a lease the database refuses fails alone, the others of
+    # its batch are committed, and every caller returns only after the commit that holds its lease.
+    store = SqliteNodeStore(tmp_path / "r.sqlite")
+    batches: list[int] = []
+    real = store.repo.batch
+
+    def counted(ops: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        batches.append(len(ops))
+        return real(ops)
+
+    store.repo.batch = counted  # type: ignore[method-assign]
+    try:
+        await store.put_lease(Lease("10.0.0.1", mac(1), 1000.0), now=10.0)
+        results = await asyncio.gather(*(store.put_lease(Lease(f"10.0.0.{i}", mac(i + 10), 1000.0), now=10.0)
+                                         for i in range(1, 6)), return_exceptions=True)
+        assert isinstance(results[0], Conflict) and "10.0.0.1 is leased to 52:54:00:00:00:01" in str(results[0])
+        assert results[1:] == [None] * 4
+        assert batches == [1, 5]
+        # First contacts are group-committed too: distinct names, in order, one transaction.
+        names = await asyncio.gather(*(register(store, i) for i in range(30, 34)))
+        assert names == ["n0000", "n0001", "n0002", "n0003"] and batches[2:] == [4]
+        leases = {(x.ip, x.mac) for x in await store.list_leases()}
+        assert leases == {("10.0.0.1", mac(1))} | {(f"10.0.0.{i}", mac(i + 10)) for i in range(2, 6)}
+    finally:
+        await store.close()
+    # Committed means on disk: a second process (a fresh connection) sees all of them.
+    reopened = SqliteNodeStore(tmp_path / "r.sqlite")
+    try:
+        assert len(await reopened.list_leases()) == 5
+    finally:
+        await reopened.close()
+
+
+async def test_sqlite_wal_is_checkpointed_in_the_background_not_in_a_commit(tmp_path: Path) -> None:
+    # The daemon's writer never checkpoints (an fsync inside an ACK's commit); a thread of its own copies the WAL
+    # into the database file within about a second, and closing the store leaves no WAL behind.
+    path = tmp_path / "r.sqlite"
+    store = SqliteNodeStore(path)
+    try:
+        assert await store._run(lambda: store.repo.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+        before = path.stat().st_size
+        await asyncio.gather(*(store.put_lease(Lease(f"10.0.{i // 250}.{i % 250}", mac(i), 1000.0, "h" * 200),
+                                               now=10.0) for i in range(2000)))
+        deadline = time.monotonic() + 10
+        while path.stat().st_size <= before and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert path.stat().st_size > before, "nothing was checkpointed into the database file"
+    finally:
+        await store.close()
+    assert not (tmp_path / "r.sqlite-wal").exists()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 2000
 
 
 def test_sqlite_migration_5_keeps_one_node_per_address(tmp_path: Path) -> None:
