@@ -784,6 +784,8 @@ class SqliteNodeStore:
     async def get_group(self, name: str) -> Group | None:
         # Read on every DHCP exchange (the registry's answer carries the group): it rides the next group
         # commit's trip to the database thread instead of taking a trip of its own.
+        if self.repo.readonly:  # a read-only CLI store has no write transaction to ride: read directly
+            return await self._run(self.repo.get_group, name)
         return await self._batched(lambda db: self.repo.get_group(name))
 
     async def put_group(self, group: Group) -> Group:
