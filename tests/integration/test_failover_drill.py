@@ -30,6 +30,9 @@ from bench.storm.run import make_capsule
 from tests.conftest import need_root, need_tool
 from tests.pgserver import PgServer
 
+# Not yet in `make test` (the Makefile leaves it out): on a loaded 2-core machine a node whose server
+# is killed after it booted can go stale (its agent heartbeats to that server only; README "Scaling
+# out"), so the drill runs on demand: `make drill`.
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(600)]
 
 NODES = 300
