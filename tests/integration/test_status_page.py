@@ -204,6 +204,21 @@ async def test_stream_carries_state_changes_and_progress_not_stored(
         assert node_name(i) not in (await snap_resp.json())["progress"]
 
 
+async def test_timeline_carries_the_commissioning_report(
+        daemon: Daemon, admin_session: tuple[aiohttp.ClientSession, str]) -> None:
+    s, _ = admin_session
+    report = {"dmi": {"vendor": "Dell Inc.", "product": "PowerEdge R650", "serial": "7XK2Q3"}, "cpus": 64,
+              "memory_kb": 263_000_000, "nics": [{"name": "eno1", "mac": "52:54:00:aa:00:01", "link": "up"}]}
+    async with aiohttp.ClientSession() as c, c.post(f"{daemon.public}/api/v1/nodes/{node_name(3)}/inventory",
+                                                    json=report, headers={"X-Bootd-Token": node_token(3)}) as r:
+        assert r.status == 200, await r.text()
+    async with s.get(f"{daemon.admin}/status/api/nodes/{node_name(3)}/timeline") as r:
+        inv = (await r.json())["inventory"]
+    assert inv["dmi"]["serial"] == "7XK2Q3" and inv["cpus"] == 64 and inv["nics"][0]["name"] == "eno1"
+    js = (Path(__file__).resolve().parents[2] / "bootd" / "net" / "http" / "static" / "status.js").read_text()
+    assert "t.inventory" in js and '"serial"' in js  # the timeline panel draws it
+
+
 async def test_stream_needs_a_session(daemon: Daemon) -> None:
     async with aiohttp.ClientSession() as s, s.get(daemon.admin + "/status/api/events") as r:
         assert r.status == 401

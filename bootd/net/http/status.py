@@ -216,7 +216,8 @@ class StatusPage:
         node.update({"mac": view.node.mac, "ip": view.node.ip, "capsule": view.node.capsule,
                      "first_contact": view.node.first_contact})
         events = [{"ts": e.ts, "state": e.state, "reason": e.reason, "detail": e.detail} for e in view.events]
-        return self._json({"node": node, "events": events})
+        # The stage one's commissioning report (bootd/service/inventory.py), bounded when it was stored.
+        return self._json({"node": node, "events": events, "inventory": view.inventory})
 
     # -- actions --------------------------------------------------------------------------------------
     async def _approve(self, request: web.Request) -> web.StreamResponse:

@@ -281,6 +281,17 @@ async function openTimeline(name) {
   const fields = [["state", t.node.state], ["group", t.node.group], ["MAC", t.node.mac], ["IP", t.node.ip || "-"],
     ["capsule", t.node.capsule || "(group's)"], ["first contact", clock(t.node.first_contact)],
     ["last contact", clock(t.node.contact)]];
+  const inv = t.inventory;
+  if (inv) {  // commissioning: what the stage one found on its last boot
+    const d = inv.dmi || {};
+    fields.push(["hardware", [d.vendor, d.product].filter(Boolean).join(" ") || "-"],
+      ["serial", d.serial || "-"], ["asset tag", d.asset_tag || "-"],
+      ["CPUs", `${inv.cpus ?? "?"} x ${inv.cpu_model || "?"}`], ["memory", `${Math.round((inv.memory_kb || 0) / 1024)} MiB`]);
+    for (const nic of inv.nics || []) fields.push(["NIC", `${nic.name} ${nic.mac} ${nic.link}` +
+      (nic.speed_mbps ? ` ${nic.speed_mbps} Mb/s` : "")]);
+    for (const disk of inv.disks || []) fields.push(["disk", `${disk.name} ${((disk.size_bytes || 0) / 1e9).toFixed(1)} GB` +
+      (disk.model ? ` ${disk.model}` : "")]);
+  }
   $("tl-node").innerHTML = fields.map(([k, v]) => `<dt>${k}</dt><dd>${esc(v)}</dd>`).join("");
   $("tl-events").innerHTML = t.events.slice().reverse().map((e) =>
     `<li><span class="st st-${esc(e.state)}">${esc(e.state)}</span> ${esc(clock(e.ts))}` +
