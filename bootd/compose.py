@@ -127,7 +127,7 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
                            capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry),
                            servers=ServerAdmin(store, config), cluster=cluster, replica=replica,
-                           catalog=Catalog(config, audit), inventory=inventory,
+                           catalog=Catalog(config, audit),
                            power=PowerService(store, nodes, config, audit))
 
 

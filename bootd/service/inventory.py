@@ -13,13 +13,11 @@ the database: it is large, changes once per boot, and nothing decides on it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from bootd.durable import fsync_path
+from bootd.durable import replace_private
 from bootd.errors import BootdError
 
 MAX_BYTES = 64 * 1024
@@ -96,20 +94,7 @@ class InventoryStore:
 
     def _write(self, mac: str, data: dict[str, Any]) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self._path(mac)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        fsync_path(self.root)
+        replace_private(self._path(mac), json.dumps(data, sort_keys=True).encode())
 
     async def put(self, mac: str, raw: bytes, now: float) -> dict[str, Any]:
         if len(raw) > MAX_BYTES:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bootd.durable import fsync_path
+from bootd.durable import replace_private
 from bootd.errors import BootdError, NotFound
 
 KINDS = ("import", "build", "gc")
@@ -89,23 +89,9 @@ class JobSpool:
 
     def write(self, job: Job) -> None:
         self._ensure_root()
-        path = self._path(job.id)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(job.to_json(), f, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            if os.geteuid() == 0:  # the helper: keep the daemon's directory the daemon's
-                owner = self.root.stat()
-                os.chown(tmp, owner.st_uid, owner.st_gid)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        fsync_path(self.root)
+        # The helper runs as root: what it writes in the daemon's directory stays the daemon's.
+        owner = self.root.stat() if os.geteuid() == 0 else None
+        replace_private(self._path(job.id), json.dumps(job.to_json(), sort_keys=True).encode(), owner=owner)
 
     def get(self, job_id: str) -> Job:
         try:

@@ -202,6 +202,15 @@ class NodeAdmin:
         self.audit.record(who, "node.add", plural(added), {"count": len(added)})
         return added
 
+    async def report_inventory(self, name: str, raw: bytes, now: float) -> dict[str, Any]:
+        """A node's commissioning report (it has proved it is ``name``): kept under its MAC, bounded."""
+        node = await self.store.get_node(name)
+        if node is None:
+            raise NotFound(f"no node named {name!r}")
+        if self.inventory is None:
+            raise NotFound("this bootd keeps no commissioning reports")
+        return await self.inventory.put(node.mac, raw, now)
+
     async def rename_map(self, text: str, *, who: str) -> list[tuple[str, str]]:
         """``bootd node rename --map``: lines of 'MAC|SERIAL|ASSET-TAG NEW-NAME'; all checked, then applied.
 
@@ -227,11 +236,14 @@ class NodeAdmin:
         index: dict[str, list[Node]] = {}
         for node in nodes:
             index.setdefault(node.mac, []).append(node)
-            report = await self.inventory.get(node.mac) if self.inventory is not None else None
-            for key in ("serial", "asset_tag"):
-                value = ((report or {}).get("dmi") or {}).get(key)
-                if value:
-                    index.setdefault(str(value), []).append(node)
+        if self.inventory is not None and any(not _is_mac(key) for _, key, _ in wanted):
+            # Only a map that names serials or asset tags reads every node's commissioning report.
+            for node in nodes:
+                report = await self.inventory.get(node.mac)
+                for key in ("serial", "asset_tag"):
+                    value = ((report or {}).get("dmi") or {}).get(key)
+                    if value:
+                        index.setdefault(str(value), []).append(node)
         names_now = {n.name for n in nodes}
         plan: list[tuple[str, str]] = []
         seen_new: dict[str, int] = {}
@@ -333,13 +345,14 @@ class NodeAdmin:
             raise NotFound(f"no group named {name!r}")
         return group, [n.name for n in await self.store.list_nodes() if n.group == name]
 
-    async def put_group(self, name: str, body: Mapping[str, Any], *, create: bool, who: str) -> Group:
-        """``create``: the group must not exist yet (``add``); else it must exist (``set``)."""
+    async def put_group(self, name: str, body: Mapping[str, Any], *, create: bool | None, who: str) -> Group:
+        """``create``: the group must not exist yet (``add``); False: it must exist (``set``); None: either
+        (the API's PUT)."""
         check_name("group", name)
         old = await self.store.get_group(name)
         if create and old is not None:
             raise Invalid(f"group {name!r} already exists (use `bootd group set`)")
-        if not create and old is None:
+        if create is False and old is None:
             raise NotFound(f"no group named {name!r} (use `bootd group add`)")
         allowed = {"capsule": "a capsule name, or null", "kernel_args": "a string", "description": "a string",
                    "vars": "an object of string values", "unset": "a list of variable names"}
@@ -364,7 +377,7 @@ class NodeAdmin:
             description=body.get("description", base.description),
             vars=values,
         ))
-        self.audit.record(who, "group.add" if create else "group.set", name, _redacted(body))
+        self.audit.record(who, "group.set" if old is not None else "group.add", name, _redacted(body))
         return group
 
     async def delete_group(self, name: str, *, who: str) -> None:
@@ -373,6 +386,14 @@ class NodeAdmin:
 
     async def leases(self) -> list[Lease]:
         return await self.store.list_leases()
+
+
+def _is_mac(text: str) -> bool:
+    try:
+        normalize_mac(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _redacted(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,9 +28,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
-import os
 import re
-import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -39,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bootd.config import Config, PowerConfig
-from bootd.durable import fsync_path
+from bootd.durable import fsync_path, replace_private
 from bootd.errors import BootdError, NotFound
 from bootd.hostlist import compress
 from bootd.service.audit import AuditLog
@@ -114,21 +112,7 @@ class BmcSecrets:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.dir.stat().st_mode & 0o077:
             self.dir.chmod(0o700)
-        final = self.path(kind, name)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                os.write(fd, password.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fsync_path(self.dir)
+        replace_private(self.path(kind, name), password.encode())
 
     def delete(self, kind: str, name: str) -> bool:
         try:

@@ -14,7 +14,6 @@ from bootd.config import Config
 from bootd.service.boot import BootService, CapsuleReader
 from bootd.service.catalog import Catalog
 from bootd.service.credentials import Credentials
-from bootd.service.inventory import InventoryStore
 from bootd.service.lifecycle import Lifecycle
 from bootd.service.nodes import NodeAdmin
 from bootd.service.overlays import OverlayService
@@ -35,7 +34,6 @@ class Services:
     metrics: CollectorRegistry
     overlays: OverlayService
     catalog: Catalog
-    inventory: InventoryStore
     servers: ServerAdmin
     # This server among those sharing the registry: cluster.live_urls() names every live server's public URL.
     cluster: Cluster

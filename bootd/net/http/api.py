@@ -150,10 +150,8 @@ class ApiRoutes:
 
     async def _group_put(self, request: web.Request) -> dict[str, Any]:
         """Create the group, or change the given fields of an existing one."""
-        name = request.match_info["name"]
-        body = await _json_body(request)
-        exists = any(g.name == name for g, _ in await self.services.nodes.groups())
-        group = await self.services.nodes.put_group(name, body, create=not exists, who=self._who(request))
+        group = await self.services.nodes.put_group(request.match_info["name"], await _json_body(request),
+                                                    create=None, who=self._who(request))
         return dataclasses.asdict(group)
 
     async def _group_delete(self, request: web.Request) -> dict[str, Any]:

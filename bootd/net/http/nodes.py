@@ -125,8 +125,7 @@ class NodeRoutes:
             return denied
         raw = await request.content.read(MAX_INVENTORY + 1)
         try:
-            view = await self.services.nodes.show(name, events=0)
-            data = await self.services.inventory.put(view.node.mac, raw, self.clock())
+            data = await self.services.nodes.report_inventory(name, raw, self.clock())
         except NotFound as exc:
             return refuse(404, str(exc))
         except BadInventory as exc:
