@@ -28,6 +28,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,10 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bootd.capsule.imagelist import IMAGE_KINDS, decode_image_list
 from bootd.capsule.manifest import Manifest, decode_manifest, is_hex_digest
 from bootd.durable import fsync_path
 from bootd.errors import CapsuleError, CapsuleNotFound
 
+log = logging.getLogger("bootd.capsule")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
@@ -600,6 +603,7 @@ class CapsuleStore:
                     keep_kernels.add(m.kernel.sha256)
                     if m.kernel.modules is not None:
                         keep_chunks.add(m.kernel.modules)
+            keep_chunks |= self._image_chunks(keep)
             report.kept_versions = sorted(keep)
             for vid in self.versions():
                 if vid not in keep:
@@ -618,6 +622,35 @@ class CapsuleStore:
                         report.freed_bytes += _unlink(subdir / h)
                         report.removed_chunks += 1
         return report
+
+    def _image_chunks(self, keep: set[str]) -> set[str]:
+        """The squashfs images (bootd.capsule.image) of kept versions: their lists and chunks; the index
+        of a version that goes is removed first (caller holds the lock), so no image outlives its capsule."""
+        chunks: set[str] = set()
+        images = self.root / "images"
+        try:
+            names = sorted(os.listdir(images))
+        except FileNotFoundError:
+            return chunks
+        for entry in names:
+            vid, _, kind = entry.partition(".")
+            if not is_hex_digest(vid) or kind not in IMAGE_KINDS:
+                continue
+            if vid not in keep:
+                _unlink(images / entry)
+                with contextlib.suppress(FileNotFoundError):
+                    (images / f".{vid}.lock").unlink()
+                continue
+            image_id = (images / entry).read_text().strip()
+            try:
+                listing = decode_image_list(self.chunk_path(image_id).read_bytes(), image_id)
+            except (OSError, CapsuleError) as exc:  # a broken image is dropped: first use builds it again
+                log.warning("event=image-dropped version=%s error=%r", vid, str(exc))
+                _unlink(images / entry)
+                continue
+            chunks.add(image_id)
+            chunks.update(c.sha256 for c in listing.chunks)
+        return chunks
 
     def _retain_history(self, refs: dict[str, str], keep_versions: int, report: GcReport) -> set[str]:
         """Apply the retention rule to every history (caller holds the lock); the versions it keeps."""
