@@ -24,6 +24,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from bootd.capsule.export import write_archive
 from bootd.capsule.imagelist import DEFAULT_CHUNK, IMAGE_KINDS, ImageList, cut_image, decode_image_list
@@ -143,7 +144,7 @@ class ImageStore:
                                 "-xpf", "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         assert tar.stdin is not None and tar.stderr is not None
         try:
-            write_archive(self.store, vid, tar.stdin)
+            write_archive(self.store, vid, cast(BinaryIO, tar.stdin))
             tar.stdin.close()
         except BrokenPipeError:
             pass
