@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
 
+from bootd.capsule.image import ImageStore
 from bootd.capsule.objects import CapsuleStore
 from bootd.config import Config
 from bootd.errors import CapsuleError, StoreError
@@ -113,7 +114,8 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     lifecycle = Lifecycle(store, config.registry, metrics)
     registry = RegistryService(store, config.registry)
     credentials = Credentials(store, config)
-    boot = BootService(config, registry, lifecycle, capsules, credentials)
+    images = ImageStore(capsules, chunk_size=config.capsule.image_chunk, zstd_level=config.capsule.zstd_level)
+    boot = BootService(config, registry, lifecycle, capsules, credentials, images)
     audit = AuditLog(config.server.state_dir / "audit.log")
     inventory = InventoryStore(config.server.state_dir / "inventory")
     nodes = NodeAdmin(store, lifecycle, config.registry, audit, inventory)

@@ -22,6 +22,7 @@ from bootd.errors import ConfigError
 
 DEFAULT_PATH = "/etc/bootd/bootd.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ROOT_MODES = ("tmpfs", "squashfs")  # boot.root and the boot.root variable of groups and nodes
 
 T = TypeVar("T")
 
@@ -170,6 +171,10 @@ class BootConfig:
     # Where else a node may fetch its boot files and chunks, in order, after this server: replicas'
     # public URLs, or plain HTTP servers with the same object routes (nodes verify every object anyway).
     sources: tuple[str, ...] = ()
+    # How a node holds its root: "tmpfs" (the capsule unpacked into RAM) or "squashfs" (the version's
+    # squashfs image kept compressed in RAM under an overlayfs); groups and nodes override it with the
+    # variable boot.root.
+    root: str = "tmpfs"
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,7 @@ class CapsuleConfig:
     upstream: str = ""  # another bootd to fetch missing manifests and chunks from ("": none)
     upstream_connections: int = 8
     upstream_timeout: float = 60.0
+    image_chunk: int = 1024 * 1024  # bytes per chunk of a version's squashfs image (the last may be shorter)
 
 
 @dataclass(frozen=True)
@@ -706,6 +712,7 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         kernel_args=b.text("kernel_args", BootConfig.kernel_args),
         stage1_dir=b.path("stage1_dir", state_dir / "stage1"),
         sources=_sources(b, "sources"),
+        root=b.choice("root", BootConfig.root, ROOT_MODES),
     )
     b.finish()
 
@@ -723,6 +730,7 @@ def from_dict(data: Mapping[str, Any], path: str = "<dict>") -> Config:
         upstream=c.text("upstream", CapsuleConfig.upstream, lambda v: _http_url(v) if v else None).rstrip("/"),
         upstream_connections=c.integer("upstream_connections", CapsuleConfig.upstream_connections, 1, 1000),
         upstream_timeout=c.number("upstream_timeout", CapsuleConfig.upstream_timeout, 1.0, 3600.0),
+        image_chunk=c.integer("image_chunk", CapsuleConfig.image_chunk, 64 * 1024, 64 * 1024 * 1024),
     )
     if not capsule.chunk_min < capsule.chunk_avg < capsule.chunk_max:
         raise c.error("chunk_avg", f"need chunk_min < chunk_avg < chunk_max, got {capsule.chunk_min} < "

@@ -21,7 +21,6 @@ from pathlib import Path
 from bootd.capsule.manifest import is_hex_digest
 from bootd.errors import CapsuleError
 
-ROOT_MODES = ("tmpfs", "squashfs")
 IMAGE_KINDS = ("squashfs",)
 MAGIC = "BDIMAGE1"
 DEFAULT_CHUNK = 1024 * 1024

@@ -16,21 +16,29 @@ var.boot.file=...``) because ``Group`` has no free-form fields yet:
                      own loader such as ``pxelinux.0`` replaces bootd's chain (NBP, iPXE, script) whole;
                      never name an iPXE binary here (it would ask again and loop): use ``boot.bios_nbp``;
 - ``boot.bios_nbp``, ``boot.uefi_nbp``, ``boot.uefi_arm64_nbp`` replace one NBP;
-- ``boot.ipxe_url``  replaces the iPXE script URL.
+- ``boot.ipxe_url``  replaces the iPXE script URL;
+- ``boot.root``      how the node holds its root (``tmpfs`` or ``squashfs``), else the config's boot.root.
+
+In the ``squashfs`` root mode the script names the version's squashfs image (bootd.capsule.image) on the
+kernel line; the first node to ask for a version that has none yet starts its build in a thread and
+is told to ask again shortly (the build of a GB-sized tree takes minutes: no HTTP reply waits for it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from bootd.capsule.image import ImageStore
 from bootd.capsule.manifest import KernelRef
-from bootd.config import Config
+from bootd.config import ROOT_MODES, Config
 from bootd.errors import BootdError, NotFound, StoreError
 from bootd.model import BootPlan, Firmware, Machine, Node, State
 from bootd.proto.dhcp.pxe import ARM64_ARCHES
@@ -124,12 +132,15 @@ class ScriptAnswer:
 
 class BootService:
     def __init__(self, config: Config, registry: RegistryService, lifecycle: Lifecycle, capsules: CapsuleReader,
-                 credentials: Credentials) -> None:
+                 credentials: Credentials, images: ImageStore | None = None) -> None:
         self.registry = registry
         self.lifecycle = lifecycle
         self.capsules = capsules
         self.credentials = credentials
         self._kernels: OrderedDict[str, KernelRef | None] = OrderedDict()
+        self.images = images
+        self._image_builds: dict[str, asyncio.Future[str]] = {}
+        self._image_failed: dict[str, tuple[float, str]] = {}  # vid -> (when, why): retried after a minute
         self.peers: Callable[[], Sequence[str]] | None = None  # the live servers' URLs, set by the composition root
         self.reload(config)
 
@@ -138,6 +149,7 @@ class BootService:
         self.credentials.reload(config)
         self.kernel_args = config.boot.kernel_args
         self.sources = config.boot.sources
+        self.root_mode = config.boot.root
 
     # -- firmware (DHCP, TFTP) ------------------------------------------------------------
     def plan(self, machine: Machine, node: Node | None, *, pxe: bool, public_url: str | None = None,
@@ -197,6 +209,52 @@ class BootService:
             self._kernels.popitem(last=False)
         return kernel
 
+    def root_image(self, node: Node, vid: str) -> tuple[str, str | None, str]:
+        """The node's root mode, its image id (squashfs) and, when it cannot boot yet, why: (mode, image, why).
+
+        A missing image starts its build and the node waits (image None); a bad ``boot.root`` value waits
+        with the reason until an administrator fixes it (image "", so the usual 30 s).
+        """
+        mode = node.vars.get("boot.root", self.root_mode)
+        if mode not in ROOT_MODES:
+            return mode, "", (f"variable boot.root={mode!r} of node {node.name} (or of its group) is not valid; "
+                              f"expected one of: {', '.join(ROOT_MODES)}")
+        if mode == "tmpfs":
+            return mode, None, ""
+        if self.images is None:
+            return mode, "", "this bootd has no image store for the squashfs root mode"
+        try:
+            image = self.images.cached(vid)
+        except (BootdError, OSError) as exc:
+            return mode, "", f"the squashfs image of capsule {vid[:12]} cannot be read: {exc}"
+        if image is not None:
+            return mode, image, ""
+        failed = self._image_failed.get(vid)
+        if failed is not None and time.monotonic() - failed[0] < 60.0:
+            return mode, "", f"the squashfs image of capsule {vid[:12]} could not be built: {failed[1]}"
+        self._build_image(vid)
+        return mode, None, f"building the squashfs image of capsule {vid[:12]} (first use of this version)"
+
+    def _build_image(self, vid: str) -> None:
+        """One build per version in a worker thread (ImageStore.ensure also locks across processes)."""
+        if vid in self._image_builds or self.images is None:
+            return
+        images = self.images
+        log.info("event=image-build version=%s", vid)
+        future = asyncio.get_running_loop().run_in_executor(None, images.ensure, vid)
+        self._image_builds[vid] = future
+
+        def done(f: asyncio.Future[str]) -> None:
+            self._image_builds.pop(vid, None)
+            exc = f.exception() if not f.cancelled() else None
+            if exc is not None:
+                log.error("event=image-build-failed version=%s error=%r", vid, str(exc))
+                self._image_failed[vid] = (time.monotonic(), str(exc))
+            else:
+                self._image_failed.pop(vid, None)
+
+        future.add_done_callback(done)
+
     async def script(self, mac: str, base_url: str, now: float, *, peer: str | None = None,
                      asset: str | None = None) -> ScriptAnswer:
         """The whole boot decision for an iPXE client asking for its script.
@@ -232,6 +290,10 @@ class BootService:
         if vid is None:  # no capsule assigned: the script says so, and no credential is issued for nothing
             return ScriptAnswer(render_boot_script(BootScript(node, base_url, None, False, "", "", "")), node,
                                 result.created, "no capsule")
+        root, image, why = self.root_image(node, vid)
+        if why:
+            return ScriptAnswer(render_wait_script(mac, base_url, why, delay=10 if image is None else 30), node,
+                                result.created, why)
         issued = await self.credentials.issue(node, peer, now, asset)
         if issued.token is None:
             return ScriptAnswer(render_wait_script(mac, base_url, issued.reason), node, result.created,
@@ -241,6 +303,6 @@ class BootService:
         text = render_boot_script(BootScript(
             node=node, base_url=base_url, version_id=vid, has_kernel=kernel is not None,
             modules=kernel.modules if kernel is not None else None, boot_args=self.kernel_args,
-            node_args=node_args, token=issued.token, sources=self.other_sources(base_url),
+            node_args=node_args, token=issued.token, sources=self.other_sources(base_url), root=root, image=image,
         ))
         return ScriptAnswer(text, node, result.created)

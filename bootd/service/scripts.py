@@ -80,6 +80,9 @@ class BootScript:
     # Other base URLs the node may load from, in order, when this server fails it (other live servers,
     # replicas): iPXE tries each for the kernel and initrds, the stage one for the manifest and chunks.
     sources: tuple[str, ...] = ()
+    # The root mode (bootd.capsule.image): "squashfs" with the image id of the version's squashfs image.
+    root: str = "tmpfs"
+    image: str | None = None
 
 
 def render_boot_script(s: BootScript) -> str:
@@ -102,6 +105,7 @@ def render_boot_script(s: BootScript) -> str:
         f"bootd.token={s.token}",
         f"bootd.mac={s.node.mac}",
         f"bootd.sources={','.join(others)}" if others else "",
+        f"bootd.root={s.root} bootd.image={s.image}" if s.root != "tmpfs" and s.image else "",
     ]
     cmdline = " ".join(a for a in args if a)
 
