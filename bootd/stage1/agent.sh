@@ -9,6 +9,12 @@
 #     and the machine reboots after a delay so the whole boot is retried from the firmware on.
 # Console lines start with "BOOTD-STAGE1 " so tests and operators can follow along on the serial port.
 #
+# Root modes (bootd.root): "tmpfs" (default) unpacks the capsule into a tmpfs. "squashfs" fetches the
+# version's squashfs image named by bootd.image (bootd/capsule/image.py): the image list must hash to
+# bootd.image and name bootd.capsule, every image chunk is verified like a capsule chunk before it is
+# appended to the image file on a tmpfs, and only a whole, verified image is loop-mounted (read-only) under
+# an overlayfs whose upper is on that same tmpfs; that tmpfs is moved to /run/bootd-root in the capsule.
+#
 # Host mode (BOOTD_HOST_MODE=1, used by tests and bench/boot on the build host): no mounts, no modules,
 # no DHCP, no switch_root; the command line is read from BOOTD_CMDLINE_FILE, the tree is unpacked into
 # BOOTD_TARGET, and failure exits 1 instead of rebooting.
@@ -27,6 +33,8 @@ ZSTD=${BOOTD_ZSTD:-/usr/bin/zstd}
 FETCH=${BOOTD_FETCH:-/usr/bin/bootd-fetch}
 # The overlay applier (overlay.sh), next to this script: /bootd in the initramfs, the sources in host mode.
 OVERLAY=${BOOTD_OVERLAY_SH:-${0%/*}/overlay.sh}
+# The squashfs root mode's tmpfs: the image file, the overlay's upper and work directories.
+RAMDIR=${BOOTD_ROOT_RAM:-/rootram}
 
 say() { echo "BOOTD-STAGE1 $*" >&2; }
 
@@ -59,6 +67,8 @@ read_args() {
     FAIL_DELAY=$(arg bootd.retry_delay || echo 15)
     WINDOW=$(arg bootd.window || echo 16)
     TIMEOUT=$(arg bootd.timeout || echo 60)
+    ROOT_MODE=$(arg bootd.root || echo tmpfs)
+    IMAGE=$(arg bootd.image)
 }
 read_args
 
@@ -555,10 +565,57 @@ fetch_with_workers() {
     done
     T1=$(now_ms)
     set -o pipefail
-    { consume; echo $? > "$WORK/consume.rc"; } | "$ZSTD" -dcq | \
-        "$TAR" -C "$TARGET" --xattrs --xattrs-include='*' --numeric-owner -xpf - 2> "$WORK/tar.err"
+    { consume; echo $? > "$WORK/consume.rc"; } | sink
     rc=$?
     set +o pipefail
+}
+
+# The squashfs mode's chunk table: the image list (a chunk named by bootd.image, so verified by its hash),
+# whose header must name this capsule version and whose lines are the fetch table of the image's chunks.
+load_image_list() {
+    case "$IMAGE" in *[!0-9a-f]*|"") fail "bootd.root=squashfs needs bootd.image=<sha256>, got '$IMAGE'" ;; esac
+    [ ${#IMAGE} -eq 64 ] || fail "bootd.image is not a sha256: $IMAGE"
+    L=$WORK/image.list
+    fetch_src "chunks/$IMAGE" "$L" || fail "image list could not be fetched: $FETCH_ERR"
+    hash_file "$L"
+    [ "$GOT" = "$IMAGE" ] || fail "image list failed verification: sha256 $GOT is not bootd.image $IMAGE"
+    set -- $(head -n 1 "$L")
+    [ "$1" = BDIMAGE1 ] && [ "$2" = squashfs ] || fail "image list has no 'BDIMAGE1 squashfs' header"
+    [ "$3" = "$VID" ] || fail "image list is the image of capsule $3, not of bootd.capsule $VID"
+    IMAGE_SIZE=$4
+    COUNT=$5
+    tail -n +2 "$L" | grep -E '^[0-9a-f]{64} [0-9a-f]{8} [0-9a-f]{8}$' > "$WORK/table"
+    [ "$(wc -l < "$WORK/table")" -eq "$COUNT" ] || fail "image list chunk table is malformed"
+    stored=$(( 0 $(sed -n 's/^[0-9a-f]* \([0-9a-f]*\) .*/+0x\1/p' "$WORK/table" | tr -d '\n') ))
+    [ "$stored" -eq "$IMAGE_SIZE" ] || fail "image list chunks add up to $stored bytes, its header says $IMAGE_SIZE"
+    say "image list ok image=$IMAGE chunks=$COUNT size=$IMAGE_SIZE"
+}
+
+# Where the verified chunks go, in order: zstd | tar into the tmpfs root, or (squashfs) the image file.
+sink() {
+    if [ "$ROOT_MODE" = squashfs ]; then
+        cat > "$RAMDIR/image.squashfs" 2> "$WORK/tar.err"
+    else
+        "$ZSTD" -dcq | "$TAR" -C "$TARGET" --xattrs --xattrs-include='*' --numeric-owner -xpf - 2> "$WORK/tar.err"
+    fi
+}
+
+# Only now, with every chunk verified and the image whole (its size checked), is a byte of it mounted.
+mount_image_root() {
+    img=$RAMDIR/image.squashfs
+    have=$(stat -c %s "$img" 2>/dev/null || echo 0)
+    [ "$have" -eq "$IMAGE_SIZE" ] || fail "image file has $have bytes, the image list says $IMAGE_SIZE: not mounted"
+    chmod 0400 "$img"
+    mkdir -p "$RAMDIR/lower" "$RAMDIR/upper" "$RAMDIR/work"
+    if [ "$HOST_MODE" = 1 ]; then
+        say "image ok size=$IMAGE_SIZE (host mode: not mounted)"
+        return 0
+    fi
+    mount -t squashfs -o ro,loop "$img" "$RAMDIR/lower" 2> "$WORK/mount.err" || \
+        fail "cannot mount the squashfs image: $(tr '\n' ' ' < "$WORK/mount.err") (kernel $(uname -r): squashfs and loop modules?)"
+    mount -t overlay overlay -o "lowerdir=$RAMDIR/lower,upperdir=$RAMDIR/upper,workdir=$RAMDIR/work" "$TARGET" \
+        2> "$WORK/mount.err" || fail "cannot mount the overlay root: $(tr '\n' ' ' < "$WORK/mount.err")"
+    say "root squashfs image=$IMAGE size=$IMAGE_SIZE under overlayfs"
 }
 
 main() {
@@ -609,24 +666,39 @@ main() {
     # One arithmetic expression: busybox `read` takes a syscall per byte, too slow for big tables.
     stored=$(( 0 $(sed -n 's/^[0-9a-f]* \([0-9a-f]*\) .*/+0x\1/p' "$WORK/table" | tr -d '\n') ))
     say "manifest ok chunks=$COUNT stored=$stored"
+    case "$ROOT_MODE" in
+        tmpfs) ;;
+        squashfs) load_image_list ;;
+        *) fail "bootd.root=$ROOT_MODE is not a root mode; expected tmpfs or squashfs" ;;
+    esac
     post_event fetching "" 0 "$COUNT" 1 0 "$stored"
 
     # The tmpfs gets half the RAM (the kernel's default) or, for a large tree, what the tree needs plus
     # 10% and 32 MiB; refuse early and clearly when the machine does not have the RAM for it.
     raw=$(head -c $((12 + meta_len)) "$M" | tail -c "$meta_len" | sed -n 's/.*"raw_size":\([0-9]*\).*/\1/p')
+    # The squashfs mode's tmpfs holds the image (its size) and the upper: the same rule with the image size.
+    if [ "$ROOT_MODE" = squashfs ]; then
+        need_kb=$(( IMAGE_SIZE / 1024 + 32768 ))
+        what="its squashfs image needs"
+        ram=$RAMDIR
+    else
+        need_kb=$(( ${raw:-0} / 1024 * 11 / 10 + 32768 ))
+        what="capsule needs"
+        ram=$TARGET
+    fi
     if [ "$HOST_MODE" != 1 ]; then
         mem_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)
-        need_kb=$(( ${raw:-0} / 1024 * 11 / 10 + 32768 ))
         if [ "$need_kb" -gt $(( mem_kb * 9 / 10 )) ]; then
-            fail "capsule needs $((need_kb / 1024)) MiB of RAM unpacked; this node has $((mem_kb / 1024)) MiB"
+            fail "$what $((need_kb / 1024)) MiB of RAM; this node has $((mem_kb / 1024)) MiB"
         fi
         size_kb=$(( mem_kb / 2 ))
         [ "$need_kb" -gt "$size_kb" ] && size_kb=$need_kb
-        mkdir -p "$TARGET"
-        mount -t tmpfs -o "mode=0755,size=${size_kb}k" tmpfs "$TARGET" || fail "cannot mount a tmpfs on $TARGET"
+        mkdir -p "$TARGET" "$ram"
+        mount -t tmpfs -o "mode=0755,size=${size_kb}k" tmpfs "$ram" || fail "cannot mount a tmpfs on $ram"
     else
-        mkdir -p "$TARGET"
+        mkdir -p "$TARGET" "$ram"
     fi
+    [ "$ROOT_MODE" = squashfs ] && rm -f "$RAMDIR/image.squashfs"
 
     SOURCES=$(sources | tr '\n' ',')
     SOURCES=${SOURCES%,}
@@ -638,8 +710,7 @@ main() {
         set -o pipefail
         { BOOTD_TOKEN=$TOKEN "$FETCH" -u "$SOURCES" -n "$NODE" -w "$WORKERS" -W "$WINDOW" -r "$RETRIES" \
               -t "$TIMEOUT" -f "$WORK/fail.fetch" "$WORK/table"
-          echo $? > "$WORK/consume.rc"; } | "$ZSTD" -dcq | \
-            "$TAR" -C "$TARGET" --xattrs --xattrs-include='*' --numeric-owner -xpf - 2> "$WORK/tar.err"
+          echo $? > "$WORK/consume.rc"; } | sink
         rc=$?
         set +o pipefail
     else
@@ -650,6 +721,7 @@ main() {
     tar_err=$(tr '\n' ' ' < "$WORK/tar.err" | cut -c 1-300)
     if [ "$crc" != 0 ] || [ -e "$WORK/abort" ] || [ "$rc" != 0 ]; then
         touch "$WORK/abort"
+        [ "$ROOT_MODE" = squashfs ] && rm -f "$RAMDIR/image.squashfs"  # a partial image is never mounted
         fail "$(first_failure "unpacking failed: ${tar_err:-zstd or tar stopped (exit $rc)}")"
     fi
     for p in $WORKER_PIDS; do wait "$p" || fail "$(first_failure "a fetch worker failed")"; done
@@ -657,6 +729,7 @@ main() {
     T2=$(now_ms)
     say "verified $COUNT/$COUNT chunks stored=$stored seconds=$(( (T2 - T1) / 1000 )).$(printf '%03d' $(( (T2 - T1) % 1000 )))"
     post_event verified "" "$COUNT" "$COUNT" 3
+    [ "$ROOT_MODE" = squashfs ] && mount_image_root
 
     write_node_config
     install_node_agent
@@ -675,6 +748,10 @@ main() {
     for d in dev proc sys run; do
         if [ -d "$TARGET/$d" ]; then mount --move "/$d" "$TARGET/$d" 2>/dev/null; else umount -l "/$d" 2>/dev/null; fi
     done
+    if [ "$ROOT_MODE" = squashfs ]; then  # the node agent measures the image RAM there (image + upper)
+        mkdir -p "$TARGET/run/bootd-root" && mount --move "$RAMDIR" "$TARGET/run/bootd-root" || \
+            say "note: the image tmpfs stays at $RAMDIR in the stage one (not visible to the node agent)"
+    fi
     exec switch_root "$TARGET" /sbin/init
     fail "switch_root failed"
 }

@@ -36,6 +36,7 @@ from bootd.errors import BootdError
 from bootd.stage1.kmods import (
     LOAD_FIRST,
     NIC_MODULES,
+    ROOT_MODULES,
     S_IFCHR,
     S_IFDIR,
     S_IFLNK,
@@ -229,7 +230,8 @@ def fetch_kernel(
             cache_dir.mkdir(parents=True, exist_ok=True)
             memo.write_text(concrete + "\n")
         deb = download_deb(concrete, cache_dir, log)
-    return unpack_kernel(deb, cache_dir, (*LOAD_FIRST, *NIC_MODULES, *STORAGE_MODULES), log)
+    return unpack_kernel(deb, cache_dir, (*LOAD_FIRST, *NIC_MODULES, *STORAGE_MODULES, *ROOT_MODULES),
+                         log)
 
 
 def load_order(kernel: Kernel, roots: Iterable[str]) -> tuple[str, ...]:
@@ -439,7 +441,7 @@ def build(
     for k in [kernel, *others]:
         if any(k.kver == seen.kver for seen, _ in sets):
             continue
-        k_order = load_order(k, NIC_MODULES)
+        k_order = load_order(k, (*NIC_MODULES, *ROOT_MODULES))
         if not any(m in k_order for m in NIC_MODULES):
             raise Stage1Error(f"{k.package} has none of the NIC modules {', '.join(NIC_MODULES)}")
         sets.append((k, k_order))

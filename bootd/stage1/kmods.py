@@ -25,7 +25,10 @@ NIC_MODULES = ("virtio_net", "e1000", "e1000e", "igb", "ixgbe", "i40e", "ice", "
                "bnxt_en", "tg3", "vmxnet3")
 STORAGE_MODULES = ("virtio_blk", "virtio_scsi", "nvme", "ahci", "sd_mod")
 LOAD_FIRST = ("virtio_pci",)  # virtio_net binds only once the PCI transport is there
-WANTED = (*LOAD_FIRST, *NIC_MODULES, *STORAGE_MODULES)
+# The squashfs root mode (bootd.capsule.image): the in-RAM image is loop-mounted and put under an overlayfs.
+# Loaded with the NIC drivers (Debian builds all three as modules; a kernel with them built in ships none).
+ROOT_MODULES = ("loop", "squashfs", "overlay")
+WANTED = (*LOAD_FIRST, *NIC_MODULES, *STORAGE_MODULES, *ROOT_MODULES)
 FIXED_MTIME = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
 _MODULE_FILE = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
 
@@ -162,7 +165,7 @@ def module_initramfs(kver: str, read: Mapping[str, Callable[[], bytes]], where: 
     drivers = tuple(m for m in NIC_MODULES if m in blobs)
     if not drivers:
         return None
-    order = load_order(depends, NIC_MODULES)
+    order = load_order(depends, (*NIC_MODULES, *ROOT_MODULES))
     cpio = write_cpio(module_set_entries(kver, blobs, order))
     image = zstandard.ZstdCompressor(level=19, write_content_size=True, threads=0).compress(cpio)
     return ModuleSet(kver=kver, image=bytes(image), drivers=drivers, order=order)

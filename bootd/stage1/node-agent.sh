@@ -13,7 +13,8 @@
 #   * then heartbeats every BOOTD_HEARTBEAT seconds (default 30), and reports `ready` again whenever
 #     systemd's verdict (running, or the set of failed units) changes (asked at most every 10 s);
 #   * every report carries memory in use and the root filesystem's size and use (optional JSON fields:
-#     mem_used_kb, mem_total_kb, root_used_kb, root_size_kb);
+#     mem_used_kb, mem_total_kb, root_used_kb, root_size_kb) and the image RAM, image_ram_kb: what the root
+#     image holds in RAM (the root tmpfs's use; in the squashfs root mode the image plus the overlay upper);
 #   * keeps the node's runtime overlays (hosts, authorized_keys, users...) current: at start and then every
 #     BOOTD_OVERLAY_INTERVAL seconds (default 60, 0: never; a node or group variable, read at boot) it runs
 #     the overlay applier (overlay.sh, installed as /usr/lib/bootd/overlay), which asks bootd with
@@ -28,6 +29,7 @@ PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 LIB=${BOOTD_AGENT_LIB:-/usr/lib/bootd}
 STATE_DIR=${BOOTD_AGENT_STATE:-/run/bootd}
+ROOT_RAM=${BOOTD_ROOT_RAM:-/run/bootd-root}
 
 say() { echo "BOOTD-AGENT $*"; }
 
@@ -58,9 +60,15 @@ json_str() { printf '%s' "$1" | tr -d '"\\' | tr -d '\000-\037'; }
 
 usage_fields() { # two processes per report: the agent's own cost is what a heartbeat adds to a node
     mem=$(awk '/^MemTotal:/ { t = $2 } /^MemAvailable:/ { a = $2 } END { printf "%d %d", t - a, t }' /proc/meminfo)
-    # df -P -k /: "Filesystem 1024-blocks Used Available Capacity Mounted-on"; a tmpfs root counts here.
-    set -- ${mem:-0 0} $(df -P -k / 2>/dev/null | awk 'NR == 2 { print $2, $3 }')
-    printf '"mem_used_kb":%s,"mem_total_kb":%s,"root_size_kb":%s,"root_used_kb":%s' "$1" "$2" "${3:-0}" "${4:-0}"
+    # df -P -k: "Filesystem 1024-blocks Used Available Capacity Mounted-on"; a tmpfs root counts here.
+    # Image RAM, what the root image costs in RAM: the root tmpfs's use (tmpfs root mode), or the use of
+    # the squashfs mode's tmpfs (the stage one moved it to $ROOT_RAM): the image file plus the overlay's upper.
+    set -- ${mem:-0 0} $(df -P -k / "$ROOT_RAM" 2>/dev/null | awk -v ram="$ROOT_RAM" '
+        NR == 2 { fs = $1; size = $2; used = $3 }
+        NR == 3 && $6 == ram { image = $3 }
+        END { if (image == "") image = (fs == "tmpfs") ? used : 0; print size + 0, used + 0, image + 0 }')
+    printf '"mem_used_kb":%s,"mem_total_kb":%s,"root_size_kb":%s,"root_used_kb":%s,"image_ram_kb":%s' \
+        "$1" "$2" "${3:-0}" "${4:-0}" "${5:-0}"
 }
 
 post() { # WHAT JSON -> status 0 on a 2xx answer

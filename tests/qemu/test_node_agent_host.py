@@ -22,12 +22,13 @@ NODE_AGENT = STAGE1_SRC / "node-agent.sh"
 
 
 def start_node_agent(tmp_path: Path, server: StandinProc, lib: Path, shell: str, *, node: str = "n0042",
-                     token: str | None = None) -> subprocess.Popen[str]:
+                     token: str | None = None, root_ram: Path | None = None) -> subprocess.Popen[str]:
     """The host has no bootd.* words on its kernel command line and no /etc/bootd/node.env, so the agent
     takes the BOOTD_* variables from its environment, as sourcing node.env would set them."""
     env = dict(os.environ, BOOTD_URL=server.base, BOOTD_NODE=node,
                BOOTD_TOKEN=token if token is not None else standin.node_token(b"standin-secret", node),
-               BOOTD_HEARTBEAT="1", BOOTD_AGENT_LIB=str(lib), BOOTD_AGENT_STATE=str(tmp_path / "state"))
+               BOOTD_HEARTBEAT="1", BOOTD_AGENT_LIB=str(lib), BOOTD_AGENT_STATE=str(tmp_path / "state"),
+               BOOTD_ROOT_RAM=str(root_ram or tmp_path / "no-root-ram"))
     return subprocess.Popen([shell, str(NODE_AGENT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -69,6 +70,7 @@ def test_node_agent_reports_ready_then_heartbeats_with_usage(
     for e in (ready[0], beats[-1]):
         assert int(e["mem_total_kb"]) > int(e["mem_used_kb"]) > 0
         assert int(e["root_size_kb"]) >= int(e["root_used_kb"]) > 0
+        assert int(e["image_ram_kb"]) == 0  # the host's root is no tmpfs and it has no image tmpfs
     assert "BOOTD-READY n0042" in out
     assert re.search(r"BOOTD-AGENT ready node=n0042 hostname=\S+ ip=\S* running", out), out
 
@@ -171,3 +173,27 @@ def test_stage_one_hands_the_nic_to_ifupdown_only_in_an_ifupdown_image(
     else:
         assert not stanza.exists()
         assert "keeps the stage one's address" in proc.stderr
+
+
+def test_node_agent_reports_the_squashfs_image_ram(tmp_path: Path, loopback_standin: StartStandin) -> None:
+    """In the squashfs root mode the image RAM is the use of the tmpfs the stage one moved to
+    /run/bootd-root: the image file plus the overlay's upper (here a real tmpfs with 3 MiB in it)."""
+    need_host_tools()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    ram = tmp_path / "bootd-root"
+    ram.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ram)], check=True)
+    try:
+        (ram / "image.squashfs").write_bytes(os.urandom(2 * 1024 * 1024))
+        (ram / "upper").mkdir()
+        (ram / "upper" / "written").write_bytes(os.urandom(1024 * 1024))
+        server = loopback_standin()
+        proc = start_node_agent(tmp_path, server, tmp_path, "/bin/sh", root_ram=ram)
+        try:
+            ready = server.wait_event("ready", timeout=20)
+        finally:
+            stop(proc)
+    finally:
+        subprocess.run(["umount", str(ram)], check=False)
+    assert 3 * 1024 <= int(ready["image_ram_kb"]) <= 3 * 1024 + 64, ready

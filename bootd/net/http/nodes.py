@@ -31,7 +31,8 @@ from bootd.service.services import Services
 
 log = logging.getLogger("bootd.http")
 PAGE, MAX_PAGE = 1000, 10_000  # nodes per page of GET /api/v1/nodes (?limit=, ?after=NAME)
-REPORTED = ("done", "total", "bytes", "bytes_total", "mem_used_kb", "mem_total_kb", "root_size_kb", "root_used_kb")
+REPORTED = ("done", "total", "bytes", "bytes_total", "mem_used_kb", "mem_total_kb", "root_size_kb", "root_used_kb",
+            "image_ram_kb")
 
 
 class NodeRoutes:
