@@ -130,7 +130,7 @@ def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
     fake = tmp_path / "mksquashfs"
     fake.write_text("#!/bin/sh\necho 'no space left' >&2\nexit 1\n")
     fake.chmod(0o755)
-    with pytest.raises(CapsuleError, match="mksquashfs failed .*no space left"):
+    with pytest.raises(CapsuleError, match=r"mksquashfs failed .*no space left"):
         ImageStore(store, mksquashfs=str(fake)).ensure(vid)
     assert ImageStore(store).cached(vid) is None
     assert {p for p in (store.root / "chunks").rglob("*") if p.is_file()} == before
