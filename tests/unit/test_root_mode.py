@@ -13,7 +13,8 @@ import pytest
 from bootd.capsule.imagelist import decode_image_list
 from bootd.capsule.importer import import_capsule
 from bootd.capsule.objects import CapsuleStore
-from bootd.config import BootConfig, CapsuleConfig, Config, ConfigError, ServerConfig, load
+from bootd.config import BootConfig, CapsuleConfig, Config, ServerConfig, load
+from bootd.errors import ConfigError
 from bootd.model import Group
 from bootd.store.memory import memory_store
 
