@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 DEBS=(
   qemu-system-x86 ipxe-qemu ovmf seabios ipxe pxelinux syslinux-common  # QEMU nodes and their firmware/NBPs
   busybox-static cpio zstd tar                                           # stage one and capsule build scripts
+  squashfs-tools                                                         # the squashfs root mode: mksquashfs makes a version's image
   mmdebstrap umoci                                                       # capsule recipes (build), OCI images (tests)
   gcc libc6-dev libssl-dev                                               # stage one's bootd-fetch (static, libcrypto.a)
   dnsmasq-base isc-dhcp-client isc-dhcp-relay udhcpc kea-admin           # DHCP peers (reference, clients, relay, perfdhcp)

@@ -147,6 +147,26 @@ def test_recipe_capsule_boots_its_own_kernel(served: Served) -> None:
     assert_ready_in_registry(served, node)
 
 
+def test_squashfs_root_mode_reaches_ready(served: Served) -> None:
+    """boot.root=squashfs (a node variable): the first script request starts the image build and the
+    firmware asks again; the stage one then fetches and verifies the image, loop-mounts it under an
+    overlayfs and the capsule's init reports ready from there."""
+    mac = "52:54:00:77:02:09"
+    served.bootd.cli("node", "add", "sq0", "--mac", mac, "--var", "boot.root=squashfs")
+    node = QemuNode(served.lab, "squashfs", mac, firmware="bios").start()
+    try:
+        TIMINGS["squashfs"] = node.wait_for(r"BOOTD-CAPSULE ready node=sq0", timeout=READY_TIMEOUT).t
+    except BaseException:
+        node.stop()
+        raise
+    console = re.sub(r"\r?\n", "", node.console())
+    assert "building the squashfs image of capsule" in console  # the first use: built while the node waited
+    image = re.search(r"BOOTD-STAGE1 image list ok image=([0-9a-f]{64})", node.console())
+    assert image is not None, node.console()[-3000:]
+    assert f"BOOTD-STAGE1 root squashfs image={image.group(1)}" in node.console()
+    assert_ready_in_registry(served, node)
+
+
 def test_uefi_ipxe_rom(served: Served) -> None:
     if qemu_available("uefi"):
         pytest.skip(str(qemu_available("uefi")))
