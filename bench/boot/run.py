@@ -10,7 +10,11 @@ The agent fetches chunks with the compiled bootd-fetch as the stage one does (``
 shell fallback). Also printed: the agent's own fetch+verify+unpack step time, and ``zstd -dc | tar`` of
 the same chunks already in RAM (the floor for anything that really unpacks).
 
+3. With --root-modes (or --only-root-modes): the Debian capsule in the tmpfs and squashfs root modes side
+   by side, image RAM and power-on to ready (bench/boot/rootmode.py).
+
 Usage: python bench/boot/run.py [--runs 3] [--capsule-mb 64] [--skip-boot] [--skip-agent] [--shell-workers]
+       [--root-modes | --only-root-modes]
 Everything runs in a private network namespace or on loopback and is torn down afterwards.
 """
 
@@ -30,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.boot.rootmode import bench_root_modes
+from bench.boot.rootmode import rows as root_mode_rows
 from bootd.lab import Lab, QemuNode, lab_available, qemu_available
 from bootd.lab.dnsmasq import start_reference, write_chain_root
 from bootd.lab.netns import LabProcess
@@ -324,7 +330,13 @@ def main() -> int:
                          "(e.g. 1000 or 10000) instead of loopback")
     ap.add_argument("--openssl", action="store_true",
                     help="with --shell-workers: hash with openssl (stage1 --with-openssl)")
+    ap.add_argument("--root-modes", action="store_true",
+                    help="also boot the Debian capsule (capsules/debian-hpc) in the tmpfs and squashfs root modes, "
+                         "side by side: image RAM and power-on to ready (bench/boot/rootmode.py)")
+    ap.add_argument("--only-root-modes", action="store_true", help="only the root-mode comparison")
     args = ap.parse_args()
+    if args.only_root_modes:
+        args.root_modes = args.skip_boot = args.skip_agent = True
     global OPENSSL, SHELL_WORKERS, AGENT_ARGS
     AGENT_ARGS = args.agent_args
     OPENSSL = args.openssl
@@ -366,15 +378,27 @@ def main() -> int:
                              f"{rate['phase'] / tc:.2f}", "-"))
             rows.append(("agent vs zstd|tar alone, chunks in RAM", f"{ta:.1f}", f"{rate['unpack']:.1f}",
                          f"{ta / rate['unpack']:.2f}", "-"))
+        if args.root_modes:
+            reason = lab_available() or qemu_available("bios")
+            if reason:
+                print(f"root-mode bench skipped: {reason}")
+            else:
+                print(f"Debian capsule, tmpfs vs squashfs root mode, {args.runs} runs each (alternating):",
+                      flush=True)
+                results = bench_root_modes(work, args.runs)
+                for mode, got in results.items():
+                    print(f"  {mode}: ready {[f'{x:.1f}' for x in got['ready']]} s, image RAM "
+                          f"{[f'{x:.1f}' for x in got['image_mib']]} MiB")
+                rows.extend(root_mode_rows(results))
     finally:
         if args.keep:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
     print()
-    print(f"{'measure':44} {'bootd':>10} {'peer':>16} {'ratio':>7} {'target':>8}")
+    print(f"{'measure':48} {'bootd':>10} {'peer':>16} {'ratio':>7} {'target':>8}")
     for r in rows:
-        print(f"{r[0]:44} {r[1]:>10} {r[2]:>16} {r[3]:>7} {r[4]:>8}")
+        print(f"{r[0]:48} {r[1]:>10} {r[2]:>16} {r[3]:>7} {r[4]:>8}")
     return 0
 
 

@@ -169,6 +169,7 @@ class Cluster:
     nodes: int = 3
     memory_mb: int = MEMORY_MB
     heartbeat: int = HEARTBEAT
+    root: str = "tmpfs"  # the nodes' root mode (boot.root): tmpfs or squashfs
     cache: Path = field(default_factory=cluster_cache)
     recipe: Path = RECIPE
     say: Out = print
@@ -272,7 +273,7 @@ class Cluster:
         # The node agent refreshes runtime overlays (hosts, users, keys) every BOOTD_OVERLAY_INTERVAL: at the
         # heartbeat's pace here, so a node that got its address late is in every /etc/hosts soon.
         bootd.cli("group", "set", "default", "--capsule", CAPSULE, "--var", f"BOOTD_HEARTBEAT={self.heartbeat}",
-                  "--var", f"BOOTD_OVERLAY_INTERVAL={self.heartbeat}",
+                  "--var", f"BOOTD_OVERLAY_INTERVAL={self.heartbeat}", "--var", f"boot.root={self.root}",
                   *[arg for name in OVERLAYS for arg in ("--overlay", name)])
         bootd.start()
         self.say(f"bootd serve running in the namespace ({bootd.base_url}); overlays {', '.join(OVERLAYS)}")
