@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bootd.model import normalize_mac
-from bootd.service.checks import Invalid, check_name, check_var
+from bootd.service.checks import Invalid, check_name, check_var, check_var_value
 from bootd.store.base import NewNode
 
 MAX_NODES = 10_000  # one definition; a bigger site sends several
@@ -92,6 +92,7 @@ def _entry(line: int, entry: Any, default_group: str) -> NewNode:
         values = dict(values)
         for key in values:
             check_var(key)
+            check_var_value(key, values[key])
         bmc = entry.get("bmc")
         if bmc is not None:
             if not isinstance(bmc, str) or not bmc or any(c.isspace() for c in bmc):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from bootd.config import ROOT_MODES
 from bootd.errors import BootdError
 
 _VAR_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
@@ -28,3 +29,9 @@ def check_var(key: Any) -> None:
     if key.lower() == "bmc.password":
         raise Invalid("vars: a BMC password is not a variable (variables are shown by `node show` and the API); "
                       "set it with `bootd bmc set-password NODE|@GROUP`")
+
+
+def check_var_value(key: str, value: str) -> None:
+    """Variables bootd itself reads are refused at once with a bad value, not at the node's next boot."""
+    if key == "boot.root" and value not in ROOT_MODES:
+        raise Invalid(f"vars: boot.root={value!r} is not a root mode; expected one of: {', '.join(ROOT_MODES)}")

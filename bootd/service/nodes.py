@@ -22,7 +22,7 @@ from bootd.hostlist import HostlistError, compress, expand
 from bootd.model import Group, Lease, Node, State, normalize_mac
 from bootd.service.audit import AuditLog
 from bootd.service.bulk import parse_bulk
-from bootd.service.checks import Invalid, check_name, check_var
+from bootd.service.checks import Invalid, check_name, check_var, check_var_value
 from bootd.service.events import state_update
 from bootd.service.inventory import InventoryStore
 from bootd.service.lifecycle import Actor, Lifecycle
@@ -101,6 +101,7 @@ class NodeChange:
                     check_var(k)
                     if "\n" in v or "\0" in v:
                         raise Invalid(f"vars: the value of {k!r} must be one line")
+                    check_var_value(k, v)
                     values[k] = v
             elif key == "unset":
                 _want(isinstance(value, list | tuple) and all(isinstance(v, str) for v in value), key, value)

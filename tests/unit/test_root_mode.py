@@ -65,3 +65,16 @@ async def test_squashfs_node_waits_for_the_build_then_gets_the_image(tmp_path: P
     await store.set_vars("n2", {"boot.root": "zram"})
     bad = await svc.boot.script("52:54:00:00:00:02", "http://b:8080", 4.0)
     assert "boot.root='zram'" in bad.text and "tmpfs, squashfs" in bad.text and "bootd.capsule" not in bad.text
+
+
+def test_boot_root_variable_is_checked_when_set() -> None:
+    """A node's or group's boot.root (both go through NodeChange) and a bulk file's are refused at once."""
+    from bootd.service.bulk import parse_bulk
+    from bootd.service.checks import Invalid
+    from bootd.service.nodes import NodeChange
+
+    assert NodeChange.parse({"vars": {"boot.root": "squashfs"}}).values == {"boot.root": "squashfs"}
+    with pytest.raises(Invalid, match=r"boot\.root='zram' is not a root mode; expected one of: tmpfs, squashfs"):
+        NodeChange.parse({"vars": {"boot.root": "zram"}})
+    with pytest.raises(Invalid, match=r"boot\.root='ram'"):
+        parse_bulk([{"name": "n1", "mac": "52:54:00:00:00:09", "vars": {"boot.root": "ram"}}], "default")
