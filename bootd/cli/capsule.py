@@ -24,6 +24,7 @@ from bootd.capsule.chroot import exec_in_capsule
 from bootd.capsule.chunker import ChunkParams
 from bootd.capsule.export import export_version
 from bootd.capsule.hygiene import HygieneReport, transform
+from bootd.capsule.image import ImageStore
 from bootd.capsule.importer import ImportOptions, ImportResult, import_capsule
 from bootd.capsule.objects import CapsuleStore
 from bootd.capsule.recipe import load_recipe
@@ -266,6 +267,27 @@ def capsule_verify(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def capsule_image(args: argparse.Namespace, config: Config) -> int:
+    """Make the version's squashfs image now (nodes in the squashfs root mode otherwise wait for it at the
+    version's first boot); an image already made is only shown."""
+    store = _store(config)
+    name, vid = store.find_version(args.capsule)
+    images = ImageStore(store, chunk_size=config.capsule.image_chunk, zstd_level=config.capsule.zstd_level)
+    started = time.monotonic()
+    image = images.ensure(vid, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    listing = images.load(image)
+    raw = store.load_manifest(vid).raw_size
+    data = {"name": name, "version": vid, "image": image, "kind": listing.kind, "size": listing.size,
+            "chunks": len(listing.chunks), "ratio": round(listing.size / max(raw, 1), 3),
+            "seconds": round(time.monotonic() - started, 2)}
+    if args.json:
+        _print_json(data)
+    else:
+        print(f"{name or vid[:12]}: squashfs image {image}, {_size(listing.size)} in {len(listing.chunks)} chunks "
+              f"({data['ratio']:.2f}x of {_size(raw)})")
+    return 0
+
+
 def capsule_delete(args: argparse.Namespace, config: Config) -> int:
     vid = _store(config).delete(args.name)
     print(f"deleted {args.name} (was {vid}); run 'bootd capsule gc' to free its chunks")
@@ -379,6 +401,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("capsule", metavar="NAME|VERSION")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=capsule_verify)
+
+    p = csub.add_parser("image", help="make NAME's squashfs image now (boot.root = squashfs; else made at the "
+                                      "version's first boot in that mode)")
+    p.add_argument("capsule", metavar="NAME|VERSION")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=capsule_image)
 
     p = csub.add_parser("delete", help="remove a capsule name (chunks go with the next gc)")
     p.add_argument("name")

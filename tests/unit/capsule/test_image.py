@@ -151,3 +151,22 @@ def test_gc_keeps_image_of_kept_version_and_drops_the_rest(tmp_path: Path) -> No
     assert images.cached(vid) is None
     assert not store.chunk_path(image_id).exists()
     assert not any(store.chunk_path(c.sha256).exists() for c in listing.chunks)
+
+
+@needs_tools
+def test_cli_makes_the_image_then_shows_it(tmp_path: Path) -> None:
+    import json
+    import sys
+
+    store = CapsuleStore(tmp_path / "state" / "capsules")
+    vid = import_capsule(store, "t", _tree(tmp_path / "tree")).version
+    conf = tmp_path / "bootd.toml"
+    conf.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n[capsule]\nimage_chunk = 65536\n')
+    cmd = [sys.executable, "-m", "bootd", "-c", str(conf), "capsule", "image", "t", "--json"]
+    first = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    data = json.loads(first.stdout)
+    assert data["version"] == vid and data["image"] == ImageStore(store).cached(vid)
+    assert data["chunks"] == len(ImageStore(store).load(data["image"]).chunks) > 1
+    assert "mksquashfs" in first.stderr  # the progress of the build
+    again = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert json.loads(again.stdout)["image"] == data["image"] and "mksquashfs" not in again.stderr
