@@ -611,8 +611,14 @@ mount_image_root() {
         say "image ok size=$IMAGE_SIZE (host mode: not mounted)"
         return 0
     fi
+    # Loaded with the NIC drivers when in load-order; a capsule kernel's module set packed before the
+    # squashfs mode existed lacks them there, so load whatever of them this stage one has (built in: none).
+    for m in loop squashfs overlay; do
+        [ -f "/lib/modules/$(uname -r)/$m.ko" ] && insmod "/lib/modules/$(uname -r)/$m.ko" 2>/dev/null
+    done
     mount -t squashfs -o ro,loop "$img" "$RAMDIR/lower" 2> "$WORK/mount.err" || \
-        fail "cannot mount the squashfs image: $(tr '\n' ' ' < "$WORK/mount.err") (kernel $(uname -r): squashfs and loop modules?)"
+        fail "cannot mount the squashfs image: $(tr '\n' ' ' < "$WORK/mount.err") (kernel $(uname -r) needs the" \
+             "loop and squashfs modules: re-import a capsule with its own kernel imported before bootd had this mode)"
     mount -t overlay overlay -o "lowerdir=$RAMDIR/lower,upperdir=$RAMDIR/upper,workdir=$RAMDIR/work" "$TARGET" \
         2> "$WORK/mount.err" || fail "cannot mount the overlay root: $(tr '\n' ' ' < "$WORK/mount.err")"
     say "root squashfs image=$IMAGE size=$IMAGE_SIZE under overlayfs"

@@ -164,6 +164,7 @@ def test_squashfs_root_mode_reaches_ready(served: Served) -> None:
     image = re.search(r"BOOTD-STAGE1 image list ok image=([0-9a-f]{64})", node.console())
     assert image is not None, node.console()[-3000:]
     assert f"BOOTD-STAGE1 root squashfs image={image.group(1)}" in node.console()
+    assert "the image tmpfs stays" not in node.console()  # moved to /run/bootd-root for the node agent
     assert_ready_in_registry(served, node)
 
 
