@@ -101,6 +101,10 @@ def test_build_cached_and_served_from_chunks(tmp_path: Path) -> None:
     assert "1234/5678" in out and "/etc/hostname" in out
     assert any(line.startswith("-rwsr-xr-x") and line.endswith("/bin/tool") for line in out.splitlines())
     assert not list((store.root / "tmp").iterdir())  # the staging is gone
+    # Reproducible: another server with the same version makes the same image (the same id on every server).
+    other = CapsuleStore(tmp_path / "other")
+    assert import_capsule(other, "t", tmp_path / "tree").version == vid
+    assert ImageStore(other, chunk_size=64 * 1024).ensure(vid) == image_id
 
 
 @needs_tools
