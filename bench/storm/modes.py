@@ -23,7 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.storm.cluster import collect, segment  # noqa: E402
+from bench.storm.cluster import POOL_SIZE, collect, segment  # noqa: E402
 from tests.pgserver import PgServer  # noqa: E402
 
 
@@ -91,6 +91,8 @@ def main() -> None:
     bad = [m for m in modes if m not in ("sqlite", "pg", "pg2")]
     if bad:
         parser.error(f"unknown mode(s) {', '.join(bad)}: choose from sqlite, pg, pg2")
+    if not 0 < args.nodes <= POOL_SIZE:
+        parser.error(f"--nodes {args.nodes}: choose 1 to {POOL_SIZE} (the segment's address pool)")
     out: dict[str, ModeResult] = {}
     pg: PgServer | None = None
     with tempfile.TemporaryDirectory(prefix="bootd-modes-") as tmp:

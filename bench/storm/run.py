@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/storm/run.py [--nodes 500] [--kill-at SECONDS] [--json OUT]
 
-Two namespaces joined by a veth pair: bootd (DHCP full mode on a /22, TFTP, HTTP) in one, the
+Two namespaces joined by a veth pair: bootd (DHCP full mode on a /20, TFTP, HTTP) in one, the
 simulated nodes (storm.py) in the other.  With --kill-at, bootd is killed with SIGKILL that many
 seconds into the storm and started again; the storm must still complete and nothing registered
 before the kill may be lost.  Prints names, addresses, failures, duration, the p99 of script
@@ -61,8 +61,8 @@ def network(prefix: str = "bd-storm") -> Iterator[Net]:
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", net.server_ns, "link", "add", net.server_if, "type", "veth", "peer", "name", net.client_if,
            "netns", net.client_ns)
-        sh("ip", "-n", net.server_ns, "addr", "add", f"{SERVER_IP}/22", "dev", net.server_if)
-        sh("ip", "-n", net.client_ns, "addr", "add", f"{CLIENT_IP}/22", "dev", net.client_if)
+        sh("ip", "-n", net.server_ns, "addr", "add", f"{SERVER_IP}/20", "dev", net.server_if)
+        sh("ip", "-n", net.client_ns, "addr", "add", f"{CLIENT_IP}/20", "dev", net.client_if)
         sh("ip", "-n", net.server_ns, "link", "set", net.server_if, "up")
         sh("ip", "-n", net.client_ns, "link", "set", net.client_if, "up")
         # Simulated nodes broadcast DHCP from 0.0.0.0 and all share one address afterwards.
@@ -96,8 +96,8 @@ evidence = "none"
 enabled = true
 mode = "full"
 pool_start = "10.78.1.0"
-pool_end = "10.78.3.250"
-netmask = "255.255.252.0"
+pool_end = "10.78.15.250"
+netmask = "255.255.240.0"
 lease_time = 3600
 queue_size = 4096
 
