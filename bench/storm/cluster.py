@@ -192,13 +192,15 @@ chunk_max = 262144
             time.sleep(0.5)
         raise RuntimeError(f"live servers never became {sorted(want)}: {views}")
 
-    def storm(self, nodes: int, deadline: float, first_index: int = 0) -> subprocess.Popen[bytes]:
-        """The storm client in the client namespace (results as JSON on its stdout: see collect)."""
+    def storm(self, nodes: int, deadline: float, first_index: int = 0, heartbeat: float = 0.0,
+              ) -> subprocess.Popen[bytes]:
+        """The storm client in the client namespace (results as JSON on its stdout: see collect); with
+        ``heartbeat``, ready nodes heartbeat every so many seconds until the storm ends, as the agent does."""
         first = next(iter(self.servers.values()))
         return subprocess.Popen(
             ["ip", "netns", "exec", self.client_ns, sys.executable, str(ROOT / "bench" / "storm" / "run.py"),
              "--client", "--follow", "--nodes", str(nodes), "--first-index", str(first_index), "--server",
-             first.address, "--interface", "eth0", "--deadline", str(deadline)],
+             first.address, "--interface", "eth0", "--deadline", str(deadline), "--heartbeat", str(heartbeat)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
