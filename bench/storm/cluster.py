@@ -6,7 +6,8 @@
 Used by run.py's --modes (one server on SQLite, one on PostgreSQL, two on PostgreSQL) and by the failover
 drill (tests/integration/test_failover_drill.py).  Each server is its own namespace, so a SIGKILL of one
 (by PID) is a crashed machine; the survivor takes its RFC 3074 share after takeover_after.  Every
-namespace is deleted afterwards, with anything still running in it (ours by construction).
+namespace is deleted afterwards, with anything still running in it (ours by construction).  The segment
+is a /21 (a pool of about 1,780 addresses), so several storms can share one registry (the drill's runs).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Segment:
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", self.lan, "link", "add", f"p{ident}", "type", "veth", "peer", "name", "eth0", "netns", ns)
         sh("ip", "-n", self.lan, "link", "set", f"p{ident}", "master", "br0", "up")
-        sh("ip", "-n", ns, "addr", "add", f"{address}/22", "dev", "eth0")
+        sh("ip", "-n", ns, "addr", "add", f"{address}/21", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         state = self.workdir / f"state-{ident}"
         state.mkdir(mode=0o700)
@@ -103,8 +104,8 @@ evidence = "none"
 enabled = true
 mode = "full"
 pool_start = "10.78.1.0"
-pool_end = "10.78.3.250"
-netmask = "255.255.252.0"
+pool_end = "10.78.7.250"
+netmask = "255.255.248.0"
 lease_time = 3600
 queue_size = 4096
 
@@ -192,15 +193,17 @@ chunk_max = 262144
             time.sleep(0.5)
         raise RuntimeError(f"live servers never became {sorted(want)}: {views}")
 
-    def storm(self, nodes: int, deadline: float, first_index: int = 0, heartbeat: float = 0.0,
+    def storm(self, nodes: int, deadline: float, first_index: int = 0, heartbeat: float = 0.0, linger: float = 0.0,
               ) -> subprocess.Popen[bytes]:
         """The storm client in the client namespace (results as JSON on its stdout: see collect); with
-        ``heartbeat``, ready nodes heartbeat every so many seconds until the storm ends, as the agent does."""
+        ``heartbeat``, ready nodes heartbeat every so many seconds, as the agent does, until ``linger`` s
+        after the last node finished."""
         first = next(iter(self.servers.values()))
         return subprocess.Popen(
             ["ip", "netns", "exec", self.client_ns, sys.executable, str(ROOT / "bench" / "storm" / "run.py"),
              "--client", "--follow", "--nodes", str(nodes), "--first-index", str(first_index), "--server",
-             first.address, "--interface", "eth0", "--deadline", str(deadline), "--heartbeat", str(heartbeat)],
+             first.address, "--interface", "eth0", "--deadline", str(deadline), "--heartbeat", str(heartbeat),
+             "--linger", str(linger)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -230,7 +233,7 @@ def segment(workdir: Path) -> Iterator[Segment]:
         sh("ip", "-n", seg.lan, "link", "set", "br0", "up")
         sh("ip", "-n", seg.lan, "link", "add", "pc", "type", "veth", "peer", "name", "eth0", "netns", seg.client_ns)
         sh("ip", "-n", seg.lan, "link", "set", "pc", "master", "br0", "up")
-        sh("ip", "-n", seg.client_ns, "addr", "add", f"{CLIENT_IP}/22", "dev", "eth0")
+        sh("ip", "-n", seg.client_ns, "addr", "add", f"{CLIENT_IP}/21", "dev", "eth0")
         sh("ip", "-n", seg.client_ns, "link", "set", "eth0", "up")
         # Simulated nodes broadcast DHCP from 0.0.0.0 and all share one address afterwards.
         sh("ip", "-n", seg.client_ns, "route", "add", "255.255.255.255/32", "dev", "eth0", check=False)

@@ -218,7 +218,8 @@ def client_main(args: argparse.Namespace) -> None:
     """Runs inside the client namespace: the storm itself, results as JSON on stdout."""
     server = args.server or SERVER_IP
     cfg = StormConfig(nodes=args.nodes, server=server, deadline=args.deadline, http_base=f"http://{server}:8080",
-                      follow_server=args.follow, first_index=args.first_index, heartbeat=args.heartbeat)
+                      follow_server=args.follow, first_index=args.first_index, heartbeat=args.heartbeat,
+                      linger=args.linger)
     results, duration = asyncio.run(storm(cfg, cfg.http_base, interface=args.interface))
     print(json.dumps({"duration": duration, "results": [asdict(r) for r in results]}))
 
@@ -305,6 +306,7 @@ def main() -> None:
     parser.add_argument("--follow", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--first-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--heartbeat", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--linger", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         client_main(args)

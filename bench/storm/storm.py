@@ -215,7 +215,7 @@ class NodeResult:
     server: str = ""  # the DHCP server that gave the lease (option 54)
     acked_by: list[str] = field(default_factory=list)  # every server that ACKed it (a failover makes two)
     chunk_bytes: dict[str, int] = field(default_factory=dict)  # chunk bytes by the host that served them
-    beats: dict[str, int] = field(default_factory=dict)  # heartbeats after `ready`, by the host that took them
+    beats: dict[str, int] = field(default_factory=dict)  # heartbeats from `ready` on, by the host that took them
     beat_errors: int = 0  # heartbeats no source took (the node agent logs them and goes on)
 
 
@@ -236,6 +236,7 @@ class StormConfig:
     http_port: int = 8080
     first_index: int = 0  # MACs from mac_of(first_index) on: a second storm against the same registry
     heartbeat: float = 0.0  # seconds between a ready node's heartbeats until the storm ends (0: only the first)
+    linger: float = 0.0  # seconds the ready nodes go on heartbeating after the last node finished
 
 
 class Sources:
@@ -419,7 +420,8 @@ async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, sessi
         await event("verified")
         await event("booted")
         beat = f"/api/v1/nodes/{result.name}/heartbeat"
-        await _retrying_post(session, beat, None, headers, result, deadline, src)
+        host = host_of(await _retrying_post(session, beat, None, headers, result, deadline, src))
+        result.beats[host] = result.beats.get(host, 0) + 1
         result.times["ready"] = time.monotonic() - start
         result.ok = True
         if cfg.heartbeat > 0 and beating is not None:
@@ -456,6 +458,8 @@ async def storm(cfg: StormConfig, base: str, interface: str | None = None) -> tu
                      for i in range(cfg.first_index, cfg.first_index + cfg.nodes)]
             try:
                 results = await asyncio.wait_for(asyncio.gather(*tasks), cfg.deadline + 30)
+                if beating and cfg.linger > 0:  # e.g. so every node's agent reports after a server's death
+                    await asyncio.sleep(min(cfg.linger, max(0.0, deadline - time.monotonic())))
             finally:
                 for task in beating:  # the storm is over: the simulated agents stop with it
                     task.cancel()
