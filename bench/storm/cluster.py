@@ -63,8 +63,9 @@ class Segment:
     servers: dict[str, Server] = field(default_factory=dict)
 
     def add_server(self, ident: str, store_url: str = "", password: str = "", upstream: str = "",
-                   sources: tuple[str, ...] = ()) -> Server:
-        """A namespace joined to the bridge and a config for it (not started: see start)."""
+                   sources: tuple[str, ...] = (), stage1_dir: Path | None = None) -> Server:
+        """A namespace joined to the bridge and a config for it (not started: see start); ``stage1_dir``
+        (a built stage one) for real nodes, which the simulated ones do without."""
         address = ADDRESSES[ident]
         ns = f"bd-cl-{self.tag}-{ident}"
         sh("ip", "netns", "add", ns)
@@ -81,7 +82,9 @@ class Segment:
             secret.write_text(password + "\n")
             secret.chmod(0o600)
             store = f'[store]\nurl = "{store_url}"\npassword_file = "{secret}"\n'
-        boot = f"[boot]\nsources = {json.dumps(list(sources))}\n" if sources else ""
+        boot = "[boot]\n" + (f"sources = {json.dumps(list(sources))}\n" if sources else "") + (
+            f'stage1_dir = "{stage1_dir}"\nkernel_args = "console=ttyS0 quiet panic=-1"\n' if stage1_dir is not None
+            else "")
         text = f"""
 [server]
 state_dir = "{state}"

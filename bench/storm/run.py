@@ -121,13 +121,16 @@ chunk_max = 262144
     return path
 
 
-def make_capsule(workdir: Path, config: Path, size_mib: int = 2) -> None:
+def make_capsule(workdir: Path, config: Path, size_mib: int = 2, kernel: bool = True) -> None:
+    """``kernel=False`` for a server with a stage one (real nodes too): it refuses a capsule kernel whose
+    modules it cannot match, and the simulated nodes never load one."""
     tree = workdir / "tree"
     rng = random.Random(7)
     for d in ("bin", "etc", "usr/lib", "boot"):
         (tree / d).mkdir(parents=True, exist_ok=True)
     (tree / "etc" / "hostname").write_text("storm\n")
-    (tree / "boot" / "vmlinuz-storm").write_bytes(rng.randbytes(64 * 1024))
+    if kernel:
+        (tree / "boot" / "vmlinuz-storm").write_bytes(rng.randbytes(64 * 1024))
     for i in range(size_mib * 4):
         half = rng.randbytes(128 * 1024)
         (tree / "usr/lib" / f"lib{i}.so").write_bytes(half + bytes(128 * 1024))
