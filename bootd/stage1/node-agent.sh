@@ -86,7 +86,7 @@ post_to() { # BASE WHAT JSON -> status 0 on a 2xx answer
     fi
 }
 
-# The current server first, then the other sources in the stage one's order, each once.
+# The sources other than the current server, in the stage one's order (post tries the current one first).
 others() { for s in $(echo "$SOURCES" | tr ',' ' '); do [ "$s" = "$BOOTD_URL" ] || echo "$s"; done; }
 
 post() { # WHAT JSON -> status 0 once a server took it; BOOTD_URL is then that server (the agent stays there)
