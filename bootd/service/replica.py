@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -111,6 +112,10 @@ class Replica:
         self._sizes: dict[str, int | None] = {}  # chunk -> declared size (None: a kernel's modules archive)
         self._indexed: set[str] = set()
         self._indexed_mtime = -1  # of the manifests directory when it was last read (a new manifest changes it)
+        # One reader of the manifests at a time: a second request (its own thread) must wait for the index
+        # the first is building, not take the mtime it already noted for "indexed" and refuse a listed chunk.
+        self._index_lock = threading.Lock()
+        self._resolved: dict[str, str] = {}  # name -> the version last logged as resolved from the upstream
         self._refs: tuple[float, dict[str, str]] | None = None  # (when fetched, the upstream's names)
         self._refs_flight: asyncio.Task[dict[str, str]] | None = None
 
@@ -169,7 +174,9 @@ class Replica:
         vid = refs[1].get(name)
         if vid is not None:
             await self.manifest(vid)
-            log.info("event=upstream-resolved name=%s version=%s url=%s", name, vid, self.upstream.url)
+            if self._resolved.get(name) != vid:  # once per name and version, not once per node's script
+                self._resolved[name] = vid
+                log.info("event=upstream-resolved name=%s version=%s url=%s", name, vid, self.upstream.url)
         return vid
 
     async def _fetch_refs(self) -> dict[str, str]:
@@ -223,20 +230,21 @@ class Replica:
 
     def _index_all(self) -> None:
         """Read the manifests not indexed yet (blocking: called off the event loop); one stat when none is new."""
-        try:
-            mtime = os.stat(self.store.manifests_dir).st_mtime_ns
-        except FileNotFoundError:
-            return
-        if mtime == self._indexed_mtime:
-            return
-        self._indexed_mtime = mtime
-        for vid in self.store.versions():
-            if vid not in self._indexed:
-                try:
-                    self._index(vid, self.store.load_manifest(vid))
-                except CapsuleError as exc:
-                    log.warning("event=replica-index-skipped version=%s error=%r", vid, str(exc))
-                    self._indexed.add(vid)
+        with self._index_lock:
+            try:
+                mtime = os.stat(self.store.manifests_dir).st_mtime_ns
+            except FileNotFoundError:
+                return
+            if mtime == self._indexed_mtime:
+                return
+            for vid in self.store.versions():
+                if vid not in self._indexed:
+                    try:
+                        self._index(vid, self.store.load_manifest(vid))
+                    except CapsuleError as exc:
+                        log.warning("event=replica-index-skipped version=%s error=%r", vid, str(exc))
+                        self._indexed.add(vid)
+            self._indexed_mtime = mtime  # only now: the index is whole up to this mtime
 
     # -- single flight ---------------------------------------------------------------------------
     async def _fetch(self, kind: str, name: str, path: str, size: int | None, limit: int) -> int:

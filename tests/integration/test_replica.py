@@ -307,6 +307,28 @@ def test_cold_replica_boots_a_capsule_name_it_never_synced(serve: Servers, prima
     assert gone.metric("bootd_upstream_fetches", kind="refs", result="failed") == 1
 
 
+def test_manifest_held_from_before_a_restart_serves_its_chunks_to_a_crowd(serve: Servers, primary: Primary) -> None:
+    """A replica restarted after fetching a manifest holds it on disk but has not read it yet: the first
+    chunk requests, all at once, wait for the one reading of the manifests and are served (none refused as
+    a chunk no manifest names, as happened when a second request took the first one's index for done)."""
+    vid, chunks = primary.vid, primary.chunks
+    replica = serve("replica", upstream=primary.serve.url)
+    # Damaged manifests sorted before the good one (skipped with a warning each): reading them all takes a
+    # while, the window in which the crowd's requests arrive.
+    for i in range(1000):
+        (replica.store / "manifests" / f"{i:064x}").write_bytes(b"not a manifest")
+    held = replica.store / "manifests" / vid
+    tmp = held.with_name(".incoming")
+    tmp.write_bytes((primary.serve.store / "manifests" / vid).read_bytes())
+    tmp.rename(held)
+    wanted = list(dict.fromkeys(chunks))
+    with ThreadPoolExecutor(len(wanted)) as pool:
+        answers = list(pool.map(lambda h: (h, *get(f"{replica.url}/chunks/{h}")), wanted))
+    assert [(h, status, body[:200]) for h, status, body in answers if status != 200] == []
+    assert all(sha(body) == h for h, _, body in answers)
+    assert replica.metric("bootd_upstream_fetches", kind="chunk", result="refused") == 0
+
+
 def test_concurrent_misses_fetch_once(serve: Servers, primary: Primary, proxies: list[Proxy]) -> None:
     vid, chunks = primary.vid, primary.chunks
     slow = Proxy(primary.serve.url, delay=0.5).start()
