@@ -126,6 +126,8 @@ def services(config: Config, *, store: NodeStore, metrics: CollectorRegistry | N
     # The iPXE script names every live server after this one (then boot.sources), so a node whose server
     # dies mid-boot continues from the next.
     boot.peers = cluster.live_urls
+    if replica is not None:  # a cold replica boots nodes by capsule name before any `capsule sync`
+        boot.upstream_resolve = replica.resolve
     return store, Services(lifecycle=lifecycle, registry=registry, boot=boot, nodes=nodes, credentials=credentials,
                            capsules=capsules, metrics=metrics, overlays=OverlayService(store, config, registry),
                            servers=ServerAdmin(store, config), cluster=cluster, replica=replica,

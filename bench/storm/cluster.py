@@ -6,7 +6,8 @@
 Used by run.py's --modes (one server on SQLite, one on PostgreSQL, two on PostgreSQL) and by the failover
 drill (tests/integration/test_failover_drill.py).  Each server is its own namespace, so a SIGKILL of one
 (by PID) is a crashed machine; the survivor takes its RFC 3074 share after takeover_after.  Every
-namespace is deleted afterwards, with anything still running in it (ours by construction).
+namespace is deleted afterwards, with anything still running in it (ours by construction).  The segment
+is a /20 (POOL_SIZE addresses), so several storms can share one registry (the drill's runs).
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ class Segment:
     servers: dict[str, Server] = field(default_factory=dict)
 
     def add_server(self, ident: str, store_url: str = "", password: str = "", upstream: str = "",
-                   sources: tuple[str, ...] = ()) -> Server:
-        """A namespace joined to the bridge and a config for it (not started: see start)."""
+                   sources: tuple[str, ...] = (), stage1_dir: Path | None = None) -> Server:
+        """A namespace joined to the bridge and a config for it (not started: see start); ``stage1_dir``
+        (a built stage one) for real nodes, which the simulated ones do without."""
         address = ADDRESSES[ident]
         ns = f"bd-cl-{self.tag}-{ident}"
         sh("ip", "netns", "add", ns)
@@ -83,7 +85,9 @@ class Segment:
             secret.write_text(password + "\n")
             secret.chmod(0o600)
             store = f'[store]\nurl = "{store_url}"\npassword_file = "{secret}"\n'
-        boot = f"[boot]\nsources = {json.dumps(list(sources))}\n" if sources else ""
+        boot = "[boot]\n" + (f"sources = {json.dumps(list(sources))}\n" if sources else "") + (
+            f'stage1_dir = "{stage1_dir}"\nkernel_args = "console=ttyS0 quiet panic=-1"\n' if stage1_dir is not None
+            else "")
         text = f"""
 [server]
 state_dir = "{state}"
@@ -195,13 +199,17 @@ chunk_max = 262144
             time.sleep(0.5)
         raise RuntimeError(f"live servers never became {sorted(want)}: {views}")
 
-    def storm(self, nodes: int, deadline: float, first_index: int = 0) -> subprocess.Popen[bytes]:
-        """The storm client in the client namespace (results as JSON on its stdout: see collect)."""
+    def storm(self, nodes: int, deadline: float, first_index: int = 0, heartbeat: float = 0.0, linger: float = 0.0,
+              ) -> subprocess.Popen[bytes]:
+        """The storm client in the client namespace (results as JSON on its stdout: see collect); with
+        ``heartbeat``, ready nodes heartbeat every so many seconds, as the agent does, until ``linger`` s
+        after the last node finished."""
         first = next(iter(self.servers.values()))
         return subprocess.Popen(
             ["ip", "netns", "exec", self.client_ns, sys.executable, str(ROOT / "bench" / "storm" / "run.py"),
              "--client", "--follow", "--nodes", str(nodes), "--first-index", str(first_index), "--server",
-             first.address, "--interface", "eth0", "--deadline", str(deadline)],
+             first.address, "--interface", "eth0", "--deadline", str(deadline), "--heartbeat", str(heartbeat),
+             "--linger", str(linger)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

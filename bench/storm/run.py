@@ -121,13 +121,16 @@ chunk_max = 262144
     return path
 
 
-def make_capsule(workdir: Path, config: Path, size_mib: int = 2) -> None:
+def make_capsule(workdir: Path, config: Path, size_mib: int = 2, kernel: bool = True) -> None:
+    """``kernel=False`` for a server with a stage one (real nodes too): it refuses a capsule kernel whose
+    modules it cannot match, and the simulated nodes never load one."""
     tree = workdir / "tree"
     rng = random.Random(7)
     for d in ("bin", "etc", "usr/lib", "boot"):
         (tree / d).mkdir(parents=True, exist_ok=True)
     (tree / "etc" / "hostname").write_text("storm\n")
-    (tree / "boot" / "vmlinuz-storm").write_bytes(rng.randbytes(64 * 1024))
+    if kernel:
+        (tree / "boot" / "vmlinuz-storm").write_bytes(rng.randbytes(64 * 1024))
     for i in range(size_mib * 4):
         half = rng.randbytes(128 * 1024)
         (tree / "usr/lib" / f"lib{i}.so").write_bytes(half + bytes(128 * 1024))
@@ -218,7 +221,8 @@ def client_main(args: argparse.Namespace) -> None:
     """Runs inside the client namespace: the storm itself, results as JSON on stdout."""
     server = args.server or SERVER_IP
     cfg = StormConfig(nodes=args.nodes, server=server, deadline=args.deadline, http_base=f"http://{server}:8080",
-                      follow_server=args.follow, first_index=args.first_index)
+                      follow_server=args.follow, first_index=args.first_index, heartbeat=args.heartbeat,
+                      linger=args.linger)
     results, duration = asyncio.run(storm(cfg, cfg.http_base, interface=args.interface))
     print(json.dumps({"duration": duration, "results": [asdict(r) for r in results]}))
 
@@ -304,6 +308,8 @@ def main() -> None:
     parser.add_argument("--server", help=argparse.SUPPRESS)
     parser.add_argument("--follow", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--first-index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--heartbeat", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--linger", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         client_main(args)

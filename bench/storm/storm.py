@@ -5,7 +5,9 @@ Each simulated node runs, concurrently with all the others:
   2. TFTP of the network boot program from next-server (RFC 2348 blksize),
   3. HTTP: its iPXE script, the capsule manifest (checked against the version id on the kernel
      command line), every chunk (each verified against the manifest), lifecycle events and a
-     heartbeat, so bootd's registry must end with every node `ready`.
+     heartbeat, so bootd's registry must end with every node `ready`;
+  4. with ``heartbeat`` set, what the node agent does once ready: a heartbeat every so often until
+     the storm ends, to its current source, moving to the next (and staying there) when it fails.
 
 The code deliberately shares nothing with bootd (its own DHCP, TFTP and manifest parsing): a
 client that reused the server's codecs would share its bugs.  Every loop is bounded in count
@@ -213,6 +215,8 @@ class NodeResult:
     server: str = ""  # the DHCP server that gave the lease (option 54)
     acked_by: list[str] = field(default_factory=list)  # every server that ACKed it (a failover makes two)
     chunk_bytes: dict[str, int] = field(default_factory=dict)  # chunk bytes by the host that served them
+    beats: dict[str, int] = field(default_factory=dict)  # heartbeats from `ready` on, by the host that took them
+    beat_errors: int = 0  # heartbeats no source took (the node agent logs them and goes on)
 
 
 @dataclass
@@ -231,6 +235,8 @@ class StormConfig:
     follow_server: bool = False
     http_port: int = 8080
     first_index: int = 0  # MACs from mac_of(first_index) on: a second storm against the same registry
+    heartbeat: float = 0.0  # seconds between a ready node's heartbeats until the storm ends (0: only the first)
+    linger: float = 0.0  # seconds the ready nodes go on heartbeating after the last node finished
 
 
 class Sources:
@@ -279,14 +285,15 @@ async def _retrying_get(session: aiohttp.ClientSession, path: str, result: NodeR
 
 
 async def _retrying_post(session: aiohttp.ClientSession, path: str, body: dict[str, Any] | None,
-                         headers: dict[str, str], result: NodeResult, deadline: float, src: Sources) -> None:
+                         headers: dict[str, str], result: NodeResult, deadline: float, src: Sources) -> str:
+    """POST until a source takes it (the next source after a connection failure); the source that did."""
     while True:
         base = src.base
         url = base + path
         try:
             async with session.post(url, json=body, headers=headers) as resp:
                 if resp.status in (200, 204):
-                    return
+                    return base
                 if resp.status != 503:
                     raise StormError(f"POST {url}: HTTP {resp.status} {await resp.text()}")
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
@@ -330,8 +337,30 @@ async def _lease_and_nbp(index: int, mac: bytes, cfg: StormConfig, dhcp: DhcpCli
             await asyncio.sleep(random.uniform(0.5, 1.0))
 
 
+def host_of(base: str) -> str:
+    return base.split("//", 1)[-1].split(":", 1)[0]
+
+
+async def _keep_beating(session: aiohttp.ClientSession, path: str, headers: dict[str, str], result: NodeResult,
+                        every: float, deadline: float, src: Sources) -> None:
+    """The node agent after `ready`: a heartbeat every ``every`` s (jittered) until cancelled at the storm's
+    end, to the current source, the next one when it fails (Sources stays there).  A heartbeat no source
+    took is counted, not fatal: the agent logs it and tries again at the next beat."""
+    while time.monotonic() + every < deadline:
+        await asyncio.sleep(every * random.uniform(0.8, 1.2))
+        try:
+            base = await _retrying_post(session, path, None, headers, result, min(deadline, time.monotonic() + every),
+                                        src)
+        except (StormError, aiohttp.ClientError, OSError, TimeoutError):
+            result.beat_errors += 1
+            continue
+        host = host_of(base)
+        result.beats[host] = result.beats.get(host, 0) + 1
+
+
 async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, session: aiohttp.ClientSession,
-                   base: str, start: float, deadline: float) -> NodeResult:
+                   base: str, start: float, deadline: float, beating: list[asyncio.Task[None]] | None = None,
+                   ) -> NodeResult:
     mac = mac_of(index)
     result = NodeResult(index, mac_text(mac))
     try:
@@ -383,17 +412,21 @@ async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, sessi
                 body, source = await _retrying_get(session, f"/chunks/{digest}", result, deadline, src)
                 if len(body) != stored or hashlib.sha256(body).hexdigest() != digest:
                     raise StormError(f"chunk {digest} failed verification")
-                host = source.split("//", 1)[-1].split(":", 1)[0]
+                host = host_of(source)
                 result.chunk_bytes[host] = result.chunk_bytes.get(host, 0) + len(body)
 
         await asyncio.gather(*(worker() for _ in range(cfg.chunk_parallel)))
         result.times["chunks"] = time.monotonic() - start
         await event("verified")
         await event("booted")
-        await _retrying_post(session, f"/api/v1/nodes/{result.name}/heartbeat", None, headers, result, deadline,
-                             src)
+        beat = f"/api/v1/nodes/{result.name}/heartbeat"
+        host = host_of(await _retrying_post(session, beat, None, headers, result, deadline, src))
+        result.beats[host] = result.beats.get(host, 0) + 1
         result.times["ready"] = time.monotonic() - start
         result.ok = True
+        if cfg.heartbeat > 0 and beating is not None:
+            beating.append(asyncio.get_running_loop().create_task(
+                _keep_beating(session, beat, headers, result, cfg.heartbeat, deadline, src)))
     except (StormError, aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     return result
@@ -420,9 +453,17 @@ async def storm(cfg: StormConfig, base: str, interface: str | None = None) -> tu
     timeout = aiohttp.ClientTimeout(total=60, sock_connect=20)
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            tasks = [boot_one(i, cfg, dhcp, session, cfg.http_base, start, deadline)
+            beating: list[asyncio.Task[None]] = []
+            tasks = [boot_one(i, cfg, dhcp, session, cfg.http_base, start, deadline, beating)
                      for i in range(cfg.first_index, cfg.first_index + cfg.nodes)]
-            results = await asyncio.wait_for(asyncio.gather(*tasks), cfg.deadline + 30)
+            try:
+                results = await asyncio.wait_for(asyncio.gather(*tasks), cfg.deadline + 30)
+                if beating and cfg.linger > 0:  # e.g. so every node's agent reports after a server's death
+                    await asyncio.sleep(min(cfg.linger, max(0.0, deadline - time.monotonic())))
+            finally:
+                for task in beating:  # the storm is over: the simulated agents stop with it
+                    task.cancel()
+                await asyncio.gather(*beating, return_exceptions=True)
     finally:
         if transport is not None:
             transport.close()

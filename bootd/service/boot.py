@@ -31,7 +31,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -142,6 +142,9 @@ class BootService:
         self._image_builds: dict[str, asyncio.Future[str]] = {}
         self._image_failed: dict[str, tuple[float, str]] = {}  # vid -> (when, why): retried after a minute
         self.peers: Callable[[], Sequence[str]] | None = None  # the live servers' URLs, set by the composition root
+        # A replica's way to a capsule name it has not synced (Replica.resolve): the upstream's version of
+        # it, its manifest fetched and verified; set by the composition root when capsule.upstream is.
+        self.upstream_resolve: Callable[[str], Awaitable[str | None]] | None = None
         self.reload(config)
 
     def reload(self, config: Config) -> None:
@@ -277,6 +280,8 @@ class BootService:
         if capsule is not None:
             try:
                 vid = self.capsules.resolve(capsule)
+                if vid is None and self.upstream_resolve is not None:
+                    vid = await self.upstream_resolve(capsule)
                 if vid is not None:
                     kernel = self.kernel_of(vid)
             except (BootdError, OSError) as exc:
@@ -284,7 +289,8 @@ class BootService:
                 log.error("event=script-failed node=%s reason=%r", node.name, reason)
                 return ScriptAnswer(render_wait_script(mac, base_url, reason), node, result.created, reason)
             if vid is None:
-                reason = f"capsule {capsule!r} of node {node.name} does not exist (bootd capsule list)"
+                where = " here or on the upstream" if self.upstream_resolve is not None else ""
+                reason = f"capsule {capsule!r} of node {node.name} does not exist{where} (bootd capsule list)"
                 log.warning("event=script-refused node=%s reason=%r", node.name, reason)
                 return ScriptAnswer(render_wait_script(mac, base_url, reason), node, result.created, reason)
         if vid is None:  # no capsule assigned: the script says so, and no credential is issued for nothing

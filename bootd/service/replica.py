@@ -15,7 +15,10 @@ and a replica must not be a way to make its upstream serve arbitrary names.
 
 ``sync`` warms a replica ahead of a boot storm: whole capsules, published under their names only once
 every object is there (an interrupted sync leaves verified objects that the next run reuses, never a
-half capsule).
+half capsule).  Before any sync, a node's capsule NAME is resolved from the upstream (``resolve``: its
+``GET /capsules/refs``, asked once per REFS_TTL seconds however many nodes boot at once) and the
+version's manifest fetched and verified; the name is not published here, since only a sync makes the
+capsule whole.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -40,6 +44,7 @@ log = logging.getLogger("bootd.replica")
 
 MANIFEST_LIMIT = 64 * 1024 * 1024  # 40 bytes a chunk: over a million chunks
 REFS_LIMIT = 4 * 1024 * 1024
+REFS_TTL = 5.0  # seconds an upstream's names are trusted for boot scripts: one refs request per storm
 
 
 class UpstreamError(BootdError):
@@ -66,8 +71,9 @@ class Upstream(Protocol):
 
 class UpstreamMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.fetches = Counter("bootd_upstream_fetches", "Objects asked of the upstream bootd, by kind and result "
-                               "(fetched, missing, refused, corrupt, busy, failed)", ["kind", "result"],
+        self.fetches = Counter("bootd_upstream_fetches", "Objects asked of the upstream bootd, by kind (refs: its "
+                               "capsule names) and result (fetched, missing, refused, corrupt, busy, failed)",
+                               ["kind", "result"],
                                registry=registry)
         self.bytes = Counter("bootd_upstream_bytes", "Verified bytes stored from the upstream bootd, by kind",
                              ["kind"], registry=registry)
@@ -106,6 +112,12 @@ class Replica:
         self._sizes: dict[str, int | None] = {}  # chunk -> declared size (None: a kernel's modules archive)
         self._indexed: set[str] = set()
         self._indexed_mtime = -1  # of the manifests directory when it was last read (a new manifest changes it)
+        # One reader of the manifests at a time: a second request (its own thread) must wait for the index
+        # the first is building, not take the mtime it already noted for "indexed" and refuse a listed chunk.
+        self._index_lock = threading.Lock()
+        self._resolved: dict[str, str] = {}  # name -> the version last logged as resolved from the upstream
+        self._refs: tuple[float, dict[str, str]] | None = None  # (when fetched, the upstream's names)
+        self._refs_flight: asyncio.Task[dict[str, str]] | None = None
 
     @property
     def url(self) -> str:
@@ -117,6 +129,9 @@ class Replica:
         await asyncio.to_thread(self._staging_dir)
 
     async def close(self) -> None:
+        if self._refs_flight is not None:
+            self._refs_flight.cancel()
+            await asyncio.gather(self._refs_flight, return_exceptions=True)
         for task in list(self._flights.values()):
             task.cancel()
         if self._flights:
@@ -139,6 +154,47 @@ class Replica:
             raise UpstreamError(str(exc), 500) from None
         self._index(vid, manifest)
         return manifest
+
+    async def resolve(self, name: str) -> str | None:
+        """The version the upstream's capsule ``name`` points to (None: it has no such name), with its
+        manifest fetched and verified here, so a boot script can name it and its kernel.
+
+        Names are read from the upstream's ``GET /capsules/refs``, once for all the nodes that ask within
+        REFS_TTL seconds; an unreachable upstream raises UpstreamError (the node is told why and waits)."""
+        refs = self._refs
+        if refs is None or time.monotonic() - refs[0] > REFS_TTL:
+            if self._refs_flight is None:
+                self._refs_flight = asyncio.get_running_loop().create_task(self._fetch_refs())
+                self._refs_flight.add_done_callback(self._refs_landed)
+            else:
+                self.metrics.shared.inc()
+            await asyncio.shield(self._refs_flight)
+            refs = self._refs
+            assert refs is not None
+        vid = refs[1].get(name)
+        if vid is not None:
+            await self.manifest(vid)
+            if self._resolved.get(name) != vid:  # once per name and version, not once per node's script
+                self._resolved[name] = vid
+                log.info("event=upstream-resolved name=%s version=%s url=%s", name, vid, self.upstream.url)
+        return vid
+
+    async def _fetch_refs(self) -> dict[str, str]:
+        try:
+            refs = await self.peer_refs()
+        except UpstreamError as exc:
+            self.metrics.fetches.labels(kind="refs", result="failed").inc()
+            log.warning("event=upstream-failed kind=refs url=%s error=%r", self.upstream.url, str(exc))
+            raise UpstreamError(f"not here, and the upstream's names could not be read "
+                                f"({self.upstream.url}/capsules/refs: {exc})", exc.status, exc.retry_after) from None
+        self.metrics.fetches.labels(kind="refs", result="fetched").inc()
+        self._refs = (time.monotonic(), refs)
+        return refs
+
+    def _refs_landed(self, task: asyncio.Task[dict[str, str]]) -> None:
+        self._refs_flight = None
+        if not task.cancelled():
+            task.exception()  # retrieved: each waiter got it already
 
     async def kernel(self, vid: str) -> KernelRef | None:
         """The kernel of capsule ``vid``, fetched (with its manifest) if this store lacks it."""
@@ -174,20 +230,21 @@ class Replica:
 
     def _index_all(self) -> None:
         """Read the manifests not indexed yet (blocking: called off the event loop); one stat when none is new."""
-        try:
-            mtime = os.stat(self.store.manifests_dir).st_mtime_ns
-        except FileNotFoundError:
-            return
-        if mtime == self._indexed_mtime:
-            return
-        self._indexed_mtime = mtime
-        for vid in self.store.versions():
-            if vid not in self._indexed:
-                try:
-                    self._index(vid, self.store.load_manifest(vid))
-                except CapsuleError as exc:
-                    log.warning("event=replica-index-skipped version=%s error=%r", vid, str(exc))
-                    self._indexed.add(vid)
+        with self._index_lock:
+            try:
+                mtime = os.stat(self.store.manifests_dir).st_mtime_ns
+            except FileNotFoundError:
+                return
+            if mtime == self._indexed_mtime:
+                return
+            for vid in self.store.versions():
+                if vid not in self._indexed:
+                    try:
+                        self._index(vid, self.store.load_manifest(vid))
+                    except CapsuleError as exc:
+                        log.warning("event=replica-index-skipped version=%s error=%r", vid, str(exc))
+                        self._indexed.add(vid)
+            self._indexed_mtime = mtime  # only now: the index is whole up to this mtime
 
     # -- single flight ---------------------------------------------------------------------------
     async def _fetch(self, kind: str, name: str, path: str, size: int | None, limit: int) -> int:

@@ -394,6 +394,9 @@ write_node_config() {
     env_file=$TARGET/etc/bootd/node.env
     {
         echo "BOOTD_URL=$URL"
+        # The node agent's reports fail over like the stage one's events: $URL first, then the others.
+        src=$(sources | tr '\n' ',')
+        echo "BOOTD_SOURCES=${src%,}"
         echo "BOOTD_NODE=$NODE"
         echo "BOOTD_TOKEN=$TOKEN"
         echo "BOOTD_MAC=$MAC"

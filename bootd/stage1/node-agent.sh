@@ -22,7 +22,12 @@
 #     hooks in /usr/lib/bootd/apply.d. In a process of its own, so a slow apply never delays a heartbeat;
 #     a failure is logged and tried again at the next interval, never fatal.
 # Where bootd is and who this node is: /etc/bootd/node.env (written by the stage one), else the kernel
-# command line (bootd.url=, bootd.node=, bootd.token=), as the stage one found them.
+# command line (bootd.url=, bootd.node=, bootd.token=, bootd.sources=), as the stage one found them.
+# Several servers: every report goes to the current server (at first the one that took the stage one's
+# last event); when it does not take one, the next source of the stage one's ordered list (BOOTD_SOURCES,
+# else bootd.sources=: the other live servers the iPXE script named) is tried, and the agent stays on the
+# first that takes it. Any server of the cluster accepts the node's credential (the store keeps it), so a
+# node whose server died keeps reporting and is not marked stale.
 # Console lines start with "BOOTD-AGENT "; "BOOTD-READY <name>" follows the first accepted `ready`.
 
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -38,6 +43,7 @@ for word in $(cat /proc/cmdline 2>/dev/null); do
         bootd.url=*) BOOTD_URL=${word#bootd.url=} ;;
         bootd.node=*) BOOTD_NODE=${word#bootd.node=} ;;
         bootd.token=*) BOOTD_TOKEN=${word#bootd.token=} ;;
+        bootd.sources=*) BOOTD_SOURCES=${word#bootd.sources=} ;;
     esac
 done
 NODE_ENV=${BOOTD_NODE_ENV:-/etc/bootd/node.env}  # another file only for tests on a build host
@@ -55,6 +61,7 @@ if [ -z "${BOOTD_URL:-}" ] || [ -z "${BOOTD_NODE:-}" ]; then
     exit 0  # not a failure to restart: this node was not booted by bootd
 fi
 export BOOTD_URL BOOTD_NODE BOOTD_TOKEN  # for the overlay applier; node.env's assignments are not exported
+SOURCES=${BOOTD_SOURCES:-}
 
 json_str() { printf '%s' "$1" | tr -d '"\\' | tr -d '\000-\037'; }
 
@@ -71,20 +78,38 @@ usage_fields() { # two processes per report: the agent's own cost is what a hear
         "$1" "$2" "${3:-0}" "${4:-0}" "${5:-0}"
 }
 
-post() { # WHAT JSON -> status 0 on a 2xx answer
+post_to() { # BASE WHAT JSON -> status 0 on a 2xx answer
     if [ -x "$LIB/bootd-fetch" ]; then
-        printf '%s' "$2" | "$LIB/bootd-fetch" -p "$1" -u "$BOOTD_URL" -n "$BOOTD_NODE" -t 10 2>"$STATE_DIR/post.err"
+        printf '%s' "$3" | "$LIB/bootd-fetch" -p "$2" -u "$1" -n "$BOOTD_NODE" -t 10 2>"$STATE_DIR/post.err"
     elif command -v wget >/dev/null 2>&1; then
         timeout 10 wget -q -O /dev/null --header "X-Bootd-Token: ${BOOTD_TOKEN:-}" \
-            --header "Content-Type: application/json" --post-data "$2" \
-            "$BOOTD_URL/api/v1/nodes/$BOOTD_NODE/$1" 2>"$STATE_DIR/post.err"
+            --header "Content-Type: application/json" --post-data "$3" \
+            "$1/api/v1/nodes/$BOOTD_NODE/$2" 2>"$STATE_DIR/post.err"
     elif command -v curl >/dev/null 2>&1; then
         curl -fsS -m 10 -o /dev/null -H "X-Bootd-Token: ${BOOTD_TOKEN:-}" -H "Content-Type: application/json" \
-            --data-binary "$2" "$BOOTD_URL/api/v1/nodes/$BOOTD_NODE/$1" 2>"$STATE_DIR/post.err"
+            --data-binary "$3" "$1/api/v1/nodes/$BOOTD_NODE/$2" 2>"$STATE_DIR/post.err"
     else
         echo "no HTTP client: neither $LIB/bootd-fetch nor wget nor curl" > "$STATE_DIR/post.err"
         return 1
     fi
+}
+
+# The sources other than the current server, in the stage one's order (post tries the current one first).
+others() { for s in $(echo "$SOURCES" | tr ',' ' '); do [ "$s" = "$BOOTD_URL" ] || echo "$s"; done; }
+
+post() { # WHAT JSON -> status 0 once a server took it; BOOTD_URL is then that server (the agent stays there)
+    post_to "$BOOTD_URL" "$1" "$2" && return 0
+    cp "$STATE_DIR/post.err" "$STATE_DIR/post.first" 2>/dev/null
+    for base in $(others); do
+        if post_to "$base" "$1" "$2"; then
+            say "note: $BOOTD_URL did not take the $1 ($(tr '\n' ' ' < "$STATE_DIR/post.first" 2>/dev/null)): now reporting to $base"
+            BOOTD_URL=$base
+            echo "$BOOTD_URL" > "$STATE_DIR/url.tmp" && mv -f "$STATE_DIR/url.tmp" "$STATE_DIR/url"  # the overlay loop follows
+            return 0
+        fi
+    done
+    cp "$STATE_DIR/post.first" "$STATE_DIR/post.err" 2>/dev/null  # the current server's reason, not the last one's
+    return 1
 }
 
 event() { # STATE REASON
@@ -114,6 +139,7 @@ verdict() {
 overlay_loop() {
     said="" n=0
     while kill -0 "$$" 2>/dev/null; do  # $$ is the agent's own pid here too: stop when the agent is gone
+        [ -s "$STATE_DIR/url" ] && BOOTD_URL=$(cat "$STATE_DIR/url")  # the server the reports went to last
         out=$(BOOTD_FETCH="$LIB/bootd-fetch" BOOTD_OVERLAY_WORK="$STATE_DIR" "$LIB/overlay" runtime "$OVERLAY_ROOT" \
               2> "$STATE_DIR/overlay.err")
         case $? in
@@ -127,7 +153,8 @@ overlay_loop() {
 }
 
 mkdir -p "$STATE_DIR"
-say "start node=$BOOTD_NODE bootd=$BOOTD_URL heartbeat=${BEAT}s overlay=${OVERLAY_INTERVAL}s"
+rm -f "$STATE_DIR/url"
+say "start node=$BOOTD_NODE bootd=$BOOTD_URL${SOURCES:+ sources=$SOURCES} heartbeat=${BEAT}s overlay=${OVERLAY_INTERVAL}s"
 if [ "$OVERLAY_INTERVAL" -gt 0 ] && [ -x "$LIB/overlay" ]; then
     overlay_loop &
     OVERLAY_PID=$!

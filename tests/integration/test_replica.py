@@ -265,6 +265,70 @@ def test_replica_fetches_verifies_stores_and_serves(serve: Servers, primary: Pri
     assert status == 404 and b"neither here nor on the upstream" in body
 
 
+def test_cold_replica_boots_a_capsule_name_it_never_synced(serve: Servers, primary: Primary,
+                                                          capsule_tree: Path) -> None:
+    """A node's capsule NAME on a replica that holds nothing: resolved from the upstream's /capsules/refs
+    (once for nodes asking together), the manifest fetched and verified, the script names that version;
+    the name is not published here (only a sync makes a whole capsule).  A name the upstream lacks, and an
+    upstream that is gone, each give the node a wait script that says why."""
+    vid = primary.vid
+    replica = serve("replica", upstream=primary.serve.url)
+    macs = [f"52:54:00:00:18:{i:02x}" for i in range(6)]
+    for i, mac in enumerate(macs):
+        run_cli("node", "add", f"r{i}", "--mac", mac, "--capsule", "demo", config=replica.config, check=True)
+    assert not (replica.store / "manifests" / vid).exists()
+    with ThreadPoolExecutor(len(macs)) as pool:
+        answers = list(pool.map(lambda m: get(f"{replica.url}/boot/{m.replace(':', '-')}.ipxe"), macs))
+    for status, body in answers:
+        script = body.decode()
+        assert status == 200 and f"bootd.capsule={vid}" in script, script
+        assert f"kernel {replica.url}/capsules/{vid}/kernel " in script, script
+    assert sha((replica.store / "manifests" / vid).read_bytes()) == vid
+    assert replica.metric("bootd_upstream_fetches", kind="refs", result="fetched") == 1
+    assert replica.metric("bootd_upstream_fetches", kind="manifest", result="fetched") == 1
+    assert "no capsules" in run_cli("capsule", "list", config=replica.config, check=True).stdout
+    # What the script names is served: the kernel and the chunks, fetched on miss and verified.
+    status, kernel = get(f"{replica.url}/capsules/{vid}/kernel")
+    assert status == 200 and kernel == (capsule_tree / "boot/vmlinuz-6.1.0-1").read_bytes()
+    status, body = get(f"{replica.url}/chunks/{primary.chunks[0]}")
+    assert status == 200 and sha(body) == primary.chunks[0]
+    assert "event=upstream-resolved name=demo" in replica.log.read_text()
+
+    run_cli("node", "add", "r9", "--mac", "52:54:00:00:18:99", "--capsule", "nosuch", config=replica.config,
+            check=True)
+    status, body = get(f"{replica.url}/boot/52-54-00-00-18-99.ipxe")
+    assert status == 200 and b"capsule 'nosuch' of node r9 does not exist here or on the upstream" in body, body
+    assert b"bootd.token=" not in body
+
+    gone = serve("orphan", upstream=f"http://127.0.0.1:{free_port()}")
+    run_cli("node", "add", "o1", "--mac", "52:54:00:00:18:a1", "--capsule", "demo", config=gone.config, check=True)
+    status, body = get(f"{gone.url}/boot/52-54-00-00-18-a1.ipxe")
+    assert status == 200 and b"not booting" in body and b"/capsules/refs" in body, body
+    assert gone.metric("bootd_upstream_fetches", kind="refs", result="failed") == 1
+
+
+def test_manifest_held_from_before_a_restart_serves_its_chunks_to_a_crowd(serve: Servers, primary: Primary) -> None:
+    """A replica restarted after fetching a manifest holds it on disk but has not read it yet: the first
+    chunk requests, all at once, wait for the one reading of the manifests and are served (none refused as
+    a chunk no manifest names, as happened when a second request took the first one's index for done)."""
+    vid, chunks = primary.vid, primary.chunks
+    replica = serve("replica", upstream=primary.serve.url)
+    # Damaged manifests sorted before the good one (skipped with a warning each): reading them all takes a
+    # while, the window in which the crowd's requests arrive.
+    for i in range(1000):
+        (replica.store / "manifests" / f"{i:064x}").write_bytes(b"not a manifest")
+    held = replica.store / "manifests" / vid
+    tmp = held.with_name(".incoming")
+    tmp.write_bytes((primary.serve.store / "manifests" / vid).read_bytes())
+    tmp.rename(held)
+    wanted = list(dict.fromkeys(chunks))
+    with ThreadPoolExecutor(len(wanted)) as pool:
+        answers = list(pool.map(lambda h: (h, *get(f"{replica.url}/chunks/{h}")), wanted))
+    assert [(h, status, body[:200]) for h, status, body in answers if status != 200] == []
+    assert all(sha(body) == h for h, _, body in answers)
+    assert replica.metric("bootd_upstream_fetches", kind="chunk", result="refused") == 0
+
+
 def test_concurrent_misses_fetch_once(serve: Servers, primary: Primary, proxies: list[Proxy]) -> None:
     vid, chunks = primary.vid, primary.chunks
     slow = Proxy(primary.serve.url, delay=0.5).start()

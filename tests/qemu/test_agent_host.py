@@ -211,6 +211,56 @@ def test_sources_on_the_command_line_take_over_bad_bytes_and_a_dead_server(
     assert f"BOOTD_URL='{second.base}'" in (target / "etc/bootd/node.env").read_text()
 
 
+def test_node_agent_heartbeats_fail_over_when_the_booting_server_is_killed(
+        tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, fetch_mode: str) -> None:
+    """The stage one boots from its server (bootd.sources names a second one) and writes node.env; the node
+    agent it installed reports `ready` and heartbeats there; after a kill -9 of that server its heartbeats
+    go to the second source and stay there (bootd-fetch -p, or busybox wget in an image without it)."""
+    first = loopback_standin()
+    second = loopback_standin()
+    env, target = agent_env(tmp_path, first, sample_capsule.vid, fetch_mode, extra=f"bootd.sources={second.base}")
+    env["BOOTD_NODE_AGENT"] = str(STAGE1_SRC / "node-agent.sh")
+    proc = subprocess.run(["busybox", "sh", str(AGENT)], env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    node_env = target / "etc/bootd/node.env"
+    assert f"BOOTD_SOURCES='{first.base},{second.base}'" in node_env.read_text()
+    lib = target / "usr/lib/bootd"
+    assert (lib / "bootd-fetch").exists() == (fetch_mode != SHELL)
+
+    def beats(server: StandinProc) -> int:
+        return sum(1 for e in server.event_lines() if e["route"] == "heartbeat")
+
+    def wait_beats(server: StandinProc, count: int, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while beats(server) < count:
+            assert agent.poll() is None, f"the node agent exited ({agent.returncode})"
+            assert time.monotonic() < deadline, f"{what}: {server.event_lines()[-5:]}"
+            time.sleep(0.1)
+
+    # Overlays off (they would be applied to this host's root): this test is about the reports.
+    agent_env_ = dict(os.environ, BOOTD_NODE_ENV=str(node_env), BOOTD_AGENT_LIB=str(lib), BOOTD_HEARTBEAT="1",
+                      BOOTD_AGENT_STATE=str(tmp_path / "agent-state"), BOOTD_OVERLAY_INTERVAL="0",
+                      BOOTD_OVERLAY_ROOT=str(target))
+    agent = subprocess.Popen(["busybox", "sh", str(lib / "node-agent")], env=agent_env_, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        first.wait_event("ready", timeout=30)
+        wait_beats(first, 1, "no heartbeat reached the booting server")
+        first.proc.kill()  # kill -9 of the server that booted the node
+        first.proc.wait(timeout=10)
+        before = len(second.event_lines())
+        wait_beats(second, 3, "no heartbeats reached the second source after the first was killed")
+    finally:
+        agent.terminate()
+        out, _ = agent.communicate(timeout=10)
+    assert f"now reporting to {second.base}" in out, out
+    assert out.count("now reporting to") == 1, out  # it stays on the second source: no switch per beat
+    after = second.event_lines()[before:]
+    assert after and all(e["route"] == "heartbeat" and e["token_ok"] for e in after), after
+    assert "heartbeat to" not in out, out  # no failed heartbeat: the failover happened within the beat
+
+
 def test_server_restarted_mid_fetch_is_retried_until_it_is_back(
         tmp_path: Path, loopback_standin: StartStandin, sample_capsule: SampleCapsule, stage1_or_none: Path,
         fetcher: Path) -> None:
