@@ -182,7 +182,10 @@ def power_on(seg: Segment) -> QemuNode:
 def ready_through(seg: Segment, qnode: QemuNode, survivor: str) -> None:
     """The real node reached `ready` through the survivor: its console, the registry, its lease."""
     try:
-        qnode.wait_for(r"BOOTD-READY qnode", timeout=QEMU_READY)
+        # Powered on as a dies, its DHCP may find a's share unanswered until b takes it over, and b busy with
+        # the storm's restarts: iPXE then gives up and SeaBIOS reboots into PXE again, as a real BIOS does.
+        qnode.wait_for(r"BOOTD-READY qnode", timeout=QEMU_READY,
+                       ignore_dead_ends=("No bootable device", "No more network devices"))
         deadline = time.monotonic() + 60
         while True:
             node = next(n for n in json.loads(seg.cli(survivor, "node", "list", "--json")) if n["mac"] == QEMU_MAC)
