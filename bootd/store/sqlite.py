@@ -327,12 +327,11 @@ class SqliteRepo:
         while db.execute("SELECT 1 FROM nodes WHERE name = ?", (name_pattern.format(index=index),)).fetchone():
             index += 1
         name = name_pattern.format(index=index)
-        db.execute(
+        node_id = db.execute(
             "INSERT INTO nodes(mac, name, idx, grp, approved, state, state_since, first_contact, last_contact)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (mac, name, index, group, int(approved), State.DISCOVERED.value, now, now, now),
-        )
-        node_id = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+        ).lastrowid
         db.execute("INSERT INTO events(node_id, ts, state, reason) VALUES (?, ?, ?, ?)",
                    (node_id, now, State.DISCOVERED.value, "first contact"))
         # Built from the values just inserted (the column defaults for the rest, no variables yet) rather than
@@ -605,19 +604,27 @@ class SqliteRepo:
         # One lease per MAC (its previous one goes) and one MAC per address: an expired lease of another
         # MAC is taken over, a live one or another node's own address is a Conflict. The primary key on
         # leases.ip and the unique index on nodes.ip hold even if these checks had a bug.
+        # On every ACK, so the common case is three statements: the checks are the constraints themselves (a
+        # failing statement is undone alone, the transaction goes on), and the holder is read only to say who.
         db.execute("DELETE FROM leases WHERE mac = ? OR (ip = ? AND expires <= ?)", (mac, lease.ip, now))
-        held = db.execute("SELECT mac FROM leases WHERE ip = ? AND expires > ?", (lease.ip, now)).fetchone()
-        if held is not None:
-            raise Conflict(f"address {lease.ip} is leased to {held['mac']}")
-        owner = db.execute("SELECT name FROM nodes WHERE ip = ? AND mac <> ?", (lease.ip, mac)).fetchone()
-        if owner is not None:
-            raise Conflict(f"address {lease.ip} is node {owner['name']}'s own address")
-        db.execute("INSERT INTO leases(ip, mac, expires, hostname) VALUES (?, ?, ?, ?)",
-                   (lease.ip, mac, lease.expires, lease.hostname))
-        if server is None:
-            db.execute("UPDATE nodes SET ip = ? WHERE mac = ?", (lease.ip, mac))
-        else:
-            db.execute("UPDATE nodes SET ip = ?, server = ? WHERE mac = ?", (lease.ip, server, mac))
+        try:
+            db.execute("INSERT INTO leases(ip, mac, expires, hostname) VALUES (?, ?, ?, ?)",
+                       (lease.ip, mac, lease.expires, lease.hostname))
+        except sqlite3.IntegrityError:
+            held = db.execute("SELECT mac FROM leases WHERE ip = ?", (lease.ip,)).fetchone()
+            raise Conflict(f"address {lease.ip} is leased to {held['mac'] if held else 'another client'}") from None
+        try:
+            if server is None:
+                updated = db.execute("UPDATE nodes SET ip = ? WHERE mac = ?", (lease.ip, mac)).rowcount
+            else:
+                updated = db.execute("UPDATE nodes SET ip = ?, server = ? WHERE mac = ?",
+                                     (lease.ip, server, mac)).rowcount
+        except sqlite3.IntegrityError:
+            updated = 0  # the unique index on nodes.ip: another node's own address (named below)
+        if not updated:
+            owner = db.execute("SELECT name FROM nodes WHERE ip = ? AND mac <> ?", (lease.ip, mac)).fetchone()
+            if owner is not None:
+                raise Conflict(f"address {lease.ip} is node {owner['name']}'s own address")
 
     # -- servers sharing this registry ---------------------------------------------
     def beat(self, server: ServerRecord) -> list[ServerRecord]:
