@@ -34,8 +34,15 @@ from bootd.store.base import NODE_FIELDS, Credential, Event, NewNode, ServerReco
 log = logging.getLogger("bootd.store")
 
 CHECKPOINT_EVERY = 1.0  # seconds between the daemon's background WAL checkpoints
+BUSY_TIMEOUT_MS = 10000  # how long a write waits for another connection's write lock (the database thread only)
 WRITE_BATCH = 256  # writes per group commit at most: one transaction stays short for the other writers
 P = ParamSpec("P")
+
+
+class Busy(Exception):
+    """Another connection holds the write lock, and the caller asked not to wait for it."""
+
+
 R = TypeVar("R")
 
 MIGRATIONS: tuple[str, ...] = (
@@ -205,7 +212,7 @@ class SqliteRepo:
                 self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA foreign_keys = ON")
-            self.db.execute("PRAGMA busy_timeout = 10000")
+            self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if readonly:
                 if self.schema_version() != SCHEMA_VERSION:
                     raise StoreError(f"node registry {self.path} has schema {self.schema_version()}, this bootd "
@@ -223,13 +230,26 @@ class SqliteRepo:
 
     # -- plumbing -----------------------------------------------------------------
     @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, lock taken up front (BEGIN IMMEDIATE)."""
+    def write(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction, lock taken up front (BEGIN IMMEDIATE).
+
+        ``wait=False``: raise Busy at once, instead of waiting up to the busy timeout, when another
+        connection (the CLI, another process) holds the write lock: the event loop's thread must not wait.
+        """
         if self.readonly:
             raise StoreError(f"node registry {self.path} was opened read-only")
         try:
-            self.db.execute("BEGIN IMMEDIATE")
+            if wait:
+                self.db.execute("BEGIN IMMEDIATE")
+            else:
+                self.db.execute("PRAGMA busy_timeout = 0")
+                try:
+                    self.db.execute("BEGIN IMMEDIATE")
+                finally:
+                    self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sqlite3.OperationalError as exc:
+            if not wait and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                raise Busy(str(exc)) from None
             raise StoreError(f"node registry {self.path} is locked or read-only: {_explain(exc, self.path)}") from None
         try:
             yield self.db
@@ -565,7 +585,7 @@ class SqliteRepo:
         with self.write() as db:
             self._put_lease(db, lease, time.time() if now is None else now, server)
 
-    def batch(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+    def batch(self, ops: list[Callable[[sqlite3.Connection], Any]], *, wait: bool = True) -> list[tuple[bool, Any]]:
         """Several writes in one transaction (group commit): one COMMIT, one WAL append for the whole batch.
 
         Each write runs under its own savepoint, so one that fails (a Conflict, a full registry) is undone
@@ -578,12 +598,14 @@ class SqliteRepo:
         # first run's effects were rolled back.
         if len(ops) > 1:
             try:
-                with self.write() as db:
+                with self.write(wait=wait) as db:
                     return [(True, op(db)) for op in ops]
+            except Busy:
+                raise
             except Exception:  # retried below, where each failure is reported in its slot
                 pass
         results: list[tuple[bool, Any]] = []
-        with self.write() as db:
+        with self.write(wait=wait) as db:
             for op in ops:
                 db.execute("SAVEPOINT op")
                 try:
@@ -874,13 +896,15 @@ class SqliteNodeStore:
                 self._group_reads.clear()  # a read asked for from now on sees this batch's writes
                 ops = [op for op, _ in batch]
                 try:
+                    inline: list[tuple[bool, Any]] | None = None
                     if self._busy.acquire(blocking=False):
                         try:
-                            results = self.repo.batch(ops)
+                            inline = self.repo.batch(ops, wait=False)
+                        except Busy:
+                            pass  # another process writes: wait for it on the database thread, not here
                         finally:
                             self._busy.release()
-                    else:
-                        results = await self._run(self.repo.batch, ops)
+                    results = inline if inline is not None else await self._run(self.repo.batch, ops)
                 except BaseException as exc:  # the transaction rolled back: nothing of the batch is stored
                     for _, fut in batch:
                         if not fut.done():
