@@ -19,7 +19,6 @@ import concurrent.futures
 import contextlib
 import json
 import logging
-import math
 import os
 import sqlite3
 import threading
@@ -36,7 +35,6 @@ log = logging.getLogger("bootd.store")
 
 CHECKPOINT_EVERY = 1.0  # seconds between the daemon's background WAL checkpoints
 BUSY_TIMEOUT_MS = 10000  # how long a write waits for another connection's write lock (the database thread only)
-COMMIT_SPACING = 0.002  # seconds between two group commits at least (see SqliteNodeStore._flush)
 WRITE_BATCH = 256  # writes per group commit at most: one transaction stays short for the other writers
 P = ParamSpec("P")
 
@@ -749,7 +747,6 @@ class SqliteNodeStore:
         self._flushing = False
         self._flush_task: asyncio.Task[None] | None = None
         self._group_reads: dict[str, asyncio.Future[Any]] = {}  # group reads waiting in _pending, by name
-        self._last_commit = -math.inf  # loop time of the last group commit (see _flush)
         try:
             self.repo: SqliteRepo = self._pool.submit(SqliteRepo, path, default_group=default_group,
                                                       readonly=readonly).result()
@@ -892,18 +889,9 @@ class SqliteNodeStore:
         switch interval while the other thread runs Python): most of an exchange's delay under load was that
         trip (bench/dhcp). When the database thread holds the connection (a long read for the CLI or HTTP),
         the batch takes the trip as before instead of stalling the loop.
-
-        Commits are spaced by COMMIT_SPACING at least: asyncio reads one datagram per loop iteration, so without
-        a wait every DHCP packet would get a commit of its own (BEGIN, COMMIT and the WAL pages it rewrites: most
-        of the database's cost per exchange, profiled at 750 exchanges/s). An idle store commits at once; a busy
-        one makes each write wait at most COMMIT_SPACING, and the batch grows with the load.
         """
-        loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                pause = self._last_commit + COMMIT_SPACING - loop.time()
-                if pause > 0:
-                    await asyncio.sleep(pause)
                 batch, self._pending = self._pending[:WRITE_BATCH], self._pending[WRITE_BATCH:]
                 self._group_reads.clear()  # a read asked for from now on sees this batch's writes
                 ops = [op for op, _ in batch]
@@ -917,7 +905,6 @@ class SqliteNodeStore:
                         finally:
                             self._busy.release()
                     results = inline if inline is not None else await self._run(self.repo.batch, ops)
-                    self._last_commit = loop.time()
                 except BaseException as exc:  # the transaction rolled back: nothing of the batch is stored
                     for _, fut in batch:
                         if not fut.done():
