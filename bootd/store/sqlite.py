@@ -35,7 +35,7 @@ log = logging.getLogger("bootd.store")
 
 CHECKPOINT_EVERY = 1.0  # seconds between the daemon's background WAL checkpoints
 BUSY_TIMEOUT_MS = 10000  # how long a write waits for another connection's write lock (the database thread only)
-WAL_RESTART_BYTES = 16 << 20  # a WAL larger than this after a checkpoint is started over (see _Checkpointer)
+WAL_RESTART_BYTES = 256 << 20  # a WAL larger than this after a checkpoint is started over (see _Checkpointer)
 WRITE_BATCH = 256  # writes per group commit at most: one transaction stays short for the other writers
 P = ParamSpec("P")
 
@@ -727,7 +727,8 @@ class _Checkpointer:
                         # grows without end (130 MB for 3,000 DHCP exchanges), each commit extending the file.
                         # RESTART right after the PASSIVE one has only the last few commits left to copy; with
                         # no busy timeout it runs only if the write lock is free at once (else it is PASSIVE),
-                        # and then the next commit writes the WAL from its start again.
+                        # and then the next commit writes the WAL from its start again. Only past a large size:
+                        # while it runs (and fsyncs the database file) the writer waits, so it should be rare.
                         db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
                     failing = False
                 except (sqlite3.Error, OSError) as exc:
