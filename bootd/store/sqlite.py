@@ -35,7 +35,6 @@ log = logging.getLogger("bootd.store")
 
 CHECKPOINT_EVERY = 1.0  # seconds between the daemon's background WAL checkpoints
 BUSY_TIMEOUT_MS = 10000  # how long a write waits for another connection's write lock (the database thread only)
-WAL_RESTART_BYTES = 256 << 20  # a WAL larger than this after a checkpoint is started over (see _Checkpointer)
 WRITE_BATCH = 256  # writes per group commit at most: one transaction stays short for the other writers
 P = ParamSpec("P")
 
@@ -706,7 +705,6 @@ class _Checkpointer:
 
     def __init__(self, path: str, every: float) -> None:
         self.path = path
-        self.wal = f"{path}-wal"
         self.every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bootd-db-checkpoint", daemon=True)
@@ -721,17 +719,8 @@ class _Checkpointer:
                     if db is None:
                         db = sqlite3.connect(self.path, isolation_level=None, timeout=0.0)
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    if os.path.getsize(self.wal) > WAL_RESTART_BYTES:
-                        # Under a steady stream of commits a PASSIVE checkpoint is never complete when the next
-                        # commit comes (it was written meanwhile), so the writer never starts the WAL over and it
-                        # grows without end (130 MB for 3,000 DHCP exchanges), each commit extending the file.
-                        # RESTART right after the PASSIVE one has only the last few commits left to copy; with
-                        # no busy timeout it runs only if the write lock is free at once (else it is PASSIVE),
-                        # and then the next commit writes the WAL from its start again. Only past a large size:
-                        # while it runs (and fsyncs the database file) the writer waits, so it should be rare.
-                        db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
                     failing = False
-                except (sqlite3.Error, OSError) as exc:
+                except sqlite3.Error as exc:
                     if not failing:  # once per failure streak, not once a second
                         log.warning("event=sqlite-checkpoint-failed path=%s error=%r (retrying every %gs)",
                                     self.path, str(exc), self.every)

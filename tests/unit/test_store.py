@@ -32,7 +32,6 @@ from bootd import config as config_mod
 from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
 from bootd.model import Group, Lease, State
 from bootd.store import migrate, postgres
-from bootd.store import sqlite as sqlite_store
 from bootd.store.base import Credential, NewNode, NodeStore, ServerRecord, StoreStatus, mask_url
 from bootd.store.broken import BrokenStore
 from bootd.store.factory import open_store, open_url
@@ -314,28 +313,6 @@ async def test_sqlite_wal_is_checkpointed_in_the_background_not_in_a_commit(tmp_
     assert not (tmp_path / "r.sqlite-wal").exists()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 2000
-
-
-async def test_sqlite_wal_is_started_over_under_a_steady_stream_of_commits(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    # One commit after another (as DHCP under load makes them): a PASSIVE checkpoint alone is never complete when
-    # the next commit comes, and the WAL grew without end; the checkpointer starts it over once it is large.
-    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 0.05)
-    monkeypatch.setattr(sqlite_store, "WAL_RESTART_BYTES", 256 << 10)
-    path = tmp_path / "r.sqlite"
-    store = SqliteNodeStore(path)
-    largest = 0
-    try:
-        for i in range(3000):  # one commit each, about 13 KiB of WAL each: 40 MB if never started over
-            await store.put_lease(Lease(f"10.{i // 62500}.{i // 250 % 250}.{i % 250}", mac(i), 1000.0, "h" * 200),
-                                  now=10.0)
-            if i % 100 == 0:
-                largest = max(largest, (tmp_path / "r.sqlite-wal").stat().st_size)
-    finally:
-        await store.close()
-    assert largest < 24 << 20, f"the WAL grew to {largest} bytes"  # its high-water mark: 12-16 MB here
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 3000
 
 
 def test_sqlite_migration_5_keeps_one_node_per_address(tmp_path: Path) -> None:
