@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -232,9 +233,9 @@ async def test_sqlite_group_commit_writes_concurrent_leases_in_one_transaction(t
     batches: list[int] = []
     real = store.repo.batch
 
-    def counted(ops: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+    def counted(ops: list[Callable[[sqlite3.Connection], Any]], **kw: Any) -> list[tuple[bool, Any]]:
         batches.append(len(ops))
-        return real(ops)
+        return real(ops, **kw)
 
     store.repo.batch = counted  # type: ignore[method-assign]
     try:
@@ -257,6 +258,40 @@ async def test_sqlite_group_commit_writes_concurrent_leases_in_one_transaction(t
         assert len(await reopened.list_leases()) == 5
     finally:
         await reopened.close()
+
+
+async def test_sqlite_group_commit_runs_on_the_loop_but_never_waits_there_for_another_writer(tmp_path: Path) -> None:
+    # The DHCP path's batches run on the event loop's thread (no trip to the database thread); while another
+    # connection (the CLI, another process) holds the write lock, they wait for it on the database thread instead,
+    # and the loop keeps running meanwhile.
+    store = SqliteNodeStore(tmp_path / "r.sqlite")
+    where: list[int] = []
+    real = store.repo.batch
+
+    def traced(ops: list[Callable[[sqlite3.Connection], Any]], **kw: Any) -> list[tuple[bool, Any]]:
+        where.append(threading.get_ident())
+        return real(ops, **kw)
+
+    store.repo.batch = traced  # type: ignore[method-assign]
+    loop_thread = threading.get_ident()
+    other = sqlite3.connect(tmp_path / "r.sqlite", isolation_level=None)
+    try:
+        await store.put_lease(Lease("10.0.0.1", mac(1), 1000.0), now=10.0)
+        assert where == [loop_thread]
+        other.execute("BEGIN IMMEDIATE")
+        writing = asyncio.ensure_future(store.put_lease(Lease("10.0.0.2", mac(2), 1000.0), now=10.0))
+        ticks = 0
+        for _ in range(20):  # 0.2 s of a running loop while the write waits for the lock
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not writing.done()
+        other.execute("COMMIT")
+        await asyncio.wait_for(writing, 10)
+        assert where[1] == loop_thread and where[2] != loop_thread  # tried on the loop, then waited on the db thread
+        assert {x.ip for x in await store.list_leases()} == {"10.0.0.1", "10.0.0.2"}
+    finally:
+        other.close()
+        await store.close()
 
 
 async def test_sqlite_wal_is_checkpointed_in_the_background_not_in_a_commit(tmp_path: Path) -> None:
