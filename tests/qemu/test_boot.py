@@ -151,7 +151,7 @@ def test_squashfs_root_mode_reaches_ready(served: Served) -> None:
     """boot.root=squashfs (a node variable): the first script request starts the image build and the
     firmware asks again; the stage one then fetches and verifies the image, loop-mounts it under an
     overlayfs and the capsule's init reports ready from there."""
-    mac = "52:54:00:77:02:09"
+    mac = "52:54:00:77:02:0a"
     served.bootd.cli("node", "add", "sq0", "--mac", mac, "--var", "boot.root=squashfs")
     node = QemuNode(served.lab, "squashfs", mac, firmware="bios").start()
     try:

@@ -216,7 +216,7 @@ class HttpServer(NodeRoutes):
                     raise
                 await fetch()
                 entry = await self.sender.open_verified(key, path, revalidate=not immutable,
-                                                        sha256=etag if verify else None, root=root)
+                                                        sha256=etag if verify else None, root=root, join=False)
         except UpstreamError as exc:
             return self._upstream_refused(exc)
         except CorruptObject as exc:

@@ -301,13 +301,15 @@ class Sender:
         return entry
 
     async def open_verified(self, key: str, path: Callable[[], Path | str], *, revalidate: bool = False,
-                            sha256: str | None = None, root: str | None = None) -> OpenFile:
+                            sha256: str | None = None, root: str | None = None, join: bool = True) -> OpenFile:
         """``open``, but a content-addressed file not open (or changed on disk) is read and hashed off the loop.
 
         An entry past the cache's ``valid`` is hashed again the same way (``OpenFileCache.take``).
         Requests for a file that is being hashed wait for that one hash (a boot wave asks for the
         same chunks at once): each would otherwise read and hash it again, and all but one result
-        be thrown away.
+        be thrown away.  ``join=False`` starts a fresh open instead, for a caller that has just made
+        the file present (a replica's fetch on a miss): an open already under way may have started
+        before the file existed and would hand it that FileNotFoundError (a 404 for a chunk just fetched).
         """
         if sha256 is None:
             return self.open(key, path, revalidate=revalidate, root=root)
@@ -315,8 +317,8 @@ class Sender:
         if entry is not None:
             return entry
         self.metrics.cache_miss.inc()
-        task = self._preparing.get(key)
-        if task is None:
+        task = self._preparing.get(key) if join else None
+        if task is None:  # later requests join this one (a stale one's callback leaves it in place)
             task = asyncio.get_running_loop().create_task(
                 asyncio.to_thread(self.files.prepare, key, str(path()), sha256, root))
             self._preparing[key] = task
