@@ -7,7 +7,7 @@ Used by run.py's --modes (one server on SQLite, one on PostgreSQL, two on Postgr
 drill (tests/integration/test_failover_drill.py).  Each server is its own namespace, so a SIGKILL of one
 (by PID) is a crashed machine; the survivor takes its RFC 3074 share after takeover_after.  Every
 namespace is deleted afterwards, with anything still running in it (ours by construction).  The segment
-is a /20 (POOL_SIZE addresses), so several storms can share one registry (the drill's runs).
+is run.py's /20 (POOL_SIZE addresses), so several storms can share one registry (the drill's runs).
 """
 
 from __future__ import annotations
@@ -25,20 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.storm.run import CLIENT_IP, NETMASK, POOL_END, POOL_START, PREFIX, sh
+
 ROOT = Path(__file__).resolve().parents[2]
-CLIENT_IP = "10.78.0.2"
 ADDRESSES = {"a": "10.78.0.1", "b": "10.78.0.3"}
 TAKEOVER = 3.0
-# The pool below (10.78.1.0 - 10.78.15.250): a storm larger than this cannot finish (it once ran 2,000 nodes
-# into a /22 of 762 addresses and spent its deadline on pool-exhausted drops).
-POOL_SIZE = (15 - 1) * 256 + 251
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=120)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
-    return proc
 
 
 @dataclass
@@ -75,7 +66,7 @@ class Segment:
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", self.lan, "link", "add", f"p{ident}", "type", "veth", "peer", "name", "eth0", "netns", ns)
         sh("ip", "-n", self.lan, "link", "set", f"p{ident}", "master", "br0", "up")
-        sh("ip", "-n", ns, "addr", "add", f"{address}/20", "dev", "eth0")
+        sh("ip", "-n", ns, "addr", "add", f"{address}/{PREFIX}", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         state = self.workdir / f"state-{ident}"
         state.mkdir(mode=0o700)
@@ -109,9 +100,9 @@ evidence = "none"
 [dhcp]
 enabled = true
 mode = "full"
-pool_start = "10.78.1.0"
-pool_end = "10.78.15.250"
-netmask = "255.255.240.0"
+pool_start = "{POOL_START}"
+pool_end = "{POOL_END}"
+netmask = "{NETMASK}"
 lease_time = 3600
 queue_size = 4096
 
@@ -239,7 +230,7 @@ def segment(workdir: Path) -> Iterator[Segment]:
         sh("ip", "-n", seg.lan, "link", "set", "br0", "up")
         sh("ip", "-n", seg.lan, "link", "add", "pc", "type", "veth", "peer", "name", "eth0", "netns", seg.client_ns)
         sh("ip", "-n", seg.lan, "link", "set", "pc", "master", "br0", "up")
-        sh("ip", "-n", seg.client_ns, "addr", "add", f"{CLIENT_IP}/20", "dev", "eth0")
+        sh("ip", "-n", seg.client_ns, "addr", "add", f"{CLIENT_IP}/{PREFIX}", "dev", "eth0")
         sh("ip", "-n", seg.client_ns, "link", "set", "eth0", "up")
         # Simulated nodes broadcast DHCP from 0.0.0.0 and all share one address afterwards.
         sh("ip", "-n", seg.client_ns, "route", "add", "255.255.255.255/32", "dev", "eth0", check=False)

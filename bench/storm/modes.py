@@ -25,7 +25,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.storm.cluster import POOL_SIZE, collect, segment  # noqa: E402
+from bench.storm.cluster import collect, segment  # noqa: E402
+from bench.storm.run import POOL_SIZE  # noqa: E402
 from tests.pgserver import PgServer  # noqa: E402
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import random
@@ -33,6 +34,12 @@ from bench.storm.storm import StormConfig, percentile, storm  # noqa: E402
 
 SERVER_IP = "10.78.0.1"
 CLIENT_IP = "10.78.0.2"
+# One addressing for every storm segment (this bench's and cluster.py's): a storm larger than the pool cannot
+# finish (2,000 nodes once ran into a /22 of 762 addresses and spent their deadline on pool-exhausted drops).
+PREFIX = 20
+NETMASK = "255.255.240.0"
+POOL_START, POOL_END = "10.78.1.0", "10.78.15.250"
+POOL_SIZE = int(ipaddress.ip_address(POOL_END)) - int(ipaddress.ip_address(POOL_START)) + 1
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -61,8 +68,8 @@ def network(prefix: str = "bd-storm") -> Iterator[Net]:
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", net.server_ns, "link", "add", net.server_if, "type", "veth", "peer", "name", net.client_if,
            "netns", net.client_ns)
-        sh("ip", "-n", net.server_ns, "addr", "add", f"{SERVER_IP}/20", "dev", net.server_if)
-        sh("ip", "-n", net.client_ns, "addr", "add", f"{CLIENT_IP}/20", "dev", net.client_if)
+        sh("ip", "-n", net.server_ns, "addr", "add", f"{SERVER_IP}/{PREFIX}", "dev", net.server_if)
+        sh("ip", "-n", net.client_ns, "addr", "add", f"{CLIENT_IP}/{PREFIX}", "dev", net.client_if)
         sh("ip", "-n", net.server_ns, "link", "set", net.server_if, "up")
         sh("ip", "-n", net.client_ns, "link", "set", net.client_if, "up")
         # Simulated nodes broadcast DHCP from 0.0.0.0 and all share one address afterwards.
@@ -95,9 +102,9 @@ evidence = "none"
 [dhcp]
 enabled = true
 mode = "full"
-pool_start = "10.78.1.0"
-pool_end = "10.78.15.250"
-netmask = "255.255.240.0"
+pool_start = "{POOL_START}"
+pool_end = "{POOL_END}"
+netmask = "{NETMASK}"
 lease_time = 3600
 queue_size = 4096
 
