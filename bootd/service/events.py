@@ -14,7 +14,8 @@ fresh snapshot).  One that keeps falling behind is closed, and its page
 reconnects.  The number of subscribers is bounded too.
 
 Updates are plain JSON-ready dictionaries with a kind ``t``: ``state``
-(the node's row after the change), ``progress``, ``contact``, ``removed``.
+(the node's row after the change), ``progress``, ``contact`` (with the
+heartbeat's ``usage`` report when it carried one), ``removed``.
 """
 
 from __future__ import annotations

@@ -37,15 +37,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
 from bootd.config import RegistryConfig
 from bootd.errors import BootdError, NotFound, StateChanged
 from bootd.model import Node, State
-from bootd.service.events import EventBus, progress_update, state_update
+from bootd.service.events import PROGRESS_FIELDS, EventBus, progress_update, state_update
 from bootd.store.base import NodeStore
 
 log = logging.getLogger("bootd.lifecycle")
@@ -92,6 +95,42 @@ TABLE: dict[tuple[Actor, State], frozenset[State]] = {
 
 # What a node may report about itself over the node API (the table's NODE rows).
 NODE_REPORTABLE = frozenset(new for actor, new in TABLE if actor is Actor.NODE)
+
+
+# What the node agent measures with every report (bootd/stage1/node-agent.sh, usage_fields): memory in use,
+# its root filesystem, and the RAM the root image holds.
+USAGE_FIELDS = ("mem_used_kb", "mem_total_kb", "root_size_kb", "root_used_kb", "image_ram_kb")
+REPORTED = (*PROGRESS_FIELDS, *USAGE_FIELDS)  # the facts a node's event may carry into its timeline
+MAX_HEARTBEAT = 4096  # bytes of a heartbeat's body read: the agent's report is about 150
+MAX_USAGE = 200_000  # nodes whose last usage report is kept (one entry per node; deleted nodes are forgotten)
+_INT_MAX = 2**63  # a report's numbers are counters and sizes: what fits a signed 64-bit integer
+
+
+def reported(body: Mapping[str, Any], fields: tuple[str, ...] = REPORTED) -> dict[str, int]:
+    """The whole numbers among ``fields`` in a node's report; anything else (text, floats, booleans, numbers
+    below 0 or beyond 64 bits, other keys) is dropped, not refused: a report is a side channel of the
+    contact, and an agent of another version must still be heard."""
+    out: dict[str, int] = {}
+    for key in fields:
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _INT_MAX:
+            out[key] = value
+    return out
+
+
+def usage_report(raw: bytes) -> dict[str, int]:
+    """A heartbeat's body (``{"mem_used_kb": ..., ...}``) as the usage it reports; empty when there is none.
+
+    An old agent sends no body, and a body that is too long, not JSON or not an object says nothing
+    usable: none of these is an error, the heartbeat itself still counts.
+    """
+    if not raw or len(raw) > MAX_HEARTBEAT:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return {}
+    return reported(body, USAGE_FIELDS) if isinstance(body, dict) else {}
 
 
 def allowed(actor: Actor, old: State, new: State) -> bool:
@@ -175,6 +214,10 @@ class Lifecycle:
         self.metrics = LifecycleMetrics(metrics)
         self.events = EventBus() if events is None else events
         self._recorded: dict[str, float] = {}  # node -> when its last refusal was written to the timeline
+        # node -> its last heartbeat's usage report and when it came ("at"). In memory only, like fetch
+        # progress: a number a minute per node is not worth a registry write, and it is current again at
+        # the next heartbeat after a restart.
+        self._usage: dict[str, dict[str, float]] = {}
 
     def reload(self, config: RegistryConfig) -> None:
         self.config = config
@@ -212,6 +255,8 @@ class Lifecycle:
                 node = None
                 continue
             self.metrics.changes.labels(actor=actor.value, state=new.value).inc()
+            if new in (S.PXE, S.STAGE1):
+                self.forget(name)  # booting again: what the last boot used says nothing about this one
             self.events.publish(state_update(updated))
             if new is S.FETCHING and detail:
                 self.events.publish(progress_update(name, detail, now))
@@ -221,19 +266,46 @@ class Lifecycle:
             return updated
         raise AssertionError("unreachable")
 
-    async def heartbeat(self, name: str, now: float) -> Node:
-        """A running node checks in: a node that was booted, stale or dead is ready again."""
+    async def heartbeat(self, name: str, now: float, report: bytes = b"") -> Node:
+        """A running node checks in: a node that was booted, stale or dead is ready again.
+
+        ``report`` is the heartbeat's body (the node agent's usage fields, see :func:`usage_report`):
+        kept as the node's last usage and published with the contact.
+        """
         node = await self.store.get_node(name)
         if node is None:
             raise NotFound(f"no node named {name!r}")
         if node.state is S.DISABLED:
             await self._refused(node, Actor.NODE, S.READY, now)
             raise TransitionRefused(name, Actor.NODE, node.state, S.READY)
+        usage = self._keep_usage(name, usage_report(report), now)
         if node.state in (S.BOOTED, S.STALE, S.DEAD):
             return await self.change(name, S.READY, "heartbeat", actor=Actor.NODE, now=now, node=node)
         await self.store.touch(name, now)
-        self.events.publish({"t": "contact", "node": name, "contact": now})
+        contact: dict[str, Any] = {"t": "contact", "node": name, "contact": now}
+        if usage is not None:
+            contact["usage"] = usage
+        self.events.publish(contact)
         return node
+
+    def _keep_usage(self, name: str, facts: dict[str, int], now: float) -> dict[str, float] | None:
+        if not facts:
+            return None  # no report (an old agent): the last one stays, with its own time
+        if name not in self._usage and len(self._usage) >= MAX_USAGE:
+            return None  # bounded: more nodes reporting than any registry here holds
+        usage: dict[str, float] = {**facts, "at": now}
+        self._usage[name] = usage
+        return usage
+
+    def usage(self, name: str) -> dict[str, float] | None:
+        """The node's last heartbeat usage report with its time ``at``, if this process took one since the
+        node booted (another server of the cluster may have taken its heartbeats)."""
+        usage = self._usage.get(name)
+        return dict(usage) if usage is not None else None
+
+    def forget(self, name: str) -> None:
+        """The node is gone (deleted, renamed) or booting again: its last usage report is no longer its own."""
+        self._usage.pop(name, None)
 
     async def sweep(self, now: float, since: float = 0.0) -> list[Timeout]:
         """Apply every timeout that is due; returns what changed."""

@@ -122,6 +122,8 @@ class NodeView:
     inherited: dict[str, tuple[str, str]] = field(default_factory=dict)
     # The stage one's commissioning report of its last boot (bootd.service.inventory), if any.
     inventory: dict[str, Any] | None = None
+    # Its last heartbeat's usage report (memory, root, image RAM; "at": when), if this process took one.
+    usage: dict[str, float] | None = None
 
 
 class NodeAdmin:
@@ -172,7 +174,8 @@ class NodeAdmin:
                 if key not in node.vars:
                     inherited[f"vars.{key}"] = (value, source)
         inventory = await self.inventory.get(node.mac) if self.inventory is not None else None
-        return NodeView(node, await self.store.events(name, events), inherited, inventory)
+        return NodeView(node, await self.store.events(name, events), inherited, inventory,
+                        self.lifecycle.usage(name))
 
     # -- writes -------------------------------------------------------------------------
     async def add(self, name: str, mac: str, body: Mapping[str, Any], now: float | None = None, *,
@@ -271,6 +274,7 @@ class NodeAdmin:
                 plan.append((old, new))
         for old, new in plan:
             await self.store.rename_node(old, new)
+            self.lifecycle.forget(old)
         if plan:
             self.audit.record(who, "node.rename", plural([o for o, _ in plan]), {"to": plural([n for _, n in plan])})
         return plan
@@ -329,6 +333,7 @@ class NodeAdmin:
         nodes = await self.select(hostlist)
         for node in nodes:
             await self.store.delete_node(node.name)
+            self.lifecycle.forget(node.name)
             self.lifecycle.events.publish({"t": "removed", "node": node.name})
         self.audit.record(who, "node.delete", plural([n.name for n in nodes]))
         return [n.name for n in nodes]

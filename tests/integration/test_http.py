@@ -549,6 +549,108 @@ async def test_admin_reads_and_token_guarded_writes(env: Env, session: aiohttp.C
         assert r.status == 401
 
 
+USAGE = {"mem_used_kb": 81234, "mem_total_kb": 1012345, "root_size_kb": 400000, "root_used_kb": 310000,
+         "image_ram_kb": 123456}
+
+
+async def _usage(env: Env, session: aiohttp.ClientSession, name: str) -> Any:
+    admin = (env.config.server.state_dir / "admin-token").read_text().strip()
+    async with session.get(env.admin_url(f"/api/v1/nodes/{name}"), headers={"Authorization": f"Bearer {admin}"}) as r:
+        assert r.status == 200, await r.text()
+        return (await r.json())["usage"]
+
+
+async def test_heartbeat_usage_is_kept_shown_and_a_bad_body_is_still_a_heartbeat(
+        env: Env, session: aiohttp.ClientSession) -> None:
+    name = await _register(env, session, "52-54-00-00-00-0e")
+    other = await _register(env, session, "52-54-00-00-00-0f")
+    own = {"X-Bootd-Token": env.token(name)}
+    hb = env.url(f"/api/v1/nodes/{name}/heartbeat")
+    async with session.post(env.url(f"/api/v1/nodes/{name}/events"), json={"event": "ready", **USAGE},
+                            headers=own) as r:
+        assert r.status == 200
+    assert await _usage(env, session, name) is None  # events go to the timeline; usage is the heartbeat's
+    sub = env.server.services.lifecycle.events.subscribe()
+    async with session.post(hb, json=USAGE, headers=own) as r:
+        assert r.status == 200 and (await r.json())["state"] == "ready"
+    first = await _usage(env, session, name)
+    assert {k: first[k] for k in USAGE} == USAGE and set(first) == {*USAGE, "at"}
+    assert abs(first["at"] - env.server.clock()) < 60
+    contact = [u for u in sub.take() if u["t"] == "contact"]
+    assert contact and contact[-1]["node"] == name and contact[-1]["usage"] == first  # the status page hears it
+    env.server.services.lifecycle.events.unsubscribe(sub)
+    assert await _usage(env, session, other) is None  # kept per node
+    # Fields that are not whole numbers (or not ours) are dropped; the rest of the report is kept.
+    odd = {"mem_used_kb": "5", "mem_total_kb": 1.5, "root_size_kb": True, "root_used_kb": -1, "image_ram_kb": 2**64,
+           "evil": 7}
+    async with session.post(hb, json={**odd, "image_ram_kb": 99}, headers=own) as r:
+        assert r.status == 200
+    assert {k: v for k, v in (await _usage(env, session, name)).items() if k != "at"} == {"image_ram_kb": 99}
+    async with session.post(hb, json=odd, headers=own) as r:
+        assert r.status == 200  # nothing usable: a heartbeat, and the last report stays
+    kept = await _usage(env, session, name)
+    assert kept["image_ram_kb"] == 99
+    # Garbage, an array, too long a body (over 4 KiB), no body at all (an old agent): each still a heartbeat.
+    before = await env.metric(session, "bootd_node_events_total", event="heartbeat")
+    padded = json.dumps({**USAGE, "pad": "x" * 5000}).encode()
+    for body in (b"{not json", b"\xff\xfe", b"[1, 2]", padded, b"9" * 100_000, b""):
+        async with session.post(hb, data=body, headers=own) as r:
+            assert r.status == 200, (body[:20], await r.text())
+    assert await env.metric(session, "bootd_node_events_total", event="heartbeat") == before + 6
+    assert await _usage(env, session, name) == kept
+    node = await env.store.get_node(name)
+    assert node is not None and node.state is State.READY and node.last_contact >= kept["at"]
+    status, _, _ = await curl("-X", "POST", "-H", f"X-Bootd-Token: {env.token(name)}", "--data",
+                              json.dumps({"image_ram_kb": 77}), hb)
+    assert status == 200 and (await _usage(env, session, name))["image_ram_kb"] == 77
+    # Someone else's token changes nothing.
+    async with session.post(hb, json={"image_ram_kb": 1}, headers={"X-Bootd-Token": env.token(other)}) as r:
+        assert r.status == 403
+    assert (await _usage(env, session, name))["image_ram_kb"] == 77
+    # Booting again forgets the last boot's report; so does deleting the node.
+    async with session.post(env.url(f"/api/v1/nodes/{name}/events"), json={"event": "stage1"}, headers=own) as r:
+        assert r.status == 200
+    assert await _usage(env, session, name) is None
+    async with session.post(hb, json=USAGE, headers=own) as r:
+        assert r.status == 200
+    assert (await _usage(env, session, name))["image_ram_kb"] == USAGE["image_ram_kb"]
+    await env.server.services.nodes.delete(name, who="test")
+    assert env.server.services.lifecycle.usage(name) is None
+
+
+async def test_node_agent_heartbeat_usage_reaches_the_admin_api(env: Env, session: aiohttp.ClientSession) -> None:
+    """The real node agent (node-agent.sh under dash or sh, posting with wget or curl) against the real server."""
+    if shutil.which("wget") is None and shutil.which("curl") is None:
+        pytest.skip("neither wget nor curl")
+    name = await _register(env, session, "52-54-00-00-00-10")
+    lib, state = env.root / "agent-lib", env.root / "agent-state"
+    lib.mkdir()  # no bootd-fetch: the agent falls back to wget, then curl
+    agent_env = dict(os.environ, BOOTD_URL=env.base, BOOTD_NODE=name, BOOTD_TOKEN=env.token(name),
+                     BOOTD_HEARTBEAT="1", BOOTD_OVERLAY_INTERVAL="0", BOOTD_AGENT_LIB=str(lib),
+                     BOOTD_AGENT_STATE=str(state), BOOTD_NODE_ENV=str(env.root / "no-node.env"),
+                     BOOTD_ROOT_RAM=str(env.root / "no-root-ram"))
+    agent = Path(__file__).resolve().parents[2] / "bootd" / "stage1" / "node-agent.sh"
+    proc = await asyncio.create_subprocess_exec(shutil.which("dash") or "sh", str(agent), env=agent_env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        usage = None
+        for _ in range(150):  # 15 s at most: ready, then a heartbeat every second
+            usage = await _usage(env, session, name)
+            if usage is not None:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        proc.terminate()
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    assert usage is not None, out.decode(errors="replace")
+    assert set(usage) == {"mem_used_kb", "mem_total_kb", "root_size_kb", "root_used_kb", "image_ram_kb", "at"}
+    assert usage["mem_total_kb"] > usage["mem_used_kb"] > 0
+    assert usage["root_size_kb"] >= usage["root_used_kb"] > 0
+    assert usage["image_ram_kb"] >= 0  # 0 unless this host's own root is a tmpfs
+    node = await env.store.get_node(name)
+    assert node is not None and node.state is State.READY
+
+
 async def test_secret_and_admin_token_files_are_private(env: Env) -> None:
     for name in ("admin-token",):  # node credentials are per boot, in the store (only their digests)
         mode = (env.config.server.state_dir / name).stat().st_mode & 0o777

@@ -219,6 +219,25 @@ async def test_timeline_carries_the_commissioning_report(
     assert "t.inventory" in js and '"serial"' in js  # the timeline panel draws it
 
 
+async def test_heartbeat_usage_goes_to_the_stream_and_the_timeline(
+        daemon: Daemon, admin_session: tuple[aiohttp.ClientSession, str]) -> None:
+    s, _ = admin_session
+    i, usage = 7, {"mem_used_kb": 90_000, "mem_total_kb": 1_000_000, "root_size_kb": 500_000,
+                   "root_used_kb": 320_000, "image_ram_kb": 120_000}
+    assert await node_event(daemon, i, {"event": "ready"}) == 200
+    async with s.get(daemon.admin + "/status/api/events", timeout=aiohttp.ClientTimeout(total=30)) as r:
+        stream = Stream(r)
+        async with aiohttp.ClientSession() as c, c.post(f"{daemon.public}/api/v1/nodes/{node_name(i)}/heartbeat",
+                                                        json=usage, headers={"X-Bootd-Token": node_token(i)}) as hb:
+            assert hb.status == 200, await hb.text()
+        u = await stream.until(lambda u: u["node"] == node_name(i) and u["t"] == "contact")
+    assert {k: u["usage"][k] for k in usage} == usage and u["usage"]["at"] == u["contact"]
+    async with s.get(f"{daemon.admin}/status/api/nodes/{node_name(i)}/timeline") as r:
+        assert (await r.json())["usage"] == u["usage"]
+    js = (Path(__file__).resolve().parents[2] / "bootd" / "net" / "http" / "static" / "status.js").read_text()
+    assert "t.usage" in js and "image_ram_kb" in js  # the timeline panel draws it
+
+
 async def test_stream_needs_a_session(daemon: Daemon) -> None:
     async with aiohttp.ClientSession() as s, s.get(daemon.admin + "/status/api/events") as r:
         assert r.status == 401

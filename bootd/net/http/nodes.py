@@ -26,13 +26,11 @@ from bootd.net.http.send import refuse
 from bootd.service.checks import Invalid
 from bootd.service.inventory import MAX_BYTES as MAX_INVENTORY
 from bootd.service.inventory import BadInventory
-from bootd.service.lifecycle import NODE_REPORTABLE, Actor, TransitionRefused
+from bootd.service.lifecycle import MAX_HEARTBEAT, NODE_REPORTABLE, Actor, TransitionRefused, reported
 from bootd.service.services import Services
 
 log = logging.getLogger("bootd.http")
 PAGE, MAX_PAGE = 1000, 10_000  # nodes per page of GET /api/v1/nodes (?limit=, ?after=NAME)
-REPORTED = ("done", "total", "bytes", "bytes_total", "mem_used_kb", "mem_total_kb", "root_size_kb", "root_used_kb",
-            "image_ram_kb")
 
 
 class NodeRoutes:
@@ -92,7 +90,7 @@ class NodeRoutes:
         assert state is not None
         reason = str(body.get("reason", ""))[:500]
         # Progress (done, total) and what the node agent measures (memory in use, its root) go to the timeline.
-        detail = {k: body[k] for k in REPORTED if isinstance(body.get(k), int) and not isinstance(body.get(k), bool)}
+        detail = reported(body)
         try:
             node = await self.services.lifecycle.change(
                 name, state, reason, actor=Actor.NODE, now=self.clock(), detail=json.dumps(detail) if detail else ""
@@ -109,8 +107,10 @@ class NodeRoutes:
         denied = await self._node_auth(request, name)
         if denied is not None:
             return denied
+        # The node agent's usage report; one byte over the bound tells the lifecycle it was too long.
+        report = await request.content.read(MAX_HEARTBEAT + 1)
         try:
-            node = await self.services.lifecycle.heartbeat(name, self.clock())
+            node = await self.services.lifecycle.heartbeat(name, self.clock(), report)
         except NotFound as exc:
             return refuse(404, str(exc))
         except TransitionRefused as exc:
@@ -197,6 +197,7 @@ class NodeRoutes:
         out = node_json(view.node)
         out["events"] = [asdict(e) for e in view.events]
         out["inventory"] = view.inventory
+        out["usage"] = view.usage
         return web.json_response(out)
 
     async def _set_node(self, request: web.Request) -> web.StreamResponse:

@@ -217,7 +217,8 @@ class StatusPage:
                      "first_contact": view.node.first_contact})
         events = [{"ts": e.ts, "state": e.state, "reason": e.reason, "detail": e.detail} for e in view.events]
         # The stage one's commissioning report (bootd/service/inventory.py), bounded when it was stored.
-        return self._json({"node": node, "events": events, "inventory": view.inventory})
+        # And the node agent's last heartbeat report (memory, root, image RAM), kept in memory by the lifecycle.
+        return self._json({"node": node, "events": events, "inventory": view.inventory, "usage": view.usage})
 
     # -- actions --------------------------------------------------------------------------------------
     async def _approve(self, request: web.Request) -> web.StreamResponse:

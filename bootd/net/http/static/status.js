@@ -281,6 +281,13 @@ async function openTimeline(name) {
   const fields = [["state", t.node.state], ["group", t.node.group], ["MAC", t.node.mac], ["IP", t.node.ip || "-"],
     ["capsule", t.node.capsule || "(group's)"], ["first contact", clock(t.node.first_contact)],
     ["last contact", clock(t.node.contact)]];
+  const u = t.usage, mib = (kb) => `${Math.round(kb / 1024)} MiB`;
+  if (u) {  // the node agent's last heartbeat: memory in use, its root, the RAM its root image holds
+    if (u.mem_total_kb) fields.push(["memory in use", `${mib(u.mem_used_kb || 0)} of ${mib(u.mem_total_kb)}`]);
+    if (u.root_size_kb) fields.push(["root in use", `${mib(u.root_used_kb || 0)} of ${mib(u.root_size_kb)}`]);
+    if (u.image_ram_kb !== undefined) fields.push(["image RAM", mib(u.image_ram_kb)]);
+    fields.push(["usage at", clock(u.at)]);
+  }
   const inv = t.inventory;
   if (inv) {  // commissioning: what the stage one found on its last boot
     const d = inv.dmi || {};
