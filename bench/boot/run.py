@@ -11,10 +11,11 @@ shell fallback). Also printed: the agent's own fetch+verify+unpack step time, an
 the same chunks already in RAM (the floor for anything that really unpacks).
 
 3. With --root-modes (or --only-root-modes): the Debian capsule in the tmpfs and squashfs root modes side
-   by side, image RAM and power-on to ready (bench/boot/rootmode.py).
+   by side, image RAM (idle: --idle seconds after ready, from the next heartbeat) and power-on to ready
+   (bench/boot/rootmode.py).
 
 Usage: python bench/boot/run.py [--runs 3] [--capsule-mb 64] [--skip-boot] [--skip-agent] [--shell-workers]
-       [--root-modes | --only-root-modes]
+       [--root-modes | --only-root-modes [--idle 60]]
 Everything runs in a private network namespace or on loopback and is torn down afterwards.
 """
 
@@ -34,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.boot.rootmode import bench_root_modes
+from bench.boot.rootmode import IDLE, bench_root_modes
 from bench.boot.rootmode import rows as root_mode_rows
 from bootd.lab import Lab, QemuNode, lab_available, qemu_available
 from bootd.lab.dnsmasq import start_reference, write_chain_root
@@ -334,6 +335,9 @@ def main() -> int:
                     help="also boot the Debian capsule (capsules/debian-hpc) in the tmpfs and squashfs root modes, "
                          "side by side: image RAM and power-on to ready (bench/boot/rootmode.py)")
     ap.add_argument("--only-root-modes", action="store_true", help="only the root-mode comparison")
+    ap.add_argument("--idle", type=float, default=IDLE,
+                    help=f"root modes: seconds a node sits idle after ready before its image RAM is taken from "
+                         f"the next heartbeat (default {IDLE:.0f})")
     args = ap.parse_args()
     if args.only_root_modes:
         args.root_modes = args.skip_boot = args.skip_agent = True
@@ -385,10 +389,11 @@ def main() -> int:
             else:
                 print(f"Debian capsule, tmpfs vs squashfs root mode, {args.runs} runs each (alternating):",
                       flush=True)
-                results = bench_root_modes(work, args.runs)
+                results = bench_root_modes(work, args.runs, idle=args.idle)
                 for mode, got in results.items():
-                    print(f"  {mode}: ready {[f'{x:.1f}' for x in got['ready']]} s, image RAM "
-                          f"{[f'{x:.1f}' for x in got['image_mib']]} MiB")
+                    print(f"  {mode}: ready {[f'{x:.1f}' for x in got['ready']]} s, image RAM idle "
+                          f"{[f'{x:.1f}' for x in got['image_mib']]} MiB, at ready "
+                          f"{[f'{x:.1f}' for x in got['ready_image_mib']]} MiB")
                 rows.extend(root_mode_rows(results))
     finally:
         if args.keep:
