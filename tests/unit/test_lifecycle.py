@@ -145,3 +145,31 @@ async def test_sweep_fails_a_node_stuck_in_pxe(life: Lifecycle) -> None:
     assert (step.old, step.new) == (S.PXE, S.FAILED)
     stored = await life.store.get_node(name)
     assert stored is not None and stored.state is S.FAILED and "stage one" in stored.reason
+
+
+async def test_heartbeat_usage_is_kept_per_node_bounded_and_forgotten_on_a_new_boot(
+        life: Lifecycle, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bootd.service import lifecycle
+
+    monkeypatch.setattr(lifecycle, "MAX_USAGE", 2)
+    a, b, c = [await new_node(life, 900 + i) for i in range(3)]
+    for name in (a, b, c):
+        await life.change(name, S.BOOTED, "", actor=Actor.NODE, now=1.0)
+    node = await life.heartbeat(a, 2.0, b'{"image_ram_kb": 5, "mem_used_kb": 7}')
+    assert node.state is S.READY  # booted -> ready by the heartbeat, and its report kept all the same
+    assert life.usage(a) == {"image_ram_kb": 5, "mem_used_kb": 7, "at": 2.0}
+    await life.heartbeat(b, 3.0, b'{"image_ram_kb": 6}')
+    node = await life.heartbeat(c, 4.0, b'{"image_ram_kb": 8}')
+    assert life.usage(c) is None and node.state is S.READY  # bounded: a third node's report is not kept
+    await life.heartbeat(a, 5.0, b'{"image_ram_kb": 9}')  # a node already kept is still updated
+    assert life.usage(a) == {"image_ram_kb": 9, "at": 5.0}
+    await life.heartbeat(a, 6.0)  # no body (an old agent): the last report stays, with its time
+    assert life.usage(a) == {"image_ram_kb": 9, "at": 5.0}
+    await life.change(a, S.DEAD, "", actor=Actor.MONITOR, now=7.0)
+    assert life.usage(a) is not None  # what it used when it went silent is still worth showing
+    await life.change(a, S.PXE, "", actor=Actor.FIRMWARE, now=8.0)
+    assert life.usage(a) is None  # a new boot: the old figures are not this boot's
+    await life.change(b, S.DISABLED, "", actor=Actor.ADMIN, now=9.0)
+    with pytest.raises(TransitionRefused):
+        await life.heartbeat(b, 10.0, b'{"image_ram_kb": 1}')
+    assert life.usage(b) == {"image_ram_kb": 6, "at": 3.0}  # a refused heartbeat reports nothing
