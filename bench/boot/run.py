@@ -401,9 +401,9 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     print()
-    print(f"{'measure':48} {'bootd':>10} {'peer':>16} {'ratio':>7} {'target':>8}")
+    print(f"{'measure':52} {'bootd':>10} {'peer':>16} {'ratio':>7} {'target':>8}")
     for r in rows:
-        print(f"{r[0]:48} {r[1]:>10} {r[2]:>16} {r[3]:>7} {r[4]:>8}")
+        print(f"{r[0]:52} {r[1]:>10} {r[2]:>16} {r[3]:>7} {r[4]:>8}")
     return 0
 
 
