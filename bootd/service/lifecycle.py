@@ -215,7 +215,7 @@ class Lifecycle:
         self.events = EventBus() if events is None else events
         self._recorded: dict[str, float] = {}  # node -> when its last refusal was written to the timeline
         # node -> its last heartbeat's usage report and when it came ("at"). In memory only, like fetch
-        # progress: a number a minute per node is not worth a registry write, and it is current again at
+        # progress: a report per node every heartbeat is not worth a registry write, and it is current again at
         # the next heartbeat after a restart.
         self._usage: dict[str, dict[str, float]] = {}
 
@@ -284,7 +284,7 @@ class Lifecycle:
         await self.store.touch(name, now)
         contact: dict[str, Any] = {"t": "contact", "node": name, "contact": now}
         if usage is not None:
-            contact["usage"] = usage
+            contact["usage"] = dict(usage)  # the bus's copy: readers never share the kept one
         self.events.publish(contact)
         return node
 
