@@ -142,6 +142,9 @@ class _Endpoint:
         server = self.server
         queue = server.queue
         recvfrom = self.sock.recvfrom
+        peer_share = server.service.peer_share
+        cluster = server.service.cluster
+        shared = cluster is not None and cluster.shared
         now = time.monotonic()
         count = 0
         for _ in range(READ_BATCH):
@@ -154,6 +157,11 @@ class _Endpoint:
                 self.error(exc)
                 continue
             count += 1
+            if shared:
+                why = peer_share(data, self.port)
+                if why is not None:
+                    server.drop("peer-share", why)
+                    continue
             lane = 0 if data[240:243] in _PRIORITY_HEADS else 1
             if not queue.put_nowait((data, addr, self.port, self, now, self.interface), lane):
                 server.drop("queue-full", f"from {addr[0]}:{addr[1]}, {queue.maxsize} waiting")
