@@ -205,7 +205,7 @@ class DhcpServer:
         interface: str | None = None,
         more_interfaces: tuple[str, ...] = (),
         queue_size: int = 1024,
-        workers: int = 16,
+        workers: int = 64,
         max_age: float = 1.0,
         metrics: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
