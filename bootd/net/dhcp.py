@@ -39,6 +39,7 @@ import collections
 import contextlib
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -60,10 +61,15 @@ log = logging.getLogger("bootd.dhcp")
 
 _SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-# Kernel receive buffer (the kernel doubles it): room for a few hundred requests. Deliberately not
-# larger: time spent in the kernel buffer is invisible to the age check below, so a big buffer under
-# overload only hands the workers requests whose clients have already retransmitted (bufferbloat).
-RCVBUF = 128 * 1024
+# Kernel receive buffer (the kernel doubles it): room for a whole rack's synchronised power-on, a few thousand
+# DISCOVERs arriving within milliseconds (a small buffer drops most of such a wave, and the clients' retransmit
+# timers then bring the same wave back, seconds later, again and again). Time spent in the buffer is not hidden
+# from the age check below: each datagram carries the kernel's receive time (SO_TIMESTAMPNS), so a request that
+# waited there is as stale as one that waited in the queue (no bufferbloat under sustained overload).
+RCVBUF = 4 * 1024 * 1024
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; SCM_TIMESTAMPNS has the same value
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 LOG_EVERY = 10.0
 
 _Item = tuple[bytes, tuple[str, int], int, "_Endpoint", float, str | None]
@@ -141,15 +147,16 @@ class _Endpoint:
     def readable(self) -> None:
         server = self.server
         queue = server.queue
-        recvfrom = self.sock.recvfrom
+        recvmsg = self.sock.recvmsg
         peer_share = server.service.peer_share
         cluster = server.service.cluster
         shared = cluster is not None and cluster.shared
         now = time.monotonic()
+        to_monotonic = now - time.time()  # the kernel stamps arrivals with the wall clock
         count = 0
         for _ in range(READ_BATCH):
             try:
-                data, addr = recvfrom(RECV_SIZE)
+                data, ancillary, _flags, addr = recvmsg(RECV_SIZE, _ANCILLARY)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -157,13 +164,18 @@ class _Endpoint:
                 self.error(exc)
                 continue
             count += 1
+            arrived = now
+            for level, kind, stamp in ancillary:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(stamp) >= _TIMESPEC.size:
+                    sec, nsec = _TIMESPEC.unpack_from(stamp)
+                    arrived = min(now, sec + nsec * 1e-9 + to_monotonic)
             if shared:
                 why = peer_share(data, self.port)
                 if why is not None:
                     server.drop("peer-share", why)
                     continue
             lane = 0 if data[240:243] in _PRIORITY_HEADS else 1
-            if not queue.put_nowait((data, addr, self.port, self, now, self.interface), lane):
+            if not queue.put_nowait((data, addr, self.port, self, arrived, self.interface), lane):
                 server.drop("queue-full", f"from {addr[0]}:{addr[1]}, {queue.maxsize} waiting")
         if count:
             self.received.inc(count)
@@ -238,6 +250,8 @@ class DhcpServer:
             # No SO_REUSEADDR on purpose: a second DHCP server on the same port and device must make
             # bootd fail at start, not silently share (and race on) every broadcast.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            with contextlib.suppress(OSError):  # without it, a datagram's age counts from its read
+                sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RCVBUF)
             except OSError:
