@@ -2,7 +2,10 @@
 """Profile the DHCP decision path without sockets: N simulated clients doing DORA against the real
 SQLite store (file-backed, WAL), so the cost per exchange of parsing, registry and leases is visible.
 
-Usage: python bench/dhcp/profile_service.py [--clients 2000] [--profile] [--rate 1000]
+Usage: python bench/dhcp/profile_service.py [--clients 2000] [--profile] [--rate 1000] [--store pg]
+
+``--store pg``: the same against a private PostgreSQL server (tests/pgserver.py: initdb into a temporary
+directory, a Unix socket), as a shared registry runs.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import cProfile
 import dataclasses
 import pstats
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +26,8 @@ from bootd.proto.dhcp.packet import DhcpPacket, ip_to_bytes
 from bootd.service.boot import BootPolicy
 from bootd.service.dhcp import DhcpService
 from bootd.service.registry import RegistryService
+from bootd.store.base import NodeStore
+from bootd.store.factory import open_url
 from bootd.store.sqlite import SqliteNodeStore
 
 # The simulated clients are dhclient captures (no PXE vendor class): they must register as nodes like
@@ -31,9 +37,13 @@ BENCH_REGISTRY = RegistryConfig(register_any_client=True, register_rate=1e6, reg
 DATA = Path(__file__).resolve().parents[2] / "tests" / "data" / "dhcp"
 
 
-async def run(clients: int, concurrency: int, rate: int = 0) -> float:
+async def run(clients: int, concurrency: int, rate: int = 0, pg_url: str = "", pg_password: str = "") -> float:
     with tempfile.TemporaryDirectory(prefix="bd-dhcp-prof-") as tmp:
-        store = SqliteNodeStore(Path(tmp) / "bootd.sqlite")
+        store: NodeStore
+        if pg_url:
+            store = await open_url(pg_url, password=pg_password)
+        else:
+            store = SqliteNodeStore(Path(tmp) / "bootd.sqlite")
         svc = DhcpService(store, RegistryService(store, BENCH_REGISTRY),
                           BootPolicy("http://10.80.0.1:8080", "10.80.0.1"),
                           DhcpConfig(pool_start="10.80.1.0", pool_end="10.80.200.255", netmask="255.255.0.0"),
@@ -100,12 +110,29 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--rate", type=int, default=0, help="pace new clients at this rate and report the average delay")
+    ap.add_argument("--store", choices=("sqlite", "pg"), default="sqlite")
     args = ap.parse_args()
+    pg = None
+    if args.store == "pg":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from tests.pgserver import PgServer
+
+        pg = PgServer()
+        try:
+            pg.init()  # and starts it
+        except BaseException:
+            pg.cleanup()
+            raise
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
     cpu = time.process_time()
-    elapsed = asyncio.run(run(args.clients, args.concurrency, args.rate))
+    try:
+        elapsed = asyncio.run(run(args.clients, args.concurrency, args.rate, pg.new_schema_url() if pg else "",
+                                  pg.password if pg else ""))
+    finally:
+        if pg is not None:
+            pg.cleanup()
     cpu = time.process_time() - cpu
     if args.profile:
         prof.disable()

@@ -189,6 +189,12 @@ def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
         os.environ["KEA_PIDFILE_DIR"] = str(work)
         os.environ["KEA_LOCKFILE_DIR"] = str(work)
         cmd = ["kea-dhcp4", "-c", str(work / "kea-dhcp4.json")]
+    elif kind in ("floor", "floor-mem"):
+        # Not a server to compare with: the least any CPython DHCP server must do per exchange (floor.py).
+        cmd = [sys.executable, str(ROOT / "bench" / "dhcp" / "floor.py"), "--listen", SERVER_IP, "--interface", "eth0",
+               "--db", str(work / "floor.sqlite"), "--pool", POOL[0]]
+        if kind == "floor-mem":
+            cmd.append("--memory")
     else:
         # dnsmasq rewrites its whole lease file on every change (quadratic in clients); "dnsmasq-ro"
         # (--leasefile-ro) keeps leases in memory only: faster, but a restart forgets every lease.
@@ -300,7 +306,8 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
     servers = args.servers.split(",")
-    binaries = {"bootd": "", "kea": "kea-dhcp4", "dnsmasq": "dnsmasq", "dnsmasq-ro": "dnsmasq"}
+    binaries = {"bootd": "", "kea": "kea-dhcp4", "dnsmasq": "dnsmasq", "dnsmasq-ro": "dnsmasq", "floor": "",
+                "floor-mem": ""}
     for server in servers:
         if server not in binaries:
             raise SystemExit(f"unknown server {server!r}: choose from {', '.join(binaries)}")

@@ -37,12 +37,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -61,13 +61,20 @@ log = logging.getLogger("bootd.dhcp")
 
 _SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-# Kernel receive buffer (the kernel doubles it): room for a few hundred requests. Deliberately not
-# larger: time spent in the kernel buffer is invisible to the age check below, so a big buffer under
-# overload only hands the workers requests whose clients have already retransmitted (bufferbloat).
-RCVBUF = 128 * 1024
+# Kernel receive buffer (the kernel doubles it): room for a whole rack's synchronised power-on, a few thousand
+# DISCOVERs arriving within milliseconds (a small buffer drops most of such a wave, and the clients' retransmit
+# timers then bring the same wave back, seconds later, again and again). Time spent in the buffer is not hidden
+# from the age check below: each datagram carries the kernel's receive time (SO_TIMESTAMPNS), so a request that
+# waited there is as stale as one that waited in the queue (no bufferbloat under sustained overload).
+RCVBUF = 4 * 1024 * 1024
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; SCM_TIMESTAMPNS has the same value
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 LOG_EVERY = 10.0
 
-_Item = tuple[bytes, tuple[str, int], int, asyncio.DatagramTransport, float, str | None]
+_Item = tuple[bytes, tuple[str, int], int, "_Endpoint", float, str | None]
+READ_BATCH = 64  # datagrams read per wake-up: bounds the time one pass of the loop spends reading
+RECV_SIZE = 4096  # larger than any DHCP message (RFC 2131's minimum is 576; jumbo options stay well below)
 # Option 53 first, with a type that continues an exchange: REQUEST, DECLINE, RELEASE, INFORM.
 _PRIORITY_HEADS = frozenset(b"\x35\x01" + bytes((t,)) for t in (3, 4, 7, 8))
 
@@ -118,30 +125,83 @@ class _Lanes:
                 return
 
 
-class _Endpoint(asyncio.DatagramProtocol):
-    def __init__(self, server: DhcpServer, port: int, interface: str | None) -> None:
+class _Endpoint:
+    """One socket, read in batches: up to READ_BATCH datagrams per wake-up of the event loop.
+
+    Why not asyncio's datagram transport: it reads one datagram per pass of the event loop, so under load
+    every request paid a pass (a poll, the callbacks) of its own and its lease write a COMMIT of its own
+    (the store's group commit takes what arrived before it runs). Reading what the kernel holds in one go
+    lets one pass queue many requests, the workers handle them together, and their writes share one COMMIT.
+    Replies are sent straight on the non-blocking socket: a full send buffer drops that reply (counted);
+    the client retransmits, as for a request dropped under overload.
+    """
+
+    def __init__(self, server: DhcpServer, sock: socket.socket, port: int, interface: str | None) -> None:
         self.server = server
+        self.sock = sock
         self.port = port
         self.interface = interface
-        self.transport: asyncio.DatagramTransport | None = None
+        self.closed = False
         self.received = server.metrics.received.labels(port=str(port))
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # The selector datagram transport is not a registered DatagramTransport subclass in 3.11.
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def readable(self) -> None:
+        server = self.server
+        queue = server.queue
+        recvmsg = self.sock.recvmsg
+        peer_share = server.service.peer_share
+        cluster = server.service.cluster
+        shared = cluster is not None and cluster.shared
+        now = time.monotonic()
+        to_monotonic = now - time.time()  # the kernel stamps arrivals with the wall clock
+        count = 0
+        for _ in range(READ_BATCH):
+            try:
+                data, ancillary, _flags, addr = recvmsg(RECV_SIZE, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                # Linux reports an ICMP error for an earlier send on the next receive.
+                self.error(exc)
+                continue
+            count += 1
+            arrived = now
+            for level, kind, stamp in ancillary:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(stamp) >= _TIMESPEC.size:
+                    sec, nsec = _TIMESPEC.unpack_from(stamp)
+                    arrived = min(now, sec + nsec * 1e-9 + to_monotonic)
+            if shared:
+                why = peer_share(data, self.port)
+                if why is not None:
+                    server.drop("peer-share", why)
+                    continue
+            lane = 0 if data[240:243] in _PRIORITY_HEADS else 1
+            if not queue.put_nowait((data, addr, self.port, self, arrived, self.interface), lane):
+                server.drop("queue-full", f"from {addr[0]}:{addr[1]}, {queue.maxsize} waiting")
+        if count:
+            self.received.inc(count)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.received.inc()
-        assert self.transport is not None
-        lane = 0 if data[240:243] in _PRIORITY_HEADS else 1
-        item = (data, addr, self.port, self.transport, time.monotonic(), self.interface)
-        if not self.server.queue.put_nowait(item, lane):
-            self.server.drop("queue-full", f"from {addr[0]}:{addr[1]}, {self.server.queue.maxsize} waiting")
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.server.drop("send-buffer-full", f"reply to {addr[0]}:{addr[1]} not sent")
+        except OSError as exc:
+            self.error(exc)
 
-    def error_received(self, exc: Exception) -> None:
-        # Linux reports ICMP errors and failed sends here (e.g. ENETUNREACH for a broadcast without a device).
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def error(self, exc: OSError) -> None:
+        # Failed sends (e.g. ENETUNREACH for a broadcast without a device) and ICMP errors.
         self.server.metrics.send_errors.inc()
         self.server.drop("send-error", str(exc), count=False)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 class DhcpServer:
@@ -157,7 +217,7 @@ class DhcpServer:
         interface: str | None = None,
         more_interfaces: tuple[str, ...] = (),
         queue_size: int = 1024,
-        workers: int = 16,
+        workers: int = 64,
         max_age: float = 1.0,
         metrics: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
@@ -177,7 +237,7 @@ class DhcpServer:
         # not scrape.  Named `metrics`, not `registry`: in bootd "registry" is the node registry.
         self.metrics = DhcpMetrics(metrics if metrics is not None else make_registry())
         self.metrics.queue.set_function(lambda: float(self.queue.qsize()))
-        self._endpoints: list[asyncio.DatagramTransport] = []
+        self._endpoints: list[_Endpoint] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._drop_log = LogLimiter(LOG_EVERY)  # one line per reason per LOG_EVERY seconds
         self.bound_ports: list[int] = []
@@ -190,6 +250,8 @@ class DhcpServer:
             # No SO_REUSEADDR on purpose: a second DHCP server on the same port and device must make
             # bootd fail at start, not silently share (and race on) every broadcast.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            with contextlib.suppress(OSError):  # without it, a datagram's age counts from its read
+                sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RCVBUF)
             except OSError:
@@ -224,9 +286,9 @@ class DhcpServer:
             for port, interface in ports:
                 sock = self._socket(port, interface)
                 real_port = int(sock.getsockname()[1])
-                factory = functools.partial(_Endpoint, self, real_port, interface)
-                transport, _ = await loop.create_datagram_endpoint(factory, sock=sock)
-                self._endpoints.append(transport)
+                endpoint = _Endpoint(self, sock, real_port, interface)
+                self._endpoints.append(endpoint)
+                loop.add_reader(sock.fileno(), endpoint.readable)
                 if real_port not in self.bound_ports:
                     self.bound_ports.append(real_port)
         except BaseException:
@@ -311,7 +373,7 @@ class DhcpServer:
                 log.exception("event=dhcp-internal-error from=%s:%d", addr[0], addr[1])
 
     async def _one(self, data: bytes, addr: tuple[str, int], port: int,
-                   transport: asyncio.DatagramTransport, interface: str | None = None) -> None:
+                   transport: _Endpoint, interface: str | None = None) -> None:
         try:
             packet = DhcpPacket.parse(data)
             outcome = await self.service.handle(packet, port=port, now=self.clock(), source=addr,

@@ -37,7 +37,7 @@ from bootd.model import BootPlan, Lease, Node, State
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.client_state import ClientState, request_state
 from bootd.proto.dhcp.leases import SERVER, LeasePool, int_ip, ip_int
-from bootd.proto.dhcp.loadbalance import client_key, lb_hash
+from bootd.proto.dhcp.loadbalance import client_key, lb_hash, wire_split_key
 from bootd.proto.dhcp.packet import ZERO_IP, DhcpPacket
 from bootd.proto.dhcp.pxe import Client, Ignore, classify
 from bootd.proto.dhcp.reply import Reply, boot_options, build_reply, destination, lease_options, nak
@@ -61,6 +61,7 @@ CONFLICT_RELOAD_AFTER = 1.0  # another server leased an address we thought free:
 # Kea's HA load-balancing filters these; OFFER/ACK/NAK come from servers, not clients.
 SPLIT_TYPES = frozenset((o.MessageType.DISCOVER, o.MessageType.REQUEST, o.MessageType.DECLINE,
                          o.MessageType.RELEASE, o.MessageType.INFORM))
+_SPLIT_CODES = frozenset(int(t) for t in SPLIT_TYPES)
 BUCKET_CACHE = 65536  # client keys remembered with their hash bucket (cleared when full: forged keys only refill it)
 OTHER = "another-server"  # the sticky owner of an address another server leased (until the next reload)
 
@@ -350,6 +351,32 @@ class DhcpService:
             self._wake.set()
 
     # -- entry point -----------------------------------------------------------------
+    def peer_share(self, data: bytes, port: int) -> str | None:
+        """Before parsing: why a raw datagram is a peer server's to answer (None: handle it, or not sure).
+
+        Called by the transport on arrival, so with several servers each one spends a few byte reads on its
+        peers' clients instead of a queue slot and a parse. Same rule as in handle(), which still checks
+        every packet this lets through.
+        """
+        cluster = self.cluster
+        if cluster is None or not cluster.shared or port == self.config.proxy_port:
+            return None
+        key = wire_split_key(data, _SPLIT_CODES)
+        if key is None:
+            return None
+        share = self._share(key)
+        if cluster.owns(share):
+            return None
+        return f"{data[28:34].hex(':')} hashes to bucket {share}, server {cluster.owner(share).id}'s"
+
+    def _share(self, key: bytes) -> int:
+        share = self._buckets.get(key)
+        if share is None:
+            if len(self._buckets) >= BUCKET_CACHE:
+                self._buckets.clear()
+            share = self._buckets[key] = lb_hash(key)
+        return share
+
     async def handle(self, packet: DhcpPacket, *, port: int, now: float,
                      source: tuple[str, int] | None = None, interface: str | None = None) -> Outcome:
         """Decide the replies to one request. Malformed options raise RemoteProtocolError.
@@ -364,12 +391,7 @@ class DhcpService:
             return _ignore("too-many-hops", f"hops {packet.hops}")
         cluster = self.cluster
         if cluster is not None and cluster.shared and c.msg_type in SPLIT_TYPES and port != self.config.proxy_port:
-            key = client_key(packet)
-            share = self._buckets.get(key)
-            if share is None:
-                if len(self._buckets) >= BUCKET_CACHE:
-                    self._buckets.clear()
-                share = self._buckets[key] = lb_hash(key)
+            share = self._share(client_key(packet))
             if not cluster.owns(share):
                 return _ignore("peer-share", f"{c.machine.mac} hashes to bucket {share}, server "
                                              f"{cluster.owner(share).id}'s")

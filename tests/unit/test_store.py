@@ -197,6 +197,28 @@ async def test_an_address_is_never_leased_twice_whoever_writes_it(node_store: No
         await node_store.update_node("m3", ip="10.0.0.8")
 
 
+async def test_concurrent_leases_share_transactions_and_a_refused_one_fails_alone(node_store: NodeStore) -> None:
+    # A storm's ACKs arrive together: both backends store them in shared transactions (SQLite's group commit,
+    # PostgreSQL's leaser); one the database must refuse (a live lease of another MAC, another node's own
+    # address) fails alone, and a MAC asking twice in one batch ends with one lease.
+    await node_store.add_node(mac(90), "owner", group="default", now=0.0, ip="10.0.1.90")
+    await node_store.put_lease(Lease("10.0.1.1", mac(1), 1000.0), now=10.0)
+    before = getattr(node_store, "lease_batches", 0)
+    wanted = [Lease(f"10.0.1.{i}", mac(i + 10), 1000.0, f"h{i}") for i in range(1, 40)]
+    wanted.append(Lease("10.0.1.90", mac(77), 1000.0))  # the node owner's own address
+    wanted.append(Lease("10.0.1.60", mac(20), 1000.0))  # mac(20) again: its second lease replaces the first
+    results = await asyncio.gather(*(node_store.put_lease(x, now=10.0) for x in wanted), return_exceptions=True)
+    assert isinstance(results[0], Conflict) and "10.0.1.1 is leased to 52:54:00:00:00:01" in str(results[0])
+    assert isinstance(results[-2], Conflict) and "node owner's own address" in str(results[-2])
+    assert results[1:-2] == [None] * 38 and results[-1] is None
+    leases = {x.ip: x for x in await node_store.list_leases()}
+    assert leases["10.0.1.1"].mac == mac(1) and "10.0.1.90" not in leases and "10.0.1.10" not in leases
+    assert leases["10.0.1.60"].mac == mac(20) and leases["10.0.1.5"] == Lease("10.0.1.5", mac(15), 1000.0, "h5")
+    assert len(leases) == 1 + 38
+    if isinstance(node_store, postgres.PostgresNodeStore):
+        assert node_store.lease_batches - before < 10  # forty leases, a few transactions
+
+
 async def test_servers_heartbeat_list_and_leave(node_store: NodeStore) -> None:
     a = ServerRecord("a", ("10.0.0.1",), "http://10.0.0.1:8080", pid=11, started=1.0, heartbeat=5.0, load=2.5)
     rows = await node_store.beat(a)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.packet import DhcpPacket
 
-__all__ = ["BUCKETS", "MIXING_TABLE", "bucket", "client_key", "lb_hash", "owner_index"]
+__all__ = ["BUCKETS", "MIXING_TABLE", "bucket", "client_key", "lb_hash", "owner_index", "wire_split_key"]
 
 BUCKETS = 256
 
@@ -65,3 +65,52 @@ def bucket(packet: DhcpPacket) -> int:
 def owner_index(bucket_: int, servers: int) -> int:
     """Which of ``servers`` live servers (sorted by id) owns a bucket: Kea's ``hash % active_servers``."""
     return bucket_ % servers
+
+
+_COOKIE_END = 240  # the BOOTP header (236 bytes) and the magic cookie
+
+
+def wire_split_key(data: bytes, split_types: frozenset[int]) -> bytes | None:
+    """The load-balancing key of a raw datagram whose message type is in ``split_types``, without parsing it.
+
+    Why: with several servers on one segment every server hears every broadcast, and most belong to a peer.
+    Telling them apart before the queue costs a few byte reads instead of a full parse, and keeps a peer's
+    clients from filling the queue. Returns the same key as ``client_key`` on the parsed packet, or None
+    whenever that is not certain (no cookie, option overload, a truncated or repeated option, another message
+    type): the packet then takes the full path, which decides as before.
+    """
+    n = len(data)
+    if n < _COOKIE_END or data[236:240] != b"\x63\x82\x53\x63" or data[0] != 1:
+        return None
+    hlen = data[2]
+    if hlen > 16:
+        return None
+    i = _COOKIE_END
+    mtype = -1
+    cid: bytes | None = None
+    while i < n:
+        code = data[i]
+        if code == 0:
+            i += 1
+            continue
+        if code == 255:
+            break
+        if i + 1 >= n:
+            return None
+        end = i + 2 + data[i + 1]
+        if end > n:
+            return None
+        if code == 53:
+            if mtype != -1 or end != i + 3:
+                return None
+            mtype = data[i + 2]
+        elif code == 61:
+            if cid is not None:
+                return None  # repeated: RFC 3396 concatenation, left to the parser
+            cid = data[i + 2:end]
+        elif code == 52:
+            return None  # option overload: options in sname/file too
+        i = end
+    if mtype not in split_types:
+        return None
+    return cid if cid else data[28:28 + hlen]

@@ -7,11 +7,13 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bootd import config as config_mod
 from bootd.model import Lease
 from bootd.proto.dhcp import options as o
-from bootd.proto.dhcp.loadbalance import BUCKETS, MIXING_TABLE, bucket, client_key, lb_hash
+from bootd.proto.dhcp.loadbalance import BUCKETS, MIXING_TABLE, bucket, client_key, lb_hash, wire_split_key
 from bootd.proto.dhcp.packet import DhcpPacket, ip_to_bytes
 from bootd.service.boot import BootPolicy
 from bootd.service.dhcp import DhcpService
@@ -21,7 +23,7 @@ from bootd.store.base import ServerRecord
 from bootd.store.memory import memory_store
 from bootd.store.sqlite import SqliteNodeStore
 
-from .conftest import golden_packet
+from .conftest import golden, golden_packet
 
 T0 = 1_700_000_000.0
 
@@ -49,6 +51,53 @@ def test_key_is_the_client_identifier_else_chaddr() -> None:
     with_id = dataclasses.replace(plain, options={**plain.options, o.CLIENT_ID: b"\x01\x52\x54\x00\x00\x00\x09"})
     assert client_key(with_id) == b"\x01\x52\x54\x00\x00\x00\x09"
     assert bucket(with_id) == lb_hash(b"\x01\x52\x54\x00\x00\x00\x09")
+
+
+SPLIT = frozenset(int(t) for t in (o.MessageType.DISCOVER, o.MessageType.REQUEST, o.MessageType.DECLINE,
+                                   o.MessageType.RELEASE, o.MessageType.INFORM))
+CLIENT_CAPTURES = ("dhclient-c2s-discover-1", "dhclient-c2s-request-1", "edk2-pxe-c2s-discover-1",
+                   "edk2-pxe-c2s-request-ipxe-1", "ipxe-bios-c2s-discover-ipxe-1", "ipxe-uefi-c2s-request-ipxe-1",
+                   "udhcpc-c2s-discover-1", "udhcpc-c2s-request-1")
+
+
+@pytest.mark.parametrize("name", CLIENT_CAPTURES)
+def test_the_raw_key_of_a_captured_request_is_the_parsed_key(name: str) -> None:
+    data = golden(name)
+    assert wire_split_key(data, SPLIT) == client_key(DhcpPacket.parse(data))
+
+
+def test_the_raw_key_defers_to_the_parser_when_unsure() -> None:
+    data = golden("udhcpc-c2s-discover-1")
+    assert wire_split_key(data, SPLIT) is not None
+    assert wire_split_key(data, frozenset({3})) is None  # a type not split
+    assert wire_split_key(data[:239], SPLIT) is None  # no room for the cookie
+    assert wire_split_key(data[:236] + b"\x00\x00\x00\x00" + data[240:], SPLIT) is None  # no cookie
+    assert wire_split_key(b"\x02" + data[1:], SPLIT) is None  # a reply
+    assert wire_split_key(data[:240] + b"\x35\x01\x01\x34\x01\x03\xff", SPLIT) is None  # option overload
+    assert wire_split_key(data[:240] + b"\x35\x01\x01\x3d\x09\x01", SPLIT) is None  # truncated option
+    two_ids = data[:240] + b"\x35\x01\x01\x3d\x02\x01\x02\x3d\x01\x03\xff"
+    assert wire_split_key(two_ids, SPLIT) is None  # RFC 3396 concatenation is the parser's
+    assert wire_split_key(data[:240] + b"\x35\x01\x01\xff", SPLIT) == data[28:34]  # chaddr's hlen bytes
+
+
+@settings(max_examples=300, deadline=None)
+@given(mac=st.binary(min_size=16, max_size=16), hlen=st.integers(0, 16), cid=st.none() | st.binary(max_size=20),
+       mtype=st.integers(1, 8), pad=st.integers(0, 3), extra=st.dictionaries(st.integers(1, 254).filter(
+           lambda c: c not in (52, 53, 61)), st.binary(max_size=12), max_size=4))
+def test_the_raw_key_agrees_with_the_parser_on_any_request(mac: bytes, hlen: int, cid: bytes | None, mtype: int,
+                                                           pad: int, extra: dict[int, bytes]) -> None:
+    options = {53: bytes((mtype,)), **extra}
+    if cid is not None:
+        options[61] = cid
+    packet = DhcpPacket(hlen=hlen, chaddr=mac, options=options)
+    data = packet.encode()
+    data = data[:240] + b"\x00" * pad + data[240:]  # pads before the first option are legal
+    key = wire_split_key(data, SPLIT)
+    parsed = DhcpPacket.parse(data)
+    if mtype in SPLIT:
+        assert key == client_key(parsed)
+    else:
+        assert key is None
 
 
 def test_split_gives_every_bucket_one_owner_in_turn() -> None:

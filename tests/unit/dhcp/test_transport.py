@@ -156,6 +156,35 @@ async def test_requests_older_than_max_age_are_shed(store: SqliteNodeStore, rela
         await server.close()
 
 
+async def test_time_in_the_kernel_buffer_counts_toward_a_requests_age(store: SqliteNodeStore,
+                                                                      relay: socket.socket) -> None:
+    """A wave bigger than the workers can take waits in the (large) socket buffer: the age check must see that
+    wait (the kernel's receive stamp), or a stale request would be served as if it had just arrived."""
+    import time
+
+    registry = CollectorRegistry()
+    server = make(store, relay.getsockname()[1], registry)
+    server.max_age = 0.3
+    await server.start()
+    try:
+        target = ("127.0.0.1", server.bound_ports[0])
+        discover = dataclasses.replace(golden_packet("udhcpc-c2s-discover-1"), giaddr="127.0.0.1")
+        relay.sendto(discover.encode(), target)
+        time.sleep(0.5)  # the loop is blocked: nothing is read; the first waits in the kernel's buffer
+        fresh = dataclasses.replace(discover, chaddr=bytes.fromhex("525400aabbcc") + bytes(10))
+        relay.sendto(fresh.encode(), target)
+        for _ in range(100):
+            if value(registry, "bootd_dhcp_replies_total", type="offer"):
+                break
+            await asyncio.sleep(0.02)
+        assert value(registry, "bootd_dhcp_dropped_total", reason="stale") == 1
+        assert value(registry, "bootd_dhcp_replies_total", type="offer") == 1
+        reply = DhcpPacket.parse(await recv(relay))
+        assert reply.chaddr[:6] == bytes.fromhex("525400aabbcc")  # the one that had not waited
+    finally:
+        await server.close()
+
+
 async def test_requests_overtake_discovers(store: SqliteNodeStore, relay: socket.socket) -> None:
     registry = CollectorRegistry()
     server = make(store, relay.getsockname()[1], registry, workers=0)
