@@ -109,9 +109,14 @@ queue_size = 4096
 [tftp]
 enabled = true
 listen = "{address}"
+# The simulated nodes share one source address, where a real rack has one per node: the per-source bounds
+# (a defence against one host) would throttle the whole storm to 8 transfers, as if every node sat behind
+# one NAT. Per-source up to the global bound here; over HTTP the storm's address is trusted (below).
+max_sessions_per_source = 1000
 
 [http]
 listen = "{address}"
+trusted = ["{CLIENT_IP}/32"]
 port = 8080
 max_bulk_streams = 64
 bulk_queue = 4096

@@ -111,9 +111,14 @@ queue_size = 4096
 [tftp]
 enabled = true
 listen = "{SERVER_IP}"
+# The simulated nodes share one source address, where a real rack has one per node: the per-source bounds
+# (a defence against one host) would throttle the whole storm to 8 transfers, as if every node sat behind
+# one NAT. Per-source up to the global bound here; over HTTP the storm's address is trusted (below).
+max_sessions_per_source = 1000
 
 [http]
 listen = "{SERVER_IP}"
+trusted = ["{CLIENT_IP}/32"]
 port = {http_port}
 max_bulk_streams = 64
 bulk_queue = 4096
