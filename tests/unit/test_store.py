@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from bootd import config as config_mod
 from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
-from bootd.model import Group, Lease, State
+from bootd.model import Group, Lease, Node, State
 from bootd.store import migrate, postgres
 from bootd.store.base import Credential, NewNode, NodeStore, ServerRecord, StoreStatus, mask_url
 from bootd.store.broken import BrokenStore
@@ -217,6 +217,26 @@ async def test_concurrent_leases_share_transactions_and_a_refused_one_fails_alon
     assert len(leases) == 1 + 38
     if isinstance(node_store, postgres.PostgresNodeStore):
         assert node_store.lease_batches - before < 10  # forty leases, a few transactions
+
+
+async def test_concurrent_state_steps_keep_each_nodes_order_and_fail_alone(node_store: NodeStore) -> None:
+    # A storm's nodes report within milliseconds of each other (PostgreSQL applies them in shared
+    # transactions): one node's steps keep their order, a lost compare-and-set or an unknown node fails alone.
+    for i in range(20):
+        await node_store.add_node(mac(i), f"s{i:02d}", group="default", now=0.0)
+    steps = [node_store.set_state(f"s{i:02d}", State.PXE, "dhcp", now=10.0, expect=State.DISCOVERED)
+             for i in range(20)]
+    steps.append(node_store.set_state("s03", State.STAGE1, "tftp", now=11.0, expect=State.PXE))  # after its pxe
+    steps.append(node_store.set_state("s04", State.READY, "x", now=11.0, expect=State.BOOTED))  # loses
+    steps.append(node_store.set_state("nobody", State.PXE, now=11.0))
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    assert all(isinstance(r, Node) and r.state is State.PXE for r in results[:20]), results
+    assert isinstance(results[20], Node) and results[20].state is State.STAGE1 and results[20].state_since == 11.0
+    assert isinstance(results[21], StateChanged) and isinstance(results[22], NotFound)
+    stored = {n.name: n for n in await node_store.list_nodes()}
+    assert stored["s03"].state is State.STAGE1 and stored["s04"].state is State.PXE
+    assert stored["s05"] == results[5]  # what set_state returned is what the store holds
+    assert [e.state for e in await node_store.events("s03")][-2:] == ["pxe", "stage1"]
 
 
 async def test_servers_heartbeat_list_and_leave(node_store: NodeStore) -> None:
