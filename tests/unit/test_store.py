@@ -239,6 +239,21 @@ async def test_concurrent_state_steps_keep_each_nodes_order_and_fail_alone(node_
     assert [e.state for e in await node_store.events("s03")][-2:] == ["pxe", "stage1"]
 
 
+async def test_a_known_nodes_contact_is_recorded_at_most_once_a_second(node_store: NodeStore) -> None:
+    async def contact(i: int, now: float) -> tuple[Node, bool]:
+        return await node_store.register(mac(i), name_pattern="k{index:02d}", first_index=0, group="default",
+                                         approved=True, now=now)
+
+    first = await asyncio.gather(*(contact(i, 5.0) for i in range(6)))
+    assert sorted(n.name for n, new in first if new) == [f"k{i:02d}" for i in range(6)]
+    again = await asyncio.gather(contact(1, 5.5), contact(2, 7.0), contact(2, 7.2), contact(40, 7.0))
+    assert [(n.name, new) for n, new in again] == [("k01", False), ("k02", False), ("k02", False), ("k06", True)]
+    await contact(3, 9.0)
+    stored = {n.name: n.last_contact for n in await node_store.list_nodes()}
+    # Half a second after the last: not recorded; later ones are (concurrent ones: one of them).
+    assert stored["k01"] == 5.0 and stored["k02"] in (7.0, 7.2) and stored["k03"] == 9.0 and stored["k06"] == 7.0
+
+
 async def test_servers_heartbeat_list_and_leave(node_store: NodeStore) -> None:
     a = ServerRecord("a", ("10.0.0.1",), "http://10.0.0.1:8080", pid=11, started=1.0, heartbeat=5.0, load=2.5)
     rows = await node_store.beat(a)
