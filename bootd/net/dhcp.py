@@ -21,6 +21,9 @@ It decides nothing: bytes are parsed by ``bootd.proto.dhcp`` and answered by
   lane) are dropped unanswered ("stale"): serving old requests first makes
   every answer late, the clients time out and retransmit, and goodput
   collapses; shedding the old keeps the recent ones within the client's timer.
+* A retransmission of a request still in the queue (same xid, chaddr and message type: clients keep their
+  xid while they retransmit) is dropped on arrival ("duplicate"): the queued copy gets the answer, which
+  the client takes whichever copy it answers, so the copy would only cost a second answer.
 * The lane is chosen without parsing (message type 53 is the first option in
   every client we captured; anything else takes the DISCOVER lane): under a
   flood most arrivals are dropped, so the arrival path must cost next to
@@ -147,6 +150,7 @@ class _Endpoint:
     def readable(self) -> None:
         server = self.server
         queue = server.queue
+        waiting = server.waiting
         recvmsg = self.sock.recvmsg
         peer_share = server.service.peer_share
         cluster = server.service.cluster
@@ -174,8 +178,16 @@ class _Endpoint:
                 if why is not None:
                     server.drop("peer-share", why)
                     continue
+            # A retransmission (same client, same xid, same message type) of a request still waiting in the queue
+            # is that request again: the one queued gets the answer, the copy would only cost a second one.
+            key = data[4:8] + data[28:44] + data[240:243]
+            if key in waiting:
+                server.drop("duplicate", f"from {addr[0]}:{addr[1]}: a retransmission of a request still queued")
+                continue
             lane = 0 if data[240:243] in _PRIORITY_HEADS else 1
-            if not queue.put_nowait((data, addr, self.port, self, arrived, self.interface), lane):
+            if queue.put_nowait((data, addr, self.port, self, arrived, self.interface), lane):
+                waiting.add(key)
+            else:
                 server.drop("queue-full", f"from {addr[0]}:{addr[1]}, {queue.maxsize} waiting")
         if count:
             self.received.inc(count)
@@ -218,7 +230,7 @@ class DhcpServer:
         more_interfaces: tuple[str, ...] = (),
         queue_size: int = 1024,
         workers: int = 64,
-        max_age: float = 1.0,
+        max_age: float = 2.0,
         metrics: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -233,6 +245,7 @@ class DhcpServer:
         self.max_age = max_age
         self.clock = clock
         self.queue = _Lanes(queue_size)
+        self.waiting: set[bytes] = set()  # the queued requests' (xid, chaddr, type): bounded by the queue
         # The daemon passes its one collector registry (served on /metrics); a private one only for tests that do
         # not scrape.  Named `metrics`, not `registry`: in bootd "registry" is the node registry.
         self.metrics = DhcpMetrics(metrics if metrics is not None else make_registry())
@@ -356,6 +369,7 @@ class DhcpServer:
         queue = self.queue
         while True:
             (data, addr, port, transport, queued_at, interface), lane = await queue.get()
+            self.waiting.discard(data[4:8] + data[28:44] + data[240:243])
             limit = self.max_age * (2 if lane == 0 else 1)
             if time.monotonic() - queued_at > limit:
                 # Overloaded: the client has retransmitted or given up by now (RFC 2131 4.1: ~4 s).

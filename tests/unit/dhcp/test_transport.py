@@ -97,15 +97,20 @@ async def test_flood_beyond_queue_is_dropped_and_counted(store: SqliteNodeStore,
     server = make(store, relay.getsockname()[1], registry, queue_size=4, workers=0)
     await server.start()
     try:
-        data = golden("udhcpc-c2s-discover-1")
-        for _ in range(50):
+        base = golden_packet("udhcpc-c2s-discover-1")
+        for i in range(50):  # fifty clients
+            data = dataclasses.replace(base, xid=i, chaddr=bytes.fromhex(f"5254000000{i:02x}") + bytes(10)).encode()
             relay.sendto(data, ("127.0.0.1", server.bound_ports[0]))
+        for _ in range(5):  # the first client retransmits while its DISCOVER is still queued
+            relay.sendto(dataclasses.replace(base, xid=0, chaddr=bytes.fromhex("525400000000") + bytes(10)).encode(),
+                         ("127.0.0.1", server.bound_ports[0]))
         port = str(server.bound_ports[0])
         for _ in range(100):
-            if value(registry, "bootd_dhcp_received_total", port=port) == 50:
+            if value(registry, "bootd_dhcp_received_total", port=port) == 55:
                 break
             await asyncio.sleep(0.02)
         assert value(registry, "bootd_dhcp_dropped_total", reason="queue-full") == 46
+        assert value(registry, "bootd_dhcp_dropped_total", reason="duplicate") == 5
         assert server.queue.qsize() == 4
         assert value(registry, "bootd_dhcp_queue_depth") == 4
     finally:
@@ -191,8 +196,9 @@ async def test_requests_overtake_discovers(store: SqliteNodeStore, relay: socket
     await server.start()
     try:
         target = ("127.0.0.1", server.bound_ports[0])
-        for _ in range(3):
-            relay.sendto(golden("udhcpc-c2s-discover-1"), target)
+        base = golden_packet("udhcpc-c2s-discover-1")
+        for i in range(3):  # three clients
+            relay.sendto(dataclasses.replace(base, xid=i).encode(), target)
         relay.sendto(golden("udhcpc-c2s-request-1"), target)
         for _ in range(100):
             if server.queue.qsize() == 4:
