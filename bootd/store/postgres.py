@@ -34,7 +34,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -48,6 +48,7 @@ from bootd.store.base import NODE_FIELDS, Credential, Event, NewNode, ServerReco
 
 log = logging.getLogger("bootd.store")
 R = TypeVar("R")
+V = TypeVar("V")
 Conn = psycopg.AsyncConnection[Any]
 
 MIGRATIONS: tuple[str, ...] = (
@@ -388,6 +389,43 @@ async def _state_batch(batch: list[_NewState], conn: Conn) -> list[Node | NotFou
     return out
 
 
+class _Coalesced(Generic[V]):
+    """Reads of one row by key that arrive together, answered by one query for all of them.
+
+    Why: in a storm every node request checks its credential and most lifecycle steps read their node first,
+    each a query of its own (a pooled connection, a round trip, the driver's per-call cost). Reads waiting while
+    a query is under way go in the next one, so none is answered from before a write it came after.
+    """
+
+    def __init__(self, fetch: Callable[[list[str]], Awaitable[dict[str, V]]], name: str, limit: int = 200) -> None:
+        self._fetch = fetch
+        self._name = name
+        self._limit = limit
+        self._waiting: list[tuple[str, asyncio.Future[V | None]]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def get(self, key: str) -> V | None:
+        fut: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((key, fut))
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._drain(), name=self._name)
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[:self._limit], self._waiting[self._limit:]
+            try:
+                found = await self._fetch(sorted({key for key, _ in batch}))
+            except Exception as exc:  # every caller in the batch hears why
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for key, fut in batch:
+                if not fut.done():
+                    fut.set_result(found.get(key))
+
+
 async def _nodes_by_mac(conn: Conn, macs: list[str]) -> list[DictRow]:
     return await _rows(conn, f"{SELECT_NODE} WHERE n.mac = ANY(%s)", (macs,))
 
@@ -554,7 +592,9 @@ class PostgresNodeStore:
         self._lookups: list[tuple[str, float, asyncio.Future[Node | None]]] = []
         self._looker: asyncio.Task[None] | None = None
         self._state_writer: asyncio.Task[None] | None = None
-        self._group_reads: dict[str, asyncio.Future[Group | None]] = {}
+        self._nodes = _Coalesced(self._fetch_nodes, "bootd-store-nodes")
+        self._credentials = _Coalesced(self._fetch_credentials, "bootd-store-credentials")
+        self._groups = _Coalesced(self._fetch_groups, "bootd-store-groups")
 
     @classmethod
     async def open(cls, url: str, *, password: str | None = None, default_group: str = "default",
@@ -666,7 +706,8 @@ class PostgresNodeStore:
 
     async def close(self) -> None:
         if not self._closed:
-            for task in (self._looker, self._registrar, self._leaser, self._state_writer):
+            for task in (self._looker, self._registrar, self._leaser, self._state_writer, self._nodes.task,
+                         self._credentials.task, self._groups.task):
                 if task is not None:
                     await task  # the batch under way commits; its callers get their nodes and leases
             self._closed = True
@@ -674,8 +715,11 @@ class PostgresNodeStore:
 
     # -- nodes --------------------------------------------------------------------
     async def get_node(self, name: str) -> Node | None:
-        row = await self._run(lambda c: _node_where(c, "name", name), write=False)
-        return None if row is None else _node(row)
+        return await self._nodes.get(name)
+
+    async def _fetch_nodes(self, names: list[str]) -> dict[str, Node]:
+        rows = await self._run(lambda c: _rows(c, f"{SELECT_NODE} WHERE n.name = ANY(%s)", (names,)), write=False)
+        return {r["name"]: _node(r) for r in rows}
 
     async def get_node_by_mac(self, mac: str) -> Node | None:
         mac = normalize_mac(mac)
@@ -945,9 +989,13 @@ class PostgresNodeStore:
         await self._run(fn)
 
     async def get_credential(self, name: str) -> Credential | None:
-        r = await self._run(lambda c: _row(c, "SELECT c.* FROM credentials c JOIN nodes n ON n.id = c.node_id"
-                                              " WHERE n.name = %s", (name,)), write=False)
-        return None if r is None else Credential(name, r["digest"], r["issued"], r["expires"], r["evidence"])
+        # Checked on every request a node makes with its credential (events, heartbeats, its overlay).
+        return await self._credentials.get(name)
+
+    async def _fetch_credentials(self, names: list[str]) -> dict[str, Credential]:
+        rows = await self._run(lambda c: _rows(c, "SELECT n.name, c.* FROM credentials c JOIN nodes n ON"
+                                                  " n.id = c.node_id WHERE n.name = ANY(%s)", (names,)), write=False)
+        return {r["name"]: Credential(r["name"], r["digest"], r["issued"], r["expires"], r["evidence"]) for r in rows}
 
     async def extend_credential(self, name: str, digest: str, expires: float) -> None:
         """Slide the expiry of a credential still in use (only if it is still the current one)."""
@@ -987,18 +1035,12 @@ class PostgresNodeStore:
         return [_group(r) for r in rows]
 
     async def get_group(self, name: str) -> Group | None:
-        # Every first contact reads its group (the registry's default, nearly always the same one): calls that
-        # arrive while a read of that group is under way share its answer instead of each taking a round trip.
-        shared = self._group_reads.get(name)
-        if shared is None:
-            shared = asyncio.ensure_future(self._read_group(name))
-            self._group_reads[name] = shared
-            shared.add_done_callback(lambda _: self._group_reads.pop(name, None))
-        return await asyncio.shield(shared)
+        # Every first contact reads its group (the registry's default, nearly always the same one).
+        return await self._groups.get(name)
 
-    async def _read_group(self, name: str) -> Group | None:
-        r = await self._run(lambda c: _row(c, GROUPS + " WHERE g.name = %s", (name,)), write=False)
-        return None if r is None else _group(r)
+    async def _fetch_groups(self, names: list[str]) -> dict[str, Group]:
+        rows = await self._run(lambda c: _rows(c, GROUPS + " WHERE g.name = ANY(%s)", (names,)), write=False)
+        return {r["name"]: _group(r) for r in rows}
 
     async def put_group(self, group: Group) -> Group:
         async def fn(conn: Conn) -> None:

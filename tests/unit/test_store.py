@@ -254,6 +254,23 @@ async def test_a_known_nodes_contact_is_recorded_at_most_once_a_second(node_stor
     assert stored["k01"] == 5.0 and stored["k02"] in (7.0, 7.2) and stored["k03"] == 9.0 and stored["k06"] == 7.0
 
 
+async def test_reads_arriving_together_each_get_their_own_row(node_store: NodeStore) -> None:
+    # PostgreSQL answers reads that arrive together with one query: each caller must still get its own row,
+    # None for a missing one, and a read that comes after a write sees it.
+    for i in range(5):
+        await node_store.add_node(mac(i), f"r{i}", group="default", now=0.0)
+    await node_store.put_credential(Credential("r2", "cc" * 32, 1.0, 100.0, "lease:10.0.0.2"))
+    got = await asyncio.gather(*(node_store.get_node(f"r{i}") for i in (4, 0, 9, 4)),
+                               node_store.get_credential("r2"), node_store.get_credential("r3"),
+                               node_store.get_group("default"), node_store.get_group("nope"))
+    assert [n.mac if isinstance(n, Node) else n for n in got[:4]] == [mac(4), mac(0), None, mac(4)]
+    assert got[4] == Credential("r2", "cc" * 32, 1.0, 100.0, "lease:10.0.0.2") and got[5] is None
+    assert isinstance(got[6], Group) and got[6].name == "default" and got[7] is None
+    await node_store.set_state("r1", State.PXE, "dhcp", now=5.0)
+    after = await node_store.get_node("r1")
+    assert after is not None and after.state is State.PXE
+
+
 async def test_servers_heartbeat_list_and_leave(node_store: NodeStore) -> None:
     a = ServerRecord("a", ("10.0.0.1",), "http://10.0.0.1:8080", pid=11, started=1.0, heartbeat=5.0, load=2.5)
     rows = await node_store.beat(a)
