@@ -32,7 +32,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -304,7 +304,7 @@ class _NewLease:
     mac: str
     now: float
     server: str | None
-    result: asyncio.Future[Conflict | None]
+    result: asyncio.Future[None]
 
 
 async def _lease_batch(batch: list[_NewLease], conn: Conn) -> list[Conflict | None]:
@@ -798,17 +798,24 @@ class PostgresNodeStore:
         while self._new:
             batch, self._new = self._new[:REGISTER_BATCH], self._new[REGISTER_BATCH:]
             self.register_batches += 1
-            try:
-                results = await self._run(functools.partial(_register_batch, batch))
-            except Exception as exc:  # the whole transaction failed: every caller in it hears why
-                results = [exc] * len(batch)
-            for item, result in zip(batch, results, strict=True):
-                if item.result.done():  # the caller gave up waiting; its node is registered anyway
-                    continue
-                if isinstance(result, BaseException):
-                    item.result.set_exception(result)
-                else:
-                    item.result.set_result(result)
+            await self._run_batch(functools.partial(_register_batch, batch), [x.result for x in batch])
+
+    async def _run_batch(self, fn: Callable[[Conn], Awaitable[Sequence[object]]],
+                         callers: Sequence[asyncio.Future[Any]]) -> None:
+        """Run one batch's transaction and hand each caller its slot: its result, or the exception that refused
+        it (the whole transaction failing refuses them all). A caller that gave up waiting is skipped: its write
+        is applied, or refused, all the same."""
+        try:
+            results: Sequence[object] = await self._run(fn)
+        except Exception as exc:
+            results = [exc] * len(callers)
+        for fut, result in zip(callers, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
 
     async def add_node(self, mac: str, name: str, *, group: str, now: float, **fields: Any) -> Node:
         mac = normalize_mac(mac)
@@ -949,18 +956,7 @@ class PostgresNodeStore:
         while self._states:
             batch, self._states = self._states[:STATE_BATCH], self._states[STATE_BATCH:]
             batch.sort(key=lambda x: x.name)  # stable: one node's steps keep their order
-            try:
-                results: list[Node | NotFound | StateChanged] | list[Exception] = await self._run(
-                    functools.partial(_state_batch, batch))
-            except Exception as exc:  # the whole transaction failed: every caller in it hears why
-                results = [exc] * len(batch)
-            for item, result in zip(batch, results, strict=True):
-                if item.result.done():  # the caller gave up waiting; its step is applied (or refused) anyway
-                    continue
-                if isinstance(result, Node):
-                    item.result.set_result(result)
-                else:
-                    item.result.set_exception(result)
+            await self._run_batch(functools.partial(_state_batch, batch), [x.result for x in batch])
 
     async def touch(self, name: str, now: float) -> None:
         async def fn(conn: Conn) -> None:
@@ -1097,9 +1093,7 @@ class PostgresNodeStore:
         self._leases.append(item)
         if self._leaser is None or self._leaser.done():
             self._leaser = asyncio.create_task(self._lease_waiting(), name="bootd-store-leaser")
-        conflict = await item.result
-        if conflict is not None:
-            raise conflict
+        await item.result
 
     async def _lease_waiting(self) -> None:
         """Store queued leases, up to LEASE_BATCH per transaction, until none wait.
@@ -1121,18 +1115,7 @@ class PostgresNodeStore:
                     later.append(item)
             self._leases = later
             self.lease_batches += 1
-            try:
-                results: list[Conflict | None] | list[Exception] = await self._run(
-                    functools.partial(_lease_batch, batch))
-            except Exception as exc:  # the whole transaction failed: every caller in it hears why
-                results = [exc] * len(batch)
-            for item, result in zip(batch, results, strict=True):
-                if item.result.done():  # the caller gave up waiting; its lease is stored (or refused) anyway
-                    continue
-                if isinstance(result, Conflict) or result is None:
-                    item.result.set_result(result)
-                else:
-                    item.result.set_exception(result)
+            await self._run_batch(functools.partial(_lease_batch, batch), [x.result for x in batch])
 
     # -- servers sharing this registry ---------------------------------------------
     async def beat(self, server: ServerRecord) -> list[ServerRecord]:
