@@ -78,6 +78,13 @@ LOG_EVERY = 10.0
 _Item = tuple[bytes, tuple[str, int], int, "_Endpoint", float, str | None]
 READ_BATCH = 64  # datagrams read per wake-up: bounds the time one pass of the loop spends reading
 RECV_SIZE = 4096  # larger than any DHCP message (RFC 2131's minimum is 576; jumbo options stay well below)
+
+
+def _request_key(data: bytes) -> bytes:
+    """xid, chaddr and the leading message-type option: what a client's retransmission repeats."""
+    return data[4:8] + data[28:44] + data[240:243]
+
+
 # Option 53 first, with a type that continues an exchange: REQUEST, DECLINE, RELEASE, INFORM.
 _PRIORITY_HEADS = frozenset(b"\x35\x01" + bytes((t,)) for t in (3, 4, 7, 8))
 
@@ -180,7 +187,7 @@ class _Endpoint:
                     continue
             # A retransmission (same client, same xid, same message type) of a request still waiting in the queue
             # is that request again: the one queued gets the answer, the copy would only cost a second one.
-            key = data[4:8] + data[28:44] + data[240:243]
+            key = _request_key(data)
             if key in waiting:
                 server.drop("duplicate", f"from {addr[0]}:{addr[1]}: a retransmission of a request still queued")
                 continue
@@ -369,7 +376,7 @@ class DhcpServer:
         queue = self.queue
         while True:
             (data, addr, port, transport, queued_at, interface), lane = await queue.get()
-            self.waiting.discard(data[4:8] + data[28:44] + data[240:243])
+            self.waiting.discard(_request_key(data))
             limit = self.max_age * (2 if lane == 0 else 1)
             if time.monotonic() - queued_at > limit:
                 # Overloaded: the client has retransmitted or given up by now (RFC 2131 4.1: ~4 s).

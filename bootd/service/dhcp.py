@@ -362,20 +362,18 @@ class DhcpService:
         if cluster is None or not cluster.shared or port == self.config.proxy_port:
             return None
         key = wire_split_key(data, _SPLIT_CODES)
-        if key is None:
-            return None
-        share = self._share(key)
-        if cluster.owns(share):
-            return None
-        return f"{data[28:34].hex(':')} hashes to bucket {share}, server {cluster.owner(share).id}'s"
+        return None if key is None else self._peers(cluster, key, data[28:34].hex(":"))
 
-    def _share(self, key: bytes) -> int:
+    def _peers(self, cluster: Cluster, key: bytes, mac: str) -> str | None:
+        """Why the client with this load-balancing key is a peer's (None: it is ours); buckets are cached."""
         share = self._buckets.get(key)
         if share is None:
             if len(self._buckets) >= BUCKET_CACHE:
                 self._buckets.clear()
             share = self._buckets[key] = lb_hash(key)
-        return share
+        if cluster.owns(share):
+            return None
+        return f"{mac} hashes to bucket {share}, server {cluster.owner(share).id}'s"
 
     async def handle(self, packet: DhcpPacket, *, port: int, now: float,
                      source: tuple[str, int] | None = None, interface: str | None = None) -> Outcome:
@@ -391,10 +389,9 @@ class DhcpService:
             return _ignore("too-many-hops", f"hops {packet.hops}")
         cluster = self.cluster
         if cluster is not None and cluster.shared and c.msg_type in SPLIT_TYPES and port != self.config.proxy_port:
-            share = self._share(client_key(packet))
-            if not cluster.owns(share):
-                return _ignore("peer-share", f"{c.machine.mac} hashes to bucket {share}, server "
-                                             f"{cluster.owner(share).id}'s")
+            why = self._peers(cluster, client_key(packet), c.machine.mac)
+            if why is not None:
+                return _ignore("peer-share", why)
         if not self._loaded:
             await self.load(now)
         cfg = self.config

@@ -426,8 +426,9 @@ class _Coalesced(Generic[V]):
                     fut.set_result(found.get(key))
 
 
-async def _nodes_by_mac(conn: Conn, macs: list[str]) -> list[DictRow]:
-    return await _rows(conn, f"{SELECT_NODE} WHERE n.mac = ANY(%s)", (macs,))
+async def _nodes_any(conn: Conn, column: str, keys: list[str]) -> list[DictRow]:
+    """The nodes whose ``column`` (name or mac: unique) is one of ``keys``, in one query."""
+    return await _rows(conn, f"{SELECT_NODE} WHERE n.{column} = ANY(%s)", (keys,))
 
 
 async def _touch_macs(conn: Conn, seen: dict[str, float]) -> None:
@@ -718,7 +719,7 @@ class PostgresNodeStore:
         return await self._nodes.get(name)
 
     async def _fetch_nodes(self, names: list[str]) -> dict[str, Node]:
-        rows = await self._run(lambda c: _rows(c, f"{SELECT_NODE} WHERE n.name = ANY(%s)", (names,)), write=False)
+        rows = await self._run(functools.partial(_nodes_any, column="name", keys=names), write=False)
         return {r["name"]: _node(r) for r in rows}
 
     async def get_node_by_mac(self, mac: str) -> Node | None:
@@ -763,7 +764,7 @@ class PostgresNodeStore:
             batch, self._lookups = self._lookups[:LOOKUP_BATCH], self._lookups[LOOKUP_BATCH:]
             macs = sorted({mac for mac, _, _ in batch})
             try:
-                rows = await self._run(functools.partial(_nodes_by_mac, macs=macs), write=False)
+                rows = await self._run(functools.partial(_nodes_any, column="mac", keys=macs), write=False)
                 found = {r["mac"]: r for r in rows}
                 seen: dict[str, float] = {}
                 for mac, now, _ in batch:

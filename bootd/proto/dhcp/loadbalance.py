@@ -11,7 +11,7 @@ Pure: no sockets, no clock.
 from __future__ import annotations
 
 from bootd.proto.dhcp import options as o
-from bootd.proto.dhcp.packet import DhcpPacket
+from bootd.proto.dhcp.packet import BOOTREQUEST, HEADER_SIZE, MAGIC_COOKIE, OPT_END, OPT_OVERLOAD, OPT_PAD, DhcpPacket
 
 __all__ = ["BUCKETS", "MIXING_TABLE", "bucket", "client_key", "lb_hash", "owner_index", "wire_split_key"]
 
@@ -67,7 +67,7 @@ def owner_index(bucket_: int, servers: int) -> int:
     return bucket_ % servers
 
 
-_COOKIE_END = 240  # the BOOTP header (236 bytes) and the magic cookie
+_COOKIE_END = HEADER_SIZE + len(MAGIC_COOKIE)  # where the options start
 
 
 def wire_split_key(data: bytes, split_types: frozenset[int]) -> bytes | None:
@@ -80,7 +80,7 @@ def wire_split_key(data: bytes, split_types: frozenset[int]) -> bytes | None:
     type): the packet then takes the full path, which decides as before.
     """
     n = len(data)
-    if n < _COOKIE_END or data[236:240] != b"\x63\x82\x53\x63" or data[0] != 1:
+    if n < _COOKIE_END or data[HEADER_SIZE:_COOKIE_END] != MAGIC_COOKIE or data[0] != BOOTREQUEST:
         return None
     hlen = data[2]
     if hlen > 16:
@@ -90,25 +90,25 @@ def wire_split_key(data: bytes, split_types: frozenset[int]) -> bytes | None:
     cid: bytes | None = None
     while i < n:
         code = data[i]
-        if code == 0:
+        if code == OPT_PAD:
             i += 1
             continue
-        if code == 255:
+        if code == OPT_END:
             break
         if i + 1 >= n:
             return None
         end = i + 2 + data[i + 1]
         if end > n:
             return None
-        if code == 53:
+        if code == o.MESSAGE_TYPE:
             if mtype != -1 or end != i + 3:
                 return None
             mtype = data[i + 2]
-        elif code == 61:
+        elif code == o.CLIENT_ID:
             if cid is not None:
                 return None  # repeated: RFC 3396 concatenation, left to the parser
             cid = data[i + 2:end]
-        elif code == 52:
+        elif code == OPT_OVERLOAD:
             return None  # option overload: options in sname/file too
         i = end
     if mtype not in split_types:
