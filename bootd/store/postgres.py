@@ -337,11 +337,13 @@ async def _lease_batch(batch: list[_NewLease], conn: Conn) -> list[Conflict | No
             results.append(None)
             stored.append(item)
     if stored:
-        async with conn.cursor() as cur:
-            await cur.executemany("INSERT INTO leases(ip, mac, expires, hostname) VALUES (%s, %s, %s, %s)",
-                                  [(x.lease.ip, x.mac, x.lease.expires, x.lease.hostname) for x in stored])
-            await cur.executemany("UPDATE nodes SET ip = %s, server = COALESCE(%s, server) WHERE mac = %s",
-                                  [(x.lease.ip, x.server, x.mac) for x in stored])
+        ips, macs = [x.lease.ip for x in stored], [x.mac for x in stored]
+        await conn.execute("INSERT INTO leases(ip, mac, expires, hostname) SELECT * FROM"
+                           " unnest(%s::text[], %s::text[], %s::double precision[], %s::text[])",
+                           (ips, macs, [x.lease.expires for x in stored], [x.lease.hostname for x in stored]))
+        await conn.execute("UPDATE nodes n SET ip = x.ip, server = COALESCE(x.server, n.server)"
+                           " FROM unnest(%s::text[], %s::text[], %s::text[]) AS x(mac, ip, server) WHERE n.mac = x.mac",
+                           (macs, ips, [x.server for x in stored]))
     return results
 
 
@@ -449,8 +451,8 @@ async def _nodes_any(conn: Conn, column: str, keys: list[str]) -> list[DictRow]:
 
 
 async def _touch_macs(conn: Conn, seen: dict[str, float]) -> None:
-    async with conn.cursor() as cur:
-        await cur.executemany("UPDATE nodes SET last_contact = %s WHERE mac = %s", [(t, m) for m, t in seen.items()])
+    await conn.execute("UPDATE nodes n SET last_contact = x.seen FROM unnest(%s::text[], %s::double precision[])"
+                       " AS x(mac, seen) WHERE n.mac = x.mac", (list(seen), list(seen.values())))
 
 
 async def _register_batch(batch: list[_NewNode], conn: Conn) -> list[tuple[Node, bool] | Exception]:
