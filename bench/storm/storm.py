@@ -17,6 +17,7 @@ and time.  Run it only inside a network namespace you created (see run.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import re
@@ -75,15 +76,38 @@ def dhcp_parse(data: bytes) -> tuple[int, str, str, bytes, dict[int, bytes]] | N
     return xid, yiaddr, siaddr, bootfile, opts
 
 
-class DhcpClients(asyncio.DatagramProtocol):
-    """One socket on port 68 for every simulated node; replies are routed by xid."""
+class DhcpClients:
+    """One socket on port 68 for every simulated node; replies are routed by xid.
 
-    def __init__(self) -> None:
+    Every reply waiting in the socket is read at each wake-up: the simulated nodes stand for as many machines,
+    each of which takes its reply as it arrives, and asyncio's datagram transport reads one datagram per pass
+    of the event loop. In a storm a pass of this loop (all the nodes' TFTP and HTTP) takes milliseconds, so at
+    one reply per pass the replies queued up in the socket for seconds, past the nodes' own retransmission
+    timers (the servers had answered in time), and every retransmission added another reply to the queue.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
         self.waiters: dict[int, asyncio.Queue[tuple[str, str, bytes, dict[int, bytes]]]] = {}
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _readable(self) -> None:
+        for _ in range(1024):  # bounded: the loop's other work gets its turn
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            self.datagram_received(data, addr)
+
+    def send(self, packet: bytes) -> None:
+        """Broadcast a request; a full send buffer loses it, as a busy NIC would (the node retransmits)."""
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            self.sock.sendto(packet, ("255.255.255.255", 67))
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         parsed = dhcp_parse(data)
@@ -100,8 +124,7 @@ class DhcpClients(asyncio.DatagramProtocol):
         self.waiters[xid] = queue
         try:
             for attempt in range(retries):
-                assert self.transport is not None
-                self.transport.sendto(packet, ("255.255.255.255", 67))
+                self.send(packet)
                 deadline = time.monotonic() + timeout * (attempt + 1)
                 while (left := deadline - time.monotonic()) > 0:
                     try:
@@ -434,9 +457,7 @@ async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, sessi
 
 async def storm(cfg: StormConfig, base: str, interface: str | None = None) -> tuple[list[NodeResult], float]:
     random.seed(cfg.seed)
-    loop = asyncio.get_running_loop()
     dhcp: DhcpClients | None = None
-    transport = None
     if cfg.dhcp:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -445,8 +466,7 @@ async def storm(cfg: StormConfig, base: str, interface: str | None = None) -> tu
         if interface:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         sock.bind(("0.0.0.0", 68))
-        transport, proto = await loop.create_datagram_endpoint(DhcpClients, sock=sock)
-        dhcp = proto
+        dhcp = DhcpClients(sock)
     start = time.monotonic()
     deadline = start + cfg.deadline
     connector = aiohttp.TCPConnector(limit=2000, limit_per_host=2000, force_close=False)
@@ -465,8 +485,8 @@ async def storm(cfg: StormConfig, base: str, interface: str | None = None) -> tu
                     task.cancel()
                 await asyncio.gather(*beating, return_exceptions=True)
     finally:
-        if transport is not None:
-            transport.close()
+        if dhcp is not None:
+            dhcp.close()
     return list(results), time.monotonic() - start
 
 
