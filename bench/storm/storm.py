@@ -17,6 +17,7 @@ and time.  Run it only inside a network namespace you created (see run.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import re
@@ -75,15 +76,38 @@ def dhcp_parse(data: bytes) -> tuple[int, str, str, bytes, dict[int, bytes]] | N
     return xid, yiaddr, siaddr, bootfile, opts
 
 
-class DhcpClients(asyncio.DatagramProtocol):
-    """One socket on port 68 for every simulated node; replies are routed by xid."""
+class DhcpClients:
+    """One socket on port 68 for every simulated node; replies are routed by xid.
 
-    def __init__(self) -> None:
+    Every reply waiting in the socket is read at each wake-up: the simulated nodes stand for as many machines,
+    each of which takes its reply as it arrives, and asyncio's datagram transport reads one datagram per pass
+    of the event loop. In a storm a pass of this loop (all the nodes' TFTP and HTTP) takes milliseconds, so at
+    one reply per pass the replies queued up in the socket for seconds, past the nodes' own retransmission
+    timers (the servers had answered in time), and every retransmission added another reply to the queue.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
         self.waiters: dict[int, asyncio.Queue[tuple[str, str, bytes, dict[int, bytes]]]] = {}
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _readable(self) -> None:
+        for _ in range(1024):  # bounded: the loop's other work gets its turn
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            self.datagram_received(data, addr)
+
+    def send(self, packet: bytes) -> None:
+        """Broadcast a request; a full send buffer loses it, as a busy NIC would (the node retransmits)."""
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            self.sock.sendto(packet, ("255.255.255.255", 67))
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         parsed = dhcp_parse(data)
@@ -100,8 +124,7 @@ class DhcpClients(asyncio.DatagramProtocol):
         self.waiters[xid] = queue
         try:
             for attempt in range(retries):
-                assert self.transport is not None
-                self.transport.sendto(packet, ("255.255.255.255", 67))
+                self.send(packet)
                 deadline = time.monotonic() + timeout * (attempt + 1)
                 while (left := deadline - time.monotonic()) > 0:
                     try:
@@ -126,61 +149,96 @@ class DhcpNak(StormError):
     pass
 
 
+class _TftpGet:
+    """One transfer's state, driven by its socket's readiness and one timer: each block is acknowledged in the
+    callback that reads it, as a node's firmware does at once, instead of a task waking up per block."""
+
+    def __init__(self, sock: socket.socket, filename: str, dest: tuple[str, int], blksize: int, timeout: float,
+                 retries: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.filename = filename
+        self.dest = dest
+        self.timeout = timeout
+        self.retries = retries
+        self.peer: tuple[str, int] | None = None
+        self.out = bytearray()
+        self.expected = 1
+        self.size = 512
+        self.tries = 0
+        self.done: asyncio.Future[bytes] = self.loop.create_future()
+        self.last = struct.pack("!H", 1) + filename.encode() + b"\0octet\0blksize\0" + str(blksize).encode() + b"\0"
+        self.timer = self.loop.call_later(timeout, self._expired)
+        self.loop.add_reader(sock.fileno(), self._readable)
+        self._send(self.last)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.loop.remove_reader(self.sock.fileno())
+
+    def _send(self, packet: bytes) -> None:
+        self.last = packet
+        with contextlib.suppress(BlockingIOError, InterruptedError):  # lost: the timer sends it again
+            self.sock.sendto(packet, self.dest)
+
+    def _fail(self, why: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(StormError(f"TFTP {self.filename}: {why}"))
+
+    def _expired(self) -> None:
+        self.tries += 1
+        if self.tries > self.retries:
+            self._fail(f"timed out waiting for block {self.expected}")
+            return
+        self._send(self.last)
+        self.timer = self.loop.call_later(self.timeout, self._expired)
+
+    def _readable(self) -> None:
+        while not self.done.done():
+            try:
+                data, addr = self.sock.recvfrom(70000)
+            except (BlockingIOError, InterruptedError):
+                return
+            self.timer.cancel()
+            self.timer = self.loop.call_later(self.timeout, self._expired)
+            self._packet(data, addr)
+
+    def _packet(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.peer is None:
+            self.peer = self.dest = addr
+        elif addr != self.peer:
+            return
+        opcode = struct.unpack_from("!H", data)[0]
+        if opcode == 5:
+            self._fail("ERROR " + data[4:].rstrip(b"\0").decode(errors="replace"))
+        elif opcode == 6:
+            opts = data[2:].split(b"\0")
+            self.size = int(dict(zip(opts[0::2], opts[1::2], strict=False)).get(b"blksize", b"512"))
+            self._send(struct.pack("!HH", 4, 0))
+        elif opcode == 3:
+            block = struct.unpack_from("!H", data, 2)[0]
+            if block != self.expected & 0xFFFF:
+                self._send(self.last)
+                return
+            self.tries = 0
+            self.out += data[4:]
+            self._send(struct.pack("!HH", 4, block))
+            self.expected += 1
+            if len(data) - 4 < self.size:
+                self.done.set_result(bytes(self.out))
+
+
 async def tftp_get(server: str, port: int, filename: str, blksize: int = 1468, timeout: float = 2.0,
                    retries: int = 6) -> bytes:
     """A small, independent RFC 1350/2348 client (lock-step, with retransmission)."""
-    loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setblocking(False)
     sock.bind(("0.0.0.0", 0))
+    transfer = _TftpGet(sock, filename, (server, port), blksize, timeout, retries)
     try:
-        rrq = struct.pack("!H", 1) + filename.encode() + b"\0octet\0blksize\0" + str(blksize).encode() + b"\0"
-        peer: tuple[str, int] | None = None
-        out = bytearray()
-        expected = 1
-        size = 512
-        last_sent, dest = rrq, (server, port)
-        await loop.sock_sendto(sock, last_sent, dest)
-        tries = 0
-        while True:
-            try:
-                data, addr = await asyncio.wait_for(loop.sock_recvfrom(sock, 70000), timeout)
-            except TimeoutError:
-                tries += 1
-                if tries > retries:
-                    raise StormError(f"TFTP {filename}: timed out waiting for block {expected}") from None
-                await loop.sock_sendto(sock, last_sent, dest)
-                continue
-            if peer is None:
-                peer = addr
-                dest = addr
-            elif addr != peer:
-                continue
-            opcode = struct.unpack_from("!H", data)[0]
-            if opcode == 5:
-                message = data[4:].rstrip(b"\0").decode(errors="replace")
-                raise StormError(f"TFTP {filename}: ERROR {message}")
-            if opcode == 6:
-                opts = data[2:].split(b"\0")
-                values = dict(zip(opts[0::2], opts[1::2], strict=False))
-                size = int(values.get(b"blksize", b"512"))
-                last_sent = struct.pack("!HH", 4, 0)
-                await loop.sock_sendto(sock, last_sent, dest)
-                continue
-            if opcode != 3:
-                continue
-            block = struct.unpack_from("!H", data, 2)[0]
-            if block == expected & 0xFFFF:
-                tries = 0
-                out += data[4:]
-                last_sent = struct.pack("!HH", 4, block)
-                await loop.sock_sendto(sock, last_sent, dest)
-                expected += 1
-                if len(data) - 4 < size:
-                    return bytes(out)
-            else:
-                await loop.sock_sendto(sock, last_sent, dest)
+        return await transfer.done
     finally:
+        transfer.close()
         sock.close()
 
 
@@ -434,9 +492,7 @@ async def boot_one(index: int, cfg: StormConfig, dhcp: DhcpClients | None, sessi
 
 async def storm(cfg: StormConfig, base: str, interface: str | None = None) -> tuple[list[NodeResult], float]:
     random.seed(cfg.seed)
-    loop = asyncio.get_running_loop()
     dhcp: DhcpClients | None = None
-    transport = None
     if cfg.dhcp:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -445,8 +501,7 @@ async def storm(cfg: StormConfig, base: str, interface: str | None = None) -> tu
         if interface:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         sock.bind(("0.0.0.0", 68))
-        transport, proto = await loop.create_datagram_endpoint(DhcpClients, sock=sock)
-        dhcp = proto
+        dhcp = DhcpClients(sock)
     start = time.monotonic()
     deadline = start + cfg.deadline
     connector = aiohttp.TCPConnector(limit=2000, limit_per_host=2000, force_close=False)
@@ -465,8 +520,8 @@ async def storm(cfg: StormConfig, base: str, interface: str | None = None) -> tu
                     task.cancel()
                 await asyncio.gather(*beating, return_exceptions=True)
     finally:
-        if transport is not None:
-            transport.close()
+        if dhcp is not None:
+            dhcp.close()
     return list(results), time.monotonic() - start
 
 

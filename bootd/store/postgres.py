@@ -162,6 +162,7 @@ REGISTER_BATCH = 100
 LEASE_BATCH = 200
 STATE_BATCH = 100
 LOOKUP_BATCH = 200
+CREDENTIAL_BATCH = 100
 
 SELECT_NODE = (
     "SELECT n.*, COALESCE((SELECT json_object_agg(v.key, v.value ORDER BY v.key) FROM node_vars v"
@@ -273,6 +274,20 @@ async def _ensure_group(conn: Conn, group: str) -> None:
         raise NotFound(f"no group named {group!r} (create it with `bootd group add {group}`)")
 
 
+W = TypeVar("W", bound="_Write")
+# PostgresNodeStore._run_batch: run one batch's transaction, hand each caller its slot.
+RunBatch = Callable[[Callable[[Conn], Awaitable[Sequence[object]]], Sequence["asyncio.Future[Any]"]], Awaitable[None]]
+
+
+class _Write:
+    """A write waiting for its batch's COMMIT; ``keys`` that may not share one batch (the checks are per batch)."""
+
+    result: asyncio.Future[Any]
+
+    def keys(self) -> tuple[str, ...]:
+        return ()
+
+
 @dataclass(slots=True)
 class _NewNode:
     """A first contact waiting for the registrar."""
@@ -297,7 +312,7 @@ INSERT_NEW_NODE = (
 
 
 @dataclass
-class _NewLease:
+class _NewLease(_Write):
     """A lease waiting for the next lease transaction (its caller's ACK waits for that COMMIT)."""
 
     lease: Lease
@@ -305,6 +320,9 @@ class _NewLease:
     now: float
     server: str | None
     result: asyncio.Future[None]
+
+    def keys(self) -> tuple[str, ...]:
+        return self.mac, self.lease.ip  # the batch's checks assume distinct MACs and addresses
 
 
 async def _lease_batch(batch: list[_NewLease], conn: Conn) -> list[Conflict | None]:
@@ -337,17 +355,19 @@ async def _lease_batch(batch: list[_NewLease], conn: Conn) -> list[Conflict | No
             results.append(None)
             stored.append(item)
     if stored:
-        async with conn.cursor() as cur:
-            await cur.executemany("INSERT INTO leases(ip, mac, expires, hostname) VALUES (%s, %s, %s, %s)",
-                                  [(x.lease.ip, x.mac, x.lease.expires, x.lease.hostname) for x in stored])
-            await cur.executemany("UPDATE nodes SET ip = %s, server = COALESCE(%s, server) WHERE mac = %s",
-                                  [(x.lease.ip, x.server, x.mac) for x in stored])
+        ips, macs = [x.lease.ip for x in stored], [x.mac for x in stored]
+        await conn.execute("INSERT INTO leases(ip, mac, expires, hostname) SELECT * FROM"
+                           " unnest(%s::text[], %s::text[], %s::double precision[], %s::text[])",
+                           (ips, macs, [x.lease.expires for x in stored], [x.lease.hostname for x in stored]))
+        await conn.execute("UPDATE nodes n SET ip = x.ip, server = COALESCE(x.server, n.server)"
+                           " FROM unnest(%s::text[], %s::text[], %s::text[]) AS x(mac, ip, server) WHERE n.mac = x.mac",
+                           (macs, ips, [x.server for x in stored]))
     return results
 
 
 @dataclass
-class _NewState:
-    """A lifecycle step waiting for the next state transaction."""
+class _NewState(_Write):
+    """A lifecycle step waiting for the next state transaction (any number of one node's steps, in order)."""
 
     name: str
     state: State
@@ -363,30 +383,119 @@ async def _state_batch(batch: list[_NewState], conn: Conn) -> list[Node | NotFou
 
     Each step is a compare-and-set under its row's lock (FOR UPDATE), so it holds with several servers writing;
     a step refused (no such node, another writer changed the state first) is refused before it writes
-    anything, so it needs no savepoint and the others go on. The caller sorts by name: two servers lock rows
-    in the same order and cannot deadlock each other.
+    anything, so it needs no savepoint and the others go on. The rows are locked in name order (ORDER BY under
+    FOR UPDATE): two servers lock in the same order and cannot deadlock each other.
+
+    Why set-based: a statement per step needed its locked row back before the next one could be sent, so a
+    batch of 100 steps cost 100 round trips to the database and 400 statements; in a storm with two servers
+    sharing two cores every round trip waits for the database's turn on a CPU. Here the batch costs one read
+    (every row, locked) and three writes that need no answer (the final rows, the events, the trim), whatever
+    its size; the steps are applied to the locked rows in memory, in order, exactly as they were in SQL.
     """
+    rows = await _rows(conn, f"{SELECT_NODE} WHERE n.name = ANY(%s) ORDER BY n.name FOR UPDATE OF n",
+                       (sorted({x.name for x in batch}),))
+    current = {r["name"]: (r["id"], _node(r)) for r in rows}
+    touched: dict[str, None] = {}
+    events: list[tuple[int, float, str, str, str]] = []
     out: list[Node | NotFound | StateChanged] = []
     for item in batch:
-        row = await _node_where(conn, "name", item.name, lock=True)
-        if row is None:
+        found = current.get(item.name)
+        if found is None:
             out.append(NotFound(f"no node named {item.name!r}"))
             continue
-        if item.expect is not None and row["state"] != item.expect.value:
-            out.append(StateChanged(item.name, item.expect.value, row["state"]))
+        node_id, old = found
+        if item.expect is not None and old.state is not item.expect:
+            out.append(StateChanged(item.name, item.expect.value, old.state.value))
             continue
-        await conn.execute(
-            "UPDATE nodes SET state_since = CASE WHEN state <> %(s)s OR reason <> %(r)s THEN %(now)s"
-            " ELSE state_since END, state = %(s)s, reason = %(r)s, last_contact = %(now)s WHERE id = %(id)s",
-            {"s": item.state.value, "r": item.reason, "now": item.now, "id": row["id"]},
-        )
-        await _event(conn, row["id"], item.now, item.state.value, item.reason, item.detail)
-        # The row as the UPDATE left it, without reading it back (one statement fewer per step).
-        old = _node(row)
         moved = old.state is not item.state or old.reason != item.reason
-        out.append(dataclasses.replace(old, state=item.state, reason=item.reason, last_contact=item.now,
-                                       state_since=item.now if moved else old.state_since))
+        new = dataclasses.replace(old, state=item.state, reason=item.reason, last_contact=item.now,
+                                  state_since=item.now if moved else old.state_since)
+        current[item.name] = (node_id, new)
+        touched[item.name] = None
+        events.append((node_id, item.now, item.state.value, item.reason, item.detail))
+        out.append(new)
+    if touched:
+        final = [current[name] for name in touched]
+        await conn.execute(
+            "UPDATE nodes n SET state = x.state, reason = x.reason, state_since = x.since, last_contact = x.seen"
+            " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::double precision[], %s::double precision[])"
+            " AS x(id, state, reason, since, seen) WHERE n.id = x.id",
+            ([i for i, _ in final], [n.state.value for _, n in final], [n.reason for _, n in final],
+             [n.state_since for _, n in final], [n.last_contact for _, n in final]))
+        await _events(conn, events)
     return out
+
+
+@dataclass
+class _NewCredential(_Write):
+    """A node's new credential waiting for the next credential transaction (its boot script waits for that COMMIT)."""
+
+    cred: Credential
+    result: asyncio.Future[None]
+
+    def keys(self) -> tuple[str, ...]:
+        return (self.cred.node,)  # one upsert per node and statement
+
+
+async def _credential_batch(batch: list[_NewCredential], conn: Conn) -> list[NotFound | None]:
+    """Replace the credentials of ``batch`` (distinct nodes) in one statement: None per stored one, NotFound for a
+    node that does not exist. The node rows are locked (FOR UPDATE) in name order, as the other writers do."""
+    creds = [x.cred for x in batch]
+    rows = await _rows(
+        conn, "WITH n AS (SELECT id, name FROM nodes WHERE name = ANY(%s) ORDER BY name FOR UPDATE)"
+              " INSERT INTO credentials(node_id, digest, issued, expires, evidence)"
+              " SELECT n.id, x.digest, x.issued, x.expires, x.evidence FROM unnest(%s::text[], %s::text[],"
+              " %s::double precision[], %s::double precision[], %s::text[]) AS x(name, digest, issued, expires,"
+              " evidence) JOIN n ON n.name = x.name ON CONFLICT (node_id) DO UPDATE SET digest = excluded.digest,"
+              " issued = excluded.issued, expires = excluded.expires, evidence = excluded.evidence"
+              " RETURNING (SELECT n.name FROM n WHERE n.id = credentials.node_id) AS name",
+        ([c.node for c in creds], [c.node for c in creds], [c.digest for c in creds], [c.issued for c in creds],
+         [c.expires for c in creds], [c.evidence for c in creds]))
+    stored = {r["name"] for r in rows}
+    return [None if c.node in stored else NotFound(f"no node named {c.node!r}") for c in creds]
+
+
+class _Writer(Generic[W]):
+    """Writes of one kind that arrive together, applied up to ``limit`` per transaction by one task until none wait.
+
+    Why: a storm's nodes ask for the same writes within milliseconds of each other (a lease per ACK, a lifecycle
+    step per report, a credential per boot script), and a transaction each (its BEGIN, COMMIT and fsync, a pooled
+    connection, the driver's per-call cost) was most of a PostgreSQL server's CPU in bench/storm. One transaction
+    per batch pays them once; each caller still hears only after the COMMIT that holds its write. A write whose
+    keys are already in the batch waits for the next one, in arrival order.
+    """
+
+    def __init__(self, run_batch: RunBatch, apply: Callable[[list[W], Conn], Awaitable[Sequence[object]]], name: str,
+                 limit: int) -> None:
+        self._run_batch = run_batch
+        self._apply = apply
+        self._name = name
+        self._limit = limit
+        self._waiting: list[W] = []
+        self.task: asyncio.Task[None] | None = None
+        self.batches = 0  # transactions so far (writes / this = batching)
+
+    async def add(self, item: W) -> Any:
+        self._waiting.append(item)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._drain(), name=self._name)
+        return await item.result
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch: list[W] = []
+            later: list[W] = []
+            seen: set[str] = set()
+            for item in self._waiting:
+                keys = item.keys()
+                if len(batch) < self._limit and seen.isdisjoint(keys):
+                    batch.append(item)
+                    seen.update(keys)
+                else:
+                    later.append(item)
+            self._waiting = later
+            self.batches += 1
+            await self._run_batch(functools.partial(self._apply, batch), [x.result for x in batch])
 
 
 class _Coalesced(Generic[V]):
@@ -432,8 +541,8 @@ async def _nodes_any(conn: Conn, column: str, keys: list[str]) -> list[DictRow]:
 
 
 async def _touch_macs(conn: Conn, seen: dict[str, float]) -> None:
-    async with conn.cursor() as cur:
-        await cur.executemany("UPDATE nodes SET last_contact = %s WHERE mac = %s", [(t, m) for m, t in seen.items()])
+    await conn.execute("UPDATE nodes n SET last_contact = x.seen FROM unnest(%s::text[], %s::double precision[])"
+                       " AS x(mac, seen) WHERE n.mac = x.mac", (list(seen), list(seen.values())))
 
 
 async def _register_batch(batch: list[_NewNode], conn: Conn) -> list[tuple[Node, bool] | Exception]:
@@ -510,11 +619,21 @@ async def _register_batch(batch: list[_NewNode], conn: Conn) -> list[tuple[Node,
 
 async def _event(conn: Conn, node_id: int, ts: float, state: str, reason: str, detail: str) -> None:
     """Append to the node's timeline, keeping its newest EVENTS_KEPT_PER_NODE entries."""
-    await conn.execute("INSERT INTO events(node_id, ts, state, reason, detail) VALUES (%s, %s, %s, %s, %s)",
-                       (node_id, ts, state, reason, detail))
+    await _events(conn, [(node_id, ts, state, reason, detail)])
+
+
+async def _events(conn: Conn, events: list[tuple[int, float, str, str, str]]) -> None:
+    """Append ``events`` (node id, ts, state, reason, detail) in their order, then trim each node's timeline to
+    its newest EVENTS_KEPT_PER_NODE entries: two statements, whatever the number of events."""
     await conn.execute(
-        "DELETE FROM events WHERE node_id = %(id)s AND id < (SELECT id FROM events WHERE node_id = %(id)s"
-        " ORDER BY id DESC OFFSET %(keep)s LIMIT 1)", {"id": node_id, "keep": EVENTS_KEPT_PER_NODE - 1})
+        "INSERT INTO events(node_id, ts, state, reason, detail) SELECT node_id, ts, state, reason, detail FROM"
+        " unnest(%s::bigint[], %s::double precision[], %s::text[], %s::text[], %s::text[]) WITH ORDINALITY"
+        " AS x(node_id, ts, state, reason, detail, i) ORDER BY i",
+        tuple(list(column) for column in zip(*events, strict=True)))
+    await conn.execute(
+        "DELETE FROM events e USING (SELECT x.id, (SELECT id FROM events WHERE node_id = x.id ORDER BY id DESC"
+        " OFFSET %s LIMIT 1) AS cut FROM unnest(%s::bigint[]) AS x(id)) c WHERE e.node_id = c.id AND e.id < c.cut",
+        (EVENTS_KEPT_PER_NODE - 1, sorted({e[0] for e in events})))
 
 
 GROUPS = ("SELECT g.*, COALESCE((SELECT json_object_agg(key, value) FROM group_vars v WHERE v.grp = g.name),"
@@ -586,13 +705,12 @@ class PostgresNodeStore:
         self._new: list[_NewNode] = []
         self._registrar: asyncio.Task[None] | None = None
         self.register_batches = 0  # registration transactions so far (first contacts / this = batching)
-        self._leases: list[_NewLease] = []
-        self._leaser: asyncio.Task[None] | None = None
-        self.lease_batches = 0  # lease transactions so far (leases / this = batching)
-        self._states: list[_NewState] = []
+        self._leases = _Writer[_NewLease](self._run_batch, _lease_batch, "bootd-store-leaser", LEASE_BATCH)
+        self._states = _Writer[_NewState](self._run_batch, _state_batch, "bootd-store-states", STATE_BATCH)
+        self._new_credentials = _Writer[_NewCredential](self._run_batch, _credential_batch, "bootd-store-issuer",
+                                                        CREDENTIAL_BATCH)
         self._lookups: list[tuple[str, float, asyncio.Future[Node | None]]] = []
         self._looker: asyncio.Task[None] | None = None
-        self._state_writer: asyncio.Task[None] | None = None
         self._nodes = _Coalesced(self._fetch_nodes, "bootd-store-nodes")
         self._credentials = _Coalesced(self._fetch_credentials, "bootd-store-credentials")
         self._groups = _Coalesced(self._fetch_groups, "bootd-store-groups")
@@ -626,6 +744,11 @@ class PostgresNodeStore:
             raise StoreError(f"cannot connect to the node registry at {mask_url(url)}: {reason}") from None
         return cls(pool, url, default_group=default_group, retry_for=retry_for, password=password,
                    metrics=metrics, log_every=log_every)
+
+    @property
+    def lease_batches(self) -> int:
+        """Lease transactions so far (leases / this = batching)."""
+        return self._leases.batches
 
     # -- plumbing -----------------------------------------------------------------
     async def _run(self, fn: Callable[[Conn], Awaitable[R]], *, write: bool = True) -> R:
@@ -707,8 +830,8 @@ class PostgresNodeStore:
 
     async def close(self) -> None:
         if not self._closed:
-            for task in (self._looker, self._registrar, self._leaser, self._state_writer, self._nodes.task,
-                         self._credentials.task, self._groups.task):
+            for task in (self._looker, self._registrar, self._leases.task, self._states.task,
+                         self._new_credentials.task, self._nodes.task, self._credentials.task, self._groups.task):
                 if task is not None:
                     await task  # the batch under way commits; its callers get their nodes and leases
             self._closed = True
@@ -939,25 +1062,11 @@ class PostgresNodeStore:
 
     async def set_state(self, name: str, state: State, reason: str = "", *, now: float, detail: str = "",
                         expect: State | None = None) -> Node:
-        # Steps queue for the state writer, which applies everything waiting in one transaction; the caller
-        # hears after the COMMIT that holds its step.
-        item = _NewState(name, state, reason, now, detail, expect, asyncio.get_running_loop().create_future())
-        self._states.append(item)
-        if self._state_writer is None or self._state_writer.done():
-            self._state_writer = asyncio.create_task(self._states_waiting(), name="bootd-store-states")
-        return await item.result
-
-    async def _states_waiting(self) -> None:
-        """Apply queued lifecycle steps, up to STATE_BATCH per transaction, until none wait.
-
-        Why: a storm's nodes report fetching, verified, booted and ready within seconds of each other, and a
-        transaction per report (its BEGIN, COMMIT and fsync, a pooled connection, the driver's per-call cost)
-        was the largest part of a PostgreSQL server's CPU in bench/storm. Steps of one node stay in order.
-        """
-        while self._states:
-            batch, self._states = self._states[:STATE_BATCH], self._states[STATE_BATCH:]
-            batch.sort(key=lambda x: x.name)  # stable: one node's steps keep their order
-            await self._run_batch(functools.partial(_state_batch, batch), [x.result for x in batch])
+        # Steps queue for the state writer, which applies everything waiting in one transaction (a storm's nodes
+        # report fetching, verified, booted and ready within seconds of each other); one node's steps stay in order.
+        node: Node = await self._states.add(_NewState(name, state, reason, now, detail, expect,
+                                                      asyncio.get_running_loop().create_future()))
+        return node
 
     async def touch(self, name: str, now: float) -> None:
         async def fn(conn: Conn) -> None:
@@ -974,16 +1083,9 @@ class PostgresNodeStore:
 
     # -- credentials and PXE evidence --------------------------------------------
     async def put_credential(self, cred: Credential) -> None:
-        """Replace the node's credential (a new boot revokes the previous one)."""
-        async def fn(conn: Conn) -> None:
-            row = await _require(conn, cred.node, lock=True)
-            await conn.execute(
-                "INSERT INTO credentials(node_id, digest, issued, expires, evidence) VALUES (%s, %s, %s, %s, %s)"
-                " ON CONFLICT (node_id) DO UPDATE SET digest = excluded.digest, issued = excluded.issued,"
-                " expires = excluded.expires, evidence = excluded.evidence",
-                (row["id"], cred.digest, cred.issued, cred.expires, cred.evidence))
-
-        await self._run(fn)
+        """Replace the node's credential (a new boot revokes the previous one); every boot script of a storm
+        issues one, so they queue for one transaction per batch."""
+        await self._new_credentials.add(_NewCredential(cred, asyncio.get_running_loop().create_future()))
 
     async def get_credential(self, name: str) -> Credential | None:
         # Checked on every request a node makes with its credential (events, heartbeats, its overlay).
@@ -1088,35 +1190,10 @@ class PostgresNodeStore:
 
     async def put_lease(self, lease: Lease, *, now: float | None = None, server: str | None = None) -> None:
         # Returns after the COMMIT that holds it was acknowledged: the lease is in the database before any ACK
-        # names it. Leases queue for the leaser, which stores everything waiting in one transaction.
-        item = _NewLease(lease, normalize_mac(lease.mac), time.time() if now is None else now, server,
-                         asyncio.get_running_loop().create_future())
-        self._leases.append(item)
-        if self._leaser is None or self._leaser.done():
-            self._leaser = asyncio.create_task(self._lease_waiting(), name="bootd-store-leaser")
-        await item.result
-
-    async def _lease_waiting(self) -> None:
-        """Store queued leases, up to LEASE_BATCH per transaction, until none wait.
-
-        Why: a transaction per lease paid its round trips, its COMMIT (an fsync) and, above all, the driver's
-        per-statement cost in this process (a 1,000-node storm on PostgreSQL spent most of bootd's CPU there).
-        One transaction per batch pays them once; each caller still hears only after the COMMIT that made its
-        lease durable. A MAC or address already in the batch waits for the next one (the checks are per batch).
-        """
-        while self._leases:
-            batch: list[_NewLease] = []
-            later: list[_NewLease] = []
-            seen: set[str] = set()
-            for item in self._leases:
-                if len(batch) < LEASE_BATCH and item.mac not in seen and item.lease.ip not in seen:
-                    batch.append(item)
-                    seen.update((item.mac, item.lease.ip))
-                else:
-                    later.append(item)
-            self._leases = later
-            self.lease_batches += 1
-            await self._run_batch(functools.partial(_lease_batch, batch), [x.result for x in batch])
+        # names it. Leases queue for the leaser, which stores everything waiting in one transaction (a MAC or
+        # an address already in the batch waits for the next one: the checks are per batch).
+        await self._leases.add(_NewLease(lease, normalize_mac(lease.mac), time.time() if now is None else now, server,
+                                         asyncio.get_running_loop().create_future()))
 
     # -- servers sharing this registry ---------------------------------------------
     async def beat(self, server: ServerRecord) -> list[ServerRecord]:

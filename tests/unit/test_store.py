@@ -239,6 +239,22 @@ async def test_concurrent_state_steps_keep_each_nodes_order_and_fail_alone(node_
     assert [e.state for e in await node_store.events("s03")][-2:] == ["pxe", "stage1"]
 
 
+async def test_concurrent_credentials_replace_in_order_and_an_unknown_node_fails_alone(node_store: NodeStore) -> None:
+    # Every boot script of a storm issues a credential (PostgreSQL stores those waiting in shared transactions):
+    # a node's second credential arriving with its first replaces it, an unknown node is refused alone.
+    for i in range(12):
+        await node_store.add_node(mac(i), f"c{i:02d}", group="default", now=0.0)
+    writes = [node_store.put_credential(Credential(f"c{i:02d}", f"{i:02d}" * 32, 1.0, 100.0 + i, f"lease:{i}"))
+              for i in range(12)]
+    writes.append(node_store.put_credential(Credential("c03", "ff" * 32, 2.0, 200.0, "lease:again")))
+    writes.append(node_store.put_credential(Credential("nobody", "ee" * 32, 1.0, 100.0, "")))
+    results = await asyncio.gather(*writes, return_exceptions=True)
+    assert results[:13] == [None] * 13 and isinstance(results[13], NotFound), results
+    assert await node_store.get_credential("c03") == Credential("c03", "ff" * 32, 2.0, 200.0, "lease:again")
+    assert await node_store.get_credential("c07") == Credential("c07", "07" * 32, 1.0, 107.0, "lease:7")
+    assert await node_store.get_credential("nobody") is None
+
+
 async def test_a_known_nodes_contact_is_recorded_at_most_once_a_second(node_store: NodeStore) -> None:
     async def contact(i: int, now: float) -> tuple[Node, bool]:
         return await node_store.register(mac(i), name_pattern="k{index:02d}", first_index=0, group="default",
