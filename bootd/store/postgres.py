@@ -359,6 +359,7 @@ async def _lease_batch(batch: list[_NewLease], conn: Conn) -> list[Conflict | No
         await conn.execute("INSERT INTO leases(ip, mac, expires, hostname) SELECT * FROM"
                            " unnest(%s::text[], %s::text[], %s::double precision[], %s::text[])",
                            (ips, macs, [x.lease.expires for x in stored], [x.lease.hostname for x in stored]))
+        await _lock_by_mac(conn, macs)
         await conn.execute("UPDATE nodes n SET ip = x.ip, server = COALESCE(x.server, n.server)"
                            " FROM unnest(%s::text[], %s::text[], %s::text[]) AS x(mac, ip, server) WHERE n.mac = x.mac",
                            (macs, ips, [x.server for x in stored]))
@@ -540,7 +541,18 @@ async def _nodes_any(conn: Conn, column: str, keys: list[str]) -> list[DictRow]:
     return await _rows(conn, f"{SELECT_NODE} WHERE n.{column} = ANY(%s)", (keys,))
 
 
+async def _lock_by_mac(conn: Conn, macs: list[str]) -> None:
+    """Lock these nodes' rows in name order before a set-based UPDATE of them.
+
+    An UPDATE ... FROM unnest locks rows in whatever order its join meets them; the state and credential writers
+    lock in name order. Two servers' transactions locking one set of rows in two orders can deadlock (PostgreSQL
+    breaks it after deadlock_timeout, 1 s, and _run retries): in one order, they cannot.
+    """
+    await conn.execute("SELECT 1 FROM nodes WHERE mac = ANY(%s) ORDER BY name FOR UPDATE", (macs,))
+
+
 async def _touch_macs(conn: Conn, seen: dict[str, float]) -> None:
+    await _lock_by_mac(conn, list(seen))
     await conn.execute("UPDATE nodes n SET last_contact = x.seen FROM unnest(%s::text[], %s::double precision[])"
                        " AS x(mac, seen) WHERE n.mac = x.mac", (list(seen), list(seen.values())))
 
