@@ -242,9 +242,16 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def perfdhcp_command(rate: int, clients: int, period: float, exchanges: int | None = None) -> list[str]:
+    """perfdhcp in the client namespace, relaying (-l) to the server: ``rate`` new exchanges/s from ``clients``
+    simulated clients for at most ``period`` s, and at most ``exchanges`` of them (None: until the period ends)."""
+    count = ["-n", str(exchanges)] if exchanges is not None else []
+    return ["ip", "netns", "exec", CLI, "perfdhcp", "-4", "-g", "single", "-l", CLIENT_IP, "-R", str(clients),
+            *count, "-r", str(rate), "-p", str(int(period)), "-d", "2", "-W", "2000000", SERVER_IP]
+
+
 def perfdhcp(rate: int, clients: int, period: float) -> tuple[float, int, int, int, float, float, float]:
-    cmd = ["ip", "netns", "exec", CLI, "perfdhcp", "-4", "-g", "single", "-l", CLIENT_IP, "-R", str(clients),
-           "-n", str(clients), "-r", str(rate), "-p", str(int(period)), "-d", "2", "-W", "2000000", SERVER_IP]
+    cmd = perfdhcp_command(rate, clients, period, exchanges=clients)
     t0, r0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=period + 30, check=False).stdout
     seconds, r1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -38,10 +38,8 @@ def main() -> None:
             proc = bench.start_server("bootd", work)
             wal = work / "state" / "bootd.sqlite-wal"
             try:
-                cmd = ["ip", "netns", "exec", bench.CLI, "perfdhcp", "-4", "-g", "single", "-l", bench.CLIENT_IP,
-                       "-R", str(args.clients), "-r", str(args.rate), "-p", str(args.seconds), "-d", "2",
-                       "-W", "2000000", bench.SERVER_IP]
-                load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                load = subprocess.Popen(bench.perfdhcp_command(args.rate, args.clients, args.seconds),
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 t0, largest = time.monotonic(), 0
                 while load.poll() is None and time.monotonic() - t0 < args.seconds + 30:
                     time.sleep(5)
