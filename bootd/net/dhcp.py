@@ -28,8 +28,11 @@ It decides nothing: bytes are parsed by ``bootd.proto.dhcp`` and answered by
   every client we captured; anything else takes the DISCOVER lane): under a
   flood most arrivals are dropped, so the arrival path must cost next to
   nothing. Parsing happens in the worker, after the age check.
-* A fixed number of worker tasks: the service awaits the store, so several
-  requests can be in flight while one waits for SQLite.
+* A few worker tasks, each taking up to a read batch from the lanes and handing
+  it to the service in one call (``DhcpService.handle_many``: one registry trip
+  and one lease commit for the batch instead of a task, futures and a trip per
+  request); while one batch waits for its commit, another worker takes the
+  next, and its writes join the next group commit.
 * A counter for every packet that gets no answer, labelled by reason, plus a
   rate-limited log line per reason (one per ``LOG_EVERY`` seconds) so a flood
   cannot flood the journal too.
@@ -53,7 +56,7 @@ from bootd.errors import RemoteProtocolError, StoreError
 from bootd.metrics import DhcpMetrics, make_registry
 from bootd.proto.dhcp.packet import DhcpPacket
 from bootd.ratelog import LogLimiter
-from bootd.service.dhcp import DhcpService
+from bootd.service.dhcp import DhcpService, Request
 
 if TYPE_CHECKING:
     from bootd.config import Config
@@ -126,6 +129,15 @@ class _Lanes:
                 if getter.done() and not getter.cancelled() and self.qsize():
                     self._wake_one()  # pass the wakeup we consumed on to another worker
                 raise
+
+    async def get_many(self, limit: int) -> list[tuple[_Item, int]]:
+        """Up to ``limit`` items, lane 0's first, once at least one is there."""
+        first = await self.get()
+        got = [first]
+        for lane, q in enumerate(self.lanes):
+            while q and len(got) < limit:
+                got.append((q.popleft(), lane))
+        return got
 
     def _wake_one(self) -> None:
         while self._getters:
@@ -236,7 +248,8 @@ class DhcpServer:
         interface: str | None = None,
         more_interfaces: tuple[str, ...] = (),
         queue_size: int = 1024,
-        workers: int = 64,
+        workers: int = 4,
+        batch: int = READ_BATCH,
         max_age: float = 2.0,
         metrics: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
@@ -249,6 +262,7 @@ class DhcpServer:
         # Subnets' own interfaces: one more socket each, on the DHCP port (not the proxy port).
         self.more_interfaces = tuple(i for i in dict.fromkeys(more_interfaces) if i and i != interface)
         self.workers = workers
+        self.batch = batch
         self.max_age = max_age
         self.clock = clock
         self.queue = _Lanes(queue_size)
@@ -375,41 +389,57 @@ class DhcpServer:
     async def _worker(self) -> None:
         queue = self.queue
         while True:
-            (data, addr, port, transport, queued_at, interface), lane = await queue.get()
+            items = await queue.get_many(self.batch)
+            try:
+                await self._batch(items)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not kill the worker: count it, log the trace, keep serving
+                self.metrics.dropped.labels(reason="internal-error").inc(len(items))
+                log.exception("event=dhcp-internal-error requests=%d", len(items))
+
+    async def _batch(self, items: list[tuple[_Item, int]]) -> None:
+        """Answer what one worker took from the queue together (the service decides a batch in one go: one
+        registry trip, one lease commit); each reply goes out as soon as the batch is decided."""
+        now = time.monotonic()
+        requests: list[Request] = []
+        routes: list[tuple[tuple[str, int], _Endpoint]] = []
+        for (data, addr, port, transport, queued_at, interface), lane in items:
             self.waiting.discard(_request_key(data))
             limit = self.max_age * (2 if lane == 0 else 1)
-            if time.monotonic() - queued_at > limit:
+            if now - queued_at > limit:
                 # Overloaded: the client has retransmitted or given up by now (RFC 2131 4.1: ~4 s).
                 # Answering it would only make every later request later too (congestion collapse).
                 self.drop("stale", f"waited more than {limit:.1f}s in the queue")
                 continue
             try:
-                await self._one(data, addr, port, transport, interface)
-            except asyncio.CancelledError:
-                raise
-            except StoreError as exc:
-                self.drop("store-error", str(exc))
-            except Exception:  # a bug must not kill the worker: count it, log the trace, keep serving
-                self.metrics.dropped.labels(reason="internal-error").inc()
-                log.exception("event=dhcp-internal-error from=%s:%d", addr[0], addr[1])
-
-    async def _one(self, data: bytes, addr: tuple[str, int], port: int,
-                   transport: _Endpoint, interface: str | None = None) -> None:
-        try:
-            packet = DhcpPacket.parse(data)
-            outcome = await self.service.handle(packet, port=port, now=self.clock(), source=addr,
-                                                interface=interface)
-        except RemoteProtocolError as exc:
-            self.drop(exc.reason, f"from {addr[0]}:{addr[1]}: {exc}")
+                packet = DhcpPacket.parse(data)
+            except RemoteProtocolError as exc:
+                self.drop(exc.reason, f"from {addr[0]}:{addr[1]}: {exc}")
+                continue
+            requests.append(Request(packet, port, addr, interface))
+            routes.append((addr, transport))
+        if not requests:
             return
-        if outcome.ignored is not None:
-            self.drop(outcome.ignored, outcome.detail)
-        for reply in outcome.replies:
-            if transport.is_closing():
-                return
-            transport.sendto(reply.data, (reply.address, reply.port))
-            counter = self._reply_counters.get(reply.msg_type)
-            if counter is None:
-                counter = self._reply_counters[reply.msg_type] = self.metrics.replies.labels(
-                    type=reply.msg_type.name.lower())
-            counter.inc()
+        results = await self.service.handle_many(requests, self.clock())
+        for (addr, transport), result in zip(routes, results, strict=True):
+            if isinstance(result, Exception):
+                if isinstance(result, RemoteProtocolError):
+                    self.drop(result.reason, f"from {addr[0]}:{addr[1]}: {result}")
+                elif isinstance(result, StoreError):
+                    self.drop("store-error", str(result))
+                else:
+                    self.metrics.dropped.labels(reason="internal-error").inc()
+                    log.error("event=dhcp-internal-error from=%s:%d", addr[0], addr[1], exc_info=result)
+                continue
+            if result.ignored is not None:
+                self.drop(result.ignored, result.detail)
+            for reply in result.replies:
+                if transport.is_closing():
+                    return
+                transport.sendto(reply.data, (reply.address, reply.port))
+                counter = self._reply_counters.get(reply.msg_type)
+                if counter is None:
+                    counter = self._reply_counters[reply.msg_type] = self.metrics.replies.labels(
+                        type=reply.msg_type.name.lower())
+                counter.inc()

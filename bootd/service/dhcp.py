@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,31 @@ class Outcome:
 
 def _ignore(reason: str, detail: str = "") -> Outcome:
     return Outcome([], reason, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request for handle_many: the parsed packet, the port it came to, its source, its device."""
+
+    packet: DhcpPacket
+    port: int
+    source: tuple[str, int] | None = None
+    interface: str | None = None
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """A DISCOVER (``fresh``: it always asks the registry) or a REQUEST between the steps of handle_many."""
+
+    index: int
+    packet: DhcpPacket
+    client: Client
+    sub: Subnet
+    ip: int = 0  # a REQUEST's address
+    fresh: bool = False
+    node: Node | None = None
+    resolved: bool = False  # node is the registry's answer (None: refused)
+    lease: Lease | None = None  # a REQUEST's binding, waiting for its commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +408,53 @@ class DhcpService:
         ``interface`` is the device the request came in on (when the transport knows): an unrelayed client
         there gets the subnet bound to that interface.
         """
+        result = (await self.handle_many([Request(packet, port, source, interface)], now))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def handle_many(self, requests: Sequence[Request], now: float) -> list[Outcome | Exception]:
+        """Decide the replies to a batch of requests (what the transport read in one go), one answer each, in order:
+        an Outcome, or the exception that request raised (RemoteProtocolError, StoreError, ...).
+
+        Why a batch: per request, the work is small next to the trips it needs (the registry's answer, the lease's
+        commit, the tasks and futures around each). Here every DISCOVER and REQUEST of the batch goes through the
+        same steps together: the synchronous checks, one registry trip for all (registration included), the
+        allocations (synchronous, so two requests of one batch never get one address), one group commit for every
+        lease, then the replies, none sent before the commit that holds its lease. The rarer messages (DECLINE,
+        RELEASE, INFORM, proxy and boot-server requests) run one by one alongside.
+        """
+        if not self._loaded:
+            await self.load(now)
+        answers: list[Outcome | Exception | None] = [None] * len(requests)
+        exchanges: list[_Exchange] = []
+        others: list[tuple[int, Callable[[], Awaitable[Outcome]]]] = []
+        for i, r in enumerate(requests):
+            try:
+                step = self._begin(i, r, now)
+            except Exception as exc:
+                answers[i] = exc
+                continue
+            if isinstance(step, Outcome):
+                answers[i] = step
+            elif isinstance(step, _Exchange):
+                exchanges.append(step)
+            else:
+                others.append((i, step))
+        if exchanges:
+            await self._exchanges(exchanges, answers, now)
+        if others:
+            got = await asyncio.gather(*(fn() for _, fn in others), return_exceptions=True)
+            for (i, _), one in zip(others, got, strict=True):
+                if isinstance(one, BaseException) and not isinstance(one, Exception):
+                    raise one
+                answers[i] = one
+        return [a if a is not None else _ignore("internal-error", "no answer") for a in answers]
+
+    def _begin(self, index: int, r: Request, now: float) -> Outcome | _Exchange | Callable[[], Awaitable[Outcome]]:
+        """The checks every request gets before any I/O: an answer already, an exchange (DISCOVER, REQUEST) for
+        the batch's steps, or the call that handles a rarer message."""
+        packet, port = r.packet, r.port
         c = classify(packet)
         if isinstance(c, Ignore):
             return _ignore(c.reason, c.detail)
@@ -392,25 +465,100 @@ class DhcpService:
             why = self._peers(cluster, client_key(packet), c.machine.mac)
             if why is not None:
                 return _ignore("peer-share", why)
-        if not self._loaded:
-            await self.load(now)
         cfg = self.config
         if port == cfg.proxy_port and port != cfg.port:
-            return await self._boot_server(packet, c, now, source)
+            return functools.partial(self._boot_server, packet, c, now, r.source)
         if not self.subnets:
-            return await self._proxy(packet, c, now)
+            return functools.partial(self._proxy, packet, c, now)
         mt = c.msg_type
         if mt is MT.DISCOVER:
-            return await self._discover(packet, c, now, interface)
+            sub = self.subnet_for(packet, r.interface)
+            if sub is None:
+                return self._no_subnet(packet)
+            return _Exchange(index, packet, c, sub, fresh=True)
         if mt is MT.REQUEST:
-            return await self._request(packet, c, now, interface)
+            return self._begin_request(index, packet, c, r.interface)
         if mt is MT.DECLINE:
-            return await self._decline(packet, c, now)
+            return functools.partial(self._decline, packet, c, now)
         if mt is MT.RELEASE:
-            return await self._release(packet, c, now)
+            return functools.partial(self._release, packet, c, now)
         if mt is MT.INFORM:
-            return await self._inform(packet, c, now, interface)
+            return functools.partial(self._inform, packet, c, now, r.interface)
         return _ignore("unexpected-type", f"{mt.name} from a client")
+
+    async def _exchanges(self, exchanges: list[_Exchange], answers: list[Outcome | Exception | None],
+                         now: float) -> None:
+        """The DISCOVERs and REQUESTs of a batch: nodes, allocations, one lease commit, replies."""
+        try:
+            await self._nodes_for(exchanges, now)
+        except Exception as exc:  # the registry's trip failed: every exchange that waited for it fails alike
+            for x in exchanges:
+                if not x.resolved:
+                    answers[x.index] = exc
+            exchanges = [x for x in exchanges if x.resolved]
+        claimed: list[_Exchange] = []
+        for x in exchanges:
+            try:
+                outcome = self._offer(x, now) if x.fresh else self._claim(x, now)
+            except Exception as exc:
+                answers[x.index] = exc
+                continue
+            if outcome is None:
+                claimed.append(x)
+            else:
+                answers[x.index] = outcome
+        if not claimed:
+            return
+        leases = [x.lease for x in claimed if x.lease is not None]
+        try:
+            stored: list[Exception | None] = await self.store.put_leases(
+                leases, now=now, server=self.cluster.id if self.cluster is not None else None)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                for x in claimed:
+                    x.sub.pool.unbind(x.ip)
+                raise
+            stored = [exc] * len(claimed)  # the commit failed: nothing of the batch is stored
+        marks: list[Awaitable[None]] = []
+        for x, failed in zip(claimed, stored, strict=True):
+            if failed is None:
+                answers[x.index] = self._ack(x, now, marks)
+            elif isinstance(failed, Conflict):
+                # Another server (sharing the registry) holds it: the database said no. Keep away from it until
+                # the leases are re-read, and send the client back to DISCOVER for another address.
+                x.sub.pool.unbind(x.ip)
+                x.sub.pool.stick(x.ip, OTHER)
+                self._reload_soon(now)
+                answers[x.index] = self._nak(x.packet, f"{int_ip(x.ip)} is not available: {failed}")
+            else:
+                x.sub.pool.unbind(x.ip)
+                answers[x.index] = failed
+        if marks:
+            await asyncio.gather(*marks)
+
+    async def _nodes_for(self, exchanges: list[_Exchange], now: float) -> None:
+        """Each exchange's node: the registry's answer (registering on first contact), one trip for the batch; a
+        REQUEST reuses the answer its DISCOVER got for NODE_CACHE_TTL seconds."""
+        asking: list[_Exchange] = []
+        for x in exchanges:
+            if not x.fresh:
+                hit = self._nodes.get(x.client.machine.mac)
+                if hit is not None and now - hit[1] <= NODE_CACHE_TTL:
+                    x.node, x.resolved = hit[0], True
+                    continue
+            asking.append(x)
+        if not asking:
+            return
+        answers = await self.registry.decide_many([(x.client.machine, x.client.pxe) for x in asking], now)
+        for x, answer in zip(asking, answers, strict=True):
+            mac = x.client.machine.mac
+            x.node, x.resolved = answer.node, True
+            if answer.node is not None:
+                self._nodes[mac] = (answer.node, now)
+            else:
+                self._nodes.pop(mac, None)
+                # Debug only: refusals come at packet rate from a flood; the transport counts them.
+                log.debug("event=refused mac=%s reason=%r", mac, answer.reason)
 
     # -- helpers -----------------------------------------------------------------------
     async def _node(self, c: Client, now: float, *, fresh: bool) -> Node | None:
@@ -501,26 +649,26 @@ class DhcpService:
                 return ip
         return pool.free(mac, now)
 
-    async def _discover(self, packet: DhcpPacket, c: Client, now: float, interface: str | None = None) -> Outcome:
-        sub = self.subnet_for(packet, interface)
-        if sub is None:
-            return self._no_subnet(packet)
-        node = await self._node(c, now, fresh=True)
+    def _offer(self, x: _Exchange, now: float) -> Outcome:
+        """A DISCOVER with its node: choose an address, hold it for the offer, answer."""
+        c, node, sub = x.client, x.node, x.sub
         if node is None:
             return _ignore("refused", f"registry refused {c.machine.mac}")
-        ip = self._choose(sub.pool, c, node, packet, now)
+        ip = self._choose(sub.pool, c, node, x.packet, now)
         if ip is None:
             log.warning("event=dhcp-pool-exhausted mac=%s subnet=%s", c.machine.mac, sub.config.subnet)
             return _ignore("pool-exhausted", f"no free address in {sub.config.subnet} for {c.machine.mac}")
         until = now + self.config.offer_hold
         sub.pool.offer(ip, c.machine.mac, until)
         self._poke(until)
-        boot = self._boot(packet, c, node, sub)
+        boot = self._boot(x.packet, c, node, sub)
         opts = {**sub.options, **boot.options}
-        return Outcome([self._send(packet, MT.OFFER, yiaddr=int_ip(ip), siaddr=boot.siaddr, options=opts,
+        return Outcome([self._send(x.packet, MT.OFFER, yiaddr=int_ip(ip), siaddr=boot.siaddr, options=opts,
                                    file=boot.file)])
 
-    async def _request(self, packet: DhcpPacket, c: Client, now: float, interface: str | None = None) -> Outcome:
+    def _begin_request(self, index: int, packet: DhcpPacket, c: Client,
+                       interface: str | None) -> Outcome | _Exchange:
+        """A REQUEST's checks that need no node: whose it is, which subnet, whether the address is on it."""
         mac = c.machine.mac
         req = request_state(packet)
         if isinstance(req, Ignore):
@@ -534,45 +682,44 @@ class DhcpService:
             return _ignore("other-server", f"{mac} selected server {req.server_id}")
         if sub is None:
             return self._no_subnet(packet)
-        pool = sub.pool
         ip = ip_int(req.address)
-        if not pool.in_subnet(ip):
+        if not sub.pool.in_subnet(ip):
             if req.configured:
                 # RFC 2131 4.3.2: a REBINDING client on another network is not ours to refuse.
                 return _ignore("foreign-subnet", f"{mac} renews {int_ip(ip)} outside our subnet")
             return self._nak(packet, f"{int_ip(ip)} is not on this network")
-        node = await self._node(c, now, fresh=False)
+        return _Exchange(index, packet, c, sub, ip=ip)
+
+    def _claim(self, x: _Exchange, now: float) -> Outcome | None:
+        """A REQUEST with its node: refuse (NAK) or bind the address in memory, its lease to be committed before
+        the ACK (None). No await between the check and the claim."""
+        mac, node, pool, ip = x.client.machine.mac, x.node, x.sub.pool, x.ip
         if node is None:
             return _ignore("refused", f"registry refused {mac}")
         own = node.ip is not None and ip == ip_int(node.ip)
         if not (pool.in_pool(ip) or own) or not pool.available(ip, mac, now):
-            return self._nak(packet, f"{int_ip(ip)} is not available to {mac}")
+            return self._nak(x.packet, f"{int_ip(ip)} is not available to {mac}")
         if node.ip and not own and pool.in_subnet(ip_int(node.ip)) and pool.available(ip_int(node.ip), mac, now):
             # The node keeps its address: steer it back there instead of granting another one.
-            return self._nak(packet, f"{mac} is assigned {node.ip}")
-        expires = now + sub.config.lease_time
-        # Bind in memory first (no await between the check and the claim), persist before the ACK
-        # (RFC 2131 4.3.1: the binding is committed before the reply), undo on failure.
+            return self._nak(x.packet, f"{mac} is assigned {node.ip}")
+        expires = now + x.sub.config.lease_time
+        # Bind in memory first, persist before the ACK (RFC 2131 4.3.1: the binding is committed before the
+        # reply); the caller undoes the binding when the commit fails.
         pool.bind(ip, mac, expires)
-        try:
-            await self.store.put_lease(Lease(int_ip(ip), mac, expires, o.hostname(packet)), now=now,
-                                       server=self.cluster.id if self.cluster is not None else None)
-        except Conflict as exc:
-            # Another server (sharing the registry) holds it: the database said no. Keep away from it until
-            # the leases are re-read, and send the client back to DISCOVER for another address.
-            pool.unbind(ip)
-            pool.stick(ip, OTHER)
-            self._reload_soon(now)
-            return self._nak(packet, f"{int_ip(ip)} is not available: {exc}")
-        except BaseException:
-            pool.unbind(ip)
-            raise
-        self._poke(expires)
-        boot = self._boot(packet, c, node, sub)
-        await self._mark_pxe(node, c, boot.plan, now)
-        opts = {**sub.options, **boot.options}
-        log.debug("event=dhcp-ack mac=%s ip=%s node=%s file=%r", mac, int_ip(ip), node.name, boot.file)
-        return Outcome([self._send(packet, MT.ACK, yiaddr=int_ip(ip), siaddr=boot.siaddr, options=opts,
+        x.lease = Lease(int_ip(ip), mac, expires, o.hostname(x.packet))
+        return None
+
+    def _ack(self, x: _Exchange, now: float, marks: list[Awaitable[None]]) -> Outcome:
+        """A REQUEST whose lease is committed: the ACK (and, for a boot firmware, its lifecycle step, in marks)."""
+        assert x.lease is not None and x.node is not None
+        self._poke(x.lease.expires)
+        boot = self._boot(x.packet, x.client, x.node, x.sub)
+        if boot.plan is not None and x.client.pxe:
+            marks.append(self._mark_pxe(x.node, x.client, boot.plan, now))
+        opts = {**x.sub.options, **boot.options}
+        log.debug("event=dhcp-ack mac=%s ip=%s node=%s file=%r", x.client.machine.mac, x.lease.ip, x.node.name,
+                  boot.file)
+        return Outcome([self._send(x.packet, MT.ACK, yiaddr=x.lease.ip, siaddr=boot.siaddr, options=opts,
                                    file=boot.file)])
 
     def _took_over(self, server_id: str | None) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bootd.config import RegistryConfig
@@ -77,65 +78,95 @@ class RegistryService:
         return await self.store.probe()
 
     async def decide(self, machine: Machine, now: float, *, netboot: bool = True) -> Resolution:
-        """Resolve a machine to a node, registering it on first contact when allowed.
+        """Resolve a machine to a node, registering it on first contact when allowed (decide_many says how)."""
+        return (await self.decide_many([(machine, netboot)], now))[0]
 
-        ``netboot`` says the machine is a network-boot client (PXE or HTTP vendor class, option 93,
-        iPXE); only those register unless ``registry.register_any_client`` is set, so a laptop or a
-        switch on the provisioning LAN never becomes a node.  The common case (registration on,
-        within the rate limit) is one trip to the store: register() returns a known node as it is
-        and records the contact, and the default group is read in the same trip.
+    async def decide_many(self, asks: Sequence[tuple[Machine, bool]], now: float) -> list[Resolution]:
+        """Resolve machines to nodes, registering them on first contact when allowed; one answer per ask, in order.
+
+        Each ask is a machine and whether it is a network-boot client (PXE or HTTP vendor class, option 93,
+        iPXE); only those register unless ``registry.register_any_client`` is set, so a laptop or a switch on
+        the provisioning LAN never becomes a node. The common case (registration on, within the rate limit) is
+        one trip to the store for all of them, however many (a DHCP read batch): register_many() returns known
+        nodes as they are and records their contact, and the default group is read in the same trip.
         """
         cfg = self.config
-        created = False
-        may_register = cfg.auto_register and (netboot or cfg.register_any_client)
-        node: Node | None = None
-        prefetched: Group | _Unread | None = _UNREAD
-        if may_register and self._bucket.available(cfg.register_rate, cfg.register_burst, now):
-            # Reserve the token before the await, so concurrent first contacts cannot overdraw it;
-            # a known node gives it back.
-            self._bucket.consume()
+        answers: list[Resolution | None] = [None] * len(asks)
+        nodes: list[tuple[int, Node]] = []
+        created: set[int] = set()
+        registering: list[int] = []
+        looking: list[int] = []
+        for i, (_machine, netboot) in enumerate(asks):
+            may_register = cfg.auto_register and (netboot or cfg.register_any_client)
+            if may_register and self._bucket.available(cfg.register_rate, cfg.register_burst, now):
+                # Reserve the token before the await, so concurrent first contacts cannot overdraw it; a known
+                # node gives it back.
+                self._bucket.consume()
+                registering.append(i)
+            else:
+                looking.append(i)
+        groups: dict[str, Group | None] = {}
+        if registering:
             # The default group is read alongside (a new node lands in it, and most nodes stay there): on the
             # SQLite store both ride one trip to the database, in one transaction, instead of two in a row.
-            registering = asyncio.ensure_future(self.store.register(
-                machine.mac, name_pattern=cfg.name_pattern, first_index=cfg.first_index,
+            trip = asyncio.ensure_future(self.store.register_many(
+                [asks[i][0].mac for i in registering], name_pattern=cfg.name_pattern, first_index=cfg.first_index,
                 group=cfg.default_group, approved=not cfg.approve_first, now=now, max_nodes=cfg.max_nodes,
             ))
             try:
-                prefetched = await self.store.get_group(cfg.default_group)
+                groups[cfg.default_group] = await self.store.get_group(cfg.default_group)
             finally:
-                registered = await asyncio.gather(registering, return_exceptions=True)
-            if isinstance(registered[0], RegistryFull):
-                self._bucket.refund()
-                return Resolution(None, str(registered[0]))
-            if isinstance(registered[0], BaseException):
-                raise registered[0]
-            node, created = registered[0]
-            if not created:
-                self._bucket.refund()
+                registered = (await asyncio.gather(trip, return_exceptions=True))[0]
+            if isinstance(registered, BaseException):
+                for _ in registering:
+                    self._bucket.refund()
+                raise registered
+            for i, one in zip(registering, registered, strict=True):
+                if isinstance(one, RegistryFull):
+                    self._bucket.refund()
+                    answers[i] = Resolution(None, str(one))
+                    continue
+                node, new = one
+                if not new:
+                    self._bucket.refund()
+                else:
+                    created.add(i)
+                    log.info("event=registered node=%s mac=%s firmware=%s approved=%s", node.name, node.mac,
+                             asks[i][0].firmware.value, node.approved)
+                nodes.append((i, node))
+        for i in looking:
+            machine, netboot = asks[i]
+            known = await self.store.get_node_by_mac(machine.mac)
+            if known is None:
+                answers[i] = Resolution(None, self._unregistered(machine, netboot))
+                continue
+            if now - known.last_contact >= 1.0:
+                await self.store.touch(known.name, now)
+            nodes.append((i, known))
+        for i, node in nodes:
+            if node.group not in groups:
+                groups[node.group] = await self.store.get_group(node.group)
+            node, group = await self.with_group(node, groups[node.group])
+            new = i in created
+            if not node.enabled:
+                answers[i] = Resolution(None, f"node {node.name} is disabled", new)
+            elif not node.approved:
+                answers[i] = Resolution(None, f"node {node.name} waits for approval (bootd node approve "
+                                              f"{node.name})", new)
             else:
-                log.info("event=registered node=%s mac=%s firmware=%s approved=%s", node.name, node.mac,
-                         machine.firmware.value, node.approved)
-        else:
-            node = await self.store.get_node_by_mac(machine.mac)
-            if node is None:
-                if not cfg.auto_register:
-                    return Resolution(None, f"unknown MAC {machine.mac} and registry.auto_register is off")
-                if not may_register:
-                    return Resolution(None, f"unknown MAC {machine.mac} is not a network-boot client (no PXE or "
-                                            "HTTP vendor class, option 93 or iPXE); registry.register_any_client "
-                                            "is off")
-                return Resolution(None, f"unknown MAC {machine.mac}: registration rate limit "
-                                        f"({cfg.register_rate:g}/s, burst {cfg.register_burst}) "
-                                        "reached; it will register on a later attempt")
-            if now - node.last_contact >= 1.0:
-                await self.store.touch(node.name, now)
-        node, group = await self.with_group(node, prefetched if node.group == cfg.default_group else _UNREAD)
-        if not node.enabled:
-            return Resolution(None, f"node {node.name} is disabled", created)
-        if not node.approved:
-            return Resolution(None, f"node {node.name} waits for approval (bootd node approve {node.name})",
-                              created)
-        return Resolution(node, "", created, group)
+                answers[i] = Resolution(node, "", new, group)
+        return [a if a is not None else Resolution(None, "no answer") for a in answers]
+
+    def _unregistered(self, machine: Machine, netboot: bool) -> str:
+        """Why an unknown MAC was not registered."""
+        cfg = self.config
+        if not cfg.auto_register:
+            return f"unknown MAC {machine.mac} and registry.auto_register is off"
+        if not (netboot or cfg.register_any_client):
+            return (f"unknown MAC {machine.mac} is not a network-boot client (no PXE or HTTP vendor class, option 93 "
+                    "or iPXE); registry.register_any_client is off")
+        return (f"unknown MAC {machine.mac}: registration rate limit ({cfg.register_rate:g}/s, burst "
+                f"{cfg.register_burst}) reached; it will register on a later attempt")
 
     async def resolve(self, machine: Machine, now: float, *, netboot: bool = True) -> Node | None:
         result = await self.decide(machine, now, netboot=netboot)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bootd.errors import mask_url
+from bootd.errors import RegistryFull, mask_url
 from bootd.model import Group, Lease, Node, State
 
 __all__ = ["mask_url"]
@@ -105,6 +105,11 @@ class NodeStore(Protocol):
     ) -> tuple[Node, bool]:
         """The node of ``mac``, registering it on first contact (RegistryFull past ``max_nodes``)."""
         ...
+    async def register_many(self, macs: list[str], *, name_pattern: str, first_index: int, group: str,
+                            approved: bool, now: float, max_nodes: int = 0) -> list[tuple[Node, bool] | RegistryFull]:
+        """register() for each MAC, in order, in one trip (a DHCP read batch): a full registry is that MAC's
+        RegistryFull in its slot; any other failure raises for all."""
+        ...
     async def add_node(self, mac: str, name: str, *, group: str, now: float, **fields: Any) -> Node: ...
     async def add_nodes(self, nodes: list[NewNode], *, now: float) -> int:
         """All of ``nodes`` in one transaction, or none (a Conflict names the line)."""
@@ -146,6 +151,11 @@ class NodeStore(Protocol):
     async def put_lease(self, lease: Lease, *, now: float | None = None, server: str | None = None) -> None:
         """Store a lease (before its ACK). Conflict when the address is another MAC's live lease or another
         node's own address: across servers, the database decides, not each server's memory."""
+    async def put_leases(self, leases: list[Lease], *, now: float | None = None,
+                         server: str | None = None) -> list[Exception | None]:
+        """put_lease() for each, committed together: each slot None (stored) or why that lease was not (a
+        Conflict; a StoreError when the commit failed). Returns once every stored one is committed."""
+        ...
     async def release_lease(self, ip: str) -> None: ...
 
     async def beat(self, server: ServerRecord) -> list[ServerRecord]:

@@ -34,7 +34,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -887,6 +887,19 @@ class PostgresNodeStore:
             self._registrar = asyncio.create_task(self._register_waiting(), name="bootd-store-registrar")
         return await item.result
 
+    async def register_many(self, macs: list[str], *, name_pattern: str, first_index: int, group: str,
+                            approved: bool, now: float, max_nodes: int = 0) -> list[tuple[Node, bool] | RegistryFull]:
+        # The lookup batcher and the registrar already take every call waiting in one query and one transaction.
+        got = await asyncio.gather(*(self.register(mac, name_pattern=name_pattern, first_index=first_index,
+                                                   group=group, approved=approved, now=now, max_nodes=max_nodes)
+                                     for mac in macs), return_exceptions=True)
+        out: list[tuple[Node, bool] | RegistryFull] = []
+        for one in got:
+            if isinstance(one, BaseException) and not isinstance(one, RegistryFull):
+                raise one
+            out.append(one)
+        return out
+
     async def _lookups_waiting(self) -> None:
         """Answer queued first-contact lookups, up to LOOKUP_BATCH MACs per query, until none wait.
 
@@ -1206,6 +1219,15 @@ class PostgresNodeStore:
         # an address already in the batch waits for the next one: the checks are per batch).
         await self._leases.add(_NewLease(lease, normalize_mac(lease.mac), time.time() if now is None else now, server,
                                          asyncio.get_running_loop().create_future()))
+
+    async def put_leases(self, leases: list[Lease], *, now: float | None = None,
+                         server: str | None = None) -> list[Exception | None]:
+        got = await asyncio.gather(*(self.put_lease(lease, now=now, server=server) for lease in leases),
+                                   return_exceptions=True)
+        for one in got:
+            if isinstance(one, BaseException) and not isinstance(one, Exception):
+                raise one
+        return cast("list[Exception | None]", got)
 
     # -- servers sharing this registry ---------------------------------------------
     async def beat(self, server: ServerRecord) -> list[ServerRecord]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -330,37 +331,69 @@ class SqliteRepo:
 
     def _register(self, db: sqlite3.Connection, mac: str, *, name_pattern: str, first_index: int, group: str,
                   approved: bool, now: float, max_nodes: int) -> tuple[Node, bool]:
-        mac = normalize_mac(mac)
-        row = self._row("mac", mac)
-        if row is not None:
-            # A known node: this is its contact, recorded in the same trip (at most once a second).
-            if now - row["last_contact"] >= 1.0:
-                db.execute("UPDATE nodes SET last_contact = ? WHERE id = ?", (now, row["id"]))
-            return self._load(row), False
-        # COUNT(*) reads every row (O(nodes) per first contact); the largest id bounds the count from above and
-        # costs one index probe, so the count is only taken near the limit.
-        if max_nodes and (db.execute("SELECT MAX(id) FROM nodes").fetchone()[0] or 0) >= max_nodes and \
-                db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] >= max_nodes:
-            raise RegistryFull(f"the registry holds registry.max_nodes = {max_nodes} nodes; {mac} is not "
-                               "registered (raise the limit, or delete nodes)")
-        self._ensure_group(group)
-        top = db.execute("SELECT MAX(idx) FROM nodes").fetchone()[0]
-        index = first_index if top is None else max(first_index, top + 1)
-        # A manually added node may already carry a name from the pattern: skip over it.
-        while db.execute("SELECT 1 FROM nodes WHERE name = ?", (name_pattern.format(index=index),)).fetchone():
-            index += 1
-        name = name_pattern.format(index=index)
-        node_id = db.execute(
-            "INSERT INTO nodes(mac, name, idx, grp, approved, state, state_since, first_contact, last_contact)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (mac, name, index, group, int(approved), State.DISCOVERED.value, now, now, now),
-        ).lastrowid
-        db.execute("INSERT INTO events(node_id, ts, state, reason) VALUES (?, ?, ?, ?)",
-                   (node_id, now, State.DISCOVERED.value, "first contact"))
-        # Built from the values just inserted (the column defaults for the rest, no variables yet) rather than
-        # read back: a first contact is on the DHCP path, and that is two statements fewer.
-        return Node(mac=mac, name=name, group=group, approved=approved, state=State.DISCOVERED, state_since=now,
-                    first_contact=now, last_contact=now), True
+        result = self._register_many(db, [mac], name_pattern=name_pattern, first_index=first_index, group=group,
+                                     approved=approved, now=now, max_nodes=max_nodes)[0]
+        if isinstance(result, RegistryFull):
+            raise result
+        return result
+
+    def _register_many(self, db: sqlite3.Connection, macs: list[str], *, name_pattern: str, first_index: int,
+                       group: str, approved: bool, now: float,
+                       max_nodes: int) -> list[tuple[Node, bool] | RegistryFull]:
+        """Each MAC's node, registering the unknown ones, in order (a MAC twice: registered once, then known).
+
+        One call for a DHCP read batch: the checks every new node shares (the group exists, the highest index,
+        the size bound) are read once for the batch instead of once a node, which leaves two statements per
+        known node (its row, its variables) and four per new one (its row, its name, the node and its event).
+        """
+        out: list[tuple[Node, bool] | RegistryFull] = []
+        group_checked = False
+        top: int | None = None
+        top_read = False
+        bound = -1  # MAX(id): an upper bound of the node count, read when a new node first needs it
+        for raw in macs:
+            mac = normalize_mac(raw)
+            row = self._row("mac", mac)
+            if row is not None:
+                # A known node: this is its contact, recorded in the same trip (at most once a second).
+                if now - row["last_contact"] >= 1.0:
+                    db.execute("UPDATE nodes SET last_contact = ? WHERE id = ?", (now, row["id"]))
+                out.append((self._load(row), False))
+                continue
+            # COUNT(*) reads every row (O(nodes)); the largest id bounds the count from above and costs one index
+            # probe, so the count is only taken near the limit.
+            if max_nodes:
+                if bound < 0:
+                    bound = db.execute("SELECT MAX(id) FROM nodes").fetchone()[0] or 0
+                if bound >= max_nodes and db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] >= max_nodes:
+                    out.append(RegistryFull(f"the registry holds registry.max_nodes = {max_nodes} nodes; {mac} is "
+                                            "not registered (raise the limit, or delete nodes)"))
+                    continue
+            if not group_checked:
+                self._ensure_group(group)
+                group_checked = True
+            if not top_read:
+                top = db.execute("SELECT MAX(idx) FROM nodes").fetchone()[0]
+                top_read = True
+            index = first_index if top is None else max(first_index, top + 1)
+            # A manually added node may already carry a name from the pattern: skip over it.
+            while db.execute("SELECT 1 FROM nodes WHERE name = ?", (name_pattern.format(index=index),)).fetchone():
+                index += 1
+            name = name_pattern.format(index=index)
+            node_id = db.execute(
+                "INSERT INTO nodes(mac, name, idx, grp, approved, state, state_since, first_contact, last_contact)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mac, name, index, group, int(approved), State.DISCOVERED.value, now, now, now),
+            ).lastrowid
+            db.execute("INSERT INTO events(node_id, ts, state, reason) VALUES (?, ?, ?, ?)",
+                       (node_id, now, State.DISCOVERED.value, "first contact"))
+            top = index
+            bound = max(bound, node_id or 0)
+            # Built from the values just inserted (the column defaults for the rest, no variables yet) rather than
+            # read back: a first contact is on the DHCP path, and that is two statements fewer.
+            out.append((Node(mac=mac, name=name, group=group, approved=approved, state=State.DISCOVERED,
+                             state_since=now, first_contact=now, last_contact=now), True))
+        return out
 
     def _ensure_group(self, group: str) -> None:
         if self.db.execute("SELECT 1 FROM groups WHERE name = ?", (group,)).fetchone() is None:
@@ -820,6 +853,12 @@ class SqliteNodeStore:
             db, mac, name_pattern=name_pattern, first_index=first_index, group=group, approved=approved, now=now,
             max_nodes=max_nodes))
 
+    async def register_many(self, macs: list[str], *, name_pattern: str, first_index: int, group: str,
+                            approved: bool, now: float, max_nodes: int = 0) -> list[tuple[Node, bool] | RegistryFull]:
+        return await self._batched(lambda db: self.repo._register_many(
+            db, macs, name_pattern=name_pattern, first_index=first_index, group=group, approved=approved, now=now,
+            max_nodes=max_nodes))
+
     async def add_node(self, mac: str, name: str, *, group: str, now: float, **fields: Any) -> Node:
         return await self._run(self.repo.add_node, mac, name, group=group, now=now, **fields)
 
@@ -900,6 +939,23 @@ class SqliteNodeStore:
         # Returns once the lease is committed: the caller's ACK may name it then.
         at = time.time() if now is None else now
         await self._batched(lambda db: self.repo._put_lease(db, lease, at, server))
+
+    async def put_leases(self, leases: list[Lease], *, now: float | None = None,
+                         server: str | None = None) -> list[Exception | None]:
+        # One write each in the next group commit: they share its COMMIT, and a refused one (a Conflict) is
+        # undone alone (SqliteRepo.batch).
+        at = time.time() if now is None else now
+        put = self.repo._put_lease
+        waiting = [self._submit(functools.partial(put, lease=lease, now=at, server=server)) for lease in leases]
+        results: list[Exception | None] = []
+        for fut in waiting:
+            try:
+                await fut
+            except Exception as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+        return results
 
     async def _batched(self, op: Callable[[sqlite3.Connection], R]) -> R:
         """Run one write (or a read on the DHCP path) in the next group commit; its result once committed.

@@ -169,7 +169,7 @@ async def test_lifecycle_reports_and_heartbeats(node_store: NodeStore) -> None:
 
 async def test_store_faults_surface_as_store_errors(node_store: NodeStore) -> None:
     inner = node_store
-    store = BrokenStore(inner, fail={"register"})
+    store = BrokenStore(inner, fail={"register_many"})
     service = RegistryService(store, RegistryConfig())
     with pytest.raises(StoreError, match="injected"):
         await service.resolve(Machine(mac(1)), now=0.0)

@@ -734,6 +734,34 @@ async def test_max_nodes_caps_first_contacts_even_at_once(node_store: NodeStore)
     assert again.name == known.name and not created  # a known node is never refused
 
 
+async def test_register_many_and_put_leases_answer_a_dhcp_batch_slot_by_slot(node_store: NodeStore) -> None:
+    # What one DHCP read batch asks in one trip each: every MAC's node in order (a hand-named node skipped, a MAC
+    # twice registered once, the cap reached mid-batch refusing only the MACs past it), then every lease with a
+    # refused one failing alone in its slot.
+    await node_store.add_node(mac(99), "n0001", group="default", now=0.0)
+    asks = [mac(1), mac(2), mac(1), mac(99), mac(3), mac(4)]
+    got = await node_store.register_many(asks, name_pattern="n{index:04d}", first_index=0, group="default",
+                                         approved=True, now=5.0, max_nodes=4)
+    nodes = [r for r in got if isinstance(r, tuple)]
+    assert [created for _, created in nodes] == [True, True, False, False, True]
+    names = [node.name for node, _ in nodes]
+    assert names[0] == names[2] and names[3] == "n0001" and len({names[0], names[1], names[4], "n0001"}) == 4
+    assert isinstance(got[-1], RegistryFull) and "registry.max_nodes = 4" in str(got[-1])
+    assert sorted(n.name for n in await node_store.list_nodes()) == ["n0000", "n0001", "n0002", "n0003"]
+    assert [e.reason for e in await node_store.events(names[1])] == ["first contact"]
+    await node_store.put_lease(Lease("10.0.2.1", mac(50), 1000.0), now=5.0)
+    stored = await node_store.put_leases([Lease("10.0.2.2", mac(1), 1000.0, "a"), Lease("10.0.2.1", mac(2), 1000.0),
+                                          Lease("10.0.2.3", mac(3), 1000.0)], now=6.0)
+    assert stored[0] is None and stored[2] is None
+    assert isinstance(stored[1], Conflict) and "leased to 52:54:00:00:00:32" in str(stored[1])
+    leases = {x.ip: x.mac for x in await node_store.list_leases()}
+    assert leases == {"10.0.2.1": mac(50), "10.0.2.2": mac(1), "10.0.2.3": mac(3)}
+    assert (await node_store.get_node(names[0])).ip == "10.0.2.2"  # type: ignore[union-attr]
+    with pytest.raises(NotFound, match="no group named 'nope'"):
+        await node_store.register_many([mac(7)], name_pattern="n{index:04d}", first_index=0, group="nope",
+                                       approved=True, now=7.0)
+
+
 async def test_cli_and_serve_use_the_configured_postgresql(postgres_server: PgServer, tmp_path: Path) -> None:
     secret = tmp_path / "db-password"
     secret.write_text(postgres_server.password + "\n")

@@ -358,7 +358,7 @@ async def test_lease_write_failure_sends_no_ack_and_frees_the_address(store: Sql
     from bootd.errors import StoreError
     from bootd.store.broken import BrokenStore
 
-    broken = BrokenStore(store, {"put_lease"})
+    broken = BrokenStore(store, {"put_leases"})
     svc = DhcpService(broken, RegistryService(broken, RegistryConfig()), POLICY,  # type: ignore[arg-type]
                       dataclasses.replace(FULL, pool_end="10.77.0.100"), server_address=SERVER)
     discover = golden_packet("udhcpc-c2s-discover-1")
