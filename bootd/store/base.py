@@ -154,7 +154,7 @@ class NodeStore(Protocol):
     async def put_leases(self, leases: list[Lease], *, now: float | None = None,
                          server: str | None = None) -> list[Exception | None]:
         """put_lease() for each, committed together: each slot None (stored) or why that lease was not (a
-        Conflict; a StoreError when the commit failed). Returns once every stored one is committed."""
+        Conflict). Returns once every stored one is committed; raises (StoreError) when nothing could be."""
         ...
     async def release_lease(self, ip: str) -> None: ...
 

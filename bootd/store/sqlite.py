@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -150,6 +149,18 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 EVENTS_KEPT_PER_NODE = 200
+
+
+IN_LIMIT = 500  # values per IN (...) list: well under SQLite's 32766 bound parameters
+
+
+def _chunks(values: list[Any]) -> Iterator[list[Any]]:
+    for i in range(0, len(values), IN_LIMIT):
+        yield values[i:i + IN_LIMIT]
+
+
+def _marks(values: list[Any]) -> str:
+    return ",".join("?" * len(values))
 
 
 def _node(row: sqlite3.Row, vars_: dict[str, str]) -> Node:
@@ -342,57 +353,77 @@ class SqliteRepo:
                        max_nodes: int) -> list[tuple[Node, bool] | RegistryFull]:
         """Each MAC's node, registering the unknown ones, in order (a MAC twice: registered once, then known).
 
-        One call for a DHCP read batch: the checks every new node shares (the group exists, the highest index,
-        the size bound) are read once for the batch instead of once a node, which leaves two statements per
-        known node (its row, its variables) and four per new one (its row, its name, the node and its event).
+        One call for a DHCP read batch, set-based: one query finds the known nodes (and one their variables), one
+        statement records their contacts; the new nodes share the checks (the group exists, the highest index, the
+        size bound, which pattern names are taken) and go in with one statement for the rows and one for their
+        first events, where a node at a time took seven statements.
         """
-        out: list[tuple[Node, bool] | RegistryFull] = []
-        group_checked = False
-        top: int | None = None
-        top_read = False
-        bound = -1  # MAX(id): an upper bound of the node count, read when a new node first needs it
-        for raw in macs:
-            mac = normalize_mac(raw)
-            row = self._row("mac", mac)
-            if row is not None:
-                # A known node: this is its contact, recorded in the same trip (at most once a second).
-                if now - row["last_contact"] >= 1.0:
-                    db.execute("UPDATE nodes SET last_contact = ? WHERE id = ?", (now, row["id"]))
-                out.append((self._load(row), False))
-                continue
+        wanted = [normalize_mac(m) for m in macs]
+        unique = list(dict.fromkeys(wanted))
+        known: dict[str, sqlite3.Row] = {}
+        for part in _chunks(unique):
+            for row in db.execute(f"SELECT * FROM nodes WHERE mac IN ({_marks(part)})", part):
+                known[row["mac"]] = row
+        found: dict[str, tuple[Node, bool] | RegistryFull] = {}
+        if known:
+            allvars: dict[int, dict[str, str]] = {}
+            ids = [r["id"] for r in known.values()]
+            for part in _chunks(ids):
+                for v in db.execute(f"SELECT node_id, key, value FROM node_vars WHERE node_id IN ({_marks(part)})"
+                                    " ORDER BY key", part):
+                    allvars.setdefault(v["node_id"], {})[v["key"]] = v["value"]
+            # Their contact, recorded in the same trip (at most once a second).
+            stale = [(now, r["id"]) for r in known.values() if now - r["last_contact"] >= 1.0]
+            if stale:
+                db.executemany("UPDATE nodes SET last_contact = ? WHERE id = ?", stale)
+            for mac, row in known.items():
+                found[mac] = (_node(row, allvars.get(row["id"], {})), False)
+        new = [mac for mac in unique if mac not in known]
+        if new:
+            room = len(new)
             # COUNT(*) reads every row (O(nodes)); the largest id bounds the count from above and costs one index
             # probe, so the count is only taken near the limit.
             if max_nodes:
-                if bound < 0:
-                    bound = db.execute("SELECT MAX(id) FROM nodes").fetchone()[0] or 0
-                if bound >= max_nodes and db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] >= max_nodes:
-                    out.append(RegistryFull(f"the registry holds registry.max_nodes = {max_nodes} nodes; {mac} is "
-                                            "not registered (raise the limit, or delete nodes)"))
-                    continue
-            if not group_checked:
-                self._ensure_group(group)
-                group_checked = True
-            if not top_read:
-                top = db.execute("SELECT MAX(idx) FROM nodes").fetchone()[0]
-                top_read = True
+                bound = db.execute("SELECT MAX(id) FROM nodes").fetchone()[0] or 0
+                if bound + len(new) > max_nodes:
+                    count = db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0]
+                    room = max(0, min(len(new), max_nodes - count))
+            for mac in new[room:]:
+                found[mac] = RegistryFull(f"the registry holds registry.max_nodes = {max_nodes} nodes; {mac} is not "
+                                          "registered (raise the limit, or delete nodes)")
+            new = new[:room]
+        if new:
+            self._ensure_group(group)
+            top = db.execute("SELECT MAX(idx) FROM nodes").fetchone()[0]
             index = first_index if top is None else max(first_index, top + 1)
-            # A manually added node may already carry a name from the pattern: skip over it.
-            while db.execute("SELECT 1 FROM nodes WHERE name = ?", (name_pattern.format(index=index),)).fetchone():
-                index += 1
-            name = name_pattern.format(index=index)
-            node_id = db.execute(
+            names: list[tuple[int, str]] = []
+            while len(names) < len(new):
+                # A manually added node may already carry a name from the pattern: skip over it.
+                span = [(i, name_pattern.format(index=i)) for i in range(index, index + len(new) - len(names))]
+                index += len(span)
+                part = [name for _, name in span]
+                taken = {r[0] for r in db.execute(f"SELECT name FROM nodes WHERE name IN ({_marks(part)})", part)}
+                names += [(i, name) for i, name in span if name not in taken]
+            db.executemany(
                 "INSERT INTO nodes(mac, name, idx, grp, approved, state, state_since, first_contact, last_contact)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (mac, name, index, group, int(approved), State.DISCOVERED.value, now, now, now),
-            ).lastrowid
-            db.execute("INSERT INTO events(node_id, ts, state, reason) VALUES (?, ?, ?, ?)",
-                       (node_id, now, State.DISCOVERED.value, "first contact"))
-            top = index
-            bound = max(bound, node_id or 0)
-            # Built from the values just inserted (the column defaults for the rest, no variables yet) rather than
-            # read back: a first contact is on the DHCP path, and that is two statements fewer.
-            out.append((Node(mac=mac, name=name, group=group, approved=approved, state=State.DISCOVERED,
-                             state_since=now, first_contact=now, last_contact=now), True))
+                [(mac, name, i, group, int(approved), State.DISCOVERED.value, now, now, now)
+                 for mac, (i, name) in zip(new, names, strict=True)])
+            db.executemany("INSERT INTO events(node_id, ts, state, reason) SELECT id, ?, ?, ? FROM nodes WHERE mac = ?",
+                           [(now, State.DISCOVERED.value, "first contact", mac) for mac in new])
+            for mac, (_, name) in zip(new, names, strict=True):
+                # Built from the values just inserted (the column defaults for the rest, no variables yet) rather
+                # than read back: a first contact is on the DHCP path.
+                found[mac] = (Node(mac=mac, name=name, group=group, approved=approved, state=State.DISCOVERED,
+                                   state_since=now, first_contact=now, last_contact=now), True)
+        out: list[tuple[Node, bool] | RegistryFull] = []
+        seen: set[str] = set()
+        for mac in wanted:
+            one = found[mac]
+            if isinstance(one, tuple) and one[1] and mac in seen:
+                one = (one[0], False)  # the same MAC again in the batch: registered by its first ask
+            seen.add(mac)
+            out.append(one)
         return out
 
     def _ensure_group(self, group: str) -> None:
@@ -655,6 +686,50 @@ class SqliteRepo:
                     results.append((False, exc))
                 db.execute("RELEASE op")
         return results
+
+    def _put_leases(self, db: sqlite3.Connection, leases: list[Lease], now: float,
+                    server: str | None) -> list[Exception | None]:
+        """Several leases in the caller's transaction, each refused alone (its slot holds the Conflict).
+
+        A DHCP batch's leases are nearly always distinct clients and free addresses: then three statements store
+        them all (the checks are the constraints). When one of them trips a constraint, or a MAC or an address
+        comes twice, they are undone together and stored one by one, each under a savepoint.
+        """
+        macs = [normalize_mac(x.mac) for x in leases]
+        if len(leases) > 1 and len(set(macs)) == len(leases) and len({x.ip for x in leases}) == len(leases):
+            db.execute("SAVEPOINT leases")
+            try:
+                db.executemany("DELETE FROM leases WHERE mac = ? OR (ip = ? AND expires <= ?)",
+                               [(mac, x.ip, now) for mac, x in zip(macs, leases, strict=True)])
+                db.executemany("INSERT INTO leases(ip, mac, expires, hostname) VALUES (?, ?, ?, ?)",
+                               [(x.ip, mac, x.expires, x.hostname) for mac, x in zip(macs, leases, strict=True)])
+                pairs = zip(macs, leases, strict=True)
+                if server is None:
+                    updated = db.executemany("UPDATE nodes SET ip = ? WHERE mac = ?",
+                                             [(x.ip, mac) for mac, x in pairs]).rowcount
+                else:
+                    updated = db.executemany("UPDATE nodes SET ip = ?, server = ? WHERE mac = ?",
+                                             [(x.ip, server, mac) for mac, x in pairs]).rowcount
+                done = updated == len(leases)  # else a lease of a MAC with no node: checked one by one below
+            except sqlite3.IntegrityError:
+                done = False
+            if done:
+                db.execute("RELEASE leases")
+                return [None] * len(leases)
+            db.execute("ROLLBACK TO leases")
+            db.execute("RELEASE leases")
+        out: list[Exception | None] = []
+        for lease in leases:
+            db.execute("SAVEPOINT lease")
+            try:
+                self._put_lease(db, lease, now, server)
+            except Conflict as exc:
+                db.execute("ROLLBACK TO lease")
+                out.append(exc)
+            else:
+                out.append(None)
+            db.execute("RELEASE lease")
+        return out
 
     @staticmethod
     def _put_lease(db: sqlite3.Connection, lease: Lease, now: float, server: str | None) -> None:
@@ -942,20 +1017,9 @@ class SqliteNodeStore:
 
     async def put_leases(self, leases: list[Lease], *, now: float | None = None,
                          server: str | None = None) -> list[Exception | None]:
-        # One write each in the next group commit: they share its COMMIT, and a refused one (a Conflict) is
-        # undone alone (SqliteRepo.batch).
+        # One write in the next group commit: the batch's leases share its COMMIT, a refused one fails alone.
         at = time.time() if now is None else now
-        put = self.repo._put_lease
-        waiting = [self._submit(functools.partial(put, lease=lease, now=at, server=server)) for lease in leases]
-        results: list[Exception | None] = []
-        for fut in waiting:
-            try:
-                await fut
-            except Exception as exc:
-                results.append(exc)
-            else:
-                results.append(None)
-        return results
+        return await self._batched(lambda db: self.repo._put_leases(db, leases, at, server))
 
     async def _batched(self, op: Callable[[sqlite3.Connection], R]) -> R:
         """Run one write (or a read on the DHCP path) in the next group commit; its result once committed.

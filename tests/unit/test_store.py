@@ -757,6 +757,12 @@ async def test_register_many_and_put_leases_answer_a_dhcp_batch_slot_by_slot(nod
     leases = {x.ip: x.mac for x in await node_store.list_leases()}
     assert leases == {"10.0.2.1": mac(50), "10.0.2.2": mac(1), "10.0.2.3": mac(3)}
     assert (await node_store.get_node(names[0])).ip == "10.0.2.2"  # type: ignore[union-attr]
+    # The common case, distinct clients and free addresses (SQLite: three statements for the batch); mac(1) moves.
+    assert await node_store.put_leases([Lease("10.0.2.4", mac(1), 1000.0), Lease("10.0.2.5", mac(5), 1000.0)],
+                                       now=7.0) == [None, None]
+    leases = {x.ip: x.mac for x in await node_store.list_leases()}
+    assert leases == {"10.0.2.1": mac(50), "10.0.2.3": mac(3), "10.0.2.4": mac(1), "10.0.2.5": mac(5)}
+    assert (await node_store.get_node(names[0])).ip == "10.0.2.4"  # type: ignore[union-attr]
     with pytest.raises(NotFound, match="no group named 'nope'"):
         await node_store.register_many([mac(7)], name_pattern="n{index:04d}", first_index=0, group="nope",
                                        approved=True, now=7.0)
