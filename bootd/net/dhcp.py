@@ -394,6 +394,9 @@ class DhcpServer:
                 await self._batch(items)
             except asyncio.CancelledError:
                 raise
+            except StoreError as exc:  # the batch's common step failed (the first read of the leases)
+                for _ in items:
+                    self.drop("store-error", str(exc))
             except Exception:  # a bug must not kill the worker: count it, log the trace, keep serving
                 self.metrics.dropped.labels(reason="internal-error").inc(len(items))
                 log.exception("event=dhcp-internal-error requests=%d", len(items))
