@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import logging
 import math
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,17 @@ from bootd.proto.dhcp.leases import SERVER, LeasePool, int_ip, ip_int
 from bootd.proto.dhcp.loadbalance import client_key, lb_hash, wire_split_key
 from bootd.proto.dhcp.packet import ZERO_IP, DhcpPacket
 from bootd.proto.dhcp.pxe import Client, Ignore, classify
-from bootd.proto.dhcp.reply import Reply, boot_options, build_reply, destination, lease_options, nak
+from bootd.proto.dhcp.reply import (
+    OWN_OPTIONS,
+    Reply,
+    boot_options,
+    build_reply,
+    destination,
+    encode_options,
+    lease_options,
+    nak,
+    reply_bytes,
+)
 from bootd.service.boot import BootPlanner, BootPolicy
 from bootd.service.credentials import Credentials
 from bootd.service.lifecycle import Actor, Lifecycle, TransitionRefused
@@ -64,6 +75,7 @@ SPLIT_TYPES = frozenset((o.MessageType.DISCOVER, o.MessageType.REQUEST, o.Messag
                          o.MessageType.RELEASE, o.MessageType.INFORM))
 _SPLIT_CODES = frozenset(int(t) for t in SPLIT_TYPES)
 BUCKET_CACHE = 65536  # client keys remembered with their hash bucket (cleared when full: forged keys only refill it)
+_IPV4 = struct.Struct("!I")
 OTHER = "another-server"  # the sticky owner of an address another server leased (until the next reload)
 
 
@@ -131,6 +143,10 @@ class Subnet:
     config: SubnetConfig
     pool: LeasePool
     options: dict[int, bytes]
+    encoded: bytes | None = None  # the options' TLVs, encoded once for every OFFER and ACK (None: encode per reply)
+
+    def __post_init__(self) -> None:
+        self.encoded = encode_options(self.options) if OWN_OPTIONS.isdisjoint(self.options) else None
 
     @classmethod
     def build(cls, config: SubnetConfig, server_address: str) -> Subnet:
@@ -144,6 +160,7 @@ class Subnet:
         self.pool.set_range(config.pool_start, config.pool_end, config.netmask)  # ValueError: nothing changed
         self.config = config
         self.options = _options(config)
+        self.__post_init__()
 
 
 def _options(config: SubnetConfig) -> dict[int, bytes]:
@@ -165,6 +182,7 @@ class DhcpService:
         self.boot = boot
         self.config = config
         self.server_id = server_address
+        self._server_bytes = _IPV4.pack(ip_int(server_address))
         self.clock = clock
         self.subnets: list[Subnet] = []
         if config.mode == "full":
@@ -623,6 +641,19 @@ class DhcpService:
         addr, port = destination(packet, mt, server_port=self.config.port, client_port=self.config.client_port)
         return Reply(rep.encode(), addr, port, mt)
 
+    def _lease_reply(self, packet: DhcpPacket, mt: o.MessageType, ip: int, sub: Subnet, boot: BootAnswer) -> Reply:
+        """An OFFER or ACK of an address: the subnet's options as encoded once (Subnet.encoded), then the boot
+        options; the bytes build_reply would give, in the order it gives them."""
+        extra = boot.options
+        clash = bool(extra) and not (OWN_OPTIONS.isdisjoint(extra) and sub.options.keys().isdisjoint(extra))
+        if sub.encoded is None or clash:
+            return self._send(packet, mt, yiaddr=int_ip(ip), siaddr=boot.siaddr, options={**sub.options, **extra},
+                              file=boot.file)
+        data = reply_bytes(packet, mt, server_id=self._server_bytes, yiaddr=_IPV4.pack(ip), siaddr=boot.siaddr,
+                           options=sub.encoded + encode_options(extra) if extra else sub.encoded, file=boot.file)
+        addr, port = destination(packet, mt, server_port=self.config.port, client_port=self.config.client_port)
+        return Reply(data, addr, port, mt)
+
     def _nak(self, packet: DhcpPacket, why: str) -> Outcome:
         log.info("event=dhcp-nak mac=%s reason=%r", _mac(packet), why)
         return Outcome([nak(packet, server_id=self.server_id, message=why, server_port=self.config.port,
@@ -661,10 +692,7 @@ class DhcpService:
         until = now + self.config.offer_hold
         sub.pool.offer(ip, c.machine.mac, until)
         self._poke(until)
-        boot = self._boot(x.packet, c, node, sub)
-        opts = {**sub.options, **boot.options}
-        return Outcome([self._send(x.packet, MT.OFFER, yiaddr=int_ip(ip), siaddr=boot.siaddr, options=opts,
-                                   file=boot.file)])
+        return Outcome([self._lease_reply(x.packet, MT.OFFER, ip, sub, self._boot(x.packet, c, node, sub))])
 
     def _begin_request(self, index: int, packet: DhcpPacket, c: Client,
                        interface: str | None) -> Outcome | _Exchange:
@@ -716,11 +744,9 @@ class DhcpService:
         boot = self._boot(x.packet, x.client, x.node, x.sub)
         if boot.plan is not None and x.client.pxe:
             marks.append(self._mark_pxe(x.node, x.client, boot.plan, now))
-        opts = {**x.sub.options, **boot.options}
         log.debug("event=dhcp-ack mac=%s ip=%s node=%s file=%r", x.client.machine.mac, x.lease.ip, x.node.name,
                   boot.file)
-        return Outcome([self._send(x.packet, MT.ACK, yiaddr=x.lease.ip, siaddr=boot.siaddr, options=opts,
-                                   file=boot.file)])
+        return Outcome([self._lease_reply(x.packet, MT.ACK, x.ip, x.sub, boot)])
 
     def _took_over(self, server_id: str | None) -> bool:
         """RFC 2131 4.3.2: a REQUEST naming another server is that server's, unless that server is dead and its

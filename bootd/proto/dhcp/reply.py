@@ -11,7 +11,17 @@ from dataclasses import dataclass
 
 from bootd.model import BootPlan
 from bootd.proto.dhcp import options as o
-from bootd.proto.dhcp.packet import BOOTREPLY, FLAG_BROADCAST, ZERO_IP, DhcpPacket, ip_to_bytes
+from bootd.proto.dhcp.packet import (
+    BOOTREPLY,
+    FLAG_BROADCAST,
+    HEADER,
+    MAGIC_COOKIE,
+    MIN_REPLY_SIZE,
+    ZERO_IP,
+    DhcpPacket,
+    encode_option,
+    ip_to_bytes,
+)
 from bootd.proto.dhcp.pxe import Client
 
 BROADCAST = "255.255.255.255"
@@ -77,6 +87,37 @@ def build_reply(
         ciaddr=ciaddr, yiaddr=yiaddr, siaddr=siaddr, giaddr=request.giaddr, chaddr=request.chaddr,
         file=file, options=opts,
     )
+
+
+# The options reply_bytes writes itself: a pre-encoded block must not carry them.
+OWN_OPTIONS = frozenset((o.MESSAGE_TYPE, o.SERVER_ID, o.RELAY_AGENT_INFO))
+
+
+def encode_options(options: dict[int, bytes]) -> bytes:
+    """The options' TLVs in order (long ones split, RFC 3396): a block for reply_bytes, encoded once and reused."""
+    return b"".join([encode_option(code, value) for code, value in options.items()])
+
+
+def reply_bytes(request: DhcpPacket, msg_type: o.MessageType, *, server_id: bytes, yiaddr: bytes, siaddr: str,
+                options: bytes, file: bytes = b"") -> bytes:
+    """``build_reply(...).encode()`` of an OFFER or ACK, from raw addresses and a pre-encoded options block
+    (``encode_options``, none of OWN_OPTIONS in it): the same bytes, without building a packet object and
+    encoding the same subnet options again for every reply (the largest part of the reply path in the profile)."""
+    if msg_type not in (o.MessageType.OFFER, o.MessageType.ACK):
+        raise ValueError(f"reply_bytes builds OFFERs and ACKs, not {msg_type.name}")
+    if len(file) > 128:
+        raise ValueError("sname/file too long for the BOOTP header; use options 66/67")
+    ciaddr = request.ciaddr if msg_type == o.MessageType.ACK else ZERO_IP
+    head = HEADER.pack(BOOTREPLY, request.htype, request.hlen, 0, request.xid, 0, request.flags, ip_to_bytes(ciaddr),
+                       yiaddr, ip_to_bytes(siaddr), ip_to_bytes(request.giaddr), request.chaddr.ljust(16, b"\x00")[:16],
+                       b"", file)
+    relay_info = request.options.get(o.RELAY_AGENT_INFO)
+    relay = encode_option(o.RELAY_AGENT_INFO, relay_info) if relay_info is not None else b""
+    out = b"".join((head, MAGIC_COOKIE, b"\x35\x01", bytes((msg_type,)), b"\x36\x04", server_id, options, relay,
+                    b"\xff"))
+    if len(out) < MIN_REPLY_SIZE:
+        out += b"\x00" * (MIN_REPLY_SIZE - len(out))
+    return out
 
 
 def lease_options(*, lease_time: int, netmask: str, router: str | None, dns: tuple[str, ...],

@@ -8,7 +8,16 @@ from bootd.model import BootPlan
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.packet import BOOTREPLY, FLAG_BROADCAST, DhcpPacket
 from bootd.proto.dhcp.pxe import Client, classify
-from bootd.proto.dhcp.reply import BROADCAST, boot_options, build_reply, destination, lease_options, nak
+from bootd.proto.dhcp.reply import (
+    BROADCAST,
+    boot_options,
+    build_reply,
+    destination,
+    encode_options,
+    lease_options,
+    nak,
+    reply_bytes,
+)
 
 from .conftest import golden_packet
 
@@ -46,6 +55,32 @@ def test_build_reply_mirrors_request() -> None:
     assert o.message_type(wire) is ACK and o.server_id(wire) == "10.0.0.1"
     assert wire.options[o.RELAY_AGENT_INFO] == b"\x01\x03abc"  # RFC 3046: echoed
     assert list(wire.options)[-1] == o.RELAY_AGENT_INFO
+
+
+@pytest.mark.parametrize("name", ["edk2-pxe-c2s-request-1", "dhclient-c2s-discover-1", "ipxe-bios-c2s-discover-ipxe-1"])
+@pytest.mark.parametrize("msg", [OFFER, ACK])
+@pytest.mark.parametrize("relayed", [False, True])
+def test_reply_bytes_are_build_replys_bytes(name: str, msg: o.MessageType, relayed: bool) -> None:
+    # The OFFER/ACK fast path (a pre-encoded options block) must put out exactly what build_reply(...).encode() does:
+    # ciaddr only in an ACK, option 82 echoed last, long options split, short replies padded to 300 bytes.
+    req = golden_packet(name)
+    if relayed:
+        req.giaddr = "10.1.0.1"
+        req.options[o.RELAY_AGENT_INFO] = b"\x01\x03abc"
+    req.ciaddr = "10.0.0.9" if msg is ACK else req.ciaddr
+    plan = BootPlan("http://boot.example/" + "x" * 300 if name.startswith("ipxe") else "undionly.kpxe", "10.0.0.1")
+    opts, file = boot_options(client(name), plan, req)
+    merged = {**lease_options(lease_time=600, netmask="255.255.255.0", router="10.0.0.1", dns=("10.0.0.1",),
+                              domain="cluster"), **opts}
+    want = build_reply(req, msg, server_id="10.0.0.1", yiaddr="10.0.0.50", siaddr="10.0.0.1", options=merged,
+                       file=file).encode()
+    got = reply_bytes(req, msg, server_id=bytes([10, 0, 0, 1]), yiaddr=bytes([10, 0, 0, 50]), siaddr="10.0.0.1",
+                      options=encode_options(merged), file=file)
+    assert got == want
+    short = reply_bytes(DhcpPacket(xid=7), msg, server_id=bytes(4), yiaddr=bytes(4), siaddr="0.0.0.0", options=b"")
+    assert short == build_reply(DhcpPacket(xid=7), msg, server_id="0.0.0.0").encode() and len(short) == 300
+    with pytest.raises(ValueError, match="not NAK"):
+        reply_bytes(req, NAK, server_id=bytes(4), yiaddr=bytes(4), siaddr="0.0.0.0", options=b"")
 
 
 def test_nak_through_relay_sets_broadcast_and_clears_addresses() -> None:
