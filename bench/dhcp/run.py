@@ -23,6 +23,8 @@ the server's CPU seconds: perfdhcp near 100% of a core means the load client, no
 
 Usage: sudo .venv/bin/python bench/dhcp/run.py [--clients 10000] [--rates 250,500,1000,2000] [--runs 1]
        sudo .venv/bin/python bench/dhcp/run.py --capacity 250,8000 [--servers bootd,kea,dnsmasq]
+       sudo .venv/bin/python bench/dhcp/run.py --rates 5000 --runs 3 --servers bootd@/path/to/old,bootd
+           (an A/B: ``bootd@PATH`` runs bootd from another checkout, e.g. a git worktree of an earlier commit)
 """
 
 from __future__ import annotations
@@ -139,7 +141,9 @@ def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    log = open(work / f"{kind}.log", "wb")  # noqa: SIM115
+    log = open(work / "server.log", "wb")  # noqa: SIM115
+    kind, _, tree = kind.partition("@")  # bootd@PATH: bootd from another checkout (an A/B of two versions, one run)
+    cwd = Path(tree).resolve() if tree else ROOT
     if kind == "bootd":
         (work / "bootd.toml").write_text(textwrap.dedent(f"""
             [server]
@@ -205,7 +209,7 @@ def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
         if kind == "dnsmasq-ro":
             cmd.append("--leasefile-ro")
     proc = subprocess.Popen(["ip", "netns", "exec", SRV, *cmd], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, cwd=ROOT)
+                            stdin=subprocess.DEVNULL, cwd=cwd)
     log.close()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -215,7 +219,7 @@ def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
         if proc.poll() is not None:
             break
         time.sleep(0.1)
-    raise SystemExit(f"{kind} did not start: {(work / f'{kind}.log').read_text()[-2000:]}")
+    raise SystemExit(f"{kind} did not start: {(work / 'server.log').read_text()[-2000:]}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -267,7 +271,7 @@ def perfdhcp(rate: int, clients: int, period: float) -> tuple[float, int, int, i
 
 
 def measure(server: str, rate: int, clients: int, period: float, work: Path) -> Step:
-    proc = start_server(server, work / server)
+    proc = start_server(server, work / re.sub(r"[^\w.-]", "_", server))
     try:
         achieved, sent, done, drops, delay, secs, client_cpu = perfdhcp(rate, clients, period)
         server_cpu = cpu_seconds(proc.pid)
@@ -316,7 +320,9 @@ def main() -> None:
     binaries = {"bootd": "", "kea": "kea-dhcp4", "dnsmasq": "dnsmasq", "dnsmasq-ro": "dnsmasq", "floor": "",
                 "floor-mem": ""}
     for server in servers:
-        if server not in binaries:
+        if server.startswith("bootd@") and (Path(server[6:]) / "bootd" / "__init__.py").is_file():
+            binaries[server] = ""
+        elif server not in binaries:
             raise SystemExit(f"unknown server {server!r}: choose from {', '.join(binaries)}")
     for tool in ("perfdhcp", "ip", *(binaries[s] for s in servers if binaries[s])):
         if shutil.which(tool) is None:
