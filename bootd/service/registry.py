@@ -146,7 +146,8 @@ class RegistryService:
         for i, node in nodes:
             if node.group not in groups:
                 groups[node.group] = await self.store.get_group(node.group)
-            node, group = await self.with_group(node, groups[node.group])
+            group = groups[node.group]
+            node = self._merged(node, group)
             new = i in created
             if not node.enabled:
                 answers[i] = Resolution(None, f"node {node.name} is disabled", new)
@@ -180,9 +181,14 @@ class RegistryService:
         one read of the group serves the variables, the boot target and the overlays (``group``: already read)."""
         if isinstance(group, _Unread):
             group = await self.store.get_group(node.group)
+        return self._merged(node, group), group
+
+    @staticmethod
+    def _merged(node: Node, group: Group | None) -> Node:
+        """The node with its group's variables under its own (a node's own value wins)."""
         if group is None or not group.vars:
-            return node, group
-        return dataclasses.replace(node, vars={**group.vars, **node.vars}), group
+            return node
+        return dataclasses.replace(node, vars={**group.vars, **node.vars})
 
     @staticmethod
     def boot_target(node: Node, group: Group | None) -> tuple[str | None, str]:
