@@ -28,7 +28,8 @@ It decides nothing: bytes are parsed by ``bootd.proto.dhcp`` and answered by
   every client we captured; anything else takes the DISCOVER lane): under a
   flood most arrivals are dropped, so the arrival path must cost next to
   nothing. Parsing happens in the worker, after the age check.
-* A few worker tasks, each taking up to a read batch from the lanes and handing
+* A few worker tasks, each taking up to a read batch from the lanes (one at a
+  time gathers, lingering ``LINGER`` for a short batch to fill) and handing
   it to the service in one call (``DhcpService.handle_many``: one registry trip
   and one lease commit for the batch instead of a task, futures and a trip per
   request); while one batch waits for its commit, another worker takes the
@@ -80,6 +81,12 @@ LOG_EVERY = 10.0
 
 _Item = tuple[bytes, tuple[str, int], int, "_Endpoint", float, str | None]
 READ_BATCH = 64  # datagrams read per wake-up: bounds the time one pass of the loop spends reading
+# How long a worker that found a short batch waits for more before deciding it (seconds). A batch costs a registry
+# trip and a commit whatever its size (SQLite here: 119 us of CPU per exchange in batches of 1, 28 us in batches
+# of 64), so between a trickle and saturation, half a millisecond more per request buys batches several times
+# larger: perfdhcp at 3,000/s offered, 2 rounds: 3.5-3.6 -> 2.9-3.1 CPU-s per 10,000 exchanges, and the average
+# delay fell too (4.6-5.4 -> 3.3 ms), the server being less busy.
+LINGER = 0.0005
 RECV_SIZE = 4096  # larger than any DHCP message (RFC 2131's minimum is 576; jumbo options stay well below)
 
 
@@ -130,10 +137,13 @@ class _Lanes:
                     self._wake_one()  # pass the wakeup we consumed on to another worker
                 raise
 
-    async def get_many(self, limit: int) -> list[tuple[_Item, int]]:
-        """Up to ``limit`` items, lane 0's first, once at least one is there."""
+    async def get_many(self, limit: int, linger: float = 0.0) -> list[tuple[_Item, int]]:
+        """Up to ``limit`` items, lane 0's first, once at least one is there; with fewer than ``limit`` waiting,
+        after ``linger`` seconds more for others to arrive."""
         first = await self.get()
         got = [first]
+        if linger and self.qsize() + 1 < limit:
+            await asyncio.sleep(linger)
         for lane, q in enumerate(self.lanes):
             while q and len(got) < limit:
                 got.append((q.popleft(), lane))
@@ -250,6 +260,7 @@ class DhcpServer:
         queue_size: int = 1024,
         workers: int = 4,
         batch: int = READ_BATCH,
+        linger: float = LINGER,
         max_age: float = 2.0,
         metrics: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
@@ -263,6 +274,8 @@ class DhcpServer:
         self.more_interfaces = tuple(i for i in dict.fromkeys(more_interfaces) if i and i != interface)
         self.workers = workers
         self.batch = batch
+        self.linger = linger
+        self._collecting = asyncio.Lock()
         self.max_age = max_age
         self.clock = clock
         self.queue = _Lanes(queue_size)
@@ -389,7 +402,8 @@ class DhcpServer:
     async def _worker(self) -> None:
         queue = self.queue
         while True:
-            items = await queue.get_many(self.batch)
+            async with self._collecting:  # one worker gathers a batch at a time, the others decide theirs meanwhile
+                items = await queue.get_many(self.batch, self.linger)
             try:
                 await self._batch(items)
             except asyncio.CancelledError:

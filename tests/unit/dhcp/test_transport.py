@@ -235,6 +235,22 @@ async def test_idle_workers_wake_for_each_item() -> None:
     assert full.put_nowait((b"", ("x", 1), 0, None, 0.0), 1)  # type: ignore[arg-type]
 
 
+async def test_a_short_batch_lingers_for_more_and_a_full_one_does_not() -> None:
+    from bootd.net.dhcp import _Lanes
+
+    lanes = _Lanes(16)
+    item = (b"", ("127.0.0.1", 68), 0, None, 0.0)
+    assert lanes.put_nowait(item, 1)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.01, lambda: [lanes.put_nowait(item, lane) for lane in (1, 0)])  # type: ignore[arg-type]
+    got = await asyncio.wait_for(lanes.get_many(8, linger=0.2), 2)
+    assert [lane for _, lane in got] == [1, 0, 1]  # the first item, then what came while it lingered, lane 0 first
+    for _ in range(4):
+        assert lanes.put_nowait(item, 1)  # type: ignore[arg-type]
+    start = loop.time()
+    assert len(await lanes.get_many(4, linger=5.0)) == 4 and loop.time() - start < 1.0  # full: no wait
+
+
 async def test_port_in_use_fails_loudly(store: SqliteNodeStore, relay: socket.socket) -> None:
     taken = relay.getsockname()[1]
     settings = DhcpConfig(mode="proxy")
