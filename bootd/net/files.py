@@ -241,7 +241,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     if not sep:
         return None
     first, last = first.strip(), last.strip()
-    if (first and not first.isdigit()) or (last and not last.isdigit()):
+    if not (first + last).isascii() or (first and not first.isdigit()) or (last and not last.isdigit()):
         return None
     if not first:
         if not last:

@@ -44,7 +44,8 @@ class HttpUpstream:
                     text = (await resp.content.read(300)).decode("utf-8", "replace").strip()
                     reason = f"HTTP {resp.status}" + (f": {text}" if text else "")
                     retry = resp.headers.get("Retry-After", "")
-                    raise UpstreamError(reason, resp.status, float(retry) if retry.isdigit() else None)
+                    wait = float(retry) if retry.isascii() and retry.isdigit() else None  # "²".isdigit() is True
+                    raise UpstreamError(reason, resp.status, wait)
                 if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
                     raise UpstreamError(f"answered with Content-Encoding {resp.headers['Content-Encoding']!r}", 0)
                 if resp.content_length is not None and resp.content_length > limit:

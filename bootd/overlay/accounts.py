@@ -32,7 +32,7 @@ def _lines(path: Path, fields: int) -> list[list[str]]:
 
 
 def _int(value: str) -> int | None:
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def read_accounts(passwd: Path = Path("/etc/passwd"), group: Path = Path("/etc/group"), *, uid_min: int = 1000,

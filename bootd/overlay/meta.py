@@ -126,7 +126,7 @@ def parse_mode(value: Any, where: str) -> int:
 def parse_owner(value: Any, where: str) -> Owner:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
         return value
-    if isinstance(value, str) and value.isdigit() and int(value) < 2**31:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and int(value) < 2**31:
         return int(value)
     if isinstance(value, str) and _OWNER_NAME.match(value):
         return value

@@ -61,7 +61,7 @@ class Client:
 def _arch_from_vendor_class(vc: str) -> int | None:
     # "PXEClient:Arch:00007:UNDI:003016" / "HTTPClient:Arch:00016:UNDI:003001"
     parts = vc.split(":")
-    if len(parts) >= 3 and parts[1] == "Arch" and parts[2].isdigit():
+    if len(parts) >= 3 and parts[1] == "Arch" and parts[2].isascii() and parts[2].isdigit():
         return int(parts[2])
     return None
 

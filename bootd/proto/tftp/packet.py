@@ -213,7 +213,7 @@ class Negotiated:
 
 def _int_option(value: str) -> int | None:
     value = value.strip()
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # str.isdigit() also takes "²", which int() refuses
         return None
     return int(value)
 

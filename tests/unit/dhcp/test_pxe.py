@@ -75,6 +75,15 @@ def test_arch_fallback_from_vendor_class() -> None:
     assert c.machine.arch == 7 and c.machine.firmware is Firmware.UEFI_X64 and c.pxe
 
 
+def test_a_non_ascii_digit_in_the_vendor_class_arch_is_no_arch() -> None:
+    from bootd.proto.dhcp.pxe import _arch_from_vendor_class
+
+    # Option 60 must be ASCII (options.vendor_class refuses the rest), and the arch parser holds on its own too:
+    # "²".isdigit() is True, int("²") raises.
+    assert _arch_from_vendor_class("PXEClient:Arch:\u00b2:UNDI:003016") is None
+    assert _arch_from_vendor_class("PXEClient:Arch:00007:UNDI:003016") == 7
+
+
 def test_arch_9_is_x64_too() -> None:
     assert mk(o93=b"\x00\x09").machine.firmware is Firmware.UEFI_X64
 

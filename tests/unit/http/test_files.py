@@ -17,6 +17,7 @@ def test_parse_range() -> None:
     assert parse_range("bytes=90-", 100) == (90, 10)
     assert parse_range("bytes=90-1000", 100) == (90, 10)
     assert parse_range("bytes=-10", 100) == (90, 10)
+    assert parse_range("bytes=\u00b2-", 100) is None and parse_range("bytes=0-\u00b2", 100) is None  # not ValueError
     assert parse_range("bytes=-1000", 100) == (0, 100)
     for ignored in ("bytes=5-1", "bytes=0-1,4-5", "items=0-1", "bytes=a-b", "bytes=-", "bytes=5"):
         assert parse_range(ignored, 100) is None, ignored
