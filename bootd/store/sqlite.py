@@ -228,7 +228,6 @@ class SqliteRepo:
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._waits = True  # the connection's busy timeout is BUSY_TIMEOUT_MS (False: 0, see wait_for_locks)
             if readonly:
                 if self.schema_version() != SCHEMA_VERSION:
                     raise StoreError(f"node registry {self.path} has schema {self.schema_version()}, this bootd "
@@ -255,8 +254,14 @@ class SqliteRepo:
         if self.readonly:
             raise StoreError(f"node registry {self.path} was opened read-only")
         try:
-            self.wait_for_locks(wait)
-            self.db.execute("BEGIN IMMEDIATE")
+            if wait:
+                self.db.execute("BEGIN IMMEDIATE")
+            else:
+                self.db.execute("PRAGMA busy_timeout = 0")
+                try:
+                    self.db.execute("BEGIN IMMEDIATE")
+                finally:
+                    self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sqlite3.OperationalError as exc:
             if not wait and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
                 raise Busy(str(exc)) from None
@@ -275,17 +280,6 @@ class SqliteRepo:
             except sqlite3.Error as exc:
                 self.db.execute("ROLLBACK")
                 raise StoreError(f"cannot write node registry {self.path}: {_explain(exc, self.path)}") from None
-
-    def wait_for_locks(self, wait: bool) -> None:
-        """Whether a statement waits (up to BUSY_TIMEOUT_MS) for another connection's lock, or fails at once.
-
-        Set only when it changes: the event loop's group commits never wait and follow each other, so they pay
-        no statement for it (two PRAGMAs around every transaction were a third of a small batch's statements);
-        the database thread's calls wait, and set it back first (SqliteNodeStore._exclusive).
-        """
-        if wait != self._waits:
-            self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS if wait else 0}")
-            self._waits = wait
 
     def schema_version(self) -> int:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
@@ -917,7 +911,6 @@ class SqliteNodeStore:
 
     def _exclusive(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         with self._busy:
-            self.repo.wait_for_locks(True)  # the database thread may wait for another process's lock; the loop not
             return fn(*args, **kwargs)
 
     async def get_node(self, name: str) -> Node | None:
