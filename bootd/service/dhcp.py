@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import logging
 import math
-import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.client_state import ClientState, request_state
 from bootd.proto.dhcp.leases import SERVER, LeasePool, int_ip, ip_int
 from bootd.proto.dhcp.loadbalance import client_key, lb_hash, wire_split_key
-from bootd.proto.dhcp.packet import ZERO_IP, DhcpPacket
+from bootd.proto.dhcp.packet import ZERO_IP, DhcpPacket, ip_to_bytes
 from bootd.proto.dhcp.pxe import Client, Ignore, classify
 from bootd.proto.dhcp.reply import (
     OWN_OPTIONS,
@@ -75,7 +74,6 @@ SPLIT_TYPES = frozenset((o.MessageType.DISCOVER, o.MessageType.REQUEST, o.Messag
                          o.MessageType.RELEASE, o.MessageType.INFORM))
 _SPLIT_CODES = frozenset(int(t) for t in SPLIT_TYPES)
 BUCKET_CACHE = 65536  # client keys remembered with their hash bucket (cleared when full: forged keys only refill it)
-_IPV4 = struct.Struct("!I")
 OTHER = "another-server"  # the sticky owner of an address another server leased (until the next reload)
 
 
@@ -182,7 +180,7 @@ class DhcpService:
         self.boot = boot
         self.config = config
         self.server_id = server_address
-        self._server_bytes = _IPV4.pack(ip_int(server_address))
+        self._server_bytes = ip_to_bytes(server_address)
         self.clock = clock
         self.subnets: list[Subnet] = []
         if config.mode == "full":
@@ -559,34 +557,35 @@ class DhcpService:
         REQUEST reuses the answer its DISCOVER got for NODE_CACHE_TTL seconds."""
         asking: list[_Exchange] = []
         for x in exchanges:
-            if not x.fresh:
-                hit = self._nodes.get(x.client.machine.mac)
-                if hit is not None and now - hit[1] <= NODE_CACHE_TTL:
-                    x.node, x.resolved = hit[0], True
-                    continue
-            asking.append(x)
+            hit = None if x.fresh else self._cached(x.client.machine.mac, now)
+            if hit is not None:
+                x.node, x.resolved = hit, True
+            else:
+                asking.append(x)
         if not asking:
             return
         answers = await self.registry.decide_many([(x.client.machine, x.client.pxe) for x in asking], now)
         for x, answer in zip(asking, answers, strict=True):
-            mac = x.client.machine.mac
-            x.node, x.resolved = answer.node, True
-            if answer.node is not None:
-                self._nodes[mac] = (answer.node, now)
-            else:
-                self._nodes.pop(mac, None)
+            x.node, x.resolved = self._remember(x.client.machine.mac, answer.node, now), True
+            if answer.node is None:
                 # Debug only: refusals come at packet rate from a flood; the transport counts them.
-                log.debug("event=refused mac=%s reason=%r", mac, answer.reason)
+                log.debug("event=refused mac=%s reason=%r", x.client.machine.mac, answer.reason)
 
     # -- helpers -----------------------------------------------------------------------
     async def _node(self, c: Client, now: float, *, fresh: bool) -> Node | None:
         """The registry's answer (registering on first contact), cached briefly between DISCOVER and REQUEST."""
-        mac = c.machine.mac
-        if not fresh:
-            hit = self._nodes.get(mac)
-            if hit is not None and now - hit[1] <= NODE_CACHE_TTL:
-                return hit[0]
-        node = await self.registry.resolve(c.machine, now, netboot=c.pxe)
+        hit = None if fresh else self._cached(c.machine.mac, now)
+        if hit is not None:
+            return hit
+        return self._remember(c.machine.mac, await self.registry.resolve(c.machine, now, netboot=c.pxe), now)
+
+    def _cached(self, mac: str, now: float) -> Node | None:
+        """The registry's answer for ``mac`` if it is at most NODE_CACHE_TTL seconds old (None: ask again)."""
+        hit = self._nodes.get(mac)
+        return hit[0] if hit is not None and now - hit[1] <= NODE_CACHE_TTL else None
+
+    def _remember(self, mac: str, node: Node | None, now: float) -> Node | None:
+        """Keep the registry's answer for the next request of the exchange; a refusal is never kept."""
         if node is not None:
             self._nodes[mac] = (node, now)
         else:
@@ -638,8 +637,11 @@ class DhcpService:
               options: dict[int, bytes], file: bytes) -> Reply:
         rep = build_reply(packet, mt, server_id=self.server_id, yiaddr=yiaddr, siaddr=siaddr, options=options,
                           file=file)
+        return self._addressed(packet, mt, rep.encode())
+
+    def _addressed(self, packet: DhcpPacket, mt: o.MessageType, data: bytes) -> Reply:
         addr, port = destination(packet, mt, server_port=self.config.port, client_port=self.config.client_port)
-        return Reply(rep.encode(), addr, port, mt)
+        return Reply(data, addr, port, mt)
 
     def _lease_reply(self, packet: DhcpPacket, mt: o.MessageType, ip: int, sub: Subnet, boot: BootAnswer) -> Reply:
         """An OFFER or ACK of an address: the subnet's options as encoded once (Subnet.encoded), then the boot
@@ -649,10 +651,9 @@ class DhcpService:
         if sub.encoded is None or clash:
             return self._send(packet, mt, yiaddr=int_ip(ip), siaddr=boot.siaddr, options={**sub.options, **extra},
                               file=boot.file)
-        data = reply_bytes(packet, mt, server_id=self._server_bytes, yiaddr=_IPV4.pack(ip), siaddr=boot.siaddr,
+        data = reply_bytes(packet, mt, server_id=self._server_bytes, yiaddr=ip.to_bytes(4, "big"), siaddr=boot.siaddr,
                            options=sub.encoded + encode_options(extra) if extra else sub.encoded, file=boot.file)
-        addr, port = destination(packet, mt, server_port=self.config.port, client_port=self.config.client_port)
-        return Reply(data, addr, port, mt)
+        return self._addressed(packet, mt, data)
 
     def _nak(self, packet: DhcpPacket, why: str) -> Outcome:
         log.info("event=dhcp-nak mac=%s reason=%r", _mac(packet), why)

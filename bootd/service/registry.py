@@ -57,13 +57,6 @@ class _TokenBucket:
             self.tokens += 1.0
 
 
-class _Unread:
-    """Marks a group not read yet (None is a valid answer: no such group)."""
-
-
-_UNREAD = _Unread()
-
-
 class RegistryService:
     def __init__(self, store: NodeStore, config: RegistryConfig) -> None:
         self.store = store
@@ -176,11 +169,10 @@ class RegistryService:
             log.debug("event=refused mac=%s reason=%r", machine.mac, result.reason)
         return result.node
 
-    async def with_group(self, node: Node, group: Group | _Unread | None = _UNREAD) -> tuple[Node, Group | None]:
+    async def with_group(self, node: Node) -> tuple[Node, Group | None]:
         """The node with its group's variables under its own (a node's own value wins), and the group:
-        one read of the group serves the variables, the boot target and the overlays (``group``: already read)."""
-        if isinstance(group, _Unread):
-            group = await self.store.get_group(node.group)
+        one read of the group serves the variables, the boot target and the overlays."""
+        group = await self.store.get_group(node.group)
         return self._merged(node, group), group
 
     @staticmethod
