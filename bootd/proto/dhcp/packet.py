@@ -175,7 +175,8 @@ class DhcpPacket:
         opts = self.options
         first = opts.get(53)
         if first is not None:
-            parts.append(b"\x35" + bytes((len(first),)) + first)
+            # A long option 53 came concatenated from several instances (RFC 3396): split it again.
+            parts.append(encode_option(53, first))
         for code, value in opts.items():
             if code == 53:
                 continue
