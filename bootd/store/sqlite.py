@@ -819,7 +819,10 @@ class _Checkpointer:
     commit always comes first, so the file grows for as long as the load lasts (DHCP at 1,000 exchanges/s: 1.7 GB
     in a minute). Past the limit this checkpoint takes the writer lock between two group commits (waiting at
     most ``WAL_RESET_WAIT_MS``), copies the few frames the PASSIVE one left, and makes the next writer
-    rewind: the file stops growing (the writer waited 4-10 ms here, once per ``wal_limit`` of writes). TRUNCATE,
+    rewind: the file stops growing (the writer waited 4-10 ms here, once per ``wal_limit`` of writes). The
+    event loop's group commit yields to it (``wanted``): back-to-back commits otherwise hold the lock nearly all
+    the time, SQLite's busy handler polls and can miss every gap for the whole wait, and the WAL grows by another
+    wait's worth of writes each time (seen under CPU contention: past 16 MB with a 1 MB limit). TRUNCATE,
     which also gives the space back, costs 3-4 times that wait, so it runs only when a round saw no write and
     every frame is copied (nobody waits then).
     """
@@ -829,6 +832,7 @@ class _Checkpointer:
         self.every = every
         self.wal_limit = wal_limit
         self.resets = 0  # how often the WAL was rewound or emptied (tests read it)
+        self.wanted = threading.Event()  # set while a RESTART/TRUNCATE waits for the writer lock: writers hold back
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bootd-db-checkpoint", daemon=True)
         self._thread.start()
@@ -859,7 +863,11 @@ class _Checkpointer:
                     elif quiet and self._wal_size() > self.wal_limit // 8:
                         mode = "TRUNCATE"
                     if mode:
-                        busy = db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
+                        self.wanted.set()
+                        try:
+                            busy = db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
+                        finally:
+                            self.wanted.clear()
                         if busy:  # the writer never let go within the wait: try again next round
                             log.info("event=sqlite-wal-large path=%s frames=%d limit=%d (the writer kept the lock; "
                                      "retrying)", self.path, frames, self.wal_limit)
@@ -1051,6 +1059,7 @@ class SqliteNodeStore:
         """
         try:
             while self._pending:
+                await self._yield_to_checkpoint()
                 batch, self._pending = self._pending[:WRITE_BATCH], self._pending[WRITE_BATCH:]
                 self._group_reads.clear()  # a read asked for from now on sees this batch's writes
                 ops = [op for op, _ in batch]
@@ -1080,6 +1089,16 @@ class SqliteNodeStore:
                         fut.set_exception(value)
         finally:
             self._flushing = False
+
+    async def _yield_to_checkpoint(self) -> None:
+        """Hold the next group commit back while the checkpointer waits to rewind the WAL (at most its wait):
+        writes arriving meanwhile join that commit, so nothing is lost but a few milliseconds, once per limit."""
+        cp = self._checkpointer
+        if cp is None or not cp.wanted.is_set():
+            return
+        deadline = time.monotonic() + WAL_RESET_WAIT_MS / 1000
+        while cp.wanted.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
 
     async def beat(self, server: ServerRecord) -> list[ServerRecord]:
         return await self._run(self.repo.beat, server)
