@@ -18,11 +18,23 @@ Two modes. ``--rates``: for every offered rate each server gets ``--clients`` si
 back to back per step (order alternating per run) so background load hits all alike. ``--capacity LO,HI``:
 each server's capacity as issue 20 defines it, the highest offered rate on a grid of ``--grid`` (250/s)
 answered with 0 drops and an average delay under 10 ms, found by a binary search per server with the
-servers' probes interleaved. Every step also shows perfdhcp's CPU (share of one core while sending) and
-the server's CPU seconds: perfdhcp near 100% of a core means the load client, not the server, is the limit.
+servers' probes interleaved. Every step also shows the client's and the server's CPU seconds. perfdhcp's
+CPU is no sign of its ceiling: it polls while it waits for its last answers (about a core whatever the rate;
+4 CPU-s for a 0.6 s step at 16,000/s offered), which is why an earlier version of this benchmark, reading
+"110% of a core" at 8,000/s as perfdhcp's limit, capped its searches there. Kea and the floor answer 16,000/s
+driven by either client, and the light client's own rate (completed / its run time) shows they really got it.
+
+Two load clients (``--load``, either or both in one run). perfdhcp, Kea's, is the reference; near 8,000
+exchanges/s it needs a core of its own, which on this 2-core machine leaves the server the other one.
+``light`` is bench/dhcp/dora.c (built with gcc into the run's directory): the same exchanges (a new client
+per exchange, relayed, the REQUEST sent as the OFFER arrives, no retransmission, a drop after 2 s unanswered,
+delay = average DISCOVER->OFFER plus average REQUEST->ACK, as perfdhcp sums them), for a few system calls per
+message, so the servers, not the client, find their limit (issue 20: "also drive both with a lighter client").
+Its series are shown as ``server~light``.
 
 Usage: sudo .venv/bin/python bench/dhcp/run.py [--clients 10000] [--rates 250,500,1000,2000] [--runs 1]
        sudo .venv/bin/python bench/dhcp/run.py --capacity 250,8000 [--servers bootd,kea,dnsmasq]
+       sudo .venv/bin/python bench/dhcp/run.py --capacity 2000,16000 --servers bootd,kea,floor --load perfdhcp,light
        sudo .venv/bin/python bench/dhcp/run.py --rates 5000 --runs 3 --servers bootd@/path/to/old,bootd
            (an A/B: ``bootd@PATH`` runs bootd from another checkout, e.g. a git worktree of an earlier commit)
 """
@@ -124,8 +136,14 @@ class Step:
     drops: int
     delay_ms: float
     seconds: float
-    client_cpu: float  # perfdhcp's CPU seconds (user + system) for the step
+    client_cpu: float  # the load client's CPU seconds (user + system) for the step
     server_cpu: float  # the server's CPU seconds over its life (start, step)
+    client: str = "perfdhcp"  # the load client: perfdhcp, or "light" (bench/dhcp/dora.c)
+
+    @property
+    def series(self) -> str:
+        """The server and, when it is not perfdhcp, the client that drove it: what a capacity is searched for."""
+        return self.server if self.client == "perfdhcp" else f"{self.server}~{self.client}"
 
     @property
     def ok(self) -> bool:
@@ -133,8 +151,8 @@ class Step:
         return self.drops == 0 and self.completed >= self.sent and self.delay_ms < MAX_DELAY_MS
 
     def client_load(self) -> float:
-        """perfdhcp's CPU share of one core while it sends (the step's sending time is sent/rate)."""
-        return self.client_cpu / max(self.sent / self.rate, 1e-3)
+        """The load client's CPU share of one core over the step (perfdhcp's includes its busy wait at the end)."""
+        return self.client_cpu / max(self.seconds, 1e-3)
 
 
 def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
@@ -172,8 +190,8 @@ def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-c", RUNNER, str(work / "bootd.toml")]
         spy = os.environ.get("BENCH_PYSPY")  # a py-spy binary: profile bootd's process (all threads) per step
         if spy:
-            out = Path(os.environ.get("BENCH_PYSPY_OUT", "/tmp")) / f"bootd-{time.strftime('%H%M%S')}.pyspy"
-            cmd = [spy, "record", "-r", "200", "--threads", "-f", "raw", "-o", str(out), "--", *cmd]
+            profile = Path(os.environ.get("BENCH_PYSPY_OUT", "/tmp")) / f"bootd-{time.strftime('%H%M%S')}.pyspy"
+            cmd = [spy, "record", "-r", "200", "--threads", "-f", "raw", "-o", str(profile), "--", *cmd]
     elif kind == "kea":
         # Kea's own server, as its documentation sets up a memfile deployment: leases in memory and appended
         # to a CSV file (persist) as they are granted; the lease file cleanup (LFC) off so no second process
@@ -270,35 +288,69 @@ def perfdhcp(rate: int, clients: int, period: float) -> tuple[float, int, int, i
     return achieved, sent[0], recv[1], sum(drops), sum(delays), seconds, cpu
 
 
-def measure(server: str, rate: int, clients: int, period: float, work: Path) -> Step:
+LIGHT_SOURCE = Path(__file__).resolve().parent / "dora.c"
+DROP_MS = 2000  # an exchange unanswered this long is a drop (perfdhcp -d 2)
+
+
+def build_light(work: Path) -> Path:
+    """Compile the light client (bench/dhcp/dora.c) into the run's private directory."""
+    binary = work / "dora"
+    if not binary.exists():
+        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(LIGHT_SOURCE)], check=True)
+    return binary
+
+
+def light(binary: Path, rate: int, clients: int, period: float) -> tuple[float, int, int, int, float, float, float]:
+    """The light client: ``clients`` exchanges, each a new client, ``rate`` a second; perfdhcp's figures."""
+    cmd = ["ip", "netns", "exec", CLI, str(binary), SERVER_IP, CLIENT_IP, str(rate), str(clients), str(int(period)),
+           str(DROP_MS)]
+    t0, r0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=period + 30, check=False)
+    seconds, r1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    got = dict(re.findall(r"(\w+)=([\d.]+)", out.stdout))
+    if out.returncode != 0 or "sent" not in got:
+        raise SystemExit(f"the light client failed ({out.returncode}):\n{out.stdout}{out.stderr}")
+    sent, done = int(got["sent"]), int(got["completed"])
+    return (done / float(got["seconds"]), sent, done, int(got["drops"]), float(got["do_ms"]) + float(got["ra_ms"]),
+            seconds, cpu)
+
+
+def measure(server: str, rate: int, clients: int, period: float, work: Path, client: str = "perfdhcp") -> Step:
     proc = start_server(server, work / re.sub(r"[^\w.-]", "_", server))
     try:
-        achieved, sent, done, drops, delay, secs, client_cpu = perfdhcp(rate, clients, period)
+        if client == "light":
+            achieved, sent, done, drops, delay, secs, client_cpu = light(work / "dora", rate, clients, period)
+        else:
+            achieved, sent, done, drops, delay, secs, client_cpu = perfdhcp(rate, clients, period)
         server_cpu = cpu_seconds(proc.pid)
     finally:
         stop_server(proc)
-    step = Step(server, rate, achieved, sent, done, drops, delay, secs, client_cpu, server_cpu)
-    print(f"{server:10s} offered {rate:5d}/s: {achieved:8.1f} exchanges/s, {done}/{sent} completed, "
-          f"{drops} drops, avg delay {delay:.1f} ms, perfdhcp {step.client_load():.0%} of a core, "
+    step = Step(server, rate, achieved, sent, done, drops, delay, secs, client_cpu, server_cpu, client)
+    print(f"{step.series:10s} offered {rate:5d}/s: {achieved:8.1f} exchanges/s, {done}/{sent} completed, "
+          f"{drops} drops, avg delay {delay:.1f} ms, {client} {step.client_load():.0%} of a core, "
           f"server {server_cpu:.1f} cpu-s: {'ok' if step.ok else 'FAIL'}", flush=True)
     return step
 
 
 def capacity(servers: list[str], lo: int, hi: int, grid: int, clients: int, period: float,
-             work: Path) -> tuple[list[Step], dict[str, int]]:
-    """Each server's capacity on a grid of offered rates: a binary search (capacity taken as monotone),
-    the servers' probes interleaved so background load hits them alike. 0 means even ``lo`` failed."""
+             work: Path, loads: tuple[str, ...] = ("perfdhcp",)) -> tuple[list[Step], dict[str, int]]:
+    """Each server's capacity on a grid of offered rates, with each load client: a binary search (capacity taken
+    as monotone), the probes interleaved so background load hits them alike. 0 means even ``lo`` failed. Keyed by
+    series: the server's name for perfdhcp, ``server~light`` for the light client."""
     steps: list[Step] = []
-    bounds = {s: (lo // grid - 1, hi // grid + 1) for s in servers}  # (highest known ok, lowest known failing)
+    pairs = [(server, client) for client in loads for server in servers]
+    key = {pair: pair[0] if pair[1] == "perfdhcp" else f"{pair[0]}~{pair[1]}" for pair in pairs}
+    bounds = {key[p]: (lo // grid - 1, hi // grid + 1) for p in pairs}  # (highest known ok, lowest known failing)
     while any(b[1] - b[0] > 1 for b in bounds.values()):
-        for server in servers:
-            good, bad = bounds[server]
+        for pair in pairs:
+            good, bad = bounds[key[pair]]
             if bad - good <= 1:
                 continue
             mid = (good + bad) // 2
-            step = measure(server, mid * grid, clients, period, work)
+            step = measure(pair[0], mid * grid, clients, period, work, pair[1])
             steps.append(step)
-            bounds[server] = (mid, bad) if step.ok else (good, mid)
+            bounds[key[pair]] = (mid, bad) if step.ok else (good, mid)
     return steps, {s: max(0, b[0] * grid) for s, b in bounds.items()}
 
 
@@ -313,7 +365,13 @@ def main() -> None:
                     help=f"instead of --rates: search each server's capacity (highest offered rate on a grid of "
                          f"--grid with 0 drops and average delay under {MAX_DELAY_MS:g} ms) between LO and HI")
     ap.add_argument("--grid", type=int, default=250)
+    ap.add_argument("--load", default="perfdhcp",
+                    help="load clients, comma-separated: perfdhcp (Kea's), light (bench/dhcp/dora.c, built with gcc: "
+                         "a few system calls per message, for when perfdhcp's own CPU is the ceiling)")
     args = ap.parse_args()
+    loads = tuple(dict.fromkeys(args.load.split(",")))
+    if not set(loads) <= {"perfdhcp", "light"}:
+        raise SystemExit(f"unknown load client in {args.load!r}: choose from perfdhcp, light")
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
     servers = args.servers.split(",")
@@ -324,23 +382,27 @@ def main() -> None:
             binaries[server] = ""
         elif server not in binaries:
             raise SystemExit(f"unknown server {server!r}: choose from {', '.join(binaries)}")
-    for tool in ("perfdhcp", "ip", *(binaries[s] for s in servers if binaries[s])):
+    for tool in (*(("gcc",) if "light" in loads else ()), *(x for x in loads if x != "light"), "ip",
+                 *(binaries[s] for s in servers if binaries[s])):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed (tools/setup.sh installs it)")
     steps: list[Step] = []
     tmp = Path(tempfile.mkdtemp(prefix="bd-dhcp-bench-"))  # 0700 (mkdtemp)
     try:
         setup()
+        if "light" in loads:
+            build_light(tmp)
         if args.capacity:
             lo, hi = (int(x) for x in args.capacity.split(","))
             caps: list[dict[str, int]] = []
             for run in range(args.runs):
                 order = servers if run % 2 == 0 else list(reversed(servers))
                 print(f"run {run + 1}: capacity search {lo}..{hi}/s on a grid of {args.grid}/s", flush=True)
-                found, cap = capacity(order, lo, hi, args.grid, args.clients, args.period, tmp)
+                found, cap = capacity(order, lo, hi, args.grid, args.clients, args.period, tmp, loads)
                 steps += found
                 caps.append(cap)
-            report_capacity(steps, caps, servers, args.clients)
+            for client in loads:
+                report_capacity(steps, caps, servers, args.clients, client)
             return
         rates = [int(r) for r in args.rates.split(",")]
         for run in range(args.runs):
@@ -348,35 +410,41 @@ def main() -> None:
                 # Alternate the order each run so background load does not always favour the same server.
                 for server in servers if run % 2 == 0 else list(reversed(servers)):
                     print(f"run {run + 1} ", end="")
-                    steps.append(measure(server, rate, args.clients, args.period, tmp))
+                    for client in loads:
+                        steps.append(measure(server, rate, args.clients, args.period, tmp, client))
     finally:
         teardown()
         shutil.rmtree(tmp, ignore_errors=True)
-    report(steps, servers, rates, args.clients)
+    report(steps, [x if c == "perfdhcp" else f"{x}~{c}" for c in loads for x in servers], rates, args.clients)
 
 
-def report_capacity(steps: list[Step], caps: list[dict[str, int]], servers: list[str], clients: int) -> None:
+def report_capacity(steps: list[Step], caps: list[dict[str, int]], servers: list[str], clients: int,
+                    client: str = "perfdhcp") -> None:
+    def series(server: str) -> str:
+        return server if client == "perfdhcp" else f"{server}~{client}"
+
     print()
-    print(f"capacity: highest offered rate with 0 drops and avg delay < {MAX_DELAY_MS:g} ms, {clients} clients, "
-          f"median over {len(caps)} run(s); perfdhcp's CPU there (near 100% of a core: the client's ceiling)")
+    print(f"capacity with {client}: highest offered rate with 0 drops and avg delay < {MAX_DELAY_MS:g} ms, {clients} "
+          f"clients, median over {len(caps)} run(s); the client's CPU share over the step there, the server's CPU")
     for server in servers:
-        cap = statistics.median(c[server] for c in caps)
-        at = [s for s in steps if s.server == server and s.rate == cap and s.ok]
+        cap = statistics.median(c[series(server)] for c in caps)
+        at = [s for s in steps if s.series == series(server) and s.rate == cap and s.ok]
         load = f"{statistics.median(s.client_load() for s in at):.0%}" if at else "-"
         delay = f"{statistics.median(s.delay_ms for s in at):.1f} ms" if at else "-"
-        print(f"  {server:10s} {cap:6.0f}/s   avg delay there {delay:>9s}   perfdhcp {load:>5s} of a core   "
-              f"runs: {', '.join(str(c[server]) for c in caps)}")
+        cpu = f"{statistics.median(s.server_cpu for s in at):.1f}" if at else "-"
+        print(f"  {server:10s} {cap:6.0f}/s   avg delay there {delay:>9s}   {client} {load:>5s} of a core   "
+              f"server {cpu:>4s} cpu-s   runs: {', '.join(str(c[series(server)]) for c in caps)}")
     if "bootd" in servers:
-        b = statistics.median(c["bootd"] for c in caps)
+        b = statistics.median(c[series("bootd")] for c in caps)
         for other in servers:
             if other != "bootd":
-                o = statistics.median(c[other] for c in caps)
+                o = statistics.median(c[series(other)] for c in caps)
                 print(f"  bootd/{other}: {b / o:.2f}x" if o else f"  bootd/{other}: {other} failed at the lowest rate")
 
 
 def report(steps: list[Step], servers: list[str], rates: list[int], clients: int) -> None:
     def med(server: str, rate: int, attr: str) -> float:
-        return float(statistics.median(getattr(s, attr) for s in steps if s.server == server and s.rate == rate))
+        return float(statistics.median(getattr(s, attr) for s in steps if s.series == server and s.rate == rate))
 
     print()
     print(f"perfdhcp DORA, {clients} simulated clients (-R), up to {clients} exchanges per step; medians over runs")
