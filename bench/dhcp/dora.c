@@ -91,11 +91,15 @@ int main(int argc, char **argv) {
         return 2;
     }
     int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        perror("dora: socket");
+        return 2;
+    }
     int big = 8 << 20;
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
     struct sockaddr_in me = {.sin_family = AF_INET, .sin_port = htons(67), .sin_addr = local_ip};
-    if (fd < 0 || bind(fd, (struct sockaddr *)&me, sizeof me) < 0) {
+    if (bind(fd, (struct sockaddr *)&me, sizeof me) < 0) {
         perror("dora: bind to port 67 (the relay port)");
         return 2;
     }

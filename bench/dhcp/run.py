@@ -126,6 +126,11 @@ def teardown() -> None:
 MAX_DELAY_MS = 10.0
 
 
+def series_name(server: str, client: str) -> str:
+    """The server and, when it is not perfdhcp, the client that drove it: what a capacity is searched for."""
+    return server if client == "perfdhcp" else f"{server}~{client}"
+
+
 @dataclass
 class Step:
     server: str
@@ -142,8 +147,7 @@ class Step:
 
     @property
     def series(self) -> str:
-        """The server and, when it is not perfdhcp, the client that drove it: what a capacity is searched for."""
-        return self.server if self.client == "perfdhcp" else f"{self.server}~{self.client}"
+        return series_name(self.server, self.client)
 
     @property
     def ok(self) -> bool:
@@ -293,7 +297,7 @@ DROP_MS = 2000  # an exchange unanswered this long is a drop (perfdhcp -d 2)
 
 
 def build_light(work: Path) -> Path:
-    """Compile the light client (bench/dhcp/dora.c) into the run's private directory."""
+    """The light client (bench/dhcp/dora.c), compiled into the run's private directory on first use."""
     binary = work / "dora"
     if not binary.exists():
         subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(LIGHT_SOURCE)], check=True)
@@ -320,7 +324,7 @@ def measure(server: str, rate: int, clients: int, period: float, work: Path, cli
     proc = start_server(server, work / re.sub(r"[^\w.-]", "_", server))
     try:
         if client == "light":
-            achieved, sent, done, drops, delay, secs, client_cpu = light(work / "dora", rate, clients, period)
+            achieved, sent, done, drops, delay, secs, client_cpu = light(build_light(work), rate, clients, period)
         else:
             achieved, sent, done, drops, delay, secs, client_cpu = perfdhcp(rate, clients, period)
         server_cpu = cpu_seconds(proc.pid)
@@ -340,17 +344,17 @@ def capacity(servers: list[str], lo: int, hi: int, grid: int, clients: int, peri
     series: the server's name for perfdhcp, ``server~light`` for the light client."""
     steps: list[Step] = []
     pairs = [(server, client) for client in loads for server in servers]
-    key = {pair: pair[0] if pair[1] == "perfdhcp" else f"{pair[0]}~{pair[1]}" for pair in pairs}
-    bounds = {key[p]: (lo // grid - 1, hi // grid + 1) for p in pairs}  # (highest known ok, lowest known failing)
+    # (highest known ok, lowest known failing), by series
+    bounds = {series_name(*p): (lo // grid - 1, hi // grid + 1) for p in pairs}
     while any(b[1] - b[0] > 1 for b in bounds.values()):
-        for pair in pairs:
-            good, bad = bounds[key[pair]]
+        for server, client in pairs:
+            good, bad = bounds[series_name(server, client)]
             if bad - good <= 1:
                 continue
             mid = (good + bad) // 2
-            step = measure(pair[0], mid * grid, clients, period, work, pair[1])
+            step = measure(server, mid * grid, clients, period, work, client)
             steps.append(step)
-            bounds[key[pair]] = (mid, bad) if step.ok else (good, mid)
+            bounds[step.series] = (mid, bad) if step.ok else (good, mid)
     return steps, {s: max(0, b[0] * grid) for s, b in bounds.items()}
 
 
@@ -382,8 +386,7 @@ def main() -> None:
             binaries[server] = ""
         elif server not in binaries:
             raise SystemExit(f"unknown server {server!r}: choose from {', '.join(binaries)}")
-    for tool in (*(("gcc",) if "light" in loads else ()), *(x for x in loads if x != "light"), "ip",
-                 *(binaries[s] for s in servers if binaries[s])):
+    for tool in ("ip", *("gcc" if x == "light" else x for x in loads), *(binaries[s] for s in servers if binaries[s])):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed (tools/setup.sh installs it)")
     steps: list[Step] = []
@@ -409,19 +412,19 @@ def main() -> None:
             for rate in rates:
                 # Alternate the order each run so background load does not always favour the same server.
                 for server in servers if run % 2 == 0 else list(reversed(servers)):
-                    print(f"run {run + 1} ", end="")
                     for client in loads:
+                        print(f"run {run + 1} ", end="")
                         steps.append(measure(server, rate, args.clients, args.period, tmp, client))
     finally:
         teardown()
         shutil.rmtree(tmp, ignore_errors=True)
-    report(steps, [x if c == "perfdhcp" else f"{x}~{c}" for c in loads for x in servers], rates, args.clients)
+    report(steps, [series_name(x, c) for c in loads for x in servers], rates, args.clients)
 
 
 def report_capacity(steps: list[Step], caps: list[dict[str, int]], servers: list[str], clients: int,
                     client: str = "perfdhcp") -> None:
     def series(server: str) -> str:
-        return server if client == "perfdhcp" else f"{server}~{client}"
+        return series_name(server, client)
 
     print()
     print(f"capacity with {client}: highest offered rate with 0 drops and avg delay < {MAX_DELAY_MS:g} ms, {clients} "
@@ -447,7 +450,8 @@ def report(steps: list[Step], servers: list[str], rates: list[int], clients: int
         return float(statistics.median(getattr(s, attr) for s in steps if s.series == server and s.rate == rate))
 
     print()
-    print(f"perfdhcp DORA, {clients} simulated clients (-R), up to {clients} exchanges per step; medians over runs")
+    print(f"DORA from perfdhcp (series ~light: the light client), {clients} simulated clients, up to {clients} "
+          "exchanges per step; medians over runs")
     head = f"{'offered/s':>9s}" + "".join(f" {s + ' exch/s':>18s} {'drops':>6s}" for s in servers)
     base = "dnsmasq" if "dnsmasq" in servers else None
     if "bootd" in servers and base:
