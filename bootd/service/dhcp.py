@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 from bootd.errors import Conflict, StoreError
-from bootd.model import BootPlan, Lease, Node, State
+from bootd.model import BootPlan, Lease, Machine, Node, State
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.client_state import ClientState, request_state
 from bootd.proto.dhcp.leases import SERVER, LeasePool, int_ip, ip_int
@@ -90,7 +90,7 @@ def _ignore(reason: str, detail: str = "") -> Outcome:
     return Outcome([], reason, detail)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per packet, and frozen costs an object.__setattr__ per field
 class Request:
     """One request for handle_many: the parsed packet, the port it came to, its source, its device."""
 
@@ -115,7 +115,7 @@ class _Exchange:
     lease: Lease | None = None  # a REQUEST's binding, waiting for its commit
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per packet, and frozen costs an object.__setattr__ per field
 class BootAnswer:
     """The boot part of a reply: options, the BOOTP ``file`` field, ``siaddr``, and the plan
     (None when no network boot program fits the firmware: the reply then carries no boot data)."""
@@ -126,11 +126,34 @@ class BootAnswer:
     plan: BootPlan | None
 
 
+@dataclass(slots=True)
+class _BootMemo:
+    """A DISCOVER's boot answer and encoded options, kept for its REQUEST.
+
+    The ACK carries the boot data of the OFFER whenever nothing it depends on has changed: the same node (the
+    cached registry answer, by identity), the same client classification and boot-relevant options (97, 55),
+    the same subnet options and the same boot policy (a reload replaces both). Deciding and encoding them again
+    cost as much as the rest of the ACK (bench/dhcp profile); reusing them changes no byte of the reply.
+    """
+
+    node: Node
+    policy: BootPlanner
+    encoded: bytes | None  # the subnet's options block it was built on (a reload replaces it)
+    machine: Machine
+    vendor_class: str | None
+    pxe: bool
+    http: bool
+    asks: tuple[bytes | None, bytes | None]  # the request's options 97 (GUID) and 55 (parameter list)
+    boot: BootAnswer
+    block: bytes | None  # the options block for reply_bytes (None: the reply is built the slow way)
+
+
 # [dhcp] settings the running service applies on reload, and those only a restart applies: the
 # sockets (address, ports, device) are bound once, the mode decides which sockets exist, and the
 # server address is the identifier every client's lease names. queue_size is the transport's (live).
 LIVE = ("pool_start", "pool_end", "netmask", "router", "dns", "domain", "lease_time", "offer_hold",
         "decline_hold", "subnets")
+KIND_CACHE = 1024  # kinds of client remembered with their boot answer (cleared when full)
 GIADDR_CACHE = 1024  # relay addresses remembered with their subnet (a forged-giaddr flood only refills it)
 
 
@@ -195,6 +218,9 @@ class DhcpService:
         self._loaded = False
         self._load_lock = asyncio.Lock()
         self._nodes: dict[str, tuple[Node, float]] = {}  # mac -> (node, cached_at)
+        self._memos: dict[str, _BootMemo] = {}  # mac -> its OFFER's boot answer (bounded like _nodes: same expiry)
+        # A kind of client -> (policy, subnet, its options block, boot answer, options block): see _offer_boot.
+        self._kinds: dict[tuple[object, ...], tuple[BootPlanner, Subnet, bytes | None, BootAnswer, bytes | None]] = {}
         self._next_reload = math.inf  # set by load()
         self._armed = math.inf  # when run() wakes up next
         self._wake = asyncio.Event()
@@ -368,6 +394,7 @@ class DhcpService:
         for mac, (_, at) in list(self._nodes.items()):
             if now - at > NODE_CACHE_TTL:
                 del self._nodes[mac]
+                self._memos.pop(mac, None)
         if self.subnets and self._loaded and now >= self._next_reload:
             self._next_reload = now + NODE_RELOAD_EVERY  # before the await: one reload at a time
             await self._reload()
@@ -590,6 +617,7 @@ class DhcpService:
             self._nodes[mac] = (node, now)
         else:
             self._nodes.pop(mac, None)
+        self._memos.pop(mac, None)
         return node
 
     def _boot(self, packet: DhcpPacket, c: Client, node: Node | None, subnet: Subnet | None = None) -> BootAnswer:
@@ -643,17 +671,61 @@ class DhcpService:
         addr, port = destination(packet, mt, server_port=self.config.port, client_port=self.config.client_port)
         return Reply(data, addr, port, mt)
 
-    def _lease_reply(self, packet: DhcpPacket, mt: o.MessageType, ip: int, sub: Subnet, boot: BootAnswer) -> Reply:
-        """An OFFER or ACK of an address: the subnet's options as encoded once (Subnet.encoded), then the boot
-        options; the bytes build_reply would give, in the order it gives them."""
+    def _lease_reply(self, packet: DhcpPacket, mt: o.MessageType, ip: int, sub: Subnet, boot: BootAnswer,
+                     block: bytes | None) -> Reply:
+        """An OFFER or ACK of an address: ``block`` is the subnet's options as encoded once (Subnet.encoded), then
+        the boot options (_block); the bytes build_reply would give, in the order it gives them. None: built the
+        slow way (build_reply), when the boot options clash with the subnet's or the subnet has no block."""
+        if block is None:
+            return self._send(packet, mt, yiaddr=int_ip(ip), siaddr=boot.siaddr,
+                              options={**sub.options, **boot.options}, file=boot.file)
+        data = reply_bytes(packet, mt, server_id=self._server_bytes, yiaddr=ip.to_bytes(4, "big"), siaddr=boot.siaddr,
+                           options=block, file=boot.file)
+        return self._addressed(packet, mt, data)
+
+    @staticmethod
+    def _block(sub: Subnet, boot: BootAnswer) -> bytes | None:
+        """The options block of a reply with this boot answer (None: the reply is built the slow way)."""
         extra = boot.options
         clash = bool(extra) and not (OWN_OPTIONS.isdisjoint(extra) and sub.options.keys().isdisjoint(extra))
         if sub.encoded is None or clash:
-            return self._send(packet, mt, yiaddr=int_ip(ip), siaddr=boot.siaddr, options={**sub.options, **extra},
-                              file=boot.file)
-        data = reply_bytes(packet, mt, server_id=self._server_bytes, yiaddr=ip.to_bytes(4, "big"), siaddr=boot.siaddr,
-                           options=sub.encoded + encode_options(extra) if extra else sub.encoded, file=boot.file)
-        return self._addressed(packet, mt, data)
+            return None
+        return sub.encoded + encode_options(extra) if extra else sub.encoded
+
+    def _offer_boot(self, packet: DhcpPacket, c: Client, node: Node, sub: Subnet) -> tuple[BootAnswer, bytes | None]:
+        """An OFFER's boot answer and options block, shared by every client of one kind when the answer cannot depend
+        on the client itself: no node variables, and not iPXE (whose script URL names the MAC). A rack powering on
+        is hundreds of clients of one kind; deciding and encoding the same answer for each was a tenth of the
+        DISCOVER path (bench/dhcp profile). The policy, the subnet and its options block must be the ones it was
+        built with (a reload replaces them)."""
+        shared = not node.vars and not c.machine.ipxe
+        key: tuple[object, ...] = ()
+        if shared:
+            opts = packet.options
+            key = (id(sub), c.machine.firmware, c.machine.arch, c.pxe, c.http, c.vendor_class,
+                   opts.get(o.CLIENT_GUID) if c.pxe else None, opts.get(o.PARAMETER_LIST))
+            hit = self._kinds.get(key)
+            if hit is not None and hit[0] is self.boot and hit[1] is sub and hit[2] is sub.encoded:
+                return hit[3], hit[4]
+        boot = self._boot(packet, c, node, sub)
+        block = self._block(sub, boot)
+        if shared and boot.plan is not None:
+            if len(self._kinds) >= KIND_CACHE:
+                self._kinds.clear()  # PXE clients' GUIDs make every key new: they only refill it
+            self._kinds[key] = (self.boot, sub, sub.encoded, boot, block)
+        return boot, block
+
+    def _memo(self, x: _Exchange) -> _BootMemo | None:
+        """The OFFER's boot answer for this REQUEST, if nothing it depends on changed (see _BootMemo)."""
+        memo = self._memos.get(x.client.machine.mac)
+        if memo is None:
+            return None
+        c, opts = x.client, x.packet.options
+        if (memo.node is x.node and memo.policy is self.boot and memo.encoded is x.sub.encoded
+                and memo.machine == c.machine and memo.vendor_class == c.vendor_class and memo.pxe == c.pxe
+                and memo.http == c.http and memo.asks == (opts.get(o.CLIENT_GUID), opts.get(o.PARAMETER_LIST))):
+            return memo
+        return None
 
     def _nak(self, packet: DhcpPacket, why: str) -> Outcome:
         log.info("event=dhcp-nak mac=%s reason=%r", _mac(packet), why)
@@ -693,7 +765,12 @@ class DhcpService:
         until = now + self.config.offer_hold
         sub.pool.offer(ip, c.machine.mac, until)
         self._poke(until)
-        return Outcome([self._lease_reply(x.packet, MT.OFFER, ip, sub, self._boot(x.packet, c, node, sub))])
+        boot, block = self._offer_boot(x.packet, c, node, sub)
+        reply = self._lease_reply(x.packet, MT.OFFER, ip, sub, boot, block)
+        opts = x.packet.options
+        self._memos[c.machine.mac] = _BootMemo(node, self.boot, sub.encoded, c.machine, c.vendor_class, c.pxe, c.http,
+                                               (opts.get(o.CLIENT_GUID), opts.get(o.PARAMETER_LIST)), boot, block)
+        return Outcome([reply])
 
     def _begin_request(self, index: int, packet: DhcpPacket, c: Client,
                        interface: str | None) -> Outcome | _Exchange:
@@ -742,12 +819,17 @@ class DhcpService:
         """A REQUEST whose lease is committed: the ACK (and, for a boot firmware, its lifecycle step, in marks)."""
         assert x.lease is not None and x.node is not None
         self._poke(x.lease.expires)
-        boot = self._boot(x.packet, x.client, x.node, x.sub)
+        memo = self._memo(x)
+        if memo is not None:
+            boot, block = memo.boot, memo.block
+        else:
+            boot = self._boot(x.packet, x.client, x.node, x.sub)
+            block = self._block(x.sub, boot)
         if boot.plan is not None and x.client.pxe:
             marks.append(self._mark_pxe(x.node, x.client, boot.plan, now))
         log.debug("event=dhcp-ack mac=%s ip=%s node=%s file=%r", x.client.machine.mac, x.lease.ip, x.node.name,
                   boot.file)
-        return Outcome([self._lease_reply(x.packet, MT.ACK, x.ip, x.sub, boot)])
+        return Outcome([self._lease_reply(x.packet, MT.ACK, x.ip, x.sub, boot, block)])
 
     def _took_over(self, server_id: str | None) -> bool:
         """RFC 2131 4.3.2: a REQUEST naming another server is that server's, unless that server is dead and its

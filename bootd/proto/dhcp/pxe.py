@@ -47,7 +47,7 @@ class Ignore:
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per packet, and frozen costs an object.__setattr__ per field
 class Client:
     """A classified request: the ``Machine`` for the registry plus what the reply must mirror."""
 

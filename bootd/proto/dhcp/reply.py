@@ -27,7 +27,7 @@ from bootd.proto.dhcp.pxe import Client
 BROADCAST = "255.255.255.255"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per packet, and frozen costs an object.__setattr__ per field
 class Reply:
     """Encoded reply plus its UDP destination; the transport only sends it."""
 
