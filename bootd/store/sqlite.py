@@ -404,13 +404,17 @@ class SqliteRepo:
                 part = [name for _, name in span]
                 taken = {r[0] for r in db.execute(f"SELECT name FROM nodes WHERE name IN ({_marks(part)})", part)}
                 names += [(i, name) for i, name in span if name not in taken]
+            # The rows' ids are given, as SQLite would choose them (the largest + 1), so their first events need no
+            # lookup of each new node by MAC (a quarter of a registration's statement time).
+            first_id = (db.execute("SELECT MAX(id) FROM nodes").fetchone()[0] or 0) + 1
+            discovered = State.DISCOVERED.value
             db.executemany(
-                "INSERT INTO nodes(mac, name, idx, grp, approved, state, state_since, first_contact, last_contact)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(mac, name, i, group, int(approved), State.DISCOVERED.value, now, now, now)
-                 for mac, (i, name) in zip(new, names, strict=True)])
-            db.executemany("INSERT INTO events(node_id, ts, state, reason) SELECT id, ?, ?, ? FROM nodes WHERE mac = ?",
-                           [(now, State.DISCOVERED.value, "first contact", mac) for mac in new])
+                "INSERT INTO nodes(id, mac, name, idx, grp, approved, state, state_since, first_contact, last_contact)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(first_id + k, mac, name, i, group, int(approved), discovered, now, now, now)
+                 for k, (mac, (i, name)) in enumerate(zip(new, names, strict=True))])
+            db.executemany("INSERT INTO events(node_id, ts, state, reason) VALUES (?, ?, ?, ?)",
+                           [(first_id + k, now, discovered, "first contact") for k in range(len(new))])
             for mac, (_, name) in zip(new, names, strict=True):
                 # Built from the values just inserted (the column defaults for the rest, no variables yet) rather
                 # than read back: a first contact is on the DHCP path.
@@ -663,6 +667,15 @@ class SqliteRepo:
         # rarely fail; when one does, the whole transaction is rolled back and the batch runs again, each write
         # under its savepoint. Running a write twice is safe: each is a function of the database alone, and the
         # first run's effects were rolled back.
+        if len(ops) == 1:
+            # One write: its own transaction is its savepoint (a failure rolls back only it), so no SAVEPOINT.
+            try:
+                with self.write(wait=wait) as db:
+                    return [(True, ops[0](db))]
+            except Busy:
+                raise
+            except Exception as exc:
+                return [(False, exc)]
         if len(ops) > 1:
             try:
                 with self.write(wait=wait) as db:
@@ -940,7 +953,7 @@ class SqliteNodeStore:
                             approved: bool, now: float, max_nodes: int = 0) -> list[tuple[Node, bool] | RegistryFull]:
         return await self._batched(lambda db: self.repo._register_many(
             db, macs, name_pattern=name_pattern, first_index=first_index, group=group, approved=approved, now=now,
-            max_nodes=max_nodes))
+            max_nodes=max_nodes), group=True)
 
     async def add_node(self, mac: str, name: str, *, group: str, now: float, **fields: Any) -> Node:
         return await self._run(self.repo.add_node, mac, name, group=group, now=now, **fields)
@@ -996,6 +1009,12 @@ class SqliteNodeStore:
         # commit's trip to the database thread instead of taking a trip of its own.
         if self.repo.readonly:  # a read-only CLI store has no write transaction to ride: read directly
             return await self._run(self.repo.get_group, name)
+        inline = self._inline([lambda db: self.repo.get_group(name)])
+        if inline is not None:
+            ok, value = inline[0]
+            if not ok:
+                raise value
+            return cast(Group | None, value)
         # Every DISCOVER reads the default group: those waiting for the same batch share one read of it (same
         # transaction, same answer). Shielded: one reader cancelled must not cancel the others' read.
         shared = self._group_reads.get(name)
@@ -1027,17 +1046,46 @@ class SqliteNodeStore:
                          server: str | None = None) -> list[Exception | None]:
         # One write in the next group commit: the batch's leases share its COMMIT, a refused one fails alone.
         at = time.time() if now is None else now
-        return await self._batched(lambda db: self.repo._put_leases(db, leases, at, server))
+        return await self._batched(lambda db: self.repo._put_leases(db, leases, at, server), group=True)
 
-    async def _batched(self, op: Callable[[sqlite3.Connection], R]) -> R:
+    async def _batched(self, op: Callable[[sqlite3.Connection], R], *, group: bool = False) -> R:
         """Run one write (or a read on the DHCP path) in the next group commit; its result once committed.
 
-        Writes that arrive while a batch is being written wait for the next batch, which takes all of them in
-        one transaction. An idle store writes a lone write at once (no added delay); under load the commit
-        cost (the WAL append, the checkpoints it brings) is shared by the batch. Durability is unchanged:
-        nobody hears of a write before the COMMIT that holds it.
+        ``group``: the write is a group already (a DHCP read batch's registrations or leases): run it at once
+        when nothing waits before it (_inline). Otherwise writes that arrive while a batch is being written wait
+        for the next batch, which takes all of them in one transaction. An idle store writes a lone write at once
+        (no added delay); under load the commit cost (the WAL append, the checkpoints it brings) is shared by the
+        batch. Durability is unchanged: nobody hears of a write before the COMMIT that holds it.
         """
+        inline = self._inline([op]) if group else None
+        if inline is not None:
+            ok, value = inline[0]
+            if not ok:
+                raise value
+            return cast(R, value)
         return cast(R, await self._submit(op))
+
+    def _inline(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]] | None:
+        """Run ``ops`` in one transaction now, on the event loop's thread, when nothing is queued before them and
+        the connection is free (else None: the caller queues them for the next group commit).
+
+        Why: the DHCP path's batches are already groups (a read batch of the transport: one registration trip and
+        one lease commit for all of them), and every trip through the queue costs turns of the event loop, each
+        behind whatever else is ready then; most of an exchange's delay at a few thousand a second was those
+        turns, not work (bench/dhcp: light client, do_ms and ra_ms). Nobody hears of a write before its COMMIT,
+        as before.
+        """
+        cp = self._checkpointer
+        if self._pending or self._flushing or (cp is not None and cp.wanted.is_set()):
+            return None
+        if not self._busy.acquire(blocking=False):
+            return None
+        try:
+            return self.repo.batch(ops, wait=False)
+        except Busy:
+            return None  # another process writes: wait for it on the database thread, through the queue
+        finally:
+            self._busy.release()
 
     def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[Any]:
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
