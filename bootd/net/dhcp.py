@@ -55,6 +55,7 @@ from prometheus_client import CollectorRegistry
 
 from bootd.errors import RemoteProtocolError, StoreError
 from bootd.metrics import DhcpMetrics, make_registry
+from bootd.proto.dhcp.options import MessageType
 from bootd.proto.dhcp.packet import DhcpPacket
 from bootd.ratelog import LogLimiter
 from bootd.service.dhcp import DhcpService, Request
@@ -76,17 +77,23 @@ _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 RCVBUF = 4 * 1024 * 1024
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; SCM_TIMESTAMPNS has the same value
 _TIMESPEC = struct.Struct("@qq")
+_TIMESPEC_SIZE = _TIMESPEC.size
+_SOL_SOCKET = socket.SOL_SOCKET
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 LOG_EVERY = 10.0
 
-_Item = tuple[bytes, tuple[str, int], int, "_Endpoint", float, str | None]
-READ_BATCH = 64  # datagrams read per wake-up: bounds the time one pass of the loop spends reading
-# How long a worker that found a short batch waits for more before deciding it (seconds). A batch costs a registry
-# trip and a commit whatever its size (SQLite here: 119 us of CPU per exchange in batches of 1, 28 us in batches
-# of 64), so between a trickle and saturation, half a millisecond more per request buys batches several times
-# larger: perfdhcp at 3,000/s offered, 2 rounds: 3.5-3.6 -> 2.9-3.1 CPU-s per 10,000 exchanges, and the average
-# delay fell too (4.6-5.4 -> 3.3 ms), the server being less busy.
-LINGER = 0.0005
+_Item = tuple[bytes, tuple[str, int], int, "_Endpoint", float, str | None, bytes]  # ..., _request_key
+READ_BATCH = 128  # datagrams read per wake-up, and requests per worker batch at most
+# Why 128 (bench/dhcp, light client, one run): with 32 bootd saturated near 12,300 exchanges/s (the per-batch costs,
+# a registry trip and a commit, grow with the number of batches); with 128 it answered 14,000/s with 7.9 ms of average
+# delay. A larger batch costs its requests its decision time (a reply waits for its batch), which the delay criterion
+# sees: 128 requests take about 3 ms to decide.
+# How long a worker that found a short batch waits for more before deciding it (seconds). None: since a batch's writes
+# are committed at once (SqliteNodeStore._inline) rather than in a group commit a turn of the event loop later, the
+# wait bought nothing and cost every request its length: at 12,000/s offered the average delay fell from about 10 ms
+# to 5 ms without it (bench/dhcp, light client). Kept as a knob (DhcpServer(linger=...)) for stores whose trips are
+# remote and long.
+LINGER = 0.0
 RECV_SIZE = 4096  # larger than any DHCP message (RFC 2131's minimum is 576; jumbo options stay well below)
 
 
@@ -187,6 +194,8 @@ class _Endpoint:
         now = time.monotonic()
         to_monotonic = now - time.time()  # the kernel stamps arrivals with the wall clock
         count = 0
+        port, interface = self.port, self.interface
+        unpack = _TIMESPEC.unpack_from
         for _ in range(READ_BATCH):
             try:
                 data, ancillary, _flags, addr = recvmsg(RECV_SIZE, _ANCILLARY)
@@ -199,8 +208,8 @@ class _Endpoint:
             count += 1
             arrived = now
             for level, kind, stamp in ancillary:
-                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(stamp) >= _TIMESPEC.size:
-                    sec, nsec = _TIMESPEC.unpack_from(stamp)
+                if level == _SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(stamp) >= _TIMESPEC_SIZE:
+                    sec, nsec = unpack(stamp)
                     arrived = min(now, sec + nsec * 1e-9 + to_monotonic)
             if shared:
                 why = peer_share(data, self.port)
@@ -214,7 +223,7 @@ class _Endpoint:
                 server.drop("duplicate", f"from {addr[0]}:{addr[1]}: a retransmission of a request still queued")
                 continue
             lane = 0 if data[240:243] in _PRIORITY_HEADS else 1
-            if queue.put_nowait((data, addr, self.port, self, arrived, self.interface), lane):
+            if queue.put_nowait((data, addr, port, self, arrived, interface, key), lane):
                 waiting.add(key)
             else:
                 server.drop("queue-full", f"from {addr[0]}:{addr[1]}, {queue.maxsize} waiting")
@@ -421,8 +430,9 @@ class DhcpServer:
         now = time.monotonic()
         requests: list[Request] = []
         routes: list[tuple[tuple[str, int], _Endpoint]] = []
-        for (data, addr, port, transport, queued_at, interface), lane in items:
-            self.waiting.discard(_request_key(data))
+        waiting = self.waiting
+        for (data, addr, port, transport, queued_at, interface, key), lane in items:
+            waiting.discard(key)
             limit = self.max_age * (2 if lane == 0 else 1)
             if now - queued_at > limit:
                 # Overloaded: the client has retransmitted or given up by now (RFC 2131 4.1: ~4 s).
@@ -439,6 +449,7 @@ class DhcpServer:
         if not requests:
             return
         results = await self.service.handle_many(requests, self.clock())
+        sent: dict[MessageType, int] = {}
         for (addr, transport), result in zip(routes, results, strict=True):
             if isinstance(result, Exception):
                 if isinstance(result, RemoteProtocolError):
@@ -452,11 +463,13 @@ class DhcpServer:
             if result.ignored is not None:
                 self.drop(result.ignored, result.detail)
             for reply in result.replies:
-                if transport.is_closing():
-                    return
+                if transport.closed:
+                    break
                 transport.sendto(reply.data, (reply.address, reply.port))
-                counter = self._reply_counters.get(reply.msg_type)
-                if counter is None:
-                    counter = self._reply_counters[reply.msg_type] = self.metrics.replies.labels(
-                        type=reply.msg_type.name.lower())
-                counter.inc()
+                # Counted per batch below: a prometheus counter takes a lock on every inc().
+                sent[reply.msg_type] = sent.get(reply.msg_type, 0) + 1
+        for msg_type, count in sent.items():
+            counter = self._reply_counters.get(msg_type)
+            if counter is None:
+                counter = self._reply_counters[msg_type] = self.metrics.replies.labels(type=msg_type.name.lower())
+            counter.inc(count)
