@@ -195,7 +195,8 @@ def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
         spy = os.environ.get("BENCH_PYSPY")  # a py-spy binary: profile bootd's process (all threads) per step
         if spy:
             profile = Path(os.environ.get("BENCH_PYSPY_OUT", "/tmp")) / f"bootd-{time.strftime('%H%M%S')}.pyspy"
-            cmd = [spy, "record", "-r", "200", "--threads", "-f", "raw", "-o", str(profile), "--", *cmd]
+            rate = os.environ.get("BENCH_PYSPY_RATE", "200")  # samples a second
+            cmd = [spy, "record", "-r", rate, "--threads", "-f", "raw", "-o", str(profile), "--", *cmd]
     elif kind == "kea":
         # Kea's own server, as its documentation sets up a memfile deployment: leases in memory and appended
         # to a CSV file (persist) as they are granted; the lease file cleanup (LFC) off so no second process
@@ -313,6 +314,8 @@ def light(binary: Path, rate: int, clients: int, period: float) -> tuple[float, 
     seconds, r1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     got = dict(re.findall(r"(\w+)=([\d.]+)", out.stdout))
+    if os.environ.get("BENCH_LIGHT_RAW"):  # the client's own line: DISCOVER->OFFER and REQUEST->ACK apart
+        print(f"  light: {out.stdout.strip()}", flush=True)
     if out.returncode != 0 or "sent" not in got:
         raise SystemExit(f"the light client failed ({out.returncode}):\n{out.stdout}{out.stderr}")
     sent, done = int(got["sent"]), int(got["completed"])
