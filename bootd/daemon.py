@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -76,6 +77,22 @@ def setup_logging(level: str) -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+GC_YOUNG = 10_000  # allocations between two collections of the young generation (CPython's default: 700)
+
+
+def tune_gc() -> None:
+    """Once started: put what start-up built out of the collector's sight, and collect the young generation less often.
+
+    Why: a DHCP batch allocates thousands of short-lived objects (packets, classifications, replies). At CPython's
+    default a young collection runs every 700 allocations, catches a batch mid-flight and promotes its objects, which
+    older collections then traverse again along with every lease and cached node. Collection was about a tenth of the
+    DHCP path's CPU (bench/dhcp/profile_service.py, batches of 128: 1.30 CPU-s for 20,000 exchanges, 1.15 with this).
+    Reference cycles are still collected, only later.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
 @dataclass
@@ -153,6 +170,7 @@ class Daemon:
             log.error("event=start_failed error=%r", str(exc))
             await self.close()
             return 1
+        tune_gc()
         names = ",".join(n for n, _ in self.components) or "none"
         log.info("event=ready version=%s components=%s config=%s", __version__, names, self.config.path)
         notify(f"READY=1\nSTATUS=serving ({names})\nMAINPID={os.getpid()}")

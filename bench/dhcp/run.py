@@ -68,6 +68,10 @@ RUNNER = textwrap.dedent("""
     import asyncio, signal, sys
     from prometheus_client import CollectorRegistry
     from bootd import config
+    try:
+        from bootd.daemon import tune_gc
+    except ImportError:  # a checkout from before it (bootd@PATH)
+        def tune_gc() -> None: ...
     from bootd.net.dhcp import DhcpServer
     from bootd.service.dhcp import DhcpService
     from bootd.service.registry import RegistryService
@@ -81,6 +85,7 @@ RUNNER = textwrap.dedent("""
         server = DhcpServer(svc, listen=cfg.dhcp.listen, port=cfg.dhcp.port, interface=cfg.dhcp.interface,
                             queue_size=cfg.dhcp.queue_size, metrics=metrics)
         await server.start()
+        tune_gc()  # as the daemon does once started
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
