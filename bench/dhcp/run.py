@@ -250,13 +250,15 @@ def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
     raise SystemExit(f"{kind} did not start: {(work / 'server.log').read_text()[-2000:]}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a live process (ip netns exec execs the server, so the Popen pid is the server's)."""
+def cpu_seconds(pid: int, *, system: bool = False) -> float:
+    """utime + stime of a live process (ip netns exec execs the server, so the Popen pid is the server's); with
+    ``system``, stime alone (the kernel's share: the sockets, the veth pair, the files)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[12]) if system else int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
@@ -335,13 +337,13 @@ def measure(server: str, rate: int, clients: int, period: float, work: Path, cli
             achieved, sent, done, drops, delay, secs, client_cpu = light(build_light(work), rate, clients, period)
         else:
             achieved, sent, done, drops, delay, secs, client_cpu = perfdhcp(rate, clients, period)
-        server_cpu = cpu_seconds(proc.pid)
+        server_cpu, server_sys = cpu_seconds(proc.pid), cpu_seconds(proc.pid, system=True)
     finally:
         stop_server(proc)
     step = Step(server, rate, achieved, sent, done, drops, delay, secs, client_cpu, server_cpu, client)
     print(f"{step.series:10s} offered {rate:5d}/s: {achieved:8.1f} exchanges/s, {done}/{sent} completed, "
           f"{drops} drops, avg delay {delay:.1f} ms, {client} {step.client_load():.0%} of a core, "
-          f"server {server_cpu:.1f} cpu-s: {'ok' if step.ok else 'FAIL'}", flush=True)
+          f"server {server_cpu:.2f} cpu-s ({server_sys:.2f} system): {'ok' if step.ok else 'FAIL'}", flush=True)
     return step
 
 
