@@ -61,7 +61,7 @@ class State(enum.StrEnum):
     DISABLED = "disabled"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per DHCP packet, and frozen costs an object.__setattr__ per field
 class Machine:
     """What a boot request tells us about the hardware asking."""
 

@@ -94,6 +94,7 @@ READ_BATCH = 128  # datagrams read per wake-up, and requests per worker batch at
 # to 5 ms without it (bench/dhcp, light client). Kept as a knob (DhcpServer(linger=...)) for stores whose trips are
 # remote and long.
 LINGER = 0.0
+SAME_AGE = 0.01  # seconds: see _Endpoint.readable
 RECV_SIZE = 4096  # larger than any DHCP message (RFC 2131's minimum is 576; jumbo options stay well below)
 
 
@@ -193,12 +194,26 @@ class _Endpoint:
         shared = cluster is not None and cluster.shared
         now = time.monotonic()
         to_monotonic = now - time.time()  # the kernel stamps arrivals with the wall clock
+        recvfrom = self.sock.recvfrom
         count = 0
         port, interface = self.port, self.interface
-        unpack = _TIMESPEC.unpack_from
+        arrived = now
+        stamped = True  # read with recvmsg, for the kernel's arrival stamp
         for _ in range(READ_BATCH):
             try:
-                data, ancillary, _flags, addr = recvmsg(RECV_SIZE, _ANCILLARY)
+                if stamped:
+                    data, ancillary, _flags, addr = recvmsg(RECV_SIZE, _ANCILLARY)
+                    arrived = now
+                    for level, kind, stamp in ancillary:
+                        if level == _SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(stamp) >= _TIMESPEC_SIZE:
+                            sec, nsec = _TIMESPEC.unpack_from(stamp)
+                            arrived = min(now, sec + nsec * 1e-9 + to_monotonic)
+                    # A datagram that waited less than SAME_AGE: those behind it arrived later still, so its stamp
+                    # stands for theirs, off by less than SAME_AGE (never enough to make a fresh one stale), and
+                    # they are read with recvfrom, half the cost of recvmsg here.
+                    stamped = now - arrived >= SAME_AGE
+                else:
+                    data, addr = recvfrom(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -206,11 +221,6 @@ class _Endpoint:
                 self.error(exc)
                 continue
             count += 1
-            arrived = now
-            for level, kind, stamp in ancillary:
-                if level == _SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(stamp) >= _TIMESPEC_SIZE:
-                    sec, nsec = unpack(stamp)
-                    arrived = min(now, sec + nsec * 1e-9 + to_monotonic)
             if shared:
                 why = peer_share(data, self.port)
                 if why is not None:

@@ -92,16 +92,19 @@ def _ip(packet: DhcpPacket, code: int) -> str | None:
     return ip_to_str(raw)
 
 
+_MESSAGE_TYPES = {int(t): t for t in MessageType}
+
+
 def message_type(packet: DhcpPacket) -> MessageType | None:
     raw = packet.options.get(MESSAGE_TYPE)
     if raw is None:
         return None
     if len(raw) != 1:
         raise _bad(MESSAGE_TYPE, f"length {len(raw)}, expected 1")
-    try:
-        return MessageType(raw[0])
-    except ValueError:
-        raise _bad(MESSAGE_TYPE, f"unknown message type {raw[0]}") from None
+    known = _MESSAGE_TYPES.get(raw[0])  # a dict, not MessageType(...): that call is an Enum lookup on every packet
+    if known is None:
+        raise _bad(MESSAGE_TYPE, f"unknown message type {raw[0]}")
+    return known
 
 
 def server_id(packet: DhcpPacket) -> str | None:

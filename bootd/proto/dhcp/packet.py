@@ -39,6 +39,12 @@ def ip_to_str(raw: bytes) -> str:
     """Dotted quad from 4 raw bytes (no socket import here: proto stays sans-I/O)."""
     if raw == _ZERO4:
         return ZERO_IP
+    return _dotted(raw)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dotted(raw: bytes) -> str:
+    # Cached: a relay's giaddr (and the server's own address) come back in every packet they carry.
     return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
 
 
