@@ -21,7 +21,7 @@ from bootd.store.base import NodeStore, StoreStatus
 log = logging.getLogger("bootd.registry")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per first contact, and frozen costs an object.__setattr__ per field
 class Resolution:
     node: Node | None
     reason: str = ""
