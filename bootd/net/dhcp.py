@@ -83,11 +83,11 @@ _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 LOG_EVERY = 10.0
 
 _Item = tuple[bytes, tuple[str, int], int, "_Endpoint", float, str | None, bytes]  # ..., _request_key
-READ_BATCH = 128  # datagrams read per wake-up, and requests per worker batch at most
-# Why 128 (bench/dhcp, light client, one run): with 32 bootd saturated near 12,300 exchanges/s (the per-batch costs,
-# a registry trip and a commit, grow with the number of batches); with 128 it answered 14,000/s with 7.9 ms of average
-# delay. A larger batch costs its requests its decision time (a reply waits for its batch), which the delay criterion
-# sees: 128 requests take about 3 ms to decide.
+READ_BATCH = 256  # datagrams read per wake-up, and requests per worker batch at most
+# Why 256 (bench/dhcp, light client, capacity searches, medians of 3 in one run each): 32 saturated near 12,300
+# exchanges/s (the per-batch costs, a registry trip and a commit, grow with the number of batches), 96 gave 17,250/s,
+# 128 18,000, 192 to 384 18,500 alike: under load a batch is what arrived while the last one was decided, and past
+# about 200 there is no more. A reply waits for its whole batch to be decided: 256 requests take about 5 ms.
 # How long a worker that found a short batch waits for more before deciding it (seconds). None: since a batch's writes
 # are committed at once (SqliteNodeStore._inline) rather than in a group commit a turn of the event loop later, the
 # wait bought nothing and cost every request its length: at 12,000/s offered the average delay fell from about 10 ms
