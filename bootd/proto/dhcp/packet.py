@@ -64,32 +64,34 @@ def ip_to_bytes(text: str) -> bytes:
     return bytes(values)
 
 
-def parse_options(data: bytes, options: dict[int, bytes], where: str, *, need_end: bool = False) -> None:
-    """Parse one option area into ``options``, concatenating repeats (RFC 3396).
+def parse_options(data: bytes, options: dict[int, bytes], where: str, *, need_end: bool = False,
+                  start: int = 0) -> None:
+    """Parse one option area (``data`` from ``start``) into ``options``, concatenating repeats (RFC 3396).
 
     Missing End is tolerated in the main area (some ROMs stop at the packet end),
     but an option whose length runs past the area is broken, not merely short.
+    On every packet: the pad and end codes are literals (0, 255) and the area is not copied out first.
     """
-    i = 0
+    i = start
     n = len(data)
     while i < n:
         code = data[i]
-        if code == OPT_PAD:
+        if code == 0:  # OPT_PAD
             i += 1
             continue
-        if code == OPT_END:
+        if code == 255:  # OPT_END
             return
         if i + 1 >= n:
             raise RemoteProtocolError(f"option {code} in {where} has no length byte", reason="truncated-option")
-        length = data[i + 1]
-        end = i + 2 + length
+        end = i + 2 + data[i + 1]
         if end > n:
             raise RemoteProtocolError(
-                f"option {code} in {where} claims {length} bytes, only {n - i - 2} left", reason="truncated-option"
+                f"option {code} in {where} claims {data[i + 1]} bytes, only {n - i - 2} left", reason="truncated-option"
             )
-        value = data[i + 2 : end]
-        old = options.get(code)
-        options[code] = value if old is None else old + value
+        if code in options:
+            options[code] += data[i + 2 : end]
+        else:
+            options[code] = data[i + 2 : end]
         i = end
     if need_end:
         raise RemoteProtocolError(f"no End option in {where}", reason="missing-end")
@@ -138,7 +140,7 @@ class DhcpPacket:
         options: dict[int, bytes] = {}
         has_cookie = data[HEADER_SIZE : HEADER_SIZE + 4] == MAGIC_COOKIE
         if has_cookie:
-            parse_options(data[HEADER_SIZE + 4 :], options, "options")
+            parse_options(data, options, "options", start=HEADER_SIZE + 4)
             overload = options.pop(OPT_OVERLOAD, None)
             if overload is not None:
                 if len(overload) != 1 or overload[0] not in (1, 2, 3):

@@ -76,10 +76,12 @@ def classify(packet: DhcpPacket) -> Client | Ignore:
     if msg_type is None:
         return Ignore("bootp", "plain BOOTP (no option 53) is not served")
     mac = normalize_mac(packet.chaddr[:6])
-    vc = o.vendor_class(packet)
-    arches = o.client_arches(packet)
+    opts = packet.options
+    # Each accessor only when its option is there: a plain client (an OS's DHCP client renewing) sends none of them.
+    vc = o.vendor_class(packet) if o.VENDOR_CLASS in opts else None
+    arches = o.client_arches(packet) if o.CLIENT_ARCH in opts else []
     arch = arches[0] if arches else (_arch_from_vendor_class(vc) if vc else None)
-    ipxe = b"iPXE" in o.user_classes(packet) or o.IPXE_ENCAP in packet.options
+    ipxe = (o.USER_CLASS in opts and b"iPXE" in o.user_classes(packet)) or o.IPXE_ENCAP in opts
     http = bool(vc and vc.startswith("HTTPClient"))
     pxe_vc = bool(vc and vc.startswith("PXEClient"))
     if http:
@@ -88,6 +90,6 @@ def classify(packet: DhcpPacket) -> Client | Ignore:
         firmware = ARCH_FIRMWARE.get(arch, Firmware.UNKNOWN)
     else:
         firmware = Firmware.UNKNOWN
-    machine = Machine(mac=mac, arch=arch, firmware=firmware, ipxe=ipxe, guid=o.client_guid(packet))
+    machine = Machine(mac, arch, firmware, ipxe, o.client_guid(packet) if o.CLIENT_GUID in opts else None)
     pxe = http or pxe_vc or ipxe or bool(arches)
     return Client(machine, msg_type, vc, pxe, http)
