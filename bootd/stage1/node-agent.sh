@@ -152,9 +152,29 @@ overlay_loop() {
     done
 }
 
+# Right after switch_root the capsule's own DHCP client (systemd-networkd, ifupdown) may be taking the boot NIC
+# over, and for a moment there is no route to bootd: the first report and the first overlay refresh then failed
+# with "Network is unreachable" (seen in CI). Wait for a route first, quietly, up to BOOTD_ROUTE_WAIT seconds
+# (default 30); past that, go on (the reports and refreshes retry, and say why).
+wait_for_route() {
+    command -v ip >/dev/null 2>&1 || return 0
+    host=${BOOTD_URL#*://}
+    host=${host%%/*}
+    case $host in \[*) host=${host#[}; host=${host%%]*} ;; *) host=${host%:*} ;; esac
+    case $host in *:*) ;; *[!0-9.]*) return 0 ;; esac  # a name: ip cannot look its route up
+    i=0
+    while [ "$i" -lt "${BOOTD_ROUTE_WAIT:-30}" ]; do
+        ip route get "$host" >/dev/null 2>&1 && return 0
+        i=$((i + 1))
+        sleep 1
+    done
+    say "note: no route to $host after ${BOOTD_ROUTE_WAIT:-30}s; reporting anyway"
+}
+
 mkdir -p "$STATE_DIR"
 rm -f "$STATE_DIR/url"
 say "start node=$BOOTD_NODE bootd=$BOOTD_URL${SOURCES:+ sources=$SOURCES} heartbeat=${BEAT}s overlay=${OVERLAY_INTERVAL}s"
+wait_for_route
 if [ "$OVERLAY_INTERVAL" -gt 0 ] && [ -x "$LIB/overlay" ]; then
     overlay_loop &
     OVERLAY_PID=$!

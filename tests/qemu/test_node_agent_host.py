@@ -75,6 +75,35 @@ def test_node_agent_reports_ready_then_heartbeats_with_usage(
     assert re.search(r"BOOTD-AGENT ready node=n0042 hostname=\S+ ip=\S* running", out), out
 
 
+def test_node_agent_waits_for_a_route_to_bootd_and_says_when_none_came(tmp_path: Path,
+                                                                       fetcher: Path) -> None:  # noqa: F811
+    """Right after switch_root the capsule's DHCP client may hold the NIC: the agent waits for a route to bootd
+    before its first report (bounded), and says so when none came. Here a network namespace of its own, with no
+    interface up, so no route exists; the wait is cut to 2 s."""
+    need_host_tools()
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare missing")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    shutil.copy(fetcher, lib / "bootd-fetch")
+    env = dict(os.environ, BOOTD_URL="http://10.1.2.3:8080", BOOTD_NODE="n0042", BOOTD_TOKEN="t",
+               BOOTD_HEARTBEAT="1", BOOTD_AGENT_LIB=str(lib), BOOTD_AGENT_STATE=str(tmp_path / "state"),
+               BOOTD_ROOT_RAM=str(tmp_path / "no-root-ram"), BOOTD_OVERLAY_INTERVAL="0", BOOTD_ROUTE_WAIT="2")
+    started = time.monotonic()
+    proc = subprocess.Popen(["unshare", "-n", "busybox", "sh", str(NODE_AGENT)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(5)
+    finally:
+        out = stop(proc)
+    assert time.monotonic() - started < 20
+    lines = [line for line in out.splitlines() if line.startswith("BOOTD-AGENT ")]
+    waited = next(i for i, line in enumerate(lines) if "note: no route to 10.1.2.3 after 2s; reporting anyway" in line)
+    assert lines[0].startswith("BOOTD-AGENT start node=n0042") and waited == 1, lines
+    # Then it tried anyway, and said why it failed.
+    assert any("not accepted" in line and "Network is unreachable" in line for line in lines[waited + 1:]), lines
+
+
 def test_node_agent_without_fetcher_uses_wget_and_says_why_a_report_failed(
         tmp_path: Path, loopback_standin: StartStandin) -> None:
     """No bootd-fetch in the image: busybox wget (the busybox capsule has it) carries the reports. A
