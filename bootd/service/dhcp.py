@@ -720,10 +720,10 @@ class DhcpService:
         memo = self._memos.get(x.client.machine.mac)
         if memo is None:
             return None
-        c, opts = x.client, x.packet.options
+        c = x.client
         if (memo.node is x.node and memo.policy is self.boot and memo.encoded is x.sub.encoded
                 and memo.machine == c.machine and memo.vendor_class == c.vendor_class and memo.pxe == c.pxe
-                and memo.http == c.http and memo.asks == (opts.get(o.CLIENT_GUID), opts.get(o.PARAMETER_LIST))):
+                and memo.http == c.http and memo.asks == _boot_asks(x.packet)):
             return memo
         return None
 
@@ -767,9 +767,8 @@ class DhcpService:
         self._poke(until)
         boot, block = self._offer_boot(x.packet, c, node, sub)
         reply = self._lease_reply(x.packet, MT.OFFER, ip, sub, boot, block)
-        opts = x.packet.options
         self._memos[c.machine.mac] = _BootMemo(node, self.boot, sub.encoded, c.machine, c.vendor_class, c.pxe, c.http,
-                                               (opts.get(o.CLIENT_GUID), opts.get(o.PARAMETER_LIST)), boot, block)
+                                               _boot_asks(x.packet), boot, block)
         return Outcome([reply])
 
     def _begin_request(self, index: int, packet: DhcpPacket, c: Client,
@@ -940,6 +939,12 @@ class DhcpService:
         else:
             return _ignore("no-ciaddr", "boot-server request without a source address")
         return Outcome([Reply(rep.encode(), addr, port, MT.ACK)])
+
+
+def _boot_asks(packet: DhcpPacket) -> tuple[bytes | None, bytes | None]:
+    """The request's options a boot answer depends on (boot_options): 97, echoed, and 55, which may ask for 66."""
+    opts = packet.options
+    return opts.get(o.CLIENT_GUID), opts.get(o.PARAMETER_LIST)
 
 
 def _mac(packet: DhcpPacket) -> str:

@@ -1009,12 +1009,9 @@ class SqliteNodeStore:
         # commit's trip to the database thread instead of taking a trip of its own.
         if self.repo.readonly:  # a read-only CLI store has no write transaction to ride: read directly
             return await self._run(self.repo.get_group, name)
-        inline = self._inline([lambda db: self.repo.get_group(name)])
-        if inline is not None:
-            ok, value = inline[0]
-            if not ok:
-                raise value
-            return cast(Group | None, value)
+        done, group = self._inline(lambda db: self.repo.get_group(name))
+        if done:
+            return cast(Group | None, group)
         # Every DISCOVER reads the default group: those waiting for the same batch share one read of it (same
         # transaction, same answer). Shielded: one reader cancelled must not cancel the others' read.
         shared = self._group_reads.get(name)
@@ -1057,17 +1054,16 @@ class SqliteNodeStore:
         (no added delay); under load the commit cost (the WAL append, the checkpoints it brings) is shared by the
         batch. Durability is unchanged: nobody hears of a write before the COMMIT that holds it.
         """
-        inline = self._inline([op]) if group else None
-        if inline is not None:
-            ok, value = inline[0]
-            if not ok:
-                raise value
-            return cast(R, value)
+        if group:
+            done, value = self._inline(op)
+            if done:
+                return cast(R, value)
         return cast(R, await self._submit(op))
 
-    def _inline(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]] | None:
-        """Run ``ops`` in one transaction now, on the event loop's thread, when nothing is queued before them and
-        the connection is free (else None: the caller queues them for the next group commit).
+    def _inline(self, op: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
+        """Run ``op`` in a transaction of its own now, on the event loop's thread, when nothing is queued before it
+        and the connection is free: (True, its result), or its exception raised. (False, None): the caller queues
+        it for the next group commit.
 
         Why: the DHCP path's batches are already groups (a read batch of the transport: one registration trip and
         one lease commit for all of them), and every trip through the queue costs turns of the event loop, each
@@ -1077,15 +1073,18 @@ class SqliteNodeStore:
         """
         cp = self._checkpointer
         if self._pending or self._flushing or (cp is not None and cp.wanted.is_set()):
-            return None
+            return False, None
         if not self._busy.acquire(blocking=False):
-            return None
+            return False, None
         try:
-            return self.repo.batch(ops, wait=False)
+            ok, value = self.repo.batch([op], wait=False)[0]
         except Busy:
-            return None  # another process writes: wait for it on the database thread, through the queue
+            return False, None  # another process writes: wait for it on the database thread, through the queue
         finally:
             self._busy.release()
+        if not ok:
+            raise value
+        return True, value
 
     def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[Any]:
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
