@@ -250,15 +250,15 @@ def start_server(kind: str, work: Path) -> subprocess.Popen[bytes]:
     raise SystemExit(f"{kind} did not start: {(work / 'server.log').read_text()[-2000:]}")
 
 
-def cpu_seconds(pid: int, *, system: bool = False) -> float:
-    """utime + stime of a live process (ip netns exec execs the server, so the Popen pid is the server's); with
-    ``system``, stime alone (the kernel's share: the sockets, the veth pair, the files)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds of a live process (ip netns exec execs the server, so the Popen pid is the server's): utime +
+    stime, and stime alone (the kernel's share: the sockets, the veth pair, the files)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    ticks = int(fields[12]) if system else int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, int(fields[12]) / tick
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
@@ -337,7 +337,7 @@ def measure(server: str, rate: int, clients: int, period: float, work: Path, cli
             achieved, sent, done, drops, delay, secs, client_cpu = light(build_light(work), rate, clients, period)
         else:
             achieved, sent, done, drops, delay, secs, client_cpu = perfdhcp(rate, clients, period)
-        server_cpu, server_sys = cpu_seconds(proc.pid), cpu_seconds(proc.pid, system=True)
+        server_cpu, server_sys = cpu_seconds(proc.pid)
     finally:
         stop_server(proc)
     step = Step(server, rate, achieved, sent, done, drops, delay, secs, client_cpu, server_cpu, client)

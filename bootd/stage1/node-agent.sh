@@ -56,6 +56,8 @@ case $BEAT in ""|*[!0-9]*|0) BEAT=30 ;; esac
 OVERLAY_INTERVAL=${BOOTD_OVERLAY_INTERVAL:-60}
 OVERLAY_ROOT=${BOOTD_OVERLAY_ROOT:-/}  # another root only for tests on a build host
 case $OVERLAY_INTERVAL in ""|*[!0-9]*) OVERLAY_INTERVAL=60 ;; esac
+ROUTE_WAIT=${BOOTD_ROUTE_WAIT:-30}  # seconds: see wait_for_route
+case $ROUTE_WAIT in ""|*[!0-9]*) ROUTE_WAIT=30 ;; esac
 if [ -z "${BOOTD_URL:-}" ] || [ -z "${BOOTD_NODE:-}" ]; then
     say "no bootd.url/bootd.node (neither /etc/bootd/node.env nor the kernel command line): nothing to report to"
     exit 0  # not a failure to restart: this node was not booted by bootd
@@ -163,12 +165,12 @@ wait_for_route() {
     case $host in \[*) host=${host#[}; host=${host%%]*} ;; *) host=${host%:*} ;; esac
     case $host in *:*) ;; *[!0-9.]*) return 0 ;; esac  # a name: ip cannot look its route up
     i=0
-    while [ "$i" -lt "${BOOTD_ROUTE_WAIT:-30}" ]; do
+    while [ "$i" -lt "$ROUTE_WAIT" ]; do
         ip route get "$host" >/dev/null 2>&1 && return 0
         i=$((i + 1))
         sleep 1
     done
-    say "note: no route to $host after ${BOOTD_ROUTE_WAIT:-30}s; reporting anyway"
+    say "note: no route to $host after ${ROUTE_WAIT}s; reporting anyway"
 }
 
 mkdir -p "$STATE_DIR"
