@@ -5,10 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck unit demo cluster bench clean
+.PHONY: setup compile test lint typecheck unit demo cluster bench clean
 
 setup:
 	@tools/setup.sh
+
+# setup compiles too; this rebuilds whatever the stamp says (--force: all of it).
+compile: setup
+	$(PY) tools/compile.py $(COMPILE_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check $(wildcard bootd tests bench tools capsules)
@@ -35,3 +39,4 @@ cluster: setup
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	-$(PY) tools/compile.py --clean

@@ -56,3 +56,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
   touch "$stamp"
 fi
+# The DHCP path compiled with mypyc (tools/compile.py): nothing to do while its stamp matches the sources. A failed
+# build is not fatal: bootd then runs its sources (slower), and says so at start.
+.venv/bin/python tools/compile.py || echo "setup: continuing without the compiled DHCP path" >&2

@@ -399,6 +399,13 @@ def main() -> None:
     for tool in ("ip", *("gcc" if x == "light" else x for x in loads), *(binaries[s] for s in servers if binaries[s])):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed (tools/setup.sh installs it)")
+    for server in servers:  # which build of bootd each runs: the figures differ by a third
+        if server == "bootd" or server.startswith("bootd@"):
+            tree = Path(server[6:]).resolve() if "@" in server else ROOT
+            said = subprocess.run([sys.executable, "-c", "import bootd; print(getattr(bootd, 'COMPILED', False))"],
+                                  cwd=tree, capture_output=True, text=True, check=False).stdout.strip()
+            how = {"True": "compiled (tools/compile.py)", "False": "interpreted (its sources)"}.get(said, "unknown")
+            print(f"{server}: DHCP path {how}, from {tree}", flush=True)
     steps: list[Step] = []
     tmp = Path(tempfile.mkdtemp(prefix="bd-dhcp-bench-"))  # 0700 (mkdtemp)
     try:

@@ -49,19 +49,17 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
+from bootd.config import Config  # for real: compiled, reload()'s argument is checked at run time
 from bootd.errors import RemoteProtocolError, StoreError
 from bootd.metrics import DhcpMetrics, make_registry
 from bootd.proto.dhcp.options import MessageType
 from bootd.proto.dhcp.packet import DhcpPacket
 from bootd.ratelog import LogLimiter
 from bootd.service.dhcp import DhcpService, Request
-
-if TYPE_CHECKING:
-    from bootd.config import Config
 
 __all__ = ["DhcpServer"]
 
@@ -107,19 +105,22 @@ def _request_key(data: bytes) -> bytes:
 _PRIORITY_HEADS = frozenset(b"\x35\x01" + bytes((t,)) for t in (3, 4, 7, 8))
 
 
-class _Lanes:
+T = TypeVar("T")
+
+
+class _Lanes(Generic[T]):
     """Two FIFO lanes, lane 0 always served first, each bounded; wakes one waiting worker per item."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self.lanes: tuple[collections.deque[_Item], collections.deque[_Item]] = (
+        self.lanes: tuple[collections.deque[T], collections.deque[T]] = (
             collections.deque(), collections.deque())
         self._getters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def qsize(self) -> int:
         return len(self.lanes[0]) + len(self.lanes[1])
 
-    def put_nowait(self, item: _Item, lane: int) -> bool:
+    def put_nowait(self, item: T, lane: int) -> bool:
         q = self.lanes[lane]
         if len(q) >= self.maxsize:
             return False
@@ -131,7 +132,7 @@ class _Lanes:
                 break
         return True
 
-    async def get(self) -> tuple[_Item, int]:
+    async def get(self) -> tuple[T, int]:
         while True:
             for lane, q in enumerate(self.lanes):
                 if q:
@@ -145,7 +146,7 @@ class _Lanes:
                     self._wake_one()  # pass the wakeup we consumed on to another worker
                 raise
 
-    async def get_many(self, limit: int, linger: float = 0.0) -> list[tuple[_Item, int]]:
+    async def get_many(self, limit: int, linger: float = 0.0) -> list[tuple[T, int]]:
         """Up to ``limit`` items, lane 0's first, once at least one is there; with fewer than ``limit`` waiting,
         after ``linger`` seconds more for others to arrive."""
         first = await self.get()
@@ -297,7 +298,7 @@ class DhcpServer:
         self._collecting = asyncio.Lock()
         self.max_age = max_age
         self.clock = clock
-        self.queue = _Lanes(queue_size)
+        self.queue: _Lanes[_Item] = _Lanes(queue_size)
         self.waiting: set[bytes] = set()  # the queued requests' (xid, chaddr, type): bounded by the queue
         # The daemon passes its one collector registry (served on /metrics); a private one only for tests that do
         # not scrape.  Named `metrics`, not `registry`: in bootd "registry" is the node registry.

@@ -29,10 +29,12 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+# Imported for real, not under TYPE_CHECKING: compiled (tools/compile.py), the dataclasses and signatures below are
+# checked at run time against these classes.
+from bootd.config import Config, DhcpConfig, SubnetConfig
 from bootd.errors import Conflict, StoreError
 from bootd.model import BootPlan, Lease, Machine, Node, State
 from bootd.proto.dhcp import options as o
@@ -55,12 +57,9 @@ from bootd.proto.dhcp.reply import (
 from bootd.service.boot import BootPlanner, BootPolicy
 from bootd.service.credentials import Credentials
 from bootd.service.lifecycle import Actor, Lifecycle, TransitionRefused
+from bootd.service.registry import RegistryService
+from bootd.service.servers import Cluster
 from bootd.store.base import NodeStore
-
-if TYPE_CHECKING:
-    from bootd.config import Config, DhcpConfig, SubnetConfig
-    from bootd.service.registry import RegistryService
-    from bootd.service.servers import Cluster
 
 log = logging.getLogger("bootd.dhcp")
 

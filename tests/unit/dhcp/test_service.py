@@ -294,12 +294,12 @@ async def test_proxy_boot_server_port_4011(store: SqliteNodeStore) -> None:
     assert ack.options[o.VENDOR_CLASS] == b"PXEClient"
 
 
-def test_full_mode_needs_a_sane_pool() -> None:
+async def test_full_mode_needs_a_sane_pool(store: SqliteNodeStore) -> None:
+    registry = RegistryService(store, RegistryConfig())
     with pytest.raises(ValueError, match="pool_start"):
-        DhcpService(None, None, POLICY, DhcpConfig(), server_address=SERVER)  # type: ignore[arg-type]
+        DhcpService(store, registry, POLICY, DhcpConfig(), server_address=SERVER)
     with pytest.raises(ValueError, match="one subnet"):
-        DhcpService(None, None, POLICY, dataclasses.replace(FULL, pool_end="10.78.0.5"),  # type: ignore[arg-type]
-                    server_address=SERVER)
+        DhcpService(store, registry, POLICY, dataclasses.replace(FULL, pool_end="10.78.0.5"), server_address=SERVER)
 
 
 def test_policy_decisions() -> None:

@@ -1,0 +1,80 @@
+"""The compiled DHCP path (tools/compile.py): used only while it matches its sources, never mixed with them.
+
+These run a copy of the package in a child Python, so that changing a source or the stamp there touches nothing the
+rest of the suite imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bootd
+from bootd import _native
+
+PACKAGE = Path(bootd.__file__).resolve().parent
+PROBE = """
+import json, bootd, bootd.service.dhcp, bootd.proto.dhcp.packet, bootd.net.dhcp
+print(json.dumps({"compiled": bootd.COMPILED, "package": bootd.__file__,
+                  "files": [m.__file__ for m in (bootd.service.dhcp, bootd.proto.dhcp.packet, bootd.net.dhcp)]}))
+"""
+
+
+def probe(root: Path, **env: str) -> dict[str, object]:
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "BOOTD_PURE": "", **env}, check=True)
+    got: dict[str, object] = json.loads(done.stdout)
+    assert str(got["package"]).startswith(str(root)), got  # the copy was imported, not the tree under test
+    return got
+
+
+def compiled(got: dict[str, object]) -> bool:
+    files = [str(f) for f in got["files"]]  # type: ignore[attr-defined]
+    kinds = {f.endswith(_native.SUFFIX) for f in files}
+    assert len(kinds) == 1, f"a mix of compiled and source modules: {files}"
+    assert got["compiled"] is kinds.pop(), got
+    return bool(got["compiled"])
+
+
+@pytest.fixture
+def copy(tmp_path: Path) -> Path:
+    if not bootd.COMPILED:
+        pytest.skip("bootd's DHCP path is not compiled here (run `make compile`, tools/compile.py)")
+    shutil.copytree(PACKAGE, tmp_path / "bootd", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def test_the_build_runs_while_it_matches_its_sources(copy: Path) -> None:
+    assert compiled(probe(copy))
+    assert not compiled(probe(copy, BOOTD_PURE="1"))  # asked for the sources
+
+
+def test_a_changed_source_runs_every_listed_module_from_source(copy: Path) -> None:
+    src = copy / "bootd" / "proto" / "dhcp" / "packet.py"
+    src.write_text(src.read_text() + "\n# changed after the build\n")
+    assert not compiled(probe(copy))  # the unchanged service/dhcp.py and net/dhcp.py too: never a mix
+
+
+def test_a_build_for_another_python_or_half_a_build_is_not_used(copy: Path) -> None:
+    stamp = copy / "bootd" / _native.STAMP
+    recorded = json.loads(stamp.read_text())
+    stamp.write_text(json.dumps({**recorded, "python": "3.0.0"}))
+    assert not compiled(probe(copy))
+    stamp.write_text(json.dumps(recorded))
+    assert compiled(probe(copy))
+    next((copy / "bootd" / "net").glob(f"dhcp{_native.SUFFIX}")).unlink()  # one extension missing
+    assert not compiled(probe(copy))
+    stamp.unlink()
+    assert not _native.stamp_matches(copy / "bootd")
+
+
+def test_no_build_means_sources(tmp_path: Path) -> None:
+    shutil.copytree(PACKAGE, tmp_path / "bootd", ignore=shutil.ignore_patterns("__pycache__", "*.so", _native.STAMP))
+    assert not _native.stamp_matches(tmp_path / "bootd")
+    assert not compiled(probe(tmp_path))
