@@ -61,15 +61,25 @@ class State(enum.StrEnum):
     DISABLED = "disabled"
 
 
-@dataclass(slots=True)  # not frozen: one per DHCP packet, and frozen costs an object.__setattr__ per field
+# Not frozen: one per DHCP packet, and frozen costs an object.__setattr__ per field. init=False: a hand-written __init__
+# compiles (tools/compile.py, mypyc); a dataclass's generated one stays interpreted.
+@dataclass(slots=True, init=False)
 class Machine:
     """What a boot request tells us about the hardware asking."""
 
     mac: str
-    arch: int | None = None
-    firmware: Firmware = Firmware.UNKNOWN
-    ipxe: bool = False
-    guid: str | None = None
+    arch: int | None
+    firmware: Firmware
+    ipxe: bool
+    guid: str | None
+
+    def __init__(self, mac: str, arch: int | None = None, firmware: Firmware = Firmware.UNKNOWN, ipxe: bool = False,
+                 guid: str | None = None) -> None:
+        self.mac = mac
+        self.arch = arch
+        self.firmware = firmware
+        self.ipxe = ipxe
+        self.guid = guid
 
 
 @dataclass(frozen=True, slots=True)

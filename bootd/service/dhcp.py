@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
@@ -76,45 +76,62 @@ BUCKET_CACHE = 65536  # client keys remembered with their hash bucket (cleared w
 OTHER = "another-server"  # the sticky owner of an address another server leased (until the next reload)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)  # init=False: as Request
 class Outcome:
     """What one request produced: replies to send, or why nothing is sent (a counter label)."""
 
-    replies: list[Reply] = field(default_factory=list)
-    ignored: str | None = None
-    detail: str = ""
+    replies: list[Reply]
+    ignored: str | None
+    detail: str
+
+    def __init__(self, replies: list[Reply] | None = None, ignored: str | None = None, detail: str = "") -> None:
+        self.replies = [] if replies is None else replies
+        self.ignored = ignored
+        self.detail = detail
 
 
 def _ignore(reason: str, detail: str = "") -> Outcome:
     return Outcome([], reason, detail)
 
 
-@dataclass(slots=True)  # not frozen: built per packet, and frozen costs an object.__setattr__ per field
+# Not frozen: built per packet, and frozen costs an object.__setattr__ per field. init=False: a hand-written __init__
+# compiles (tools/compile.py, mypyc); a dataclass's generated one stays interpreted.
+@dataclass(slots=True, init=False)
 class Request:
     """One request for handle_many: the parsed packet, the port it came to, its source, its device."""
 
     packet: DhcpPacket
     port: int
-    source: tuple[str, int] | None = None
-    interface: str | None = None
+    source: tuple[str, int] | None
+    interface: str | None
+
+    def __init__(self, packet: DhcpPacket, port: int, source: tuple[str, int] | None = None,
+                 interface: str | None = None) -> None:
+        self.packet = packet
+        self.port = port
+        self.source = source
+        self.interface = interface
 
 
-@dataclass(slots=True)
 class _Exchange:
     """A DISCOVER (``fresh``: it always asks the registry) or a REQUEST between the steps of handle_many."""
 
-    index: int
-    packet: DhcpPacket
-    client: Client
-    sub: Subnet
-    ip: int = 0  # a REQUEST's address
-    fresh: bool = False
-    node: Node | None = None
-    resolved: bool = False  # node is the registry's answer (None: refused)
-    lease: Lease | None = None  # a REQUEST's binding, waiting for its commit
+    __slots__ = ("client", "fresh", "index", "ip", "lease", "node", "packet", "resolved", "sub")
+
+    def __init__(self, index: int, packet: DhcpPacket, client: Client, sub: Subnet, *, ip: int = 0,
+                 fresh: bool = False) -> None:
+        self.index = index
+        self.packet = packet
+        self.client = client
+        self.sub = sub
+        self.ip = ip  # a REQUEST's address
+        self.fresh = fresh
+        self.node: Node | None = None
+        self.resolved = False  # node is the registry's answer (None: refused)
+        self.lease: Lease | None = None  # a REQUEST's binding, waiting for its commit
 
 
-@dataclass(slots=True)  # not frozen: built per packet, and frozen costs an object.__setattr__ per field
+@dataclass(slots=True, init=False)  # not frozen, init=False: as Request
 class BootAnswer:
     """The boot part of a reply: options, the BOOTP ``file`` field, ``siaddr``, and the plan
     (None when no network boot program fits the firmware: the reply then carries no boot data)."""
@@ -124,8 +141,13 @@ class BootAnswer:
     siaddr: str
     plan: BootPlan | None
 
+    def __init__(self, options: dict[int, bytes], file: bytes, siaddr: str, plan: BootPlan | None) -> None:
+        self.options = options
+        self.file = file
+        self.siaddr = siaddr
+        self.plan = plan
 
-@dataclass(slots=True)
+
 class _BootMemo:
     """A DISCOVER's boot answer and encoded options, kept for its REQUEST.
 
@@ -135,16 +157,21 @@ class _BootMemo:
     cost as much as the rest of the ACK (bench/dhcp profile); reusing them changes no byte of the reply.
     """
 
-    node: Node
-    policy: BootPlanner
-    encoded: bytes | None  # the subnet's options block it was built on (a reload replaces it)
-    machine: Machine
-    vendor_class: str | None
-    pxe: bool
-    http: bool
-    asks: tuple[bytes | None, bytes | None]  # the request's options 97 (GUID) and 55 (parameter list)
-    boot: BootAnswer
-    block: bytes | None  # the options block for reply_bytes (None: the reply is built the slow way)
+    __slots__ = ("asks", "block", "boot", "encoded", "http", "machine", "node", "policy", "pxe", "vendor_class")
+
+    def __init__(self, node: Node, policy: BootPlanner, encoded: bytes | None, machine: Machine,
+                 vendor_class: str | None, pxe: bool, http: bool, asks: tuple[bytes | None, bytes | None],
+                 boot: BootAnswer, block: bytes | None) -> None:
+        self.node = node
+        self.policy = policy
+        self.encoded = encoded  # the subnet's options block it was built on (a reload replaces it)
+        self.machine = machine
+        self.vendor_class = vendor_class
+        self.pxe = pxe
+        self.http = http
+        self.asks = asks  # the request's options 97 (GUID) and 55 (parameter list)
+        self.boot = boot
+        self.block = block  # the options block for reply_bytes (None: the reply is built the slow way)
 
 
 # [dhcp] settings the running service applies on reload, and those only a restart applies: the

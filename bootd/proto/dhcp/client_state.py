@@ -30,13 +30,20 @@ class ClientState(enum.Enum):
     REBINDING = "rebinding"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one per REQUEST, and frozen costs an object.__setattr__ per field. init=False: a hand-written __init__
+# compiles (tools/compile.py, mypyc); a dataclass's generated one stays interpreted.
+@dataclass(slots=True, init=False)
 class Request:
     """A classified DHCPREQUEST: the client's state, the address it asks for, the server it names."""
 
     state: ClientState
     address: str
-    server_id: str | None = None
+    server_id: str | None
+
+    def __init__(self, state: ClientState, address: str, server_id: str | None = None) -> None:
+        self.state = state
+        self.address = address
+        self.server_id = server_id
 
     @property
     def configured(self) -> bool:

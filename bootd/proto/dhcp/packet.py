@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bootd.errors import RemoteProtocolError
 
@@ -97,26 +97,48 @@ def parse_options(data: bytes, options: dict[int, bytes], where: str, *, need_en
         raise RemoteProtocolError(f"no End option in {where}", reason="missing-end")
 
 
-@dataclass(slots=True)
+# init=False: a hand-written __init__ compiles (tools/compile.py, mypyc); a dataclass's generated one stays interpreted.
+@dataclass(slots=True, init=False)
 class DhcpPacket:
     """One BOOTP/DHCP message; IPs are dotted strings, ``chaddr`` the raw 16 bytes."""
 
-    op: int = BOOTREQUEST
-    htype: int = 1
-    hlen: int = 6
-    hops: int = 0
-    xid: int = 0
-    secs: int = 0
-    flags: int = 0
-    ciaddr: str = ZERO_IP
-    yiaddr: str = ZERO_IP
-    siaddr: str = ZERO_IP
-    giaddr: str = ZERO_IP
-    chaddr: bytes = b"\x00" * 16
-    sname: bytes = b""
-    file: bytes = b""
-    options: dict[int, bytes] = field(default_factory=dict)
-    has_cookie: bool = True
+    op: int
+    htype: int
+    hlen: int
+    hops: int
+    xid: int
+    secs: int
+    flags: int
+    ciaddr: str
+    yiaddr: str
+    siaddr: str
+    giaddr: str
+    chaddr: bytes
+    sname: bytes
+    file: bytes
+    options: dict[int, bytes]
+    has_cookie: bool
+
+    def __init__(self, op: int = BOOTREQUEST, htype: int = 1, hlen: int = 6, hops: int = 0, xid: int = 0,
+                 secs: int = 0, flags: int = 0, ciaddr: str = ZERO_IP, yiaddr: str = ZERO_IP, siaddr: str = ZERO_IP,
+                 giaddr: str = ZERO_IP, chaddr: bytes = b"\x00" * 16, sname: bytes = b"", file: bytes = b"",
+                 options: dict[int, bytes] | None = None, has_cookie: bool = True) -> None:
+        self.op = op
+        self.htype = htype
+        self.hlen = hlen
+        self.hops = hops
+        self.xid = xid
+        self.secs = secs
+        self.flags = flags
+        self.ciaddr = ciaddr
+        self.yiaddr = yiaddr
+        self.siaddr = siaddr
+        self.giaddr = giaddr
+        self.chaddr = chaddr
+        self.sname = sname
+        self.file = file
+        self.options = {} if options is None else options
+        self.has_cookie = has_cookie
 
     @property
     def hwaddr(self) -> bytes:

@@ -47,7 +47,9 @@ class Ignore:
     detail: str = ""
 
 
-@dataclass(slots=True)  # not frozen: built per packet, and frozen costs an object.__setattr__ per field
+# Not frozen: built per packet, and frozen costs an object.__setattr__ per field. init=False: a hand-written __init__
+# compiles (tools/compile.py, mypyc); a dataclass's generated one stays interpreted.
+@dataclass(slots=True, init=False)
 class Client:
     """A classified request: the ``Machine`` for the registry plus what the reply must mirror."""
 
@@ -56,6 +58,14 @@ class Client:
     vendor_class: str | None
     pxe: bool  # a network-boot firmware (PXEClient / HTTPClient / option 93) or iPXE
     http: bool  # UEFI HTTP boot
+
+    def __init__(self, machine: Machine, msg_type: o.MessageType, vendor_class: str | None, pxe: bool,
+                 http: bool) -> None:
+        self.machine = machine
+        self.msg_type = msg_type
+        self.vendor_class = vendor_class
+        self.pxe = pxe
+        self.http = http
 
 
 def _arch_from_vendor_class(vc: str) -> int | None:

@@ -27,7 +27,9 @@ from bootd.proto.dhcp.pxe import Client
 BROADCAST = "255.255.255.255"
 
 
-@dataclass(slots=True)  # not frozen: built per packet, and frozen costs an object.__setattr__ per field
+# Not frozen: built per packet, and frozen costs an object.__setattr__ per field. init=False: a hand-written __init__
+# compiles (tools/compile.py, mypyc); a dataclass's generated one stays interpreted.
+@dataclass(slots=True, init=False)
 class Reply:
     """Encoded reply plus its UDP destination; the transport only sends it."""
 
@@ -35,6 +37,12 @@ class Reply:
     address: str
     port: int
     msg_type: o.MessageType
+
+    def __init__(self, data: bytes, address: str, port: int, msg_type: o.MessageType) -> None:
+        self.data = data
+        self.address = address
+        self.port = port
+        self.msg_type = msg_type
 
 
 def destination(request: DhcpPacket, msg_type: o.MessageType, *, server_port: int = 67,
