@@ -91,23 +91,46 @@ class Group:
     vars: dict[str, str] = field(default_factory=dict)  # inherited by the group's nodes (a node's own win)
 
 
-@dataclass(frozen=True, slots=True)
+# init=False: a hand-written __init__ compiles (tools/compile.py, mypyc), several times faster than the dataclass's
+# generated one, which stays interpreted; one Node per first contact and per registry read on the DHCP path. Fields
+# are set with object.__setattr__, which mypyc turns into a plain store and the sources (frozen enforced) accept.
+@dataclass(frozen=True, slots=True, init=False)
 class Node:
     mac: str
     name: str
     group: str
-    capsule: str | None = None
-    enabled: bool = True
-    approved: bool = True
-    state: State = State.DISCOVERED
-    reason: str = ""
-    state_since: float = 0.0
-    ip: str | None = None
-    first_contact: float = 0.0
-    last_contact: float = 0.0
-    kernel_args: str = ""
-    vars: dict[str, str] = field(default_factory=dict)
-    server: str | None = None  # the bootd server that last gave it its address (several servers, one registry)
+    capsule: str | None
+    enabled: bool
+    approved: bool
+    state: State
+    reason: str
+    state_since: float
+    ip: str | None
+    first_contact: float
+    last_contact: float
+    kernel_args: str
+    vars: dict[str, str]
+    server: str | None  # the bootd server that last gave it its address (several servers, one registry)
+
+    def __init__(self, mac: str, name: str, group: str, capsule: str | None = None, enabled: bool = True,
+                 approved: bool = True, state: State = State.DISCOVERED, reason: str = "", state_since: float = 0.0,
+                 ip: str | None = None, first_contact: float = 0.0, last_contact: float = 0.0, kernel_args: str = "",
+                 vars: dict[str, str] | None = None, server: str | None = None) -> None:
+        object.__setattr__(self, "mac", mac)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "group", group)
+        object.__setattr__(self, "capsule", capsule)
+        object.__setattr__(self, "enabled", enabled)
+        object.__setattr__(self, "approved", approved)
+        object.__setattr__(self, "state", state)
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "state_since", state_since)
+        object.__setattr__(self, "ip", ip)
+        object.__setattr__(self, "first_contact", first_contact)
+        object.__setattr__(self, "last_contact", last_contact)
+        object.__setattr__(self, "kernel_args", kernel_args)
+        object.__setattr__(self, "vars", {} if vars is None else vars)
+        object.__setattr__(self, "server", server)
 
 
 def node_json(node: Node) -> dict[str, Any]:
@@ -117,12 +140,18 @@ def node_json(node: Node) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)  # init=False: as Node (one per ACK)
 class Lease:
     ip: str
     mac: str
     expires: float
-    hostname: str | None = None
+    hostname: str | None
+
+    def __init__(self, ip: str, mac: str, expires: float, hostname: str | None = None) -> None:
+        object.__setattr__(self, "ip", ip)
+        object.__setattr__(self, "mac", mac)
+        object.__setattr__(self, "expires", expires)
+        object.__setattr__(self, "hostname", hostname)
 
 
 @dataclass(frozen=True, slots=True)

@@ -330,8 +330,18 @@ def light(binary: Path, rate: int, clients: int, period: float) -> tuple[float, 
             seconds, cpu)
 
 
+def rcvbuf_errors(namespace: str) -> int:
+    """UDP datagrams the kernel dropped in this namespace because a socket's receive buffer was full."""
+    snmp = sh("ip", "netns", "exec", namespace, "cat", "/proc/net/snmp").stdout
+    head, values = [line.split() for line in snmp.splitlines() if line.startswith("Udp:")][:2]
+    return int(values[head.index("RcvbufErrors")])
+
+
 def measure(server: str, rate: int, clients: int, period: float, work: Path, client: str = "perfdhcp") -> Step:
     proc = start_server(server, work / re.sub(r"[^\w.-]", "_", server))
+    # Where a drop happened, when one did: a full receive buffer at the client (replies sent faster than it reads)
+    # or at the server (requests arriving faster than it reads); the rest were dropped by the server itself.
+    full = (rcvbuf_errors(CLI), rcvbuf_errors(SRV))
     try:
         if client == "light":
             achieved, sent, done, drops, delay, secs, client_cpu = light(build_light(work), rate, clients, period)
@@ -340,9 +350,11 @@ def measure(server: str, rate: int, clients: int, period: float, work: Path, cli
         server_cpu, server_sys = cpu_seconds(proc.pid)
     finally:
         stop_server(proc)
+    at_client, at_server = rcvbuf_errors(CLI) - full[0], rcvbuf_errors(SRV) - full[1]
+    where = f" (receive buffer full: {at_client} at the client, {at_server} at the server)" if drops else ""
     step = Step(server, rate, achieved, sent, done, drops, delay, secs, client_cpu, server_cpu, client)
     print(f"{step.series:10s} offered {rate:5d}/s: {achieved:8.1f} exchanges/s, {done}/{sent} completed, "
-          f"{drops} drops, avg delay {delay:.1f} ms, {client} {step.client_load():.0%} of a core, "
+          f"{drops} drops{where}, avg delay {delay:.1f} ms, {client} {step.client_load():.0%} of a core, "
           f"server {server_cpu:.2f} cpu-s ({server_sys:.2f} system): {'ok' if step.ok else 'FAIL'}", flush=True)
     return step
 
