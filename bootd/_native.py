@@ -33,6 +33,8 @@ MODULES = (
     "bootd.proto.dhcp.reply",
     "bootd.service.dhcp",
     "bootd.net.dhcp",
+    "bootd.service.registry",
+    "bootd.store.sqlite",
 )
 GROUP = "bootd._native"  # mypyc's shared library for the group: bootd/_native__mypyc<EXT_SUFFIX>
 STAMP = "_native.json"

@@ -10,6 +10,7 @@ import inspect
 from typing import Any
 
 from bootd.errors import StoreError
+from bootd.store.base import NodeStore
 
 
 class BrokenStore:
@@ -21,7 +22,9 @@ class BrokenStore:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
-        if not inspect.iscoroutinefunction(attr):
+        # Asked of the interface, not of the store: a compiled store's (tools/compile.py) coroutine methods are not
+        # coroutine functions to inspect.
+        if not inspect.iscoroutinefunction(getattr(NodeStore, name, None)):
             return attr  # plain attributes and status(), which does no I/O and so cannot fail this way
 
         async def call(*args: Any, **kwargs: Any) -> Any:

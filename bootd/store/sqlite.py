@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
 
+from mypy_extensions import mypyc_attr
+
 from bootd.errors import Conflict, NotFound, RegistryFull, StateChanged, StoreError
 from bootd.model import Group, Lease, Node, State, normalize_mac
 from bootd.store.base import NODE_FIELDS, Credential, Event, NewNode, ServerRecord, StoreStatus
@@ -200,6 +202,9 @@ def _explain(exc: BaseException, path: str) -> str:
     return f"{exc} ({hint})" if hint else str(exc)
 
 
+# Compiled with the DHCP path (tools/compile.py), as a regular Python class with compiled methods: the tests replace
+# methods on an instance to watch the group commit, which a native class forbids.
+@mypyc_attr(native_class=False)
 class SqliteRepo:
     """Synchronous repository; used directly by the CLI, through SqliteNodeStore by the daemon.
 
@@ -847,8 +852,9 @@ class _Checkpointer:
         self.resets = 0  # how often the WAL was rewound or emptied (tests read it)
         self.wanted = threading.Event()  # set while a RESTART/TRUNCATE waits for the writer lock: writers hold back
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="bootd-db-checkpoint", daemon=True)
-        self._thread.start()
+        # Not `_thread`: compiled (tools/compile.py), the C field would be `__thread`, a C keyword.
+        self._worker = threading.Thread(target=self._loop, name="bootd-db-checkpoint", daemon=True)
+        self._worker.start()
 
     def _wal_size(self) -> int:
         try:
@@ -898,9 +904,10 @@ class _Checkpointer:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._worker.join(timeout=10)
 
 
+@mypyc_attr(native_class=False)  # as SqliteRepo
 class SqliteNodeStore:
     """The async NodeStore: every call runs on one dedicated thread (the single writer)."""
 

@@ -12,16 +12,18 @@ from bootd.model import Machine, State
 from bootd.service.health import HealthMonitor
 from bootd.service.lifecycle import Actor, Lifecycle
 from bootd.service.registry import RegistryService
+from bootd.store.base import NodeStore
 from bootd.store.memory import memory_store
 
 CFG = RegistryConfig(stale_after=90.0, dead_after=300.0)
 
 
-class Registry(RegistryService):
+class Registry:
     """The registry plus the lifecycle these tests drive (states set by the administrator)."""
 
-    def __init__(self, store: object) -> None:
-        super().__init__(store, CFG)  # type: ignore[arg-type]
+    def __init__(self, store: NodeStore) -> None:
+        self.store = store
+        self.resolve = RegistryService(store, CFG).resolve
         self.lifecycle = Lifecycle(self.store, CFG, make_registry())
 
     async def report(self, name: str, state: State, *, now: float) -> None:
