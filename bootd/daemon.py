@@ -80,6 +80,7 @@ def setup_logging(level: str) -> None:
 
 
 GC_YOUNG = 10_000  # allocations between two collections of the young generation (CPython's default: 700)
+GC_MIDDLE = 50  # young collections between two of the middle generation (CPython's default: 10)
 
 
 def tune_gc() -> None:
@@ -89,10 +90,12 @@ def tune_gc() -> None:
     default a young collection runs every 700 allocations, catches a batch mid-flight and promotes its objects, which
     older collections then traverse again along with every lease and cached node. Collection was about a tenth of the
     DHCP path's CPU (bench/dhcp/profile_service.py, batches of 128: 1.30 CPU-s for 20,000 exchanges, 1.15 with this).
+    The middle generation, which each of those collections feeds with a batch's survivors (nodes, leases, cached
+    answers, all long-lived), is collected five times less often too: 30,600 -> 31,500 exchanges/s there, compiled.
     Reference cycles are still collected, only later.
     """
     gc.freeze()
-    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
+    gc.set_threshold(GC_YOUNG, GC_MIDDLE, gc.get_threshold()[2])
 
 
 @dataclass
