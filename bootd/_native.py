@@ -37,6 +37,7 @@ MODULES = (
     "bootd.store.sqlite",
 )
 GROUP = "bootd._native"  # mypyc's shared library for the group: bootd/_native__mypyc<EXT_SUFFIX>
+_LIB = GROUP.rsplit(".", 1)[1] + "__mypyc"
 STAMP = "_native.json"
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
@@ -51,7 +52,7 @@ def _digest(path: Path) -> str:
 
 def artifacts(package: Path) -> list[Path]:
     """The compiled files now in the tree (any Python's), for a clean."""
-    found = list(package.glob(f"{GROUP.rsplit('.', 1)[1]}__mypyc.*.so"))
+    found = list(package.glob(f"{_LIB}.*.so"))
     for module in MODULES:
         src = _source(package, module)
         found += src.parent.glob(f"{src.stem}.*.so")
@@ -77,15 +78,12 @@ def write_stamp(package: Path) -> None:
 def stamp_matches(package: Path) -> bool:
     """The build in the tree is whole, for this Python, and made from the sources as they are now."""
     try:
-        recorded = json.loads((package / STAMP).read_text())
-        if recorded.get("suffix") != SUFFIX or recorded.get("python") != sys.version.split()[0]:
+        if json.loads((package / STAMP).read_text()) != stamp(package):
             return False
-        if recorded.get("sources") != {m: _digest(_source(package, m)) for m in MODULES}:
-            return False
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return False
-    lib = package / (GROUP.rsplit(".", 1)[1] + "__mypyc" + SUFFIX)
-    return lib.exists() and all(_source(package, m).with_suffix(SUFFIX).exists() for m in MODULES)
+    built = [package / (_LIB + SUFFIX), *(_source(package, m).with_suffix(SUFFIX) for m in MODULES)]
+    return all(path.exists() for path in built)
 
 
 class _Sources:
