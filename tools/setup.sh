@@ -11,6 +11,7 @@ DEBS=(
   squashfs-tools                                                         # the squashfs root mode: mksquashfs makes a version's image
   mmdebstrap umoci                                                       # capsule recipes (build), OCI images (tests)
   gcc libc6-dev libssl-dev                                               # stage one's bootd-fetch (static, libcrypto.a)
+  python3-dev                                                            # tools/compile.py (mypyc) with Debian's python3
   dnsmasq-base isc-dhcp-client isc-dhcp-relay udhcpc kea-admin           # DHCP peers (reference, clients, relay, perfdhcp)
   kea-dhcp4-server                                                       # bench/dhcp: Kea as the reference server (bench netns only; no host service)
   atftp tftp-hpa tftpd-hpa curl                                          # TFTP clients and the reference server
