@@ -276,11 +276,14 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+PERFDHCP_THREADS = os.environ.get("BENCH_PERFDHCP_THREADS", "single")  # perfdhcp -g: single, or multi (a receiver thread)
+
+
 def perfdhcp_command(rate: int, clients: int, period: float, exchanges: int | None = None) -> list[str]:
     """perfdhcp in the client namespace, relaying (-l) to the server: ``rate`` new exchanges/s from ``clients``
     simulated clients for at most ``period`` s, and at most ``exchanges`` of them (None: until the period ends)."""
     count = ["-n", str(exchanges)] if exchanges is not None else []
-    return ["ip", "netns", "exec", CLI, "perfdhcp", "-4", "-g", "single", "-l", CLIENT_IP, "-R", str(clients),
+    return ["ip", "netns", "exec", CLI, "perfdhcp", "-4", "-g", PERFDHCP_THREADS, "-l", CLIENT_IP, "-R", str(clients),
             *count, "-r", str(rate), "-p", str(int(period)), "-d", "2", "-W", "2000000", SERVER_IP]
 
 

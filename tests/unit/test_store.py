@@ -763,6 +763,17 @@ async def test_register_many_and_put_leases_answer_a_dhcp_batch_slot_by_slot(nod
     leases = {x.ip: x.mac for x in await node_store.list_leases()}
     assert leases == {"10.0.2.1": mac(50), "10.0.2.3": mac(3), "10.0.2.4": mac(1), "10.0.2.5": mac(5)}
     assert (await node_store.get_node(names[0])).ip == "10.0.2.4"  # type: ignore[union-attr]
+    # A renewal (mac(5) on its own address) is updated in place; mac(50)'s lease, expired by now, is taken over by
+    # mac(3), which leaves its old address (SQLite: the batch's upsert trips on the address, then one by one).
+    assert await node_store.put_leases([Lease("10.0.2.5", mac(5), 3000.0), Lease("10.0.2.1", mac(3), 3000.0)],
+                                       now=2000.0) == [None, None]
+    leases = {x.ip: (x.mac, x.expires) for x in await node_store.list_leases()}
+    assert leases == {"10.0.2.1": (mac(3), 3000.0), "10.0.2.4": (mac(1), 1000.0), "10.0.2.5": (mac(5), 3000.0)}
+    assert (await node_store.get_node(names[4])).ip == "10.0.2.1"  # type: ignore[union-attr]
+    # A live lease of another MAC is still refused in a batch.
+    stored = await node_store.put_leases([Lease("10.0.2.6", mac(6), 3000.0), Lease("10.0.2.5", mac(7), 3000.0)],
+                                         now=2000.0)
+    assert stored[0] is None and isinstance(stored[1], Conflict)
     with pytest.raises(NotFound, match="no group named 'nope'"):
         await node_store.register_many([mac(7)], name_pattern="n{index:04d}", first_index=0, group="nope",
                                        approved=True, now=7.0)
