@@ -32,6 +32,12 @@ delay = average DISCOVER->OFFER plus average REQUEST->ACK, as perfdhcp sums them
 message, so the servers, not the client, find their limit (issue 20: "also drive both with a lighter client").
 Its series are shown as ``server~light``.
 
+perfdhcp runs single-threaded (``-g single``). ``BENCH_PERFDHCP_THREADS=multi`` gives it a receiver thread, its own
+default on a machine of more than one CPU: here both servers do worse that way (3 Dec, one run: bootd 9,750/s, Kea
+13,000/s, against 23,750 and 16,000 single-threaded the same morning), drops at the client from 10,000/s on, since
+the receiver thread polls on the core the server needs. perfdhcp's own ceiling is not what stops either server: it
+drives ``floor-mem`` (floor.py without SQLite) at 47,500/s with 0 drops (3 Dec, one run).
+
 Usage: sudo .venv/bin/python bench/dhcp/run.py [--clients 10000] [--rates 250,500,1000,2000] [--runs 1]
        sudo .venv/bin/python bench/dhcp/run.py --capacity 250,8000 [--servers bootd,kea,dnsmasq]
        sudo .venv/bin/python bench/dhcp/run.py --capacity 2000,16000 --servers bootd,kea,floor --load perfdhcp,light
@@ -276,7 +282,7 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-PERFDHCP_THREADS = os.environ.get("BENCH_PERFDHCP_THREADS", "single")  # perfdhcp -g: single, or multi (a receiver thread)
+PERFDHCP_THREADS = os.environ.get("BENCH_PERFDHCP_THREADS", "single")  # perfdhcp -g: single, or multi (see above)
 
 
 def perfdhcp_command(rate: int, clients: int, period: float, exchanges: int | None = None) -> list[str]:
