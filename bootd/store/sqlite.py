@@ -165,6 +165,37 @@ def _marks(values: list[Any]) -> str:
     return ",".join("?" * len(values))
 
 
+ROWS_MAX = 64  # rows per multi-row statement: 640 bound parameters at most (the nodes row has 10)
+_ROWS_SQL: dict[tuple[str, int, int, str], str] = {}
+
+
+def _rows(db: sqlite3.Connection, head: str, width: int, rows: list[tuple[Any, ...]], tail: str = "",
+          lead: tuple[Any, ...] = ()) -> int:
+    """``head VALUES (?,..),(?,..),.. tail`` for ``rows`` of ``width`` values (``lead``: the values of head's own
+    marks): executemany's effect in fewer steps. Returns the rows changed.
+
+    Why: executemany steps its statement once per row, and every step releases and takes back the GIL and SQLite's
+    own mutex; one statement of many rows steps once. The DHCP batch's statements (nodes, first events, leases, the
+    nodes' addresses) cost 0.3-0.7 us less a row this way. Slices are powers of two (at most ROWS_MAX), so a few
+    statements are compiled and cached whatever the batch size. A statement is atomic: a row that trips a
+    constraint undoes its slice, and the caller's savepoint the rest.
+    """
+    changed = 0
+    i, n = 0, len(rows)
+    while i < n:
+        size = ROWS_MAX
+        while size > n - i:
+            size >>= 1
+        key = (head, width, size, tail)
+        sql = _ROWS_SQL.get(key)
+        if sql is None:
+            one = "(" + ",".join("?" * width) + ")"
+            sql = _ROWS_SQL[key] = f"{head} VALUES {','.join([one] * size)} {tail}".rstrip()
+        changed += db.execute(sql, [*lead, *(v for row in rows[i:i + size] for v in row)]).rowcount
+        i += size
+    return changed
+
+
 def _node(row: sqlite3.Row, vars_: dict[str, str]) -> Node:
     return Node(
         mac=row["mac"], name=row["name"], group=row["grp"], capsule=row["capsule"],
@@ -413,13 +444,13 @@ class SqliteRepo:
             # lookup of each new node by MAC (a quarter of a registration's statement time).
             first_id = (db.execute("SELECT MAX(id) FROM nodes").fetchone()[0] or 0) + 1
             discovered = State.DISCOVERED.value
-            db.executemany(
-                "INSERT INTO nodes(id, mac, name, idx, grp, approved, state, state_since, first_contact, last_contact)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            _rows(
+                db, "INSERT INTO nodes(id, mac, name, idx, grp, approved, state, state_since, first_contact,"
+                " last_contact)", 10,
                 [(first_id + k, mac, name, i, group, int(approved), discovered, now, now, now)
                  for k, (mac, (i, name)) in enumerate(zip(new, names, strict=True))])
-            db.executemany("INSERT INTO events(node_id, ts, state, reason) VALUES (?, ?, ?, ?)",
-                           [(first_id + k, now, discovered, "first contact") for k in range(len(new))])
+            _rows(db, "INSERT INTO events(node_id, ts, state, reason)", 4,
+                         [(first_id + k, now, discovered, "first contact") for k in range(len(new))])
             for mac, (_, name) in zip(new, names, strict=True):
                 # Built from the values just inserted (the column defaults for the rest, no variables yet) rather
                 # than read back: a first contact is on the DHCP path.
@@ -710,10 +741,11 @@ class SqliteRepo:
         """Several leases in the caller's transaction, each refused alone (its slot holds the Conflict).
 
         A DHCP batch's leases are nearly always distinct clients on free addresses or their own: then two statements
-        store them all (the checks are the constraints). A client's earlier lease is replaced in place (the upsert on
-        its MAC), as _put_lease's DELETE by MAC would; an address held by another MAC, even expired, trips the key on
-        the address. Then, or when a MAC or an address comes twice, they are undone together and stored one by one,
-        each under a savepoint, where an expired lease of another MAC is taken over.
+        (of up to ROWS_MAX rows each, _rows) store them all, the checks being the constraints. A client's earlier
+        lease is replaced in place (the upsert on its MAC), as _put_lease's DELETE by MAC would; an address held by
+        another MAC, even expired, trips the key on the address. Then, or when a MAC or an address comes twice, they
+        are undone together and stored one by one, each under a savepoint, where an expired lease of another MAC is
+        taken over.
         """
         macs = [normalize_mac(x.mac) for x in leases]
         if len(leases) > 1 and len(set(macs)) == len(leases) and len({x.ip for x in leases}) == len(leases):
@@ -721,16 +753,17 @@ class SqliteRepo:
             try:
                 # One statement where a DELETE by MAC and an INSERT were two: 1.0-1.4 us less a lease, a seventh of
                 # the batch's lease SQL (20,000 leases in batches of 128, sequential and random MACs).
-                db.executemany("INSERT INTO leases(ip, mac, expires, hostname) VALUES (?, ?, ?, ?) ON CONFLICT(mac) DO "
-                               "UPDATE SET ip = excluded.ip, expires = excluded.expires, hostname = excluded.hostname",
-                               [(x.ip, mac, x.expires, x.hostname) for mac, x in zip(macs, leases, strict=True)])
-                pairs = zip(macs, leases, strict=True)
+                _rows(db, "INSERT INTO leases(ip, mac, expires, hostname)", 4,
+                             [(x.ip, mac, x.expires, x.hostname) for mac, x in zip(macs, leases, strict=True)],
+                             "ON CONFLICT(mac) DO UPDATE SET ip = excluded.ip, expires = excluded.expires,"
+                             " hostname = excluded.hostname")
+                pairs = [(x.ip, mac) for mac, x in zip(macs, leases, strict=True)]
                 if server is None:
-                    updated = db.executemany("UPDATE nodes SET ip = ? WHERE mac = ?",
-                                             [(x.ip, mac) for mac, x in pairs]).rowcount
+                    updated = _rows(db, "UPDATE nodes SET ip = v.column1 FROM (", 2, pairs,
+                                    ") AS v WHERE nodes.mac = v.column2")
                 else:
-                    updated = db.executemany("UPDATE nodes SET ip = ?, server = ? WHERE mac = ?",
-                                             [(x.ip, server, mac) for mac, x in pairs]).rowcount
+                    updated = _rows(db, "UPDATE nodes SET ip = v.column1, server = ? FROM (", 2, pairs,
+                                    ") AS v WHERE nodes.mac = v.column2", (server,))
                 done = updated == len(leases)  # else a lease of a MAC with no node: checked one by one below
             except sqlite3.IntegrityError:
                 done = False

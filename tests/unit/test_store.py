@@ -774,6 +774,12 @@ async def test_register_many_and_put_leases_answer_a_dhcp_batch_slot_by_slot(nod
     stored = await node_store.put_leases([Lease("10.0.2.6", mac(6), 3000.0), Lease("10.0.2.5", mac(7), 3000.0)],
                                          now=2000.0)
     assert stored[0] is None and isinstance(stored[1], Conflict)
+    # Several servers on one registry: a batch records which one gave each node its address.
+    assert await node_store.put_leases([Lease("10.0.2.7", mac(1), 3000.0), Lease("10.0.2.8", mac(3), 3000.0)],
+                                       now=2000.0, server="s1") == [None, None]
+    for name, ip in ((names[0], "10.0.2.7"), (names[4], "10.0.2.8")):
+        node = await node_store.get_node(name)
+        assert node is not None and (node.ip, node.server) == (ip, "s1")
     with pytest.raises(NotFound, match="no group named 'nope'"):
         await node_store.register_many([mac(7)], name_pattern="n{index:04d}", first_index=0, group="nope",
                                        approved=True, now=7.0)
