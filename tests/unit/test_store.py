@@ -369,6 +369,10 @@ async def test_sqlite_group_commit_runs_on_the_loop_but_never_waits_there_for_an
         await store.put_lease(Lease("10.0.0.1", mac(1), 1000.0), now=10.0)
         assert where == [loop_thread]
         other.execute("BEGIN IMMEDIATE")
+        # A read on the DHCP path (the default group, every registration batch) needs no write lock: answered on
+        # the loop, at once, while the other connection holds it (a WAL reader waits for no writer).
+        group = await asyncio.wait_for(store.get_group("default"), 1)
+        assert group is not None and group.name == "default" and where == [loop_thread]
         writing = asyncio.ensure_future(store.put_lease(Lease("10.0.0.2", mac(2), 1000.0), now=10.0))
         ticks = 0
         for _ in range(20):  # 0.2 s of a running loop while the write waits for the lock
