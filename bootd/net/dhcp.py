@@ -93,6 +93,7 @@ READ_BATCH = 256  # datagrams read per wake-up, and requests per worker batch at
 # remote and long.
 LINGER = 0.0
 SAME_AGE = 0.01  # seconds: see _Endpoint.readable
+BURST = 64  # replies sent back to back at most before the socket is read again (see _batch)
 RECV_SIZE = 4096  # larger than any DHCP message (RFC 2131's minimum is 576; jumbo options stay well below)
 
 
@@ -461,6 +462,7 @@ class DhcpServer:
             return
         results = await self.service.handle_many(requests, self.clock())
         sent: dict[MessageType, int] = {}
+        burst = 0
         for (addr, transport), result in zip(routes, results, strict=True):
             if isinstance(result, Exception):
                 if isinstance(result, RemoteProtocolError):
@@ -479,6 +481,12 @@ class DhcpServer:
                 transport.sendto(reply.data, (reply.address, reply.port))
                 # Counted per batch below: a prometheus counter takes a lock on every inc().
                 sent[reply.msg_type] = sent.get(reply.msg_type, 0) + 1
+                burst += 1
+                if burst == BURST:
+                    # A batch's replies leave together; a relay (one socket for all its clients) would drop
+                    # what its receive buffer cannot hold. Reading what arrived meanwhile spaces them.
+                    burst = 0
+                    transport.readable()
         for msg_type, count in sent.items():
             counter = self._reply_counters.get(msg_type)
             if counter is None:
