@@ -108,7 +108,9 @@ def check(root: Path) -> str:
     """Why the build in the tree is not used whole by a new Python ('' when it is)."""
     done = subprocess.run([sys.executable, "-c", CHECK], cwd=root, capture_output=True, text=True,
                           env={**os.environ, "BOOTD_PURE": ""})
-    return done.stderr[-3000:] or "the check failed" if done.returncode else ""
+    if not done.returncode:
+        return ""
+    return done.stderr[-3000:] or f"the check exited {done.returncode}"
 
 
 def up_to_date(root: Path) -> bool:

@@ -454,7 +454,7 @@ class SqliteRepo:
                 [(first_id + k, mac, name, i, group, int(approved), discovered, now, now, now)
                  for k, (mac, (i, name)) in enumerate(zip(new, names, strict=True))])
             _rows(db, "INSERT INTO events(node_id, ts, state, reason)", 4,
-                         [(first_id + k, now, discovered, "first contact") for k in range(len(new))])
+                  [(first_id + k, now, discovered, "first contact") for k in range(len(new))])
             for mac, (_, name) in zip(new, names, strict=True):
                 # Built from the values just inserted (the column defaults for the rest, no variables yet) rather
                 # than read back: a first contact is on the DHCP path.
@@ -758,9 +758,9 @@ class SqliteRepo:
                 # One statement where a DELETE by MAC and an INSERT were two: 1.0-1.4 us less a lease, a seventh of
                 # the batch's lease SQL (20,000 leases in batches of 128, sequential and random MACs).
                 _rows(db, "INSERT INTO leases(ip, mac, expires, hostname)", 4,
-                             [(x.ip, mac, x.expires, x.hostname) for mac, x in zip(macs, leases, strict=True)],
-                             "ON CONFLICT(mac) DO UPDATE SET ip = excluded.ip, expires = excluded.expires,"
-                             " hostname = excluded.hostname")
+                      [(x.ip, mac, x.expires, x.hostname) for mac, x in zip(macs, leases, strict=True)],
+                      "ON CONFLICT(mac) DO UPDATE SET ip = excluded.ip, expires = excluded.expires,"
+                      " hostname = excluded.hostname")
                 pairs = [(x.ip, mac) for mac, x in zip(macs, leases, strict=True)]
                 if server is None:
                     updated = _rows(db, "UPDATE nodes SET ip = v.column1 FROM (", 2, pairs,
