@@ -13,8 +13,13 @@ not a server anyone should run: it trusts every packet.
 
 ``--memory``: no SQLite at all (the lease kept in a dict), to show what the durable write costs.
 
-Usage (bench/dhcp/run.py runs it as the server "floor" or "floor-mem"):
-    python bench/dhcp/floor.py --listen 10.80.0.1 --interface eth0 --db /tmp/x/floor.sqlite [--memory]
+``--register``: bootd's durable work as well, in bootd's own schema (bootd.store.sqlite.MIGRATIONS, its tables and
+indexes): a new client's node row and its first event, committed before its OFFER; the lease and the node's address
+before the ACK; one COMMIT per batch for all of it, in multi-row statements (bootd's _rows). Still no registry checks,
+names from a counter, no lifecycle: what is left between it and bootd is bootd's Python, not its writes.
+
+Usage (bench/dhcp/run.py runs it as the server "floor", "floor-mem" or "floor-reg"):
+    python bench/dhcp/floor.py --listen 10.80.0.1 --interface eth0 --db /tmp/x/floor.sqlite [--memory | --register]
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import socket
 import sqlite3
 import struct
 import sys
+import time
+from pathlib import Path
 
 READ_BATCH = 64
 COOKIE = b"\x63\x82\x53\x63"
@@ -37,11 +44,14 @@ def main() -> None:
     ap.add_argument("--interface", default="")
     ap.add_argument("--db", required=True)
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--register", action="store_true", help="register every new client as bootd does (see above)")
     ap.add_argument("--pool", default="10.80.1.0", help="first address handed out")
     args = ap.parse_args()
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    # bootd's receive buffer (net/dhcp.py RCVBUF): a batch's wait is not a drop for one and a drop for the other.
+    sock.setsockopt(socket.SOL_SOCKET, 33, 4 * 1024 * 1024)  # SO_RCVBUFFORCE (root)
     if args.interface:
         sock.setsockopt(socket.SOL_SOCKET, 25, args.interface.encode())  # SO_BINDTODEVICE
     sock.bind((args.listen, 67))
@@ -51,7 +61,16 @@ def main() -> None:
         db = sqlite3.connect(args.db, isolation_level=None)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
-        db.execute("CREATE TABLE IF NOT EXISTS leases(ip TEXT PRIMARY KEY, mac TEXT UNIQUE, expires REAL)")
+        if args.register:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+            from bootd.store.sqlite import MIGRATIONS, _rows
+
+            for migration in MIGRATIONS:
+                db.executescript(migration)
+            db.execute("INSERT INTO groups(name) VALUES ('default')")
+        else:
+            db.execute("CREATE TABLE IF NOT EXISTS leases(ip TEXT PRIMARY KEY, mac TEXT UNIQUE, expires REAL)")
+    nodes: dict[bytes, int] = {}  # chaddr -> node id (--register)
     server = socket.inet_aton(args.listen)
     first = struct.unpack("!I", socket.inet_aton(args.pool))[0]
     given: dict[bytes, bytes] = {}  # chaddr -> address (the pool index)
@@ -73,6 +92,8 @@ def main() -> None:
             continue
         replies: list[tuple[bytes, tuple[str, int]]] = []
         writes: list[tuple[str, str, float]] = []
+        new: list[tuple[object, ...]] = []
+        now = time.time()
         for _ in range(READ_BATCH):
             try:
                 data, _ = recvfrom(4096)
@@ -87,6 +108,10 @@ def main() -> None:
                 ip = given[chaddr] = struct.pack("!I", first + len(given))
             if mtype == 1:
                 reply_type = b"\x35\x01\x02"
+                if args.register and chaddr not in nodes:
+                    nid = nodes[chaddr] = len(nodes) + 1
+                    mac = chaddr[:6].hex(":")
+                    new.append((nid, mac, f"n{nid:05d}", nid, "default", 1, "discovered", now, now, now))
             elif mtype == 3:
                 reply_type = b"\x35\x01\x05"
                 mac = chaddr[:6].hex(":")
@@ -101,7 +126,20 @@ def main() -> None:
             body = head + data[28:236] + COOKIE + reply_type + common
             relayed = giaddr != b"\x00\x00\x00\x00"
             replies.append((body, (socket.inet_ntoa(giaddr), 67) if relayed else ("255.255.255.255", 68)))
-        if writes and db is not None:
+        if args.register and (writes or new) and db is not None:
+            db.execute("BEGIN IMMEDIATE")
+            if new:
+                _rows(db, "INSERT INTO nodes(id, mac, name, idx, grp, approved, state, state_since, first_contact,"
+                      " last_contact)", 10, new)
+                _rows(db, "INSERT INTO events(node_id, ts, state, reason)", 4,
+                      [(row[0], now, "discovered", "first contact") for row in new])
+            if writes:
+                _rows(db, "INSERT INTO leases(ip, mac, expires, hostname)", 4, [(*w, None) for w in writes],
+                      "ON CONFLICT(mac) DO UPDATE SET ip = excluded.ip, expires = excluded.expires")
+                _rows(db, "UPDATE nodes SET ip = v.column1 FROM (", 2, [(ip, mac) for ip, mac, _ in writes],
+                      ") AS v WHERE nodes.mac = v.column2")
+            db.execute("COMMIT")  # bootd's first contacts, leases and addresses, before any reply of the batch
+        elif writes and db is not None:
             db.execute("BEGIN IMMEDIATE")
             db.executemany("INSERT OR REPLACE INTO leases(ip, mac, expires) VALUES (?, ?, ?)", writes)
             db.execute("COMMIT")  # durable as bootd's: in the WAL before any ACK of the batch is sent

@@ -2,7 +2,8 @@
 """Profile the DHCP decision path without sockets: N simulated clients doing DORA against the real
 SQLite store (file-backed, WAL), so the cost per exchange of parsing, registry and leases is visible.
 
-Usage: python bench/dhcp/profile_service.py [--clients 2000] [--profile] [--rate 1000] [--store pg]
+Usage: python bench/dhcp/profile_service.py [--clients 2000] [--profile] [--rate 1000] [--store pg] [--batch 128]
+       [--random-macs]
 
 ``--store pg``: the same against a private PostgreSQL server (tests/pgserver.py: initdb into a temporary
 directory, a Unix socket), as a shared registry runs.
@@ -15,6 +16,7 @@ import asyncio
 import cProfile
 import dataclasses
 import pstats
+import random
 import sys
 import tempfile
 import time
@@ -38,7 +40,7 @@ DATA = Path(__file__).resolve().parents[2] / "tests" / "data" / "dhcp"
 
 
 async def run(clients: int, concurrency: int, rate: int = 0, pg_url: str = "", pg_password: str = "",
-              batch: int = 0) -> float:
+              batch: int = 0, random_macs: bool = False) -> float:
     with tempfile.TemporaryDirectory(prefix="bd-dhcp-prof-") as tmp:
         store: NodeStore
         if pg_url:
@@ -52,7 +54,11 @@ async def run(clients: int, concurrency: int, rate: int = 0, pg_url: str = "", p
         await svc.load()
         base = DhcpPacket.parse((DATA / "dhclient-c2s-discover-1.bin").read_bytes())
         wires = []
-        for i in range(clients):
+        # bench/dhcp's clients (perfdhcp's, dora.c's) count up, so every MAC index write lands on the last pages; a real
+        # rack's come in no MAC order, each write on a random page (3 Dec, --clients 30000 --batch 128: about 24,000
+        # exchanges/s against 31,000 in order).
+        macs = random.Random(1).sample(range(1 << 40), clients) if random_macs else range(clients)
+        for i in macs:
             p = dataclasses.replace(base, chaddr=bytes.fromhex(f"0a{i:010x}") + bytes(10), options=dict(base.options))
             wires.append(p.encode())
         now = time.time()
@@ -137,6 +143,8 @@ def main() -> None:
     ap.add_argument("--store", choices=("sqlite", "pg"), default="sqlite")
     ap.add_argument("--batch", type=int, default=0,
                     help="hand the service read batches of this many requests (handle_many), as the transport does")
+    ap.add_argument("--random-macs", action="store_true",
+                    help="clients in no MAC order, as a real rack's power-on (default: counting up, as bench/dhcp's)")
     args = ap.parse_args()
     pg = None
     if args.store == "pg":
@@ -155,7 +163,7 @@ def main() -> None:
     cpu = time.process_time()
     try:
         elapsed = asyncio.run(run(args.clients, args.concurrency, args.rate, pg.new_schema_url() if pg else "",
-                                  pg.password if pg else "", args.batch))
+                                  pg.password if pg else "", args.batch, args.random_macs))
     finally:
         if pg is not None:
             pg.cleanup()
