@@ -122,8 +122,10 @@ class RegistryService:
                     self._bucket.refund()
                 else:
                     created.add(i)
+                    # The member, not .value: a StrEnum prints as its value, and .value is an interpreted property
+                    # read even when the line is not logged (a first contact per exchange under a rack's power-on).
                     log.info("event=registered node=%s mac=%s firmware=%s approved=%s", node.name, node.mac,
-                             asks[i][0].firmware.value, node.approved)
+                             asks[i][0].firmware, node.approved)
                 nodes.append((i, node))
         for i in looking:
             machine, netboot = asks[i]
