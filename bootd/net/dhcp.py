@@ -49,7 +49,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -65,23 +65,23 @@ __all__ = ["DhcpServer"]
 
 log = logging.getLogger("bootd.dhcp")
 
-_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+_SO_BINDTODEVICE: Final = getattr(socket, "SO_BINDTODEVICE", 25)
+_SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
 # Kernel receive buffer (the kernel doubles it): room for a whole rack's synchronised power-on, a few thousand
 # DISCOVERs arriving within milliseconds (a small buffer drops most of such a wave, and the clients' retransmit
 # timers then bring the same wave back, seconds later, again and again). Time spent in the buffer is not hidden
 # from the age check below: each datagram carries the kernel's receive time (SO_TIMESTAMPNS), so a request that
 # waited there is as stale as one that waited in the queue (no bufferbloat under sustained overload).
-RCVBUF = 4 * 1024 * 1024
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; SCM_TIMESTAMPNS has the same value
-_TIMESPEC = struct.Struct("@qq")
-_TIMESPEC_SIZE = _TIMESPEC.size
-_SOL_SOCKET = socket.SOL_SOCKET
-_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
-LOG_EVERY = 10.0
+RCVBUF: Final = 4 * 1024 * 1024
+_SO_TIMESTAMPNS: Final = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; SCM_TIMESTAMPNS has the same value
+_TIMESPEC: Final = struct.Struct("@qq")
+_TIMESPEC_SIZE: Final = _TIMESPEC.size
+_SOL_SOCKET: Final = socket.SOL_SOCKET
+_ANCILLARY: Final = socket.CMSG_SPACE(_TIMESPEC.size)
+LOG_EVERY: Final = 10.0
 
 _Item = tuple[bytes, tuple[str, int], int, "_Endpoint", float, str | None, bytes]  # ..., _request_key
-READ_BATCH = 256  # datagrams read per wake-up, and requests per worker batch at most
+READ_BATCH: Final = 256  # datagrams read per wake-up, and requests per worker batch at most
 # Why 256 (bench/dhcp, light client, capacity searches, medians of 3 in one run each): 32 saturated near 12,300
 # exchanges/s (the per-batch costs, a registry trip and a commit, grow with the number of batches), 96 gave 17,250/s,
 # 128 18,000, 192 to 384 18,500 alike: under load a batch is what arrived while the last one was decided, and past
@@ -91,10 +91,10 @@ READ_BATCH = 256  # datagrams read per wake-up, and requests per worker batch at
 # wait bought nothing and cost every request its length: at 12,000/s offered the average delay fell from about 10 ms
 # to 5 ms without it (bench/dhcp, light client). Kept as a knob (DhcpServer(linger=...)) for stores whose trips are
 # remote and long.
-LINGER = 0.0
-SAME_AGE = 0.01  # seconds: see _Endpoint.readable
-BURST = 64  # replies sent back to back at most before the socket is read again (see _batch)
-RECV_SIZE = 4096  # larger than any DHCP message (RFC 2131's minimum is 576; jumbo options stay well below)
+LINGER: Final = 0.0
+SAME_AGE: Final = 0.01  # seconds: see _Endpoint.readable
+BURST: Final = 64  # replies sent back to back at most before the socket is read again (see _batch)
+RECV_SIZE: Final = 4096  # larger than any DHCP message (RFC 2131's minimum is 576; jumbo options stay well below)
 
 
 def _request_key(data: bytes) -> bytes:
@@ -103,7 +103,7 @@ def _request_key(data: bytes) -> bytes:
 
 
 # Option 53 first, with a type that continues an exchange: REQUEST, DECLINE, RELEASE, INFORM.
-_PRIORITY_HEADS = frozenset(b"\x35\x01" + bytes((t,)) for t in (3, 4, 7, 8))
+_PRIORITY_HEADS: Final = frozenset(b"\x35\x01" + bytes((t,)) for t in (3, 4, 7, 8))
 
 
 T = TypeVar("T")

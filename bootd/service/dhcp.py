@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client import CollectorRegistry
 
@@ -64,16 +65,17 @@ from bootd.store.base import NodeStore
 log = logging.getLogger("bootd.dhcp")
 
 MT = o.MessageType
-MAX_HOPS = 16  # RFC 1542 4.1.1 suggests relays discard beyond this; so do we
-NODE_CACHE_TTL = 10.0  # DISCOVER->REQUEST reuses the registry answer for this long (seconds)
-NODE_RELOAD_EVERY = 60.0  # re-read node addresses: the CLI (another process) may delete nodes or set an ip
-CONFLICT_RELOAD_AFTER = 1.0  # another server leased an address we thought free: re-read the leases this soon
+MAX_HOPS: Final = 16  # RFC 1542 4.1.1 suggests relays discard beyond this; so do we
+NODE_CACHE_TTL: Final = 10.0  # DISCOVER->REQUEST reuses the registry answer for this long (seconds)
+NODE_RELOAD_EVERY: Final = 60.0  # re-read node addresses: the CLI (another process) may delete nodes or set an ip
+CONFLICT_RELOAD_AFTER: Final = 1.0  # another server leased an address we thought free: re-read the leases this soon
 # Kea's HA load-balancing filters these; OFFER/ACK/NAK come from servers, not clients.
-SPLIT_TYPES = frozenset((o.MessageType.DISCOVER, o.MessageType.REQUEST, o.MessageType.DECLINE,
+SPLIT_TYPES: Final = frozenset((o.MessageType.DISCOVER, o.MessageType.REQUEST, o.MessageType.DECLINE,
                          o.MessageType.RELEASE, o.MessageType.INFORM))
-_SPLIT_CODES = frozenset(int(t) for t in SPLIT_TYPES)
-BUCKET_CACHE = 65536  # client keys remembered with their hash bucket (cleared when full: forged keys only refill it)
-OTHER = "another-server"  # the sticky owner of an address another server leased (until the next reload)
+_SPLIT_CODES: Final = frozenset(int(t) for t in SPLIT_TYPES)
+# Client keys remembered with their hash bucket (cleared when full: forged keys only refill it).
+BUCKET_CACHE: Final = 65536
+OTHER: Final = "another-server"  # the sticky owner of an address another server leased (until the next reload)
 
 
 @dataclass(slots=True, init=False)  # init=False: as Request
@@ -177,10 +179,10 @@ class _BootMemo:
 # [dhcp] settings the running service applies on reload, and those only a restart applies: the
 # sockets (address, ports, device) are bound once, the mode decides which sockets exist, and the
 # server address is the identifier every client's lease names. queue_size is the transport's (live).
-LIVE = ("pool_start", "pool_end", "netmask", "router", "dns", "domain", "lease_time", "offer_hold",
+LIVE: Final = ("pool_start", "pool_end", "netmask", "router", "dns", "domain", "lease_time", "offer_hold",
         "decline_hold", "subnets")
-KIND_CACHE = 1024  # kinds of client remembered with their boot answer (cleared when full)
-GIADDR_CACHE = 1024  # relay addresses remembered with their subnet (a forged-giaddr flood only refills it)
+KIND_CACHE: Final = 1024  # kinds of client remembered with their boot answer (cleared when full)
+GIADDR_CACHE: Final = 1024  # relay addresses remembered with their subnet (a forged-giaddr flood only refills it)
 
 
 @dataclass(slots=True)
@@ -213,7 +215,7 @@ class Subnet:
 def _options(config: SubnetConfig) -> dict[int, bytes]:
     return lease_options(lease_time=config.lease_time, netmask=config.netmask, router=config.router,
                          dns=config.dns, domain=config.domain)
-RESTART = ("enabled", "mode", "listen", "interface", "port", "client_port", "proxy_port")
+RESTART: Final = ("enabled", "mode", "listen", "interface", "port", "client_port", "proxy_port")
 
 
 class DhcpService:

@@ -23,18 +23,20 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Final
 
 __all__ = ["SERVER", "LeasePool", "int_ip", "ip_int"]
 
-SERVER = "server"  # the sticky owner of the server's own address: never handed out
+SERVER: Final = "server"  # the sticky owner of the server's own address: never handed out
 
 _OFFER, _DECLINED, _LEASE = 0, 1, 2
-_COMPACT_SLACK = 1024  # stale timer entries tolerated before the heap is rebuilt from the indexes
+_COMPACT_SLACK: Final = 1024  # stale timer entries tolerated before the heap is rebuilt from the indexes
 
 
 def ip_int(text: str) -> int:
-    a, b, c, d = (int(x) for x in text.split("."))
-    return (a << 24) | (b << 16) | (c << 8) | d
+    # Unpacked, not a generator: compiled, a third of the instructions (two calls per DHCP exchange).
+    a, b, c, d = text.split(".")
+    return (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
 
 
 def int_ip(value: int) -> str:

@@ -10,15 +10,17 @@ Pure: no sockets, no clock.
 
 from __future__ import annotations
 
+from typing import Final
+
 from bootd.proto.dhcp import options as o
 from bootd.proto.dhcp.packet import BOOTREQUEST, HEADER_SIZE, MAGIC_COOKIE, OPT_END, OPT_OVERLOAD, OPT_PAD, DhcpPacket
 
 __all__ = ["BUCKETS", "MIXING_TABLE", "bucket", "client_key", "lb_hash", "owner_index", "wire_split_key"]
 
-BUCKETS = 256
+BUCKETS: Final = 256
 
 # RFC 3074 section 6: a "mixing table" of the 256 byte values in pseudo-random order.
-MIXING_TABLE = bytes((
+MIXING_TABLE: Final = bytes((
     251, 175, 119, 215, 81, 14, 79, 191, 103, 49, 181, 143, 186, 157, 0, 232,
     31, 32, 55, 60, 152, 58, 17, 237, 174, 70, 160, 144, 220, 90, 57, 223,
     59, 3, 18, 140, 111, 166, 203, 196, 134, 243, 124, 95, 222, 179, 197, 65,
@@ -67,7 +69,7 @@ def owner_index(bucket_: int, servers: int) -> int:
     return bucket_ % servers
 
 
-_COOKIE_END = HEADER_SIZE + len(MAGIC_COOKIE)  # where the options start
+_COOKIE_END: Final = HEADER_SIZE + len(MAGIC_COOKIE)  # where the options start
 
 
 def wire_split_key(data: bytes, split_types: frozenset[int]) -> bytes | None:

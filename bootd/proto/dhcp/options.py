@@ -11,50 +11,51 @@ from __future__ import annotations
 import enum
 import re
 import struct
+from typing import Final
 
 from bootd.errors import RemoteProtocolError
 from bootd.proto.dhcp.packet import DhcpPacket, ip_to_str
 
-SUBNET_MASK = 1
-ROUTER = 3
-DNS_SERVERS = 6
-HOSTNAME = 12
-DOMAIN_NAME = 15
-VENDOR_SPECIFIC = 43  # PXE: encapsulated sub-options when option 60 is PXEClient
-REQUESTED_IP = 50
-LEASE_TIME = 51
-OVERLOAD = 52
-MESSAGE_TYPE = 53
-SERVER_ID = 54
-PARAMETER_LIST = 55
-MESSAGE = 56
-MAX_MESSAGE_SIZE = 57
-RENEWAL_TIME = 58
-REBINDING_TIME = 59
-VENDOR_CLASS = 60
-CLIENT_ID = 61
-TFTP_SERVER_NAME = 66
-BOOTFILE_NAME = 67
-USER_CLASS = 77
-CLIENT_ARCH = 93  # RFC 4578
-CLIENT_NDI = 94  # RFC 4578
-CLIENT_GUID = 97  # RFC 4578 (UUID/GUID-based client identifier)
-RELAY_AGENT_INFO = 82
-IPXE_ENCAP = 175  # iPXE's private encapsulated options
+SUBNET_MASK: Final = 1
+ROUTER: Final = 3
+DNS_SERVERS: Final = 6
+HOSTNAME: Final = 12
+DOMAIN_NAME: Final = 15
+VENDOR_SPECIFIC: Final = 43  # PXE: encapsulated sub-options when option 60 is PXEClient
+REQUESTED_IP: Final = 50
+LEASE_TIME: Final = 51
+OVERLOAD: Final = 52
+MESSAGE_TYPE: Final = 53
+SERVER_ID: Final = 54
+PARAMETER_LIST: Final = 55
+MESSAGE: Final = 56
+MAX_MESSAGE_SIZE: Final = 57
+RENEWAL_TIME: Final = 58
+REBINDING_TIME: Final = 59
+VENDOR_CLASS: Final = 60
+CLIENT_ID: Final = 61
+TFTP_SERVER_NAME: Final = 66
+BOOTFILE_NAME: Final = 67
+USER_CLASS: Final = 77
+CLIENT_ARCH: Final = 93  # RFC 4578
+CLIENT_NDI: Final = 94  # RFC 4578
+CLIENT_GUID: Final = 97  # RFC 4578 (UUID/GUID-based client identifier)
+RELAY_AGENT_INFO: Final = 82
+IPXE_ENCAP: Final = 175  # iPXE's private encapsulated options
 
 # PXE (option 43) sub-options, PXE spec 2.1 table 2-1.
-PXE_DISCOVERY_CONTROL = 6
-PXE_BOOT_SERVERS = 8
-PXE_BOOT_MENU = 9
-PXE_MENU_PROMPT = 10
-PXE_BOOT_ITEM = 71
+PXE_DISCOVERY_CONTROL: Final = 6
+PXE_BOOT_SERVERS: Final = 8
+PXE_BOOT_MENU: Final = 9
+PXE_MENU_PROMPT: Final = 10
+PXE_BOOT_ITEM: Final = 71
 # Discovery control bit 3: "a boot file name is in the offer: download it, no discovery, no menu".
-PXE_DISCOVERY_USE_BOOTFILE = 0x08
+PXE_DISCOVERY_USE_BOOTFILE: Final = 0x08
 
 # iPXE (option 175) sub-options, from iPXE's include/ipxe/dhcp.h.
-IPXE_NO_PXEDHCP = 176  # 1 = do not wait for ProxyDHCP offers
-IPXE_BUS_ID = 177
-IPXE_VERSION = 235
+IPXE_NO_PXEDHCP: Final = 176  # 1 = do not wait for ProxyDHCP offers
+IPXE_BUS_ID: Final = 177
+IPXE_VERSION: Final = 235
 
 
 class MessageType(enum.IntEnum):
@@ -93,7 +94,7 @@ def _ip(packet: DhcpPacket, code: int) -> str | None:
     return ip_to_str(raw)
 
 
-_MESSAGE_TYPES = {int(t): t for t in MessageType}
+_MESSAGE_TYPES: Final = {int(t): t for t in MessageType}
 
 
 def message_type(packet: DhcpPacket) -> MessageType | None:
@@ -142,7 +143,7 @@ def client_id(packet: DhcpPacket) -> bytes | None:
     return raw
 
 
-_NOT_HOSTNAME = re.compile(r"[^A-Za-z0-9._-]")  # what a hostname keeps (a regex: a loop per character cost 2 us)
+_NOT_HOSTNAME: Final = re.compile(r"[^A-Za-z0-9._-]")  # what a hostname keeps (a regex: a loop per character cost 2 us)
 
 
 def hostname(packet: DhcpPacket) -> str | None:

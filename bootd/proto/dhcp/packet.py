@@ -16,23 +16,24 @@ from __future__ import annotations
 import functools
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from bootd.errors import RemoteProtocolError
 
-BOOTREQUEST = 1
-BOOTREPLY = 2
-MAGIC_COOKIE = b"\x63\x82\x53\x63"
-HEADER = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")
-HEADER_SIZE = HEADER.size  # 236
-MIN_REPLY_SIZE = 300  # BOOTP clients (and some PXE ROMs) drop shorter replies
-FLAG_BROADCAST = 0x8000
+BOOTREQUEST: Final = 1
+BOOTREPLY: Final = 2
+MAGIC_COOKIE: Final = b"\x63\x82\x53\x63"
+HEADER: Final = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")
+HEADER_SIZE: Final = HEADER.size  # 236
+MIN_REPLY_SIZE: Final = 300  # BOOTP clients (and some PXE ROMs) drop shorter replies
+FLAG_BROADCAST: Final = 0x8000
 
-OPT_PAD = 0
-OPT_END = 255
-OPT_OVERLOAD = 52
+OPT_PAD: Final = 0
+OPT_END: Final = 255
+OPT_OVERLOAD: Final = 52
 
-ZERO_IP = "0.0.0.0"
-_ZERO4 = b"\x00\x00\x00\x00"
+ZERO_IP: Final = "0.0.0.0"
+_ZERO4: Final = b"\x00\x00\x00\x00"
 
 
 def ip_to_str(raw: bytes) -> str:

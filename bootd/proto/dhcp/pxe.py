@@ -21,6 +21,7 @@ iPXE/EDK2/dnsmasq sources):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from bootd.model import Firmware, Machine, normalize_mac
 from bootd.proto.dhcp import options as o
@@ -36,7 +37,7 @@ ARCH_FIRMWARE: dict[int, Firmware] = {
     16: Firmware.UEFI_HTTP,  # x64 UEFI HTTP
     19: Firmware.UEFI_HTTP,  # arm64 UEFI HTTP
 }
-ARM64_ARCHES = frozenset({11, 19})
+ARM64_ARCHES: Final = frozenset({11, 19})
 
 
 @dataclass(frozen=True, slots=True)

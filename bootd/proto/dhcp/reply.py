@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from bootd.model import BootPlan
 from bootd.proto.dhcp import options as o
@@ -24,7 +25,7 @@ from bootd.proto.dhcp.packet import (
 )
 from bootd.proto.dhcp.pxe import Client
 
-BROADCAST = "255.255.255.255"
+BROADCAST: Final = "255.255.255.255"
 
 
 # Not frozen: built per packet, and frozen costs an object.__setattr__ per field. init=False: a hand-written __init__
@@ -98,7 +99,7 @@ def build_reply(
 
 
 # The options reply_bytes writes itself: a pre-encoded block must not carry them.
-OWN_OPTIONS = frozenset((o.MESSAGE_TYPE, o.SERVER_ID, o.RELAY_AGENT_INFO))
+OWN_OPTIONS: Final = frozenset((o.MESSAGE_TYPE, o.SERVER_ID, o.RELAY_AGENT_INFO))
 
 
 def encode_options(options: dict[int, bytes]) -> bytes:
