@@ -86,7 +86,9 @@ def classify(packet: DhcpPacket) -> Client | Ignore:
     msg_type = o.message_type(packet)
     if msg_type is None:
         return Ignore("bootp", "plain BOOTP (no option 53) is not served")
-    mac = normalize_mac(packet.chaddr[:6])
+    raw = packet.chaddr[:6]
+    # The C formatter straight away for the usual 6 bytes (normalize_mac's checks cost as much again, per packet).
+    mac = raw.hex(":") if len(raw) == 6 else normalize_mac(raw)
     opts = packet.options
     # Each accessor only when its option is there: a plain client (an OS's DHCP client renewing) sends none of them.
     vc = o.vendor_class(packet) if o.VENDOR_CLASS in opts else None

@@ -16,6 +16,7 @@ from bootd.proto.dhcp.packet import (
     BOOTREPLY,
     FLAG_BROADCAST,
     HEADER,
+    HEADER_SIZE,
     MAGIC_COOKIE,
     MIN_REPLY_SIZE,
     ZERO_IP,
@@ -99,6 +100,9 @@ def build_reply(
 
 
 # The options reply_bytes writes itself: a pre-encoded block must not carry them.
+_OFFER_TYPE: Final = b"\x35\x01\x02\x36\x04"  # option 53 (OFFER), then option 54's code and length
+_ACK_TYPE: Final = b"\x35\x01\x05\x36\x04"
+_PADDING: Final = bytes(MIN_REPLY_SIZE)
 OWN_OPTIONS: Final = frozenset((o.MESSAGE_TYPE, o.SERVER_ID, o.RELAY_AGENT_INFO))
 
 
@@ -122,11 +126,11 @@ def reply_bytes(request: DhcpPacket, msg_type: o.MessageType, *, server_id: byte
                        b"", file)
     relay_info = request.options.get(o.RELAY_AGENT_INFO)
     relay = encode_option(o.RELAY_AGENT_INFO, relay_info) if relay_info is not None else b""
-    out = b"".join((head, MAGIC_COOKIE, b"\x35\x01", bytes((msg_type,)), b"\x36\x04", server_id, options, relay,
-                    b"\xff"))
-    if len(out) < MIN_REPLY_SIZE:
-        out += b"\x00" * (MIN_REPLY_SIZE - len(out))
-    return out
+    kind = _OFFER_TYPE if msg_type == o.MessageType.OFFER else _ACK_TYPE
+    # The padding is known before the join (the cookie, the type and option 54's head, the end: 10 bytes).
+    short = MIN_REPLY_SIZE - HEADER_SIZE - 10 - len(server_id) - len(options) - len(relay)
+    pad = _PADDING[:short] if short > 0 else b""
+    return b"".join((head, MAGIC_COOKIE, kind, server_id, options, relay, b"\xff", pad))
 
 
 def lease_options(*, lease_time: int, netmask: str, router: str | None, dns: tuple[str, ...],

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bootd.errors import RemoteProtocolError
+from bootd.proto.dhcp import packet
 from bootd.proto.dhcp.packet import (
     BOOTREPLY,
     BOOTREQUEST,
@@ -129,6 +130,14 @@ def test_ip_helpers() -> None:
     for bad in ("10.0.0", "10.0.0.256", "a.b.c.d"):
         with pytest.raises(ValueError):
             ip_to_bytes(bad)
+    # Their caches are bounded (cleared when full) and stay right across the clearing; a refused address is not kept.
+    for i in range(3 * 4096):
+        raw = i.to_bytes(4, "big")
+        text = f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
+        assert ip_to_str(raw) == text and ip_to_bytes(text) == raw
+        assert ip_to_str(raw) == text and ip_to_bytes(text) == raw
+    assert len(packet._DOTTED) <= 4096 and len(packet._PACKED) <= 4096
+    assert "10.0.0.256" not in packet._PACKED
 
 
 def test_every_golden_capture_parses_and_reencodes() -> None:
