@@ -287,7 +287,13 @@ class DhcpService:
 
     def _set_local(self) -> None:
         """Which subnet unrelayed clients get: the one bound to dhcp.interface, else the [dhcp] pool's,
-        else the one holding the server's address (None: unrelayed clients are refused, and counted)."""
+        else the one holding the server's address (None: unrelayed clients are refused, and counted).
+
+        Also the [dhcp] values read for every packet, copied into this (compiled) object: DhcpConfig is a plain
+        Python class, and an attribute read on it costs a dictionary lookup or two (five reads an exchange)."""
+        cfg = self.config
+        self._port, self._client_port, self._proxy_port = cfg.port, cfg.client_port, cfg.proxy_port
+        self._offer_hold = cfg.offer_hold
         self._by_giaddr: dict[str, Subnet | None] = {}
         self._on_interface = {x.config.interface: x for x in self.subnets if x.config.interface}
         self.local: Subnet | None = None
@@ -456,7 +462,7 @@ class DhcpService:
         every packet this lets through.
         """
         cluster = self.cluster
-        if cluster is None or not cluster.shared or port == self.config.proxy_port:
+        if cluster is None or not cluster.shared or port == self._proxy_port:
             return None
         key = wire_split_key(data, _SPLIT_CODES)
         return None if key is None else self._peers(cluster, key, data[28:34].hex(":"))
@@ -532,12 +538,11 @@ class DhcpService:
         if packet.hops > MAX_HOPS:
             return _ignore("too-many-hops", f"hops {packet.hops}")
         cluster = self.cluster
-        if cluster is not None and cluster.shared and c.msg_type in SPLIT_TYPES and port != self.config.proxy_port:
+        if cluster is not None and cluster.shared and c.msg_type in SPLIT_TYPES and port != self._proxy_port:
             why = self._peers(cluster, client_key(packet), c.machine.mac)
             if why is not None:
                 return _ignore("peer-share", why)
-        cfg = self.config
-        if port == cfg.proxy_port and port != cfg.port:
+        if port == self._proxy_port and port != self._port:
             return functools.partial(self._boot_server, packet, c, now, r.source)
         if not self.subnets:
             return functools.partial(self._proxy, packet, c, now)
@@ -696,7 +701,7 @@ class DhcpService:
         return self._addressed(packet, mt, rep.encode())
 
     def _addressed(self, packet: DhcpPacket, mt: o.MessageType, data: bytes) -> Reply:
-        addr, port = destination(packet, mt, server_port=self.config.port, client_port=self.config.client_port)
+        addr, port = destination(packet, mt, server_port=self._port, client_port=self._client_port)
         return Reply(data, addr, port, mt)
 
     def _lease_reply(self, packet: DhcpPacket, mt: o.MessageType, ip: int, sub: Subnet, boot: BootAnswer,
@@ -790,7 +795,7 @@ class DhcpService:
         if ip is None:
             log.warning("event=dhcp-pool-exhausted mac=%s subnet=%s", c.machine.mac, sub.config.subnet)
             return _ignore("pool-exhausted", f"no free address in {sub.config.subnet} for {c.machine.mac}")
-        until = now + self.config.offer_hold
+        until = now + self._offer_hold
         sub.pool.offer(ip, c.machine.mac, until)
         self._poke(until)
         boot, block = self._offer_boot(x.packet, c, node, sub)

@@ -58,14 +58,13 @@ def request_state(packet: DhcpPacket, *, broadcast: bool = False) -> Request | I
     """
     sid = o.server_id(packet)
     wanted = o.requested_ip(packet)
-    mac = packet.chaddr[:6].hex(":")
     if sid is not None:
         if wanted is None:
-            return Ignore("no-requested-ip", f"{mac} SELECTING without option 50")
+            return Ignore("no-requested-ip", f"{packet.chaddr[:6].hex(':')} SELECTING without option 50")
         return Request(ClientState.SELECTING, wanted, sid)
     if packet.ciaddr != ZERO_IP:
         rebinding = broadcast or packet.giaddr != ZERO_IP
         return Request(ClientState.REBINDING if rebinding else ClientState.RENEWING, packet.ciaddr)
     if wanted is not None:
         return Request(ClientState.INIT_REBOOT, wanted)
-    return Ignore("no-requested-ip", f"{mac} REQUEST names no address")
+    return Ignore("no-requested-ip", f"{packet.chaddr[:6].hex(':')} REQUEST names no address")

@@ -34,9 +34,25 @@ _COMPACT_SLACK: Final = 1024  # stale timer entries tolerated before the heap is
 
 
 def ip_int(text: str) -> int:
-    # Unpacked, not a generator: compiled, a third of the instructions (two calls per DHCP exchange).
-    a, b, c, d = text.split(".")
-    return (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
+    # A dotted quad digit by digit (compiled: a fifth of the instructions of four int() parses, on every REQUEST);
+    # anything else goes the lenient way it always went, ValueError included.
+    if text.isascii():
+        value = part = digits = dots = 0
+        for c in text.encode():
+            if 48 <= c <= 57 and digits < 3:
+                part = part * 10 + c - 48
+                digits += 1
+            elif c == 46 and digits and dots < 3 and part <= 255:
+                value = value << 8 | part
+                part = digits = 0
+                dots += 1
+            else:
+                break
+        else:
+            if dots == 3 and digits and part <= 255:
+                return value << 8 | part
+    w, x, y, z = text.split(".")
+    return (int(w) << 24) | (int(x) << 16) | (int(y) << 8) | int(z)
 
 
 def int_ip(value: int) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -229,3 +229,23 @@ class PoolMachine(RuleBasedStateMachine):
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
                                     suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(max_examples=300)
+@given(st.tuples(*[st.integers(0, 255)] * 4))
+def test_ip_int_reads_every_dotted_quad(parts: tuple[int, int, int, int]) -> None:
+    # ip_int reads the usual form digit by digit; int_ip is its inverse.
+    a, b, c, d = parts
+    text = f"{a}.{b}.{c}.{d}"
+    assert ip_int(text) == (a << 24) | (b << 16) | (c << 8) | d
+    assert int_ip(ip_int(text)) == text
+
+
+def test_ip_int_keeps_its_lenient_reading_and_its_errors() -> None:
+    # Outside the usual form it reads as it always did (four int() parses), and fails the same way.
+    assert ip_int("010.0.0.1") == ip_int("10.0.0.1") == 0x0A000001
+    assert ip_int(" 10.0.0.1") == 0x0A000001
+    assert ip_int("300.0.0.1") == 300 << 24 | 1
+    for bad in ("10.1", "1.2.3.4.5", "a.b.c.d", "", "1..2.3", "1.2.3."):
+        with pytest.raises(ValueError):
+            ip_int(bad)
